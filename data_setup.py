@@ -1,0 +1,319 @@
+"""Finding and reading images: ImageFolder splits, the bundled digits dataset, and batch loaders.
+
+Every image is decoded once (through torchvision's ImageFolder), converted to RGB and resized
+into a uint8 tensor; training batches are augmented as whole tensors on the training device.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torchvision import datasets, transforms
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd_pipeline"))
+DIGITS_FOLDER_NAME = "sklearn_digits_v1"
+DIGITS_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test, stratified
+DIGITS_SPLIT_SEED = 0
+DECODE_WORKERS_THRESHOLD = 2000  # images; below this, worker start-up costs more than it saves
+
+
+class DataError(Exception):
+    """A problem with the user's data that should stop the run with one clear sentence."""
+
+
+@dataclass
+class ImageTensors:
+    """A decoded split: uint8 images (N, 3, S, S), int64 labels (N,) and the source paths."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DatasetSplits:
+    """The three decoded splits, their shared class names and the training normalization."""
+
+    train: ImageTensors
+    val: ImageTensors
+    test: ImageTensors
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    val_source: str  # "folder" or "carved from train"
+
+
+def bundled_digits_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """Write scikit-learn's handwritten digits once as PNGs in an ImageFolder tree; return its root.
+
+    The tree is built in a temporary folder and renamed into place, so an interrupted
+    first run never leaves a half-written dataset behind.
+    """
+    root = Path(cache_dir) / DIGITS_FOLDER_NAME
+    if (root / "test").is_dir():
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16; stretch to the full uint8 range.
+    pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    targets = digits.target
+    indices = np.arange(len(targets))
+    train_frac, val_frac, test_frac = DIGITS_SPLIT_FRACTIONS
+    train_idx, rest_idx = train_test_split(
+        indices, test_size=val_frac + test_frac, stratify=targets, random_state=DIGITS_SPLIT_SEED
+    )
+    val_idx, test_idx = train_test_split(
+        rest_idx,
+        test_size=test_frac / (val_frac + test_frac),
+        stratify=targets[rest_idx],
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
+    for split, split_idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+        for i in split_idx:
+            class_dir = staging / split / str(targets[i])
+            class_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[i], mode="L").save(class_dir / f"digit_{i:04d}.png")
+    try:
+        staging.rename(root)
+    except OSError:
+        # Another process finished first; its tree is identical.
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def resolve_split_dirs(
+    data_dir: str | None, train_dir: str | None, val_dir: str | None, test_dir: str | None
+) -> tuple[Path, Path | None, Path]:
+    """Work out the train / val / test folders from a data root and per-split overrides.
+
+    With neither a data root nor split folders, the bundled digits dataset is used.
+    A missing val folder is returned as None (validation is then carved from train).
+    """
+    if data_dir is None and train_dir is None and test_dir is None:
+        data_dir = str(bundled_digits_dir())
+    root = Path(data_dir) if data_dir else None
+    if root is not None and not root.is_dir():
+        raise DataError(f"Data folder '{root}' does not exist.")
+    train = Path(train_dir) if train_dir else (root / "train" if root else None)
+    test = Path(test_dir) if test_dir else (root / "test" if root else None)
+    if val_dir:
+        val: Path | None = Path(val_dir)
+    elif root is not None and (root / "val").is_dir():
+        val = root / "val"
+    else:
+        val = None
+    for name, folder in (("train", train), ("test", test), ("val", val if val_dir else None)):
+        if name != "val" and folder is None:
+            raise DataError(f"No {name} folder given: pass --data-dir or --{name}-dir.")
+        if folder is not None and not folder.is_dir():
+            raise DataError(f"The {name} folder '{folder}' does not exist.")
+    return train, val, test  # type: ignore[return-value]
+
+
+def image_folder(root: Path) -> datasets.ImageFolder:
+    """Index an ImageFolder tree (class sub-folders of images), with a clear error if it has none."""
+    try:
+        return datasets.ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as error:
+        raise DataError(f"Cannot read images from '{root}': {error}") from None
+
+
+def check_same_classes(folders: dict[str, datasets.ImageFolder]) -> list[str]:
+    """Return the shared class names, or stop naming the classes that differ between splits."""
+    reference_split, reference = next(iter(folders.items()))
+    for split, folder in folders.items():
+        if folder.classes != reference.classes:
+            only_here = sorted(set(folder.classes) - set(reference.classes))
+            only_there = sorted(set(reference.classes) - set(folder.classes))
+            raise DataError(
+                f"Class folders differ between {reference_split} and {split}: "
+                f"only in {split}: {only_here or 'none'}; only in {reference_split}: {only_there or 'none'}."
+            )
+    return list(reference.classes)
+
+
+def stratified_split(
+    labels: Sequence[int], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices into disjoint, class-stratified train and validation index arrays."""
+    labels = np.asarray(labels)
+    indices = np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    n_val = int(np.ceil(val_fraction * len(labels)))
+    if counts.min() < 2 or n_val < len(classes) or len(labels) - n_val < len(classes):
+        raise DataError(
+            f"Too few training images ({len(labels)}, smallest class {counts.min()}) to carve a "
+            f"stratified {val_fraction:.0%} validation split; add a val/ folder or more images."
+        )
+    train_idx, val_idx = train_test_split(
+        indices, test_size=n_val, stratify=labels, random_state=seed
+    )
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def decode_image(path: str, image_size: int) -> torch.Tensor:
+    """Read one image file as an RGB uint8 tensor (3, S, S), resized exactly as for training."""
+    with Image.open(path) as image:
+        return _resize_to_tensor(image_size)(image.convert("RGB"))
+
+
+def _resize_to_tensor(image_size: int) -> transforms.Compose:
+    return transforms.Compose(
+        [transforms.Resize((image_size, image_size), antialias=True), transforms.PILToTensor()]
+    )
+
+
+def decode_samples(
+    folder: datasets.ImageFolder, indices: Sequence[int] | None, image_size: int
+) -> ImageTensors:
+    """Decode (a subset of) an ImageFolder once into uint8 tensors, in parallel for large sets."""
+    folder.transform = _resize_to_tensor(image_size)
+    subset: torch.utils.data.Dataset = (
+        folder if indices is None else torch.utils.data.Subset(folder, list(indices))
+    )
+    workers = min(2, os.cpu_count() or 1) if len(subset) >= DECODE_WORKERS_THRESHOLD else 0
+    loader = torch.utils.data.DataLoader(subset, batch_size=256, num_workers=workers)
+    images, labels = [], []
+    for batch_images, batch_labels in loader:
+        images.append(batch_images)
+        labels.append(batch_labels)
+    chosen = range(len(folder.samples)) if indices is None else indices
+    return ImageTensors(
+        images=torch.cat(images),
+        labels=torch.cat(labels).long(),
+        paths=[folder.samples[i][0] for i in chosen],
+    )
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, as fractions of 255."""
+    pixels = images.float().div_(255).transpose(0, 1).reshape(3, -1)
+    std = pixels.std(dim=1).clamp_min(1e-3)  # a constant channel must not divide by zero
+    return pixels.mean(dim=1).tolist(), std.tolist()
+
+
+def load_splits(
+    data_dir: str | None,
+    train_dir: str | None,
+    val_dir: str | None,
+    test_dir: str | None,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+) -> DatasetSplits:
+    """Find, check and decode the train / val / test splits (carving val from train if absent)."""
+    train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
+    folders = {"train": image_folder(train_path)}
+    if val_path is not None:
+        folders["val"] = image_folder(val_path)
+    folders["test"] = image_folder(test_path)
+    class_names = check_same_classes(folders)
+    if val_path is None:
+        train_idx, val_idx = stratified_split(folders["train"].targets, val_fraction, seed)
+        train = decode_samples(folders["train"], train_idx, image_size)
+        val = decode_samples(folders["train"], val_idx, image_size)
+        val_source = f"carved from train ({val_fraction:.0%}, stratified, seed {seed})"
+    else:
+        train = decode_samples(folders["train"], None, image_size)
+        val = decode_samples(folders["val"], None, image_size)
+        val_source = str(val_path)
+    test = decode_samples(folders["test"], None, image_size)
+    mean, std = channel_stats(train.images)
+    return DatasetSplits(train, val, test, class_names, mean, std, val_source)
+
+
+@dataclass
+class Augmentation:
+    """Batch augmentation settings: random crop after zero padding, optional horizontal flip."""
+
+    pad: int
+    hflip: bool
+
+
+def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Randomly shift each image of a batch by up to `pad` pixels, filling with zeros."""
+    if pad == 0:
+        return images
+    n, _, height, width = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+    rows = (offsets[0][:, None] + torch.arange(height)).to(images.device)
+    cols = (offsets[1][:, None] + torch.arange(width)).to(images.device)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # Advanced indexing gathers (N, H, W, C); move channels back in front.
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left to right."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class BatchLoader:
+    """Yield normalized float batches from in-memory uint8 images.
+
+    Training loaders reshuffle and augment every epoch from their own seeded generator,
+    so two loaders built with the same seed produce identical batches; evaluation
+    loaders are deterministic and unaugmented.
+    """
+
+    def __init__(
+        self,
+        data: ImageTensors,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        augmentation: Augmentation | None = None,
+        seed: int = 0,
+        channels_last: bool = True,
+    ) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.augmentation = augmentation
+        self.generator = torch.Generator().manual_seed(seed)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        # Keep the whole split on the GPU when training there: it is small next to the model.
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+
+    def __len__(self) -> int:
+        return (len(self.data) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.data)
+        if self.augmentation is not None:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            images = self.images[index]
+            if self.augmentation is not None:
+                images = random_crop(images, self.augmentation.pad, self.generator)
+                if self.augmentation.hflip:
+                    images = random_hflip(images, self.generator)
+            images = ((images.float() - self.mean) / self.std).contiguous(
+                memory_format=self.memory_format
+            )
+            yield images, self.labels[index]

@@ -1,0 +1,425 @@
+"""Train a teacher, a baseline student and a distilled student, and report what distillation bought.
+
+Usage: python experiment.py [flags]        (python experiment.py --help lists them)
+
+Edit the constants below to change the defaults, or pass the matching flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import data_setup
+import engine
+import KD_engine
+import model_builder
+import utils
+
+# ---------------------------------------------------------------- settings (edit, or pass flags)
+DATA_DIR: str | None = None  # a folder holding train/ [val/] test/; None: the bundled digits
+TRAIN_DIR: str | None = None  # per-split folders override DATA_DIR's
+VAL_DIR: str | None = None  # without a val folder, validation is carved out of train
+TEST_DIR: str | None = None
+OUTPUT_DIR: str | None = None  # None: runs/<timestamp>
+TEACHER_MODEL = "VGG16"  # any torchvision classifier name also works
+STUDENT_MODEL = "ResNet18"
+TEACHER_CHECKPOINT: str | None = None  # a trained teacher's best_model.pth: skips teacher training
+TEACHER_EPOCHS = 6
+STUDENT_EPOCHS = 6
+TEACHER_LR = 0.05  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
+STUDENT_LR = 0.05
+WEIGHT_DECAY = 5e-4
+MOMENTUM = 0.9
+BATCH_SIZE = 64  # images per optimizer step
+IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
+T = 4.0  # distillation temperature
+ALPHA = 0.5  # weight of the hard-label CE term; (1 - ALPHA) weighs the distillation term
+VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
+HFLIP = "auto"  # horizontal-flip augmentation: on, off, or auto (off for the digits, on otherwise)
+CROP_PADDING = 4  # pixels of random-crop shift at 32 px (scaled with IMAGE_SIZE)
+SEED = 0
+DEVICE = "auto"  # auto, cpu, cuda, cuda:1, ...
+PRECISION = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16
+
+ROLES = ("teacher", "student_baseline", "student_kd")
+SPLITS = ("train", "val", "test")
+SUMMARY_TEST_KEYS = ("top1", "top3", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
+
+
+class SettingsError(Exception):
+    """A setting the user gave is invalid."""
+
+
+@dataclass
+class Config:
+    """Every setting of a run; saved in config.json and in every checkpoint."""
+
+    data_dir: str | None
+    train_dir: str | None
+    val_dir: str | None
+    test_dir: str | None
+    output_dir: str | None
+    teacher_model: str
+    student_model: str
+    teacher_checkpoint: str | None
+    teacher_epochs: int
+    student_epochs: int
+    teacher_lr: float
+    student_lr: float
+    weight_decay: float
+    momentum: float
+    batch_size: int
+    image_size: int
+    temperature: float
+    alpha: float
+    val_fraction: float
+    hflip: str
+    crop_padding: int
+    seed: int
+    device: str
+    precision: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags; their defaults are the constants at the top of this file."""
+    parser = argparse.ArgumentParser(
+        description="Knowledge distillation: train a teacher, a baseline student and a distilled "
+        "student, then compare them. Without data flags the bundled handwritten digits are used.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=DATA_DIR, help="folder holding train/ [val/] test/ class folders")
+    data.add_argument("--train-dir", default=TRAIN_DIR, help="training split folder (overrides --data-dir)")
+    data.add_argument("--val-dir", default=VAL_DIR, help="validation split folder (else carved from train)")
+    data.add_argument("--test-dir", default=TEST_DIR, help="test split folder (overrides --data-dir)")
+    data.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="fraction of train carved for validation when there is no val/")
+    data.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="images are resized to this many pixels square")
+    data.add_argument("--hflip", choices=["auto", "on", "off"], default=HFLIP, help="horizontal-flip augmentation (auto: off for the bundled digits)")
+    data.add_argument("--crop-padding", type=int, default=CROP_PADDING, help="random-crop shift in pixels at 32 px (scaled with image size; 0 disables)")
+    models = parser.add_argument_group("models")
+    models.add_argument("--teacher-model", default=TEACHER_MODEL, help="teacher architecture (VGG16, ResNet18 or a torchvision classifier)")
+    models.add_argument("--student-model", default=STUDENT_MODEL, help="student architecture")
+    models.add_argument("--teacher-checkpoint", default=TEACHER_CHECKPOINT, help="reuse this trained teacher (best_model.pth) instead of training one")
+    training = parser.add_argument_group("training")
+    training.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
+    training.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
+    training.add_argument("--teacher-lr", type=float, default=TEACHER_LR, help="teacher's peak learning rate")
+    training.add_argument("--student-lr", type=float, default=STUDENT_LR, help="students' peak learning rate")
+    training.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    training.add_argument("--momentum", type=float, default=MOMENTUM)
+    training.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    training.add_argument("--temperature", type=float, default=T, help="distillation temperature T")
+    training.add_argument("--alpha", type=float, default=ALPHA, help="weight of the hard-label CE term (1 - alpha weighs the KD term)")
+    training.add_argument("--seed", type=int, default=SEED)
+    training.add_argument("--device", default=DEVICE, help="auto, cpu, cuda or cuda:N")
+    training.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=PRECISION, help="auto: bf16 on CUDA and on CPUs with native bf16")
+    parser.add_argument("--output-dir", default=OUTPUT_DIR, help="run directory (default: runs/<timestamp>)")
+    return parser
+
+
+def validate(config: Config) -> None:
+    """Stop with one clear sentence on a setting that cannot work, before any training."""
+    checks = [
+        (config.temperature > 0, f"--temperature must be > 0 (got {config.temperature})."),
+        (0 <= config.alpha <= 1, f"--alpha must be between 0 and 1 (got {config.alpha})."),
+        (config.student_epochs >= 1, f"--student-epochs must be at least 1 (got {config.student_epochs})."),
+        (config.teacher_epochs >= 1 or config.teacher_checkpoint is not None,
+         f"--teacher-epochs must be at least 1 (got {config.teacher_epochs})."),
+        (config.batch_size >= 1, f"--batch-size must be at least 1 (got {config.batch_size})."),
+        (8 <= config.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {config.image_size})."),
+        (config.teacher_lr > 0, f"--teacher-lr must be > 0 (got {config.teacher_lr})."),
+        (config.student_lr > 0, f"--student-lr must be > 0 (got {config.student_lr})."),
+        (config.weight_decay >= 0, f"--weight-decay must be >= 0 (got {config.weight_decay})."),
+        (0 <= config.momentum < 1, f"--momentum must be in [0, 1) (got {config.momentum})."),
+        (0 < config.val_fraction < 1, f"--val-fraction must be between 0 and 1 (got {config.val_fraction})."),
+        (config.crop_padding >= 0, f"--crop-padding must be >= 0 (got {config.crop_padding})."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SettingsError(message)
+    for flag, path in (("--teacher-checkpoint", config.teacher_checkpoint),):
+        if path is not None and not Path(path).is_file():
+            raise SettingsError(f"{flag} '{path}' is not a file.")
+    for name in (config.teacher_model, config.student_model):
+        model_builder.torchvision_name(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so a run can be repeated exactly on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- one model
+
+
+@dataclass
+class Context:
+    """What every model of a run shares: settings, data, device and output folder."""
+
+    config: Config
+    data: data_setup.DatasetSplits
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    run_dir: Path
+    eval_loaders: dict[str, data_setup.BatchLoader]
+
+    def train_loader(self) -> data_setup.BatchLoader:
+        """A fresh training loader: the same seed gives every model the same batches."""
+        config = self.config
+        pad = round(config.crop_padding * config.image_size / 32)
+        hflip = config.hflip == "on" or (config.hflip == "auto" and not is_bundled(config))
+        return data_setup.BatchLoader(
+            self.data.train, config.batch_size, self.data.mean, self.data.std, self.device,
+            data_setup.Augmentation(pad=pad, hflip=hflip), seed=config.seed,
+        )
+
+
+def is_bundled(config: Config) -> bool:
+    """True when the run uses the bundled digits (no data folder configured)."""
+    return config.data_dir is None and config.train_dir is None and config.test_dir is None
+
+
+def make_checkpoint(
+    context: Context, role: str, arch: str, model: nn.Module, epoch: int, history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A self-describing checkpoint: weights plus everything needed to rebuild and use them."""
+    return {
+        "role": role,
+        "arch": arch,
+        "num_classes": len(context.data.class_names),
+        "class_names": list(context.data.class_names),
+        "image_size": context.config.image_size,
+        "mean": list(context.data.mean),
+        "std": list(context.data.std),
+        "config": asdict(context.config),
+        "epoch": epoch,
+        "history": history,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model_builder.unwrap(model).state_dict().items()},
+    }
+
+
+def new_model(context: Context, arch: str) -> nn.Module:
+    """Build an untrained model on the run's device (seeded, so students start identical)."""
+    seed_everything(context.config.seed)
+    model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
+    return model.to(context.device, memory_format=torch.channels_last)
+
+
+def train_model(
+    context: Context, role: str, arch: str, epochs: int, lr: float, criterion: engine.Criterion
+) -> tuple[nn.Module, engine.FitResult]:
+    """Train one model with SGD and a one-cycle schedule; the best-on-validation epoch is kept."""
+    config = context.config
+    model = new_model(context, arch)
+    train_loader = context.train_loader()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=config.momentum, nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * len(train_loader), pct_start=0.25
+    )
+    checkpoint_path = context.run_dir / role / "best_model.pth"
+
+    def save_best(epoch: int, history: list[dict[str, Any]]) -> None:
+        utils.save_checkpoint(checkpoint_path, make_checkpoint(context, role, arch, model, epoch, history))
+
+    result = engine.fit(
+        model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
+        context.data.class_names, context.device, scheduler, context.amp_dtype, on_best=save_best, name=role,
+    )
+    return model, result
+
+
+def read_teacher_checkpoint(path: str) -> dict[str, Any]:
+    """Read a teacher checkpoint (without running code from it), with a clear error if unusable."""
+    try:
+        checkpoint = utils.load_checkpoint(path)
+        for key in ("arch", "class_names", "image_size", "mean", "std", "epoch", "state_dict"):
+            checkpoint[key]
+    except Exception as error:  # any unreadable or foreign file is the user's to fix
+        raise SettingsError(f"Cannot read teacher checkpoint '{path}': {error!r}") from None
+    return checkpoint
+
+
+def load_teacher(context: Context, checkpoint: dict[str, Any]) -> tuple[nn.Module, engine.FitResult]:
+    """Rebuild a trained teacher from its checkpoint, checking it fits this run's data."""
+    path = context.config.teacher_checkpoint
+    arch, class_names = checkpoint["arch"], checkpoint["class_names"]
+    expected_arch = model_builder.torchvision_name(context.config.teacher_model)
+    if arch != expected_arch:
+        raise SettingsError(f"Teacher checkpoint '{path}' holds a {arch}, but --teacher-model is {expected_arch}.")
+    if class_names != context.data.class_names:
+        raise SettingsError(f"Teacher checkpoint '{path}' was trained on classes {class_names}, not this data's {context.data.class_names}.")
+    if checkpoint["image_size"] != context.config.image_size:
+        raise SettingsError(f"Teacher checkpoint '{path}' was trained at {checkpoint['image_size']} px; pass --image-size {checkpoint['image_size']}.")
+    model = new_model(context, arch)
+    model.load_state_dict(checkpoint["state_dict"])
+    history = checkpoint.get("history", [])
+    return model, engine.FitResult(history=history, best_epoch=checkpoint["epoch"], train_seconds=0.0)
+
+
+def report_model(context: Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult) -> dict[str, Any]:
+    """Evaluate the selected model on every split and write its folder of metrics, plots and reports."""
+    from torchinfo import summary as torchinfo_summary
+
+    folder = context.run_dir / role
+    class_names = context.data.class_names
+    results: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        logits, labels = engine.predict(model, context.eval_loaders[split], context.device, context.amp_dtype, f"{role} {split}")
+        results[split] = engine.metrics_from_logits(logits, labels, class_names)
+        utils.write_text(folder / f"classification_report_{split}.txt", utils.report_text(logits, labels, class_names))
+        utils.plot_confusion(
+            utils.confusion(logits, labels, len(class_names)), class_names,
+            f"{role}: {split} confusion matrix", folder / f"confusion_matrix_{split}.png",
+        )
+    size = model_builder.describe(model)
+    row = {
+        "arch": arch, **size, "best_epoch": fit.best_epoch, "train_seconds": round(fit.train_seconds, 2),
+        "test": {key: results["test"][key] for key in SUMMARY_TEST_KEYS},
+    }
+    utils.write_json(folder / "history.json", {"best_epoch": fit.best_epoch, "epochs": fit.history})
+    utils.write_json(folder / "results.json", {"model": role, **row, "splits": results})
+    utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation top-1\n" + utils.history_table(fit.history))
+    utils.write_text(folder / "detailed_metrics.txt", f"{role} ({arch}) at its best epoch {fit.best_epoch}\n\n" + utils.metrics_table(results))
+    stats = torchinfo_summary(model, input_size=(1, 3, context.config.image_size, context.config.image_size),
+                              device=context.device, mode="eval", verbose=0)
+    utils.write_text(folder / "model_summary.txt", str(stats) + "\n")
+    if fit.history:
+        utils.plot_curves(fit.history, "loss", f"{role}: loss", folder / "loss_curve.png")
+        utils.plot_curves(fit.history, "top1", f"{role}: top-1 accuracy", folder / "accuracy_curve.png")
+    utils.plot_topk(results, f"{role}: top-1 and top-3 accuracy", folder / "top1_top3_comparison.png")
+    return row
+
+
+# ---------------------------------------------------------------- the run
+
+
+def comparison_table(summary: dict[str, Any]) -> str:
+    """The final table: one row per model with size, training time and test metrics."""
+    header = f"{'model':<18}{'arch':<11}{'params':>11}{'MB':>8}{'best ep':>8}{'train':>9}" + "".join(
+        f"{k:>10}" for k in ("top1", "top3", "f1_macro", "auc_macro")
+    )
+    lines = [header, "-" * len(header)]
+    for role in ROLES:
+        row = summary[role]
+        lines.append(
+            f"{role:<18}{row['arch']:<11}{row['params']:>11,}{row['size_mb']:>8.1f}{row['best_epoch']:>8}"
+            f"{utils.format_seconds(row['train_seconds']):>9}"
+            + "".join(f"{utils.format_metric(row['test'][k]):>10}" for k in ("top1", "top3", "f1_macro", "auc_macro"))
+        )
+    lines.append(f"KD gain (test top-1, student_kd - student_baseline): {100 * summary['kd_gain_top1']:+.2f} points")
+    return "\n".join(lines) + "\n"
+
+
+def make_run_dir(output_dir: str | None) -> Path:
+    """The run directory: as given, or a new runs/<timestamp> folder."""
+    if output_dir is not None:
+        path = Path(output_dir)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / stamp
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = Path("runs") / f"{stamp}-{suffix}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_experiment(config: Config) -> dict[str, Any]:
+    """The whole pipeline: data, teacher, baseline student, distilled student, reports."""
+    start = time.perf_counter()
+    validate(config)
+    try:
+        device = engine.resolve_device(config.device)
+    except (RuntimeError, ValueError) as error:
+        raise SettingsError(f"--device {config.device!r} is not usable: {error}") from None
+    amp_dtype = engine.resolve_amp_dtype(config.precision, device)
+    data = data_setup.load_splits(
+        config.data_dir, config.train_dir, config.val_dir, config.test_dir,
+        config.image_size, config.val_fraction, config.seed,
+    )
+    teacher_checkpoint = None
+    if config.teacher_checkpoint is not None:
+        # The teacher expects inputs normalized as in its own training; students share them.
+        teacher_checkpoint = read_teacher_checkpoint(config.teacher_checkpoint)
+        data.mean, data.std = teacher_checkpoint["mean"], teacher_checkpoint["std"]
+    run_dir = make_run_dir(config.output_dir)
+    eval_loaders = {
+        split: data_setup.BatchLoader(getattr(data, split), config.batch_size, data.mean, data.std, device)
+        for split in SPLITS
+    }
+    context = Context(config, data, device, amp_dtype, run_dir, eval_loaders)
+    dataset = {
+        "class_names": data.class_names,
+        "sizes": {split: len(getattr(data, split)) for split in SPLITS},
+        "validation": data.val_source,
+        "mean": data.mean, "std": data.std,
+    }
+    precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
+    utils.write_json(run_dir / "config.json", {**asdict(config), "resolved": {"device": str(device), "precision": precision}, "dataset": dataset})
+    print(f"Run directory: {run_dir}  |  device {device}, {precision}  |  "
+          f"{len(data.class_names)} classes, train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
+
+    teacher_arch = model_builder.torchvision_name(config.teacher_model)
+    student_arch = model_builder.torchvision_name(config.student_model)
+    if teacher_checkpoint is not None:
+        teacher, teacher_fit = load_teacher(context, teacher_checkpoint)
+        utils.save_checkpoint(run_dir / "teacher" / "best_model.pth",
+                              make_checkpoint(context, "teacher", teacher_arch, teacher, teacher_fit.best_epoch, teacher_fit.history))
+        print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {teacher_fit.best_epoch})")
+    else:
+        teacher, teacher_fit = train_model(context, "teacher", teacher_arch, config.teacher_epochs,
+                                           config.teacher_lr, engine.SupervisedCriterion())
+    summary: dict[str, Any] = {"teacher": report_model(context, "teacher", teacher_arch, teacher, teacher_fit)}
+    if config.teacher_checkpoint is not None:
+        summary["teacher"]["reused_from"] = str(config.teacher_checkpoint)
+
+    students = {
+        "student_baseline": engine.SupervisedCriterion(),
+        "student_kd": KD_engine.DistillationCriterion(teacher, config.temperature, config.alpha),
+    }
+    for role, criterion in students.items():
+        student, fit = train_model(context, role, student_arch, config.student_epochs, config.student_lr, criterion)
+        summary[role] = report_model(context, role, student_arch, student, fit)
+
+    summary["kd_gain_top1"] = summary["student_kd"]["test"]["top1"] - summary["student_baseline"]["test"]["top1"]
+    summary["dataset"] = dataset
+    summary["device"], summary["precision"] = str(device), precision
+    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    table = comparison_table(summary)
+    utils.write_json(run_dir / "summary.json", summary)
+    utils.write_text(run_dir / "comparison.txt", table)
+    utils.plot_comparison({role: summary[role] for role in ROLES}, run_dir / "comparison.png")
+    print("\n" + table + f"Wall time {utils.format_seconds(summary['wall_seconds'])}. Results in {run_dir}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, run the experiment, and turn user errors into one sentence and exit code 2."""
+    config = Config(**vars(build_parser().parse_args(argv)))
+    try:
+        run_experiment(config)
+    except (SettingsError, data_setup.DataError, model_builder.UnknownModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

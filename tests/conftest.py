@@ -1,0 +1,67 @@
+"""Shared fixtures: a private dataset cache, tiny image folders, and one finished tiny run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# The bundled dataset is written into this cache; keep tests away from the user's home.
+os.environ.setdefault("KD_CACHE_DIR", tempfile.mkdtemp(prefix="kd-test-cache-"))
+
+TINY_CLASSES = ("circle", "cross", "stripes")
+TINY_FLAGS = [
+    "--teacher-epochs", "2", "--student-epochs", "2", "--batch-size", "8",
+    "--image-size", "32", "--seed", "0", "--device", "cpu",
+]
+
+
+def _pattern(kind: str, rng: np.random.Generator, size: int = 12) -> np.ndarray:
+    """A small RGB image of one of three easy-to-tell shapes, with noise."""
+    y, x = np.mgrid[:size, :size]
+    centre = (size - 1) / 2
+    if kind == "circle":
+        mask = (x - centre) ** 2 + (y - centre) ** 2 < (size / 3) ** 2
+    elif kind == "cross":
+        mask = (np.abs(x - centre) < 1.5) | (np.abs(y - centre) < 1.5)
+    else:
+        mask = (y // 2) % 2 == 0
+    image = np.where(mask[..., None], [220, 200, 60], [30, 40, 90]).astype(float)
+    image += rng.normal(0, 20, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """Write an ImageFolder tree: root/<split>/<class>/<n>.png with `per_class[split]` images each."""
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for name in TINY_CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(_pattern(name, rng)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Three classes; 12 train images a class (validation carved from them) and 5 test images."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny"), {"train": 12, "test": 5})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """One finished end-to-end run of the experiment on the tiny data."""
+    import experiment
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25", *TINY_FLAGS])
+    assert code == 0
+    return run_dir

@@ -1,0 +1,114 @@
+"""Splits, the bundled dataset and the in-memory batch loader."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data_setup
+from conftest import make_image_folder
+
+
+def test_stratified_split_is_disjoint_and_keeps_class_shares():
+    labels = np.repeat([0, 1, 2], [40, 20, 10])
+    train_idx, val_idx = data_setup.stratified_split(labels, 0.2, seed=3)
+    assert set(train_idx).isdisjoint(val_idx)
+    assert len(train_idx) + len(val_idx) == len(labels)
+    assert np.bincount(labels[val_idx]).tolist() == [8, 4, 2]
+    again = data_setup.stratified_split(labels, 0.2, seed=3)
+    assert np.array_equal(again[1], val_idx)
+
+
+def test_too_few_images_to_carve_validation():
+    with pytest.raises(data_setup.DataError, match="Too few training images"):
+        data_setup.stratified_split([0, 1, 1, 1], 0.25, seed=0)
+
+
+def test_bundled_digits_tree():
+    root = data_setup.bundled_digits_dir()
+    counts = {split: len(list((root / split).rglob("*.png"))) for split in ("train", "val", "test")}
+    assert sum(counts.values()) == 1797
+    assert counts["train"] > counts["val"] > 0 and counts["test"] > 0
+    names = {split: {p.name for p in (root / split).rglob("*.png")} for split in counts}
+    assert names["train"].isdisjoint(names["val"]) and names["train"].isdisjoint(names["test"])
+    assert names["val"].isdisjoint(names["test"])
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
+    # stratified: every class has a share of the test split close to its share overall
+    per_class = [len(list((root / "test" / str(d)).iterdir())) for d in range(10)]
+    assert max(per_class) - min(per_class) <= 2
+    assert data_setup.bundled_digits_dir() == root  # written once, then reused
+
+
+def test_load_splits_carves_disjoint_validation(tiny_data):
+    splits = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=0)
+    assert splits.class_names == ["circle", "cross", "stripes"]
+    assert len(splits.train) == 27 and len(splits.val) == 9 and len(splits.test) == 15
+    assert set(splits.train.paths).isdisjoint(splits.val.paths)
+    assert splits.val.labels.bincount().tolist() == [3, 3, 3]
+    assert splits.train.images.dtype == torch.uint8 and splits.train.images.shape[1:] == (3, 16, 16)
+    assert all(0 < s for s in splits.std) and all(0 < m < 1 for m in splits.mean)
+
+
+def test_class_mismatch_names_the_classes(tmp_path):
+    root = make_image_folder(tmp_path, {"train": 3, "test": 2})
+    (root / "test" / "cross").rename(root / "test" / "plus")
+    with pytest.raises(data_setup.DataError, match=r"only in test: \['plus'\].*only in train: \['cross'\]"):
+        data_setup.load_splits(str(root), None, None, None, 16, 0.3, seed=0)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(data_setup.DataError, match="does not exist"):
+        data_setup.load_splits(str(tmp_path / "nowhere"), None, None, None, 16, 0.2, 0)
+    make_image_folder(tmp_path, {"train": 3})
+    with pytest.raises(data_setup.DataError, match="test folder"):
+        data_setup.load_splits(str(tmp_path), None, None, None, 16, 0.2, 0)
+
+
+def _tensors(n=10, size=8):
+    images = torch.arange(n * 3 * size * size, dtype=torch.int64).remainder(251).to(torch.uint8)
+    return data_setup.ImageTensors(images.view(n, 3, size, size), torch.arange(n) % 3, [str(i) for i in range(n)])
+
+
+def _batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_same_seed_same_batches_and_augmentation_changes_epochs():
+    data = _tensors()
+    make = lambda seed: data_setup.BatchLoader(  # noqa: E731
+        data, 4, [0.5] * 3, [0.25] * 3, torch.device("cpu"), data_setup.Augmentation(2, True), seed=seed)
+    first, second = make(7), make(7)
+    for (xa, ya), (xb, yb) in zip(_batches(first), _batches(second)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    epoch_one, epoch_two = _batches(first), _batches(first)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, epoch_two))
+    assert len(first) == 3 and sum(len(y) for _, y in epoch_one) == 10
+
+
+def test_evaluation_loader_is_deterministic_and_normalized():
+    data = _tensors()
+    loader = data_setup.BatchLoader(data, 4, [0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    batches = _batches(loader)
+    assert torch.equal(torch.cat([y for _, y in batches]), data.labels)
+    expected = (data.images.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(torch.cat([x for x, _ in batches]), expected, atol=1e-5)
+
+
+def test_random_crop_shifts_content_with_zero_fill():
+    images = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 3, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    cropped = data_setup.random_crop(images, 1, generator)
+    assert cropped.shape == images.shape
+    padded = torch.nn.functional.pad(images[0, 0], (1, 1, 1, 1))
+    windows = {tuple(padded[r : r + 4, c : c + 4].flatten().tolist()) for r in range(3) for c in range(3)}
+    seen = {tuple(img[0].flatten().tolist()) for img in cropped}
+    assert seen <= windows and len(seen) > 1
+    assert torch.equal(data_setup.random_crop(images, 0, generator), images)
+
+
+def test_decode_image_matches_training_decode(tiny_data):
+    splits = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=0)
+    path = splits.test.paths[4]
+    assert torch.equal(data_setup.decode_image(path, 16), splits.test.images[4])
+    assert Path(path).parent.name == splits.class_names[int(splits.test.labels[4])]

@@ -1,0 +1,140 @@
+"""End-to-end runs of the experiment on a few dozen tiny images."""
+
+import json
+
+import pytest
+import torch
+
+import experiment
+import utils
+from conftest import TINY_FLAGS
+
+MODEL_FILES = [
+    "best_model.pth", "history.json", "results.json", "training_metrics.txt", "detailed_metrics.txt",
+    "model_summary.txt", "loss_curve.png", "accuracy_curve.png", "top1_top3_comparison.png",
+    *[f"confusion_matrix_{s}.png" for s in ("train", "val", "test")],
+    *[f"classification_report_{s}.txt" for s in ("train", "val", "test")],
+]
+SPLIT_METRICS = ["loss", "top1", "top3"] + [
+    f"{m}_{a}" for m in ("precision", "recall", "f1", "auc") for a in ("micro", "macro", "weighted")
+]
+
+
+def test_run_directory_holds_every_file(tiny_run):
+    for name in ("config.json", "summary.json", "comparison.png", "comparison.txt"):
+        assert (tiny_run / name).is_file(), name
+    for role in experiment.ROLES:
+        for name in MODEL_FILES:
+            path = tiny_run / role / name
+            assert path.is_file() and path.stat().st_size > 0, f"{role}/{name}"
+        for png in (tiny_run / role).glob("*.png"):
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tiny_run.rglob("*.tmp")), "no temporary files may be left behind"
+
+
+def test_summary_fields(tiny_run):
+    summary = utils.read_json(tiny_run / "summary.json")
+    for role in experiment.ROLES:
+        row = summary[role]
+        assert {"params", "size_mb", "best_epoch", "train_seconds", "test"} <= row.keys()
+        assert row["params"] > 1_000_000 and row["size_mb"] > 1 and 1 <= row["best_epoch"] <= 2
+        for key in experiment.SUMMARY_TEST_KEYS:
+            value = row["test"][key]
+            assert value is None or 0.0 <= value <= 1.0, (role, key, value)
+    assert summary["teacher"]["arch"] == "vgg16_bn" and summary["student_kd"]["arch"] == "resnet18"
+    assert summary["kd_gain_top1"] == pytest.approx(
+        summary["student_kd"]["test"]["top1"] - summary["student_baseline"]["test"]["top1"])
+    config = utils.read_json(tiny_run / "config.json")
+    assert config["teacher_epochs"] == 2 and config["alpha"] == 0.5 and config["resolved"]["device"] == "cpu"
+
+
+def test_results_and_history_have_every_metric(tiny_run):
+    results = utils.read_json(tiny_run / "student_kd" / "results.json")
+    for split in ("train", "val", "test"):
+        for key in SPLIT_METRICS:
+            assert key in results["splits"][split], (split, key)
+            value = results["splits"][split][key]
+            assert value is not None or key in results["splits"][split]["undefined"]
+    history = utils.read_json(tiny_run / "student_kd" / "history.json")
+    assert len(history["epochs"]) == 2
+    for record in history["epochs"]:
+        assert {"loss", "ce", "kd"} <= record["train"].keys()
+        for key in SPLIT_METRICS:
+            assert key in record["train"] and key in record["val"]
+    assert results["splits"]["test"]["top1"] == utils.read_json(tiny_run / "summary.json")["student_kd"]["test"]["top1"]
+
+
+def test_checkpoint_describes_itself_and_holds_the_best_epoch(tiny_run):
+    summary = utils.read_json(tiny_run / "summary.json")
+    for role in experiment.ROLES:
+        checkpoint = utils.load_checkpoint(tiny_run / role / "best_model.pth")
+        assert checkpoint["class_names"] == ["circle", "cross", "stripes"]
+        assert checkpoint["image_size"] == 32 and len(checkpoint["mean"]) == 3 and len(checkpoint["std"]) == 3
+        assert checkpoint["epoch"] == summary[role]["best_epoch"]
+        assert checkpoint["config"]["seed"] == 0 and checkpoint["role"] == role
+
+
+def test_best_checkpoint_reproduces_reported_test_metrics(tiny_run):
+    """The test report must come from the selected (best-on-validation) weights."""
+    import data_setup
+    import engine
+    import model_builder
+
+    checkpoint = utils.load_checkpoint(tiny_run / "student_baseline" / "best_model.pth")
+    config = checkpoint["config"]
+    model = model_builder.build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["image_size"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model = model.to(memory_format=torch.channels_last)
+    splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"])
+    loader = data_setup.BatchLoader(splits.test, 8, checkpoint["mean"], checkpoint["std"], torch.device("cpu"))
+    amp = engine.resolve_amp_dtype(config["precision"], torch.device("cpu"))
+    metrics = engine.evaluate(model, loader, checkpoint["class_names"], torch.device("cpu"), amp)
+    results = utils.read_json(tiny_run / "student_baseline" / "results.json")
+    assert metrics["top1"] == results["splits"]["test"]["top1"]
+    assert metrics["loss"] == pytest.approx(results["splits"]["test"]["loss"], rel=1e-6)
+
+
+def test_reused_teacher_alpha_one_and_determinism(tiny_run, tiny_data, tmp_path):
+    """A reused teacher is not retrained; alpha=1 makes the distilled student equal the baseline,
+    and the same seed repeats the first run's baseline exactly."""
+    run_dir = tmp_path / "alpha1"
+    teacher = tiny_run / "teacher" / "best_model.pth"
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            "--teacher-checkpoint", str(teacher), "--alpha", "1", *TINY_FLAGS])
+    assert code == 0
+    first, second = utils.read_json(tiny_run / "summary.json"), utils.read_json(run_dir / "summary.json")
+    assert second["teacher"]["train_seconds"] == 0 and second["teacher"]["reused_from"] == str(teacher)
+    assert second["teacher"]["test"] == first["teacher"]["test"]
+    assert second["student_kd"]["test"] == second["student_baseline"]["test"]
+    assert second["kd_gain_top1"] == 0
+    baseline = utils.load_checkpoint(run_dir / "student_baseline" / "best_model.pth")["state_dict"]
+    distilled = utils.load_checkpoint(run_dir / "student_kd" / "best_model.pth")["state_dict"]
+    assert all(torch.equal(baseline[k], distilled[k]) for k in baseline)
+    assert second["student_baseline"]["test"] == first["student_baseline"]["test"]
+    earlier = utils.load_checkpoint(tiny_run / "student_baseline" / "best_model.pth")["state_dict"]
+    assert all(torch.equal(baseline[k], earlier[k]) for k in baseline)
+
+
+def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
+    monkeypatch.setattr(experiment, "DATA_DIR", str(tiny_data))
+    monkeypatch.setattr(experiment, "STUDENT_EPOCHS", 5)
+    monkeypatch.setattr(experiment, "T", 7.5)
+    args = experiment.build_parser().parse_args([])
+    assert args.data_dir == str(tiny_data) and args.student_epochs == 5 and args.temperature == 7.5
+    assert experiment.build_parser().parse_args(["--temperature", "2"]).temperature == 2.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--alpha", "1.5"], "--alpha must be between 0 and 1"),
+    (["--student-epochs", "0"], "--student-epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--teacher-model", "NoSuchNet"], "Unknown model 'NoSuchNet'"),
+    (["--data-dir", "/no/such/folder"], "does not exist"),
+    (["--teacher-checkpoint", "/no/such.pth"], "is not a file"),
+])
+def test_bad_settings_exit_2_with_one_sentence(flags, message, capsys, tmp_path):
+    code = experiment.main([*flags, "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err

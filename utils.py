@@ -1,0 +1,350 @@
+"""Metrics, reports, plots, checkpoints and small helpers shared by the pipeline.
+
+Every file is written atomically: to a temporary file in the same folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+from sklearn.preprocessing import label_binarize
+
+AVERAGES = ("micro", "macro", "weighted")
+SCORE_NAMES = ("precision", "recall", "f1")
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (NaN and infinity are not valid JSON: they must be None already)."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of samples whose label is among the k highest logits (k clipped to the class count)."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return (top == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int, class_names: Sequence[str]):
+    """Precision / recall / F1 for each average; undefined values become None with a reason."""
+    classes = list(range(num_classes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        precision, recall, f1, support = precision_recall_fscore_support(
+            labels, predictions, labels=classes, average=None, zero_division=np.nan
+        )
+        micro = precision_recall_fscore_support(
+            labels, predictions, labels=classes, average="micro", zero_division=np.nan
+        )[:3]
+    per_class = {"precision": precision, "recall": recall, "f1": f1}
+    absent = [class_names[c] for c in classes if support[c] == 0]
+    never_predicted = [class_names[c] for c in classes if not (predictions == c).any()]
+    reasons = {
+        "precision": f"precision undefined for classes never predicted: {never_predicted}",
+        "recall": f"recall undefined for classes absent from the split: {absent}",
+        "f1": f"F1 undefined for classes both absent and never predicted: "
+        f"{sorted(set(absent) & set(never_predicted))}",
+    }
+    values: dict[str, float | None] = {}
+    undefined: dict[str, str] = {}
+    for score, micro_value in zip(SCORE_NAMES, micro):
+        scores = per_class[score]
+        values[f"{score}_micro"] = _nan_to_none(micro_value)
+        values[f"{score}_macro"] = None if np.isnan(scores).any() else float(scores.mean())
+        present = support > 0
+        weighted_scores = scores[present]
+        values[f"{score}_weighted"] = (
+            None
+            if np.isnan(weighted_scores).any() or not present.any()
+            else float(np.average(weighted_scores, weights=support[present]))
+        )
+        for average in AVERAGES:
+            if values[f"{score}_{average}"] is None:
+                undefined[f"{score}_{average}"] = reasons[score]
+    return values, undefined
+
+
+def _auc(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]):
+    """One-vs-rest ROC AUC (micro, macro, weighted); None with a reason when undefined."""
+    num_classes = probabilities.shape[1]
+    values: dict[str, float | None] = {f"auc_{a}": None for a in AVERAGES}
+    present = np.bincount(labels, minlength=num_classes)
+    absent = [class_names[c] for c in range(num_classes) if present[c] == 0]
+    if not np.isfinite(probabilities).all():
+        return values, {f"auc_{a}": "probabilities are not finite" for a in AVERAGES}
+    if absent or len(labels) == 0:
+        reason = f"one-vs-rest AUC needs every class present; absent from the split: {absent}"
+        return values, {f"auc_{a}": reason for a in AVERAGES}
+    if num_classes == 2:
+        score = float(roc_auc_score(labels, probabilities[:, 1]))
+        return {f"auc_{a}": score for a in AVERAGES}, {}
+    targets = label_binarize(labels, classes=list(range(num_classes)))
+    for average in AVERAGES:
+        values[f"auc_{average}"] = float(roc_auc_score(targets, probabilities, average=average))
+    return values, {}
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Top-1, top-3, precision / recall / F1 and ROC AUC of a split's logits.
+
+    Metrics are fractions in [0, 1]. Undefined values are None, and `undefined` maps
+    each of them to the reason, so a missing number is never mistaken for a zero.
+    """
+    logits = logits.float().cpu()
+    labels = labels.cpu()
+    num_classes = len(class_names)
+    predictions = logits.argmax(dim=1).numpy()
+    label_array = labels.numpy()
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    metrics: dict[str, Any] = {
+        "samples": int(len(label_array)),
+        "top1": topk_accuracy(logits, labels, 1),
+        "top3": topk_accuracy(logits, labels, 3),
+    }
+    scores, undefined_scores = _scores(label_array, predictions, num_classes, class_names)
+    aucs, undefined_aucs = _auc(label_array, probabilities, class_names)
+    metrics.update(scores)
+    metrics.update(aucs)
+    metrics["undefined"] = {**undefined_scores, **undefined_aucs}
+    return metrics
+
+
+def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Confusion matrix (rows: true class, columns: predicted class)."""
+    return confusion_matrix(
+        labels.cpu().numpy(), logits.argmax(dim=1).cpu().numpy(), labels=list(range(num_classes))
+    )
+
+
+def report_text(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> str:
+    """scikit-learn's per-class classification report ('nan' marks an undefined value)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        return classification_report(
+            labels.cpu().numpy(),
+            logits.argmax(dim=1).cpu().numpy(),
+            labels=list(range(len(class_names))),
+            target_names=list(class_names),
+            digits=4,
+            zero_division=np.nan,
+        )
+
+
+def format_metric(value: float | None, percent: bool = True) -> str:
+    """A metric for tables: a percentage with two decimals, or 'n/a' when undefined."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}" if percent else f"{value:.4f}"
+
+
+def format_seconds(seconds: float) -> str:
+    """Seconds as '1h02m03s', '2m05s' or '4.2s'."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+METRIC_ROWS = ["top1", "top3"] + [f"{s}_{a}" for s in SCORE_NAMES for a in AVERAGES] + [
+    f"auc_{a}" for a in AVERAGES
+]
+
+
+def metrics_table(results: dict[str, dict[str, Any]]) -> str:
+    """A text table: one row per metric, one column per split (metrics in percent)."""
+    splits = list(results)
+    lines = [f"{'metric':<20}" + "".join(f"{s:>12}" for s in splits)]
+    lines.append(f"{'loss':<20}" + "".join(f"{format_metric(results[s].get('loss'), False):>12}" for s in splits))
+    for name in METRIC_ROWS:
+        lines.append(f"{name:<20}" + "".join(f"{format_metric(results[s].get(name)):>12}" for s in splits))
+    for split in splits:
+        for name, reason in results[split].get("undefined", {}).items():
+            lines.append(f"  {split} {name}: {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def history_table(history: list[dict[str, Any]]) -> str:
+    """One line per epoch: learning rate, training loss parts, train and validation metrics."""
+    lines = []
+    for record in history:
+        train, val = record["train"], record["val"]
+        parts = " ".join(f"{k}={train[k]:.4f}" for k in ("loss", "ce", "kd") if k in train)
+        lines.append(
+            f"epoch {record['epoch']:3d}  lr={record['lr']:.5f}  train {parts} "
+            f"top1={format_metric(train['top1'])}% top3={format_metric(train['top3'])}% "
+            f"f1_macro={format_metric(train['f1_macro'])}  |  val loss={val['loss']:.4f} "
+            f"top1={format_metric(val['top1'])}% top3={format_metric(val['top3'])}% "
+            f"f1_macro={format_metric(val['f1_macro'])} auc_macro={format_metric(val['auc_macro'])}  "
+            f"({format_seconds(record['seconds'])})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str | Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
+    _figure().close(figure)
+
+
+def plot_curves(history: list[dict[str, Any]], key: str, title: str, path: str | Path) -> None:
+    """Train and validation curves of one metric over epochs."""
+    plt = _figure()
+    epochs = [r["epoch"] for r in history]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for split in ("train", "val"):
+        values = [r[split].get(key) for r in history]
+        axis.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=split)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(key)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    save_figure(figure, path)
+
+
+def plot_topk(results: dict[str, dict[str, Any]], title: str, path: str | Path) -> None:
+    """Grouped bars of top-1 and top-3 accuracy per split."""
+    plt = _figure()
+    splits = list(results)
+    x = np.arange(len(splits))
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for offset, key in ((-0.2, "top1"), (0.2, "top3")):
+        values = [100 * results[s][key] for s in splits]
+        bars = axis.bar(x + offset, values, width=0.4, label=key)
+        axis.bar_label(bars, fmt="%.1f", fontsize=8)
+    axis.set_xticks(x, splits)
+    axis.set_ylabel("accuracy (%)")
+    axis.set_ylim(0, 105)
+    axis.set_title(title)
+    axis.legend(loc="lower right")
+    save_figure(figure, path)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: str | Path) -> None:
+    """A seaborn heat map of a confusion matrix."""
+    import seaborn as sns
+
+    plt = _figure()
+    size = max(5.0, 0.45 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size * 0.85))
+    sns.heatmap(
+        matrix, annot=len(class_names) <= 20, fmt="d", cmap="Blues", cbar=True,
+        xticklabels=class_names, yticklabels=class_names, ax=axis,
+    )
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    save_figure(figure, path)
+
+
+def plot_comparison(summary: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Test metrics and parameter counts of the trained models side by side."""
+    plt = _figure()
+    names = list(summary)
+    keys = ["top1", "top3", "f1_macro", "auc_macro"]
+    figure, (metric_axis, size_axis) = plt.subplots(
+        1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]}
+    )
+    width = 0.8 / len(names)
+    x = np.arange(len(keys))
+    for i, name in enumerate(names):
+        values = [summary[name]["test"].get(k) for k in keys]
+        bars = metric_axis.bar(
+            x + (i - (len(names) - 1) / 2) * width,
+            [0 if v is None else 100 * v for v in values], width=width, label=name,
+        )
+        metric_axis.bar_label(bars, labels=[format_metric(v) for v in values], fontsize=7)
+    metric_axis.set_xticks(x, [f"test {k}" for k in keys])
+    metric_axis.set_ylabel("%")
+    metric_axis.set_ylim(0, 110)
+    metric_axis.legend(loc="lower right", fontsize=8)
+    metric_axis.set_title("Test metrics")
+    bars = size_axis.bar(names, [summary[n]["params"] / 1e6 for n in names], color="gray")
+    size_axis.bar_label(bars, fmt="%.2fM", fontsize=8)
+    size_axis.set_ylabel("parameters (millions)")
+    size_axis.set_title("Model size")
+    size_axis.tick_params(axis="x", rotation=20)
+    save_figure(figure, path)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Save a checkpoint dict atomically (tensors, numbers, strings, lists and dicts only)."""
+    with atomic_path(path) as temporary:
+        torch.save(checkpoint, temporary)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without running code from it (weights_only=True)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
