@@ -54,7 +54,9 @@ class DistillationCriterion:
     """Engine criterion for Hinton distillation from a frozen teacher.
 
     The teacher sees exactly the batch the student sees (the same augmented view), runs in
-    eval mode without autograd, and is never handed to the optimizer.
+    eval mode without autograd, and is never handed to the optimizer. A batch may carry the
+    teacher's logits precomputed (valid only when the training view is deterministic); then
+    the teacher is not run at all.
     """
 
     def __init__(self, teacher: nn.Module, temperature: float, alpha: float) -> None:
@@ -62,10 +64,14 @@ class DistillationCriterion:
         self.temperature = temperature
         self.alpha = alpha
 
-    def __call__(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        # no_grad rather than inference_mode: the teacher's logits are saved by kl_div's backward.
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+    def __call__(
+        self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if teacher_logits is None:
+            # no_grad rather than inference_mode: kl_div's backward saves the teacher's logits.
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
         student_logits = student(images)
         parts = distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
         return {**parts, "logits": student_logits}

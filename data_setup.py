@@ -6,12 +6,13 @@ into a uint8 tensor; training batches are augmented as whole tensors on the trai
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,11 +34,15 @@ class DataError(Exception):
 
 @dataclass
 class ImageTensors:
-    """A decoded split: uint8 images (N, 3, S, S), int64 labels (N,) and the source paths."""
+    """A split: uint8 images (N, 3, S, S) decoded once, int64 labels (N,) and the source paths.
 
-    images: torch.Tensor
+    `images` is None when the split is streamed from disk (it did not fit the memory budget).
+    """
+
+    images: torch.Tensor | None
     labels: torch.Tensor
     paths: list[str]
+    image_size: int
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,7 +50,7 @@ class ImageTensors:
 
 @dataclass
 class DatasetSplits:
-    """The three decoded splits, their shared class names and the training normalization."""
+    """The three splits, their shared class names and the training normalization."""
 
     train: ImageTensors
     val: ImageTensors
@@ -53,7 +58,8 @@ class DatasetSplits:
     class_names: list[str]
     mean: list[float]
     std: list[float]
-    val_source: str  # "folder" or "carved from train"
+    val_source: str  # the val folder, or how validation was carved from train
+    streamed: bool = False
 
 
 def bundled_digits_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
@@ -168,44 +174,101 @@ def stratified_split(
 
 
 def decode_image(path: str, image_size: int) -> torch.Tensor:
-    """Read one image file as an RGB uint8 tensor (3, S, S), resized exactly as for training."""
+    """Read one image file as an RGB uint8 tensor (3, S, S): the one decode used everywhere."""
     with Image.open(path) as image:
-        return _resize_to_tensor(image_size)(image.convert("RGB"))
+        image = transforms.functional.resize(image.convert("RGB"), [image_size, image_size], antialias=True)
+        return transforms.functional.pil_to_tensor(image)
 
 
-def _resize_to_tensor(image_size: int) -> transforms.Compose:
-    return transforms.Compose(
-        [transforms.Resize((image_size, image_size), antialias=True), transforms.PILToTensor()]
-    )
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded on access (in worker processes when loaded through a DataLoader)."""
+
+    def __init__(self, paths: Sequence[str], image_size: int) -> None:
+        self.paths, self.image_size = list(paths), image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return decode_image(self.paths[index], self.image_size)
 
 
-def decode_samples(
-    folder: datasets.ImageFolder, indices: Sequence[int] | None, image_size: int
+def _decode_all(paths: Sequence[str], image_size: int, workers: int) -> torch.Tensor:
+    """Decode every file once into one uint8 tensor, in worker processes for large sets."""
+    workers = workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, image_size), batch_size=256, num_workers=workers)
+    return torch.cat(list(loader)) if len(paths) else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+
+
+def _cache_key(paths: Sequence[str], image_size: int) -> str:
+    """A digest of the files' paths, sizes and modification times and the image size."""
+    digest = hashlib.sha256(f"v1 {image_size}".encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def decode_cached(paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None) -> torch.Tensor:
+    """Decoded uint8 images of `paths`; with a cache folder, a second run reads them from one file.
+
+    The cache file is keyed by every file's path, size and modification time, so any change
+    to the images makes a new key (and a fresh decode).
+    """
+    if cache_dir is None:
+        return _decode_all(paths, image_size, workers)
+    cache_file = Path(cache_dir) / "decoded" / f"{_cache_key(paths, image_size)}.pt"
+    if cache_file.is_file():
+        try:
+            images = torch.load(cache_file, weights_only=True)
+            if images.shape == (len(paths), 3, image_size, image_size) and images.dtype == torch.uint8:
+                return images
+        except Exception:  # an unreadable cache file is rebuilt, never trusted
+            pass
+    images = _decode_all(paths, image_size, workers)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(images, temporary)
+        os.replace(temporary, cache_file)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return images
+
+
+def _split_samples(
+    folder: datasets.ImageFolder, indices: Sequence[int] | None, image_size: int,
+    stream: bool, workers: int, cache_dir: Path | None,
 ) -> ImageTensors:
-    """Decode (a subset of) an ImageFolder once into uint8 tensors, in parallel for large sets."""
-    folder.transform = _resize_to_tensor(image_size)
-    subset: torch.utils.data.Dataset = (
-        folder if indices is None else torch.utils.data.Subset(folder, list(indices))
-    )
-    workers = min(2, os.cpu_count() or 1) if len(subset) >= DECODE_WORKERS_THRESHOLD else 0
-    loader = torch.utils.data.DataLoader(subset, batch_size=256, num_workers=workers)
-    images, labels = [], []
-    for batch_images, batch_labels in loader:
-        images.append(batch_images)
-        labels.append(batch_labels)
     chosen = range(len(folder.samples)) if indices is None else indices
-    return ImageTensors(
-        images=torch.cat(images),
-        labels=torch.cat(labels).long(),
-        paths=[folder.samples[i][0] for i in chosen],
-    )
+    paths = [folder.samples[i][0] for i in chosen]
+    labels = torch.tensor([folder.samples[i][1] for i in chosen], dtype=torch.long)
+    images = None if stream else decode_cached(paths, image_size, workers, cache_dir)
+    return ImageTensors(images, labels, paths, image_size)
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, as fractions of 255."""
-    pixels = images.float().div_(255).transpose(0, 1).reshape(3, -1)
-    std = pixels.std(dim=1).clamp_min(1e-3)  # a constant channel must not divide by zero
-    return pixels.mean(dim=1).tolist(), std.tolist()
+def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of a split's pixels, as fractions of 255.
+
+    Accumulated in float64 chunk by chunk, so it works for in-memory and streamed splits alike.
+    """
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    if split.images is not None:
+        chunks: Iterable[torch.Tensor] = split.images.split(4096)
+    else:
+        chunks = torch.utils.data.DataLoader(ImageFiles(split.paths, split.image_size), batch_size=256, num_workers=workers)
+    count = 0
+    for chunk in chunks:
+        pixels = chunk.to(torch.float64).div_(255).transpose(0, 1).reshape(3, -1)
+        total += pixels.sum(dim=1)
+        total_sq += pixels.square().sum(dim=1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)  # no division by zero
+    return mean.tolist(), std.tolist()
 
 
 def load_splits(
@@ -216,26 +279,35 @@ def load_splits(
     image_size: int,
     val_fraction: float,
     seed: int,
+    memory_budget_mb: float = float("inf"),
+    workers: int = 0,
+    cache_dir: Path | None = None,
 ) -> DatasetSplits:
-    """Find, check and decode the train / val / test splits (carving val from train if absent)."""
+    """Find, check and decode the train / val / test splits (carving val from train if absent).
+
+    Splits whose decoded size exceeds `memory_budget_mb` in total are streamed from disk by
+    `workers` processes instead of being decoded once into memory.
+    """
     train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
     folders = {"train": image_folder(train_path)}
     if val_path is not None:
         folders["val"] = image_folder(val_path)
     folders["test"] = image_folder(test_path)
     class_names = check_same_classes(folders)
+    total_images = sum(len(folder.samples) for folder in folders.values())
+    stream = total_images * 3 * image_size**2 / 2**20 > memory_budget_mb
+    split = lambda name, indices=None: _split_samples(  # noqa: E731
+        folders[name], indices, image_size, stream, workers, cache_dir)
     if val_path is None:
         train_idx, val_idx = stratified_split(folders["train"].targets, val_fraction, seed)
-        train = decode_samples(folders["train"], train_idx, image_size)
-        val = decode_samples(folders["train"], val_idx, image_size)
+        train, val = split("train", train_idx), split("train", val_idx)
         val_source = f"carved from train ({val_fraction:.0%}, stratified, seed {seed})"
     else:
-        train = decode_samples(folders["train"], None, image_size)
-        val = decode_samples(folders["val"], None, image_size)
+        train, val = split("train"), split("val")
         val_source = str(val_path)
-    test = decode_samples(folders["test"], None, image_size)
-    mean, std = channel_stats(train.images)
-    return DatasetSplits(train, val, test, class_names, mean, std, val_source)
+    test = split("test")
+    mean, std = channel_stats(train, workers)
+    return DatasetSplits(train, val, test, class_names, mean, std, val_source, streamed=stream)
 
 
 @dataclass
@@ -266,12 +338,39 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-class BatchLoader:
-    """Yield normalized float batches from in-memory uint8 images.
+class InMemoryImages:
+    """Batches gathered from a decoded uint8 tensor kept on the training device."""
 
-    Training loaders reshuffle and augment every epoch from their own seeded generator,
-    so two loaders built with the same seed produce identical batches; evaluation
-    loaders are deterministic and unaugmented.
+    def __init__(self, images: torch.Tensor, device: torch.device) -> None:
+        self.images = images.to(device)
+
+    def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for index in index_batches:
+            yield self.images[index.to(self.images.device)]
+
+
+class StreamingImages:
+    """Batches decoded from disk by DataLoader worker processes, in exactly the given order."""
+
+    def __init__(self, paths: Sequence[str], image_size: int, workers: int, pin_memory: bool) -> None:
+        self.dataset = ImageFiles(paths, image_size)
+        self.workers, self.pin_memory = workers, pin_memory
+
+    def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[index.tolist() for index in index_batches],
+            num_workers=self.workers, pin_memory=self.pin_memory,
+        )
+        yield from loader
+
+
+class BatchLoader:
+    """Yield normalized float batches `(images, labels)` of a split.
+
+    Training loaders reshuffle and augment every epoch from their own seeded generator, so two
+    loaders built with the same seed produce identical batches, whether the split sits in memory
+    or is streamed from disk. Evaluation loaders are deterministic and unaugmented. When
+    `teacher_logits` (one row per sample) is set, batches are `(images, labels, teacher_logits)`.
     """
 
     def __init__(
@@ -284,6 +383,7 @@ class BatchLoader:
         augmentation: Augmentation | None = None,
         seed: int = 0,
         channels_last: bool = True,
+        workers: int = 0,
     ) -> None:
         self.data = data
         self.batch_size = batch_size
@@ -293,27 +393,29 @@ class BatchLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
-        # Keep the whole split on the GPU when training there: it is small next to the model.
-        self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
+        self.teacher_logits: torch.Tensor | None = None
+        if data.images is not None:
+            self.source: InMemoryImages | StreamingImages = InMemoryImages(data.images, self.device)
+        else:
+            self.source = StreamingImages(data.paths, data.image_size, workers, self.device.type == "cuda")
 
     def __len__(self) -> int:
         return (len(self.data) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.data)
-        if self.augmentation is not None:
-            order = torch.randperm(n, generator=self.generator).to(self.device)
-        else:
-            order = torch.arange(n, device=self.device)
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
-            images = self.images[index]
+        order = torch.randperm(n, generator=self.generator) if self.augmentation is not None else torch.arange(n)
+        index_batches = list(order.split(self.batch_size))
+        for index, images in zip(index_batches, self.source.fetch(index_batches)):
+            images = images.to(self.device, non_blocking=True)
             if self.augmentation is not None:
                 images = random_crop(images, self.augmentation.pad, self.generator)
                 if self.augmentation.hflip:
                     images = random_hflip(images, self.generator)
-            images = ((images.float() - self.mean) / self.std).contiguous(
-                memory_format=self.memory_format
-            )
-            yield images, self.labels[index]
+            images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            index = index.to(self.device)
+            if self.teacher_logits is None:
+                yield images, self.labels[index]
+            else:
+                yield images, self.labels[index], self.teacher_logits[index]

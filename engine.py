@@ -1,7 +1,8 @@
 """Plain training and evaluation: one training epoch, one evaluation pass, and the epoch loop.
 
 The loop is shared with distillation: what is optimized is decided by a *criterion*, a callable
-`criterion(model, images, labels) -> {"loss": ..., "logits": ..., <named loss parts>}`.
+`criterion(model, images, labels, *extra) -> {"loss": ..., "logits": ..., <named loss parts>}`,
+where `extra` is whatever a batch carries after its labels (e.g. cached teacher logits).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from tqdm.auto import tqdm
 
 import utils
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+Batches = Iterable[tuple[torch.Tensor, ...]]  # (images, labels, *extra)
+Criterion = Callable[..., dict[str, torch.Tensor]]
 
 
 class SupervisedCriterion:
@@ -67,9 +68,9 @@ def train_one_epoch(
     model.train()
     sums: dict[str, torch.Tensor] = {}
     all_logits, all_labels = [], []
-    for images, labels in _progress(data_loader, description):
+    for images, labels, *extra in _progress(data_loader, description):
         with autocast(device, amp_dtype):
-            outputs = criterion(model, images, labels)
+            outputs = criterion(model, images, labels, *extra)
         optimizer.zero_grad(set_to_none=True)
         outputs["loss"].backward()
         optimizer.step()
@@ -95,7 +96,7 @@ def predict(
     """Logits (float32, on the CPU) and labels of every sample of a loader, in eval mode."""
     model.eval()
     all_logits, all_labels = [], []
-    for images, labels in _progress(data_loader, description):
+    for images, labels, *_ in _progress(data_loader, description):
         with autocast(device, amp_dtype):
             all_logits.append(model(images).float())
         all_labels.append(labels)

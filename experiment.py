@@ -8,6 +8,7 @@ Edit the constants below to change the defaults, or pass the matching flags.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -36,11 +37,12 @@ TEACHER_MODEL = "VGG16"  # any torchvision classifier name also works
 STUDENT_MODEL = "ResNet18"
 TEACHER_CHECKPOINT: str | None = None  # a trained teacher's best_model.pth: skips teacher training
 TEACHER_EPOCHS = 6
-STUDENT_EPOCHS = 6
-TEACHER_LR = 0.05  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
-STUDENT_LR = 0.05
-WEIGHT_DECAY = 5e-4
-MOMENTUM = 0.9
+STUDENT_EPOCHS = 5
+OPTIMIZER = "adamw"  # adamw, or sgd (with Nesterov momentum)
+TEACHER_LR = 2e-3  # peak learning rate of the one-cycle schedule (try 0.05 with sgd)
+STUDENT_LR = 2e-3
+WEIGHT_DECAY = 0.05  # decoupled for adamw; try 5e-4 with sgd
+MOMENTUM = 0.9  # sgd only
 BATCH_SIZE = 64  # images per optimizer step
 IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
 T = 4.0  # distillation temperature
@@ -51,6 +53,11 @@ CROP_PADDING = 4  # pixels of random-crop shift at 32 px (scaled with IMAGE_SIZE
 SEED = 0
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, ...
 PRECISION = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16
+MEMORY_BUDGET_MB = 4096  # decoded images above this many MiB are streamed from disk instead
+WORKERS = min(4, os.cpu_count() or 1)  # decoding processes (first decode, and streaming)
+DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips decoding
+CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
+COMPILE = False  # torch.compile the models (worth it for long CUDA runs)
 
 ROLES = ("teacher", "student_baseline", "student_kd")
 SPLITS = ("train", "val", "test")
@@ -75,6 +82,7 @@ class Config:
     teacher_checkpoint: str | None
     teacher_epochs: int
     student_epochs: int
+    optimizer: str
     teacher_lr: float
     student_lr: float
     weight_decay: float
@@ -89,6 +97,11 @@ class Config:
     seed: int
     device: str
     precision: str
+    memory_budget_mb: float
+    workers: int
+    decode_cache: bool
+    cache_teacher_logits: bool
+    compile: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,16 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     training = parser.add_argument_group("training")
     training.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     training.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
+    training.add_argument("--optimizer", choices=["adamw", "sgd"], default=OPTIMIZER, help="adamw, or sgd with Nesterov momentum")
     training.add_argument("--teacher-lr", type=float, default=TEACHER_LR, help="teacher's peak learning rate")
     training.add_argument("--student-lr", type=float, default=STUDENT_LR, help="students' peak learning rate")
     training.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    training.add_argument("--momentum", type=float, default=MOMENTUM)
+    training.add_argument("--momentum", type=float, default=MOMENTUM, help="sgd only")
     training.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     training.add_argument("--temperature", type=float, default=T, help="distillation temperature T")
     training.add_argument("--alpha", type=float, default=ALPHA, help="weight of the hard-label CE term (1 - alpha weighs the KD term)")
     training.add_argument("--seed", type=int, default=SEED)
     training.add_argument("--device", default=DEVICE, help="auto, cpu, cuda or cuda:N")
     training.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=PRECISION, help="auto: bf16 on CUDA and on CPUs with native bf16")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--memory-budget-mb", type=float, default=MEMORY_BUDGET_MB, help="decoded images above this size are streamed from disk")
+    speed.add_argument("--workers", type=int, default=WORKERS, help="decoding worker processes")
+    speed.add_argument("--decode-cache", action=argparse.BooleanOptionalAction, default=DECODE_CACHE, help="keep decoded images in a cache file for the next run")
+    speed.add_argument("--cache-teacher-logits", action=argparse.BooleanOptionalAction, default=CACHE_TEACHER_LOGITS,
+                       help="compute the teacher's logits once per image; only with a deterministic view (--crop-padding 0 --hflip off)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile the models")
     parser.add_argument("--output-dir", default=OUTPUT_DIR, help="run directory (default: runs/<timestamp>)")
     return parser
 
@@ -144,6 +165,11 @@ def validate(config: Config) -> None:
         (0 <= config.momentum < 1, f"--momentum must be in [0, 1) (got {config.momentum})."),
         (0 < config.val_fraction < 1, f"--val-fraction must be between 0 and 1 (got {config.val_fraction})."),
         (config.crop_padding >= 0, f"--crop-padding must be >= 0 (got {config.crop_padding})."),
+        (config.memory_budget_mb >= 0, f"--memory-budget-mb must be >= 0 (got {config.memory_budget_mb})."),
+        (config.workers >= 0, f"--workers must be >= 0 (got {config.workers})."),
+        (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),
+         "--cache-teacher-logits needs a deterministic training view: add --crop-padding 0 --hflip off "
+         "(with random augmentation the teacher must see each new view)."),
     ]
     for ok, message in checks:
         if not ok:
@@ -179,12 +205,17 @@ class Context:
     def train_loader(self) -> data_setup.BatchLoader:
         """A fresh training loader: the same seed gives every model the same batches."""
         config = self.config
-        pad = round(config.crop_padding * config.image_size / 32)
-        hflip = config.hflip == "on" or (config.hflip == "auto" and not is_bundled(config))
         return data_setup.BatchLoader(
             self.data.train, config.batch_size, self.data.mean, self.data.std, self.device,
-            data_setup.Augmentation(pad=pad, hflip=hflip), seed=config.seed,
+            augmentation(config), seed=config.seed, workers=config.workers,
         )
+
+
+def augmentation(config: Config) -> data_setup.Augmentation:
+    """Random-crop shift (scaled with the image size) and flip, as configured."""
+    pad = round(config.crop_padding * config.image_size / 32)
+    hflip = config.hflip == "on" or (config.hflip == "auto" and not is_bundled(config))
+    return data_setup.Augmentation(pad=pad, hflip=hflip)
 
 
 def is_bundled(config: Config) -> bool:
@@ -215,20 +246,32 @@ def new_model(context: Context, arch: str) -> nn.Module:
     """Build an untrained model on the run's device (seeded, so students start identical)."""
     seed_everything(context.config.seed)
     model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
-    return model.to(context.device, memory_format=torch.channels_last)
+    model = model.to(context.device, memory_format=torch.channels_last)
+    return torch.compile(model) if context.config.compile else model
+
+
+def make_optimizer(config: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer for the model's parameters only (a teacher's never reach one)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
+                               nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
 
 
 def train_model(
-    context: Context, role: str, arch: str, epochs: int, lr: float, criterion: engine.Criterion
+    context: Context, role: str, arch: str, epochs: int, lr: float, criterion: engine.Criterion,
+    teacher_logits: torch.Tensor | None = None,
 ) -> tuple[nn.Module, engine.FitResult]:
-    """Train one model with SGD and a one-cycle schedule; the best-on-validation epoch is kept."""
+    """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
+
+    `teacher_logits` (one row per training image) are handed to the criterion with each batch.
+    """
     config = context.config
     model = new_model(context, arch)
     train_loader = context.train_loader()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=config.momentum, nesterov=config.momentum > 0,
-        weight_decay=config.weight_decay,
-    )
+    if teacher_logits is not None:
+        train_loader.teacher_logits = teacher_logits.to(context.device)
+    optimizer = make_optimizer(config, model, lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * len(train_loader), pct_start=0.25
     )
@@ -296,7 +339,7 @@ def report_model(context: Context, role: str, arch: str, model: nn.Module, fit: 
     utils.write_json(folder / "results.json", {"model": role, **row, "splits": results})
     utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation top-1\n" + utils.history_table(fit.history))
     utils.write_text(folder / "detailed_metrics.txt", f"{role} ({arch}) at its best epoch {fit.best_epoch}\n\n" + utils.metrics_table(results))
-    stats = torchinfo_summary(model, input_size=(1, 3, context.config.image_size, context.config.image_size),
+    stats = torchinfo_summary(model_builder.unwrap(model), input_size=(1, 3, context.config.image_size, context.config.image_size),
                               device=context.device, mode="eval", verbose=0)
     utils.write_text(folder / "model_summary.txt", str(stats) + "\n")
     if fit.history:
@@ -350,18 +393,19 @@ def run_experiment(config: Config) -> dict[str, Any]:
     except (RuntimeError, ValueError) as error:
         raise SettingsError(f"--device {config.device!r} is not usable: {error}") from None
     amp_dtype = engine.resolve_amp_dtype(config.precision, device)
+    teacher_checkpoint = None if config.teacher_checkpoint is None else read_teacher_checkpoint(config.teacher_checkpoint)
     data = data_setup.load_splits(
         config.data_dir, config.train_dir, config.val_dir, config.test_dir,
-        config.image_size, config.val_fraction, config.seed,
+        config.image_size, config.val_fraction, config.seed, config.memory_budget_mb, config.workers,
+        data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None,
     )
-    teacher_checkpoint = None
-    if config.teacher_checkpoint is not None:
+    if teacher_checkpoint is not None:
         # The teacher expects inputs normalized as in its own training; students share them.
-        teacher_checkpoint = read_teacher_checkpoint(config.teacher_checkpoint)
         data.mean, data.std = teacher_checkpoint["mean"], teacher_checkpoint["std"]
     run_dir = make_run_dir(config.output_dir)
     eval_loaders = {
-        split: data_setup.BatchLoader(getattr(data, split), config.batch_size, data.mean, data.std, device)
+        split: data_setup.BatchLoader(getattr(data, split), config.batch_size, data.mean, data.std, device,
+                                      workers=config.workers)
         for split in SPLITS
     }
     context = Context(config, data, device, amp_dtype, run_dir, eval_loaders)
@@ -370,6 +414,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
         "sizes": {split: len(getattr(data, split)) for split in SPLITS},
         "validation": data.val_source,
         "mean": data.mean, "std": data.std,
+        "storage": "streamed from disk" if data.streamed else "decoded once into memory",
     }
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     utils.write_json(run_dir / "config.json", {**asdict(config), "resolved": {"device": str(device), "precision": precision}, "dataset": dataset})
@@ -390,12 +435,17 @@ def run_experiment(config: Config) -> dict[str, Any]:
     if config.teacher_checkpoint is not None:
         summary["teacher"]["reused_from"] = str(config.teacher_checkpoint)
 
+    teacher_logits = None
+    if config.cache_teacher_logits:
+        # validate() made sure the training view is deterministic: one pass serves every epoch.
+        teacher_logits, _ = engine.predict(teacher, eval_loaders["train"], device, amp_dtype, "teacher logits")
     students = {
-        "student_baseline": engine.SupervisedCriterion(),
-        "student_kd": KD_engine.DistillationCriterion(teacher, config.temperature, config.alpha),
+        "student_baseline": (engine.SupervisedCriterion(), None),
+        "student_kd": (KD_engine.DistillationCriterion(teacher, config.temperature, config.alpha), teacher_logits),
     }
-    for role, criterion in students.items():
-        student, fit = train_model(context, role, student_arch, config.student_epochs, config.student_lr, criterion)
+    for role, (criterion, cached_logits) in students.items():
+        student, fit = train_model(context, role, student_arch, config.student_epochs, config.student_lr,
+                                   criterion, cached_logits)
         summary[role] = report_model(context, role, student_arch, student, fit)
 
     summary["kd_gain_top1"] = summary["student_kd"]["test"]["top1"] - summary["student_baseline"]["test"]["top1"]

@@ -255,13 +255,22 @@ def save_figure(figure, path: str | Path) -> None:
 
 
 def plot_curves(history: list[dict[str, Any]], key: str, title: str, path: str | Path) -> None:
-    """Train and validation curves of one metric over epochs."""
+    """Train and validation curves of one metric over epochs (for the loss, also its parts)."""
     plt = _figure()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for split in ("train", "val"):
-        values = [r[split].get(key) for r in history]
-        axis.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=split)
+    series = [("train", key, f"train {key}"), ("val", key, f"val {key}")]
+    if key == "loss" and "kd" in history[0]["train"]:
+        series = [("train", "loss", "train total"), ("train", "ce", "train CE"),
+                  ("train", "kd", "train KD (T²·KL)"), ("val", "loss", "val CE")]
+    for split, name, label in series:
+        values = [r[split].get(name) for r in history]
+        axis.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
+    if key == "loss":
+        axis.set_yscale("log")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel(key)
     axis.set_title(title)
@@ -315,16 +324,18 @@ def plot_comparison(summary: dict[str, dict[str, Any]], path: str | Path) -> Non
     )
     width = 0.8 / len(names)
     x = np.arange(len(keys))
+    defined = [100 * v for n in names for v in (summary[n]["test"].get(k) for k in keys) if v is not None]
+    floor = max(0.0, min(defined, default=0.0) - 10)  # zoom in: the differences are what matter
     for i, name in enumerate(names):
         values = [summary[name]["test"].get(k) for k in keys]
         bars = metric_axis.bar(
             x + (i - (len(names) - 1) / 2) * width,
-            [0 if v is None else 100 * v for v in values], width=width, label=name,
+            [floor if v is None else 100 * v for v in values], width=width, label=name,
         )
         metric_axis.bar_label(bars, labels=[format_metric(v) for v in values], fontsize=7)
     metric_axis.set_xticks(x, [f"test {k}" for k in keys])
     metric_axis.set_ylabel("%")
-    metric_axis.set_ylim(0, 110)
+    metric_axis.set_ylim(floor, 100 + (100 - floor) * 0.08)
     metric_axis.legend(loc="lower right", fontsize=8)
     metric_axis.set_title("Test metrics")
     bars = size_axis.bar(names, [summary[n]["params"] / 1e6 for n in names], color="gray")

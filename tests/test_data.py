@@ -67,7 +67,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 def _tensors(n=10, size=8):
     images = torch.arange(n * 3 * size * size, dtype=torch.int64).remainder(251).to(torch.uint8)
-    return data_setup.ImageTensors(images.view(n, 3, size, size), torch.arange(n) % 3, [str(i) for i in range(n)])
+    return data_setup.ImageTensors(images.view(n, 3, size, size), torch.arange(n) % 3, [str(i) for i in range(n)], size)
 
 
 def _batches(loader):
@@ -112,3 +112,52 @@ def test_decode_image_matches_training_decode(tiny_data):
     path = splits.test.paths[4]
     assert torch.equal(data_setup.decode_image(path, 16), splits.test.images[4])
     assert Path(path).parent.name == splits.class_names[int(splits.test.labels[4])]
+
+
+def test_streamed_and_in_memory_batches_are_identical(tiny_data):
+    """Over the memory budget the split is streamed by worker processes; batches must not change."""
+    common = (str(tiny_data), None, None, None, 16, 0.25, 0)
+    in_memory = data_setup.load_splits(*common, memory_budget_mb=float("inf"))
+    streamed = data_setup.load_splits(*common, memory_budget_mb=0, workers=2)
+    assert not in_memory.streamed and streamed.streamed and streamed.train.images is None
+    assert in_memory.mean == pytest.approx(streamed.mean) and in_memory.std == pytest.approx(streamed.std)
+    for split in ("train", "val", "test"):
+        for augmentation in (data_setup.Augmentation(2, True), None):
+            loaders = [
+                data_setup.BatchLoader(getattr(s, split), 5, s.mean, s.std, torch.device("cpu"), augmentation, seed=4, workers=2)
+                for s in (in_memory, streamed)
+            ]
+            for _ in range(2):  # two epochs: the generators must stay in step
+                memory_batches, streamed_batches = _batches(loaders[0]), _batches(loaders[1])
+                assert len(memory_batches) == len(streamed_batches) == len(loaders[0])
+                for (xa, ya), (xb, yb) in zip(memory_batches, streamed_batches):
+                    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_decode_cache_is_reused_and_invalidated_by_changes(tiny_data, tmp_path, monkeypatch):
+    paths = sorted(str(p) for p in (tiny_data / "train").rglob("*.png"))[:6]
+    fresh = data_setup.decode_cached(paths, 16, 0, tmp_path)
+    assert len(list((tmp_path / "decoded").glob("*.pt"))) == 1
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again although the cache file is valid")
+
+    monkeypatch.setattr(data_setup, "_decode_all", no_decoding)
+    assert torch.equal(data_setup.decode_cached(paths, 16, 0, tmp_path), fresh)
+    monkeypatch.undo()
+    stat = Path(paths[0]).stat()
+    import os
+
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed file: a new key
+    assert torch.equal(data_setup.decode_cached(paths, 16, 0, tmp_path), fresh)
+    assert len(list((tmp_path / "decoded").glob("*.pt"))) == 2
+
+
+def test_loader_carries_cached_teacher_logits_per_sample():
+    data = _tensors()
+    loader = data_setup.BatchLoader(data, 4, [0.5] * 3, [0.25] * 3, torch.device("cpu"),
+                                    data_setup.Augmentation(0, False), seed=1)
+    loader.teacher_logits = torch.arange(10.0)[:, None].repeat(1, 3)  # row i holds i
+    for _, labels, logits in loader:
+        index = logits[:, 0].long()
+        assert torch.equal(labels, data.labels[index])

@@ -93,3 +93,18 @@ def test_distillation_step_leaves_teacher_untouched():
     assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters()))
     assert {"loss", "ce", "kd", "top1"} <= metrics.keys()
     assert metrics["loss"] == pytest.approx(0.5 * metrics["ce"] + 0.5 * metrics["kd"], rel=1e-5)
+
+
+def test_cached_teacher_logits_give_the_same_loss_without_running_the_teacher():
+    torch.manual_seed(1)
+    teacher, student = TinyNet(), TinyNet()
+    criterion = KD_engine.DistillationCriterion(teacher, temperature=2.0, alpha=0.4)
+    student.eval()  # no dropout: both calls must see the same student
+    images, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        cached = teacher(images)
+    live = criterion(student, images, labels)
+    teacher.forward = lambda x: (_ for _ in ()).throw(AssertionError("teacher ran"))
+    replayed = criterion(student, images, labels, cached)
+    for key in ("loss", "ce", "kd"):
+        assert torch.equal(live[key], replayed[key])
