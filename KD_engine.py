@@ -54,7 +54,7 @@ class DistillationCriterion:
     """Engine criterion for Hinton distillation from a frozen teacher.
 
     The teacher sees exactly the batch the student sees (the same augmented view), runs in
-    eval mode without autograd, and is never handed to the optimizer. A batch may carry the
+    eval mode under inference mode, and is never handed to the optimizer. A batch may carry the
     teacher's logits precomputed (valid only when the training view is deterministic); then
     the teacher is not run at all.
     """
@@ -69,9 +69,10 @@ class DistillationCriterion:
         teacher_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         if teacher_logits is None:
-            # no_grad rather than inference_mode: kl_div's backward saves the teacher's logits.
-            with torch.no_grad():
+            with torch.inference_mode():
                 teacher_logits = self.teacher(images)
+            # kl_div's backward saves its target, which an inference tensor cannot be: copy it out.
+            teacher_logits = teacher_logits.clone()
         student_logits = student(images)
         parts = distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
         return {**parts, "logits": student_logits}

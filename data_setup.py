@@ -360,6 +360,9 @@ class StreamingImages:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=[index.tolist() for index in index_batches],
             num_workers=self.workers, pin_memory=self.pin_memory,
+            # Without its own generator a DataLoader draws a seed from the global RNG, shifting
+            # the dropout masks of the model being trained: streaming would change results.
+            generator=torch.Generator().manual_seed(0),
         )
         yield from loader
 

@@ -153,6 +153,7 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     amp_dtype: torch.dtype | None = None,
     on_best: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
     name: str = "model",
 ) -> FitResult:
@@ -160,7 +161,8 @@ def fit(
 
     After every epoch the model is evaluated on the validation loader; when it beats the
     best so far (see `is_better`) its weights are kept and `on_best(epoch, history)` is called
-    (to save a checkpoint). When training ends the best weights are loaded back into `model`,
+    (to save a checkpoint); `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard).
+    When training ends the best weights are loaded back into `model`,
     so what the caller tests, saves or distills from is the selected model, not the last epoch.
     """
     result = FitResult()
@@ -180,6 +182,8 @@ def fit(
             "seconds": time.perf_counter() - epoch_start,
         }
         result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         improved = is_better(val_metrics, best_val)
         log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
         if improved:

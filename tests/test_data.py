@@ -114,24 +114,33 @@ def test_decode_image_matches_training_decode(tiny_data):
     assert Path(path).parent.name == splits.class_names[int(splits.test.labels[4])]
 
 
-def test_streamed_and_in_memory_batches_are_identical(tiny_data):
-    """Over the memory budget the split is streamed by worker processes; batches must not change."""
+def test_streamed_cached_and_in_memory_batches_are_identical(tiny_data, tmp_path):
+    """Over the memory budget the split is streamed by worker processes; from a decode cache file
+    it is read back without decoding. Neither may change a single batch."""
     common = (str(tiny_data), None, None, None, 16, 0.25, 0)
     in_memory = data_setup.load_splits(*common, memory_budget_mb=float("inf"))
     streamed = data_setup.load_splits(*common, memory_budget_mb=0, workers=2)
+    data_setup.load_splits(*common, cache_dir=tmp_path)  # writes the cache files
+    cached = data_setup.load_splits(*common, cache_dir=tmp_path)  # reads them
+    assert len(list((tmp_path / "decoded").glob("*.pt"))) == 3
     assert not in_memory.streamed and streamed.streamed and streamed.train.images is None
     assert in_memory.mean == pytest.approx(streamed.mean) and in_memory.std == pytest.approx(streamed.std)
     for split in ("train", "val", "test"):
         for augmentation in (data_setup.Augmentation(2, True), None):
             loaders = [
                 data_setup.BatchLoader(getattr(s, split), 5, s.mean, s.std, torch.device("cpu"), augmentation, seed=4, workers=2)
-                for s in (in_memory, streamed)
+                for s in (in_memory, streamed, cached)
             ]
             for _ in range(2):  # two epochs: the generators must stay in step
-                memory_batches, streamed_batches = _batches(loaders[0]), _batches(loaders[1])
-                assert len(memory_batches) == len(streamed_batches) == len(loaders[0])
-                for (xa, ya), (xb, yb) in zip(memory_batches, streamed_batches):
-                    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+                rng_state = torch.get_rng_state()
+                reference, *others = [_batches(loader) for loader in loaders]
+                # The global RNG drives dropout: loading must not move it, streamed or not.
+                assert torch.equal(torch.get_rng_state(), rng_state)
+                assert len(reference) == len(loaders[0])
+                for batches in others:
+                    assert len(batches) == len(reference)
+                    for (xa, ya), (xb, yb) in zip(reference, batches):
+                        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_decode_cache_is_reused_and_invalidated_by_changes(tiny_data, tmp_path, monkeypatch):

@@ -86,7 +86,7 @@ def test_best_checkpoint_reproduces_reported_test_metrics(tiny_run):
     model.load_state_dict(checkpoint["state_dict"])
     model = model.to(memory_format=torch.channels_last)
     splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"])
-    loader = data_setup.BatchLoader(splits.test, 8, checkpoint["mean"], checkpoint["std"], torch.device("cpu"))
+    loader = data_setup.BatchLoader(splits.test, config["eval_batch_size"], checkpoint["mean"], checkpoint["std"], torch.device("cpu"))
     amp = engine.resolve_amp_dtype(config["precision"], torch.device("cpu"))
     metrics = engine.evaluate(model, loader, checkpoint["class_names"], torch.device("cpu"), amp)
     results = utils.read_json(tiny_run / "student_baseline" / "results.json")
