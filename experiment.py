@@ -44,6 +44,7 @@ STUDENT_LR = 2e-3
 WEIGHT_DECAY = 0.05  # decoupled for adamw; try 5e-4 with sgd
 MOMENTUM = 0.9  # sgd only
 BATCH_SIZE = 64  # images per optimizer step
+EVAL_BATCH_SIZE = 256  # images per evaluation forward pass (larger is faster; no gradients kept)
 IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
 T = 4.0  # distillation temperature
 ALPHA = 0.5  # weight of the hard-label CE term; (1 - ALPHA) weighs the distillation term
@@ -58,6 +59,7 @@ WORKERS = min(4, os.cpu_count() or 1)  # decoding processes (first decode, and s
 DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips decoding
 CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
 COMPILE = False  # torch.compile the models (worth it for long CUDA runs)
+TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
 
 ROLES = ("teacher", "student_baseline", "student_kd")
 SPLITS = ("train", "val", "test")
@@ -88,6 +90,7 @@ class Config:
     weight_decay: float
     momentum: float
     batch_size: int
+    eval_batch_size: int
     image_size: int
     temperature: float
     alpha: float
@@ -102,6 +105,7 @@ class Config:
     decode_cache: bool
     cache_teacher_logits: bool
     compile: bool
+    tensorboard: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
     training.add_argument("--momentum", type=float, default=MOMENTUM, help="sgd only")
     training.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    training.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, help="images per evaluation pass")
     training.add_argument("--temperature", type=float, default=T, help="distillation temperature T")
     training.add_argument("--alpha", type=float, default=ALPHA, help="weight of the hard-label CE term (1 - alpha weighs the KD term)")
     training.add_argument("--seed", type=int, default=SEED)
@@ -146,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute the teacher's logits once per image; only with a deterministic view (--crop-padding 0 --hflip off)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile the models")
     parser.add_argument("--output-dir", default=OUTPUT_DIR, help="run directory (default: runs/<timestamp>)")
+    parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=TENSORBOARD,
+                        help="write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")
     return parser
 
 
@@ -158,6 +165,7 @@ def validate(config: Config) -> None:
         (config.teacher_epochs >= 1 or config.teacher_checkpoint is not None,
          f"--teacher-epochs must be at least 1 (got {config.teacher_epochs})."),
         (config.batch_size >= 1, f"--batch-size must be at least 1 (got {config.batch_size})."),
+        (config.eval_batch_size >= 1, f"--eval-batch-size must be at least 1 (got {config.eval_batch_size})."),
         (8 <= config.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {config.image_size})."),
         (config.teacher_lr > 0, f"--teacher-lr must be > 0 (got {config.teacher_lr})."),
         (config.student_lr > 0, f"--student-lr must be > 0 (got {config.student_lr})."),
@@ -174,6 +182,11 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise SettingsError(message)
+    if config.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise SettingsError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     for flag, path in (("--teacher-checkpoint", config.teacher_checkpoint),):
         if path is not None and not Path(path).is_file():
             raise SettingsError(f"{flag} '{path}' is not a file.")
@@ -280,11 +293,37 @@ def train_model(
     def save_best(epoch: int, history: list[dict[str, Any]]) -> None:
         utils.save_checkpoint(checkpoint_path, make_checkpoint(context, role, arch, model, epoch, history))
 
-    result = engine.fit(
-        model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
-        context.data.class_names, context.device, scheduler, context.amp_dtype, on_best=save_best, name=role,
-    )
+    writer = tensorboard_writer(context, role)
+    try:
+        result = engine.fit(
+            model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
+            context.data.class_names, context.device, scheduler, context.amp_dtype, on_best=save_best,
+            on_epoch=None if writer is None else lambda record: log_scalars(writer, record), name=role,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
     return model, result
+
+
+def tensorboard_writer(context: Context, role: str):
+    """A SummaryWriter for one model (RUN/tensorboard/<role>), or None without --tensorboard."""
+    if not context.config.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(context.run_dir / "tensorboard" / role))
+
+
+def log_scalars(writer, record: dict[str, Any]) -> None:
+    """One epoch's numbers as TensorBoard scalars: loss parts, accuracy, F1, AUC, learning rate."""
+    epoch = record["epoch"]
+    writer.add_scalar("lr", record["lr"], epoch)
+    for split in ("train", "val"):
+        for name, value in record[split].items():
+            if isinstance(value, float):
+                writer.add_scalar(f"{split}/{name}", value, epoch)
+    writer.flush()
 
 
 def read_teacher_checkpoint(path: str) -> dict[str, Any]:
@@ -325,6 +364,7 @@ def report_model(context: Context, role: str, arch: str, model: nn.Module, fit: 
     for split in SPLITS:
         logits, labels = engine.predict(model, context.eval_loaders[split], context.device, context.amp_dtype, f"{role} {split}")
         results[split] = engine.metrics_from_logits(logits, labels, class_names)
+        results[split]["per_class"] = utils.per_class_scores(logits, labels, class_names)
         utils.write_text(folder / f"classification_report_{split}.txt", utils.report_text(logits, labels, class_names))
         utils.plot_confusion(
             utils.confusion(logits, labels, len(class_names)), class_names,
@@ -404,7 +444,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
         data.mean, data.std = teacher_checkpoint["mean"], teacher_checkpoint["std"]
     run_dir = make_run_dir(config.output_dir)
     eval_loaders = {
-        split: data_setup.BatchLoader(getattr(data, split), config.batch_size, data.mean, data.std, device,
+        split: data_setup.BatchLoader(getattr(data, split), config.eval_batch_size, data.mean, data.std, device,
                                       workers=config.workers)
         for split in SPLITS
     }
@@ -452,19 +492,50 @@ def run_experiment(config: Config) -> dict[str, Any]:
     summary["dataset"] = dataset
     summary["device"], summary["precision"] = str(device), precision
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    summary["finished_at"] = datetime.now().isoformat(timespec="seconds")
     table = comparison_table(summary)
     utils.write_json(run_dir / "summary.json", summary)
     utils.write_text(run_dir / "comparison.txt", table)
     utils.plot_comparison({role: summary[role] for role in ROLES}, run_dir / "comparison.png")
-    print("\n" + table + f"Wall time {utils.format_seconds(summary['wall_seconds'])}. Results in {run_dir}")
+    report = utils.write_report(run_dir)
+    ledger = run_dir.parent / "experiments.csv"
+    utils.append_ledger(ledger, ledger_row(config, summary, run_dir))
+    print("\n" + table + f"Wall time {utils.format_seconds(summary['wall_seconds'])}. Results in {run_dir}, "
+          f"report {report}, ledger {ledger}")
     return summary
+
+
+def ledger_row(config: Config, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One line of the runs ledger: what was run, with which key settings, and how it scored."""
+    dataset = "bundled digits" if is_bundled(config) else (config.data_dir or config.train_dir)
+    return {
+        "finished_at": summary["finished_at"], "run_dir": str(run_dir), "dataset": dataset,
+        **{key: getattr(config, key) for key in ("teacher_model", "student_model", "teacher_epochs", "student_epochs",
+                                                  "temperature", "alpha", "batch_size", "image_size", "seed")},
+        **{f"{role}_top1": round(summary[role]["test"]["top1"], 6) for role in ROLES},
+        "kd_gain_top1": round(summary["kd_gain_top1"], 6), "wall_seconds": summary["wall_seconds"],
+    }
+
+
+def rebuild_report(run_dir: str) -> None:
+    """--report-only: write RUN/report.html again from the run's files, without training."""
+    if not (Path(run_dir) / "summary.json").is_file():
+        raise SettingsError(f"--report-only '{run_dir}' is not a finished run directory (no summary.json).")
+    print(f"Report written: {utils.write_report(run_dir)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, run the experiment, and turn user errors into one sentence and exit code 2."""
-    config = Config(**vars(build_parser().parse_args(argv)))
+    parser = build_parser()
+    parser.add_argument("--report-only", metavar="RUN", default=None,
+                        help="only rebuild RUN/report.html from a finished run's files, then stop")
+    args = vars(parser.parse_args(argv))
+    report_only = args.pop("report_only")
     try:
-        run_experiment(config)
+        if report_only is not None:
+            rebuild_report(report_only)
+            return 0
+        run_experiment(Config(**args))
     except (SettingsError, data_setup.DataError, model_builder.UnknownModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

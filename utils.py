@@ -184,6 +184,25 @@ def report_text(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequenc
         )
 
 
+def per_class_scores(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1 and support of every class (None where undefined)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        report = classification_report(
+            labels.cpu().numpy(), logits.argmax(dim=1).cpu().numpy(), labels=list(range(len(class_names))),
+            target_names=list(class_names), zero_division=np.nan, output_dict=True,
+        )
+    return {
+        name: {
+            "precision": _nan_to_none(report[name]["precision"]),
+            "recall": _nan_to_none(report[name]["recall"]),
+            "f1": _nan_to_none(report[name]["f1-score"]),
+            "support": int(report[name]["support"]),
+        }
+        for name in class_names
+    }
+
+
 def format_metric(value: float | None, percent: bool = True) -> str:
     """A metric for tables: a percentage with two decimals, or 'n/a' when undefined."""
     if value is None:
@@ -359,3 +378,219 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint without running code from it (weights_only=True)."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
+
+
+# ---------------------------------------------------------------- HTML report
+
+REPORT_STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 0 auto;
+       max-width: 1200px; padding: 24px 32px; color: #1f2328; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #d0d7de; }
+.lead { font-size: 1.1em; background: #f6f8fa; border-left: 4px solid #2f81f7; padding: 10px 16px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.93em; }
+th, td { border: 1px solid #d0d7de; padding: 5px 10px; text-align: right; }
+th { background: #f6f8fa; } td.name, th.name { text-align: left; }
+.figures { display: flex; flex-wrap: wrap; gap: 12px; }
+.figures figure { margin: 0; flex: 1 1 320px; } .figures img { width: 100%; height: auto; }
+figcaption { text-align: center; font-size: 0.9em; color: #57606a; }
+.settings td { text-align: left; font-family: monospace; } .muted { color: #57606a; }
+"""
+
+
+def _png_data_uri(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure_png(figure) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _figure().close(figure)
+    return buffer.getvalue()
+
+
+def model_roles(summary: dict[str, Any]) -> list[str]:
+    """The trained models of a run's summary, in the order they were trained."""
+    return [name for name, row in summary.items() if isinstance(row, dict) and "test" in row]
+
+
+def _overlaid_curves(histories: dict[str, list[dict[str, Any]]], key: str, ylabel: str) -> bytes:
+    """Train (dashed) and validation (solid) curves of every model on one chart."""
+    plt = _figure()
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for index, (role, history) in enumerate(histories.items()):
+        color = f"C{index}"
+        epochs = [r["epoch"] for r in history]
+        for split, style in (("train", "--"), ("val", "-")):
+            values = [r[split].get(key) for r in history]
+            axis.plot(epochs, [np.nan if v is None else v for v in values], style, color=color,
+                      marker="o", markersize=3, label=f"{role} {split}")
+    if key == "loss":
+        axis.set_yscale("log")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    return _figure_png(figure)
+
+
+def _per_class_f1_chart(per_class: dict[str, dict[str, dict[str, Any]]], class_names: Sequence[str]) -> bytes:
+    """Grouped bars of test F1 per class for the given models."""
+    plt = _figure()
+    figure, axis = plt.subplots(figsize=(max(6.4, 0.5 * len(class_names) * len(per_class)), 3.8))
+    width = 0.8 / len(per_class)
+    x = np.arange(len(class_names))
+    for index, (role, scores) in enumerate(per_class.items()):
+        values = [scores[c]["f1"] for c in class_names]
+        axis.bar(x + (index - (len(per_class) - 1) / 2) * width, [np.nan if v is None else 100 * v for v in values],
+                 width=width, label=role)
+    axis.set_xticks(x, class_names, rotation=45 if len(class_names) > 12 else 0, fontsize=8)
+    axis.set_ylabel("test F1 (%)")
+    low = min((100 * s[c]["f1"] for s in per_class.values() for c in class_names if s[c]["f1"] is not None), default=0)
+    axis.set_ylim(max(0, low - 5), 100.5)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+    return _figure_png(figure)
+
+
+def reading_of_result(summary: dict[str, Any]) -> list[str]:
+    """A few plain sentences on what distillation bought, from the summary's numbers."""
+    sentences = []
+    teacher, baseline, distilled = (summary.get(k) for k in ("teacher", "student_baseline", "student_kd"))
+    if teacher and distilled:
+        kept = distilled["test"]["top1"] / teacher["test"]["top1"] if teacher["test"]["top1"] else None
+        share = distilled["params"] / teacher["params"]
+        sentences.append(
+            f"The distilled student keeps {format_metric(kept)}% of the teacher's test top-1 "
+            f"({format_metric(distilled['test']['top1'])}% vs {format_metric(teacher['test']['top1'])}%) "
+            f"with {100 * share:.0f}% of its parameters.")
+        if distilled["test"]["top1"] > teacher["test"]["top1"]:
+            sentences.append("The student outscored its teacher on the test split: the teacher was not the "
+                             "stronger model here, so the soft targets carried little extra knowledge.")
+    if baseline and distilled:
+        gain = 100 * (distilled["test"]["top1"] - baseline["test"]["top1"])
+        verdict = "added" if gain > 0 else "cost" if gain < 0 else "changed nothing in"
+        samples = summary.get("dataset", {}).get("sizes", {}).get("test")
+        noise = f" One test image is {100 / samples:.2f} points here." if samples else ""
+        sentences.append(f"Distillation {verdict} {abs(gain):.2f} points of test top-1 "
+                         f"{'over' if gain else 'compared with'} the baseline student.{noise}")
+    return sentences
+
+
+def build_report(run_dir: str | Path) -> str:
+    """A self-contained HTML report of a finished run, read from the files in its directory."""
+    import html
+
+    run_dir = Path(run_dir)
+    summary = read_json(run_dir / "summary.json")
+    config = read_json(run_dir / "config.json")
+    roles = model_roles(summary)
+    dataset = summary.get("dataset", {})
+    class_names = dataset.get("class_names", [])
+    results = {role: read_json(run_dir / role / "results.json") for role in roles}
+    histories = {role: read_json(run_dir / role / "history.json")["epochs"] for role in roles}
+    escape = lambda value: html.escape(str(value))  # noqa: E731
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+             f"<title>Distillation report: {escape(run_dir.name)}</title>\n<style>{REPORT_STYLE}</style>\n</head>\n<body>\n"
+             f"<h1>Knowledge distillation report</h1>\n<p class=\"muted\">Run <code>{escape(run_dir.name)}</code>"
+             f"{' · finished ' + escape(summary['finished_at']) if 'finished_at' in summary else ''}"
+             f" · device {escape(summary.get('device', '?'))}, {escape(summary.get('precision', '?'))}"
+             f" · wall time {escape(format_seconds(summary.get('wall_seconds', 0)))}</p>\n"]
+    parts.append("<div class=\"lead\">" + "".join(f"<p>{escape(s)}</p>" for s in reading_of_result(summary)) + "</div>\n")
+
+    parts.append("<h2>Models</h2>\n<table>\n<tr><th class=\"name\">model</th><th class=\"name\">architecture</th>"
+                 "<th>test top-1 %</th><th>top-3 %</th><th>macro F1 %</th><th>macro AUC %</th><th>parameters</th>"
+                 "<th>size MB</th><th>latency ms</th><th>speed-up</th><th>gain over baseline</th><th>best epoch</th></tr>\n")
+    baseline_top1 = summary.get("student_baseline", {}).get("test", {}).get("top1")
+    for role in roles:
+        row = summary[role]
+        gain = "" if role in ("teacher", "student_baseline") or baseline_top1 is None else f"{100 * (row['test']['top1'] - baseline_top1):+.2f}"
+        latency = row.get("latency_ms")
+        speedup = row.get("speedup_over_teacher")
+        parts.append(
+            f"<tr><td class=\"name\">{escape(role)}</td><td class=\"name\">{escape(row.get('arch', ''))}</td>"
+            + "".join(f"<td>{format_metric(row['test'].get(k))}</td>" for k in ("top1", "top3", "f1_macro", "auc_macro"))
+            + f"<td>{row['params']:,}</td><td>{row['size_mb']:.1f}</td>"
+            f"<td>{'—' if latency is None else f'{latency:.2f}'}</td><td>{'—' if speedup is None else f'{speedup:.2f}×'}</td>"
+            f"<td>{gain or '—'}</td><td>{row.get('best_epoch', '')}</td></tr>\n")
+    parts.append("</table>\n<p class=\"muted\">Best epoch chosen on validation top-1; test metrics of those weights. "
+                 "Latency and speed-up appear when the run measured them.</p>\n")
+
+    parts.append("<h2>Learning curves</h2>\n<div class=\"figures\">\n")
+    for key, label in (("loss", "loss (train: training objective, val: CE)"), ("top1", "top-1 accuracy")):
+        parts.append(f"<figure><img alt=\"{escape(label)}\" src=\"{_png_data_uri(_overlaid_curves(histories, key, key))}\">"
+                     f"<figcaption>{escape(label)}: train dashed, validation solid</figcaption></figure>\n")
+    parts.append("</div>\n<h2>Test confusion matrices</h2>\n<div class=\"figures\">\n")
+    for role in roles:
+        png = (run_dir / role / "confusion_matrix_test.png").read_bytes()
+        parts.append(f"<figure><img alt=\"{escape(role)} confusion matrix\" src=\"{_png_data_uri(png)}\">"
+                     f"<figcaption>{escape(role)}</figcaption></figure>\n")
+    parts.append("</div>\n")
+    students = [r for r in roles if r.startswith("student") and "per_class" in results[r]["splits"]["test"]]
+    if students and class_names:
+        per_class = {role: results[role]["splits"]["test"]["per_class"] for role in students}
+        parts.append("<h2>Per-class F1 on the test split</h2>\n<div class=\"figures\"><figure>"
+                     f"<img alt=\"per-class F1\" src=\"{_png_data_uri(_per_class_f1_chart(per_class, class_names))}\">"
+                     "<figcaption>baseline vs distilled student, test F1 per class</figcaption></figure></div>\n")
+
+    sizes = dataset.get("sizes", {})
+    skipped = summary.get("skipped_files", [])
+    parts.append("<h2>Data</h2>\n<table class=\"settings\">\n"
+                 f"<tr><th class=\"name\">classes ({len(class_names)})</th><td>{escape(', '.join(class_names))}</td></tr>\n"
+                 + "".join(f"<tr><th class=\"name\">{escape(k)} images</th><td>{v}</td></tr>\n" for k, v in sizes.items())
+                 + f"<tr><th class=\"name\">validation</th><td>{escape(dataset.get('validation', ''))}</td></tr>\n"
+                 f"<tr><th class=\"name\">skipped files</th><td>{escape(len(skipped)) + ': ' + escape(', '.join(str(s) for s in skipped)) if skipped else 'none'}</td></tr>\n"
+                 "</table>\n")
+    parts.append("<h2>Settings</h2>\n<table class=\"settings\">\n")
+    for key, value in config.items():
+        if key not in ("dataset",):
+            parts.append(f"<tr><th class=\"name\">{escape(key)}</th><td>{escape(json.dumps(value))}</td></tr>\n")
+    parts.append("</table>\n</body>\n</html>\n")
+    return "".join(parts)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.html (atomically) and return its path."""
+    path = Path(run_dir) / "report.html"
+    write_text(path, build_report(run_dir))
+    return path
+
+
+LEDGER_COLUMNS = [
+    "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_epochs", "student_epochs",
+    "temperature", "alpha", "batch_size", "image_size", "seed", "teacher_top1", "student_baseline_top1",
+    "student_kd_top1", "kd_gain_top1", "wall_seconds",
+]
+
+
+def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row to a CSV ledger, writing the header first when the file is new.
+
+    An exclusive lock makes two runs finishing at once append whole rows, one after the other.
+    """
+    import csv
+    import fcntl
+    import io
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8", newline="") as ledger:
+        fcntl.flock(ledger, fcntl.LOCK_EX)
+        try:
+            ledger.seek(0, os.SEEK_END)
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=LEDGER_COLUMNS)
+            if ledger.tell() == 0:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in LEDGER_COLUMNS})
+            ledger.write(buffer.getvalue())
+            ledger.flush()
+            os.fsync(ledger.fileno())
+        finally:
+            fcntl.flock(ledger, fcntl.LOCK_UN)
