@@ -392,6 +392,7 @@ th, td { border: 1px solid #d0d7de; padding: 5px 10px; text-align: right; }
 th { background: #f6f8fa; } td.name, th.name { text-align: left; }
 .figures { display: flex; flex-wrap: wrap; gap: 12px; }
 .figures figure { margin: 0; flex: 1 1 320px; } .figures img { width: 100%; height: auto; }
+.figures figure.wide { flex: 0 1 820px; }
 figcaption { text-align: center; font-size: 0.9em; color: #57606a; }
 .settings td { text-align: left; font-family: monospace; } .muted { color: #57606a; }
 """
@@ -535,9 +536,9 @@ def build_report(run_dir: str | Path) -> str:
     students = [r for r in roles if r.startswith("student") and "per_class" in results[r]["splits"]["test"]]
     if students and class_names:
         per_class = {role: results[role]["splits"]["test"]["per_class"] for role in students}
-        parts.append("<h2>Per-class F1 on the test split</h2>\n<div class=\"figures\"><figure>"
+        parts.append("<h2>Per-class F1 on the test split</h2>\n<div class=\"figures\"><figure class=\"wide\">"
                      f"<img alt=\"per-class F1\" src=\"{_png_data_uri(_per_class_f1_chart(per_class, class_names))}\">"
-                     "<figcaption>baseline vs distilled student, test F1 per class</figcaption></figure></div>\n")
+                     "<figcaption>students' test F1 per class</figcaption></figure></div>\n")
 
     sizes = dataset.get("sizes", {})
     skipped = summary.get("skipped_files", [])
