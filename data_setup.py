@@ -374,6 +374,10 @@ class BatchLoader:
     loaders built with the same seed produce identical batches, whether the split sits in memory
     or is streamed from disk. Evaluation loaders are deterministic and unaugmented. When
     `teacher_logits` (one row per sample) is set, batches are `(images, labels, teacher_logits)`.
+
+    With `shard=(rank, world)` (torchrun) a loader yields only its rank's part: for training,
+    every `world`-th index of the shared permutation, padded so all ranks take the same number
+    of steps; for evaluation, one contiguous block, so gathering in rank order restores the split.
     """
 
     def __init__(
@@ -387,8 +391,10 @@ class BatchLoader:
         seed: int = 0,
         channels_last: bool = True,
         workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.data = data
+        self.rank, self.world = shard
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.augmentation = augmentation
@@ -404,12 +410,22 @@ class BatchLoader:
             self.source = StreamingImages(data.paths, data.image_size, workers, self.device.type == "cuda")
 
     def __len__(self) -> int:
-        return (len(self.data) + self.batch_size - 1) // self.batch_size
+        return (len(self._shard(torch.arange(len(self.data)))) + self.batch_size - 1) // self.batch_size
+
+    def _shard(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's part of an epoch's sample order."""
+        if self.world == 1:
+            return order
+        if self.augmentation is not None:
+            padding = (-len(order)) % self.world
+            return torch.cat([order, order[:padding]])[self.rank :: self.world]
+        block = -(-len(order) // self.world)
+        return order[self.rank * block : (self.rank + 1) * block]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator) if self.augmentation is not None else torch.arange(n)
-        index_batches = list(order.split(self.batch_size))
+        index_batches = list(self._shard(order).split(self.batch_size))
         for index, images in zip(index_batches, self.source.fetch(index_batches)):
             images = images.to(self.device, non_blocking=True)
             if self.augmentation is not None:

@@ -8,12 +8,15 @@ where `extra` is whatever a batch carries after its labels (e.g. cached teacher 
 from __future__ import annotations
 
 import copy
+import os
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -22,6 +25,61 @@ import utils
 
 Batches = Iterable[tuple[torch.Tensor, ...]]  # (images, labels, *extra)
 Criterion = Callable[..., dict[str, torch.Tensor]]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group when launched by torchrun; return (rank, world size, local rank).
+
+    gloo on CPU, nccl on CUDA. A plain `python experiment.py` is a world of one and starts nothing.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 without torchrun)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the one process that writes files and prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0, in rank order (shards may differ in length)."""
+    if not dist.is_initialized():
+        return tensor
+    length = torch.tensor([tensor.shape[0]], device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, length)
+    longest = int(max(lengths).item())
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in lengths]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[: int(n.item())] for rows, n in zip(gathered, lengths)])
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all ranks (the tensor itself in a single process)."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
 
 
 class SupervisedCriterion:
@@ -41,8 +99,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def _progress(batches: Batches, description: str) -> Iterable:
-    # disable=None hides the bar when output is not a terminal (logs, CI).
-    return tqdm(batches, desc=description, leave=False, disable=None, dynamic_ncols=True)
+    # disable=None hides the bar when output is not a terminal (logs, CI); only rank 0 shows one.
+    return tqdm(batches, desc=description, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
 
 
 def train_one_epoch(
@@ -60,7 +118,8 @@ def train_one_epoch(
 
     Loss parts are averaged per sample over the whole epoch (not a mean of batch means);
     classification metrics come from the training-mode logits of the augmented batches.
-    Running sums stay on the device, so the loop never waits for the host.
+    Running sums stay on the device, so the loop never waits for the host. Under torchrun each
+    rank trains on its shard and the epoch's sums and logits are combined over all ranks.
 
     Returns:
         {"loss": ..., <other loss parts>, "top1": ..., "top3": ..., "f1_macro": ..., ...}
@@ -82,8 +141,8 @@ def train_one_epoch(
                 sums[name] = sums.get(name, 0) + value.detach().float() * batch_size
         all_logits.append(outputs["logits"].detach().float())
         all_labels.append(labels)
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    metrics = {name: (total / len(labels)).item() for name, total in sums.items()}
+    logits, labels = gather_rows(torch.cat(all_logits)), gather_rows(torch.cat(all_labels))
+    metrics = {name: (sum_over_ranks(total) / len(labels)).item() for name, total in sums.items()}
     metrics.update(utils.classification_metrics(logits, labels, class_names))
     return metrics
 
@@ -93,14 +152,20 @@ def predict(
     model: nn.Module, data_loader: Batches, device: torch.device, amp_dtype: torch.dtype | None = None,
     description: str = "eval",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on the CPU) and labels of every sample of a loader, in eval mode."""
-    model.eval()
+    """Logits (float32, on the CPU) and labels of every sample of a loader, in eval mode.
+
+    Under torchrun each rank predicts its shard and the results are gathered in rank order.
+    """
+    # The plain module: a DistributedDataParallel forward would wait for the other ranks.
+    module = getattr(model, "module", model).eval()
     all_logits, all_labels = [], []
     for images, labels, *_ in _progress(data_loader, description):
         with autocast(device, amp_dtype):
-            all_logits.append(model(images).float())
+            all_logits.append(module(images).float())
         all_labels.append(labels)
-    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0, device=device)
+    return gather_rows(logits).cpu(), gather_rows(torch.cat(all_labels) if all_labels else empty).cpu()
 
 
 def metrics_from_logits(
@@ -185,7 +250,8 @@ def fit(
         if on_epoch is not None:
             on_epoch(record)
         improved = is_better(val_metrics, best_val)
-        log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
+        if is_main_process():
+            log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
         if improved:
             best_val, result.best_epoch = val_metrics, epoch
             best_state = copy.deepcopy(model.state_dict())
@@ -226,3 +292,34 @@ def resolve_amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+@torch.inference_mode()
+def measure_speed(
+    model: nn.Module, image_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+    batch: int = 64, repeats: int = 20,
+) -> dict[str, float]:
+    """Deployment speed on this device: median batch-1 latency (ms) and batch-`batch` images/s.
+
+    Each measurement is preceded by warm-up runs; inputs are random (speed does not depend on them).
+    """
+    module = getattr(model, "module", model).eval()
+
+    def timed(images: torch.Tensor) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast(device, amp_dtype):
+            module(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    single = torch.randn(1, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    many = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        timed(single)
+    latency = statistics.median(timed(single) for _ in range(repeats))
+    timed(many)
+    throughput = batch / statistics.median(timed(many) for _ in range(max(3, repeats // 4)))
+    return {"latency_ms": round(1000 * latency, 3), "throughput_img_s": round(throughput, 1)}

@@ -60,6 +60,8 @@ DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips
 CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
 COMPILE = False  # torch.compile the models (worth it for long CUDA runs)
 TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
+EXPORT = "none"  # none, or onnx: write RUN/<model>/model.onnx, checked against PyTorch
+ONNX_TOLERANCE = 1e-4  # largest allowed |logit difference| between ONNX Runtime and PyTorch
 
 ROLES = ("teacher", "student_baseline", "student_kd")
 SPLITS = ("train", "val", "test")
@@ -106,6 +108,7 @@ class Config:
     cache_teacher_logits: bool
     compile: bool
     tensorboard: bool
+    export: str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute the teacher's logits once per image; only with a deterministic view (--crop-padding 0 --hflip off)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile the models")
     parser.add_argument("--output-dir", default=OUTPUT_DIR, help="run directory (default: runs/<timestamp>)")
+    parser.add_argument("--export", choices=["none", "onnx"], default=EXPORT,
+                        help="onnx: export every trained model to RUN/<model>/model.onnx (dynamic batch) and check it")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=TENSORBOARD,
                         help="write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")
     return parser
@@ -182,6 +187,13 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise SettingsError(message)
+    if config.export == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise SettingsError("--export onnx needs: pip install onnx onnxscript onnxruntime") from None
     if config.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
@@ -216,11 +228,14 @@ class Context:
     eval_loaders: dict[str, data_setup.BatchLoader]
 
     def train_loader(self) -> data_setup.BatchLoader:
-        """A fresh training loader: the same seed gives every model the same batches."""
+        """A fresh training loader: the same seed gives every model the same batches.
+
+        Under torchrun every rank takes its shard of each epoch: --batch-size is per process.
+        """
         config = self.config
         return data_setup.BatchLoader(
             self.data.train, config.batch_size, self.data.mean, self.data.std, self.device,
-            augmentation(config), seed=config.seed, workers=config.workers,
+            augmentation(config), seed=config.seed, workers=config.workers, shard=engine.rank_and_world(),
         )
 
 
@@ -260,6 +275,9 @@ def new_model(context: Context, arch: str) -> nn.Module:
     seed_everything(context.config.seed)
     model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
     model = model.to(context.device, memory_format=torch.channels_last)
+    if engine.rank_and_world()[1] > 1:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return torch.compile(model) if context.config.compile else model
 
 
@@ -291,7 +309,8 @@ def train_model(
     checkpoint_path = context.run_dir / role / "best_model.pth"
 
     def save_best(epoch: int, history: list[dict[str, Any]]) -> None:
-        utils.save_checkpoint(checkpoint_path, make_checkpoint(context, role, arch, model, epoch, history))
+        if engine.is_main_process():
+            utils.save_checkpoint(checkpoint_path, make_checkpoint(context, role, arch, model, epoch, history))
 
     writer = tensorboard_writer(context, role)
     try:
@@ -307,8 +326,8 @@ def train_model(
 
 
 def tensorboard_writer(context: Context, role: str):
-    """A SummaryWriter for one model (RUN/tensorboard/<role>), or None without --tensorboard."""
-    if not context.config.tensorboard:
+    """A SummaryWriter for one model (RUN/tensorboard/<role>), or None without --tensorboard (or off rank 0)."""
+    if not context.config.tensorboard or not engine.is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter
 
@@ -349,32 +368,39 @@ def load_teacher(context: Context, checkpoint: dict[str, Any]) -> tuple[nn.Modul
     if checkpoint["image_size"] != context.config.image_size:
         raise SettingsError(f"Teacher checkpoint '{path}' was trained at {checkpoint['image_size']} px; pass --image-size {checkpoint['image_size']}.")
     model = new_model(context, arch)
-    model.load_state_dict(checkpoint["state_dict"])
+    model_builder.unwrap(model).load_state_dict(checkpoint["state_dict"])
     history = checkpoint.get("history", [])
     return model, engine.FitResult(history=history, best_epoch=checkpoint["epoch"], train_seconds=0.0)
 
 
 def report_model(context: Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult) -> dict[str, Any]:
-    """Evaluate the selected model on every split and write its folder of metrics, plots and reports."""
+    """Evaluate the selected model on every split and write its folder of metrics, plots and reports.
+
+    Every rank takes part in the evaluation; only rank 0 measures speed and writes files.
+    """
     from torchinfo import summary as torchinfo_summary
 
     folder = context.run_dir / role
     class_names = context.data.class_names
-    results: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        logits, labels = engine.predict(model, context.eval_loaders[split], context.device, context.amp_dtype, f"{role} {split}")
-        results[split] = engine.metrics_from_logits(logits, labels, class_names)
+    outputs = {split: engine.predict(model, context.eval_loaders[split], context.device, context.amp_dtype, f"{role} {split}")
+               for split in SPLITS}
+    results = {split: engine.metrics_from_logits(*outputs[split], class_names) for split in SPLITS}
+    row = {
+        "arch": arch, **model_builder.describe(model), "best_epoch": fit.best_epoch,
+        "train_seconds": round(fit.train_seconds, 2), "test": {key: results["test"][key] for key in SUMMARY_TEST_KEYS},
+    }
+    if not engine.is_main_process():
+        return row
+    row.update(deployment_figures(context, model, folder / "best_model.pth"))
+    if context.config.export == "onnx":
+        row["export"] = export_model(context, role, arch, model)
+    for split, (logits, labels) in outputs.items():
         results[split]["per_class"] = utils.per_class_scores(logits, labels, class_names)
         utils.write_text(folder / f"classification_report_{split}.txt", utils.report_text(logits, labels, class_names))
         utils.plot_confusion(
             utils.confusion(logits, labels, len(class_names)), class_names,
             f"{role}: {split} confusion matrix", folder / f"confusion_matrix_{split}.png",
         )
-    size = model_builder.describe(model)
-    row = {
-        "arch": arch, **size, "best_epoch": fit.best_epoch, "train_seconds": round(fit.train_seconds, 2),
-        "test": {key: results["test"][key] for key in SUMMARY_TEST_KEYS},
-    }
     utils.write_json(folder / "history.json", {"best_epoch": fit.best_epoch, "epochs": fit.history})
     utils.write_json(folder / "results.json", {"model": role, **row, "splits": results})
     utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation top-1\n" + utils.history_table(fit.history))
@@ -387,6 +413,44 @@ def report_model(context: Context, role: str, arch: str, model: nn.Module, fit: 
         utils.plot_curves(fit.history, "top1", f"{role}: top-1 accuracy", folder / "accuracy_curve.png")
     utils.plot_topk(results, f"{role}: top-1 and top-3 accuracy", folder / "top1_top3_comparison.png")
     return row
+
+
+def deployment_figures(context: Context, model: nn.Module, checkpoint: Path) -> dict[str, Any]:
+    """File size, FLOPs per image, batch-1 latency and batch-64 throughput on the run's device."""
+    speed = engine.measure_speed(model, context.config.image_size, context.device, context.amp_dtype)
+    return {
+        "file_mb": round(checkpoint.stat().st_size / 2**20, 3),
+        "flops_per_image": model_builder.flops_per_image(model, context.config.image_size),
+        **speed,
+    }
+
+
+def export_model(context: Context, role: str, arch: str, model: nn.Module) -> dict[str, Any]:
+    """Write RUN/<model>/model.onnx and check it against PyTorch on real validation images."""
+    path = context.run_dir / role / "model.onnx"
+    metadata = {"arch": arch, "class_names": context.data.class_names, "image_size": context.config.image_size,
+                "mean": context.data.mean, "std": context.data.std, "role": role}
+    plain = model_builder.unwrap(model)
+    utils.export_onnx(plain, path, context.config.image_size, metadata)
+    images = next(iter(context.eval_loaders["val"]))[0][:64]
+    difference = utils.onnx_parity(plain, path, images)
+    passed = difference <= ONNX_TOLERANCE
+    if not passed:
+        print(f"warning: {role}'s ONNX export differs from PyTorch by {difference:.2e} (> {ONNX_TOLERANCE:.0e})")
+    return {"onnx": str(path.relative_to(context.run_dir)), "checked_images": len(images),
+            "max_abs_diff": difference, "tolerance": ONNX_TOLERANCE, "passed": passed}
+
+
+def deployment_table(summary: dict[str, Any]) -> str:
+    """Size and speed of every model on this run's device, and each one's speed-up over the teacher."""
+    header = (f"{'model':<18}{'params':>12}{'file MB':>9}{'GFLOPs/img':>12}{'latency ms':>12}"
+              f"{'img/s @64':>11}{'speed-up':>10}")
+    lines = [header, "-" * len(header)]
+    for role in ROLES:
+        row = summary[role]
+        lines.append(f"{role:<18}{row['params']:>12,}{row['file_mb']:>9.1f}{row['flops_per_image'] / 1e9:>12.3f}"
+                     f"{row['latency_ms']:>12.2f}{row['throughput_img_s']:>11.1f}{row['speedup_over_teacher']:>9.2f}x")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- the run
@@ -410,7 +474,9 @@ def comparison_table(summary: dict[str, Any]) -> str:
 
 
 def make_run_dir(output_dir: str | None) -> Path:
-    """The run directory: as given, or a new runs/<timestamp> folder."""
+    """The run directory: as given, or a new runs/<timestamp> folder (rank 0 decides for all)."""
+    if not engine.is_main_process():
+        return Path(engine.broadcast_object(None))
     if output_dir is not None:
         path = Path(output_dir)
     else:
@@ -421,7 +487,7 @@ def make_run_dir(output_dir: str | None) -> Path:
             suffix += 1
             path = Path("runs") / f"{stamp}-{suffix}"
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(engine.broadcast_object(str(path)))
 
 
 def run_experiment(config: Config) -> dict[str, Any]:
@@ -432,6 +498,11 @@ def run_experiment(config: Config) -> dict[str, Any]:
         device = engine.resolve_device(config.device)
     except (RuntimeError, ValueError) as error:
         raise SettingsError(f"--device {config.device!r} is not usable: {error}") from None
+    rank, world, local_rank = engine.init_distributed()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    main_process = rank == 0
     amp_dtype = engine.resolve_amp_dtype(config.precision, device)
     teacher_checkpoint = None if config.teacher_checkpoint is None else read_teacher_checkpoint(config.teacher_checkpoint)
     data = data_setup.load_splits(
@@ -445,7 +516,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
     run_dir = make_run_dir(config.output_dir)
     eval_loaders = {
         split: data_setup.BatchLoader(getattr(data, split), config.eval_batch_size, data.mean, data.std, device,
-                                      workers=config.workers)
+                                      workers=config.workers, shard=(rank, world))
         for split in SPLITS
     }
     context = Context(config, data, device, amp_dtype, run_dir, eval_loaders)
@@ -457,17 +528,20 @@ def run_experiment(config: Config) -> dict[str, Any]:
         "storage": "streamed from disk" if data.streamed else "decoded once into memory",
     }
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
-    utils.write_json(run_dir / "config.json", {**asdict(config), "resolved": {"device": str(device), "precision": precision}, "dataset": dataset})
-    print(f"Run directory: {run_dir}  |  device {device}, {precision}  |  "
-          f"{len(data.class_names)} classes, train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
+    if main_process:
+        resolved = {"device": str(device), "precision": precision, "processes": world}
+        utils.write_json(run_dir / "config.json", {**asdict(config), "resolved": resolved, "dataset": dataset})
+        print(f"Run directory: {run_dir}  |  device {device}, {precision}, {world} process{'es' if world > 1 else ''}  |  "
+              f"{len(data.class_names)} classes, train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
 
     teacher_arch = model_builder.torchvision_name(config.teacher_model)
     student_arch = model_builder.torchvision_name(config.student_model)
     if teacher_checkpoint is not None:
         teacher, teacher_fit = load_teacher(context, teacher_checkpoint)
-        utils.save_checkpoint(run_dir / "teacher" / "best_model.pth",
-                              make_checkpoint(context, "teacher", teacher_arch, teacher, teacher_fit.best_epoch, teacher_fit.history))
-        print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {teacher_fit.best_epoch})")
+        if main_process:
+            utils.save_checkpoint(run_dir / "teacher" / "best_model.pth",
+                                  make_checkpoint(context, "teacher", teacher_arch, teacher, teacher_fit.best_epoch, teacher_fit.history))
+            print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {teacher_fit.best_epoch})")
     else:
         teacher, teacher_fit = train_model(context, "teacher", teacher_arch, config.teacher_epochs,
                                            config.teacher_lr, engine.SupervisedCriterion())
@@ -481,19 +555,25 @@ def run_experiment(config: Config) -> dict[str, Any]:
         teacher_logits, _ = engine.predict(teacher, eval_loaders["train"], device, amp_dtype, "teacher logits")
     students = {
         "student_baseline": (engine.SupervisedCriterion(), None),
-        "student_kd": (KD_engine.DistillationCriterion(teacher, config.temperature, config.alpha), teacher_logits),
+        # The teacher is frozen on every rank; unwrapped, its forward needs no other rank.
+        "student_kd": (KD_engine.DistillationCriterion(getattr(teacher, "module", teacher), config.temperature, config.alpha),
+                       teacher_logits),
     }
     for role, (criterion, cached_logits) in students.items():
         student, fit = train_model(context, role, student_arch, config.student_epochs, config.student_lr,
                                    criterion, cached_logits)
         summary[role] = report_model(context, role, student_arch, student, fit)
 
+    if not main_process:
+        return summary
     summary["kd_gain_top1"] = summary["student_kd"]["test"]["top1"] - summary["student_baseline"]["test"]["top1"]
+    for role in ROLES:
+        summary[role]["speedup_over_teacher"] = round(summary["teacher"]["latency_ms"] / summary[role]["latency_ms"], 3)
     summary["dataset"] = dataset
     summary["device"], summary["precision"] = str(device), precision
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     summary["finished_at"] = datetime.now().isoformat(timespec="seconds")
-    table = comparison_table(summary)
+    table = comparison_table(summary) + "\nDeployment on " + str(device) + f" ({precision}):\n" + deployment_table(summary)
     utils.write_json(run_dir / "summary.json", summary)
     utils.write_text(run_dir / "comparison.txt", table)
     utils.plot_comparison({role: summary[role] for role in ROLES}, run_dir / "comparison.png")
@@ -539,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, data_setup.DataError, model_builder.UnknownModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

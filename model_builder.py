@@ -79,3 +79,19 @@ def describe(model: nn.Module) -> dict[str, float]:
     plain = unwrap(model)
     return {"params": count_parameters(plain), "size_mb": round(model_size_mb(plain), 3)}
 
+
+
+def flops_per_image(model: nn.Module, image_size: int) -> int:
+    """Floating-point operations of one forward pass on one image (torch.utils.flop_counter).
+
+    Counted on a CPU copy in eval mode, so it works for any device and leaves the model untouched.
+    """
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain = copy.deepcopy(unwrap(model)).cpu().float().eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        plain(torch.zeros(1, 3, image_size, image_size))
+    return int(counter.get_total_flops())

@@ -1,9 +1,10 @@
 """Classify images with a trained model's checkpoint.
 
 Usage: python prediction_for_one.py --model RUN/student_kd/best_model.pth IMAGE [IMAGE ...]
+       python prediction_for_one.py --model RUN/student_kd/model.onnx IMAGE [IMAGE ...]   (ONNX Runtime)
        (--model_path is accepted as well; --top-k N; --json for machine-readable output)
 
-Class names, image size and normalization are read from the checkpoint.
+Class names, image size and normalization are read from the checkpoint (or the ONNX file's metadata).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,38 +27,50 @@ class PredictionError(Exception):
     """A problem with the model file that stops prediction with one clear sentence."""
 
 
+Classifier = Callable[[torch.Tensor], torch.Tensor]  # normalized images (N, 3, S, S) -> logits (N, C)
+
+
 def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a self-describing checkpoint; returns the model (eval mode) and checkpoint."""
+    checkpoint = utils.load_checkpoint(path, map_location=device)
+    model = model_builder.build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["image_size"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint
+
+
+def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier, dict[str, Any]]:
+    """A classifier and its description from a best_model.pth checkpoint or an exported model.onnx."""
     path = Path(path)
     if not path.is_file():
         raise PredictionError(f"Model file '{path}' does not exist.")
     try:
-        checkpoint = utils.load_checkpoint(path, map_location=device)
-        model = model_builder.build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["image_size"])
-        model.load_state_dict(checkpoint["state_dict"])
+        if path.suffix.lower() == ".onnx":
+            session = utils.onnx_session(path)
+            return (lambda images: utils.onnx_logits(session, images)), utils.onnx_metadata(session)
+        model, checkpoint = load_model(path, device)
+        return (lambda images: model(images.to(device)).float().cpu()), checkpoint
     except Exception as error:  # a foreign or damaged file is the user's to fix
-        raise PredictionError(f"'{path}' is not a usable checkpoint of this project: {error!r}") from None
-    return model.to(device).eval(), checkpoint
+        raise PredictionError(f"'{path}' is not a usable model file of this project: {error!r}") from None
 
 
 @torch.inference_mode()
 def predict_images(
-    model: nn.Module, checkpoint: dict[str, Any], image_paths: list[str], top_k: int, device: torch.device
+    classify: Classifier, description: dict[str, Any], image_paths: list[str], top_k: int
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image; unreadable images get an 'error' entry."""
-    mean = torch.tensor(checkpoint["mean"], device=device).view(3, 1, 1)
-    std = torch.tensor(checkpoint["std"], device=device).view(3, 1, 1)
-    class_names = checkpoint["class_names"]
+    mean = torch.tensor(description["mean"]).view(3, 1, 1)
+    std = torch.tensor(description["std"]).view(3, 1, 1)
+    class_names = description["class_names"]
     k = min(top_k, len(class_names))
     predictions = []
     for image_path in image_paths:
         try:
-            pixels = data_setup.decode_image(image_path, checkpoint["image_size"])
+            pixels = data_setup.decode_image(image_path, description["image_size"])
         except (OSError, ValueError) as error:
             predictions.append({"image": image_path, "error": f"cannot read image: {error}"})
             continue
-        image = (pixels.to(device).float() / 255 - mean) / std
-        probabilities = torch.softmax(model(image[None]).float(), dim=1)[0]
+        image = (pixels.float() / 255 - mean) / std
+        probabilities = torch.softmax(classify(image[None]).float(), dim=1)[0]
         top = probabilities.topk(k)
         predictions.append({
             "image": image_path,
@@ -85,7 +98,7 @@ def format_predictions(predictions: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Classify the given images; exit 0 when all were classified, 1 when some could not be read."""
     parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).")
-    parser.add_argument("--model", "--model_path", dest="model", required=True, help="path to a best_model.pth")
+    parser.add_argument("--model", "--model_path", dest="model", required=True, help="path to a best_model.pth or model.onnx")
     parser.add_argument("images", nargs="+", help="image files to classify")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -95,12 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --top-k must be at least 1.", file=sys.stderr)
         return 2
     try:
-        device = torch.device(args.device)
-        model, checkpoint = load_model(args.model, device)
+        classify, description = load_classifier(args.model, torch.device(args.device))
     except (PredictionError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    predictions = predict_images(model, checkpoint, args.images, args.top_k, device)
+    predictions = predict_images(classify, description, args.images, args.top_k)
     print(json.dumps(predictions, indent=2) if args.json else format_predictions(predictions))
     return 1 if any("error" in p for p in predictions) else 0
 

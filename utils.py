@@ -595,3 +595,60 @@ def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
             os.fsync(ledger.fileno())
         finally:
             fcntl.flock(ledger, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- ONNX export
+
+ONNX_METADATA_KEY = "kd_pipeline"  # JSON: arch, class names, image size, normalization
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, image_size: int, metadata: dict[str, Any]) -> None:
+    """Export a model (fp32, CPU copy, eval mode) to ONNX with a dynamic batch dimension.
+
+    The checkpoint's description (class names, image size, normalization) rides along in the
+    file's metadata, so the ONNX file alone is enough to classify images.
+    """
+    import copy
+
+    import onnx
+
+    plain = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    example = torch.zeros(2, 3, image_size, image_size)
+    with atomic_path(path) as temporary:
+        program = torch.onnx.export(
+            plain, (example,), input_names=["images"], output_names=["logits"], dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        )
+        program.save(str(temporary))
+        graph = onnx.load(str(temporary))
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(metadata)
+        onnx.save(graph, str(temporary))
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime CPU session for an exported model."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_metadata(session) -> dict[str, Any]:
+    """The project's description stored in an exported model."""
+    return json.loads(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
+
+
+def onnx_logits(session, images: torch.Tensor) -> torch.Tensor:
+    """Logits of normalized float images through onnxruntime."""
+    inputs = {session.get_inputs()[0].name: images.detach().cpu().float().contiguous().numpy()}
+    return torch.from_numpy(session.run(None, inputs)[0])
+
+
+@torch.no_grad()
+def onnx_parity(model: torch.nn.Module, path: str | Path, images: torch.Tensor) -> float:
+    """Largest absolute difference between PyTorch (fp32, CPU) and onnxruntime logits on `images`."""
+    import copy
+
+    plain = copy.deepcopy(model).cpu().float().eval()
+    expected = plain(images.cpu().float().contiguous())
+    return float((onnx_logits(onnx_session(path), images) - expected).abs().max())

@@ -63,6 +63,6 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
-                            "--tensorboard", *TINY_FLAGS])
+                            "--tensorboard", "--export", "onnx", *TINY_FLAGS])
     assert code == 0
     return run_dir

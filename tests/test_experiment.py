@@ -42,6 +42,13 @@ def test_summary_fields(tiny_run):
             value = row["test"][key]
             assert value is None or 0.0 <= value <= 1.0, (role, key, value)
     assert summary["teacher"]["arch"] == "vgg16_bn" and summary["student_kd"]["arch"] == "resnet18"
+    for role in experiment.ROLES:
+        row = summary[role]
+        assert row["latency_ms"] > 0 and row["throughput_img_s"] > 0 and row["file_mb"] > 1
+        assert row["flops_per_image"] > 1e8  # VGG16 / ResNet18 at 32 px: hundreds of MFLOPs or more
+        assert row["speedup_over_teacher"] == pytest.approx(summary["teacher"]["latency_ms"] / row["latency_ms"], rel=1e-2)
+    assert summary["teacher"]["speedup_over_teacher"] == 1.0
+    assert "Deployment on cpu" in (tiny_run / "comparison.txt").read_text()
     assert summary["kd_gain_top1"] == pytest.approx(
         summary["student_kd"]["test"]["top1"] - summary["student_baseline"]["test"]["top1"])
     config = utils.read_json(tiny_run / "config.json")
