@@ -163,9 +163,7 @@ def predict(
         with autocast(device, amp_dtype):
             all_logits.append(module(images).float())
         all_labels.append(labels)
-    empty = torch.empty(0, dtype=torch.long, device=device)
-    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0, device=device)
-    return gather_rows(logits).cpu(), gather_rows(torch.cat(all_labels) if all_labels else empty).cpu()
+    return gather_rows(torch.cat(all_logits)).cpu(), gather_rows(torch.cat(all_labels)).cpu()
 
 
 def metrics_from_logits(
