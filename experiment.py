@@ -199,9 +199,8 @@ def validate(config: Config) -> None:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise SettingsError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    for flag, path in (("--teacher-checkpoint", config.teacher_checkpoint),):
-        if path is not None and not Path(path).is_file():
-            raise SettingsError(f"{flag} '{path}' is not a file.")
+    if config.teacher_checkpoint is not None and not Path(config.teacher_checkpoint).is_file():
+        raise SettingsError(f"--teacher-checkpoint '{config.teacher_checkpoint}' is not a file.")
     for name in (config.teacher_model, config.student_model):
         model_builder.torchvision_name(name)
 

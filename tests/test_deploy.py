@@ -11,7 +11,7 @@ import torch
 import model_builder
 import prediction_for_one
 import utils
-from conftest import ROOT
+from conftest import ROOT, make_image_folder
 
 
 def test_onnx_export_parity_on_a_tiny_model(tmp_path):
@@ -53,19 +53,23 @@ def _run(args, env_extra=None):
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
-def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
-    """DDP on CPU (gloo): per-process batch 4 on 2 ranks against one process with batch 8.
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """DDP on CPU (gloo): per-process batch 8 on 2 ranks against one process with batch 16.
 
-    Tolerance: the two runs differ only through batch-norm statistics (per rank vs whole
-    batch) and floating-point order; trained long enough to settle, test top-1 may differ by at
-    most 2 of the 15 test images.
+    Tolerance: the two runs see the same global batches but differ through batch-norm
+    statistics (per rank on CPU, where SyncBatchNorm is unavailable), dropout masks and
+    floating-point order, so test top-1 may differ by at most 3 of the 30 test images.
     """
-    flags = ["--data-dir", str(tiny_data), "--val-fraction", "0.25", "--crop-padding", "0", "--hflip", "off",
-             "--teacher-epochs", "5", "--student-epochs", "5", "--image-size", "32", "--seed", "0", "--device", "cpu"]
+    data = make_image_folder(tmp_path / "data", {"train": 30, "test": 10}, seed=1)
+    # A deterministic view, so the teacher's logits can be cached: on two ranks they are gathered
+    # from contiguous shards and must land on the right images.
+    flags = ["--data-dir", str(data), "--val-fraction", "0.2", "--crop-padding", "0", "--hflip", "off",
+             "--cache-teacher-logits",
+             "--teacher-epochs", "4", "--student-epochs", "4", "--image-size", "32", "--seed", "0", "--device", "cpu"]
     distributed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "experiment.py", *flags, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp" / "run")])
+                        "experiment.py", *flags, "--batch-size", "8", "--output-dir", str(tmp_path / "ddp" / "run")])
     assert distributed.returncode == 0, distributed.stderr[-3000:]
-    single = _run([sys.executable, "experiment.py", *flags, "--batch-size", "8",
+    single = _run([sys.executable, "experiment.py", *flags, "--batch-size", "16",
                    "--output-dir", str(tmp_path / "single" / "run")])
     assert single.returncode == 0, single.stderr[-3000:]
     assert distributed.stdout.count("Run directory:") == 1  # rank 0 alone prints
@@ -78,5 +82,5 @@ def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
     assert ddp_summary["dataset"]["sizes"] == single_summary["dataset"]["sizes"]
     for role in ("teacher", "student_baseline", "student_kd"):
         print(role, ddp_summary[role]["test"]["top1"], single_summary[role]["test"]["top1"])
-        assert abs(ddp_summary[role]["test"]["top1"] - single_summary[role]["test"]["top1"]) <= 2 / 15 + 1e-6, role
+        assert abs(ddp_summary[role]["test"]["top1"] - single_summary[role]["test"]["top1"]) <= 3 / 30 + 1e-6, role
         assert ddp_summary[role]["test"]["top1"] >= 0.6, role
