@@ -202,7 +202,10 @@ def validate(config: Config) -> None:
     if config.teacher_checkpoint is not None and not Path(config.teacher_checkpoint).is_file():
         raise SettingsError(f"--teacher-checkpoint '{config.teacher_checkpoint}' is not a file.")
     for name in (config.teacher_model, config.student_model):
-        model_builder.torchvision_name(name)
+        try:
+            model_builder.check_input_size(name, config.image_size)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
 
 
 def seed_everything(seed: int) -> None:

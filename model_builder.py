@@ -95,3 +95,14 @@ def flops_per_image(model: nn.Module, image_size: int) -> int:
     with counter, torch.no_grad():
         plain(torch.zeros(1, 3, image_size, image_size))
     return int(counter.get_total_flops())
+
+
+def check_input_size(name: str, image_size: int) -> None:
+    """Raise ValueError when a model cannot take images of this size (checked on the meta device)."""
+    with torch.device("meta"):
+        model = build_model(name, 2, image_size).eval()
+        try:
+            model(torch.zeros(1, 3, image_size, image_size))
+        except RuntimeError as error:
+            raise ValueError(f"{name} cannot take {image_size}x{image_size} images "
+                             f"({str(error).splitlines()[0]}); use a larger --image-size.") from None

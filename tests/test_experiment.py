@@ -140,6 +140,7 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
     (["--data-dir", "/no/such/folder"], "does not exist"),
     (["--teacher-checkpoint", "/no/such.pth"], "is not a file"),
     (["--cache-teacher-logits"], "--cache-teacher-logits needs a deterministic training view"),
+    (["--image-size", "16"], "VGG16 cannot take 16x16 images"),
 ])
 def test_bad_settings_exit_2_with_one_sentence(flags, message, capsys, tmp_path):
     code = experiment.main([*flags, "--output-dir", str(tmp_path / "run")])
