@@ -21,6 +21,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision import datasets, transforms
 
+import utils
+
 DEFAULT_CACHE_DIR = Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd_pipeline"))
 DIGITS_FOLDER_NAME = "sklearn_digits_v1"
 DIGITS_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test, stratified
@@ -193,11 +195,23 @@ class ImageFiles(torch.utils.data.Dataset):
         return decode_image(self.paths[index], self.image_size)
 
 
+def file_loader(paths: Sequence[str], image_size: int, workers: int, **options) -> torch.utils.data.DataLoader:
+    """A DataLoader decoding image files (batches of 256 unless `options` give a batch sampler).
+
+    It has its own generator: without one a DataLoader draws a seed from the global RNG,
+    which would shift the dropout masks of the model being trained, so streaming or decoding
+    would change results.
+    """
+    if "batch_sampler" not in options:
+        options["batch_size"] = 256
+    return torch.utils.data.DataLoader(ImageFiles(paths, image_size), num_workers=workers,
+                                       generator=torch.Generator().manual_seed(0), **options)
+
+
 def _decode_all(paths: Sequence[str], image_size: int, workers: int) -> torch.Tensor:
     """Decode every file once into one uint8 tensor, in worker processes for large sets."""
     workers = workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, image_size), batch_size=256, num_workers=workers)
-    return torch.cat(list(loader)) if len(paths) else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    return torch.cat(list(file_loader(paths, image_size, workers)))
 
 
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
@@ -226,15 +240,8 @@ def decode_cached(paths: Sequence[str], image_size: int, workers: int, cache_dir
         except Exception:  # an unreadable cache file is rebuilt, never trusted
             pass
     images = _decode_all(paths, image_size, workers)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-    os.close(handle)
-    try:
+    with utils.atomic_path(cache_file) as temporary:
         torch.save(images, temporary)
-        os.replace(temporary, cache_file)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return images
 
 
@@ -259,7 +266,7 @@ def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[
     if split.images is not None:
         chunks: Iterable[torch.Tensor] = split.images.split(4096)
     else:
-        chunks = torch.utils.data.DataLoader(ImageFiles(split.paths, split.image_size), batch_size=256, num_workers=workers)
+        chunks = file_loader(split.paths, split.image_size, workers)
     count = 0
     for chunk in chunks:
         pixels = chunk.to(torch.float64).div_(255).transpose(0, 1).reshape(3, -1)
@@ -353,18 +360,12 @@ class StreamingImages:
     """Batches decoded from disk by DataLoader worker processes, in exactly the given order."""
 
     def __init__(self, paths: Sequence[str], image_size: int, workers: int, pin_memory: bool) -> None:
-        self.dataset = ImageFiles(paths, image_size)
+        self.paths, self.image_size = paths, image_size
         self.workers, self.pin_memory = workers, pin_memory
 
     def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[index.tolist() for index in index_batches],
-            num_workers=self.workers, pin_memory=self.pin_memory,
-            # Without its own generator a DataLoader draws a seed from the global RNG, shifting
-            # the dropout masks of the model being trained: streaming would change results.
-            generator=torch.Generator().manual_seed(0),
-        )
-        yield from loader
+        yield from file_loader(self.paths, self.image_size, self.workers, pin_memory=self.pin_memory,
+                               batch_sampler=[index.tolist() for index in index_batches])
 
 
 class BatchLoader:

@@ -59,6 +59,14 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def local_module(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the model itself otherwise).
+
+    Its forward involves no other rank, so ranks may call it a different number of times.
+    """
+    return getattr(model, "module", model)
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0, in rank order (shards may differ in length)."""
     if not dist.is_initialized():
@@ -156,8 +164,8 @@ def predict(
 
     Under torchrun each rank predicts its shard and the results are gathered in rank order.
     """
-    # The plain module: a DistributedDataParallel forward would wait for the other ranks.
-    module = getattr(model, "module", model).eval()
+    # Not the DDP forward: shards may differ in length, and evaluation needs no gradient sync.
+    module = local_module(model).eval()
     all_logits, all_labels = [], []
     for images, labels, *_ in _progress(data_loader, description):
         with autocast(device, amp_dtype):
@@ -301,7 +309,7 @@ def measure_speed(
 
     Each measurement is preceded by warm-up runs; inputs are random (speed does not depend on them).
     """
-    module = getattr(model, "module", model).eval()
+    module = local_module(model).eval()
 
     def timed(images: torch.Tensor) -> float:
         if device.type == "cuda":

@@ -558,7 +558,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
     students = {
         "student_baseline": (engine.SupervisedCriterion(), None),
         # The teacher is frozen on every rank; unwrapped, its forward needs no other rank.
-        "student_kd": (KD_engine.DistillationCriterion(getattr(teacher, "module", teacher), config.temperature, config.alpha),
+        "student_kd": (KD_engine.DistillationCriterion(engine.local_module(teacher), config.temperature, config.alpha),
                        teacher_logits),
     }
     for role, (criterion, cached_logits) in students.items():

@@ -80,7 +80,6 @@ def describe(model: nn.Module) -> dict[str, float]:
     return {"params": count_parameters(plain), "size_mb": round(model_size_mb(plain), 3)}
 
 
-
 def flops_per_image(model: nn.Module, image_size: int) -> int:
     """Floating-point operations of one forward pass on one image (torch.utils.flop_counter).
 
