@@ -1,25 +1,37 @@
 """Finding and reading images: ImageFolder splits, the bundled digits dataset, and batch loaders.
 
-Every image is decoded once (through torchvision's ImageFolder), converted to RGB and resized
-into a uint8 tensor; training batches are augmented as whole tensors on the training device.
+Every image is decoded once (by `decode_image`), converted to RGB and resized into a uint8
+tensor; training batches are augmented as whole tensors on the training device.
+
+Real folders are messy, so every file is checked before any training starts:
+
+- Files that cannot be decoded (corrupt, truncated, empty, text saved as .jpg, too large), files
+  without an image extension inside class folders, and files lying directly in a split folder
+  are skipped; each is listed with a one-line reason in `DatasetSplits.skipped_files`.
+- Hidden files and folders (names starting with '.', such as .DS_Store, ._photo.jpg or
+  .ipynb_checkpoints) are ignored silently at every level: never used, never listed.
+- A missing split folder, a class without a usable image, classes that differ between splits
+  and too few images to carve a validation split stop the run with one `DataError` sentence.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
-from torchvision import datasets, transforms
+from torchvision import transforms
 
 import utils
 
@@ -28,10 +40,18 @@ DIGITS_FOLDER_NAME = "sklearn_digits_v1"
 DIGITS_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test, stratified
 DIGITS_SPLIT_SEED = 0
 DECODE_WORKERS_THRESHOLD = 2000  # images; below this, worker start-up costs more than it saves
+# torchvision's ImageFolder extensions, plus GIF (its first frame is used).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+CACHE_VERSION = "v2"  # bump when decoding changes, so no stale cache file is trusted
 
 
 class DataError(Exception):
     """A problem with the user's data that should stop the run with one clear sentence."""
+
+
+class UnreadableImage(Exception):
+    """A file that cannot be decoded as an image; the message is a one-line reason (no path)."""
 
 
 @dataclass
@@ -62,6 +82,8 @@ class DatasetSplits:
     std: list[float]
     val_source: str  # the val folder, or how validation was carved from train
     streamed: bool = False
+    # Files of all splits that were not used: {"path": ..., "reason": ...}, sorted by path.
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
 
 
 def bundled_digits_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
@@ -130,19 +152,73 @@ def resolve_split_dirs(
         if name != "val" and folder is None:
             raise DataError(f"No {name} folder given: pass --data-dir or --{name}-dir.")
         if folder is not None and not folder.is_dir():
-            raise DataError(f"The {name} folder '{folder}' does not exist.")
+            problem = "is not a folder" if folder.exists() else "does not exist"
+            raise DataError(f"The {name} folder '{folder}' {problem}.")
     return train, val, test  # type: ignore[return-value]
 
 
-def image_folder(root: Path) -> datasets.ImageFolder:
-    """Index an ImageFolder tree (class sub-folders of images), with a clear error if it has none."""
+def _hidden(name: str) -> bool:
+    """Hidden files and folders (.DS_Store, ._photo.jpg, .ipynb_checkpoints) are ignored silently."""
+    return name.startswith(".")
+
+
+@dataclass
+class FolderScan:
+    """One split folder indexed by file name only (nothing decoded yet).
+
+    `samples` are the candidate images as (path, class index), in torchvision ImageFolder's
+    order; `skipped` lists the other visible files: no image extension, or not in a class folder.
+    """
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: list[dict[str, str]]
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+def image_folder(root: Path, split: str = "image") -> FolderScan:
+    """Index an ImageFolder tree (one sub-folder of images per class, searched recursively)."""
+    root_text = str(root)
     try:
-        return datasets.ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as error:
-        raise DataError(f"Cannot read images from '{root}': {error}") from None
+        entries = sorted(os.scandir(root_text), key=lambda entry: entry.name)
+    except OSError as error:
+        raise DataError(f"Cannot read the {split} folder '{root}': {error.strerror or error}.") from None
+    classes: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for entry in entries:
+        if _hidden(entry.name):
+            continue
+        if entry.is_dir():  # follows links, like ImageFolder
+            classes.append(entry.name)
+        else:
+            skipped.append({"path": os.path.join(root_text, entry.name), "reason": "not inside a class folder"})
+    if not classes:
+        raise DataError(f"The {split} folder '{root}' has no class folders (one sub-folder of images per class).")
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        walked = []
+        for directory, subfolders, files in os.walk(os.path.join(root_text, name), followlinks=True):
+            subfolders[:] = [folder for folder in subfolders if not _hidden(folder)]
+            walked.append((directory, files))
+        for directory, files in sorted(walked):
+            for file in sorted(files):
+                if _hidden(file):
+                    continue
+                path = os.path.join(directory, file)
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((path, label))
+                else:
+                    extension = os.path.splitext(file)[1]
+                    kind = f"extension '{extension}'" if extension else "no extension"
+                    skipped.append({"path": path, "reason": f"not an image file ({kind})"})
+    return FolderScan(Path(root), classes, samples, skipped)
 
 
-def check_same_classes(folders: dict[str, datasets.ImageFolder]) -> list[str]:
+def check_same_classes(folders: dict[str, FolderScan]) -> list[str]:
     """Return the shared class names, or stop naming the classes that differ between splits."""
     reference_split, reference = next(iter(folders.items()))
     for split, folder in folders.items():
@@ -156,30 +232,139 @@ def check_same_classes(folders: dict[str, datasets.ImageFolder]) -> list[str]:
     return list(reference.classes)
 
 
+def _require_every_class(split: str, scan: FolderScan, labels: Sequence[int], skipped: list[dict[str, str]]) -> None:
+    """Stop, naming the class and split, when a class folder has no usable image."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(scan.classes))
+    empty = [scan.classes[i] for i in np.flatnonzero(counts == 0)]
+    if not empty:
+        return
+    if len(empty) > 1:
+        names = ", ".join(f"'{name}'" for name in empty)
+        raise DataError(f"The classes {names} in the {split} folder '{scan.root}' have no usable images.")
+    prefix = os.path.join(str(scan.root), empty[0]) + os.sep
+    bad = [item for item in skipped if item["path"].startswith(prefix)]
+    if bad:
+        detail = (f": {len(bad)} file{'s were' if len(bad) > 1 else ' was'} skipped, "
+                  f"e.g. '{bad[0]['path']}' ({bad[0]['reason']})")
+    else:
+        detail = " (the folder holds no image files)"
+    raise DataError(f"The class '{empty[0]}' in the {split} folder '{scan.root}' has no usable images{detail}.")
+
+
 def stratified_split(
-    labels: Sequence[int], val_fraction: float, seed: int
+    labels: Sequence[int], val_fraction: float, seed: int, class_names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split sample indices into disjoint, class-stratified train and validation index arrays."""
     labels = np.asarray(labels)
     indices = np.arange(len(labels))
     classes, counts = np.unique(labels, return_counts=True)
     n_val = int(np.ceil(val_fraction * len(labels)))
-    if counts.min() < 2 or n_val < len(classes) or len(labels) - n_val < len(classes):
-        raise DataError(
-            f"Too few training images ({len(labels)}, smallest class {counts.min()}) to carve a "
-            f"stratified {val_fraction:.0%} validation split; add a val/ folder or more images."
-        )
-    train_idx, val_idx = train_test_split(
-        indices, test_size=n_val, stratify=labels, random_state=seed
-    )
+    share = f"{100 * val_fraction:g}%"
+    if counts.min() < 2:
+        smallest = int(classes[counts.argmin()])
+        name = class_names[smallest] if class_names is not None else str(smallest)
+        problem = f"class '{name}' has only {counts.min()} usable image (each class needs at least 2)"
+    elif n_val < len(classes):
+        problem = f"{share} of {len(labels)} images is {n_val}, fewer than the {len(classes)} classes"
+    elif len(labels) - n_val < len(classes):
+        problem = f"the {len(labels) - n_val} images left for training are fewer than the {len(classes)} classes"
+    else:
+        problem = None
+    if problem is not None:
+        raise DataError(f"Too few training images to carve a stratified {share} validation split: "
+                        f"{problem}; add a val/ folder or more images.")
+    try:
+        train_idx, val_idx = train_test_split(indices, test_size=n_val, stratify=labels, random_state=seed)
+    except ValueError as error:
+        raise DataError(f"Cannot carve a stratified {share} validation split from {len(labels)} training "
+                        f"images ({_one_line(error)}); add a val/ folder.") from None
     return np.sort(train_idx), np.sort(val_idx)
 
 
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unreadable_reason(path: str, error: Exception) -> str:
+    """A one-line reason why `path` could not be decoded."""
+    if isinstance(error, FileNotFoundError):
+        return "file does not exist"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"image too large to decode safely ({_one_line(error)})"
+    if isinstance(error, UnidentifiedImageError):
+        try:
+            empty = os.path.getsize(path) == 0
+        except OSError:
+            empty = False
+        return "empty file (0 bytes)" if empty else "not a readable image (unknown format or damaged header)"
+    message = _one_line(error)
+    if "truncated" in message.lower():
+        return f"truncated image ({message})"
+    return f"damaged image data ({type(error).__name__}: {message})"
+
+
+def _grey_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16-bit, 32-bit integer or float greyscale array to 0..255 (not clip it)."""
+    if mode.startswith("I;16"):
+        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    values = np.nan_to_num(array.astype(np.float32))
+    low, high = float(values.min()), float(values.max())
+    if mode == "F" and low >= 0 and high <= 1:
+        low, scale = 0.0, 255.0
+    elif low >= 0 and high <= 255:
+        low, scale = 0.0, 1.0
+    elif low >= 0 and high <= 65535:  # 16-bit data held in a 32-bit mode (e.g. older Pillow's PNGs)
+        low, scale = 0.0, 255 / 65535
+    else:
+        scale = 255 / max(high - low, 1e-12)
+    return np.clip(np.round((values - low) * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB.
+
+    16-bit and other wide greyscale modes (I;16, I, F) are scaled to 0..255: mid-grey 32768
+    becomes 128, where Pillow's own convert would clip it to white. Transparency (alpha channels,
+    palette or colour-key transparency) is composited onto TRANSPARENT_BACKGROUND (white), so
+    the colour stored under transparent pixels never leaks in. CMYK, palette, 1-bit and
+    greyscale use Pillow's conversions.
+    """
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = Image.fromarray(_grey_to_uint8(np.asarray(image), image.mode))
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(path: str, image_size: int) -> torch.Tensor:
-    """Read one image file as an RGB uint8 tensor (3, S, S): the one decode used everywhere."""
-    with Image.open(path) as image:
-        image = transforms.functional.resize(image.convert("RGB"), [image_size, image_size], antialias=True)
-        return transforms.functional.pil_to_tensor(image)
+    """Read one image file as an RGB uint8 tensor (3, S, S): the one decode used everywhere.
+
+    Colours are converted by `to_rgb`; multi-frame files give their first frame. Large images:
+    JPEGs are decoded directly at a reduced scale (Pillow's draft mode, still at least S x S),
+    and any image up to Pillow's hard decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS,
+    about 179 megapixels by default) is decoded, without the warning Pillow gives above
+    MAX_IMAGE_PIXELS; a 40-megapixel photo is used. Larger images, and files that are missing,
+    empty, truncated or not images at all, raise UnreadableImage with a one-line reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format == "JPEG":
+                    image.draft(None, (image_size, image_size))
+                image.load()
+                rgb = to_rgb(image)
+        rgb = transforms.functional.resize(rgb, [image_size, image_size], antialias=True)
+        return transforms.functional.pil_to_tensor(rgb)
+    except Exception as error:  # Pillow's format plugins raise many kinds of errors for damaged files
+        raise UnreadableImage(_unreadable_reason(path, error)) from None
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -192,7 +377,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return decode_image(self.paths[index], self.image_size)
+        try:
+            return decode_image(self.paths[index], self.image_size)
+        except UnreadableImage as error:  # a file that changed on disk since it was checked
+            raise DataError(f"Cannot read image '{self.paths[index]}': {error}.") from None
 
 
 def file_loader(paths: Sequence[str], image_size: int, workers: int, **options) -> torch.utils.data.DataLoader:
@@ -214,45 +402,154 @@ def _decode_all(paths: Sequence[str], image_size: int, workers: int) -> torch.Te
     return torch.cat(list(file_loader(paths, image_size, workers)))
 
 
-def _cache_key(paths: Sequence[str], image_size: int) -> str:
-    """A digest of the files' paths, sizes and modification times and the image size."""
-    digest = hashlib.sha256(f"v1 {image_size}".encode())
+class _CheckedImageFiles(ImageFiles):
+    """Like ImageFiles, but an unreadable file gives (index, None, reason) instead of an error."""
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return index, decode_image(self.paths[index], self.image_size), ""
+        except UnreadableImage as error:
+            return index, None, str(error)
+
+
+def _collate_checked(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor | None, dict[int, str]]:
+    """One stacked tensor of a batch's readable images (few shared tensors) and the failures."""
+    good = [image for _, image, _ in batch if image is not None]
+    return (torch.stack(good) if good else None), {index: reason for index, image, reason in batch if image is None}
+
+
+def _decode_checked(
+    paths: Sequence[str], image_size: int, workers: int, keep: bool
+) -> tuple[torch.Tensor | None, dict[int, str]]:
+    """Decode every file, skipping those that fail: the readable ones' images (when `keep`,
+    in order) and {index: reason} for the others."""
+    workers = workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
+    loader = torch.utils.data.DataLoader(
+        _CheckedImageFiles(paths, image_size), batch_size=64, num_workers=workers,
+        collate_fn=_collate_checked, generator=torch.Generator().manual_seed(0))
+    batches, failed = [], {}
+    for images, failures in loader:
+        failed.update(failures)
+        if keep and images is not None:
+            batches.append(images)
+    if not keep:
+        return None, failed
+    images = torch.cat(batches) if batches else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    return images, failed
+
+
+def _cache_key(paths: Sequence[str], tag: str) -> str:
+    """A digest of the files' paths, sizes and modification times and `tag` (what is cached)."""
+    digest = hashlib.sha256(f"{CACHE_VERSION} {tag}".encode())
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        try:
+            stat = os.stat(path)
+            state = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError as error:
+            state = f"error {error.errno}"
+        digest.update(f"\0{os.path.abspath(path)}\0{state}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
+
+
+def _decoded_cache_file(paths: Sequence[str], image_size: int, cache_dir: Path) -> Path:
+    return Path(cache_dir) / "decoded" / f"{_cache_key(paths, f'decoded {image_size}')}.pt"
+
+
+def _read_decoded(cache_file: Path, count: int, image_size: int) -> torch.Tensor | None:
+    if cache_file.is_file():
+        try:
+            images = torch.load(cache_file, weights_only=True)
+            if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                    and images.shape == (count, 3, image_size, image_size)):
+                return images
+        except Exception:  # an unreadable cache file is rebuilt, never trusted
+            pass
+    return None
+
+
+def _write_decoded(cache_file: Path, images: torch.Tensor) -> None:
+    with utils.atomic_path(cache_file) as temporary:
+        torch.save(images, temporary)
 
 
 def decode_cached(paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None) -> torch.Tensor:
     """Decoded uint8 images of `paths`; with a cache folder, a second run reads them from one file.
 
     The cache file is keyed by every file's path, size and modification time, so any change
-    to the images makes a new key (and a fresh decode).
+    to the images makes a new key (and a fresh decode). Every file must be readable (DataError).
     """
     if cache_dir is None:
         return _decode_all(paths, image_size, workers)
-    cache_file = Path(cache_dir) / "decoded" / f"{_cache_key(paths, image_size)}.pt"
-    if cache_file.is_file():
-        try:
-            images = torch.load(cache_file, weights_only=True)
-            if images.shape == (len(paths), 3, image_size, image_size) and images.dtype == torch.uint8:
-                return images
-        except Exception:  # an unreadable cache file is rebuilt, never trusted
-            pass
-    images = _decode_all(paths, image_size, workers)
-    with utils.atomic_path(cache_file) as temporary:
-        torch.save(images, temporary)
+    cache_file = _decoded_cache_file(paths, image_size, cache_dir)
+    images = _read_decoded(cache_file, len(paths), image_size)
+    if images is None:
+        images = _decode_all(paths, image_size, workers)
+        _write_decoded(cache_file, images)
     return images
 
 
-def _split_samples(
-    folder: datasets.ImageFolder, indices: Sequence[int] | None, image_size: int,
+def _read_check_record(record: Path, count: int) -> dict[int, str] | None:
+    """The unreadable files {index: reason} an earlier check of the same files found, if any."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        failed = {int(index): str(reason) for index, reason in data["failed"]}
+        if data["count"] == count and all(0 <= index < count for index in failed):
+            return failed
+    except Exception:  # no record, or one that cannot be trusted: check again
+        pass
+    return None
+
+
+@dataclass
+class _UsableImages:
+    """The readable candidate images of one split folder."""
+
+    paths: list[str]
+    labels: list[int]
+    images: torch.Tensor | None  # decoded while checking (in-memory mode, when no check record was cached)
+
+
+def _check_folder(
+    scan: FolderScan, image_size: int, stream: bool, workers: int, cache_dir: Path | None
+) -> tuple[_UsableImages, list[dict[str, str]]]:
+    """Decode every candidate image once to find the unreadable ones (in streaming mode the
+    pixels are dropped). With a cache folder the result is recorded (keyed by the files' paths,
+    sizes and modification times), so a later run neither checks again nor forgets the skips."""
+    paths = [path for path, _ in scan.samples]
+    record = None
+    failed = None
+    if cache_dir is not None:
+        tag = f"checked {image_size} {Image.MAX_IMAGE_PIXELS}"
+        record = Path(cache_dir) / "checked" / f"{_cache_key(paths, tag)}.json"
+        failed = _read_check_record(record, len(paths))
+    images = None
+    if failed is None:
+        images, failed = _decode_checked(paths, image_size, workers, keep=not stream)
+        if record is not None:
+            utils.write_json(record, {"count": len(paths), "failed": sorted(failed.items())})
+    keep = [i for i in range(len(paths)) if i not in failed]
+    usable = _UsableImages([paths[i] for i in keep], [scan.samples[i][1] for i in keep], images)
+    skipped = scan.skipped + [{"path": paths[i], "reason": reason} for i, reason in failed.items()]
+    return usable, skipped
+
+
+def _split_tensors(
+    usable: _UsableImages, indices: Sequence[int] | None, image_size: int,
     stream: bool, workers: int, cache_dir: Path | None,
 ) -> ImageTensors:
-    chosen = range(len(folder.samples)) if indices is None else indices
-    paths = [folder.samples[i][0] for i in chosen]
-    labels = torch.tensor([folder.samples[i][1] for i in chosen], dtype=torch.long)
-    images = None if stream else decode_cached(paths, image_size, workers, cache_dir)
+    chosen = range(len(usable.paths)) if indices is None else indices
+    paths = [usable.paths[i] for i in chosen]
+    labels = torch.tensor([usable.labels[i] for i in chosen], dtype=torch.long)
+    if stream:
+        images = None
+    elif usable.images is not None:  # decoded by the check: keep them, and cache them per split
+        images = usable.images if indices is None else usable.images[torch.as_tensor(np.asarray(indices))]
+        if cache_dir is not None:
+            cache_file = _decoded_cache_file(paths, image_size, cache_dir)
+            if _read_decoded(cache_file, len(paths), image_size) is None:
+                _write_decoded(cache_file, images)
+    else:
+        images = decode_cached(paths, image_size, workers, cache_dir)
     return ImageTensors(images, labels, paths, image_size)
 
 
@@ -293,28 +590,41 @@ def load_splits(
     """Find, check and decode the train / val / test splits (carving val from train if absent).
 
     Splits whose decoded size exceeds `memory_budget_mb` in total are streamed from disk by
-    `workers` processes instead of being decoded once into memory.
+    `workers` processes instead of being decoded once into memory. Either way every image is
+    decoded once up front, and unreadable files are left out (listed in `skipped_files`), so a
+    streamed epoch never meets one. Folder problems raise DataError before anything is decoded
+    where possible, and always before training.
     """
     train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
-    folders = {"train": image_folder(train_path)}
-    if val_path is not None:
-        folders["val"] = image_folder(val_path)
-    folders["test"] = image_folder(test_path)
-    class_names = check_same_classes(folders)
-    total_images = sum(len(folder.samples) for folder in folders.values())
+    roots = {"train": train_path, **({"val": val_path} if val_path is not None else {}), "test": test_path}
+    scans = {split: image_folder(root, split) for split, root in roots.items()}
+    class_names = check_same_classes(scans)
+    for split, scan in scans.items():  # cheap: before any decoding
+        _require_every_class(split, scan, scan.targets, scan.skipped)
+    total_images = sum(len(scan.samples) for scan in scans.values())
     stream = total_images * 3 * image_size**2 / 2**20 > memory_budget_mb
-    split = lambda name, indices=None: _split_samples(  # noqa: E731
-        folders[name], indices, image_size, stream, workers, cache_dir)
+    usable: dict[str, _UsableImages] = {}
+    skipped: list[dict[str, str]] = []
+    for split, scan in scans.items():
+        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir)
+        _require_every_class(split, scan, usable[split].labels, split_skipped)
+        skipped += split_skipped
+    split = lambda name, indices=None: _split_tensors(  # noqa: E731
+        usable[name], indices, image_size, stream, workers, cache_dir)
     if val_path is None:
-        train_idx, val_idx = stratified_split(folders["train"].targets, val_fraction, seed)
+        train_idx, val_idx = stratified_split(usable["train"].labels, val_fraction, seed, class_names)
         train, val = split("train", train_idx), split("train", val_idx)
         val_source = f"carved from train ({val_fraction:.0%}, stratified, seed {seed})"
     else:
         train, val = split("train"), split("val")
         val_source = str(val_path)
     test = split("test")
+    del usable
     mean, std = channel_stats(train, workers)
-    return DatasetSplits(train, val, test, class_names, mean, std, val_source, streamed=stream)
+    unique = {(item["path"], item["reason"]) for item in skipped}
+    skipped_files = [{"path": path, "reason": reason} for path, reason in sorted(unique)]
+    return DatasetSplits(train, val, test, class_names, mean, std, val_source, streamed=stream,
+                         skipped_files=skipped_files)
 
 
 @dataclass
