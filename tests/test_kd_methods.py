@@ -1,0 +1,338 @@
+"""Feature (FitNets, attention transfer) and decoupled distillation, and the library training function."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import KD_engine
+import model_builder
+
+STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+TEACHER = torch.tensor([[3.0, 0.0, -2.0], [0.0, 1.0, 2.0]])
+LABELS = torch.tensor([0, 2])
+
+
+def tiny_convnet(width: int, classes: int = 3) -> nn.Sequential:
+    """conv (index 0) -> BN -> ReLU (2) -> strided conv (3) -> ReLU (4) -> pooled linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+    )
+
+
+def identity_adapters(channels: int, pairs: int = 1) -> KD_engine.FeatureAdapters:
+    adapters = KD_engine.FeatureAdapters([(channels, channels)] * pairs)
+    with torch.no_grad():
+        for conv in adapters.convs:
+            conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+            conv.bias.zero_()
+    return adapters
+
+
+# ---------------------------------------------------------------- feature losses
+
+
+def test_fitnet_is_zero_for_matching_maps_and_mse_otherwise():
+    torch.manual_seed(0)
+    feature = torch.randn(2, 4, 5, 5)
+    adapters = identity_adapters(4)
+    assert KD_engine.fitnet_loss([feature], [feature.clone()], adapters).item() == pytest.approx(0.0, abs=1e-7)
+    # Two pairs, teacher offset by 1 and by 3: MSEs 1 and 9, averaged over pairs.
+    loss = KD_engine.fitnet_loss([feature, feature], [feature + 1, feature + 3], identity_adapters(4, pairs=2))
+    assert loss.item() == pytest.approx(5.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("student_larger", [True, False])
+def test_fitnet_pools_the_larger_map(student_larger):
+    torch.manual_seed(1)
+    large = torch.randn(2, 4, 8, 8)
+    small = F.avg_pool2d(large, 2)
+    student, teacher = (large, small) if student_larger else (small, large)
+    assert KD_engine.fitnet_loss([student], [teacher], identity_adapters(4)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_attention_transfer_matches_hand_computation():
+    # One sample, two channels, a 1x2 map.
+    student = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])
+    teacher = torch.tensor([[[[0.0, 1.0]], [[1.0, 1.0]]]])
+
+    def attention(channels):
+        squares = [sum(c[i] ** 2 for c in channels) / len(channels) for i in range(2)]
+        norm = math.sqrt(sum(v * v for v in squares))
+        return [v / norm for v in squares]
+
+    a_s = attention([[1.0, 2.0], [3.0, 0.0]])  # [5, 2] / sqrt(29)
+    a_t = attention([[0.0, 1.0], [1.0, 1.0]])  # [0.5, 1] / sqrt(1.25)
+    expected = sum((s - t) ** 2 for s, t in zip(a_s, a_t))
+    assert KD_engine.at_loss([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
+    assert KD_engine.at_loss([student], [student * 3]).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_attention_transfer_batch_mean_and_spatial_mismatch():
+    torch.manual_seed(2)
+    student = torch.randn(3, 4, 8, 8)
+    teacher = F.avg_pool2d(student, 2)  # 4x4: the student's map is pooled to it
+    assert KD_engine.at_loss([student], [teacher]).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(3, 6, 4, 4)  # channel counts may differ
+    per_sample = [KD_engine.at_loss([student[i : i + 1]], [other[i : i + 1]]).item() for i in range(3)]
+    assert KD_engine.at_loss([student], [other]).item() == pytest.approx(sum(per_sample) / 3, rel=1e-5)
+
+
+# ---------------------------------------------------------------- layer names
+
+
+def test_feature_hooks_name_a_missing_layer():
+    with pytest.raises(ValueError, match=r"'features\.99'.*include: 0, 1, 2"):
+        KD_engine.FeatureHooks(tiny_convnet(4), ["2", "features.99"])
+    vgg_like = nn.Sequential()
+    vgg_like.add_module("features", tiny_convnet(4))
+    with pytest.raises(ValueError, match=r"'features\.22'.*features\.2"):
+        KD_engine.FeatureHooks(vgg_like, ["features.22"])
+
+
+def test_feature_hooks_look_through_wrappers_and_can_be_removed():
+    model = tiny_convnet(4)
+
+    class Wrapper(nn.Module):  # stands in for DistributedDataParallel's `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    hooks = KD_engine.FeatureHooks(torch.compile(Wrapper(model)), ["2", "4"])
+    model(torch.zeros(1, 3, 6, 6))
+    assert [f.shape[1:] for f in hooks.take()] == [(4, 6, 6), (8, 3, 3)]
+    with pytest.raises(RuntimeError, match="'2'"):
+        hooks.take()  # taking forgets: a stale forward is never reused
+    hooks.remove()
+    model(torch.zeros(1, 3, 6, 6))
+    assert hooks.outputs == {}
+
+
+def test_parse_feature_layers():
+    assert KD_engine.parse_feature_layers("features.22:layer3, features.32:layer4") == [
+        ("features.22", "layer3"), ("features.32", "layer4")]
+    for bad in ("features.22", "a:b:c", "a:b,", ":layer3", "a:b,,c:d"):
+        with pytest.raises(ValueError, match="teacher_layer:student_layer"):
+            KD_engine.parse_feature_layers(bad)
+
+
+def test_unknown_architecture_pair_asks_for_feature_layers():
+    with pytest.raises(ValueError, match="--feature-layers"):
+        KD_engine.default_feature_layers("resnet18", "vgg16_bn")
+
+
+@pytest.fixture(scope="module")
+def real_models():
+    torch.manual_seed(0)
+    return model_builder.build_model("VGG16", 10, 32), model_builder.build_model("ResNet18", 10, 32)
+
+
+def test_default_vgg_to_resnet_pairs_match_at_32_px(real_models):
+    teacher, student = real_models
+    pairs = KD_engine.default_feature_layers("VGG16", "ResNet18")
+    assert pairs == [("features.12", "layer2"), ("features.22", "layer3"), ("features.32", "layer4")]
+    teacher_hooks = KD_engine.FeatureHooks(teacher, [t for t, _ in pairs])
+    student_hooks = KD_engine.FeatureHooks(student, [s for _, s in pairs])
+    images = torch.randn(2, 3, 32, 32)
+    with KD_engine.eval_mode(teacher), KD_engine.eval_mode(student), torch.no_grad():
+        teacher(images), student(images)
+    shapes = [(t.shape, s.shape) for t, s in zip(teacher_hooks.take(), student_hooks.take())]
+    teacher_hooks.remove(), student_hooks.remove()
+    assert [t for t, _ in shapes] == [(2, 128, 16, 16), (2, 256, 8, 8), (2, 512, 4, 4)]
+    assert all(t == s for t, s in shapes)
+
+
+# ---------------------------------------------------------------- decoupled KD
+
+
+def hand_dkd(student, teacher, labels, temperature):
+    """TCKD and NCKD by plain Python: T^2 * batch-mean KL(teacher || student) of each split."""
+
+    def softmax(row):
+        exps = [math.exp(v / temperature) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    def kl(p, q):
+        return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+    tckd = nckd = 0.0
+    for s_row, t_row, label in zip(student.tolist(), teacher.tolist(), labels.tolist()):
+        p_s, p_t = softmax(s_row), softmax(t_row)
+        tckd += kl([p_t[label], 1 - p_t[label]], [p_s[label], 1 - p_s[label]])
+        others = [i for i in range(len(s_row)) if i != label]
+        nckd += kl(softmax([t_row[i] for i in others]), softmax([s_row[i] for i in others]))
+    scale = temperature**2 / len(labels)
+    return tckd * scale, nckd * scale
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dkd_terms_match_hand_computation(temperature):
+    tckd, nckd = KD_engine.dkd_terms(STUDENT, TEACHER, LABELS, temperature)
+    expected_tckd, expected_nckd = hand_dkd(STUDENT, TEACHER, LABELS, temperature)
+    assert tckd.item() == pytest.approx(expected_tckd, rel=1e-5)
+    assert nckd.item() == pytest.approx(expected_nckd, rel=1e-5)
+    dkd = KD_engine.dkd_loss(STUDENT, TEACHER, LABELS, temperature, dkd_alpha=0.7, dkd_beta=8.0)
+    assert dkd.item() == pytest.approx(0.7 * expected_tckd + 8.0 * expected_nckd, rel=1e-5)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_kd_is_tckd_plus_weighted_nckd_per_sample(index):
+    student, teacher, labels = STUDENT[index : index + 1], TEACHER[index : index + 1], LABELS[index : index + 1]
+    temperature = 2.0
+    tckd, nckd = KD_engine.dkd_terms(student, teacher, labels, temperature)
+    p_target = F.softmax(teacher / temperature, dim=1)[0, labels[0]]
+    kd = KD_engine.kd_loss(student, teacher, temperature)
+    assert kd.item() == pytest.approx((tckd + (1 - p_target) * nckd).item(), rel=1e-5)
+
+
+def test_dkd_with_extreme_logits_stays_finite():
+    # Targets far above 1000 * T: the paper's "target - 1000" mask would leave them in NCKD.
+    student = torch.tensor([[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[-1e4, -1e4, 0.0], [0.0, 1e4, -1e4]])
+    labels = torch.tensor([0, 1])
+    tckd, nckd = KD_engine.dkd_terms(student, teacher, labels, 1.0)
+    (tckd + nckd).backward()
+    assert torch.isfinite(tckd) and torch.isfinite(nckd) and torch.isfinite(student.grad).all()
+    # Per sample in log space: TCKD 1e4 and 0; NCKD 1e4 and 1e4 (a leaking target would add ~9e3).
+    assert tckd.item() == pytest.approx(5e3, rel=1e-4) and nckd.item() == pytest.approx(1e4, rel=1e-4)
+
+
+def test_dkd_criterion_warm_up_and_parts():
+    torch.manual_seed(3)
+    teacher, student = nn.Linear(5, 3), nn.Linear(5, 3)
+    images, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
+    criterion = KD_engine.DKDCriterion(teacher, temperature=2.0, alpha=0.25, dkd_alpha=1.0, dkd_beta=8.0, warmup_epochs=10)
+    assert criterion.trainable is None and not teacher.training
+    for epoch, factor in [(1, 0.1), (5, 0.5), (10, 1.0), (15, 1.0)]:
+        criterion.set_epoch(epoch)
+        out = criterion(student, images, labels)
+        dkd = out["tckd"] + 8.0 * out["nckd"]
+        assert out["loss"].item() == pytest.approx((0.25 * out["ce"] + 0.75 * factor * dkd).item(), rel=1e-6)
+    with torch.no_grad():
+        cached = teacher(images)
+    assert torch.equal(criterion(student, images, labels, cached)["loss"], out["loss"])
+    with pytest.raises(ValueError):
+        criterion.set_epoch(0)
+
+
+# ---------------------------------------------------------------- criteria
+
+
+def test_fitnet_gradient_reaches_adapter_and_student_never_teacher():
+    torch.manual_seed(4)
+    teacher, student = tiny_convnet(6), tiny_convnet(4)
+    teacher.train()  # the criterion must switch it to eval mode itself
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    criterion = KD_engine.FeatureDistillationCriterion(
+        teacher, student, "fitnet", [("2", "2"), ("4", "4")], temperature=4.0, alpha=0.3, beta=0.4, image_size=8)
+    assert [conv.weight.shape[:2] for conv in criterion.trainable.convs] == [(6, 4), (12, 8)]
+    student_state = {k: v.clone() for k, v in student.state_dict().items()}
+    assert torch.equal(student_state["1.running_mean"], torch.zeros(4))  # the dry run moved no statistic
+    parameters = list(student.parameters()) + list(criterion.trainable.parameters())
+    optimizer = torch.optim.SGD(parameters, lr=0.1)
+    out = criterion(student, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert out["loss"].item() == pytest.approx(
+        (0.3 * out["ce"] + 0.4 * out["feature"] + 0.3 * out["kd"]).item(), rel=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in criterion.trainable.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    optimizer.step()
+    assert not teacher.training
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"teacher's {key} changed"
+    criterion.close()
+
+
+def test_feature_weights_must_leave_kd_a_non_negative_weight():
+    with pytest.raises(ValueError, match="alpha \\+ beta"):
+        KD_engine.FeatureDistillationCriterion(tiny_convnet(4), tiny_convnet(4), "at", [("2", "2")], 4.0, 0.6, 0.6)
+
+
+@pytest.mark.parametrize("method", KD_engine.METHODS)
+def test_make_criterion_trains_the_real_small_models(method, real_models):
+    teacher, student = real_models
+    student.train()
+    student.zero_grad(set_to_none=True)
+    criterion = KD_engine.make_criterion(
+        method, teacher, student, temperature=4.0, alpha=0.5, beta=0.3,
+        pairs=KD_engine.default_feature_layers("vgg16_bn", "resnet18"), dkd_warmup_epochs=5)
+    out = criterion(student, torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["logits"].shape == (2, 10)
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"}, "dkd": {"ce", "tckd", "nckd"}}
+    assert out.keys() == {"loss", "logits"} | expected[method]
+    assert (criterion.trainable is not None) == (method == "fitnet")
+    assert hasattr(criterion, "set_epoch") == (method == "dkd")
+    if method in KD_engine.FEATURE_METHODS:
+        criterion.close()
+
+
+def test_make_criterion_names_the_known_methods():
+    with pytest.raises(ValueError, match="kd, fitnet, dkd, at"):
+        KD_engine.make_criterion("crd", nn.Linear(2, 2), nn.Linear(2, 2), temperature=4.0, alpha=0.5)
+
+
+# ---------------------------------------------------------------- knowledge_distillation_train
+
+
+def tiny_loader(batch_size: int = 3):
+    generator = torch.Generator().manual_seed(5)
+    images, labels = torch.randn(7, 3, 4, 4, generator=generator), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, 7, batch_size)]
+
+
+def hand_kd(student_logits, teacher_logits, temperature):
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    log_ratio = F.log_softmax(teacher_logits / temperature, dim=1) - F.log_softmax(student_logits / temperature, dim=1)
+    return temperature**2 * (p_t * log_ratio).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("teacher_percentage", [0.0, 0.7])
+def test_knowledge_distillation_train_returns_the_epoch_mean(teacher_percentage):
+    torch.manual_seed(6)
+    teacher, student = tiny_convnet(6), tiny_convnet(4)
+    teacher.train()
+    teacher[1].eval()  # a mixed mode that must come back as it was
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loader = tiny_loader()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+
+    student.train()
+    with torch.no_grad():
+        with KD_engine.eval_mode(teacher):
+            teacher_logits = [teacher(images) for images, _ in loader]
+        batch_losses = []
+        for (images, labels), t_logits in zip(loader, teacher_logits):
+            logits = student(images)
+            batch_losses.append((1 - teacher_percentage) * F.cross_entropy(logits, labels)
+                                + teacher_percentage * hand_kd(logits, t_logits, 2.0))
+    sizes = [len(labels) for _, labels in loader]
+    expected = sum(loss.item() * n for loss, n in zip(batch_losses, sizes)) / 7
+    assert expected != pytest.approx(sum(loss.item() for loss in batch_losses) / 3, rel=1e-4)
+
+    value = KD_engine.knowledge_distillation_train(teacher, student, loader, nn.CrossEntropyLoss(), optimizer,
+                                                   teacher_percentage=teacher_percentage, temperature=2.0, device="cpu")
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert teacher.training and not teacher[1].training and teacher[2].training
+    assert all(p.requires_grad and p.grad is None for p in teacher.parameters())
+    for key, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, teacher_before[key]), f"teacher's {key} changed"
+
+
+def test_knowledge_distillation_train_rejects_bad_settings():
+    teacher, student = tiny_convnet(4), tiny_convnet(4)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    for settings in ({"teacher_percentage": 1.5}, {"teacher_percentage": -0.1}, {"temperature": 0.0}):
+        with pytest.raises(ValueError):
+            KD_engine.knowledge_distillation_train(teacher, student, tiny_loader(), nn.CrossEntropyLoss(), optimizer,
+                                                   device="cpu", **settings)
