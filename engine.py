@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import model_builder
 import utils
 
 Batches = Iterable[tuple[torch.Tensor, ...]]  # (images, labels, *extra)
@@ -90,6 +91,14 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; `batch` is the first such batch (from 1)."""
+
+    def __init__(self, batch: int, message: str = "") -> None:
+        super().__init__(message or f"non-finite loss at batch {batch}")
+        self.batch = batch
+
+
 class SupervisedCriterion:
     """Cross-entropy on the hard labels (plain training)."""
 
@@ -124,6 +133,9 @@ def train_one_epoch(
 ) -> dict[str, Any]:
     """Train for one epoch and return its metrics.
 
+    Raises NonFiniteLossError (with the first bad batch, counted from 1) when the loss of any
+    batch was NaN or infinite; the check runs on the device and is read once, at the end.
+
     Loss parts are averaged per sample over the whole epoch (not a mean of batch means);
     classification metrics come from the training-mode logits of the augmented batches.
     Running sums stay on the device, so the loop never waits for the host. Under torchrun each
@@ -135,9 +147,13 @@ def train_one_epoch(
     model.train()
     sums: dict[str, torch.Tensor] = {}
     all_logits, all_labels = [], []
-    for images, labels, *extra in _progress(data_loader, description):
+    # The index of the first batch with a non-finite loss, kept on the device (-1: none yet).
+    first_bad_batch = torch.tensor(-1, device=device)
+    for batch_index, (images, labels, *extra) in enumerate(_progress(data_loader, description)):
         with autocast(device, amp_dtype):
             outputs = criterion(model, images, labels, *extra)
+        bad = (first_bad_batch < 0) & ~torch.isfinite(outputs["loss"].detach())
+        first_bad_batch = torch.where(bad, batch_index, first_bad_batch)
         optimizer.zero_grad(set_to_none=True)
         outputs["loss"].backward()
         optimizer.step()
@@ -149,6 +165,12 @@ def train_one_epoch(
                 sums[name] = sums.get(name, 0) + value.detach().float() * batch_size
         all_logits.append(outputs["logits"].detach().float())
         all_labels.append(labels)
+    if dist.is_initialized():
+        # Every rank must stop together, or the others would wait forever in the next collective.
+        dist.all_reduce(first_bad_batch, op=dist.ReduceOp.MAX)
+    bad_batch = int(first_bad_batch.item())
+    if bad_batch >= 0:
+        raise NonFiniteLossError(bad_batch + 1)
     logits, labels = gather_rows(torch.cat(all_logits)), gather_rows(torch.cat(all_labels))
     metrics = {name: (sum_over_ranks(total) / len(labels)).item() for name, total in sums.items()}
     metrics.update(utils.classification_metrics(logits, labels, class_names))
@@ -205,11 +227,16 @@ def is_better(candidate: dict[str, Any], best: dict[str, Any] | None) -> bool:
 
 @dataclass
 class FitResult:
-    """What the epoch loop produced: per-epoch history, the chosen epoch and timing."""
+    """What the epoch loop produced: per-epoch history, the chosen epoch and timing.
+
+    `best_val_outputs` holds the (logits, labels) of the validation pass at the best epoch,
+    so a report of the selected model need not predict the validation split again.
+    """
 
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
     train_seconds: float = 0.0
+    best_val_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def fit(
@@ -227,27 +254,43 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
     name: str = "model",
+    on_epoch_end: Callable[[FitResult], None] | None = None,
+    resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None,
 ) -> FitResult:
     """Train for `epochs` epochs, choose the best epoch on validation data, and restore it.
 
     After every epoch the model is evaluated on the validation loader; when it beats the
     best so far (see `is_better`) its weights are kept and `on_best(epoch, history)` is called
-    (to save a checkpoint); `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard).
+    (to save a checkpoint); `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard);
+    `on_epoch_end(result)` runs last in each epoch (to save the state a resumed run needs).
     When training ends the best weights are loaded back into `model`,
     so what the caller tests, saves or distills from is the selected model, not the last epoch.
+
+    `resume=(result so far, best weights of the unwrapped model)` continues after `len(result.history)` finished epochs;
+    the caller restores model, optimizer, scheduler, loader and RNG states beforehand.
+    A criterion with a `set_epoch(epoch)` method is told each epoch (from 1) before it starts.
     """
-    result = FitResult()
-    best_state: dict[str, torch.Tensor] | None = None
-    best_val: dict[str, Any] | None = None
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    result, best_state = resume if resume is not None else (FitResult(), None)
+    best_val = result.history[result.best_epoch - 1]["val"] if result.best_epoch else None
+    start = time.perf_counter() - result.train_seconds
+    for epoch in range(len(result.history) + 1, epochs + 1):
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_one_epoch(
-            model, train_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype,
-            description=f"{name} epoch {epoch}/{epochs}",
-        )
-        val_metrics = evaluate(model, val_loader, class_names, device, amp_dtype, f"{name} val")
+        if hasattr(criterion, "set_epoch"):
+            criterion.set_epoch(epoch)
+        try:
+            train_metrics = train_one_epoch(
+                model, train_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype,
+                description=f"{name} epoch {epoch}/{epochs}",
+            )
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(error.batch, (
+                f"{name}: the training loss became NaN or infinite at epoch {epoch}, batch {error.batch}; "
+                f"training stopped (the last good checkpoint, epoch {result.best_epoch}, is kept). "
+                "A lower learning rate usually helps."
+            )) from None
+        val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")
+        val_metrics = metrics_from_logits(val_logits, val_labels, class_names)
         record = {
             "epoch": epoch, "lr": lr, "train": train_metrics, "val": val_metrics,
             "seconds": time.perf_counter() - epoch_start,
@@ -256,16 +299,20 @@ def fit(
         if on_epoch is not None:
             on_epoch(record)
         improved = is_better(val_metrics, best_val)
-        if is_main_process():
-            log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
         if improved:
             best_val, result.best_epoch = val_metrics, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            result.best_val_outputs = (val_logits, val_labels)
+            best_state = copy.deepcopy(model_builder.unwrap(model).state_dict())
             if on_best is not None:
                 on_best(epoch, result.history)
-    result.train_seconds = time.perf_counter() - start
+        result.train_seconds = time.perf_counter() - start
+        if on_epoch_end is not None:
+            on_epoch_end(result)
+        # Logged once saved: an epoch shown as done is one a resumed run will not repeat.
+        if is_main_process():
+            log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
     if best_state is not None:
-        model.load_state_dict(best_state)
+        model_builder.unwrap(model).load_state_dict(best_state)
     return result
 
 

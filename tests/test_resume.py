@@ -1,0 +1,166 @@
+"""Interrupted runs: SIGKILL then --resume, Ctrl-C, a non-finite loss, untrusted checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import engine
+import experiment
+import utils
+from conftest import ROOT
+
+RESUME_FLAGS = [
+    "--val-fraction", "0.25", "--teacher-epochs", "2", "--student-epochs", "4", "--batch-size", "8",
+    "--image-size", "32", "--seed", "0", "--device", "cpu",
+]
+
+
+def start_run(tiny_data: Path, run_dir: Path) -> subprocess.Popen:
+    """The experiment as a separate process, its output unbuffered so it can be read line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-u", "experiment.py", "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *RESUME_FLAGS],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def stop_at(process: subprocess.Popen, prefix: str, sig: int) -> str:
+    """Send `sig` as soon as the run prints a line starting with `prefix`; return what it printed."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            process.send_signal(sig)
+            break
+    seen.append(process.stdout.read())
+    process.wait(timeout=120)
+    return "".join(seen)
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
+    complete = start_run(tiny_data, tmp_path / "complete")
+    assert complete.wait(timeout=300) == 0, complete.stdout.read()
+
+    killed = start_run(tiny_data, tmp_path / "killed")
+    # Epoch 2's line is printed before epoch 2 is saved: the kill lands mid-model, after epoch 1's state.
+    stop_at(killed, "[student_baseline] epoch   2", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "killed"
+    assert (run / "teacher" / "results.json").is_file()
+    assert not (run / "student_baseline" / "results.json").is_file()
+    saved_epochs = len(utils.load_checkpoint(run / "student_baseline" / experiment.TRAIN_STATE)["history"])
+    assert 1 <= saved_epochs < 4
+
+    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[teacher] finished before the interruption" in resumed.stdout
+    assert f"[student_baseline] resuming after epoch {saved_epochs} of 4" in resumed.stdout
+    expected = utils.read_json(tmp_path / "complete" / "summary.json")
+    actual = utils.read_json(run / "summary.json")
+    for role in experiment.ROLES:
+        assert actual[role]["test"] == expected[role]["test"], role
+        assert actual[role]["best_epoch"] == expected[role]["best_epoch"], role
+    history = lambda path: [(e["train"]["loss"], e["val"]["loss"]) for e in utils.read_json(path)["epochs"]]
+    assert history(run / "student_baseline" / "history.json") == history(tmp_path / "complete" / "student_baseline" / "history.json")
+    assert not list(run.glob("*/" + experiment.TRAIN_STATE)), "finished models keep no training state"
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
+    process = start_run(tiny_data, tmp_path / "run")
+    output = stop_at(process, "[teacher] epoch   1", signal.SIGINT)
+    assert process.returncode == 130, output
+    assert f"--resume {tmp_path / 'run'}" in output
+    assert "Traceback" not in output
+    assert (tmp_path / "run" / "teacher" / experiment.TRAIN_STATE).is_file()
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):
+    assert experiment.main(["--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert experiment.main(["--resume", str(tiny_run), "--alpha", "0.3"]) == 2
+    assert "leave out --alpha" in capsys.readouterr().err
+    assert experiment.main(["--resume", str(tiny_run)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert experiment.main(["--output-dir", str(tiny_run)]) == 2
+    assert f"--resume {tiny_run}" in capsys.readouterr().err
+
+
+class NaNAtBatch:
+    """A criterion whose loss turns NaN at one batch of one epoch."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.bad, self.epoch, self.batch = (epoch, batch), 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch = epoch, 0
+
+    def __call__(self, model, images, labels):
+        self.batch += 1
+        outputs = engine.SupervisedCriterion()(model, images, labels)
+        if (self.epoch, self.batch) == self.bad:
+            outputs["loss"] = outputs["loss"] * float("nan")
+        return outputs
+
+
+def test_non_finite_loss_stops_naming_model_epoch_and_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])) for _ in range(3)]
+    saved = []
+    with pytest.raises(engine.NonFiniteLossError, match=r"student_kd: .* epoch 2, batch 3; .*epoch 1, is kept"):
+        engine.fit(model, batches, batches, NaNAtBatch(epoch=2, batch=3), torch.optim.SGD(model.parameters(), lr=0.1),
+                   3, ["a", "b", "c"], torch.device("cpu"), on_best=lambda epoch, history: saved.append(epoch),
+                   log=lambda line: None, name="student_kd")
+    assert saved == [1]
+
+
+def test_diverging_run_exits_with_a_message_and_keeps_its_checkpoint(tiny_data, tmp_path, capsys):
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
+                            "--teacher-epochs", "3", "--teacher-lr", "1e30"])
+    error = capsys.readouterr().err
+    assert code == 1, error
+    assert error.startswith("error: teacher: the training loss became NaN or infinite at epoch ")
+    assert "Traceback" not in error
+
+
+class RunsCode:
+    """Unpickling this runs os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_checkpoint_is_refused_without_running_its_code(tiny_data, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "teacher.pth"
+    torch.save({"arch": "vgg16_bn", "state_dict": {}, "payload": RunsCode(marker)}, checkpoint)
+    with pytest.raises(pickle.UnpicklingError):
+        utils.load_checkpoint(checkpoint)
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
+                            "--teacher-checkpoint", str(checkpoint)])
+    assert code == 2
+    assert "Cannot read teacher checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_checkpoint_for_another_model_gets_a_clear_error(tiny_run, tiny_data, tmp_path, capsys):
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
+                            "--teacher-model", "ResNet18",
+                            "--teacher-checkpoint", str(tiny_run / "teacher" / "best_model.pth")])
+    assert code == 2
+    assert "holds a vgg16_bn, but --teacher-model is resnet18" in capsys.readouterr().err
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["teacher"]["arch"] == "vgg16_bn"
