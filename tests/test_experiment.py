@@ -141,6 +141,20 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
     (["--teacher-checkpoint", "/no/such.pth"], "is not a file"),
     (["--cache-teacher-logits"], "--cache-teacher-logits needs a deterministic training view"),
     (["--image-size", "16"], "VGG16 cannot take 16x16 images"),
+    (["--image-size", "4096"], "--image-size must be between 8 and 1024"),
+    (["--teacher-epochs", "0"], "--teacher-epochs must be at least 1"),
+    (["--student-lr", "0"], "--student-lr must be > 0"),
+    (["--teacher-lr", "-1"], "--teacher-lr must be > 0"),
+    (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
+    (["--kd-methods", "kd,bogus"], "--kd-methods must list distinct methods of kd, fitnet, dkd, at"),
+    (["--kd-methods", "kd,kd"], "--kd-methods must list distinct methods"),
+    (["--kd-methods", "fitnet", "--alpha", "0.8", "--beta", "0.3"], "--alpha + --beta <= 1"),
+    (["--kd-methods", "at", "--beta", "-0.1"], "--beta must be >= 0"),
+    (["--kd-methods", "at", "--feature-layers", "features.99:layer3"], "the teacher has no layer named features.99"),
+    (["--kd-methods", "fitnet", "--feature-layers", "features.22"], "--feature-layers:"),
+    (["--kd-methods", "dkd", "--dkd-beta", "-1"], "--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0"),
+    (["--seeds", "0,x"], "--seeds must be distinct integers"),
+    (["--seeds", "1,1"], "--seeds must be distinct integers"),
 ])
 def test_bad_settings_exit_2_with_one_sentence(flags, message, capsys, tmp_path):
     code = experiment.main([*flags, "--output-dir", str(tmp_path / "run")])

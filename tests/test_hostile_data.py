@@ -369,3 +369,22 @@ def test_bad_checkpoints_are_one_clear_line_and_exit_2(checkpoint, good_images, 
         lines = captured.err.strip().splitlines()
         assert captured.out == "" and len(lines) == 1, (name, captured.err)
         assert lines[0].startswith("error: ") and model in lines[0] and reason in lines[0], lines[0]
+
+
+def test_experiment_completes_on_the_hostile_folder_and_lists_what_it_skipped(hostile, tmp_path, capsys):
+    import experiment
+    from conftest import TINY_FLAGS
+
+    root, good, bad = hostile
+    run_dir = tmp_path / "run"
+    code = experiment.main(["--data-dir", str(root), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"Skipped {len(bad)} unreadable files" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [item["path"] for item in summary["skipped_files"]] == sorted(bad)
+    log = (run_dir / "skipped_files.log").read_text(encoding="utf-8").splitlines()
+    assert [line.split(": ", 1)[0] for line in log] == sorted(bad)
+    assert summary["dataset"]["sizes"] == {"train": 30, "val": 10, "test": 12}
+    assert "skipped files" in (run_dir / "report.html").read_text(encoding="utf-8")

@@ -1,0 +1,59 @@
+"""End to end: several distillation methods under several seeds, on tiny data."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+import experiment
+import utils
+from conftest import TINY_FLAGS
+
+
+@pytest.fixture(scope="module")
+def methods_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("methods") / "run"
+    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "1"]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *flags, "--kd-methods", "kd,at", "--seeds", "3,4"])
+    assert code == 0
+    return run_dir
+
+
+def test_every_method_and_seed_has_its_folder(methods_run):
+    assert not (methods_run / "teacher" / "seed_4").exists(), "the teacher is trained once"
+    for role in ("student_baseline", "student_kd", "student_at"):
+        for folder in (methods_run / role, methods_run / role / "seed_4"):
+            for name in ("best_model.pth", "results.json", "history.json", "confusion_matrix_test.png"):
+                assert (folder / name).is_file(), folder / name
+            assert utils.load_checkpoint(folder / "best_model.pth")["config"]["kd_methods"] == "kd,at"
+    assert not list(methods_run.glob("student_fitnet*")) and not list(methods_run.glob("student_dkd*"))
+
+
+def test_summary_reports_mean_and_std_over_seeds(methods_run):
+    summary = utils.read_json(methods_run / "summary.json")
+    assert summary["seeds"] == [3, 4]
+    top1 = {role: [utils.read_json(folder / "results.json")["test"]["top1"]
+                   for folder in (methods_run / role, methods_run / role / "seed_4")]
+            for role in ("student_baseline", "student_kd", "student_at")}
+    for role, values in top1.items():
+        row = summary[role]
+        assert row["test"]["top1"] == values[0], "the per-model row is the first seed's"
+        assert row["test_top1_by_seed"] == {"3": values[0], "4": values[1]}
+        assert row["test_top1_mean"] == pytest.approx(statistics.mean(values))
+        assert row["test_top1_std"] == pytest.approx(statistics.stdev(values))
+        gains = [value - base for value, base in zip(values, top1["student_baseline"])]
+        assert row["gain_top1_mean"] == pytest.approx(statistics.mean(gains))
+        assert row["gain_top1_std"] == pytest.approx(statistics.stdev(gains))
+    assert "test_top1_mean" not in summary["teacher"]
+    assert summary["kd_gain_top1"] == pytest.approx(top1["student_kd"][0] - top1["student_baseline"][0])
+    table = (methods_run / "comparison.txt").read_text()
+    assert "top1 mean+-std" in table and "student_at" in table and "at gain" in table
+    report = (methods_run / "report.html").read_text()
+    assert "student_at" in report
+
+
+def test_feature_method_logs_its_feature_term(methods_run):
+    history = utils.read_json(methods_run / "student_at" / "history.json")["epochs"]
+    assert {"ce", "kd", "at"} <= history[0]["train"].keys()
