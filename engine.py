@@ -284,10 +284,11 @@ def fit(
                 description=f"{name} epoch {epoch}/{epochs}",
             )
         except NonFiniteLossError as error:
+            kept = (f"the last good checkpoint, epoch {result.best_epoch}, is kept" if result.best_epoch
+                    else "no epoch had finished, so there is no checkpoint")
             raise NonFiniteLossError(error.batch, (
                 f"{name}: the training loss became NaN or infinite at epoch {epoch}, batch {error.batch}; "
-                f"training stopped (the last good checkpoint, epoch {result.best_epoch}, is kept). "
-                "A lower learning rate usually helps."
+                f"training stopped ({kept}). A lower learning rate usually helps."
             )) from None
         val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")
         val_metrics = metrics_from_logits(val_logits, val_labels, class_names)

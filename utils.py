@@ -237,12 +237,17 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Training-loss parts a criterion may report, with their labels on plots (KD_engine's methods).
+LOSS_PARTS = {"loss": "total", "ce": "CE", "kd": "KD (T²·KL)", "feature": "FitNets feature MSE",
+              "at": "attention transfer", "tckd": "DKD target-class", "nckd": "DKD non-target"}
+
+
 def history_table(history: list[dict[str, Any]]) -> str:
     """One line per epoch: learning rate, training loss parts, train and validation metrics."""
     lines = []
     for record in history:
         train, val = record["train"], record["val"]
-        parts = " ".join(f"{k}={train[k]:.4f}" for k in ("loss", "ce", "kd") if k in train)
+        parts = " ".join(f"{k}={train[k]:.4f}" for k in LOSS_PARTS if k in train)
         lines.append(
             f"epoch {record['epoch']:3d}  lr={record['lr']:.5f}  train {parts} "
             f"top1={format_metric(train['top1'])}% top3={format_metric(train['top3'])}% "
@@ -281,9 +286,9 @@ def plot_curves(history: list[dict[str, Any]], key: str, title: str, path: str |
     epochs = [r["epoch"] for r in history]
     figure, axis = plt.subplots(figsize=(6, 4))
     series = [("train", key, f"train {key}"), ("val", key, f"val {key}")]
-    if key == "loss" and "kd" in history[0]["train"]:
-        series = [("train", "loss", "train total"), ("train", "ce", "train CE"),
-                  ("train", "kd", "train KD (T²·KL)"), ("val", "loss", "val CE")]
+    parts = [part for part in LOSS_PARTS if part in history[0]["train"]]
+    if key == "loss" and len(parts) > 1:
+        series = [("train", part, f"train {LOSS_PARTS[part]}") for part in parts] + [("val", "loss", "val CE")]
     for split, name, label in series:
         values = [r[split].get(name) for r in history]
         axis.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
@@ -338,8 +343,9 @@ def plot_comparison(summary: dict[str, dict[str, Any]], path: str | Path) -> Non
     plt = _figure()
     names = list(summary)
     keys = ["top1", "top3", "f1_macro", "auc_macro"]
+    # Wider with more models, so every bar keeps room for its value label.
     figure, (metric_axis, size_axis) = plt.subplots(
-        1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]}
+        1, 2, figsize=(8 + 1.4 * len(names), 4.5), gridspec_kw={"width_ratios": [3, 1]}
     )
     width = 0.8 / len(names)
     x = np.arange(len(keys))
@@ -351,17 +357,21 @@ def plot_comparison(summary: dict[str, dict[str, Any]], path: str | Path) -> Non
             x + (i - (len(names) - 1) / 2) * width,
             [floor if v is None else 100 * v for v in values], width=width, label=name,
         )
-        metric_axis.bar_label(bars, labels=[format_metric(v) for v in values], fontsize=7)
+        metric_axis.bar_label(bars, labels=[format_metric(v) for v in values], fontsize=7,
+                              rotation=90 if len(names) > 3 else 0, padding=2)
     metric_axis.set_xticks(x, [f"test {k}" for k in keys])
     metric_axis.set_ylabel("%")
-    metric_axis.set_ylim(floor, 100 + (100 - floor) * 0.08)
-    metric_axis.legend(loc="lower right", fontsize=8)
+    metric_axis.set_ylim(floor, 100 + (100 - floor) * (0.08 if len(names) <= 3 else 0.2))
+    metric_axis.legend(loc="upper left", bbox_to_anchor=(0, -0.08), ncol=min(len(names), 6), fontsize=8, frameon=False)
     metric_axis.set_title("Test metrics")
     bars = size_axis.bar(names, [summary[n]["params"] / 1e6 for n in names], color="gray")
-    size_axis.bar_label(bars, fmt="%.2fM", fontsize=8)
+    size_axis.bar_label(bars, fmt="%.2fM", fontsize=7, rotation=90 if len(names) > 3 else 0, padding=2)
     size_axis.set_ylabel("parameters (millions)")
     size_axis.set_title("Model size")
-    size_axis.tick_params(axis="x", rotation=20)
+    size_axis.set_ylim(0, max(summary[n]["params"] for n in names) / 1e6 * 1.3)
+    size_axis.tick_params(axis="x", rotation=35)
+    for label in size_axis.get_xticklabels():
+        label.set_horizontalalignment("right")
     save_figure(figure, path)
 
 

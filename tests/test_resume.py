@@ -124,7 +124,7 @@ def test_non_finite_loss_stops_naming_model_epoch_and_batch():
     assert saved == [1]
 
 
-def test_diverging_run_exits_with_a_message_and_keeps_its_checkpoint(tiny_data, tmp_path, capsys):
+def test_diverging_run_exits_1_with_one_sentence(tiny_data, tmp_path, capsys):
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
                             "--teacher-epochs", "3", "--teacher-lr", "1e30"])
     error = capsys.readouterr().err
