@@ -386,7 +386,7 @@ def make_optimizer(config: Config, model: nn.Module, lr: float, criterion: engin
 
 def rng_states() -> dict[str, Any]:
     """Every random generator's state, in types a weights_only checkpoint can hold."""
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     states = {
         "torch": torch.get_rng_state(), "python": random.getstate(),
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
@@ -437,21 +437,10 @@ def train_model(
     state_path = folder / TRAIN_STATE
     resume, best_weights = None, {}
     if state_path.is_file():
-        state = read_state(state_path)
-        model_builder.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if trainable is not None:
-            trainable.load_state_dict(state["criterion"])
-        train_loader.generator.set_state(state["loader_generator"])
-        set_rng_states(state["rng"])
-        result = engine.FitResult(history=state["history"], best_epoch=state["best_epoch"],
-                                  train_seconds=state["train_seconds"],
-                                  best_val_outputs=(state["best_val_logits"], state["best_val_labels"]))
-        best_weights = state["model"] if state["best_model"] is None else state["best_model"]
-        resume = (result, best_weights)
+        resume = restore_training(read_state(state_path), model, optimizer, scheduler, trainable, train_loader)
+        best_weights = resume[1]
         if engine.is_main_process():
-            print(f"[{role}] resuming after epoch {len(result.history)} of {epochs}")
+            print(f"[{role}] resuming after epoch {len(resume[0].history)} of {epochs}")
 
     @finish_before_interrupt
     def save_epoch(result: engine.FitResult) -> None:
@@ -490,6 +479,24 @@ def train_model(
         if hasattr(criterion, "close"):
             criterion.close()  # its hooks must not outlive training (export, reports)
     return model, result
+
+
+def restore_training(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, train_loader: data_setup.BatchLoader,
+) -> tuple[engine.FitResult, dict[str, torch.Tensor]]:
+    """Put a saved training state back in place; return what `engine.fit` needs to continue."""
+    model_builder.unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if trainable is not None:
+        trainable.load_state_dict(state["criterion"])
+    train_loader.generator.set_state(state["loader_generator"])
+    set_rng_states(state["rng"])
+    result = engine.FitResult(history=state["history"], best_epoch=state["best_epoch"],
+                              train_seconds=state["train_seconds"],
+                              best_val_outputs=(state["best_val_logits"], state["best_val_labels"]))
+    return result, state["model"] if state["best_model"] is None else state["best_model"]
 
 
 def finish_before_interrupt(function: Callable[..., None]) -> Callable[..., None]:
@@ -795,6 +802,7 @@ def train_and_report(
         teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], device, amp_dtype, "teacher logits")
     # The teacher is frozen on every rank; unwrapped, its forward needs no other rank.
     frozen_teacher = engine.local_module(teacher)
+    pairs = feature_pairs(config) if set(kd_methods(config)) & set(KD_engine.FEATURE_METHODS) else None
     run_seeds = seeds(config)
     rows: dict[str, dict[int, dict[str, Any]]] = {role: {} for role in student_roles(config)}
     for seed in run_seeds:
@@ -807,7 +815,7 @@ def train_and_report(
                 if role == "student_baseline":
                     make_criterion, cached = (lambda model: engine.SupervisedCriterion()), None
                 else:
-                    make_criterion = functools.partial(distillation_criterion, context, method, frozen_teacher)
+                    make_criterion = functools.partial(distillation_criterion, context, method, frozen_teacher, pairs)
                     cached = teacher_logits if method not in KD_engine.FEATURE_METHODS else None
                 student, fit = train_model(context, name, student_arch, config.student_epochs, config.student_lr,
                                            make_criterion, folder, seed, cached)
@@ -863,15 +871,17 @@ def obtain_teacher(
     return teacher, {"teacher": report_model(context, "teacher", arch, teacher, fit, folder)}
 
 
-def distillation_criterion(context: Context, method: str, teacher: nn.Module, student: nn.Module) -> engine.Criterion:
-    """The loss of one distillation method, from the run's settings."""
+def distillation_criterion(
+    context: Context, method: str, teacher: nn.Module, pairs: list[tuple[str, str]] | None, student: nn.Module,
+) -> engine.Criterion:
+    """The loss of one distillation method, from the run's settings (`pairs`: fitnet / at layers)."""
     config = context.config
     warmup = config.dkd_warmup_epochs
     if warmup is None:
         warmup = max(1, round(config.student_epochs * 20 / 240))
     return KD_engine.make_criterion(
         method, teacher, student, temperature=config.temperature, alpha=config.alpha, beta=config.beta,
-        pairs=feature_pairs(config) if method in KD_engine.FEATURE_METHODS else None,
+        pairs=pairs if method in KD_engine.FEATURE_METHODS else None,
         dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta, dkd_warmup_epochs=warmup, image_size=config.image_size,
     )
 
