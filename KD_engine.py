@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import engine
 import model_builder
 
 METHODS = ("kd", "fitnet", "dkd", "at")
@@ -484,7 +485,7 @@ def knowledge_distillation_train(
         raise ValueError(f"teacher_percentage must lie in [0, 1], got {teacher_percentage}.")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = engine.resolve_device("auto") if device is None else torch.device(device)
     teacher_model.to(device)
     student_model.to(device).train()
     total, samples = torch.zeros((), device=device), 0

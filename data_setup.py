@@ -383,8 +383,11 @@ class ImageFiles(torch.utils.data.Dataset):
             raise DataError(f"Cannot read image '{self.paths[index]}': {error}.") from None
 
 
-def file_loader(paths: Sequence[str], image_size: int, workers: int, **options) -> torch.utils.data.DataLoader:
-    """A DataLoader decoding image files (batches of 256 unless `options` give a batch sampler).
+def file_loader(
+    paths: Sequence[str], image_size: int, workers: int, files: type[ImageFiles] = ImageFiles, **options,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader decoding image files through `files` (batches of 256 unless `options` give a
+    batch sampler).
 
     It has its own generator: without one a DataLoader draws a seed from the global RNG,
     which would shift the dropout masks of the model being trained, so streaming or decoding
@@ -392,14 +395,18 @@ def file_loader(paths: Sequence[str], image_size: int, workers: int, **options) 
     """
     if "batch_sampler" not in options:
         options["batch_size"] = 256
-    return torch.utils.data.DataLoader(ImageFiles(paths, image_size), num_workers=workers,
+    return torch.utils.data.DataLoader(files(paths, image_size), num_workers=workers,
                                        generator=torch.Generator().manual_seed(0), **options)
+
+
+def _decode_workers(paths: Sequence[str], workers: int) -> int:
+    """Worker processes for decoding `paths` once: none for small sets, where start-up costs more."""
+    return workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
 
 
 def _decode_all(paths: Sequence[str], image_size: int, workers: int) -> torch.Tensor:
     """Decode every file once into one uint8 tensor, in worker processes for large sets."""
-    workers = workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
-    return torch.cat(list(file_loader(paths, image_size, workers)))
+    return torch.cat(list(file_loader(paths, image_size, _decode_workers(paths, workers))))
 
 
 class _CheckedImageFiles(ImageFiles):
@@ -423,10 +430,8 @@ def _decode_checked(
 ) -> tuple[torch.Tensor | None, dict[int, str]]:
     """Decode every file, skipping those that fail: the readable ones' images (when `keep`,
     in order) and {index: reason} for the others."""
-    workers = workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
-    loader = torch.utils.data.DataLoader(
-        _CheckedImageFiles(paths, image_size), batch_size=64, num_workers=workers,
-        collate_fn=_collate_checked, generator=torch.Generator().manual_seed(0))
+    loader = file_loader(paths, image_size, _decode_workers(paths, workers), _CheckedImageFiles,
+                         collate_fn=_collate_checked)
     batches, failed = [], {}
     for images, failures in loader:
         failed.update(failures)
