@@ -10,8 +10,9 @@ Real folders are messy, so every file is checked before any training starts:
   are skipped; each is listed with a one-line reason in `DatasetSplits.skipped_files`.
 - Hidden files and folders (names starting with '.', such as .DS_Store, ._photo.jpg or
   .ipynb_checkpoints) are ignored silently at every level: never used, never listed.
-- A missing split folder, a class without a usable image, classes that differ between splits
-  and too few images to carve a validation split stop the run with one `DataError` sentence.
+- A missing split folder, a class without a usable image, classes that differ between splits and
+  too few images to carve a validation split stop the run with one `DataError` message (naming
+  every difference between the splits and every empty class folder at once).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def bundled_digits_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     )
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
+    staging.chmod(utils.FOLDER_MODE)  # mkdtemp's private 0700 would survive the rename
     for split, split_idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
         for i in split_idx:
             class_dir = staging / split / str(targets[i])
@@ -218,22 +220,44 @@ def image_folder(root: Path, split: str = "image") -> FolderScan:
     return FolderScan(Path(root), classes, samples, skipped)
 
 
-def check_same_classes(folders: dict[str, FolderScan]) -> list[str]:
-    """Return the shared class names, or stop naming the classes that differ between splits."""
-    reference_split, reference = next(iter(folders.items()))
+def _listing(names: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_classes(folders: dict[str, FolderScan]) -> list[str]:
+    """Return the shared class names, or stop with one message naming every difference between the
+    splits (a class folder missing from some) and every class folder without image files (empty, or
+    holding other files only), so a user can fix them all at once."""
+    splits = list(folders)
+    differences = []
+    for name in sorted(set().union(*(folder.classes for folder in folders.values()))):
+        having = [split for split in splits if name in folders[split].classes]
+        if len(having) < len(splits):
+            lacking = [split for split in splits if split not in having]
+            differences.append(f"'{name}' is in {_listing(having)} but missing from {_listing(lacking)}")
+    empty = []
     for split, folder in folders.items():
-        if folder.classes != reference.classes:
-            only_here = sorted(set(folder.classes) - set(reference.classes))
-            only_there = sorted(set(reference.classes) - set(folder.classes))
-            raise DataError(
-                f"Class folders differ between {reference_split} and {split}: "
-                f"only in {split}: {only_here or 'none'}; only in {reference_split}: {only_there or 'none'}."
-            )
-    return list(reference.classes)
+        counts = np.bincount(np.asarray(folder.targets, dtype=np.int64), minlength=len(folder.classes))
+        for index in np.flatnonzero(counts == 0):
+            prefix = os.path.join(str(folder.root), folder.classes[index]) + os.sep
+            others = [item["path"] for item in folder.skipped if item["path"].startswith(prefix)]
+            content = (f"it holds no image files, only {len(others)} other file{'s' if len(others) > 1 else ''} "
+                       f"such as '{os.path.basename(others[0])}'" if others else "the folder is empty")
+            empty.append(f"the class '{folder.classes[index]}' in the {split} folder '{folder.root}' has no usable "
+                         f"images ({content})")
+    if not differences and not empty:
+        return list(folders[splits[0]].classes)
+    problems = [f"Class folders differ between splits: {'; '.join(differences)}."] if differences else []
+    if empty:
+        text = "; ".join(empty)
+        problems.append(text[0].upper() + text[1:] + ".")
+    raise DataError(" ".join(problems) + " Every split needs the same class folders, each holding images.")
 
 
 def _require_every_class(split: str, scan: FolderScan, labels: Sequence[int], skipped: list[dict[str, str]]) -> None:
-    """Stop, naming the class and split, when a class folder has no usable image."""
+    """Stop, naming the class and split, when every image file of a class folder was unreadable
+    (folders without image files were refused before decoding, by `check_classes`)."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(scan.classes))
     empty = [scan.classes[i] for i in np.flatnonzero(counts == 0)]
     if not empty:
@@ -243,12 +267,9 @@ def _require_every_class(split: str, scan: FolderScan, labels: Sequence[int], sk
         raise DataError(f"The classes {names} in the {split} folder '{scan.root}' have no usable images.")
     prefix = os.path.join(str(scan.root), empty[0]) + os.sep
     bad = [item for item in skipped if item["path"].startswith(prefix)]
-    if bad:
-        detail = (f": {len(bad)} file{'s were' if len(bad) > 1 else ' was'} skipped, "
-                  f"e.g. '{bad[0]['path']}' ({bad[0]['reason']})")
-    else:
-        detail = " (the folder holds no image files)"
-    raise DataError(f"The class '{empty[0]}' in the {split} folder '{scan.root}' has no usable images{detail}.")
+    raise DataError(f"The class '{empty[0]}' in the {split} folder '{scan.root}' has no usable images: "
+                    f"{len(bad)} file{'s were' if len(bad) > 1 else ' was'} skipped, "
+                    f"e.g. '{bad[0]['path']}' ({bad[0]['reason']}).")
 
 
 def stratified_split(
@@ -603,9 +624,7 @@ def load_splits(
     train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
     roots = {"train": train_path, **({"val": val_path} if val_path is not None else {}), "test": test_path}
     scans = {split: image_folder(root, split) for split, root in roots.items()}
-    class_names = check_same_classes(scans)
-    for split, scan in scans.items():  # cheap: before any decoding
-        _require_every_class(split, scan, scan.targets, scan.skipped)
+    class_names = check_classes(scans)  # cheap: before any decoding
     total_images = sum(len(scan.samples) for scan in scans.values())
     stream = total_images * 3 * image_size**2 / 2**20 > memory_budget_mb
     usable: dict[str, _UsableImages] = {}

@@ -16,7 +16,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -85,12 +85,36 @@ class SettingsError(Exception):
     """A setting the user gave is invalid."""
 
 
-class Interrupted(Exception):
-    """The user stopped the run (Ctrl-C); every finished epoch is saved in `run_dir`."""
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send before preempting a job), handled as Ctrl-C is."""
 
-    def __init__(self, run_dir: Path) -> None:
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C or SIGTERM); every finished epoch is saved in `run_dir`."""
+
+    def __init__(self, run_dir: Path, signum: int) -> None:
         super().__init__(str(run_dir))
-        self.run_dir = run_dir
+        self.run_dir, self.signum = run_dir, signum
+
+
+# Exceptions the stop signals raise (SIGINT: Python's own KeyboardInterrupt).
+STOP_SIGNALS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: StopRequested}
+
+
+def stop_signal(error: KeyboardInterrupt) -> int:
+    """The signal behind a stop: SIGTERM for StopRequested, SIGINT for any other KeyboardInterrupt."""
+    return signal.SIGTERM if isinstance(error, StopRequested) else signal.SIGINT
+
+
+def request_stop(signum: int, frame: Any) -> None:
+    """Signal handler: stop the run as Ctrl-C does (the exception type tells which signal)."""
+    raise STOP_SIGNALS[signum]
+
+
+def handle_stop_signals() -> None:
+    """Make SIGTERM stop a run as Ctrl-C does, unless it was inherited as ignored (then it stays ignored)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, request_stop)
 
 
 @dataclass
@@ -243,13 +267,20 @@ def validate(config: Config) -> None:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise SettingsError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    if config.teacher_checkpoint is not None and not Path(config.teacher_checkpoint).is_file():
-        raise SettingsError(f"--teacher-checkpoint '{config.teacher_checkpoint}' is not a file.")
     for name in (config.teacher_model, config.student_model):
         try:
             model_builder.check_input_size(name, config.image_size)
         except ValueError as error:
             raise SettingsError(str(error)) from None
+
+
+PATH_SETTINGS = ("data_dir", "train_dir", "val_dir", "test_dir", "output_dir", "teacher_checkpoint")
+
+
+def expand_user_paths(config: Config) -> Config:
+    """'~' in a path setting means the home folder, as in a shell (which leaves --data-dir=~/x alone)."""
+    paths = {key: os.path.expanduser(getattr(config, key)) for key in PATH_SETTINGS if getattr(config, key) is not None}
+    return replace(config, **paths)
 
 
 def kd_methods(config: Config) -> list[str]:
@@ -280,9 +311,8 @@ def feature_pairs(config: Config) -> list[tuple[str, str]]:
     try:
         pairs = (KD_engine.parse_feature_layers(config.feature_layers) if config.feature_layers
                  else KD_engine.default_feature_layers(config.teacher_model, config.student_model))
-        with torch.device("meta"):
-            teacher = model_builder.build_model(config.teacher_model, 10, config.image_size)
-            student = model_builder.build_model(config.student_model, 10, config.image_size)
+        teacher = model_builder.build_on_meta(config.teacher_model, 10, config.image_size)
+        student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
     except ValueError as error:
         raise SettingsError(f"--feature-layers: {error}") from None
     for model, names, which in ((teacher, [t for t, _ in pairs], "teacher"), (student, [s for _, s in pairs], "student")):
@@ -500,20 +530,26 @@ def restore_training(
 
 
 def finish_before_interrupt(function: Callable[..., None]) -> Callable[..., None]:
-    """Run `function` with Ctrl-C held back until it returns, so a save it makes is never cut short."""
+    """Run `function` with Ctrl-C and SIGTERM held back until it returns, so a save it makes is never
+    cut short; a signal that arrived meanwhile then stops the run. A signal inherited as ignored
+    (e.g. SIGINT in a background job of a non-interactive shell) stays ignored."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
             return function(*args, **kwargs)
-        pressed = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+        received: list[int] = []
+        held = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None)}
+        for signum in held:
+            signal.signal(signum, lambda signum, frame: received.append(signum))
         try:
             function(*args, **kwargs)
         finally:
-            signal.signal(signal.SIGINT, previous)
-        if pressed:
-            raise KeyboardInterrupt
+            for signum, previous in held.items():
+                signal.signal(signum, previous)
+        if received:
+            raise STOP_SIGNALS[received[0]]
 
     return wrapper
 
@@ -553,6 +589,8 @@ def log_scalars(writer, record: dict[str, Any]) -> None:
 
 def read_teacher_checkpoint(path: str) -> dict[str, Any]:
     """Read a teacher checkpoint (without running code from it), with a clear error if unusable."""
+    if not Path(path).is_file():
+        raise SettingsError(f"--teacher-checkpoint '{path}' is not a file.")
     try:
         checkpoint = utils.load_checkpoint(path)
         for key in ("arch", "class_names", "image_size", "mean", "std", "epoch", "state_dict"):
@@ -562,18 +600,42 @@ def read_teacher_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
+def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: set[str] | None) -> Config:
+    """The teacher's architecture and image size come from its checkpoint (normalization too, see
+    run_experiment); a setting the user gave (`given`; None: every setting) that says otherwise is refused."""
+    path = config.teacher_checkpoint
+    try:
+        named = model_builder.torchvision_name(config.teacher_model)
+    except model_builder.UnknownModelError:
+        named = config.teacher_model
+    conflicts = {
+        "teacher_model": (named != checkpoint["arch"], f"holds a {checkpoint['arch']}"),
+        "image_size": (config.image_size != checkpoint["image_size"], f"was trained at {checkpoint['image_size']} px"),
+    }
+    for key, (differs, fact) in conflicts.items():
+        if differs and (given is None or key in given):
+            raise SettingsError(f"--{key.replace('_', '-')} {getattr(config, key)} contradicts the teacher checkpoint "
+                                f"'{path}', which {fact}; leave the flag out to use the checkpoint's.")
+    return replace(config, teacher_model=checkpoint["arch"], image_size=checkpoint["image_size"])
+
+
+def check_teacher_fits(path: str, checkpoint: dict[str, Any], class_names: list[str]) -> None:
+    """Refuse a teacher checkpoint whose classes or weights do not fit this run (checked on the meta device)."""
+    if checkpoint["class_names"] != class_names:
+        raise SettingsError(f"Teacher checkpoint '{path}' was trained on classes {checkpoint['class_names']}, "
+                            f"not this data's {class_names}.")
+    model = model_builder.build_on_meta(checkpoint["arch"], len(class_names), checkpoint["image_size"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"], assign=True)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:2]]
+        raise SettingsError(f"Teacher checkpoint '{path}' does not hold weights of a {checkpoint['arch']} for "
+                            f"{len(class_names)} classes ({'; '.join(details) or error}).") from None
+
+
 def load_teacher(context: Context, checkpoint: dict[str, Any]) -> tuple[nn.Module, engine.FitResult]:
-    """Rebuild a trained teacher from its checkpoint, checking it fits this run's data."""
-    path = context.config.teacher_checkpoint
-    arch, class_names = checkpoint["arch"], checkpoint["class_names"]
-    expected_arch = model_builder.torchvision_name(context.config.teacher_model)
-    if arch != expected_arch:
-        raise SettingsError(f"Teacher checkpoint '{path}' holds a {arch}, but --teacher-model is {expected_arch}.")
-    if class_names != context.data.class_names:
-        raise SettingsError(f"Teacher checkpoint '{path}' was trained on classes {class_names}, not this data's {context.data.class_names}.")
-    if checkpoint["image_size"] != context.config.image_size:
-        raise SettingsError(f"Teacher checkpoint '{path}' was trained at {checkpoint['image_size']} px; pass --image-size {checkpoint['image_size']}.")
-    model = new_model(context, arch, context.config.seed)
+    """Rebuild a trained teacher from its checkpoint (checked beforehand by `check_teacher_fits`)."""
+    model = new_model(context, checkpoint["arch"], context.config.seed)
     model_builder.unwrap(model).load_state_dict(checkpoint["state_dict"])
     history = checkpoint.get("history", [])
     return model, engine.FitResult(history=history, best_epoch=checkpoint["epoch"], train_seconds=0.0)
@@ -725,13 +787,19 @@ def make_run_dir(output_dir: str | None) -> Path:
     return Path(engine.broadcast_object(str(path)))
 
 
-def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
+def run_experiment(config: Config, resume: bool = False, given: set[str] | None = None) -> dict[str, Any]:
     """The whole pipeline: data, teacher, baseline student, distilled student, reports.
 
     With `resume`, `config.output_dir` is an interrupted run: finished models are kept and the
-    model in training continues after its last finished epoch.
+    model in training continues after its last finished epoch. `given` names the settings the
+    user set explicitly (None: all of them); a teacher checkpoint supplies the others it decides.
+    Everything that can be checked is checked before the run directory is made.
     """
     start = time.perf_counter()
+    config = expand_user_paths(config)
+    teacher_checkpoint = None if config.teacher_checkpoint is None else read_teacher_checkpoint(config.teacher_checkpoint)
+    if teacher_checkpoint is not None:
+        config = adopt_teacher_checkpoint(config, teacher_checkpoint, given)
     validate(config)
     if not resume and config.output_dir is not None and (Path(config.output_dir) / "config.json").is_file():
         raise SettingsError(f"'{config.output_dir}' already holds a run: choose another --output-dir, "
@@ -746,13 +814,13 @@ def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
         torch.cuda.set_device(device)
     main_process = rank == 0
     amp_dtype = engine.resolve_amp_dtype(config.precision, device)
-    teacher_checkpoint = None if config.teacher_checkpoint is None else read_teacher_checkpoint(config.teacher_checkpoint)
     data = data_setup.load_splits(
         config.data_dir, config.train_dir, config.val_dir, config.test_dir,
         config.image_size, config.val_fraction, config.seed, config.memory_budget_mb, config.workers,
         data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None,
     )
     if teacher_checkpoint is not None:
+        check_teacher_fits(config.teacher_checkpoint, teacher_checkpoint, data.class_names)
         # The teacher expects inputs normalized as in its own training; students share them.
         data.mean, data.std = teacher_checkpoint["mean"], teacher_checkpoint["std"]
     run_dir = make_run_dir(config.output_dir)
@@ -784,8 +852,8 @@ def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
               f"(listed in {run_dir / 'skipped_files.log'} and summary.json)")
     try:
         return train_and_report(context, start, dataset, precision, teacher_checkpoint)
-    except KeyboardInterrupt:
-        raise Interrupted(run_dir) from None
+    except KeyboardInterrupt as stop:
+        raise Interrupted(run_dir, stop_signal(stop)) from None
 
 
 def train_and_report(
@@ -902,11 +970,18 @@ def seed_statistics(by_seed: dict[int, dict[str, Any]], baseline: dict[int, dict
 def ledger_row(config: Config, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One line of the runs ledger: what was run, with which key settings, and how it scored."""
     dataset = "bundled digits" if is_bundled(config) else (config.data_dir or config.train_dir)
+    distilled = [role for role in student_roles(config) if role != "student_baseline"]
     return {
         "finished_at": summary["finished_at"], "run_dir": str(run_dir), "dataset": dataset,
-        **{key: getattr(config, key) for key in ("teacher_model", "student_model", "teacher_epochs", "student_epochs",
-                                                  "temperature", "alpha", "batch_size", "image_size", "seed")},
+        **{key: getattr(config, key) for key in ("teacher_model", "student_model", "student_epochs", "optimizer",
+                                                  "student_lr", "temperature", "alpha", "batch_size", "image_size", "seed")},
+        # A reused teacher was not trained in this run: its checkpoint stands where its training settings would.
+        "teacher_checkpoint": config.teacher_checkpoint or "",
+        "teacher_epochs": "" if config.teacher_checkpoint else config.teacher_epochs,
+        "teacher_lr": "" if config.teacher_checkpoint else config.teacher_lr,
+        "kd_methods": ",".join(kd_methods(config)), "seeds": ",".join(map(str, seeds(config))),
         **{f"{role}_top1": round(summary[role]["test"]["top1"], 6) if role in summary else None for role in ROLES},
+        "distilled_top1": " ".join(f"{role.removeprefix('student_')}={summary[role]['test']['top1']:.6f}" for role in distilled),
         "kd_gain_top1": round(summary["kd_gain_top1"], 6) if "kd_gain_top1" in summary else None,
         "wall_seconds": summary["wall_seconds"],
     }
@@ -946,14 +1021,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="RUN", default=None,
                         help="continue the interrupted run in RUN with its saved settings")
     args = vars(parser.parse_args(argv))
-    report_only, resume = args.pop("report_only"), args.pop("resume")
+    report_only, resume = (None if path is None else os.path.expanduser(path) for path in (args.pop("report_only"), args.pop("resume")))
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    handle_stop_signals()
     try:
         if report_only is not None:
             rebuild_report(report_only)
             return 0
         config = Config(**args) if resume is None else resumed_config(resume, args, parser)
         if config is not None:
-            run_experiment(config, resume=resume is not None)
+            run_experiment(config, resume=resume is not None, given=given_settings(argv))
     except (SettingsError, data_setup.DataError, model_builder.UnknownModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -962,16 +1039,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Interrupted as interrupted:
         if engine.is_main_process():
-            print(f"\nInterrupted. Every finished epoch is saved; continue with: "
-                  f"python experiment.py --resume {interrupted.run_dir}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("\nInterrupted before any training: nothing to resume.", file=sys.stderr)
-        return 130
+            print(f"\nInterrupted ({signal.Signals(interrupted.signum).name}). Every finished epoch is saved; "
+                  f"continue with: python experiment.py --resume {interrupted.run_dir}", file=sys.stderr)
+        return 128 + interrupted.signum
+    except KeyboardInterrupt as stop:
+        print(f"\nInterrupted ({signal.Signals(stop_signal(stop)).name}) before any training: nothing to resume.",
+              file=sys.stderr)
+        return 128 + stop_signal(stop)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm_handler)
     return 0
+
+
+def given_settings(argv: list[str] | None) -> set[str]:
+    """The settings whose flags appear on the command line (as opposed to defaults)."""
+    absent = object()
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(Config.__dataclass_fields__, absent))
+    return {key for key, value in vars(probe.parse_known_args(argv)[0]).items() if value is not absent}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torchvision import models
@@ -96,12 +99,48 @@ def flops_per_image(model: nn.Module, image_size: int) -> int:
     return int(counter.get_total_flops())
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new parameter and buffer on the meta device: nothing is allocated or initialized.
+
+    A meta default device (`with torch.device("meta")`) would also put the plain tensors some
+    builders compute with on the meta device (RegNet's block widths), which cannot be read back.
+    """
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def build_on_meta(name: str, num_classes: int, image_size: int) -> nn.Module:
+    """`build_model` with every parameter and buffer on the meta device: layer names and shapes
+    at no memory or time cost, for checks made before any work."""
+    with _parameters_on_meta():
+        return build_model(name, num_classes, image_size)
+
+
 def check_input_size(name: str, image_size: int) -> None:
-    """Raise ValueError when a model cannot take images of this size (checked on the meta device)."""
-    with torch.device("meta"):
-        model = build_model(name, 2, image_size).eval()
-        try:
+    """Raise ValueError when a model cannot take images of this size (checked on the meta device).
+
+    Any failure of the trial forward pass counts (shape errors, a model's own assertion on the
+    input size, ...), so an unsuitable size is refused in one sentence before any work.
+    """
+    model = build_on_meta(name, 2, image_size).eval()
+    try:
+        with torch.device("meta"):
             model(torch.zeros(1, 3, image_size, image_size))
-        except RuntimeError as error:
-            raise ValueError(f"{name} cannot take {image_size}x{image_size} images "
-                             f"({str(error).splitlines()[0]}); use a larger --image-size.") from None
+    except Exception as error:  # any failure means the model cannot run at this size
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{name} cannot take {image_size}x{image_size} images ({reason}); "
+                         "choose another --image-size or model.") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
+    # The shell leaves '~' alone in --model=~/x; expand it as a user expects.
+    args.model, args.images = os.path.expanduser(args.model), [os.path.expanduser(image) for image in args.images]
     if args.top_k < 1:
         print("error: --top-k must be at least 1.", file=sys.stderr)
         return 2

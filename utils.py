@@ -32,12 +32,29 @@ SCORE_NAMES = ("precision", "recall", "f1")
 # ---------------------------------------------------------------- atomic files
 
 
+def _process_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+# Read once, at import (before any thread starts): os.umask can only be read by setting it.
+UMASK = _process_umask()
+FILE_MODE = 0o666 & ~UMASK  # what open() gives a new file
+FOLDER_MODE = 0o777 & ~UMASK  # what mkdir() gives a new folder
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    The file gets the mode a plain open() would give it under the user's umask (mkstemp's
+    private 0600 would otherwise survive the rename).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(handle, FILE_MODE)
     os.close(handle)
     try:
         yield Path(temporary)
@@ -575,16 +592,20 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 LEDGER_COLUMNS = [
-    "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_epochs", "student_epochs",
-    "temperature", "alpha", "batch_size", "image_size", "seed", "teacher_top1", "student_baseline_top1",
-    "student_kd_top1", "kd_gain_top1", "wall_seconds",
+    "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
+    "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
+    "image_size", "seed", "seeds", "teacher_top1", "student_baseline_top1", "student_kd_top1", "distilled_top1",
+    "kd_gain_top1", "wall_seconds",
 ]
 
 
 def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
     """Append one row to a CSV ledger, writing the header first when the file is new.
 
-    An exclusive lock makes two runs finishing at once append whole rows, one after the other.
+    A ledger written by an older version, with fewer columns, is migrated: its header gains the
+    missing columns (its own columns, even unknown ones, keep their values), rewritten atomically.
+    An exclusive lock on a companion `.lock` file makes runs finishing at once append whole rows,
+    one after the other, and never lose one to a migration.
     """
     import csv
     import fcntl
@@ -592,20 +613,33 @@ def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8", newline="") as ledger:
-        fcntl.flock(ledger, fcntl.LOCK_EX)
+    with open(path.with_name(path.name + ".lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            ledger.seek(0, os.SEEK_END)
+            header: list[str] = []
+            if path.is_file() and path.stat().st_size:
+                with open(path, encoding="utf-8", newline="") as ledger:
+                    header = next(csv.reader(ledger), [])
+            columns = header + [column for column in LEDGER_COLUMNS if column not in header]
+            if header and columns == header:
+                buffer = io.StringIO()
+                csv.DictWriter(buffer, fieldnames=columns).writerow({k: row.get(k, "") for k in columns})
+                with open(path, "a", encoding="utf-8", newline="") as ledger:
+                    ledger.write(buffer.getvalue())
+                    ledger.flush()
+                    os.fsync(ledger.fileno())
+                return
+            rows = []
+            if header:
+                with open(path, encoding="utf-8", newline="") as ledger:
+                    rows = list(csv.DictReader(ledger))
             buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=LEDGER_COLUMNS)
-            if ledger.tell() == 0:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in LEDGER_COLUMNS})
-            ledger.write(buffer.getvalue())
-            ledger.flush()
-            os.fsync(ledger.fileno())
+            writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows + [{k: row.get(k, "") for k in columns}])
+            write_text(path, buffer.getvalue())
         finally:
-            fcntl.flock(ledger, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- ONNX export

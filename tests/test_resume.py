@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -25,11 +26,21 @@ RESUME_FLAGS = [
 ]
 
 
-def start_run(tiny_data: Path, run_dir: Path) -> subprocess.Popen:
-    """The experiment as a separate process, its output unbuffered so it can be read line by line."""
+def default_stop_signals() -> None:
+    """SIGINT and SIGTERM at their defaults, as in a terminal, even when pytest itself was started
+    with them ignored (a background job of a non-interactive shell), which a child would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def start_run(
+    tiny_data: Path, run_dir: Path, flags: list[str] = RESUME_FLAGS, set_signals: Callable[[], None] = default_stop_signals,
+) -> subprocess.Popen:
+    """The experiment as a separate process, its output unbuffered so it can be read line by line;
+    `set_signals` runs in the child before it starts (its signal dispositions are what it inherits)."""
     return subprocess.Popen(
-        [sys.executable, "-u", "experiment.py", "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *RESUME_FLAGS],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-u", "experiment.py", "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=set_signals,
     )
 
 
@@ -161,6 +172,6 @@ def test_a_checkpoint_for_another_model_gets_a_clear_error(tiny_run, tiny_data, 
                             "--teacher-model", "ResNet18",
                             "--teacher-checkpoint", str(tiny_run / "teacher" / "best_model.pth")])
     assert code == 2
-    assert "holds a vgg16_bn, but --teacher-model is resnet18" in capsys.readouterr().err
+    assert "--teacher-model ResNet18 contradicts the teacher checkpoint" in capsys.readouterr().err
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["teacher"]["arch"] == "vgg16_bn"
