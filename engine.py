@@ -358,8 +358,10 @@ def measure_speeds(
     (`Timer.blocked_autorange`) at batch 1 and at batch `batch`, so a slow moment of the machine
     hits all of them rather than one. Per model: batch-1 latency in ms and batch-`batch`
     throughput in images/s, each as the median and the interquartile range [q1, q3] of the
-    timed blocks of all rounds. Inputs are random (speed does not depend on them); the
-    measurement uses as many threads as the run.
+    timed blocks of all rounds. Each call of blocked_autorange first runs the model untimed to
+    choose its block size, which also keeps first-call costs (kernel selection, allocation) out
+    of the figures. Inputs are random (speed does not depend on them); the measurement uses as
+    many threads as the run.
     """
     from torch.utils.benchmark import Timer
 
@@ -372,7 +374,6 @@ def measure_speeds(
         module = local_module(model).eval()
         for size in (1, batch):
             images = torch.randn(size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-            forward(module, images)  # first-call costs (kernel selection, allocation) stay out of the timing
             timers[name, size] = Timer("forward(module, images)", globals={"forward": forward, "module": module, "images": images},
                                        num_threads=torch.get_num_threads())
     seconds: dict[tuple[str, int], list[float]] = {key: [] for key in timers}

@@ -642,7 +642,11 @@ def finished_row(folder: Path, name: str) -> dict[str, Any] | None:
 
 def read_test_correct(folder: Path) -> np.ndarray:
     """Which test images a finished model classified correctly (test-split order), from its results.json."""
-    return utils.parse_correct_flags(utils.read_json(folder / RESULTS)["test_correct"])
+    results = utils.read_json(folder / RESULTS)
+    if "test_correct" not in results:
+        raise SettingsError(f"'{folder / RESULTS}' was written by an earlier version without per-image test results; "
+                            "delete it to train that model again.")
+    return utils.parse_correct_flags(results["test_correct"])
 
 
 def deployment_figures(context: Context, model: nn.Module, checkpoint: Path) -> dict[str, Any]:

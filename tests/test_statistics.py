@@ -212,7 +212,7 @@ def test_speeds_are_measured_interleaved_with_median_and_iqr():
     models = {"teacher": Logged("teacher", log), "student": Logged("student", log)}
     speeds = engine.measure_speeds(models, 8, torch.device("cpu"), None, batch=4, rounds=3, min_run_time=0.001)
     turns = [name for index, name in enumerate(log) if index == 0 or log[index - 1] != name]
-    assert turns == ["teacher", "student"] * 4  # one warm-up turn, then three rounds taking turns
+    assert turns == ["teacher", "student"] * 3  # three rounds, the models taking turns in each
     for speed in speeds.values():
         low, high = speed["latency_ms_iqr"]
         assert 0 < low <= speed["latency_ms"] <= high
@@ -305,3 +305,11 @@ def test_tables_state_verdicts_and_unclear_speedups():
     assert line.endswith("unclear")
     assert next(line for line in deployment.splitlines() if line.startswith("student_fitnet ")).endswith("x")
     assert "median ratios: student_fitnet seed_2 1.01x" in deployment
+
+
+def test_per_image_results_are_read_back_for_mcnemar(tmp_path):
+    utils.write_json(tmp_path / experiment.RESULTS, {"model": "student_kd", "test_correct": "0110"})
+    assert experiment.read_test_correct(tmp_path).tolist() == [False, True, True, False]
+    utils.write_json(tmp_path / experiment.RESULTS, {"model": "student_kd"})  # finished by an earlier version
+    with pytest.raises(experiment.SettingsError, match="delete it to train that model again"):
+        experiment.read_test_correct(tmp_path)
