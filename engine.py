@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -348,32 +348,44 @@ def resolve_amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
-@torch.inference_mode()
-def measure_speed(
-    model: nn.Module, image_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    batch: int = 64, repeats: int = 20,
-) -> dict[str, float]:
-    """Deployment speed on this device: median batch-1 latency (ms) and batch-`batch` images/s.
+def measure_speeds(
+    models: dict[str, nn.Module], image_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+    batch: int = 64, rounds: int = 3, min_run_time: float = 0.05,
+) -> dict[str, dict[str, Any]]:
+    """Deployment speed of several models on this device, measured interleaved.
 
-    Each measurement is preceded by warm-up runs; inputs are random (speed does not depend on them).
+    In each of `rounds` rounds every model in turn is timed by `torch.utils.benchmark`
+    (`Timer.blocked_autorange`) at batch 1 and at batch `batch`, so a slow moment of the machine
+    hits all of them rather than one. Per model: batch-1 latency in ms and batch-`batch`
+    throughput in images/s, each as the median and the interquartile range [q1, q3] of the
+    timed blocks of all rounds. Each call of blocked_autorange first runs the model untimed to
+    choose its block size, which also keeps first-call costs (kernel selection, allocation) out
+    of the figures. Inputs are random (speed does not depend on them); the measurement uses as
+    many threads as the run.
     """
-    module = local_module(model).eval()
+    from torch.utils.benchmark import Timer
 
-    def timed(images: torch.Tensor) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with autocast(device, amp_dtype):
+    def forward(module: nn.Module, images: torch.Tensor) -> None:
+        with torch.inference_mode(), autocast(device, amp_dtype):
             module(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    single = torch.randn(1, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    many = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    for _ in range(3):
-        timed(single)
-    latency = statistics.median(timed(single) for _ in range(repeats))
-    timed(many)
-    throughput = batch / statistics.median(timed(many) for _ in range(max(3, repeats // 4)))
-    return {"latency_ms": round(1000 * latency, 3), "throughput_img_s": round(throughput, 1)}
+    timers = {}
+    for name, model in models.items():
+        module = local_module(model).eval()
+        for size in (1, batch):
+            images = torch.randn(size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+            timers[name, size] = Timer("forward(module, images)", globals={"forward": forward, "module": module, "images": images},
+                                       num_threads=torch.get_num_threads())
+    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, timer in timers.items():
+            seconds[key] += timer.blocked_autorange(min_run_time=min_run_time).times
+    speeds = {}
+    for name in models:
+        latency = 1000 * np.percentile(seconds[name, 1], [25, 50, 75])
+        throughput = batch / np.percentile(seconds[name, batch], [75, 50, 25])
+        speeds[name] = {
+            "latency_ms": round(float(latency[1]), 3), "latency_ms_iqr": [round(float(v), 3) for v in latency[::2]],
+            "throughput_img_s": round(float(throughput[1]), 1), "throughput_img_s_iqr": [round(float(v), 1) for v in throughput[::2]],
+        }
+    return speeds

@@ -12,7 +12,6 @@ import functools
 import os
 import random
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -646,7 +645,7 @@ def report_model(
 ) -> dict[str, Any]:
     """Evaluate the selected model on every split and write its folder of metrics, plots and reports.
 
-    Every rank takes part in the evaluation; only rank 0 measures speed and writes files.
+    Every rank takes part in the evaluation; only rank 0 writes files.
     """
     from torchinfo import summary as torchinfo_summary
 
@@ -685,7 +684,8 @@ def report_model(
         utils.plot_curves(fit.history, "top1", f"{role}: top-1 accuracy", folder / "accuracy_curve.png")
     utils.plot_topk(results, f"{role}: top-1 and top-3 accuracy", folder / "top1_top3_comparison.png")
     # Written last: its presence marks the model as finished for --resume.
-    utils.write_json(folder / RESULTS, {"model": role, **row, "splits": results})
+    utils.write_json(folder / RESULTS, {"model": role, **row, "test_correct": utils.correct_flags(*outputs["test"]),
+                                        "splits": results})
     (folder / TRAIN_STATE).unlink(missing_ok=True)
     return row
 
@@ -699,17 +699,35 @@ def finished_row(folder: Path, name: str) -> dict[str, Any] | None:
     if engine.is_main_process():
         (folder / TRAIN_STATE).unlink(missing_ok=True)
         print(f"[{name}] finished before the interruption: kept as it was")
-    return {key: value for key, value in results.items() if key not in ("model", "splits")}
+    return {key: value for key, value in results.items() if key not in ("model", "test_correct", "splits")}
+
+
+def read_test_correct(folder: Path) -> np.ndarray:
+    """Which test images a finished model classified correctly (test-split order), from its results.json."""
+    results = utils.read_json(folder / RESULTS)
+    if "test_correct" not in results:
+        raise SettingsError(f"'{folder / RESULTS}' was written by an earlier version without per-image test results; "
+                            "delete it to train that model again.")
+    return utils.parse_correct_flags(results["test_correct"])
 
 
 def deployment_figures(context: Context, model: nn.Module, checkpoint: Path) -> dict[str, Any]:
-    """File size, FLOPs per image, batch-1 latency and batch-64 throughput on the run's device."""
-    speed = engine.measure_speed(model, context.config.image_size, context.device, context.amp_dtype)
+    """File size and FLOPs per image (speed is measured once every model exists: `measure_deployment`)."""
     return {
         "file_mb": round(checkpoint.stat().st_size / 2**20, 3),
         "flops_per_image": model_builder.flops_per_image(model, context.config.image_size),
-        **speed,
     }
+
+
+def measure_deployment(context: Context, models: dict[str, tuple[str, Path]]) -> dict[str, dict[str, Any]]:
+    """Latency and throughput of the models {role: (arch, folder)}, loaded from their best_model.pth
+    (so a resumed run measures them all too) and measured interleaved on the run's device."""
+    loaded = {}
+    for role, (arch, folder) in models.items():
+        model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
+        model.load_state_dict(read_state(folder / "best_model.pth")["state_dict"])
+        loaded[role] = model.to(context.device, memory_format=torch.channels_last)
+    return engine.measure_speeds(loaded, context.config.image_size, context.device, context.amp_dtype)
 
 
 def export_model(context: Context, role: str, arch: str, model: nn.Module, folder: Path) -> dict[str, Any]:
@@ -729,15 +747,24 @@ def export_model(context: Context, role: str, arch: str, model: nn.Module, folde
 
 
 def deployment_table(summary: dict[str, Any], roles: list[str]) -> str:
-    """Size and speed of every model on this run's device, and each one's speed-up over the teacher."""
-    header = (f"{'model':<18}{'params':>12}{'file MB':>9}{'GFLOPs/img':>12}{'latency ms':>12}"
-              f"{'img/s @64':>11}{'speed-up':>10}")
-    lines = [header, "-" * len(header)]
+    """Size and speed of every model on this run's device, and each one's speed-up over the teacher
+    ("unclear" where the latency spreads overlap)."""
+    header = ["model", "params", "file MB", "GFLOPs/img", "latency ms", "latency IQR", "img/s @64", "img/s IQR", "speed-up"]
+    spread = lambda low_high, digits: "-".join(f"{value:.{digits}f}" for value in low_high)  # noqa: E731
+    rows, unclear = [], []
     for role in roles:
         row = summary[role]
-        lines.append(f"{role:<18}{row['params']:>12,}{row['file_mb']:>9.1f}{row['flops_per_image'] / 1e9:>12.3f}"
-                     f"{row['latency_ms']:>12.2f}{row['throughput_img_s']:>11.1f}{row['speedup_over_teacher']:>9.2f}x")
-    return "\n".join(lines) + "\n"
+        clear = role == "teacher" or row["speedup_clear"]
+        if not clear:
+            unclear.append(f"{role} {row['speedup_over_teacher']:.2f}x")
+        rows.append([role, f"{row['params']:,}", f"{row['file_mb']:.1f}", f"{row['flops_per_image'] / 1e9:.3f}",
+                     f"{row['latency_ms']:.2f}", spread(row["latency_ms_iqr"], 2), f"{row['throughput_img_s']:.1f}",
+                     spread(row["throughput_img_s_iqr"], 1), f"{row['speedup_over_teacher']:.2f}x" if clear else "unclear"])
+    notes = ["medians and interquartile ranges over interleaved rounds; speed-up = the teacher's median latency / the model's"]
+    if unclear:
+        notes.append("unclear: the model's and the teacher's latency interquartile ranges overlap, so this measurement "
+                     f"cannot tell which is faster (median ratios: {', '.join(unclear)})")
+    return utils.text_table(header, rows) + "".join(note + "\n" for note in notes)
 
 
 # ---------------------------------------------------------------- the run
@@ -745,27 +772,40 @@ def deployment_table(summary: dict[str, Any], roles: list[str]) -> str:
 
 def comparison_table(summary: dict[str, Any], roles: list[str]) -> str:
     """The final table: one row per model with size, training time and test metrics (of the first seed),
-    then, over several seeds, mean +- std of test top-1 and of the gain over the baseline."""
-    several = len(summary.get("seeds", [])) > 1
-    header = f"{'model':<18}{'arch':<11}{'params':>11}{'MB':>8}{'best ep':>8}{'train':>9}" + "".join(
-        f"{k:>10}" for k in ("top1", "top3", "f1_macro", "auc_macro")
-    ) + (f"{'top1 mean+-std':>17}{'gain mean+-std':>17}" if several else "")
-    lines = [header, "-" * len(header)]
-    spread = lambda row, key: f"{100 * row[key + '_mean']:.2f}+-{100 * row[key + '_std']:.2f}"  # noqa: E731
+    then, over several seeds, mean +- std of test top-1 and of the gain over the baseline; below it every
+    distilled student's gain with its verdict (significant or within noise)."""
+    seeds = summary.get("seeds", [])
+    several = len(seeds) > 1
+    metrics = ("top1", "top3", "f1_macro", "auc_macro")
+    header = ["model", "arch", "params", "MB", "best ep", "train", *metrics]
+    if several:
+        header += ["top1 mean+-std", "gain mean+-std", "gain 95% interval"]
+    spread = lambda row, key: f"{100 * row[key + '_mean']:.2f}+-{100 * row[key + '_std']:.2f}" if key + "_mean" in row else ""  # noqa: E731
+    rows = []
     for role in roles:
         row = summary[role]
-        line = (f"{role:<18}{row['arch']:<11}{row['params']:>11,}{row['size_mb']:>8.1f}{row['best_epoch']:>8}"
-                f"{utils.format_seconds(row['train_seconds']):>9}"
-                + "".join(f"{utils.format_metric(row['test'][k]):>10}" for k in ("top1", "top3", "f1_macro", "auc_macro")))
-        if several and "test_top1_mean" in row:
-            line += f"{spread(row, 'test_top1'):>17}" + (f"{spread(row, 'gain_top1'):>17}" if role != "student_baseline" else "")
-        lines.append(line)
+        cells = [role, row["arch"], f"{row['params']:,}", f"{row['size_mb']:.1f}", str(row["best_epoch"]),
+                 utils.format_seconds(row["train_seconds"]), *(utils.format_metric(row["test"][k]) for k in metrics)]
+        if several:
+            interval = row.get("gain_top1_ci95")
+            cells += [spread(row, "test_top1"), spread(row, "gain_top1"),
+                      "" if interval is None else f"[{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]"]
+        rows.append(cells)
+    lines = [utils.text_table(header, rows, left=2).rstrip("\n")]
     for role in roles[2:]:
-        gain = summary[role]["test"]["top1"] - summary["student_baseline"]["test"]["top1"]
-        lines.append(f"{role.removeprefix('student_')} gain (test top-1, {role} - student_baseline): {100 * gain:+.2f} points"
-                     + (f" (seed {summary['seeds'][0]})" if several else ""))
+        row = summary[role]
+        gain = row["test"]["top1"] - summary["student_baseline"]["test"]["top1"]
+        line = (f"{role.removeprefix('student_')} gain (test top-1, {role} - student_baseline): {100 * gain:+.2f} points"
+                + (f" (seed {seeds[0]})" if several else "") + f", {utils.verdict(row['mcnemar_p'])} by the exact McNemar test")
+        if several:
+            line += (f"; over seeds {', '.join(map(str, seeds))}: {100 * row['gain_top1_mean']:+.2f} +- "
+                     f"{100 * row['gain_top1_std']:.2f} points, {utils.verdict(row['gain_top1_p'], row['gain_significant'])}")
+        lines.append(line)
+    if len(roles) > 2:
+        lines.append("significant: " + ("the 95% Student-t interval of the per-seed paired gains excludes zero (t-test p < 0.05)"
+                                        if several else "exact McNemar test of the paired test predictions, p < 0.05"))
     if several:
-        lines.append(f"seeds {', '.join(map(str, summary['seeds']))}: the teacher is trained once (seed {summary['seeds'][0]}); "
+        lines.append(f"seeds {', '.join(map(str, seeds))}: the teacher is trained once (seed {seeds[0]}); "
                      "per-model columns are the first seed's, mean+-std over all seeds (sample std)")
     return "\n".join(lines) + "\n"
 
@@ -830,9 +870,11 @@ def run_experiment(config: Config, resume: bool = False, given: set[str] | None 
         for split in SPLITS
     }
     context = Context(config, data, device, amp_dtype, run_dir, eval_loaders)
+    class_counts = {split: torch.bincount(getattr(data, split).labels, minlength=len(data.class_names)) for split in SPLITS}
     dataset = {
         "class_names": data.class_names,
         "sizes": {split: len(getattr(data, split)) for split in SPLITS},
+        "images_per_class": {split: {"min": int(counts.min()), "max": int(counts.max())} for split, counts in class_counts.items()},
         "validation": data.val_source,
         "mean": data.mean, "std": data.std,
         "storage": "streamed from disk" if data.streamed else "decoded once into memory",
@@ -873,6 +915,8 @@ def train_and_report(
     pairs = feature_pairs(config) if set(kd_methods(config)) & set(KD_engine.FEATURE_METHODS) else None
     run_seeds = seeds(config)
     rows: dict[str, dict[int, dict[str, Any]]] = {role: {} for role in student_roles(config)}
+    folders: dict[str, dict[int, Path]] = {role: {} for role in rows}
+    model_folders = {"teacher": run_dir / "teacher"}  # every trained model's name -> its folder
     for seed in run_seeds:
         for role in rows:
             method = role.removeprefix("student_")
@@ -888,22 +932,30 @@ def train_and_report(
                 student, fit = train_model(context, name, student_arch, config.student_epochs, config.student_lr,
                                            make_criterion, folder, seed, cached)
                 row = report_model(context, name, student_arch, student, fit, folder)
-            rows[role][seed] = row
+            rows[role][seed], folders[role][seed], model_folders[name] = row, folder, folder
     if not engine.is_main_process():
         return summary
+    correct = {role: {seed: read_test_correct(folder) for seed, folder in by_seed.items()} for role, by_seed in folders.items()}
     for role, by_seed in rows.items():
-        summary[role] = {**by_seed[run_seeds[0]], **seed_statistics(by_seed, rows["student_baseline"])}
+        summary[role] = {**by_seed[run_seeds[0]], **utils.top1_spread(by_seed)}
+        if role != "student_baseline":
+            summary[role].update(utils.gain_statistics(by_seed, rows["student_baseline"], correct[role], correct["student_baseline"]))
     if "student_kd" in summary:
         summary["kd_gain_top1"] = summary["student_kd"]["test"]["top1"] - summary["student_baseline"]["test"]["top1"]
     roles = ["teacher", *rows]
+    speeds = measure_deployment(context, {"teacher": (teacher_arch, run_dir / "teacher"),
+                                          **{role: (student_arch, folders[role][run_seeds[0]]) for role in rows}})
     for role in roles:
-        summary[role]["speedup_over_teacher"] = round(summary["teacher"]["latency_ms"] / summary[role]["latency_ms"], 3)
+        summary[role].update(speeds[role])
+        summary[role].update(utils.speedup(speeds["teacher"], speeds[role]) if role != "teacher" else {"speedup_over_teacher": 1.0})
     summary["seeds"] = run_seeds
     summary["skipped_files"] = context.data.skipped_files
     summary["dataset"] = dataset
     summary["device"], summary["precision"] = str(device), precision
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     summary["finished_at"] = datetime.now().isoformat(timespec="seconds")
+    summary["warnings"] = utils.sanity_warnings(
+        summary, {name: utils.read_json(folder / "history.json") for name, folder in model_folders.items()})
     table = comparison_table(summary, roles) + "\nDeployment on " + str(device) + f" ({precision}):\n" + deployment_table(summary, roles)
     utils.write_json(run_dir / "summary.json", summary)
     utils.write_text(run_dir / "comparison.txt", table)
@@ -911,7 +963,8 @@ def train_and_report(
     report = utils.write_report(run_dir)
     ledger = run_dir.parent / "experiments.csv"
     utils.append_ledger(ledger, ledger_row(config, summary, run_dir))
-    print("\n" + table + f"Wall time {utils.format_seconds(summary['wall_seconds'])}. Results in {run_dir}, "
+    warnings = "".join(f"warning: {warning}\n" for warning in summary["warnings"])
+    print("\n" + table + warnings + f"Wall time {utils.format_seconds(summary['wall_seconds'])}. Results in {run_dir}, "
           f"report {report}, ledger {ledger}")
     return summary
 
@@ -952,19 +1005,6 @@ def distillation_criterion(
         pairs=pairs if method in KD_engine.FEATURE_METHODS else None,
         dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta, dkd_warmup_epochs=warmup, image_size=config.image_size,
     )
-
-
-def seed_statistics(by_seed: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample standard deviation over seeds of test top-1 and of the gain over the same seed's baseline."""
-    if len(by_seed) < 2:
-        return {}
-    top1 = [row["test"]["top1"] for row in by_seed.values()]
-    gains = [row["test"]["top1"] - baseline[seed]["test"]["top1"] for seed, row in by_seed.items()]
-    return {
-        "test_top1_by_seed": {str(seed): row["test"]["top1"] for seed, row in by_seed.items()},
-        "test_top1_mean": statistics.mean(top1), "test_top1_std": statistics.stdev(top1),
-        "gain_top1_mean": statistics.mean(gains), "gain_top1_std": statistics.stdev(gains),
-    }
 
 
 def ledger_row(config: Config, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:

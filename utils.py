@@ -276,6 +276,182 @@ def history_table(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A plain-text table whose columns are as wide as their widest cell, two spaces apart.
+
+    The first `left` columns (names) are left-aligned, the others (numbers) right-aligned.
+    """
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(cell).ljust(width) if index < left else str(cell).rjust(width)
+                         for index, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), "-" * (sum(widths) + 2 * (len(widths) - 1)), *map(line, rows)]) + "\n"
+
+
+# ---------------------------------------------------------------- statistics
+
+SIGNIFICANCE_LEVEL = 0.05  # a gain is "significant" when its test gives p below this
+NEAR_CHANCE_GAP = 0.1  # "near chance": closing less than this share of the gap from chance to 100% top-1
+MIN_VAL_IMAGES_PER_CLASS = 5  # fewer validation images in a class cannot select an epoch reliably
+
+
+def correct_flags(logits: torch.Tensor, labels: torch.Tensor) -> str:
+    """Per-sample top-1 correctness in sample order, one character each ('1' right, '0' wrong): compact in JSON."""
+    return "".join("1" if right else "0" for right in (logits.argmax(dim=1) == labels).tolist())
+
+
+def parse_correct_flags(flags: str) -> np.ndarray:
+    """The boolean array of a `correct_flags` string."""
+    return np.frombuffer(flags.encode("ascii"), dtype=np.uint8) == ord("1")
+
+
+def mcnemar_exact(baseline_correct: np.ndarray, candidate_correct: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test of two models' predictions on the same images.
+
+    Only the discordant images count: `baseline_only` (the baseline right, the candidate wrong)
+    and `candidate_only`. Under "equally accurate" each discordant image goes either way with
+    probability 1/2: the two-sided p is scipy's exact binomial test of `candidate_only` of
+    their sum (1 when there is none).
+    """
+    from scipy.stats import binomtest
+
+    baseline_correct, candidate_correct = np.asarray(baseline_correct, bool), np.asarray(candidate_correct, bool)
+    if baseline_correct.shape != candidate_correct.shape:
+        raise ValueError(f"paired predictions differ in length ({len(baseline_correct)} vs {len(candidate_correct)})")
+    baseline_only = int((baseline_correct & ~candidate_correct).sum())
+    candidate_only = int((candidate_correct & ~baseline_correct).sum())
+    discordant = baseline_only + candidate_only
+    p = 1.0 if discordant == 0 else float(binomtest(candidate_only, discordant, 0.5).pvalue)
+    return {"p": p, "baseline_only": baseline_only, "candidate_only": candidate_only}
+
+
+def paired_gain_interval(gains: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean, sample standard deviation, Student-t confidence interval and two-sided t-test p of
+    paired per-seed gains (at least two). The interval excludes zero exactly when p < 1 - confidence.
+
+    Identical gains have no spread: the interval is that one value and p is 0, or 1 for no gain.
+    """
+    from scipy.stats import ttest_1samp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # identical gains: scipy warns of zero variance
+        test = ttest_1samp(gains, 0.0)
+        low, high = test.confidence_interval(confidence)
+    p = float(test.pvalue)
+    return {"mean": float(np.mean(gains)), "std": float(np.std(gains, ddof=1)), "ci": [float(low), float(high)],
+            "p": 1.0 if math.isnan(p) else p}
+
+
+def top1_spread(rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Test top-1 per seed, its mean and sample standard deviation (several seeds; empty for one)."""
+    if len(rows) < 2:
+        return {}
+    top1 = [row["test"]["top1"] for row in rows.values()]
+    return {"test_top1_by_seed": {str(seed): row["test"]["top1"] for seed, row in rows.items()},
+            "test_top1_mean": float(np.mean(top1)), "test_top1_std": float(np.std(top1, ddof=1))}
+
+
+def gain_statistics(
+    rows: dict[int, dict[str, Any]], baseline_rows: dict[int, dict[str, Any]],
+    correct: dict[int, np.ndarray], baseline_correct: dict[int, np.ndarray],
+) -> dict[str, Any]:
+    """The verdict on a distilled student's gain over the baseline of the same seed.
+
+    `mcnemar_p`: exact McNemar test on the first seed's paired test predictions. With several
+    seeds also `mcnemar_p_by_seed`, the gains per seed and their mean, sample std, 95% Student-t
+    interval and t-test p. `gain_significant`: with one seed McNemar's p < SIGNIFICANCE_LEVEL;
+    with several the 95% interval of the per-seed gains excludes zero.
+    """
+    seeds = list(rows)
+    mcnemar = {seed: mcnemar_exact(baseline_correct[seed], correct[seed])["p"] for seed in seeds}
+    stats: dict[str, Any] = {"mcnemar_p": mcnemar[seeds[0]]}
+    if len(seeds) == 1:
+        stats["gain_significant"] = mcnemar[seeds[0]] < SIGNIFICANCE_LEVEL
+        return stats
+    gains = {seed: rows[seed]["test"]["top1"] - baseline_rows[seed]["test"]["top1"] for seed in seeds}
+    interval = paired_gain_interval(list(gains.values()))
+    low, high = interval["ci"]
+    stats.update({
+        "mcnemar_p_by_seed": {str(seed): p for seed, p in mcnemar.items()},
+        "gain_top1_by_seed": {str(seed): gain for seed, gain in gains.items()},
+        "gain_top1_mean": interval["mean"], "gain_top1_std": interval["std"],
+        "gain_top1_ci95": [low, high], "gain_top1_p": interval["p"], "gain_significant": low > 0 or high < 0,
+    })
+    return stats
+
+
+def verdict(p: float, significant: bool | None = None) -> str:
+    """'significant (p = ...)' or 'within noise (p = ...)'; by default significant means p < SIGNIFICANCE_LEVEL."""
+    if significant is None:
+        significant = p < SIGNIFICANCE_LEVEL
+    return f"{'significant' if significant else 'within noise'} (p = {p:.3g})"
+
+
+def speedup(teacher: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """A model's speed-up over the teacher: the ratio of median batch-1 latencies, and whether
+    the measurement tells them apart (`speedup_clear`: their interquartile ranges do not overlap)."""
+    (low, high), (teacher_low, teacher_high) = model["latency_ms_iqr"], teacher["latency_ms_iqr"]
+    return {"speedup_over_teacher": round(teacher["latency_ms"] / model["latency_ms"], 3),
+            "speedup_clear": high < teacher_low or teacher_high < low}
+
+
+def near_chance(top1: float, samples: int, chance: float) -> tuple[bool, float]:
+    """Whether a top-1 accuracy on `samples` images is at or near the `chance` level, and the p of
+    "better than chance" (one-sided exact binomial test).
+
+    Near chance: it closes less than NEAR_CHANCE_GAP of the gap from chance to 100%, or it is not
+    significantly above chance (p >= SIGNIFICANCE_LEVEL).
+    """
+    from scipy.stats import binomtest
+
+    p = float(binomtest(round(top1 * samples), samples, chance, alternative="greater").pvalue)
+    return top1 < chance + NEAR_CHANCE_GAP * (1 - chance) or p >= SIGNIFICANCE_LEVEL, p
+
+
+def sanity_warnings(summary: dict[str, Any], histories: dict[str, dict[str, Any]]) -> list[str]:
+    """Sentences on what makes a run's result untrustworthy, from its summary and its models' histories.
+
+    `histories` maps each trained model's name ("teacher", "student_kd", "student_kd seed 4", ...)
+    to its history.json content ({"best_epoch": ..., "epochs": [...]}). Chance is the share of the
+    test split's most frequent class (what always answering that class scores).
+    """
+    found = []
+    dataset, teacher, baseline = summary["dataset"], summary["teacher"], summary["student_baseline"]
+    per_class, samples = dataset["images_per_class"], dataset["sizes"]["test"]
+    chance = per_class["test"]["max"] / samples
+    teacher_top1 = teacher["test"]["top1"]
+    at_chance, p = near_chance(teacher_top1, samples, chance)
+    if at_chance:
+        found.append(f"The teacher is at or near chance: {format_metric(teacher_top1)}% test top-1, where always answering "
+                     f"the most frequent class scores {format_metric(chance)}% (one-sided binomial test against chance on "
+                     f"{samples} test images: p = {p:.3g}); students distilled from it learn from near-random targets.")
+    baseline_top1 = baseline.get("test_top1_mean", baseline["test"]["top1"])
+    if teacher_top1 < baseline_top1:
+        found.append(f"The teacher ({format_metric(teacher_top1)}% test top-1) is worse than the baseline student "
+                     f"({format_metric(baseline_top1)}%"
+                     f"{' on average over the seeds' if 'test_top1_mean' in baseline else ''}): distillation passes on "
+                     "what the teacher knows, so train it longer or choose a stronger one.")
+    smallest = per_class["val"]["min"]
+    if smallest < MIN_VAL_IMAGES_PER_CLASS:
+        found.append(f"The validation split has {smallest} image{'s' if smallest != 1 else ''} in its smallest class "
+                     f"(fewer than {MIN_VAL_IMAGES_PER_CLASS}): too few to select an epoch; give validation more images "
+                     "(--val-fraction or a val/ folder).")
+    flat = [name for name, history in histories.items()
+            if len(history["epochs"]) > 1 and len({epoch["val"]["top1"] for epoch in history["epochs"]}) == 1]
+    if flat:
+        found.append(f"Validation top-1 never changed over the epochs of {', '.join(flat)}: the kept epoch was chosen by "
+                     "validation loss alone; the validation split is too small or the model did not learn.")
+    first = [name for name, history in histories.items()
+             if name.startswith("student_") and not name.startswith("student_baseline")
+             and len(history["epochs"]) > 1 and history["best_epoch"] == 1]
+    if first:
+        found.append(f"The best epoch of {', '.join(first)} is the first: later epochs of distillation did not improve it "
+                     "on validation (a poor teacher, too high a learning rate, or a validation split too small to tell).")
+    return found
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -414,6 +590,7 @@ body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; mar
        max-width: 1200px; padding: 24px 32px; color: #1f2328; line-height: 1.45; }
 h1 { font-size: 1.7em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #d0d7de; }
 .lead { font-size: 1.1em; background: #f6f8fa; border-left: 4px solid #2f81f7; padding: 10px 16px; }
+.warnings { background: #fff8c5; border-left: 4px solid #d4a72c; padding: 10px 16px; margin-top: 12px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.93em; }
 th, td { border: 1px solid #d0d7de; padding: 5px 10px; text-align: right; }
 th { background: #f6f8fa; } td.name, th.name { text-align: left; }
@@ -488,9 +665,12 @@ def _per_class_f1_chart(per_class: dict[str, dict[str, dict[str, Any]]], class_n
 
 
 def reading_of_result(summary: dict[str, Any]) -> list[str]:
-    """A few plain sentences on what distillation bought, from the summary's numbers."""
+    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers."""
     sentences = []
-    teacher, baseline, distilled = (summary.get(k) for k in ("teacher", "student_baseline", "student_kd"))
+    teacher, baseline = summary.get("teacher"), summary.get("student_baseline")
+    distilled_roles = [role for role in model_roles(summary) if role.startswith("student_") and role != "student_baseline"]
+    distilled = summary[distilled_roles[0]] if distilled_roles else None
+    student = distilled or baseline  # every student has the same architecture
     if teacher and distilled:
         kept = distilled["test"]["top1"] / teacher["test"]["top1"] if teacher["test"]["top1"] else None
         share = distilled["params"] / teacher["params"]
@@ -501,13 +681,37 @@ def reading_of_result(summary: dict[str, Any]) -> list[str]:
         if distilled["test"]["top1"] > teacher["test"]["top1"]:
             sentences.append("The student outscored its teacher on the test split: the teacher was not the "
                              "stronger model here, so the soft targets carried little extra knowledge.")
-    if baseline and distilled:
-        gain = 100 * (distilled["test"]["top1"] - baseline["test"]["top1"])
-        verdict = "added" if gain > 0 else "cost" if gain < 0 else "changed nothing in"
-        samples = summary.get("dataset", {}).get("sizes", {}).get("test")
-        noise = f" One test image is {100 / samples:.2f} points here." if samples else ""
-        sentences.append(f"Distillation {verdict} {abs(gain):.2f} points of test top-1 "
-                         f"{'over' if gain else 'compared with'} the baseline student.{noise}")
+    if teacher and student and "flops_per_image" in student:
+        ratio = student["flops_per_image"] / teacher["flops_per_image"]
+        cost = (f"{ratio:.2f}x the teacher's FLOPs per image ({student['flops_per_image'] / 1e9:.2f} vs "
+                f"{teacher['flops_per_image'] / 1e9:.2f} GFLOPs)")
+        sentences.append(f"The student is not cheaper than its teacher: it needs {cost}." if ratio >= 1
+                         else f"The student needs {cost}.")
+    if teacher and student and "speedup_clear" in student:
+        measured = (f"median batch-1 latency {student['latency_ms']:.2f} ms against the teacher's "
+                    f"{teacher['latency_ms']:.2f} ms on {summary.get('device', 'this device')}")
+        sentences.append(f"Measured, the student runs {student['speedup_over_teacher']:.2f}x as fast as the teacher ({measured})."
+                         if student["speedup_clear"] else
+                         f"The speed measurement cannot tell student and teacher apart ({measured}, with overlapping "
+                         "interquartile ranges).")
+    for role in distilled_roles if baseline else []:
+        row = summary[role]
+        gain = 100 * (row["test"]["top1"] - baseline["test"]["top1"])
+        verb = "added" if gain > 0 else "cost" if gain < 0 else "changed nothing in"
+        sentence = (f"Distillation ({role.removeprefix('student_')}) {verb} {abs(gain):.2f} points of test top-1 "
+                    f"{'over' if gain else 'compared with'} the baseline student"
+                    + (f" with seed {summary['seeds'][0]}" if len(summary.get("seeds", [])) > 1 else ""))
+        if "mcnemar_p" in row:
+            sentence += f": {verdict(row['mcnemar_p'])} by the exact McNemar test on the paired test predictions"
+        if "gain_top1_ci95" in row:
+            low, high = row["gain_top1_ci95"]
+            sentence += (f"; over seeds {', '.join(map(str, summary.get('seeds', [])))} its gain is "
+                         f"{100 * row['gain_top1_mean']:+.2f} ± {100 * row['gain_top1_std']:.2f} points, 95% interval "
+                         f"[{100 * low:+.2f}, {100 * high:+.2f}]: {verdict(row['gain_top1_p'], row['gain_significant'])}")
+        sentences.append(sentence + ".")
+    samples = summary.get("dataset", {}).get("sizes", {}).get("test")
+    if baseline and distilled_roles and samples:
+        sentences.append(f"One test image is {100 / samples:.2f} points here.")
     return sentences
 
 
@@ -531,24 +735,34 @@ def build_report(run_dir: str | Path) -> str:
              f" · device {escape(summary.get('device', '?'))}, {escape(summary.get('precision', '?'))}"
              f" · wall time {escape(format_seconds(summary.get('wall_seconds', 0)))}</p>\n"]
     parts.append("<div class=\"lead\">" + "".join(f"<p>{escape(s)}</p>" for s in reading_of_result(summary)) + "</div>\n")
+    if summary.get("warnings"):
+        parts.append("<div class=\"warnings\">" + "".join(f"<p>Warning: {escape(w)}</p>" for w in summary["warnings"]) + "</div>\n")
 
     parts.append("<h2>Models</h2>\n<table>\n<tr><th class=\"name\">model</th><th class=\"name\">architecture</th>"
                  "<th>test top-1 %</th><th>top-3 %</th><th>macro F1 %</th><th>macro AUC %</th><th>parameters</th>"
-                 "<th>size MB</th><th>latency ms</th><th>speed-up</th><th>gain over baseline</th><th>best epoch</th></tr>\n")
+                 "<th>size MB</th><th>GFLOPs / image</th><th>latency ms, median (IQR)</th><th>speed-up</th>"
+                 "<th>gain over baseline</th><th>best epoch</th></tr>\n")
     baseline_top1 = summary.get("student_baseline", {}).get("test", {}).get("top1")
     for role in roles:
         row = summary[role]
         gain = "" if role in ("teacher", "student_baseline") or baseline_top1 is None else f"{100 * (row['test']['top1'] - baseline_top1):+.2f}"
-        latency = row.get("latency_ms")
-        speedup = row.get("speedup_over_teacher")
+        if gain and "mcnemar_p" in row:
+            gain += f", {verdict(row['mcnemar_p'])}"
+        latency = None if "latency_ms" not in row else (
+            f"{row['latency_ms']:.2f}" + (" ({:.2f}–{:.2f})".format(*row["latency_ms_iqr"]) if "latency_ms_iqr" in row else ""))
+        speedup = None if "speedup_over_teacher" not in row else (
+            f"{row['speedup_over_teacher']:.2f}×" if row.get("speedup_clear", True) else "unclear (IQRs overlap)")
+        flops = "—" if "flops_per_image" not in row else f"{row['flops_per_image'] / 1e9:.3f}"
         parts.append(
             f"<tr><td class=\"name\">{escape(role)}</td><td class=\"name\">{escape(row.get('arch', ''))}</td>"
             + "".join(f"<td>{format_metric(row['test'].get(k))}</td>" for k in ("top1", "top3", "f1_macro", "auc_macro"))
             + f"<td>{row['params']:,}</td><td>{row['size_mb']:.1f}</td>"
-            f"<td>{'—' if latency is None else f'{latency:.2f}'}</td><td>{'—' if speedup is None else f'{speedup:.2f}×'}</td>"
+            f"<td>{flops}</td><td>{latency or '—'}</td><td>{speedup or '—'}</td>"
             f"<td>{gain or '—'}</td><td>{row.get('best_epoch', '')}</td></tr>\n")
     parts.append("</table>\n<p class=\"muted\">Best epoch chosen on validation top-1; test metrics of those weights. "
-                 "Latency and speed-up appear when the run measured them.</p>\n")
+                 "Latency: batch 1, measured with the other models in interleaved rounds; speed-up: the teacher's median "
+                 "latency over the model's, 'unclear' where the two interquartile ranges overlap. Gain verdict: exact "
+                 "McNemar test of the paired test predictions (first seed), significant when p < 0.05.</p>\n")
 
     parts.append("<h2>Learning curves</h2>\n<div class=\"figures\">\n")
     for key, label in (("loss", "loss (train: training objective, val: CE)"), ("top1", "top-1 accuracy")):

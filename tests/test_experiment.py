@@ -45,9 +45,15 @@ def test_summary_fields(tiny_run):
     for role in experiment.ROLES:
         row = summary[role]
         assert row["latency_ms"] > 0 and row["throughput_img_s"] > 0 and row["file_mb"] > 1
+        assert row["latency_ms_iqr"][0] <= row["latency_ms"] <= row["latency_ms_iqr"][1]
+        assert row["throughput_img_s_iqr"][0] <= row["throughput_img_s"] <= row["throughput_img_s_iqr"][1]
         assert row["flops_per_image"] > 1e8  # VGG16 / ResNet18 at 32 px: hundreds of MFLOPs or more
         assert row["speedup_over_teacher"] == pytest.approx(summary["teacher"]["latency_ms"] / row["latency_ms"], rel=1e-2)
     assert summary["teacher"]["speedup_over_teacher"] == 1.0
+    assert isinstance(summary["student_kd"]["speedup_clear"], bool)
+    assert 0 < summary["student_kd"]["mcnemar_p"] <= 1 and "mcnemar_p" not in summary["student_baseline"]
+    assert summary["dataset"]["images_per_class"]["val"] == {"min": 3, "max": 3}
+    assert any("validation split has 3 images in its smallest class" in w for w in summary["warnings"])
     assert "Deployment on cpu" in (tiny_run / "comparison.txt").read_text()
     assert summary["kd_gain_top1"] == pytest.approx(
         summary["student_kd"]["test"]["top1"] - summary["student_baseline"]["test"]["top1"])

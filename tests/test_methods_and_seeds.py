@@ -43,13 +43,30 @@ def test_summary_reports_mean_and_std_over_seeds(methods_run):
         assert row["test_top1_by_seed"] == {"3": values[0], "4": values[1]}
         assert row["test_top1_mean"] == pytest.approx(statistics.mean(values))
         assert row["test_top1_std"] == pytest.approx(statistics.stdev(values))
+        if role == "student_baseline":
+            assert "gain_top1_mean" not in row and "mcnemar_p" not in row
+            continue
         gains = [value - base for value, base in zip(values, top1["student_baseline"])]
         assert row["gain_top1_mean"] == pytest.approx(statistics.mean(gains))
         assert row["gain_top1_std"] == pytest.approx(statistics.stdev(gains))
+        interval = utils.paired_gain_interval(gains)
+        assert row["gain_top1_ci95"] == pytest.approx(interval["ci"]) and row["gain_top1_p"] == pytest.approx(interval["p"])
+        assert row["gain_significant"] == (interval["ci"][0] > 0 or interval["ci"][1] < 0)
+        # McNemar per seed, from the per-image correctness each model's results.json keeps
+        p_by_seed = {}
+        for seed, suffix in (("3", ()), ("4", ("seed_4",))):
+            correct = [utils.parse_correct_flags(utils.read_json(methods_run.joinpath(name, *suffix, "results.json"))["test_correct"])
+                       for name in ("student_baseline", role)]
+            assert len(correct[0]) == summary["dataset"]["sizes"]["test"]
+            p_by_seed[seed] = utils.mcnemar_exact(*correct)["p"]
+        assert row["mcnemar_p_by_seed"] == p_by_seed and row["mcnemar_p"] == p_by_seed["3"]
     assert "test_top1_mean" not in summary["teacher"]
+    assert isinstance(summary["warnings"], list)
     assert summary["kd_gain_top1"] == pytest.approx(top1["student_kd"][0] - top1["student_baseline"][0])
     table = (methods_run / "comparison.txt").read_text()
-    assert "top1 mean+-std" in table and "student_at" in table and "at gain" in table
+    assert "top1 mean+-std" in table and "student_at" in table and "at gain" in table and "gain 95% interval" in table
+    assert "significant: the 95% Student-t interval of the per-seed paired gains excludes zero" in table
+    assert table.count("by the exact McNemar test; over seeds 3, 4: ") == 2
     report = (methods_run / "report.html").read_text()
     assert "student_at" in report
 

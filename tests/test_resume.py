@@ -81,6 +81,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     for role in experiment.ROLES:
         assert actual[role]["test"] == expected[role]["test"], role
         assert actual[role]["best_epoch"] == expected[role]["best_epoch"], role
+        assert actual[role]["latency_ms"] > 0, "finished models are reloaded and measured with the others"
+    assert actual["student_kd"]["mcnemar_p"] == expected["student_kd"]["mcnemar_p"]
+    assert actual["warnings"] == expected["warnings"]
     history = lambda path: [(e["train"]["loss"], e["val"]["loss"]) for e in utils.read_json(path)["epochs"]]
     assert history(run / "student_baseline" / "history.json") == history(tmp_path / "complete" / "student_baseline" / "history.json")
     assert not list(run.glob("*/" + experiment.TRAIN_STATE)), "finished models keep no training state"
