@@ -14,6 +14,10 @@ Methods (`METHODS`, built by `make_criterion`):
 - "dkd" (decoupled KD, Zhao et al. 2022): `loss = alpha * CE + (1 - alpha) * warmup * (dkd_alpha *
   TCKD + dkd_beta * NCKD)`.
 
+CE is the hard-label loss each criterion is given (`hard_loss`, `engine.hard_label_loss`): plain,
+label-smoothed or class-weighted cross-entropy. Smoothing and class weights act on that term only;
+the distillation terms compare with the teacher's outputs as they are.
+
 Every criterion has a `trainable` attribute: None, or a module whose parameters the optimizer must
 train alongside the student (FitNets' adapters). The teacher is frozen, runs in eval mode under
 inference mode, and never reaches an optimizer.
@@ -63,13 +67,15 @@ def distillation_loss(
     labels: torch.Tensor,
     temperature: float,
     alpha: float,
+    hard_loss: engine.HardLoss = F.cross_entropy,
 ) -> dict[str, torch.Tensor]:
-    """Hinton distillation loss and its parts.
+    """Hinton distillation loss and its parts; `hard_loss` is the CE term's loss (label smoothing and
+    class weights act on it alone, never on the teacher's soft targets).
 
     Returns:
         {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
     """
-    ce = F.cross_entropy(student_logits.float(), labels)
+    ce = hard_loss(student_logits.float(), labels)
     kd = kd_loss(student_logits, teacher_logits, temperature)
     return {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
 
@@ -112,10 +118,12 @@ class DistillationCriterion:
 
     trainable: nn.Module | None = None
 
-    def __init__(self, teacher: nn.Module, temperature: float, alpha: float) -> None:
+    def __init__(self, teacher: nn.Module, temperature: float, alpha: float,
+                 hard_loss: engine.HardLoss = F.cross_entropy) -> None:
         self.teacher = freeze(teacher)
         self.temperature = temperature
         self.alpha = alpha
+        self.hard_loss = hard_loss
 
     def __call__(
         self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -130,7 +138,7 @@ class DistillationCriterion:
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """The loss and its parts from both models' logits (subclasses change only this)."""
-        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
+        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.hard_loss)
 
 
 # ---------------------------------------------------------------- feature distillation
@@ -275,6 +283,7 @@ class FeatureDistillationCriterion:
     def __init__(
         self, teacher: nn.Module, student: nn.Module, method: str, pairs: Sequence[tuple[str, str]],
         temperature: float, alpha: float, beta: float, *, image_size: int = 32,
+        hard_loss: engine.HardLoss = F.cross_entropy,
     ) -> None:
         if method not in FEATURE_METHODS:
             raise ValueError(f"Unknown feature method '{method}'; use one of {', '.join(FEATURE_METHODS)}.")
@@ -283,6 +292,7 @@ class FeatureDistillationCriterion:
         _check_weights(alpha, beta)
         self.teacher = freeze(teacher)
         self.method, self.temperature, self.alpha, self.beta = method, temperature, alpha, beta
+        self.hard_loss = hard_loss
         self.part = "feature" if method == "fitnet" else "at"
         self.teacher_hooks = FeatureHooks(teacher, [t for t, _ in pairs])
         self.student_hooks = FeatureHooks(student, [s for _, s in pairs])
@@ -320,7 +330,7 @@ class FeatureDistillationCriterion:
             feature = fitnet_loss(student_features, teacher_features, self._adapters)
         else:
             feature = at_loss(student_features, teacher_features)
-        ce = F.cross_entropy(student_logits.float(), labels)
+        ce = self.hard_loss(student_logits.float(), labels)
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
         loss = self.alpha * ce + self.beta * feature + (1 - self.alpha - self.beta) * kd
         return {"loss": loss, "ce": ce, "kd": kd, self.part: feature, "logits": student_logits}
@@ -395,7 +405,7 @@ class DKDCriterion(DistillationCriterion):
 
     def __init__(
         self, teacher: nn.Module, temperature: float, alpha: float, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-        warmup_epochs: int = DKD_WARMUP_EPOCHS,
+        warmup_epochs: int = DKD_WARMUP_EPOCHS, hard_loss: engine.HardLoss = F.cross_entropy,
     ) -> None:
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
@@ -404,6 +414,7 @@ class DKDCriterion(DistillationCriterion):
         self.teacher = freeze(teacher)
         self.temperature, self.alpha = temperature, alpha
         self.dkd_alpha, self.dkd_beta, self.warmup_epochs = dkd_alpha, dkd_beta, warmup_epochs
+        self.hard_loss = hard_loss
         self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
@@ -415,7 +426,7 @@ class DKDCriterion(DistillationCriterion):
     def loss_parts(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(student_logits.float(), labels)
+        ce = self.hard_loss(student_logits.float(), labels)
         tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, self.temperature)
         dkd = (self.dkd_alpha * tckd + self.dkd_beta * nckd) * dkd_warmup_factor(self.epoch, self.warmup_epochs)
         loss = self.alpha * ce + (1 - self.alpha) * dkd
@@ -429,23 +440,23 @@ def make_criterion(
     method: str, teacher: nn.Module, student: nn.Module, *, temperature: float, alpha: float,
     beta: float | None = None, pairs: Sequence[tuple[str, str]] | None = None,
     dkd_alpha: float = 1.0, dkd_beta: float = 8.0, dkd_warmup_epochs: int = DKD_WARMUP_EPOCHS,
-    image_size: int = 32,
+    image_size: int = 32, hard_loss: engine.HardLoss = F.cross_entropy,
 ) -> Criterion:
     """The distillation criterion for a method of `METHODS`.
 
     "fitnet" and "at" need `beta` and `pairs` (see `default_feature_layers`) and put hooks on
     `student`; `image_size` sizes FitNets' dry run. The other settings are ignored by methods
-    that do not use them.
+    that do not use them. `hard_loss` is every method's CE term (see `engine.hard_label_loss`).
     """
     if method == "kd":
-        return DistillationCriterion(teacher, temperature, alpha)
+        return DistillationCriterion(teacher, temperature, alpha, hard_loss)
     if method == "dkd":
-        return DKDCriterion(teacher, temperature, alpha, dkd_alpha, dkd_beta, dkd_warmup_epochs)
+        return DKDCriterion(teacher, temperature, alpha, dkd_alpha, dkd_beta, dkd_warmup_epochs, hard_loss)
     if method in FEATURE_METHODS:
         if beta is None or pairs is None:
             raise ValueError(f"Method '{method}' needs beta and feature-layer pairs.")
         return FeatureDistillationCriterion(teacher, student, method, pairs, temperature, alpha, beta,
-                                            image_size=image_size)
+                                            image_size=image_size, hard_loss=hard_loss)
     raise ValueError(f"Unknown distillation method '{method}'; known methods: {', '.join(METHODS)}.")
 
 

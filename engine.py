@@ -8,6 +8,7 @@ where `extra` is whatever a batch carries after its labels (e.g. cached teacher 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -99,12 +100,37 @@ class NonFiniteLossError(RuntimeError):
         self.batch = batch
 
 
+HardLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> batch-mean loss
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Scikit-learn's 'balanced' class weights from training labels: n_samples / (n_classes * count of the class)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels.cpu().numpy())
+    return [float(weight) for weight in weights]
+
+
+def hard_label_loss(
+    label_smoothing: float = 0.0, weights: Sequence[float] | None = None, device: torch.device | str = "cpu",
+) -> HardLoss:
+    """The cross-entropy every model's hard-label term uses: plain, label-smoothed and/or class-weighted.
+
+    With class weights, a batch's loss is the weighted mean (divided by the sum of its samples' weights).
+    """
+    weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
 class SupervisedCriterion:
-    """Cross-entropy on the hard labels (plain training)."""
+    """Cross-entropy on the hard labels (plain training); `hard_loss` may smooth or weight it."""
+
+    def __init__(self, hard_loss: HardLoss = F.cross_entropy) -> None:
+        self.hard_loss = hard_loss
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = self.hard_loss(logits.float(), labels)
         return {"loss": loss, "logits": logits}
 
 
@@ -218,11 +244,20 @@ def evaluate(
     return metrics_from_logits(logits, labels, class_names)
 
 
-def is_better(candidate: dict[str, Any], best: dict[str, Any] | None) -> bool:
-    """Model selection: higher validation top-1 wins; a tie goes to the lower validation loss."""
-    if best is None:
-        return True
-    return (candidate["top1"], -candidate["loss"]) > (best["top1"], -best["loss"])
+SELECT_METRICS = ("top1", "loss", "f1_macro")  # validation metrics a model's best epoch can be chosen by
+
+
+def selection_key(metrics: dict[str, Any], metric: str = "top1") -> tuple[float, ...]:
+    """Larger is better: the metric (the loss negated; an undefined F1 worst of all), then the lower loss."""
+    if metric == "loss":
+        return (-metrics["loss"],)
+    value = metrics[metric]
+    return (-math.inf if value is None else value, -metrics["loss"])
+
+
+def is_better(candidate: dict[str, Any], best: dict[str, Any] | None, metric: str = "top1") -> bool:
+    """Model selection: the better validation `metric` wins (see `selection_key`); a tie goes to the lower loss."""
+    return best is None or selection_key(candidate, metric) > selection_key(best, metric)
 
 
 @dataclass
@@ -237,6 +272,11 @@ class FitResult:
     best_epoch: int = 0
     train_seconds: float = 0.0
     best_val_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+    stopped_early: bool = False
+
+    def epochs_without_improvement(self) -> int:
+        """Finished epochs since the best one (what early stopping counts, so a resumed run counts on)."""
+        return len(self.history) - self.best_epoch
 
 
 def fit(
@@ -256,11 +296,13 @@ def fit(
     name: str = "model",
     on_epoch_end: Callable[[FitResult], None] | None = None,
     resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None,
+    select_metric: str = "top1",
+    patience: int | None = None,
 ) -> FitResult:
     """Train for `epochs` epochs, choose the best epoch on validation data, and restore it.
 
     After every epoch the model is evaluated on the validation loader; when it beats the
-    best so far (see `is_better`) its weights are kept and `on_best(epoch, history)` is called
+    best so far by `select_metric` (see `is_better`) its weights are kept and `on_best(epoch, history)` is called
     (to save a checkpoint); `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard);
     `on_epoch_end(result)` runs last in each epoch (to save the state a resumed run needs).
     When training ends the best weights are loaded back into `model`,
@@ -269,11 +311,20 @@ def fit(
     `resume=(result so far, best weights of the unwrapped model)` continues after `len(result.history)` finished epochs;
     the caller restores model, optimizer, scheduler, loader and RNG states beforehand.
     A criterion with a `set_epoch(epoch)` method is told each epoch (from 1) before it starts.
+    With `patience` (None or 0: off), training stops once `patience` epochs in a row have not improved
+    on the best; the count comes from the history, so a resumed run stops where an uninterrupted one would.
+    A scheduler keeps the plan it was made with (e.g. a one-cycle schedule over all `epochs`).
     """
     result, best_state = resume if resume is not None else (FitResult(), None)
     best_val = result.history[result.best_epoch - 1]["val"] if result.best_epoch else None
     start = time.perf_counter() - result.train_seconds
     for epoch in range(len(result.history) + 1, epochs + 1):
+        if patience and result.best_epoch and result.epochs_without_improvement() >= patience:
+            result.stopped_early = True
+            if is_main_process():
+                log(f"[{name}] stopped early after epoch {epoch - 1} of {epochs}: validation {select_metric} has not "
+                    f"improved for {patience} epoch{'s' if patience > 1 else ''} (best epoch {result.best_epoch})")
+            break
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         if hasattr(criterion, "set_epoch"):
@@ -299,7 +350,7 @@ def fit(
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        improved = is_better(val_metrics, best_val)
+        improved = is_better(val_metrics, best_val, select_metric)
         if improved:
             best_val, result.best_epoch = val_metrics, epoch
             result.best_val_outputs = (val_logits, val_labels)

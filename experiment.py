@@ -15,13 +15,14 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import data_setup
@@ -39,8 +40,14 @@ OUTPUT_DIR: str | None = None  # None: runs/<timestamp>
 TEACHER_MODEL = "VGG16"  # any torchvision classifier name also works
 STUDENT_MODEL = "ResNet18"
 TEACHER_CHECKPOINT: str | None = None  # a trained teacher's best_model.pth: skips teacher training
+TEACHER_WEIGHTS: str | None = None  # teacher's start: a torchvision weights name (DEFAULT, IMAGENET1K_V1) or a state-dict file; None: random
+STUDENT_WEIGHTS: str | None = None  # the same for every student (baseline and distilled alike)
 TEACHER_EPOCHS = 6
 STUDENT_EPOCHS = 3
+PATIENCE: int | None = None  # stop a model after this many epochs without a better validation SELECT_METRIC; None or 0: off
+SELECT_METRIC = "top1"  # validation metric that picks each model's best epoch: top1, loss or f1_macro (ties: lower loss)
+LABEL_SMOOTHING = 0.0  # label smoothing of every model's hard-label CE term (never of the distillation term)
+CLASS_WEIGHTS = "none"  # none, or balanced: CE class weights n_images / (n_classes * images of the class), from train
 OPTIMIZER = "adamw"  # adamw, or sgd (with Nesterov momentum)
 TEACHER_LR = 2e-3  # peak learning rate of the one-cycle schedule (try 0.05 with sgd)
 STUDENT_LR = 2e-3
@@ -128,8 +135,14 @@ class Config:
     teacher_model: str
     student_model: str
     teacher_checkpoint: str | None
+    teacher_weights: str | None
+    student_weights: str | None
     teacher_epochs: int
     student_epochs: int
+    patience: int | None
+    select_metric: str
+    label_smoothing: float
+    class_weights: str
     optimizer: str
     teacher_lr: float
     student_lr: float
@@ -162,46 +175,93 @@ class Config:
     export: str
 
 
+# What leaving out a flag whose default is None means, as --help shows it.
+UNSET_MEANS = {
+    "data_dir": "the bundled digits", "train_dir": "train/ of --data-dir", "val_dir": "carved from train",
+    "test_dir": "test/ of --data-dir", "output_dir": "runs/<timestamp>", "teacher_checkpoint": "train a teacher",
+    "teacher_weights": "random initialization", "student_weights": "random initialization", "patience": "off",
+    "feature_layers": "per model pair", "dkd_warmup_epochs": "1/12 of the student epochs, at least 1",
+    "seeds": "--seed alone", "config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",
+}
+EXAMPLES = """examples:
+  your own photos (class folders in train/ and test/), starting from ImageNet weights at 224 px:
+    python experiment.py --data-dir ~/photos --image-size 224 --teacher-weights DEFAULT --student-weights DEFAULT \\
+        --teacher-lr 1e-4 --student-lr 5e-4 --teacher-epochs 15 --student-epochs 15 --patience 3
+  CIFAR-sized data (32 px) on a GPU:
+    python experiment.py --data-dir cifar10 --teacher-epochs 30 --student-epochs 30 --batch-size 256 --workers 8
+  a quick check that everything runs:
+    python experiment.py --teacher-epochs 1 --student-epochs 1
+  repeat a run with one setting changed:
+    python experiment.py --config runs/<run>/config.json --alpha 0.7
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default once; for a default of None, what leaving the flag out means (UNSET_MEANS)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None and action.dest in UNSET_MEANS:
+            return f"{action.help} (default: {UNSET_MEANS[action.dest]})"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags; their defaults are the constants at the top of this file."""
     parser = argparse.ArgumentParser(
-        description="Knowledge distillation: train a teacher, a baseline student and a distilled "
-        "student, then compare them. Without data flags the bundled handwritten digits are used.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Knowledge distillation: train a teacher, a baseline student and a distilled student,\n"
+        "then compare them. Without data flags the bundled handwritten digits are used.",
+        formatter_class=HelpFormatter, epilog=EXAMPLES,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=DATA_DIR, help="folder holding train/ [val/] test/ class folders")
     data.add_argument("--train-dir", default=TRAIN_DIR, help="training split folder (overrides --data-dir)")
-    data.add_argument("--val-dir", default=VAL_DIR, help="validation split folder (else carved from train)")
+    data.add_argument("--val-dir", default=VAL_DIR, help="validation split folder")
     data.add_argument("--test-dir", default=TEST_DIR, help="test split folder (overrides --data-dir)")
     data.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="fraction of train carved for validation when there is no val/")
-    data.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="images are resized to this many pixels square")
+    data.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                      help="images are resized to this many pixels square; above 64 px the models are torchvision's full "
+                           "definitions (VGG16: 134M parameters instead of 14.7M)")
     data.add_argument("--hflip", choices=["auto", "on", "off"], default=HFLIP, help="horizontal-flip augmentation (auto: off for the bundled digits)")
     data.add_argument("--crop-padding", type=int, default=CROP_PADDING, help="random-crop shift in pixels at 32 px (scaled with image size; 0 disables)")
     models = parser.add_argument_group("models")
     models.add_argument("--teacher-model", default=TEACHER_MODEL, help="teacher architecture (VGG16, ResNet18 or a torchvision classifier)")
     models.add_argument("--student-model", default=STUDENT_MODEL, help="student architecture")
     models.add_argument("--teacher-checkpoint", default=TEACHER_CHECKPOINT, help="reuse this trained teacher (best_model.pth) instead of training one")
+    models.add_argument("--teacher-weights", default=TEACHER_WEIGHTS,
+                        help="start the teacher from torchvision weights (DEFAULT, IMAGENET1K_V1, ...: read from the torch hub "
+                             "cache, $TORCH_HOME) or from a state-dict file; layers that do not fit are re-initialized, and "
+                             "inputs are normalized as the weights expect")
+    models.add_argument("--student-weights", default=STUDENT_WEIGHTS, help="the same for every student (baseline and distilled alike)")
     training = parser.add_argument_group("training")
-    training.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
-    training.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
+    training.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS, help="teacher's training epochs (its one-cycle schedule spans them all)")
+    training.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS, help="each student's training epochs")
+    training.add_argument("--patience", type=int, default=PATIENCE,
+                          help="stop a model after this many epochs without a better validation --select-metric (0: off); the "
+                               "best epoch is still the one kept, and the one-cycle schedule stays planned for all epochs")
+    training.add_argument("--select-metric", choices=engine.SELECT_METRICS, default=SELECT_METRIC,
+                          help="validation metric that picks each model's best epoch (ties: lower validation loss)")
     training.add_argument("--optimizer", choices=["adamw", "sgd"], default=OPTIMIZER, help="adamw, or sgd with Nesterov momentum")
     training.add_argument("--teacher-lr", type=float, default=TEACHER_LR, help="teacher's peak learning rate")
     training.add_argument("--student-lr", type=float, default=STUDENT_LR, help="students' peak learning rate")
-    training.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    training.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="weight decay (decoupled for adamw)")
     training.add_argument("--momentum", type=float, default=MOMENTUM, help="sgd only")
-    training.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    training.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per optimizer step (per process under torchrun)")
     training.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, help="images per evaluation pass")
+    training.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
+                          help="label smoothing of the hard-label cross-entropy of every model; in distillation only the CE "
+                               "term is smoothed, the teacher's soft targets are used as they are")
+    training.add_argument("--class-weights", choices=["none", "balanced"], default=CLASS_WEIGHTS,
+                          help="balanced: weigh each class's cross-entropy by n_images / (n_classes * its training images)")
     training.add_argument("--temperature", type=float, default=T, help="distillation temperature T")
     training.add_argument("--alpha", type=float, default=ALPHA, help="weight of the hard-label CE term (1 - alpha weighs the KD term)")
-    training.add_argument("--seed", type=int, default=SEED)
+    training.add_argument("--seed", type=int, default=SEED, help="seed for initialization, the validation split, shuffling and augmentation")
     methods = parser.add_argument_group("distillation methods")
     methods.add_argument("--kd-methods", default=KD_METHODS, help=f"comma-separated, one student each: {', '.join(KD_engine.METHODS)}")
     methods.add_argument("--beta", type=float, default=BETA, help="fitnet/at: weight of the feature term (alpha + beta <= 1)")
     methods.add_argument("--feature-layers", default=FEATURE_LAYERS, help="fitnet/at: teacher_layer:student_layer pairs, comma-separated")
     methods.add_argument("--dkd-alpha", type=float, default=DKD_ALPHA, help="dkd: weight of the target-class term")
     methods.add_argument("--dkd-beta", type=float, default=DKD_BETA, help="dkd: weight of the non-target-class term")
-    methods.add_argument("--dkd-warmup-epochs", type=int, default=DKD_WARMUP_EPOCHS, help="dkd: warm-up epochs (default: 1/12 of the student epochs)")
+    methods.add_argument("--dkd-warmup-epochs", type=int, default=DKD_WARMUP_EPOCHS, help="dkd: epochs of linear warm-up of the DKD term")
     methods.add_argument("--seeds", default=SEEDS, help="comma-separated seeds: every student is trained once per seed")
     training.add_argument("--device", default=DEVICE, help="auto, cpu, cuda or cuda:N")
     training.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=PRECISION, help="auto: bf16 on CUDA and on CPUs with native bf16")
@@ -212,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--cache-teacher-logits", action=argparse.BooleanOptionalAction, default=CACHE_TEACHER_LOGITS,
                        help="compute the teacher's logits once per image; only with a deterministic view (--crop-padding 0 --hflip off)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile the models")
-    parser.add_argument("--output-dir", default=OUTPUT_DIR, help="run directory (default: runs/<timestamp>)")
+    parser.add_argument("--output-dir", default=OUTPUT_DIR, help="run directory")
     parser.add_argument("--export", choices=["none", "onnx"], default=EXPORT,
                         help="onnx: export every trained model to RUN/<model>/model.onnx (dynamic batch) and check it")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=TENSORBOARD,
@@ -239,6 +299,8 @@ def validate(config: Config) -> None:
         (config.crop_padding >= 0, f"--crop-padding must be >= 0 (got {config.crop_padding})."),
         (config.memory_budget_mb >= 0, f"--memory-budget-mb must be >= 0 (got {config.memory_budget_mb})."),
         (config.workers >= 0, f"--workers must be >= 0 (got {config.workers})."),
+        ((config.patience or 0) >= 0, f"--patience must be >= 0 (got {config.patience})."),
+        (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {config.label_smoothing})."),
         (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),
          "--cache-teacher-logits needs a deterministic training view: add --crop-padding 0 --hflip off "
          "(with random augmentation the teacher must see each new view)."),
@@ -273,7 +335,8 @@ def validate(config: Config) -> None:
             raise SettingsError(str(error)) from None
 
 
-PATH_SETTINGS = ("data_dir", "train_dir", "val_dir", "test_dir", "output_dir", "teacher_checkpoint")
+PATH_SETTINGS = ("data_dir", "train_dir", "val_dir", "test_dir", "output_dir", "teacher_checkpoint",
+                 "teacher_weights", "student_weights")  # a weights name (DEFAULT, ...) has no "~" to expand
 
 
 def expand_user_paths(config: Config) -> Config:
@@ -333,6 +396,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def read_initial_weights(config: Config) -> dict[str, model_builder.Pretrained]:
+    """--teacher-weights and --student-weights, read before any work ("teacher" / "student"; absent: random start).
+
+    A torchvision name is read from the torch hub cache, downloaded there first when missing and possible.
+    """
+    weights = {}
+    for role, setting, arch in (("teacher", config.teacher_weights, config.teacher_model),
+                                ("student", config.student_weights, config.student_model)):
+        if setting is not None:
+            try:
+                weights[role] = model_builder.read_pretrained(arch, setting)
+            except model_builder.WeightsError as error:
+                raise SettingsError(f"--{role}-weights {setting}: {error}") from None
+    return weights
+
+
+def check_initial_weights(config: Config, weights: dict[str, model_builder.Pretrained], num_classes: int) -> None:
+    """Stop when initial weights fit no layer of their model; say which layers they leave re-initialized."""
+    for role, pretrained in weights.items():
+        arch = config.teacher_model if role == "teacher" else config.student_model
+        with torch.device("meta"):
+            model = model_builder.build_model(arch, num_classes, config.image_size)
+        try:
+            record = model_builder.pretrained_fit(model, pretrained)[1]
+        except model_builder.WeightsError as error:
+            raise SettingsError(f"--{role}-weights: {error}") from None
+        if engine.is_main_process():
+            print(f"The {role} starts from {record['weights']}: {record['loaded_tensors']} of {record['model_tensors']} "
+                  f"tensors loaded; re-initialized (no tensor of that shape in the file): {', '.join(record['reinitialized']) or 'none'}")
+
+
+def initial_weights(context: Context, role: str) -> model_builder.Pretrained | None:
+    """The weights a model of this role starts from (the teacher's, or the students' shared ones), if any."""
+    return context.pretrained.get("teacher" if role == "teacher" else "student")
+
+
+def pretrained_normalization(weights: dict[str, model_builder.Pretrained]) -> tuple[list[float], list[float], str] | None:
+    """Mean and std the initial weights expect (the teacher's before the students'), and where they come from."""
+    for role in ("teacher", "student"):
+        pretrained = weights.get(role)
+        if pretrained is not None and pretrained.mean is not None:
+            return pretrained.mean, pretrained.std, f"{role} weights {pretrained.source}"
+    return None
+
+
 # ---------------------------------------------------------------- one model
 
 
@@ -346,6 +454,8 @@ class Context:
     amp_dtype: torch.dtype | None
     run_dir: Path
     eval_loaders: dict[str, data_setup.BatchLoader]
+    pretrained: dict[str, model_builder.Pretrained] = field(default_factory=dict)  # see read_initial_weights
+    hard_loss: engine.HardLoss = F.cross_entropy  # every model's hard-label term
 
     def train_loader(self, seed: int) -> data_setup.BatchLoader:
         """A fresh training loader: the same seed gives every model the same batches.
@@ -390,10 +500,13 @@ def make_checkpoint(
     }
 
 
-def new_model(context: Context, arch: str, seed: int) -> nn.Module:
-    """Build an untrained model on the run's device (seeded, so students of one seed start identical)."""
+def new_model(context: Context, arch: str, seed: int, pretrained: model_builder.Pretrained | None = None) -> nn.Module:
+    """Build an untrained model on the run's device (seeded, so students of one seed start identical),
+    starting from `pretrained` where its tensors fit."""
     seed_everything(seed)
     model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
+    if pretrained is not None:
+        model_builder.load_pretrained(model, pretrained)
     model = model.to(context.device, memory_format=torch.channels_last)
     if engine.rank_and_world()[1] > 1:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
@@ -450,7 +563,7 @@ def train_model(
     file exists (an interrupted run), training continues after its last finished epoch.
     """
     config = context.config
-    model = new_model(context, arch, seed)
+    model = new_model(context, arch, seed, initial_weights(context, role))
     criterion = make_criterion(model)
     train_loader = context.train_loader(seed)
     if teacher_logits is not None:
@@ -500,7 +613,7 @@ def train_model(
             model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype,
             on_epoch=None if writer is None else lambda record: log_scalars(writer, record), name=role,
-            on_epoch_end=save_epoch, resume=resume,
+            on_epoch_end=save_epoch, resume=resume, select_metric=config.select_metric, patience=config.patience,
         )
     finally:
         if writer is not None:
@@ -659,8 +772,12 @@ def report_model(
     results = {split: engine.metrics_from_logits(*outputs[split], class_names) for split in SPLITS}
     row = {
         "arch": arch, **model_builder.describe(model), "best_epoch": fit.best_epoch,
+        "epochs_trained": len(fit.history), "stopped_early": fit.stopped_early,
         "train_seconds": round(fit.train_seconds, 2), "test": {key: results["test"][key] for key in SUMMARY_TEST_KEYS},
     }
+    pretrained = initial_weights(context, role)
+    if pretrained is not None:
+        row["pretrained"] = model_builder.pretrained_fit(model, pretrained)[1]
     if not engine.is_main_process():
         return row
     row.update(deployment_figures(context, model, folder / "best_model.pth"))
@@ -674,7 +791,7 @@ def report_model(
             f"{role}: {split} confusion matrix", folder / f"confusion_matrix_{split}.png",
         )
     utils.write_json(folder / "history.json", {"best_epoch": fit.best_epoch, "epochs": fit.history})
-    utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation top-1\n" + utils.history_table(fit.history))
+    utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation {context.config.select_metric}\n" + utils.history_table(fit.history))
     utils.write_text(folder / "detailed_metrics.txt", f"{role} ({arch}) at its best epoch {fit.best_epoch}\n\n" + utils.metrics_table(results))
     stats = torchinfo_summary(model_builder.unwrap(model), input_size=(1, 3, context.config.image_size, context.config.image_size),
                               device=context.device, mode="eval", verbose=0)
@@ -837,10 +954,13 @@ def run_experiment(config: Config, resume: bool = False, given: set[str] | None 
     """
     start = time.perf_counter()
     config = expand_user_paths(config)
+    if config.teacher_weights is not None and config.teacher_checkpoint is not None:
+        raise SettingsError("--teacher-weights starts a teacher's training, but --teacher-checkpoint skips it: give one of them.")
     teacher_checkpoint = None if config.teacher_checkpoint is None else read_teacher_checkpoint(config.teacher_checkpoint)
     if teacher_checkpoint is not None:
         config = adopt_teacher_checkpoint(config, teacher_checkpoint, given)
     validate(config)
+    pretrained = read_initial_weights(config)
     if not resume and config.output_dir is not None and (Path(config.output_dir) / "config.json").is_file():
         raise SettingsError(f"'{config.output_dir}' already holds a run: choose another --output-dir, "
                             f"or continue that run with --resume {config.output_dir}")
@@ -859,25 +979,33 @@ def run_experiment(config: Config, resume: bool = False, given: set[str] | None 
         config.image_size, config.val_fraction, config.seed, config.memory_budget_mb, config.workers,
         data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None,
     )
+    check_initial_weights(config, pretrained, len(data.class_names))
+    normalization = "the training split's own"
     if teacher_checkpoint is not None:
         check_teacher_fits(config.teacher_checkpoint, teacher_checkpoint, data.class_names)
         # The teacher expects inputs normalized as in its own training; students share them.
         data.mean, data.std = teacher_checkpoint["mean"], teacher_checkpoint["std"]
+        normalization = "the teacher checkpoint's"
+    elif (expected := pretrained_normalization(pretrained)) is not None:
+        data.mean, data.std, normalization = expected
+    weights = engine.class_weights(data.train.labels, len(data.class_names)) if config.class_weights == "balanced" else None
     run_dir = make_run_dir(config.output_dir)
     eval_loaders = {
         split: data_setup.BatchLoader(getattr(data, split), config.eval_batch_size, data.mean, data.std, device,
                                       workers=config.workers, shard=(rank, world))
         for split in SPLITS
     }
-    context = Context(config, data, device, amp_dtype, run_dir, eval_loaders)
+    context = Context(config, data, device, amp_dtype, run_dir, eval_loaders, pretrained,
+                      engine.hard_label_loss(config.label_smoothing, weights, device))
     class_counts = {split: torch.bincount(getattr(data, split).labels, minlength=len(data.class_names)) for split in SPLITS}
     dataset = {
         "class_names": data.class_names,
         "sizes": {split: len(getattr(data, split)) for split in SPLITS},
         "images_per_class": {split: {"min": int(counts.min()), "max": int(counts.max())} for split, counts in class_counts.items()},
         "validation": data.val_source,
-        "mean": data.mean, "std": data.std,
+        "mean": data.mean, "std": data.std, "normalization": normalization,
         "storage": "streamed from disk" if data.streamed else "decoded once into memory",
+        **({} if weights is None else {"class_weights": dict(zip(data.class_names, weights))}),
     }
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     if main_process:
@@ -925,7 +1053,7 @@ def train_and_report(
             row = finished_row(folder, name)
             if row is None:
                 if role == "student_baseline":
-                    make_criterion, cached = (lambda model: engine.SupervisedCriterion()), None
+                    make_criterion, cached = (lambda model: engine.SupervisedCriterion(context.hard_loss)), None
                 else:
                     make_criterion = functools.partial(distillation_criterion, context, method, frozen_teacher, pairs)
                     cached = teacher_logits if method not in KD_engine.FEATURE_METHODS else None
@@ -988,7 +1116,7 @@ def obtain_teacher(
         row = {**report_model(context, "teacher", arch, teacher, fit, folder), "reused_from": str(config.teacher_checkpoint)}
         return teacher, {"teacher": row}
     teacher, fit = train_model(context, "teacher", arch, config.teacher_epochs, config.teacher_lr,
-                               lambda model: engine.SupervisedCriterion(), folder, config.seed)
+                               lambda model: engine.SupervisedCriterion(context.hard_loss), folder, config.seed)
     return teacher, {"teacher": report_model(context, "teacher", arch, teacher, fit, folder)}
 
 
@@ -1004,6 +1132,7 @@ def distillation_criterion(
         method, teacher, student, temperature=config.temperature, alpha=config.alpha, beta=config.beta,
         pairs=pairs if method in KD_engine.FEATURE_METHODS else None,
         dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta, dkd_warmup_epochs=warmup, image_size=config.image_size,
+        hard_loss=context.hard_loss,
     )
 
 
@@ -1035,7 +1164,10 @@ def rebuild_report(run_dir: str) -> None:
 
 
 def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.ArgumentParser) -> Config | None:
-    """--resume: the interrupted run's own settings (None when the run has already finished)."""
+    """--resume: the interrupted run's own settings (None when the run has already finished).
+
+    A setting the run's config.json lacks (a run made before that setting existed) takes its default.
+    """
     changed = sorted(f"--{key.replace('_', '-')}" for key, value in args.items() if value != parser.get_default(key))
     if changed:
         raise SettingsError(f"--resume continues with the run's saved settings; leave out {', '.join(changed)}.")
@@ -1046,7 +1178,55 @@ def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.Argument
         print(f"Run '{run_dir}' has already finished: nothing to resume.")
         return None
     saved = utils.read_json(path / "config.json")
-    return Config(**{**{key: saved[key] for key in Config.__dataclass_fields__}, "output_dir": str(path)})
+    return Config(**{**{key: saved.get(key, parser.get_default(key)) for key in Config.__dataclass_fields__},
+                     "output_dir": str(path)})
+
+
+def config_file_settings(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """--config: the settings of a YAML or JSON file with config.json's keys, checked as the flags would be.
+
+    "resolved" and "dataset" (what a run records beside its settings) are ignored. A run's own
+    config.json (it has "resolved") repeats that run in a new folder: its output_dir is ignored too.
+    """
+    try:
+        settings = utils.read_settings(path)
+        if "resolved" in settings:
+            settings.pop("output_dir", None)
+        for key in ("resolved", "dataset"):
+            settings.pop(key, None)
+        actions = {action.dest: action for action in parser._actions if action.dest in Config.__dataclass_fields__}
+        nullable = {name for name, field_ in Config.__dataclass_fields__.items() if "None" in str(field_.type)}
+        return utils.check_settings(settings, actions, nullable, source=path)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+
+
+def command_line_parser() -> argparse.ArgumentParser:
+    """The settings' flags (build_parser) and the ones that choose what to do with them."""
+    parser = build_parser()
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="read settings from a YAML or JSON file with config.json's keys (a run's own config.json "
+                             "repeats that run in a new folder); flags given beside it override it")
+    parser.add_argument("--report-only", metavar="RUN", default=None,
+                        help="only rebuild RUN/report.html from a finished run's files, then stop")
+    parser.add_argument("--resume", metavar="RUN", default=None,
+                        help="continue the interrupted run in RUN with its saved settings")
+    return parser
+
+
+def parse_command_line(argv: list[str] | None) -> tuple[argparse.ArgumentParser, dict[str, Any], set[str]]:
+    """The parser, the parsed flags and the settings the user gave (flags and --config file keys, as
+    opposed to defaults); a --config file's settings stand in for the defaults beneath the flags."""
+    parser = command_line_parser()
+    args = vars(parser.parse_args(argv))
+    from_file: dict[str, Any] = {}
+    if args["config"] is not None:
+        if args["resume"] is not None:
+            raise SettingsError("--resume continues with the run's saved settings; leave out --config.")
+        from_file = config_file_settings(os.path.expanduser(args["config"]), parser)
+        parser.set_defaults(**from_file)
+        args = vars(parser.parse_args(argv))
+    return parser, args, given_settings(argv) | set(from_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1055,22 +1235,18 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C stops the run with exit code 130 and says how to resume it; a NaN or infinite loss
     stops it with exit code 1.
     """
-    parser = build_parser()
-    parser.add_argument("--report-only", metavar="RUN", default=None,
-                        help="only rebuild RUN/report.html from a finished run's files, then stop")
-    parser.add_argument("--resume", metavar="RUN", default=None,
-                        help="continue the interrupted run in RUN with its saved settings")
-    args = vars(parser.parse_args(argv))
-    report_only, resume = (None if path is None else os.path.expanduser(path) for path in (args.pop("report_only"), args.pop("resume")))
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     handle_stop_signals()
     try:
+        parser, args, given = parse_command_line(argv)
+        report_only, resume = (None if path is None else os.path.expanduser(path) for path in (args.pop("report_only"), args.pop("resume")))
+        args.pop("config")
         if report_only is not None:
             rebuild_report(report_only)
             return 0
         config = Config(**args) if resume is None else resumed_config(resume, args, parser)
         if config is not None:
-            run_experiment(config, resume=resume is not None, given=given_settings(argv))
+            run_experiment(config, resume=resume is not None, given=given)
     except (SettingsError, data_setup.DataError, model_builder.UnknownModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ Every file is written atomically: to a temporary file in the same folder, then r
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import math
 import os
@@ -16,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import yaml
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     classification_report,
@@ -78,6 +81,73 @@ def write_json(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- settings files
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings in a YAML or JSON file (.json is read as JSON, anything else as YAML): a mapping of names to values.
+
+    Raises ValueError with one sentence when the file cannot be read or holds no such mapping.
+    """
+    path = Path(path)
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"Cannot read settings file '{path}': {getattr(error, 'strerror', None) or error}.") from None
+    try:
+        settings = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(f"Settings file '{path}' is not valid {kind}: {detail}.") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"Settings file '{path}' must hold a mapping of setting names to values, not a {type(settings).__name__}.")
+    return settings
+
+
+def _setting_value(action: argparse.Action, value: Any, where: str, nullable: bool) -> Any:
+    """`value` converted as argparse converts the flag's text (numbers from text too), or ValueError."""
+    if value is None:
+        if nullable:
+            return None
+        raise ValueError(f"{where} must have a value (it cannot be null).")
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false (got {value!r}).")
+        return value
+    kind = {int: "an integer", float: "a number"}.get(action.type, "a string")
+    if isinstance(value, (bool, list, dict)) or (action.type is int and isinstance(value, float)):
+        raise ValueError(f"{where} must be {kind} (got {value!r}).")
+    if action.type is None:
+        value = str(value)
+    elif isinstance(value, str) or action.type is float:
+        try:
+            value = action.type(value)
+        except ValueError:
+            raise ValueError(f"{where} must be {kind} (got {value!r}).") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{where} must be one of {', '.join(map(str, action.choices))} (got {value!r}).")
+    return value
+
+
+def check_settings(
+    settings: dict[str, Any], actions: dict[str, argparse.Action], nullable: set[str], source: str,
+) -> dict[str, Any]:
+    """Settings from a file, keyed as the flags' destinations ("teacher_epochs"; "teacher-epochs" works too),
+    converted and checked as argparse would check the same flags. A key no flag has is refused,
+    naming the closest valid key; `nullable` keys may be null."""
+    checked = {}
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name not in actions:
+            closest = difflib.get_close_matches(name, list(actions), n=1, cutoff=0.0)
+            raise ValueError(f"{source}: unknown setting '{key}' (the closest valid one is '{closest[0]}').")
+        checked[name] = _setting_value(actions[name], value, f"{source}: {name}", name in nullable)
+    return checked
 
 
 # ---------------------------------------------------------------- metrics
