@@ -53,11 +53,11 @@ IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
 T = 4.0  # distillation temperature
 ALPHA = 0.5  # weight of the hard-label CE term; (1 - ALPHA) weighs the distillation term
 KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), fitnet, dkd, at
-BETA = 0.25  # fitnet / at: weight of the feature term; loss = ALPHA*CE + BETA*feature + (1-ALPHA-BETA)*KD
-FEATURE_LAYERS: str | None = None  # fitnet / at: "teacher_layer:student_layer,..."; None: defaults per model pair
+BETA: float | None = None  # fitnet / at: loss = ALPHA*CE + (1-ALPHA)*KD + BETA*feature; None: the references' weight (fitnet 100, at 1000) times ALPHA
+FEATURE_LAYERS: str | None = None  # fitnet / at: "teacher_layer:student_layer,..."; None: the references' pairs of the models' stages
 DKD_ALPHA = 1.0  # dkd: weight of the target-class term (the paper's value)
 DKD_BETA = 8.0  # dkd: weight of the non-target-class term (the paper's CIFAR value)
-DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up; None: the paper's share (20 of 240 epochs), at least 1
+DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up per optimizer step over this many epochs; None: the paper's share (20 of 240) of all steps
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
 HFLIP = "auto"  # horizontal-flip augmentation: on, off, or auto (off for the digits, on otherwise)
@@ -118,7 +118,7 @@ class Config:
     temperature: float
     alpha: float
     kd_methods: str
-    beta: float
+    beta: float | None
     feature_layers: str | None
     dkd_alpha: float
     dkd_beta: float
@@ -174,11 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--seed", type=int, default=SEED)
     methods = parser.add_argument_group("distillation methods")
     methods.add_argument("--kd-methods", default=KD_METHODS, help=f"comma-separated, one student each: {', '.join(KD_engine.METHODS)}")
-    methods.add_argument("--beta", type=float, default=BETA, help="fitnet/at: weight of the feature term (alpha + beta <= 1)")
-    methods.add_argument("--feature-layers", default=FEATURE_LAYERS, help="fitnet/at: teacher_layer:student_layer pairs, comma-separated")
+    methods.add_argument("--beta", type=float, default=BETA, help="fitnet/at: weight of the feature term, beside alpha*CE + (1-alpha)*KD; "
+                         f"None: the references' weight ({', '.join(f'{m} {w:g}' for m, w in KD_engine.FEATURE_WEIGHTS.items())}) times --alpha")
+    methods.add_argument("--feature-layers", default=FEATURE_LAYERS, help="fitnet/at: teacher_layer:student_layer pairs, comma-separated "
+                         "(None: the references' pairs; see --list-layers)")
     methods.add_argument("--dkd-alpha", type=float, default=DKD_ALPHA, help="dkd: weight of the target-class term")
     methods.add_argument("--dkd-beta", type=float, default=DKD_BETA, help="dkd: weight of the non-target-class term")
-    methods.add_argument("--dkd-warmup-epochs", type=int, default=DKD_WARMUP_EPOCHS, help="dkd: warm-up epochs (default: 1/12 of the student epochs)")
+    methods.add_argument("--dkd-warmup-epochs", type=int, default=DKD_WARMUP_EPOCHS,
+                         help="dkd: epochs of linear warm-up, ramped per optimizer step (None: the paper's 20 of 240 epochs, as a share of all steps)")
     methods.add_argument("--seeds", default=SEEDS, help="comma-separated seeds: every student is trained once per seed")
     training.add_argument("--device", default=DEVICE, help="auto, cpu, cuda or cuda:N")
     training.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=PRECISION, help="auto: bf16 on CUDA and on CPUs with native bf16")
@@ -226,8 +229,9 @@ def validate(config: Config) -> None:
     methods = kd_methods(config)
     seeds(config)
     if any(method in KD_engine.FEATURE_METHODS for method in methods):
-        if not (0 <= config.beta and config.alpha + config.beta <= 1):
-            raise SettingsError(f"--beta must be >= 0 with --alpha + --beta <= 1 (got alpha {config.alpha}, beta {config.beta}).")
+        if config.beta is not None and config.beta < 0:
+            raise SettingsError(f"--beta must be >= 0 (got {config.beta}).")
+        feature_weights(config)
         feature_pairs(config)
     if "dkd" in methods and not (config.dkd_alpha >= 0 and config.dkd_beta >= 0 and (config.dkd_warmup_epochs or 0) >= 0):
         raise SettingsError("--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0.")
@@ -275,21 +279,30 @@ def seeds(config: Config) -> list[int]:
     return values
 
 
-def feature_pairs(config: Config) -> list[tuple[str, str]]:
-    """fitnet / at layer pairs (teacher, student), checked to exist in both models."""
+def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
+    """Each fitnet / at method's layer pairs (teacher, student), checked on the meta device: the
+    layers exist, and the method can distill their maps at the run's image size."""
+    pairs = {}
     try:
-        pairs = (KD_engine.parse_feature_layers(config.feature_layers) if config.feature_layers
-                 else KD_engine.default_feature_layers(config.teacher_model, config.student_model))
         with torch.device("meta"):
             teacher = model_builder.build_model(config.teacher_model, 10, config.image_size)
             student = model_builder.build_model(config.student_model, 10, config.image_size)
+            for method in (m for m in kd_methods(config) if m in KD_engine.FEATURE_METHODS):
+                pairs[method] = (KD_engine.parse_feature_layers(config.feature_layers) if config.feature_layers
+                                 else KD_engine.default_feature_layers(method, teacher, student))
+                KD_engine.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
     except ValueError as error:
         raise SettingsError(f"--feature-layers: {error}") from None
-    for model, names, which in ((teacher, [t for t, _ in pairs], "teacher"), (student, [s for _, s in pairs], "student")):
-        missing = sorted(set(names) - dict(model.named_modules()).keys())
-        if missing:
-            raise SettingsError(f"--feature-layers: the {which} has no layer named {', '.join(missing)}.")
     return pairs
+
+
+def feature_weights(config: Config) -> dict[str, float]:
+    """The weight of each fitnet / at method's feature term (--beta, or the references' balance)."""
+    try:
+        return {method: KD_engine.feature_weight(method, config.alpha, config.beta)
+                for method in kd_methods(config) if method in KD_engine.FEATURE_METHODS}
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
 
 
 def student_roles(config: Config) -> list[str]:
@@ -410,20 +423,20 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def train_model(
     context: Context, role: str, arch: str, epochs: int, lr: float,
-    make_criterion: Callable[[nn.Module], engine.Criterion], folder: Path, seed: int,
+    make_criterion: Callable[[nn.Module, int], engine.Criterion], folder: Path, seed: int,
     teacher_logits: torch.Tensor | None = None,
 ) -> tuple[nn.Module, engine.FitResult]:
     """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
 
-    `make_criterion(model)` gives the loss (feature methods hook into the model it is given).
+    `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
     `teacher_logits` (one row per training image) are handed to the criterion with each batch.
     After every epoch the whole training state goes to <folder>/train_state.pth; when that
     file exists (an interrupted run), training continues after its last finished epoch.
     """
     config = context.config
     model = new_model(context, arch, seed)
-    criterion = make_criterion(model)
     train_loader = context.train_loader(seed)
+    criterion = make_criterion(model, len(train_loader))
     if teacher_logits is not None:
         train_loader.teacher_logits = teacher_logits.to(context.device)
     optimizer = make_optimizer(config, model, lr, criterion)
@@ -566,7 +579,7 @@ def load_teacher(context: Context, checkpoint: dict[str, Any]) -> tuple[nn.Modul
     """Rebuild a trained teacher from its checkpoint, checking it fits this run's data."""
     path = context.config.teacher_checkpoint
     arch, class_names = checkpoint["arch"], checkpoint["class_names"]
-    expected_arch = model_builder.torchvision_name(context.config.teacher_model)
+    expected_arch = model_builder.architecture_name(context.config.teacher_model)
     if arch != expected_arch:
         raise SettingsError(f"Teacher checkpoint '{path}' holds a {arch}, but --teacher-model is {expected_arch}.")
     if class_names != context.data.class_names:
@@ -772,7 +785,7 @@ def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     if main_process:
         if not resume:
-            resolved = {"device": str(device), "precision": precision, "processes": world}
+            resolved = {"device": str(device), "precision": precision, "processes": world, "feature_weights": feature_weights(config)}
             utils.write_json(run_dir / "config.json", {**asdict(config), "resolved": resolved, "dataset": dataset})
         print(("Resuming " if resume else "") + f"Run directory: {run_dir}  |  device {device}, {precision}, {world} process{'es' if world > 1 else ''}  |  "
               f"{len(data.class_names)} classes, train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
@@ -793,8 +806,8 @@ def train_and_report(
 ) -> dict[str, Any]:
     """Train (or, in a resumed run, keep) each model in turn, report it, then compare them all."""
     config, run_dir, device, amp_dtype = context.config, context.run_dir, context.device, context.amp_dtype
-    teacher_arch = model_builder.torchvision_name(config.teacher_model)
-    student_arch = model_builder.torchvision_name(config.student_model)
+    teacher_arch = model_builder.architecture_name(config.teacher_model)
+    student_arch = model_builder.architecture_name(config.student_model)
     teacher, summary = obtain_teacher(context, teacher_arch, teacher_checkpoint)
     teacher_logits = None
     if config.cache_teacher_logits:
@@ -802,7 +815,7 @@ def train_and_report(
         teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], device, amp_dtype, "teacher logits")
     # The teacher is frozen on every rank; unwrapped, its forward needs no other rank.
     frozen_teacher = engine.local_module(teacher)
-    pairs = feature_pairs(config) if set(kd_methods(config)) & set(KD_engine.FEATURE_METHODS) else None
+    pairs = feature_pairs(config)
     run_seeds = seeds(config)
     rows: dict[str, dict[int, dict[str, Any]]] = {role: {} for role in student_roles(config)}
     for seed in run_seeds:
@@ -813,7 +826,7 @@ def train_and_report(
             row = finished_row(folder, name)
             if row is None:
                 if role == "student_baseline":
-                    make_criterion, cached = (lambda model: engine.SupervisedCriterion()), None
+                    make_criterion, cached = supervised_criterion, None
                 else:
                     make_criterion = functools.partial(distillation_criterion, context, method, frozen_teacher, pairs)
                     cached = teacher_logits if method not in KD_engine.FEATURE_METHODS else None
@@ -867,22 +880,26 @@ def obtain_teacher(
         row = {**report_model(context, "teacher", arch, teacher, fit, folder), "reused_from": str(config.teacher_checkpoint)}
         return teacher, {"teacher": row}
     teacher, fit = train_model(context, "teacher", arch, config.teacher_epochs, config.teacher_lr,
-                               lambda model: engine.SupervisedCriterion(), folder, config.seed)
+                               supervised_criterion, folder, config.seed)
     return teacher, {"teacher": report_model(context, "teacher", arch, teacher, fit, folder)}
 
 
+def supervised_criterion(model: nn.Module, steps_per_epoch: int) -> engine.Criterion:
+    """Cross-entropy on the hard labels (the teacher's and the baseline's loss)."""
+    return engine.SupervisedCriterion()
+
+
 def distillation_criterion(
-    context: Context, method: str, teacher: nn.Module, pairs: list[tuple[str, str]] | None, student: nn.Module,
+    context: Context, method: str, teacher: nn.Module, pairs: dict[str, list[tuple[str, str]]], student: nn.Module,
+    steps_per_epoch: int,
 ) -> engine.Criterion:
-    """The loss of one distillation method, from the run's settings (`pairs`: fitnet / at layers)."""
+    """The loss of one distillation method, from the run's settings (`pairs`: each feature method's layers)."""
     config = context.config
-    warmup = config.dkd_warmup_epochs
-    if warmup is None:
-        warmup = max(1, round(config.student_epochs * 20 / 240))
+    warmup_steps = KD_engine.dkd_warmup_steps(config.student_epochs, steps_per_epoch, config.dkd_warmup_epochs)
     return KD_engine.make_criterion(
         method, teacher, student, temperature=config.temperature, alpha=config.alpha, beta=config.beta,
-        pairs=pairs if method in KD_engine.FEATURE_METHODS else None,
-        dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta, dkd_warmup_epochs=warmup, image_size=config.image_size,
+        pairs=pairs.get(method), dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta,
+        dkd_warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, image_size=config.image_size,
     )
 
 
@@ -919,6 +936,14 @@ def rebuild_report(run_dir: str) -> None:
     print(f"Report written: {utils.write_report(run_dir)}")
 
 
+def layer_list(model: str, image_size: int) -> str:
+    """--list-layers: the model's layers and their output shapes, or a SettingsError for a model or size that cannot work."""
+    try:
+        return model_builder.layer_table(model, image_size)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+
+
 def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.ArgumentParser) -> Config | None:
     """--resume: the interrupted run's own settings (None when the run has already finished)."""
     changed = sorted(f"--{key.replace('_', '-')}" for key, value in args.items() if value != parser.get_default(key))
@@ -945,11 +970,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="only rebuild RUN/report.html from a finished run's files, then stop")
     parser.add_argument("--resume", metavar="RUN", default=None,
                         help="continue the interrupted run in RUN with its saved settings")
+    parser.add_argument("--list-layers", metavar="MODEL", default=None,
+                        help="only print MODEL's layer names with their output shapes at --image-size, then stop")
     args = vars(parser.parse_args(argv))
-    report_only, resume = args.pop("report_only"), args.pop("resume")
+    report_only, resume, list_layers = args.pop("report_only"), args.pop("resume"), args.pop("list_layers")
     try:
         if report_only is not None:
             rebuild_report(report_only)
+            return 0
+        if list_layers is not None:
+            print(layer_list(list_layers, args["image_size"]), end="")
             return 0
         config = Config(**args) if resume is None else resumed_config(resume, args, parser)
         if config is not None:

@@ -25,10 +25,10 @@ RESUME_FLAGS = [
 ]
 
 
-def start_run(tiny_data: Path, run_dir: Path) -> subprocess.Popen:
+def start_run(tiny_data: Path, run_dir: Path, *flags: str) -> subprocess.Popen:
     """The experiment as a separate process, its output unbuffered so it can be read line by line."""
     return subprocess.Popen(
-        [sys.executable, "-u", "experiment.py", "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *RESUME_FLAGS],
+        [sys.executable, "-u", "experiment.py", "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *RESUME_FLAGS, *flags],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -73,6 +73,29 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     history = lambda path: [(e["train"]["loss"], e["val"]["loss"]) for e in utils.read_json(path)["epochs"]]
     assert history(run / "student_baseline" / "history.json") == history(tmp_path / "complete" / "student_baseline" / "history.json")
     assert not list(run.glob("*/" + experiment.TRAIN_STATE)), "finished models keep no training state"
+
+
+def test_dkd_warm_up_continues_after_a_resume(tiny_data, tmp_path):
+    # 3 steps an epoch, warm-up over 3 epochs (9 steps): the kill lands inside the ramp.
+    flags = ["--teacher-epochs", "1", "--student-epochs", "3", "--batch-size", "9", "--kd-methods", "dkd",
+             "--dkd-warmup-epochs", "3"]
+    complete = start_run(tiny_data, tmp_path / "complete", *flags)
+    assert complete.wait(timeout=300) == 0, complete.stdout.read()
+    killed = start_run(tiny_data, tmp_path / "killed", *flags)
+    stop_at(killed, "[student_dkd] epoch   2", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "killed"
+    assert 1 <= len(utils.load_checkpoint(run / "student_dkd" / experiment.TRAIN_STATE)["history"]) < 3
+    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[student_dkd] resuming after epoch" in resumed.stdout
+    expected = utils.read_json(tmp_path / "complete" / "student_dkd" / "history.json")["epochs"]
+    actual = utils.read_json(run / "student_dkd" / "history.json")["epochs"]
+    assert [e["train"]["warmup"] for e in expected] == pytest.approx([(1 + 2 + 3) / 27, (4 + 5 + 6) / 27, (7 + 8 + 9) / 27])
+    assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
+    summary = lambda path: utils.read_json(path / "summary.json")["student_dkd"]["test"]  # noqa: E731
+    assert summary(run) == summary(tmp_path / "complete")
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
