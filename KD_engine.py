@@ -23,7 +23,7 @@ Methods (`METHODS`, built by `make_criterion`):
   TCKD + dkd_beta * NCKD)`, the warm-up ramping linearly per optimizer step.
 
 Every criterion has a `trainable` attribute: None, or a module whose parameters the optimizer must
-train alongside the student (FitNets' adapters). The teacher is frozen, runs in eval mode under
+train alongside the student (FitNets' regressors). The teacher is frozen, runs in eval mode under
 inference mode, and never reaches an optimizer.
 """
 
@@ -195,7 +195,7 @@ def default_feature_layers(method: str, teacher: nn.Module, student: nn.Module) 
     teacher_stages, student_stages = model_builder.feature_stages(teacher), model_builder.feature_stages(student)
     if method == "fitnet":
         if min(len(teacher_stages), len(student_stages)) <= HINT_STAGE:
-            raise ValueError(f"FitNets' hint stage {HINT_STAGE} needs models with at least {HINT_STAGE} stages.")
+            raise ValueError(f"FitNets' hint stage {HINT_STAGE} needs models with at least {HINT_STAGE} stages after the stem.")
         return [(teacher_stages[HINT_STAGE], student_stages[HINT_STAGE])]
     return list(zip(teacher_stages[1:], student_stages[1:]))
 
@@ -327,8 +327,8 @@ class FeatureDistillationCriterion:
     off, e.g. before exporting the student), and one dry run of both models on zero images of
     `image_size` pixels checks that every hooked map is (N, C, H, W). The teacher always runs
     (feature methods cannot use cached logits). For "fitnet", `trainable` holds the regressors,
-    on the student's device in float32; the caller adds their parameters to the optimizer. Under
-    torchrun their gradients are averaged across ranks.
+    on the student's device in float32 and channels_last; the caller adds their parameters to
+    the optimizer. Under torchrun their gradients are averaged across ranks.
 
     Returns (from a call) "loss", "ce", "kd", "feature" (fitnet) or "at", and "logits".
     """
@@ -354,7 +354,8 @@ class FeatureDistillationCriterion:
         self._regressors: nn.Module | None = None
         if method == "fitnet":
             self.trainable = HintRegressors(shapes)
-            self.trainable.to(next(model_builder.unwrap(student).parameters()).device)
+            # channels_last like the project's models: the regressors' gradients then match DDP's buckets.
+            self.trainable.to(next(model_builder.unwrap(student).parameters()).device, memory_format=torch.channels_last)
             self._regressors = self.trainable
             if dist.is_initialized() and dist.get_world_size() > 1:
                 # Ranks see different shards; DDP starts the regressors equal and averages their gradients.

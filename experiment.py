@@ -37,7 +37,7 @@ TRAIN_DIR: str | None = None  # per-split folders override DATA_DIR's
 VAL_DIR: str | None = None  # without a val folder, validation is carved out of train
 TEST_DIR: str | None = None
 OUTPUT_DIR: str | None = None  # None: runs/<timestamp>
-TEACHER_MODEL = "VGG16"  # any torchvision classifier name also works
+TEACHER_MODEL = "VGG16"  # also the KD literature's small-image networks (resnet32x4, wrn_40_2, ...) or any torchvision classifier
 STUDENT_MODEL = "ResNet18"
 TEACHER_CHECKPOINT: str | None = None  # a trained teacher's best_model.pth: skips teacher training
 TEACHER_EPOCHS = 6
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--hflip", choices=["auto", "on", "off"], default=HFLIP, help="horizontal-flip augmentation (auto: off for the bundled digits)")
     data.add_argument("--crop-padding", type=int, default=CROP_PADDING, help="random-crop shift in pixels at 32 px (scaled with image size; 0 disables)")
     models = parser.add_argument_group("models")
-    models.add_argument("--teacher-model", default=TEACHER_MODEL, help="teacher architecture (VGG16, ResNet18 or a torchvision classifier)")
+    models.add_argument("--teacher-model", default=TEACHER_MODEL, help="teacher architecture: VGG16, ResNet18, a small-image network of the KD literature (resnet32x4, wrn_40_2, vgg13, ...) or a torchvision classifier")
     models.add_argument("--student-model", default=STUDENT_MODEL, help="student architecture")
     models.add_argument("--teacher-checkpoint", default=TEACHER_CHECKPOINT, help="reuse this trained teacher (best_model.pth) instead of training one")
     training = parser.add_argument_group("training")
@@ -387,7 +387,7 @@ def new_model(context: Context, arch: str, seed: int) -> nn.Module:
 
 def make_optimizer(config: Config, model: nn.Module, lr: float, criterion: engine.Criterion) -> torch.optim.Optimizer:
     """The optimizer for the model's parameters and the criterion's own trainable part, if any
-    (e.g. a feature adapter); a teacher's parameters never reach one."""
+    (e.g. FitNets' regressor); a teacher's parameters never reach one."""
     parameters = list(model.parameters())
     if getattr(criterion, "trainable", None) is not None:
         parameters += list(criterion.trainable.parameters())

@@ -303,7 +303,7 @@ def test_a_three_epoch_run_warms_up_and_records_the_mean_factor():
 # ---------------------------------------------------------------- criteria
 
 
-def test_fitnet_gradient_reaches_adapter_and_student_never_teacher():
+def test_fitnet_gradient_reaches_regressor_and_student_never_teacher():
     torch.manual_seed(4)
     teacher, student = tiny_convnet(6), tiny_convnet(4)
     teacher.train()  # the criterion must switch it to eval mode itself
