@@ -8,18 +8,26 @@ Methods (`METHODS`, built by `make_criterion`):
 
   The KL term takes log-softmax inputs and uses `reduction="batchmean"` (a sum over classes,
   a mean over samples); the T^2 factor keeps its gradients on the scale of the CE term.
-- "fitnet" (Romero et al. 2015) and "at" (attention transfer, Zagoruyko & Komodakis 2017):
-  `loss = alpha * CE + beta * feature_loss + (1 - alpha - beta) * KD`, the feature loss comparing
-  intermediate feature maps of named teacher and student layers.
+- "fitnet" (Romero et al. 2015) and "at" (attention transfer, Zagoruyko & Komodakis 2017): the
+  feature term gets its own weight, outside the CE / KD mix,
+
+      loss = alpha * CE + (1 - alpha) * KD + beta * feature_loss
+
+  with the reference implementations' feature losses (RepDistiller, mdistiller): FitNets' hint
+  loss is the MSE between a conv + BN + ReLU regressor of the student's map and the teacher's
+  map, on one middle layer pair; AT's is the squared difference of L2-normalized p=2 attention
+  maps, averaged over samples and positions, summed over the stage pairs. By default beta is
+  the references' weight (`FEATURE_WEIGHTS`, beside their CE weight of 1) times alpha, so the
+  feature : CE balance is theirs at any alpha, and alpha = 1 gives exactly their loss.
 - "dkd" (decoupled KD, Zhao et al. 2022): `loss = alpha * CE + (1 - alpha) * warmup * (dkd_alpha *
-  TCKD + dkd_beta * NCKD)`.
+  TCKD + dkd_beta * NCKD)`, the warm-up ramping linearly per optimizer step.
 
 CE is the hard-label loss each criterion is given (`hard_loss`, `engine.hard_label_loss`): plain,
 label-smoothed or class-weighted cross-entropy. Smoothing and class weights act on that term only;
 the distillation terms compare with the teacher's outputs as they are.
 
 Every criterion has a `trainable` attribute: None, or a module whose parameters the optimizer must
-train alongside the student (FitNets' adapters). The teacher is frozen, runs in eval mode under
+train alongside the student (FitNets' regressors). The teacher is frozen, runs in eval mode under
 inference mode, and never reaches an optimizer.
 """
 
@@ -40,14 +48,10 @@ import model_builder
 
 METHODS = ("kd", "fitnet", "dkd", "at")
 FEATURE_METHODS = ("fitnet", "at")
-DKD_WARMUP_EPOCHS = 20  # the paper's CIFAR setting (of 240 epochs); shorter runs want fewer
-
-# Layers whose outputs have the same channel count and, in the small-image (<= 64 px) variants,
-# the same spatial size: VGG16-BN's ReLUs after conv2_2, conv3_3 and conv4_3 (128x16x16,
-# 256x8x8, 512x4x4 at 32 px) and ResNet18's layer2-4 outputs.
-DEFAULT_FEATURE_LAYERS: dict[tuple[str, str], list[tuple[str, str]]] = {
-    ("vgg16_bn", "resnet18"): [("features.12", "layer2"), ("features.22", "layer3"), ("features.32", "layer4")],
-}
+# The references' feature weights beside a CE weight of 1 (RepDistiller's run scripts, mdistiller's configs).
+FEATURE_WEIGHTS = {"fitnet": 100.0, "at": 1000.0}
+HINT_STAGE = 2  # the references' hint_layer: an index into (stem, stage 1, stage 2, ...)
+DKD_WARMUP_SHARE = 20 / 240  # the paper's CIFAR warm-up: 20 of 240 epochs
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -189,14 +193,29 @@ class FeatureHooks:
         self.outputs.clear()
 
 
-def default_feature_layers(teacher_arch: str, student_arch: str) -> list[tuple[str, str]]:
-    """The (teacher layer, student layer) pairs to distill for a known pair of architectures."""
-    key = (model_builder.torchvision_name(teacher_arch), model_builder.torchvision_name(student_arch))
-    if key not in DEFAULT_FEATURE_LAYERS:
-        known = ", ".join(f"{t} -> {s}" for t, s in DEFAULT_FEATURE_LAYERS)
-        raise ValueError(f"No default feature layers for teacher {key[0]} and student {key[1]} (known: {known}); "
-                         "pass --feature-layers teacher_layer:student_layer,...")
-    return list(DEFAULT_FEATURE_LAYERS[key])
+def default_feature_layers(method: str, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
+    """The (teacher layer, student layer) pairs the references distill for `method`.
+
+    From each model's feature stages (stem, stage 1, stage 2, ...; `model_builder.feature_stages`):
+    FitNets takes the pair at HINT_STAGE, AT pairs the stage outputs in order (without the stem),
+    as many pairs as the shallower model has stages.
+    """
+    teacher_stages, student_stages = model_builder.feature_stages(teacher), model_builder.feature_stages(student)
+    if method == "fitnet":
+        if min(len(teacher_stages), len(student_stages)) <= HINT_STAGE:
+            raise ValueError(f"FitNets' hint stage {HINT_STAGE} needs models with at least {HINT_STAGE} stages after the stem.")
+        return [(teacher_stages[HINT_STAGE], student_stages[HINT_STAGE])]
+    return list(zip(teacher_stages[1:], student_stages[1:]))
+
+
+def feature_weight(method: str, alpha: float, beta: float | None) -> float:
+    """The weight of a feature method's term: `beta` when given, else FEATURE_WEIGHTS[method] * alpha."""
+    if beta is not None:
+        return beta
+    if alpha == 0:
+        raise ValueError(f"{method} at alpha 0 needs an explicit --beta: its default weight keeps the references' "
+                         f"{FEATURE_WEIGHTS[method]:g} : 1 balance of feature and CE terms, which has no meaning without a CE term.")
+    return FEATURE_WEIGHTS[method] * alpha
 
 
 def parse_feature_layers(text: str) -> list[tuple[str, str]]:
@@ -217,65 +236,107 @@ def match_spatial(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tens
     return tuple(x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size) for x in (first, second))
 
 
-class FeatureAdapters(nn.Module):
-    """FitNets' regressors: one 1x1 convolution per layer pair, student channels -> teacher channels."""
+class HintRegressor(nn.Sequential):
+    """FitNets' regressor as the references build it: a convolution, BN and ReLU from the student's
+    (C, H, W) map to the teacher's shape.
 
-    def __init__(self, channels: Iterable[tuple[int, int]]) -> None:
+    The convolution halves a map twice the teacher's size (3x3, stride 2), doubles one half its
+    size (4x4 transposed, stride 2), and otherwise shrinks a map at least as large by a valid
+    convolution of kernel 1 + the size difference (1x1 for equal sizes).
+    """
+
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> None:
+        (s_channels, s_height, s_width), (t_channels, t_height, t_width) = student_shape[-3:], teacher_shape[-3:]
+        if (s_height, s_width) == (2 * t_height, 2 * t_width):
+            conv: nn.Module = nn.Conv2d(s_channels, t_channels, 3, stride=2, padding=1)
+        elif (2 * s_height, 2 * s_width) == (t_height, t_width):
+            conv = nn.ConvTranspose2d(s_channels, t_channels, 4, stride=2, padding=1)
+        elif s_height >= t_height and s_width >= t_width:
+            conv = nn.Conv2d(s_channels, t_channels, (1 + s_height - t_height, 1 + s_width - t_width))
+        else:
+            raise ValueError(f"FitNets cannot regress a student map of {s_height}x{s_width} onto a teacher map of "
+                             f"{t_height}x{t_width} (the student's must be at least as large, or half as large).")
+        super().__init__(conv, nn.BatchNorm2d(t_channels), nn.ReLU(inplace=True))
+
+
+class HintRegressors(nn.Module):
+    """One `HintRegressor` per layer pair, from the pairs' (student shape, teacher shape)."""
+
+    def __init__(self, shapes: Iterable[tuple[Sequence[int], Sequence[int]]]) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(student, teacher, kernel_size=1) for student, teacher in channels)
+        self.regressors = nn.ModuleList(HintRegressor(student, teacher) for student, teacher in shapes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [conv(feature) for conv, feature in zip(self.convs, features)]
+        return [regressor(feature) for regressor, feature in zip(self.regressors, features)]
 
 
 def fitnet_loss(
-    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor], adapters: nn.Module,
+    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor], regressors: nn.Module,
 ) -> torch.Tensor:
-    """Mean over layer pairs of MSE(adapter(student feature), teacher feature).
-
-    The larger map of a pair is pooled to the smaller one's size first; pooling commutes with
-    a 1x1 convolution, so pooling before the adapter costs less and gives the same result.
-    """
-    pooled = [match_spatial(s, t) for s, t in zip(student_features, teacher_features)]
-    adapted = adapters([s for s, _ in pooled])
-    return torch.stack([F.mse_loss(a.float(), t.float()) for a, (_, t) in zip(adapted, pooled)]).mean()
+    """FitNets' hint loss: MSE(regressor(student map), teacher map), a mean over every element,
+    summed over layer pairs (the references use one pair)."""
+    regressed = regressors(student_features)
+    return torch.stack([F.mse_loss(r.float(), t.float()) for r, t in zip(regressed, teacher_features)]).sum()
 
 
 def attention_map(feature: torch.Tensor) -> torch.Tensor:
-    """Spatial attention of a (N, C, H, W) map: the channel mean of squares, flattened, unit L2 norm."""
+    """Spatial attention of a (N, C, H, W) map (p = 2): the channel mean of squares, flattened, unit L2 norm."""
     return F.normalize(feature.float().pow(2).mean(dim=1).flatten(1), dim=1)
 
 
 def at_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Attention transfer: mean over layer pairs of the batch-mean squared L2 distance of attention maps.
-
-    Each term lies in [0, 2] (unit vectors with non-negative entries). The reference code takes a
-    mean over positions instead of a sum, so its beta (1e3) corresponds to about 1e3 / (H * W) here.
-    """
+    """Attention transfer as the references compute it: per layer pair, the squared difference of
+    the attention maps averaged over samples and positions (the larger map pooled to the smaller
+    one's size first); summed over pairs."""
     losses = []
     for student, teacher in zip(student_features, teacher_features):
         student, teacher = match_spatial(student, teacher)
-        losses.append((attention_map(student) - attention_map(teacher)).pow(2).sum(dim=1).mean())
-    return torch.stack(losses).mean()
+        losses.append((attention_map(student) - attention_map(teacher)).pow(2).mean())
+    return torch.stack(losses).sum()
 
 
-def _check_weights(alpha: float, beta: float) -> None:
-    if alpha < 0 or beta < 0 or alpha + beta > 1:
-        raise ValueError(f"alpha ({alpha}) and beta ({beta}) must be non-negative with alpha + beta <= 1, "
-                         "since 1 - alpha - beta weighs the KD term.")
+def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int) -> list[torch.Size]:
+    """The shapes of the hooked layers' outputs, from one run of the model on two zero images of
+    `image_size` pixels (eval mode, inference mode: no running statistic moves; works on the meta device)."""
+    plain = model_builder.unwrap(model)
+    parameter = next(plain.parameters())
+    probe = torch.zeros(2, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
+    with eval_mode(plain), torch.inference_mode():
+        plain(probe)
+    shapes = [feature.shape for feature in hooks.take()]
+    for name, shape in zip(hooks.names, shapes):
+        if len(shape) != 4:
+            raise ValueError(f"Feature distillation needs (N, C, H, W) maps; layer '{name}' gives shape {tuple(shape)}.")
+    return shapes
+
+
+def check_feature_pairs(
+    method: str, teacher: nn.Module, student: nn.Module, pairs: Sequence[tuple[str, str]], image_size: int,
+) -> None:
+    """Raise ValueError when `method` cannot distill these layer pairs at `image_size` pixels: a
+    missing layer, a map that is not (N, C, H, W), or (fitnet) maps no regressor can match. Give
+    it meta-device models to spend no memory or time."""
+    hooks = [FeatureHooks(teacher, [t for t, _ in pairs]), FeatureHooks(student, [s for _, s in pairs])]
+    try:
+        teacher_shapes, student_shapes = (feature_shapes(model, hook, image_size) for model, hook in zip((teacher, student), hooks))
+        if method == "fitnet":
+            HintRegressors(zip(student_shapes, teacher_shapes))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class FeatureDistillationCriterion:
-    """Engine criterion: hard labels, a feature loss ("fitnet" or "at") and Hinton KD.
+    """Engine criterion: hard labels, Hinton KD and a feature loss ("fitnet" or "at") of its own weight.
 
-        loss = alpha * CE + beta * feature_loss + (1 - alpha - beta) * T^2 * KL
+        loss = alpha * CE + (1 - alpha) * T^2 * KL + beta * feature_loss
 
     Hooks are put on the named teacher and student layers at construction (`close()` takes them
-    off, e.g. before exporting the student). The teacher always runs (feature methods cannot use
-    cached logits). For "fitnet", `trainable` holds the adapters, on the student's device in
-    float32, their channel counts found by one dry run of both models on zero images of
-    `image_size` pixels (eval mode, no gradient: no running statistic moves); the caller adds
-    their parameters to the optimizer. Under torchrun their gradients are averaged across ranks.
+    off, e.g. before exporting the student), and one dry run of both models on zero images of
+    `image_size` pixels checks that every hooked map is (N, C, H, W). The teacher always runs
+    (feature methods cannot use cached logits). For "fitnet", `trainable` holds the regressors,
+    on the student's device in float32 and channels_last; the caller adds their parameters to
+    the optimizer. Under torchrun their gradients are averaged across ranks.
 
     Returns (from a call) "loss", "ce", "kd", "feature" (fitnet) or "at", and "logits".
     """
@@ -289,50 +350,40 @@ class FeatureDistillationCriterion:
             raise ValueError(f"Unknown feature method '{method}'; use one of {', '.join(FEATURE_METHODS)}.")
         if not pairs:
             raise ValueError("Feature distillation needs at least one (teacher_layer, student_layer) pair.")
-        _check_weights(alpha, beta)
+        if not 0 <= alpha <= 1 or beta < 0:
+            raise ValueError(f"alpha must lie in [0, 1] and beta be >= 0, got alpha {alpha} and beta {beta}.")
         self.teacher = freeze(teacher)
         self.method, self.temperature, self.alpha, self.beta = method, temperature, alpha, beta
         self.hard_loss = hard_loss
         self.part = "feature" if method == "fitnet" else "at"
         self.teacher_hooks = FeatureHooks(teacher, [t for t, _ in pairs])
         self.student_hooks = FeatureHooks(student, [s for _, s in pairs])
+        shapes = zip(feature_shapes(student, self.student_hooks, image_size),
+                     feature_shapes(teacher, self.teacher_hooks, image_size))
         self.trainable: nn.Module | None = None
-        self._adapters: nn.Module | None = None
+        self._regressors: nn.Module | None = None
         if method == "fitnet":
-            self.trainable = FeatureAdapters(self._dry_run_channels(student, image_size))
-            self.trainable.to(next(model_builder.unwrap(student).parameters()).device)
-            self._adapters = self.trainable
+            self.trainable = HintRegressors(shapes)
+            # channels_last like the project's models: the regressors' gradients then match DDP's buckets.
+            self.trainable.to(next(model_builder.unwrap(student).parameters()).device, memory_format=torch.channels_last)
+            self._regressors = self.trainable
             if dist.is_initialized() and dist.get_world_size() > 1:
-                # Ranks see different shards; DDP starts the adapters equal and averages their gradients.
+                # Ranks see different shards; DDP starts the regressors equal and averages their gradients.
                 # `trainable` stays the plain module, so its state_dict keys do not depend on the world size.
-                self._adapters = nn.parallel.DistributedDataParallel(self.trainable)
-
-    def _dry_run_channels(self, student: nn.Module, image_size: int) -> list[tuple[int, int]]:
-        shapes = []
-        for model, hooks in ((student, self.student_hooks), (self.teacher, self.teacher_hooks)):
-            plain = model_builder.unwrap(model)
-            parameter = next(plain.parameters())
-            probe = torch.zeros(2, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
-            with eval_mode(plain), torch.inference_mode():
-                plain(probe)
-            shapes.append([feature.shape for feature in hooks.take()])
-        for name, shape in zip(self.student_hooks.names + self.teacher_hooks.names, shapes[0] + shapes[1]):
-            if len(shape) != 4:
-                raise ValueError(f"FitNets needs (N, C, H, W) feature maps; layer '{name}' gives shape {tuple(shape)}.")
-        return [(s[1], t[1]) for s, t in zip(*shapes)]
+                self._regressors = nn.parallel.DistributedDataParallel(self.trainable)
 
     def __call__(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         teacher_logits = teacher_forward(self.teacher, images)
         teacher_features = [feature.clone() for feature in self.teacher_hooks.take()]
         student_logits = student(images)
         student_features = self.student_hooks.take()
-        if self._adapters is not None:
-            feature = fitnet_loss(student_features, teacher_features, self._adapters)
+        if self._regressors is not None:
+            feature = fitnet_loss(student_features, teacher_features, self._regressors)
         else:
             feature = at_loss(student_features, teacher_features)
         ce = self.hard_loss(student_logits.float(), labels)
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
-        loss = self.alpha * ce + self.beta * feature + (1 - self.alpha - self.beta) * kd
+        loss = self.alpha * ce + (1 - self.alpha) * kd + self.beta * feature
         return {"loss": loss, "ce": ce, "kd": kd, self.part: feature, "logits": student_logits}
 
     def close(self) -> None:
@@ -386,51 +437,67 @@ def dkd_loss(
     return dkd_alpha * tckd + dkd_beta * nckd
 
 
-def dkd_warmup_factor(epoch: int, warmup_epochs: int) -> float:
-    """min(epoch / warmup_epochs, 1), epochs counted from 1; 1 when warmup_epochs is 0."""
-    return 1.0 if warmup_epochs == 0 else min(epoch / warmup_epochs, 1.0)
+def dkd_warmup_steps(epochs: int, steps_per_epoch: int, warmup_epochs: int | None = None) -> int:
+    """Optimizer steps of DKD's warm-up: `warmup_epochs` epochs when given (0: none), else the paper's
+    share (DKD_WARMUP_SHARE) of all the run's steps, at least one."""
+    if warmup_epochs is not None:
+        return warmup_epochs * steps_per_epoch
+    return max(1, round(epochs * steps_per_epoch * DKD_WARMUP_SHARE))
+
+
+def dkd_warmup_factor(step: int, warmup_steps: int) -> float:
+    """min(step / warmup_steps, 1), optimizer steps counted from 1; 1 when warmup_steps is 0."""
+    return 1.0 if warmup_steps == 0 else min(step / warmup_steps, 1.0)
 
 
 class DKDCriterion(DistillationCriterion):
     """Engine criterion for decoupled KD from a frozen teacher.
 
-        loss = alpha * CE + (1 - alpha) * min(epoch / warmup_epochs, 1) * (dkd_alpha * TCKD + dkd_beta * NCKD)
+        loss = alpha * CE + (1 - alpha) * min(step / warmup_steps, 1) * (dkd_alpha * TCKD + dkd_beta * NCKD)
 
-    The training loop calls `set_epoch(epoch)` (from 1) before each epoch; until then epoch 1
-    is assumed. As with `DistillationCriterion`, a batch may carry precomputed teacher logits.
+    `step` counts the optimizer steps from 1: every call is one step, and the training loop's
+    `set_epoch(epoch)` (from 1) puts the count at (epoch - 1) * steps_per_epoch, so a resumed run
+    continues the ramp where it stopped. As with `DistillationCriterion`, a batch may carry
+    precomputed teacher logits.
 
-    Returns (from a call) "loss", "ce", and "tckd" and "nckd" unweighted (as `dkd_terms` gives
-    them: before dkd_alpha, dkd_beta and the warm-up), and "logits".
+    Returns (from a call) "loss", "ce", "tckd" and "nckd" unweighted (as `dkd_terms` gives them:
+    before dkd_alpha, dkd_beta and the warm-up), "warmup" (the step's factor) and "logits".
     """
 
     def __init__(
         self, teacher: nn.Module, temperature: float, alpha: float, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-        warmup_epochs: int = DKD_WARMUP_EPOCHS, hard_loss: engine.HardLoss = F.cross_entropy,
+        *, warmup_steps: int, steps_per_epoch: int, hard_loss: engine.HardLoss = F.cross_entropy,
     ) -> None:
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
-        self.teacher = freeze(teacher)
-        self.temperature, self.alpha = temperature, alpha
-        self.dkd_alpha, self.dkd_beta, self.warmup_epochs = dkd_alpha, dkd_beta, warmup_epochs
-        self.hard_loss = hard_loss
-        self.epoch = 1
+        if warmup_steps < 0 or steps_per_epoch < 1:
+            raise ValueError(f"warmup_steps must be >= 0 and steps_per_epoch >= 1, got {warmup_steps} and {steps_per_epoch}.")
+        super().__init__(teacher, temperature, alpha, hard_loss)
+        self.dkd_alpha, self.dkd_beta = dkd_alpha, dkd_beta
+        self.warmup_steps, self.steps_per_epoch = warmup_steps, steps_per_epoch
+        self.step = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the criterion which epoch (from 1) is about to run; it sets the warm-up factor."""
+        """Tell the criterion which epoch (from 1) is about to run: the steps before it are done."""
         if epoch < 1:
             raise ValueError(f"Epochs count from 1, got {epoch}.")
-        self.epoch = epoch
+        self.step = (epoch - 1) * self.steps_per_epoch
+
+    def __call__(
+        self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        self.step += 1
+        return super().__call__(student, images, labels, teacher_logits)
 
     def loss_parts(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         ce = self.hard_loss(student_logits.float(), labels)
         tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, self.temperature)
-        dkd = (self.dkd_alpha * tckd + self.dkd_beta * nckd) * dkd_warmup_factor(self.epoch, self.warmup_epochs)
-        loss = self.alpha * ce + (1 - self.alpha) * dkd
-        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd}
+        warmup = dkd_warmup_factor(self.step, self.warmup_steps)
+        loss = self.alpha * ce + (1 - self.alpha) * warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
+        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_tensor(warmup)}
 
 
 Criterion = DistillationCriterion | FeatureDistillationCriterion | DKDCriterion
@@ -439,24 +506,27 @@ Criterion = DistillationCriterion | FeatureDistillationCriterion | DKDCriterion
 def make_criterion(
     method: str, teacher: nn.Module, student: nn.Module, *, temperature: float, alpha: float,
     beta: float | None = None, pairs: Sequence[tuple[str, str]] | None = None,
-    dkd_alpha: float = 1.0, dkd_beta: float = 8.0, dkd_warmup_epochs: int = DKD_WARMUP_EPOCHS,
+    dkd_alpha: float = 1.0, dkd_beta: float = 8.0, dkd_warmup_steps: int = 0, steps_per_epoch: int = 1,
     image_size: int = 32, hard_loss: engine.HardLoss = F.cross_entropy,
 ) -> Criterion:
     """The distillation criterion for a method of `METHODS`.
 
-    "fitnet" and "at" need `beta` and `pairs` (see `default_feature_layers`) and put hooks on
-    `student`; `image_size` sizes FitNets' dry run. The other settings are ignored by methods
-    that do not use them. `hard_loss` is every method's CE term (see `engine.hard_label_loss`).
+    "fitnet" and "at" put hooks on `student`; their `pairs` default to `default_feature_layers`,
+    their `beta` to `feature_weight`'s default, and `image_size` sizes their dry run. "dkd" ramps
+    its term over `dkd_warmup_steps` optimizer steps (see `dkd_warmup_steps`) of `steps_per_epoch`
+    an epoch. `hard_loss` is every method's CE term (see `engine.hard_label_loss`). Settings a
+    method does not use are ignored.
     """
     if method == "kd":
         return DistillationCriterion(teacher, temperature, alpha, hard_loss)
     if method == "dkd":
-        return DKDCriterion(teacher, temperature, alpha, dkd_alpha, dkd_beta, dkd_warmup_epochs, hard_loss)
+        return DKDCriterion(teacher, temperature, alpha, dkd_alpha, dkd_beta,
+                            warmup_steps=dkd_warmup_steps, steps_per_epoch=steps_per_epoch, hard_loss=hard_loss)
     if method in FEATURE_METHODS:
-        if beta is None or pairs is None:
-            raise ValueError(f"Method '{method}' needs beta and feature-layer pairs.")
-        return FeatureDistillationCriterion(teacher, student, method, pairs, temperature, alpha, beta,
-                                            image_size=image_size, hard_loss=hard_loss)
+        pairs = default_feature_layers(method, teacher, student) if pairs is None else pairs
+        return FeatureDistillationCriterion(teacher, student, method, pairs, temperature, alpha,
+                                            feature_weight(method, alpha, beta), image_size=image_size,
+                                            hard_loss=hard_loss)
     raise ValueError(f"Unknown distillation method '{method}'; known methods: {', '.join(METHODS)}.")
 
 

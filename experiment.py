@@ -37,7 +37,7 @@ TRAIN_DIR: str | None = None  # per-split folders override DATA_DIR's
 VAL_DIR: str | None = None  # without a val folder, validation is carved out of train
 TEST_DIR: str | None = None
 OUTPUT_DIR: str | None = None  # None: runs/<timestamp>
-TEACHER_MODEL = "VGG16"  # any torchvision classifier name also works
+TEACHER_MODEL = "VGG16"  # also the KD literature's small-image networks (resnet32x4, wrn_40_2, ...) or any torchvision classifier
 STUDENT_MODEL = "ResNet18"
 TEACHER_CHECKPOINT: str | None = None  # a trained teacher's best_model.pth: skips teacher training
 TEACHER_WEIGHTS: str | None = None  # teacher's start: a torchvision weights name (DEFAULT, IMAGENET1K_V1) or a state-dict file; None: random
@@ -59,11 +59,11 @@ IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
 T = 4.0  # distillation temperature
 ALPHA = 0.5  # weight of the hard-label CE term; (1 - ALPHA) weighs the distillation term
 KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), fitnet, dkd, at
-BETA = 0.25  # fitnet / at: weight of the feature term; loss = ALPHA*CE + BETA*feature + (1-ALPHA-BETA)*KD
-FEATURE_LAYERS: str | None = None  # fitnet / at: "teacher_layer:student_layer,..."; None: defaults per model pair
+BETA: float | None = None  # fitnet / at: loss = ALPHA*CE + (1-ALPHA)*KD + BETA*feature; None: the references' weight (fitnet 100, at 1000) times ALPHA
+FEATURE_LAYERS: str | None = None  # fitnet / at: "teacher_layer:student_layer,..."; None: the references' pairs of the models' stages
 DKD_ALPHA = 1.0  # dkd: weight of the target-class term (the paper's value)
 DKD_BETA = 8.0  # dkd: weight of the non-target-class term (the paper's CIFAR value)
-DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up; None: the paper's share (20 of 240 epochs), at least 1
+DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up per optimizer step over this many epochs; None: the paper's share (20 of 240) of all steps
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
 HFLIP = "auto"  # horizontal-flip augmentation: on, off, or auto (off for the digits, on otherwise)
@@ -154,7 +154,7 @@ class Config:
     temperature: float
     alpha: float
     kd_methods: str
-    beta: float
+    beta: float | None
     feature_layers: str | None
     dkd_alpha: float
     dkd_beta: float
@@ -180,7 +180,10 @@ UNSET_MEANS = {
     "data_dir": "the bundled digits", "train_dir": "train/ of --data-dir", "val_dir": "carved from train",
     "test_dir": "test/ of --data-dir", "output_dir": "runs/<timestamp>", "teacher_checkpoint": "train a teacher",
     "teacher_weights": "random initialization", "student_weights": "random initialization", "patience": "off",
-    "feature_layers": "per model pair", "dkd_warmup_epochs": "1/12 of the student epochs, at least 1",
+    "feature_layers": "the references' pairs for the two models", "list_layers": "train",
+    "beta": "the references' weight ("
+            + ", ".join(f"{method} {weight:g}" for method, weight in KD_engine.FEATURE_WEIGHTS.items()) + ") times --alpha",
+    "dkd_warmup_epochs": "the paper's 20 of 240 epochs, as a share of all steps",
     "seeds": "--seed alone", "config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",
 }
 EXAMPLES = """examples:
@@ -224,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--hflip", choices=["auto", "on", "off"], default=HFLIP, help="horizontal-flip augmentation (auto: off for the bundled digits)")
     data.add_argument("--crop-padding", type=int, default=CROP_PADDING, help="random-crop shift in pixels at 32 px (scaled with image size; 0 disables)")
     models = parser.add_argument_group("models")
-    models.add_argument("--teacher-model", default=TEACHER_MODEL, help="teacher architecture (VGG16, ResNet18 or a torchvision classifier)")
+    models.add_argument("--teacher-model", default=TEACHER_MODEL, help="teacher architecture: VGG16, ResNet18, a small-image network of the KD literature (resnet32x4, wrn_40_2, vgg13, ...) or a torchvision classifier")
     models.add_argument("--student-model", default=STUDENT_MODEL, help="student architecture")
     models.add_argument("--teacher-checkpoint", default=TEACHER_CHECKPOINT, help="reuse this trained teacher (best_model.pth) instead of training one")
     models.add_argument("--teacher-weights", default=TEACHER_WEIGHTS,
@@ -257,11 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--seed", type=int, default=SEED, help="seed for initialization, the validation split, shuffling and augmentation")
     methods = parser.add_argument_group("distillation methods")
     methods.add_argument("--kd-methods", default=KD_METHODS, help=f"comma-separated, one student each: {', '.join(KD_engine.METHODS)}")
-    methods.add_argument("--beta", type=float, default=BETA, help="fitnet/at: weight of the feature term (alpha + beta <= 1)")
-    methods.add_argument("--feature-layers", default=FEATURE_LAYERS, help="fitnet/at: teacher_layer:student_layer pairs, comma-separated")
+    methods.add_argument("--beta", type=float, default=BETA, help="fitnet/at: weight of the feature term, beside alpha*CE + (1-alpha)*KD")
+    methods.add_argument("--feature-layers", default=FEATURE_LAYERS, help="fitnet/at: teacher_layer:student_layer pairs, comma-separated "
+                         "(see --list-layers)")
     methods.add_argument("--dkd-alpha", type=float, default=DKD_ALPHA, help="dkd: weight of the target-class term")
     methods.add_argument("--dkd-beta", type=float, default=DKD_BETA, help="dkd: weight of the non-target-class term")
-    methods.add_argument("--dkd-warmup-epochs", type=int, default=DKD_WARMUP_EPOCHS, help="dkd: epochs of linear warm-up of the DKD term")
+    methods.add_argument("--dkd-warmup-epochs", type=int, default=DKD_WARMUP_EPOCHS,
+                         help="dkd: epochs of linear warm-up of the DKD term, ramped per optimizer step")
     methods.add_argument("--seeds", default=SEEDS, help="comma-separated seeds: every student is trained once per seed")
     training.add_argument("--device", default=DEVICE, help="auto, cpu, cuda or cuda:N")
     training.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=PRECISION, help="auto: bf16 on CUDA and on CPUs with native bf16")
@@ -311,8 +316,9 @@ def validate(config: Config) -> None:
     methods = kd_methods(config)
     seeds(config)
     if any(method in KD_engine.FEATURE_METHODS for method in methods):
-        if not (0 <= config.beta and config.alpha + config.beta <= 1):
-            raise SettingsError(f"--beta must be >= 0 with --alpha + --beta <= 1 (got alpha {config.alpha}, beta {config.beta}).")
+        if config.beta is not None and config.beta < 0:
+            raise SettingsError(f"--beta must be >= 0 (got {config.beta}).")
+        feature_weights(config)
         feature_pairs(config)
     if "dkd" in methods and not (config.dkd_alpha >= 0 and config.dkd_beta >= 0 and (config.dkd_warmup_epochs or 0) >= 0):
         raise SettingsError("--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0.")
@@ -368,20 +374,30 @@ def seeds(config: Config) -> list[int]:
     return values
 
 
-def feature_pairs(config: Config) -> list[tuple[str, str]]:
-    """fitnet / at layer pairs (teacher, student), checked to exist in both models."""
+def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
+    """Each fitnet / at method's layer pairs (teacher, student), checked on the meta device: the
+    layers exist, and the method can distill their maps at the run's image size."""
+    pairs = {}
     try:
-        pairs = (KD_engine.parse_feature_layers(config.feature_layers) if config.feature_layers
-                 else KD_engine.default_feature_layers(config.teacher_model, config.student_model))
         teacher = model_builder.build_on_meta(config.teacher_model, 10, config.image_size)
         student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
+        with torch.device("meta"):
+            for method in (m for m in kd_methods(config) if m in KD_engine.FEATURE_METHODS):
+                pairs[method] = (KD_engine.parse_feature_layers(config.feature_layers) if config.feature_layers
+                                 else KD_engine.default_feature_layers(method, teacher, student))
+                KD_engine.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
     except ValueError as error:
         raise SettingsError(f"--feature-layers: {error}") from None
-    for model, names, which in ((teacher, [t for t, _ in pairs], "teacher"), (student, [s for _, s in pairs], "student")):
-        missing = sorted(set(names) - dict(model.named_modules()).keys())
-        if missing:
-            raise SettingsError(f"--feature-layers: the {which} has no layer named {', '.join(missing)}.")
     return pairs
+
+
+def feature_weights(config: Config) -> dict[str, float]:
+    """The weight of each fitnet / at method's feature term (--beta, or the references' balance)."""
+    try:
+        return {method: KD_engine.feature_weight(method, config.alpha, config.beta)
+                for method in kd_methods(config) if method in KD_engine.FEATURE_METHODS}
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
 
 
 def student_roles(config: Config) -> list[str]:
@@ -516,7 +532,7 @@ def new_model(context: Context, arch: str, seed: int, pretrained: model_builder.
 
 def make_optimizer(config: Config, model: nn.Module, lr: float, criterion: engine.Criterion) -> torch.optim.Optimizer:
     """The optimizer for the model's parameters and the criterion's own trainable part, if any
-    (e.g. a feature adapter); a teacher's parameters never reach one."""
+    (e.g. FitNets' regressor); a teacher's parameters never reach one."""
     parameters = list(model.parameters())
     if getattr(criterion, "trainable", None) is not None:
         parameters += list(criterion.trainable.parameters())
@@ -552,20 +568,20 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def train_model(
     context: Context, role: str, arch: str, epochs: int, lr: float,
-    make_criterion: Callable[[nn.Module], engine.Criterion], folder: Path, seed: int,
+    make_criterion: Callable[[nn.Module, int], engine.Criterion], folder: Path, seed: int,
     teacher_logits: torch.Tensor | None = None,
 ) -> tuple[nn.Module, engine.FitResult]:
     """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
 
-    `make_criterion(model)` gives the loss (feature methods hook into the model it is given).
+    `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
     `teacher_logits` (one row per training image) are handed to the criterion with each batch.
     After every epoch the whole training state goes to <folder>/train_state.pth; when that
     file exists (an interrupted run), training continues after its last finished epoch.
     """
     config = context.config
     model = new_model(context, arch, seed, initial_weights(context, role))
-    criterion = make_criterion(model)
     train_loader = context.train_loader(seed)
+    criterion = make_criterion(model, len(train_loader))
     if teacher_logits is not None:
         train_loader.teacher_logits = teacher_logits.to(context.device)
     optimizer = make_optimizer(config, model, lr, criterion)
@@ -717,7 +733,7 @@ def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: 
     run_experiment); a setting the user gave (`given`; None: every setting) that says otherwise is refused."""
     path = config.teacher_checkpoint
     try:
-        named = model_builder.torchvision_name(config.teacher_model)
+        named = model_builder.architecture_name(config.teacher_model)
     except model_builder.UnknownModelError:
         named = config.teacher_model
     conflicts = {
@@ -1010,7 +1026,7 @@ def run_experiment(config: Config, resume: bool = False, given: set[str] | None 
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     if main_process:
         if not resume:
-            resolved = {"device": str(device), "precision": precision, "processes": world}
+            resolved = {"device": str(device), "precision": precision, "processes": world, "feature_weights": feature_weights(config)}
             utils.write_json(run_dir / "config.json", {**asdict(config), "resolved": resolved, "dataset": dataset})
         print(("Resuming " if resume else "") + f"Run directory: {run_dir}  |  device {device}, {precision}, {world} process{'es' if world > 1 else ''}  |  "
               f"{len(data.class_names)} classes, train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
@@ -1031,8 +1047,8 @@ def train_and_report(
 ) -> dict[str, Any]:
     """Train (or, in a resumed run, keep) each model in turn, report it, then compare them all."""
     config, run_dir, device, amp_dtype = context.config, context.run_dir, context.device, context.amp_dtype
-    teacher_arch = model_builder.torchvision_name(config.teacher_model)
-    student_arch = model_builder.torchvision_name(config.student_model)
+    teacher_arch = model_builder.architecture_name(config.teacher_model)
+    student_arch = model_builder.architecture_name(config.student_model)
     teacher, summary = obtain_teacher(context, teacher_arch, teacher_checkpoint)
     teacher_logits = None
     if config.cache_teacher_logits:
@@ -1040,7 +1056,7 @@ def train_and_report(
         teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], device, amp_dtype, "teacher logits")
     # The teacher is frozen on every rank; unwrapped, its forward needs no other rank.
     frozen_teacher = engine.local_module(teacher)
-    pairs = feature_pairs(config) if set(kd_methods(config)) & set(KD_engine.FEATURE_METHODS) else None
+    pairs = feature_pairs(config)
     run_seeds = seeds(config)
     rows: dict[str, dict[int, dict[str, Any]]] = {role: {} for role in student_roles(config)}
     folders: dict[str, dict[int, Path]] = {role: {} for role in rows}
@@ -1053,7 +1069,7 @@ def train_and_report(
             row = finished_row(folder, name)
             if row is None:
                 if role == "student_baseline":
-                    make_criterion, cached = (lambda model: engine.SupervisedCriterion(context.hard_loss)), None
+                    make_criterion, cached = functools.partial(supervised_criterion, context), None
                 else:
                     make_criterion = functools.partial(distillation_criterion, context, method, frozen_teacher, pairs)
                     cached = teacher_logits if method not in KD_engine.FEATURE_METHODS else None
@@ -1116,22 +1132,26 @@ def obtain_teacher(
         row = {**report_model(context, "teacher", arch, teacher, fit, folder), "reused_from": str(config.teacher_checkpoint)}
         return teacher, {"teacher": row}
     teacher, fit = train_model(context, "teacher", arch, config.teacher_epochs, config.teacher_lr,
-                               lambda model: engine.SupervisedCriterion(context.hard_loss), folder, config.seed)
+                               functools.partial(supervised_criterion, context), folder, config.seed)
     return teacher, {"teacher": report_model(context, "teacher", arch, teacher, fit, folder)}
 
 
+def supervised_criterion(context: Context, model: nn.Module, steps_per_epoch: int) -> engine.Criterion:
+    """The hard-label loss alone (the teacher's and the baseline's), smoothed / class-weighted as set."""
+    return engine.SupervisedCriterion(context.hard_loss)
+
+
 def distillation_criterion(
-    context: Context, method: str, teacher: nn.Module, pairs: list[tuple[str, str]] | None, student: nn.Module,
+    context: Context, method: str, teacher: nn.Module, pairs: dict[str, list[tuple[str, str]]], student: nn.Module,
+    steps_per_epoch: int,
 ) -> engine.Criterion:
-    """The loss of one distillation method, from the run's settings (`pairs`: fitnet / at layers)."""
+    """The loss of one distillation method, from the run's settings (`pairs`: each feature method's layers)."""
     config = context.config
-    warmup = config.dkd_warmup_epochs
-    if warmup is None:
-        warmup = max(1, round(config.student_epochs * 20 / 240))
+    warmup_steps = KD_engine.dkd_warmup_steps(config.student_epochs, steps_per_epoch, config.dkd_warmup_epochs)
     return KD_engine.make_criterion(
         method, teacher, student, temperature=config.temperature, alpha=config.alpha, beta=config.beta,
-        pairs=pairs if method in KD_engine.FEATURE_METHODS else None,
-        dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta, dkd_warmup_epochs=warmup, image_size=config.image_size,
+        pairs=pairs.get(method), dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta,
+        dkd_warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, image_size=config.image_size,
         hard_loss=context.hard_loss,
     )
 
@@ -1161,6 +1181,14 @@ def rebuild_report(run_dir: str) -> None:
     if not (Path(run_dir) / "summary.json").is_file():
         raise SettingsError(f"--report-only '{run_dir}' is not a finished run directory (no summary.json).")
     print(f"Report written: {utils.write_report(run_dir)}")
+
+
+def layer_list(model: str, image_size: int) -> str:
+    """--list-layers: the model's layers and their output shapes, or a SettingsError for a model or size that cannot work."""
+    try:
+        return model_builder.layer_table(model, image_size)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
 
 
 def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.ArgumentParser) -> Config | None:
@@ -1211,6 +1239,8 @@ def command_line_parser() -> argparse.ArgumentParser:
                         help="only rebuild RUN/report.html from a finished run's files, then stop")
     parser.add_argument("--resume", metavar="RUN", default=None,
                         help="continue the interrupted run in RUN with its saved settings")
+    parser.add_argument("--list-layers", metavar="MODEL", default=None,
+                        help="only print MODEL's layer names with their output shapes at --image-size, then stop")
     return parser
 
 
@@ -1240,9 +1270,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser, args, given = parse_command_line(argv)
         report_only, resume = (None if path is None else os.path.expanduser(path) for path in (args.pop("report_only"), args.pop("resume")))
+        list_layers = args.pop("list_layers")
         args.pop("config")
         if report_only is not None:
             rebuild_report(report_only)
+            return 0
+        if list_layers is not None:
+            print(layer_list(list_layers, args["image_size"]), end="")
             return 0
         config = Config(**args) if resume is None else resumed_config(resume, args, parser)
         if config is not None:

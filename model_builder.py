@@ -1,4 +1,15 @@
-"""Building classifiers by name from torchvision's definitions, adapted to small images."""
+"""Building classifiers by name: the KD literature's small-image networks, and torchvision's
+definitions adapted to small images.
+
+Two families of names:
+
+- the small-image networks the KD literature benchmarks with (RepDistiller / mdistiller CIFAR
+  models, `ZOO`): resnet8 ... resnet110, resnet8x4, resnet32x4, wrn_16_1 ... wrn_40_2, vgg8,
+  vgg13, mobilenetv2, shufflenetv2. Their names win over torchvision's: `vgg13` is the CIFAR
+  VGG13 with batch norm (torchvision's ImageNet VGG13 stays reachable as `vgg13_bn`);
+- every other torchvision classifier; `VGG16` is torchvision's vgg16_bn. ResNet and VGG families
+  get small-image variants up to SMALL_IMAGE_MAX pixels.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +18,263 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from torchvision import models
+from torchvision.models.resnet import BasicBlock
+from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleUnit
+from torchvision.ops import Conv2dNormActivation
 
-SMALL_IMAGE_MAX = 64  # pixels; up to this size the small-image variants are used
+SMALL_IMAGE_MAX = 64  # pixels; up to this size torchvision's ResNets and VGGs get small-image variants
 ALIASES = {"vgg16": "vgg16_bn", "resnet18": "resnet18"}  # the project's names -> torchvision's
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before a weights download counts as impossible
 WEIGHTS_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # a setting ending so is meant as a file
 
 
 class UnknownModelError(ValueError):
-    """The requested architecture is not a torchvision classification model."""
+    """The requested architecture is neither a network of the zoo nor a torchvision classifier."""
 
 
 class WeightsError(ValueError):
     """Pretrained weights that cannot be found, read or fitted; the message is one sentence."""
 
 
-def torchvision_name(name: str) -> str:
-    """Map a user-facing model name (e.g. 'VGG16', 'ResNet18', 'mobilenet_v3_small') to torchvision's."""
+# ---------------------------------------------------------------- the KD literature's small-image networks
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He initialization of convolutions (fan-out), unit batch-norm scales, as the references do."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class SmallResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, section 4.2): a 3x3 stem, three stages of depth // 6 torchvision
+    BasicBlocks at strides 1, 2, 2, global average pooling and one linear layer (depth = 6n + 2).
+
+    `widths` are the stem's and the three stages' channels: (16, 16, 32, 64) for resnet20 and
+    its kin, (32, 64, 128, 256) for the 4x-wide resnet8x4 / resnet32x4.
+    """
+
+    feature_stages = ("relu", "layer1", "layer2", "layer3")
+
+    def __init__(self, depth: int, widths: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        blocks = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, channels = [], widths[0]
+        for width, stride in zip(widths[1:], (1, 2, 2)):
+            downsample = None
+            if stride != 1 or channels != width:
+                downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+            stages.append(nn.Sequential(BasicBlock(channels, width, stride, downsample),
+                                        *(BasicBlock(width, width) for _ in range(blocks - 1))))
+            channels = width
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class PreActBlock(nn.Module):
+    """Wide ResNet's block: (BN, ReLU, 3x3 conv) twice; when the width changes, the shortcut is a
+    1x1 convolution of the activated input."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut = None if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet-depth-widen (Zagoruyko & Komodakis 2016) for small images, without dropout:
+    a 3x3 stem, three stages of (depth - 4) // 6 pre-activation blocks of 16k, 32k, 64k channels
+    at strides 1, 2, 2, a final BN + ReLU, global average pooling and one linear layer."""
+
+    feature_stages = ("conv1", "block1", "block2", "block3")
+
+    def __init__(self, depth: int, widen: int, num_classes: int) -> None:
+        super().__init__()
+        blocks = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        stages, channels = [], 16
+        for width, stride in zip((16 * widen, 32 * widen, 64 * widen), (1, 2, 2)):
+            stages.append(nn.Sequential(PreActBlock(channels, width, stride),
+                                        *(PreActBlock(width, width, 1) for _ in range(blocks - 1))))
+            channels = width
+        self.block1, self.block2, self.block3 = stages
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class SmallVGG(nn.Module):
+    """CIFAR VGG with batch norm (the references' vgg8 / vgg13): five blocks of 3x3 conv + BN + ReLU
+    (torchvision's `make_layers`), 2x2 max-pooling after the first three (the references' 32 px
+    form, kept at every size), global average pooling and one linear layer."""
+
+    def __init__(self, blocks: Sequence[Sequence[int]], num_classes: int) -> None:
+        super().__init__()
+        config: list[int | str] = []
+        self.feature_stages: list[str] = []
+        layers = 0
+        for index, block in enumerate(blocks):
+            config += block
+            layers += 3 * len(block)
+            self.feature_stages.append(f"features.{layers - 1}")  # the block's last ReLU
+            if index < 3:
+                config.append("M")
+                layers += 1
+        self.features = models.vgg.make_layers(config, batch_norm=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(blocks[-1][-1], num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class MobileBlock(nn.Module):
+    """MobileNetV2's inverted residual as the KD references build it: 1x1 expansion (kept at
+    expansion 1), 3x3 depthwise, 1x1 linear projection, ReLU activations; residual when the
+    shape is kept."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = in_channels * expansion
+        self.conv = nn.Sequential(
+            Conv2dNormActivation(in_channels, hidden, 1),
+            Conv2dNormActivation(hidden, hidden, 3, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class SmallMobileNetV2(nn.Module):
+    """MobileNetV2 for small images as in the KD references (their "mobile_half"): width 0.5,
+    expansion 6, a stride-2 stem, the 24-channel stage at stride 1, 1280 final channels."""
+
+    # (expansion, channels at width 1, blocks, first stride) per stage, as in the paper
+    STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    WIDTH = 0.5
+    LAST_CHANNELS = 1280
+    feature_stages = ("conv1", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        channels = int(32 * self.WIDTH)
+        self.conv1 = Conv2dNormActivation(3, channels, 3, stride=2)
+        stages = []
+        for expansion, width, blocks, stride in self.STAGES:
+            width = int(width * self.WIDTH)
+            stages.append(nn.Sequential(*(MobileBlock(channels if i == 0 else width, width, stride if i == 0 else 1, expansion)
+                                          for i in range(blocks))))
+            channels = width
+        self.blocks = nn.ModuleList(stages)
+        self.conv2 = Conv2dNormActivation(channels, self.LAST_CHANNELS, 1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(self.LAST_CHANNELS, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        for stage in self.blocks:
+            x = stage(x)
+        return self.classifier(torch.flatten(self.avgpool(self.conv2(x)), 1))
+
+
+class SmallShuffleNetV2(nn.Module):
+    """ShuffleNetV2 1x for small images as in the KD references: a 1x1 stem (no stride, no
+    max-pool), three stages of torchvision's shuffle units (one stride-2 unit, then 3, 7, 3 more),
+    a 1x1 convolution to 1024 channels, global average pooling and one linear layer."""
+
+    STAGES = ((116, 3), (232, 7), (464, 3))  # (channels, stride-1 units after the stride-2 one)
+    STEM_CHANNELS, LAST_CHANNELS = 24, 1024
+    feature_stages = ("conv1", "layer1", "layer2", "layer3")
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = Conv2dNormActivation(3, self.STEM_CHANNELS, 1)
+        stages, channels = [], self.STEM_CHANNELS
+        for width, repeats in self.STAGES:
+            stages.append(nn.Sequential(ShuffleUnit(channels, width, 2), *(ShuffleUnit(width, width, 1) for _ in range(repeats))))
+            channels = width
+        self.layer1, self.layer2, self.layer3 = stages
+        self.conv2 = Conv2dNormActivation(channels, self.LAST_CHANNELS, 1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.LAST_CHANNELS, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# name -> constructor taking num_classes; the names and shapes of RepDistiller's / mdistiller's CIFAR models
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{depth}": partial(SmallResNet, depth, (16, 16, 32, 64)) for depth in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": partial(SmallResNet, 8, (32, 64, 128, 256)),
+    "resnet32x4": partial(SmallResNet, 32, (32, 64, 128, 256)),
+    **{f"wrn_{depth}_{widen}": partial(WideResNet, depth, widen) for depth in (16, 40) for widen in (1, 2)},
+    "vgg8": partial(SmallVGG, ((64,), (128,), (256,), (512,), (512,))),
+    "vgg13": partial(SmallVGG, ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))),
+    "mobilenetv2": SmallMobileNetV2,
+    "shufflenetv2": SmallShuffleNetV2,
+}
+
+
+# ---------------------------------------------------------------- building by name
+
+
+def architecture_name(name: str) -> str:
+    """The canonical name of a model: a name of `ZOO` or torchvision's (e.g. 'VGG16' -> 'vgg16_bn')."""
     key = name.strip().lower()
     key = ALIASES.get(key, key)
+    if key in ZOO:
+        return key
     available = models.list_models(module=models)
     if key not in available:
         raise UnknownModelError(
-            f"Unknown model '{name}': use VGG16, ResNet18 or a torchvision classifier such as "
-            f"{', '.join(sorted(a for a in available if a.startswith(('resnet', 'vgg', 'mobilenet')))[:8])}."
+            f"Unknown model '{name}': use VGG16, ResNet18, a small-image network of the KD literature "
+            f"({', '.join(ZOO)}) or a torchvision classifier such as "
+            f"{', '.join(sorted(a for a in available if a.startswith(('resnet', 'mobilenet')))[:6])}."
         )
     return key
 
@@ -56,12 +293,14 @@ def _adapt_vgg(model: models.VGG, num_classes: int) -> None:
 
 
 def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
-    """Build an untrained torchvision classifier by name for a class count and image size.
+    """Build an untrained classifier by name for a class count and image size.
 
-    No weights are downloaded; ResNet and VGG families get their small-image variants
-    when `image_size` is at most SMALL_IMAGE_MAX.
+    No weights are downloaded. Networks of `ZOO` are the same at every size; torchvision's ResNet
+    and VGG families get their small-image variants when `image_size` is at most SMALL_IMAGE_MAX.
     """
-    key = torchvision_name(name)
+    key = architecture_name(name)
+    if key in ZOO:
+        return ZOO[key](num_classes=num_classes)
     model = models.get_model(key, weights=None, num_classes=num_classes)
     if image_size <= SMALL_IMAGE_MAX:
         if isinstance(model, models.ResNet):
@@ -92,9 +331,17 @@ def hub_weights_file(weights: models.WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
+def weights_names(arch: str) -> list[str]:
+    """The torchvision weights names of `arch` (none for the networks of `ZOO`, which torchvision does not define)."""
+    key = architecture_name(arch)
+    return [] if key in ZOO else list(models.get_model_weights(key).__members__)
+
+
 def weights_by_name(arch: str, name: str) -> models.WeightsEnum | None:
     """The torchvision weights of `arch` called `name` ("DEFAULT", "IMAGENET1K_V1" or "VGG16_BN_Weights.IMAGENET1K_V1"), or None."""
-    enum = models.get_model_weights(torchvision_name(arch))
+    if not weights_names(arch):
+        return None
+    enum = models.get_model_weights(architecture_name(arch))
     key = name.strip().upper().removeprefix(enum.__name__.upper() + ".")
     return enum.__members__.get(key)
 
@@ -161,12 +408,12 @@ def read_pretrained(arch: str, setting: str) -> Pretrained:
                           None if mean is None else list(mean), None if std is None else list(std))
     path = Path(setting).expanduser()
     if not path.is_file():
-        names = ", ".join(models.get_model_weights(torchvision_name(arch)).__members__)
+        names = ", ".join(weights_names(arch)) or "it has none: torchvision does not define it"
         if path.exists():
             raise WeightsError(f"'{setting}' is a folder, not a state-dict file.")
         if os.sep in setting or "/" in setting or path.suffix.lower() in WEIGHTS_FILE_SUFFIXES:
             raise WeightsError(f"There is no weights file '{setting}'.")
-        raise WeightsError(f"'{setting}' is neither a weights name of {torchvision_name(arch)} ({names}) nor a state-dict file.")
+        raise WeightsError(f"'{setting}' is neither a weights name of {architecture_name(arch)} ({names}) nor a state-dict file.")
     state_dict, extra = read_state_dict(path)
     mean, std = extra.get("mean"), extra.get("std")
     usable = isinstance(mean, list) and isinstance(std, list)
@@ -280,3 +527,65 @@ def check_input_size(name: str, image_size: int) -> None:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"{name} cannot take {image_size}x{image_size} images ({reason}); "
                          "choose another --image-size or model.") from None
+
+
+def feature_stages(model: nn.Module) -> list[str]:
+    """Names of the layers the KD references distill from, in order: the stem's output, then every
+    stage's output (RepDistiller's / mdistiller's feature lists, without the pooled vector).
+
+    Networks of `ZOO` name their own; torchvision's ResNets give the stem's ReLU and layer1-4, its
+    VGGs the ReLU before each max-pool. Raises ValueError for any other model.
+    """
+    plain = unwrap(model)
+    if hasattr(plain, "feature_stages"):
+        return list(plain.feature_stages)
+    if isinstance(plain, models.ResNet):
+        return ["relu", "layer1", "layer2", "layer3", "layer4"]
+    if isinstance(plain, models.VGG):
+        return [f"features.{index - 1}" for index, layer in enumerate(plain.features) if isinstance(layer, nn.MaxPool2d)]
+    raise ValueError(f"No feature stages are known for {type(plain).__name__}; name its layers with "
+                     "--feature-layers (python experiment.py --list-layers MODEL lists them).")
+
+
+def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, type, output shape for one image) of every named layer, in the order the layers first
+    run in one forward pass (a layer run twice shows its last output). Run it on the meta device to
+    spend no memory or time."""
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def keeper(name: str):
+        def keep(module: nn.Module, inputs: tuple, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes[name] = (type(module).__name__, tuple(output.shape[1:]))
+        return keep
+
+    plain = unwrap(model)
+    parameter = next(plain.parameters())
+    handles = [module.register_forward_hook(keeper(name)) for name, module in plain.named_modules() if name]
+    try:
+        with torch.no_grad():
+            plain.eval()(torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(name, kind, shape) for name, (kind, shape) in shapes.items()]
+
+
+def layer_table(name: str, image_size: int, num_classes: int = 10) -> str:
+    """Every layer of a model by name with its output shape at `image_size` pixels; the feature
+    stages (see `feature_stages`) are marked, numbered as in the references' feature lists."""
+    check_input_size(name, image_size)
+    model = build_on_meta(name, num_classes, image_size)
+    with torch.device("meta"):
+        rows = layer_shapes(model, image_size)
+    try:
+        stages = {layer: index for index, layer in enumerate(feature_stages(model))}
+    except ValueError:
+        stages = {}
+    width = max(len(row[0]) for row in rows) + 2
+    lines = [f"{architecture_name(name)} at {image_size}x{image_size} px ({num_classes} classes): layer, type, "
+             "output shape (channels x height x width); 'stage k' marks the k-th feature stage"]
+    for layer, kind, shape in rows:
+        stage = f"  stage {stages[layer]}" if layer in stages else ""
+        lines.append(f"{layer:<{width}}{kind:<24}{' x '.join(map(str, shape))}{stage}")
+    return "\n".join(lines) + "\n"

@@ -335,6 +335,8 @@ def history_table(history: list[dict[str, Any]]) -> str:
     for record in history:
         train, val = record["train"], record["val"]
         parts = " ".join(f"{k}={train[k]:.4f}" for k in LOSS_PARTS if k in train)
+        if "warmup" in train:  # DKD's mean warm-up factor
+            parts += f" warmup={train['warmup']:.3f}"
         lines.append(
             f"epoch {record['epoch']:3d}  lr={record['lr']:.5f}  train {parts} "
             f"top1={format_metric(train['top1'])}% top3={format_metric(train['top3'])}% "

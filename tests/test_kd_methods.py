@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import engine
 import KD_engine
 import model_builder
 
@@ -24,52 +25,70 @@ def tiny_convnet(width: int, classes: int = 3) -> nn.Sequential:
     )
 
 
-def identity_adapters(channels: int, pairs: int = 1) -> KD_engine.FeatureAdapters:
-    adapters = KD_engine.FeatureAdapters([(channels, channels)] * pairs)
+def known_regressor(weight: float, bias: float, mean: float, var: float) -> KD_engine.HintRegressor:
+    """A 1-channel, same-size regressor: 1x1 conv (weight, bias), then BN in eval mode with these statistics."""
+    regressor = KD_engine.HintRegressor((1, 1, 1, 2), (1, 1, 1, 2))
     with torch.no_grad():
-        for conv in adapters.convs:
-            conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
-            conv.bias.zero_()
-    return adapters
+        regressor[0].weight.fill_(weight)
+        regressor[0].bias.fill_(bias)
+    regressor[1].running_mean.fill_(mean)
+    regressor[1].running_var.fill_(var)
+    regressor[1].eps = 0.0
+    return regressor.eval()
 
 
 # ---------------------------------------------------------------- feature losses
 
 
-def test_fitnet_is_zero_for_matching_maps_and_mse_otherwise():
-    torch.manual_seed(0)
-    feature = torch.randn(2, 4, 5, 5)
-    adapters = identity_adapters(4)
-    assert KD_engine.fitnet_loss([feature], [feature.clone()], adapters).item() == pytest.approx(0.0, abs=1e-7)
-    # Two pairs, teacher offset by 1 and by 3: MSEs 1 and 9, averaged over pairs.
-    loss = KD_engine.fitnet_loss([feature, feature], [feature + 1, feature + 3], identity_adapters(4, pairs=2))
-    assert loss.item() == pytest.approx(5.0, rel=1e-5)
+def test_fitnet_hint_loss_through_a_known_regressor():
+    # Student map [1, -2]: conv -> [2.5, -3.5]; BN (mean 0.5, var 4) -> [1, -2]; ReLU -> [1, 0].
+    student = torch.tensor([[[[1.0, -2.0]]]])
+    teacher = torch.tensor([[[[0.5, 1.0]]]])
+    regressors = KD_engine.HintRegressors([])
+    regressors.regressors.append(known_regressor(2.0, 0.5, 0.5, 4.0))
+    expected = ((1 - 0.5) ** 2 + (0 - 1.0) ** 2) / 2  # MSE, a mean over the map's elements
+    assert KD_engine.fitnet_loss([student], [teacher], regressors).item() == pytest.approx(expected, rel=1e-6)
+    regressors.regressors.append(known_regressor(2.0, 0.5, 0.5, 4.0))
+    loss = KD_engine.fitnet_loss([student, student], [teacher, teacher + 1], regressors)
+    assert loss.item() == pytest.approx(expected + ((1 - 1.5) ** 2 + (0 - 2.0) ** 2) / 2, rel=1e-6), "summed over pairs"
 
 
-@pytest.mark.parametrize("student_larger", [True, False])
-def test_fitnet_pools_the_larger_map(student_larger):
-    torch.manual_seed(1)
-    large = torch.randn(2, 4, 8, 8)
-    small = F.avg_pool2d(large, 2)
-    student, teacher = (large, small) if student_larger else (small, large)
-    assert KD_engine.fitnet_loss([student], [teacher], identity_adapters(4)).item() == pytest.approx(0.0, abs=1e-7)
+@pytest.mark.parametrize("student_size, teacher_size, conv, kernel", [
+    (8, 8, nn.Conv2d, (1, 1)), (8, 4, nn.Conv2d, (3, 3)), (4, 8, nn.ConvTranspose2d, (4, 4)), (6, 4, nn.Conv2d, (3, 3)),
+])
+def test_hint_regressor_reaches_the_teacher_shape_as_the_references(student_size, teacher_size, conv, kernel):
+    regressor = KD_engine.HintRegressor((2, 5, student_size, student_size), (2, 7, teacher_size, teacher_size))
+    assert [type(layer) for layer in regressor] == [conv, nn.BatchNorm2d, nn.ReLU]
+    assert regressor[0].kernel_size == kernel
+    assert regressor(torch.randn(2, 5, student_size, student_size)).shape == (2, 7, teacher_size, teacher_size)
+
+
+def test_hint_regressor_refuses_a_student_map_it_cannot_grow():
+    with pytest.raises(ValueError, match="student map of 3x3 onto a teacher map of 8x8"):
+        KD_engine.HintRegressor((1, 4, 3, 3), (1, 4, 8, 8))
+
+
+def hand_attention(channels):
+    """p=2 attention of one sample's map given as channels of flat positions: channel mean of squares, unit norm."""
+    squares = [sum(c[i] ** 2 for c in channels) / len(channels) for i in range(len(channels[0]))]
+    norm = math.sqrt(sum(v * v for v in squares))
+    return [v / norm for v in squares]
 
 
 def test_attention_transfer_matches_hand_computation():
     # One sample, two channels, a 1x2 map.
     student = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])
     teacher = torch.tensor([[[[0.0, 1.0]], [[1.0, 1.0]]]])
-
-    def attention(channels):
-        squares = [sum(c[i] ** 2 for c in channels) / len(channels) for i in range(2)]
-        norm = math.sqrt(sum(v * v for v in squares))
-        return [v / norm for v in squares]
-
-    a_s = attention([[1.0, 2.0], [3.0, 0.0]])  # [5, 2] / sqrt(29)
-    a_t = attention([[0.0, 1.0], [1.0, 1.0]])  # [0.5, 1] / sqrt(1.25)
-    expected = sum((s - t) ** 2 for s, t in zip(a_s, a_t))
+    a_s = hand_attention([[1.0, 2.0], [3.0, 0.0]])  # [5, 2] / sqrt(29)
+    a_t = hand_attention([[0.0, 1.0], [1.0, 1.0]])  # [0.5, 1] / sqrt(1.25)
+    expected = sum((s - t) ** 2 for s, t in zip(a_s, a_t)) / 2  # a mean over the 2 positions
     assert KD_engine.at_loss([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
     assert KD_engine.at_loss([student], [student * 3]).item() == pytest.approx(0.0, abs=1e-7)
+    # Pairs are summed: a second pair (a 2x1 map of one channel: attention [0.6, 0.8] vs [1, 0]).
+    second_student, second_teacher = torch.tensor([[[[3.0], [4.0]]]]).sqrt(), torch.tensor([[[[1.0], [0.0]]]])
+    second = ((0.6 - 1.0) ** 2 + (0.8 - 0.0) ** 2) / 2
+    both = KD_engine.at_loss([student, second_student], [teacher, second_teacher])
+    assert both.item() == pytest.approx(expected + second, rel=1e-6)
 
 
 def test_attention_transfer_batch_mean_and_spatial_mismatch():
@@ -80,6 +99,41 @@ def test_attention_transfer_batch_mean_and_spatial_mismatch():
     other = torch.randn(3, 6, 4, 4)  # channel counts may differ
     per_sample = [KD_engine.at_loss([student[i : i + 1]], [other[i : i + 1]]).item() for i in range(3)]
     assert KD_engine.at_loss([student], [other]).item() == pytest.approx(sum(per_sample) / 3, rel=1e-5)
+
+
+# ---------------------------------------------------------------- the new weights
+
+
+def test_feature_weights_default_to_the_references_balance():
+    assert KD_engine.feature_weight("fitnet", 0.5, None) == 50.0
+    assert KD_engine.feature_weight("at", 0.5, None) == 500.0
+    assert KD_engine.feature_weight("fitnet", 1.0, None) == 100.0 and KD_engine.feature_weight("at", 1.0, None) == 1000.0
+    assert KD_engine.feature_weight("at", 0.5, 3.0) == 3.0
+    assert KD_engine.feature_weight("at", 0.0, 3.0) == 3.0
+    with pytest.raises(ValueError, match="at alpha 0 needs an explicit --beta"):
+        KD_engine.feature_weight("fitnet", 0.0, None)
+
+
+@pytest.mark.parametrize("method, alpha, weight", [("fitnet", 0.5, 50.0), ("at", 0.3, 300.0), ("fitnet", 1.0, 100.0), ("at", 1.0, 1000.0)])
+def test_feature_criterion_combines_its_terms_at_the_default_weights(method, alpha, weight):
+    torch.manual_seed(7)
+    teacher, student = tiny_convnet(6), tiny_convnet(4)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    criterion = KD_engine.make_criterion(method, teacher, student, temperature=4.0, alpha=alpha,
+                                         pairs=[("2", "2"), ("4", "4")], image_size=8)
+    assert criterion.beta == weight
+    out = criterion(student, images, labels)
+    part = out["feature" if method == "fitnet" else "at"]
+    assert out["loss"].item() == pytest.approx((alpha * out["ce"] + (1 - alpha) * out["kd"] + weight * part).item(), rel=1e-6)
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+        student_logits = student(images)
+    ce = F.cross_entropy(student_logits, labels)
+    assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert out["kd"].item() == pytest.approx(hand_kd(student_logits, teacher_logits, 4.0).item(), rel=1e-5)
+    if alpha == 1.0:  # the references' loss: CE + weight * feature, no KD
+        assert out["loss"].item() == pytest.approx((ce + weight * part).item(), rel=1e-6)
+    criterion.close()
 
 
 # ---------------------------------------------------------------- layer names
@@ -123,9 +177,9 @@ def test_parse_feature_layers():
             KD_engine.parse_feature_layers(bad)
 
 
-def test_unknown_architecture_pair_asks_for_feature_layers():
+def test_a_model_without_known_stages_asks_for_feature_layers():
     with pytest.raises(ValueError, match="--feature-layers"):
-        KD_engine.default_feature_layers("resnet18", "vgg16_bn")
+        KD_engine.default_feature_layers("at", model_builder.build_model("VGG16", 10, 32), tiny_convnet(4))
 
 
 @pytest.fixture(scope="module")
@@ -134,19 +188,11 @@ def real_models():
     return model_builder.build_model("VGG16", 10, 32), model_builder.build_model("ResNet18", 10, 32)
 
 
-def test_default_vgg_to_resnet_pairs_match_at_32_px(real_models):
+def test_default_vgg_to_resnet_pairs_follow_the_references(real_models):
     teacher, student = real_models
-    pairs = KD_engine.default_feature_layers("VGG16", "ResNet18")
-    assert pairs == [("features.12", "layer2"), ("features.22", "layer3"), ("features.32", "layer4")]
-    teacher_hooks = KD_engine.FeatureHooks(teacher, [t for t, _ in pairs])
-    student_hooks = KD_engine.FeatureHooks(student, [s for _, s in pairs])
-    images = torch.randn(2, 3, 32, 32)
-    with KD_engine.eval_mode(teacher), KD_engine.eval_mode(student), torch.no_grad():
-        teacher(images), student(images)
-    shapes = [(t.shape, s.shape) for t, s in zip(teacher_hooks.take(), student_hooks.take())]
-    teacher_hooks.remove(), student_hooks.remove()
-    assert [t for t, _ in shapes] == [(2, 128, 16, 16), (2, 256, 8, 8), (2, 512, 4, 4)]
-    assert all(t == s for t, s in shapes)
+    assert KD_engine.default_feature_layers("fitnet", teacher, student) == [("features.22", "layer2")]
+    assert KD_engine.default_feature_layers("at", teacher, student) == [
+        ("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3"), ("features.42", "layer4")]
 
 
 # ---------------------------------------------------------------- decoupled KD
@@ -204,42 +250,74 @@ def test_dkd_with_extreme_logits_stays_finite():
     assert tckd.item() == pytest.approx(5e3, rel=1e-4) and nckd.item() == pytest.approx(1e4, rel=1e-4)
 
 
-def test_dkd_criterion_warm_up_and_parts():
+def test_dkd_warmup_steps_keep_the_papers_share_of_all_steps():
+    assert KD_engine.dkd_warmup_steps(240, 10) == 200  # the paper: 20 of 240 epochs
+    assert KD_engine.dkd_warmup_steps(3, 40) == 10  # a 3-epoch run warms up over its first 10 steps
+    assert KD_engine.dkd_warmup_steps(1, 2) == 1
+    assert KD_engine.dkd_warmup_steps(3, 40, warmup_epochs=2) == 80
+    assert KD_engine.dkd_warmup_steps(3, 40, warmup_epochs=0) == 0
+
+
+def test_dkd_criterion_warms_up_per_step_and_continues_after_an_epoch_change():
     torch.manual_seed(3)
     teacher, student = nn.Linear(5, 3), nn.Linear(5, 3)
     images, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
-    criterion = KD_engine.DKDCriterion(teacher, temperature=2.0, alpha=0.25, dkd_alpha=1.0, dkd_beta=8.0, warmup_epochs=10)
+    criterion = KD_engine.DKDCriterion(teacher, temperature=2.0, alpha=0.25, dkd_alpha=1.0, dkd_beta=8.0,
+                                       warmup_steps=4, steps_per_epoch=3)
     assert criterion.trainable is None and not teacher.training
-    for epoch, factor in [(1, 0.1), (5, 0.5), (10, 1.0), (15, 1.0)]:
+    factors = []
+    for epoch in (1, 2):
         criterion.set_epoch(epoch)
-        out = criterion(student, images, labels)
-        dkd = out["tckd"] + 8.0 * out["nckd"]
-        assert out["loss"].item() == pytest.approx((0.25 * out["ce"] + 0.75 * factor * dkd).item(), rel=1e-6)
+        for _ in range(3):
+            out = criterion(student, images, labels)
+            factors.append(out["warmup"].item())
+            dkd = out["tckd"] + 8.0 * out["nckd"]
+            assert out["loss"].item() == pytest.approx((0.25 * out["ce"] + 0.75 * factors[-1] * dkd).item(), rel=1e-6)
+    assert factors == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # first step 1/warmup_steps, 1 from step warmup_steps on
+    resumed = KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4, steps_per_epoch=3)
+    resumed.set_epoch(2)  # a resumed run starts at epoch 2: its ramp continues at step 4
+    assert resumed(student, images, labels)["warmup"].item() == 1.0
+    resumed.set_epoch(1)
     with torch.no_grad():
         cached = teacher(images)
-    assert torch.equal(criterion(student, images, labels, cached)["loss"], out["loss"])
+    assert torch.equal(resumed(student, images, labels, cached)["loss"],
+                       KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4, steps_per_epoch=3)(student, images, labels)["loss"])
     with pytest.raises(ValueError):
         criterion.set_epoch(0)
+
+
+def test_a_three_epoch_run_warms_up_and_records_the_mean_factor():
+    torch.manual_seed(8)
+    teacher, student = nn.Linear(5, 3), nn.Linear(5, 3)
+    batches = [(torch.randn(4, 5), torch.tensor([0, 1, 2, 1])) for _ in range(12)]
+    warmup_steps = KD_engine.dkd_warmup_steps(3, len(batches))
+    assert warmup_steps == 3
+    criterion = KD_engine.make_criterion("dkd", teacher, student, temperature=4.0, alpha=0.5,
+                                         dkd_warmup_steps=warmup_steps, steps_per_epoch=len(batches))
+    result = engine.fit(student, batches, batches[:2], criterion, torch.optim.SGD(student.parameters(), lr=0.01), 3,
+                        ["a", "b", "c"], torch.device("cpu"), log=lambda line: None)
+    means = [record["train"]["warmup"] for record in result.history]
+    assert means[0] == pytest.approx((1 / 3 + 2 / 3 + 10) / 12) and means[1:] == [1.0, 1.0]
 
 
 # ---------------------------------------------------------------- criteria
 
 
-def test_fitnet_gradient_reaches_adapter_and_student_never_teacher():
+def test_fitnet_gradient_reaches_regressor_and_student_never_teacher():
     torch.manual_seed(4)
     teacher, student = tiny_convnet(6), tiny_convnet(4)
     teacher.train()  # the criterion must switch it to eval mode itself
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     criterion = KD_engine.FeatureDistillationCriterion(
-        teacher, student, "fitnet", [("2", "2"), ("4", "4")], temperature=4.0, alpha=0.3, beta=0.4, image_size=8)
-    assert [conv.weight.shape[:2] for conv in criterion.trainable.convs] == [(6, 4), (12, 8)]
+        teacher, student, "fitnet", [("2", "2"), ("4", "4")], temperature=4.0, alpha=0.3, beta=40.0, image_size=8)
+    assert [r[0].weight.shape[:2] for r in criterion.trainable.regressors] == [(6, 4), (12, 8)]
     student_state = {k: v.clone() for k, v in student.state_dict().items()}
     assert torch.equal(student_state["1.running_mean"], torch.zeros(4))  # the dry run moved no statistic
     parameters = list(student.parameters()) + list(criterion.trainable.parameters())
     optimizer = torch.optim.SGD(parameters, lr=0.1)
     out = criterion(student, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
     assert out["loss"].item() == pytest.approx(
-        (0.3 * out["ce"] + 0.4 * out["feature"] + 0.3 * out["kd"]).item(), rel=1e-6)
+        (0.3 * out["ce"] + 0.7 * out["kd"] + 40.0 * out["feature"]).item(), rel=1e-6)
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in criterion.trainable.parameters())
     assert all(p.grad is not None for p in student.parameters())
@@ -251,9 +329,9 @@ def test_fitnet_gradient_reaches_adapter_and_student_never_teacher():
     criterion.close()
 
 
-def test_feature_weights_must_leave_kd_a_non_negative_weight():
-    with pytest.raises(ValueError, match="alpha \\+ beta"):
-        KD_engine.FeatureDistillationCriterion(tiny_convnet(4), tiny_convnet(4), "at", [("2", "2")], 4.0, 0.6, 0.6)
+def test_feature_weights_must_be_valid():
+    with pytest.raises(ValueError, match="beta be >= 0"):
+        KD_engine.FeatureDistillationCriterion(tiny_convnet(4), tiny_convnet(4), "at", [("2", "2")], 4.0, 0.6, -1.0)
 
 
 @pytest.mark.parametrize("method", KD_engine.METHODS)
@@ -261,15 +339,14 @@ def test_make_criterion_trains_the_real_small_models(method, real_models):
     teacher, student = real_models
     student.train()
     student.zero_grad(set_to_none=True)
-    criterion = KD_engine.make_criterion(
-        method, teacher, student, temperature=4.0, alpha=0.5, beta=0.3,
-        pairs=KD_engine.default_feature_layers("vgg16_bn", "resnet18"), dkd_warmup_epochs=5)
+    criterion = KD_engine.make_criterion(method, teacher, student, temperature=4.0, alpha=0.5,
+                                         dkd_warmup_steps=5, steps_per_epoch=2)
     out = criterion(student, torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["logits"].shape == (2, 10)
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
-    expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"}, "dkd": {"ce", "tckd", "nckd"}}
+    expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"}, "dkd": {"ce", "tckd", "nckd", "warmup"}}
     assert out.keys() == {"loss", "logits"} | expected[method]
     assert (criterion.trainable is not None) == (method == "fitnet")
     assert hasattr(criterion, "set_epoch") == (method == "dkd")

@@ -74,3 +74,23 @@ def test_summary_reports_mean_and_std_over_seeds(methods_run):
 def test_feature_method_logs_its_feature_term(methods_run):
     history = utils.read_json(methods_run / "student_at" / "history.json")["epochs"]
     assert {"ce", "kd", "at"} <= history[0]["train"].keys()
+    config = utils.read_json(methods_run / "config.json")
+    assert config["beta"] is None and config["resolved"]["feature_weights"] == {"at": 500.0}
+
+
+def test_literature_networks_distill_end_to_end(tiny_data, tmp_path):
+    run_dir = tmp_path / "zoo"
+    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "2", "--teacher-model", "resnet20",
+             "--student-model", "resnet8", "--kd-methods", "fitnet,dkd", "--alpha", "1"]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25", *flags])
+    assert code == 0
+    summary = utils.read_json(run_dir / "summary.json")
+    assert summary["teacher"]["arch"] == "resnet20" and summary["student_fitnet"]["arch"] == "resnet8"
+    assert summary["student_fitnet"]["params"] < summary["teacher"]["params"]
+    assert summary["student_fitnet"]["flops_per_image"] < summary["teacher"]["flops_per_image"]
+    assert utils.read_json(run_dir / "config.json")["resolved"]["feature_weights"] == {"fitnet": 100.0}
+    fitnet = utils.read_json(run_dir / "student_fitnet" / "history.json")["epochs"]
+    assert all(e["train"]["loss"] == pytest.approx(e["train"]["ce"] + 100 * e["train"]["feature"], rel=1e-5) for e in fitnet)
+    dkd = utils.read_json(run_dir / "student_dkd" / "history.json")["epochs"]
+    assert all(0 < e["train"]["warmup"] <= 1 for e in dkd)
+    assert "warmup=" in (run_dir / "student_dkd" / "training_metrics.txt").read_text()

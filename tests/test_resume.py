@@ -89,6 +89,30 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     assert not list(run.glob("*/" + experiment.TRAIN_STATE)), "finished models keep no training state"
 
 
+def test_dkd_warm_up_continues_after_a_resume(tiny_data, tmp_path):
+    # Small models; 3 steps an epoch, warm-up over 5 of 6 epochs (15 steps): the kill lands inside the ramp.
+    flags = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1", "--student-epochs", "6",
+             "--batch-size", "9", "--kd-methods", "dkd", "--dkd-warmup-epochs", "5"]
+    complete = start_run(tiny_data, tmp_path / "complete", [*RESUME_FLAGS, *flags])
+    assert complete.wait(timeout=300) == 0, complete.stdout.read()
+    killed = start_run(tiny_data, tmp_path / "killed", [*RESUME_FLAGS, *flags])
+    stop_at(killed, "[student_dkd] epoch   2", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "killed"
+    assert 1 <= len(utils.load_checkpoint(run / "student_dkd" / experiment.TRAIN_STATE)["history"]) < 6
+    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[student_dkd] resuming after epoch" in resumed.stdout
+    expected = utils.read_json(tmp_path / "complete" / "student_dkd" / "history.json")["epochs"]
+    actual = utils.read_json(run / "student_dkd" / "history.json")["epochs"]
+    # Epoch k's steps are 3k-2, 3k-1, 3k of 15: a mean factor of (3k - 1) / 15, then 1.
+    assert [e["train"]["warmup"] for e in expected] == pytest.approx([2 / 15, 5 / 15, 8 / 15, 11 / 15, 14 / 15, 1.0])
+    assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
+    summary = lambda path: utils.read_json(path / "summary.json")["student_dkd"]["test"]  # noqa: E731
+    assert summary(run) == summary(tmp_path / "complete")
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
     process = start_run(tiny_data, tmp_path / "run")
     output = stop_at(process, "[teacher] epoch   1", signal.SIGINT)

@@ -1,0 +1,233 @@
+"""How hard the feature methods pull on the student, next to the CE term (a benchmark, not a test).
+
+    python benchmarks/method_strength.py [--teacher-checkpoint PATH] [--teacher-epochs N] [--batch-size N]
+
+For the default pair (VGG16 -> ResNet18 at 32 px), on one real batch of the bundled digits, with a
+teacher trained briefly on them (or loaded from --teacher-checkpoint) and the student at its
+initialization, it prints the ratio of gradient norms over the student's parameters,
+feature term / CE term:
+
+- ours: KD_engine's `fitnet` and `at` criteria with the project's defaults (experiment.ALPHA,
+  BETA and FEATURE_LAYERS), the CE term being ALPHA * CE and the feature term BETA * feature;
+- reference: the same ratio from a transcription, written out below and sharing no code with
+  KD_engine, of the reference implementations' formulas and weights (RepDistiller's
+  distiller_zoo/FitNet.py, AT.py, models/util.py ConvReg and run scripts; mdistiller's FitNet.py,
+  AT.py and CIFAR-100 configs): CE weight 1; FitNets hint weight 100, MSE between a conv + BN + ReLU
+  regressor of the student's feature at hint_layer 2 and the teacher's; AT weight 1000, p = 2,
+  L2-normalized maps, squared differences averaged over samples and positions, summed over the
+  stage outputs.
+
+Target: each of ours within 0.5x-2x of its reference. The last line is
+`STRENGTH fitnet=<x> at=<y> reference_fitnet=<x0> reference_at=<y0>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data_setup  # noqa: E402
+import engine  # noqa: E402
+import experiment  # noqa: E402
+import KD_engine  # noqa: E402
+import model_builder  # noqa: E402
+import utils  # noqa: E402
+
+TEACHER, STUDENT, IMAGE_SIZE = "vgg16_bn", "resnet18", 32
+TARGET = (0.5, 2.0)  # ours / reference
+
+# ---------------------------------------------------------------- the references, transcribed
+
+REFERENCE_CE_WEIGHT = 1.0
+REFERENCE_HINT_WEIGHT = 100.0  # RepDistiller run_cifar_distill.sh "-b 100"; mdistiller FITNET.LOSS.FEAT_WEIGHT
+REFERENCE_AT_WEIGHT = 1000.0  # RepDistiller "-b 1000"; mdistiller AT.LOSS.FEAT_WEIGHT
+REFERENCE_HINT_LAYER = 2
+# The references' feature lists (forward(is_feat=True), without the pooled vector): the stem's output,
+# then every block's output after its ReLU, here named as the layers of this project's two models.
+REFERENCE_FEATURES = {
+    "vgg16_bn": ["features.5", "features.12", "features.22", "features.32", "features.42"],
+    "resnet18": ["relu", "layer1", "layer2", "layer3", "layer4"],
+}
+
+
+class ReferenceConvReg(nn.Module):
+    """RepDistiller's / mdistiller's ConvReg: conv chosen by the two heights, then BN and ReLU."""
+
+    def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+        super().__init__()
+        _, s_c, s_h, s_w = student_shape
+        _, t_c, t_h, t_w = teacher_shape
+        if s_h == 2 * t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif s_h * 2 == t_h:
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise ValueError(f"the reference has no regressor for student {s_h} px, teacher {t_h} px")
+        self.bn = nn.BatchNorm2d(t_c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def reference_attention(feature: torch.Tensor) -> torch.Tensor:
+    return F.normalize(feature.pow(2).mean(1).view(feature.size(0), -1))
+
+
+def reference_at_pair(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    return (reference_attention(f_s) - reference_attention(f_t)).pow(2).mean()
+
+
+def hooked_forward(model: nn.Module, names: list[str], images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and the named layers' outputs of one forward pass, through plain forward hooks."""
+    outputs: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o)) for name in names]
+    try:
+        logits = model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, [outputs[name] for name in names]
+
+
+def reference_terms(teacher: nn.Module, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per method, (weighted CE term, weighted feature term) as the references compute them."""
+    with torch.no_grad():
+        _, feat_t = hooked_forward(teacher, REFERENCE_FEATURES[TEACHER], images)
+    logits, feat_s = hooked_forward(student, REFERENCE_FEATURES[STUDENT], images)
+    torch.manual_seed(seed)
+    regressor = ReferenceConvReg(feat_s[REFERENCE_HINT_LAYER].shape, feat_t[REFERENCE_HINT_LAYER].shape)
+    hint = F.mse_loss(regressor(feat_s[REFERENCE_HINT_LAYER]), feat_t[REFERENCE_HINT_LAYER])
+    attention = sum(reference_at_pair(f_s, f_t) for f_s, f_t in zip(feat_s[1:], feat_t[1:]))
+    ce = REFERENCE_CE_WEIGHT * F.cross_entropy(logits, labels)
+    return {"fitnet": (ce, REFERENCE_HINT_WEIGHT * hint), "at": (ce, REFERENCE_AT_WEIGHT * attention)}
+
+
+# ---------------------------------------------------------------- ours, and the measurement
+
+
+def our_terms(method: str, teacher: nn.Module, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+              seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], KD_engine.FeatureDistillationCriterion]:
+    """(ALPHA * CE, BETA * feature) of our criterion with the project's defaults, and the criterion."""
+    torch.manual_seed(seed)
+    criterion = KD_engine.make_criterion(
+        method, teacher, student, temperature=experiment.T, alpha=experiment.ALPHA, beta=experiment.BETA,
+        pairs=KD_engine.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
+        image_size=IMAGE_SIZE)
+    out = criterion(student, images, labels)
+    criterion.close()
+    return (criterion.alpha * out["ce"], criterion.beta * out[criterion.part]), criterion
+
+
+def gradient_norm(term: torch.Tensor, parameters: list[nn.Parameter]) -> float:
+    """L2 norm of the term's gradient over the parameters (a parameter it does not reach counts 0)."""
+    grads = torch.autograd.grad(term, parameters, retain_graph=True, allow_unused=True)
+    return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+
+
+def strength(terms: tuple[torch.Tensor, torch.Tensor], student: nn.Module) -> tuple[float, float, float]:
+    """(|grad CE term|, |grad feature term|, their ratio) over the student's parameters."""
+    parameters = list(student.parameters())
+    ce, feature = (gradient_norm(term, parameters) for term in terms)
+    return ce, feature, feature / ce
+
+
+def trained_teacher(args: argparse.Namespace, data: data_setup.DatasetSplits, device: torch.device) -> tuple[nn.Module, str]:
+    """The teacher and a line describing it: loaded from --teacher-checkpoint, or trained briefly here."""
+    if args.teacher_checkpoint:
+        checkpoint = utils.load_checkpoint(args.teacher_checkpoint)
+        if checkpoint.get("arch") != TEACHER or checkpoint.get("class_names") != data.class_names:
+            sys.exit(f"error: '{args.teacher_checkpoint}' is not a VGG16 teacher of the bundled digits "
+                     f"(it holds a {checkpoint.get('arch')} of classes {checkpoint.get('class_names')}).")
+        teacher = model_builder.build_model(TEACHER, len(data.class_names), IMAGE_SIZE)
+        teacher.load_state_dict(checkpoint["state_dict"])
+        data.mean, data.std = checkpoint["mean"], checkpoint["std"]
+        return teacher.to(device), f"VGG16 loaded from {args.teacher_checkpoint} (epoch {checkpoint['epoch']})"
+    torch.manual_seed(args.seed)
+    teacher = model_builder.build_model(TEACHER, len(data.class_names), IMAGE_SIZE).to(device, memory_format=torch.channels_last)
+    loader = data_setup.BatchLoader(data.train, experiment.BATCH_SIZE, data.mean, data.std, device,
+                                    data_setup.Augmentation(pad=experiment.CROP_PADDING, hflip=False), seed=args.seed)
+    val_loader = data_setup.BatchLoader(data.val, experiment.EVAL_BATCH_SIZE, data.mean, data.std, device)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=experiment.TEACHER_LR, weight_decay=experiment.WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=experiment.TEACHER_LR,
+                                                    total_steps=args.teacher_epochs * len(loader), pct_start=0.25)
+    fit = engine.fit(teacher, loader, val_loader, engine.SupervisedCriterion(), optimizer, args.teacher_epochs,
+                     data.class_names, device, scheduler, engine.resolve_amp_dtype("auto", device),
+                     log=lambda line: None, name="teacher")
+    top1 = fit.history[fit.best_epoch - 1]["val"]["top1"]
+    return teacher, f"VGG16 trained {args.teacher_epochs} epochs here (validation top-1 {100 * top1:.2f}%)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--teacher-checkpoint", default=None, help="a VGG16 best_model.pth trained on the bundled digits at 32 px")
+    parser.add_argument("--teacher-epochs", type=int, default=2, help="epochs of the briefly trained teacher")
+    parser.add_argument("--batch-size", type=int, default=64, help="images in the one real training batch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    data = data_setup.load_splits(None, None, None, None, IMAGE_SIZE, experiment.VAL_FRACTION, args.seed,
+                                  cache_dir=data_setup.DEFAULT_CACHE_DIR)
+    teacher, described = trained_teacher(args, data, device)
+    teacher = KD_engine.freeze(teacher.to(memory_format=torch.contiguous_format).float())
+    batch_loader = data_setup.BatchLoader(data.train, args.batch_size, data.mean, data.std, device,
+                                          data_setup.Augmentation(pad=experiment.CROP_PADDING, hflip=False), seed=args.seed)
+    images, labels = next(iter(batch_loader))
+    images = images.contiguous()
+    torch.manual_seed(args.seed)
+    student = model_builder.build_model(STUDENT, len(data.class_names), IMAGE_SIZE).train()
+    initial = {key: value.clone() for key, value in student.state_dict().items()}
+
+    print(f"Teacher: {described}. Student: ResNet18 at initialization, train mode. One batch of {len(labels)} "
+          f"training images of the bundled digits at {IMAGE_SIZE} px, fp32.")
+    print(f"Ours: loss = ALPHA*CE + (1-ALPHA)*KD + BETA*feature with ALPHA={experiment.ALPHA}, BETA={experiment.BETA} "
+          "(None: the references' weight times ALPHA). Reference: CE + weight * feature.\n")
+    header = (f"{'method':<8}{'':<11}{'layers (teacher:student)':<72}{'CE w':>6}{'feat w':>8}"
+              f"{'|grad CE|':>11}{'|grad feat|':>13}{'ratio':>9}")
+    print(header + "\n" + "-" * len(header))
+    ratios = {}
+    for method in KD_engine.FEATURE_METHODS:
+        student.load_state_dict(initial)
+        terms, criterion = our_terms(method, teacher, student, images, labels, args.seed)
+        ours = strength(terms, student)
+        layers = ",".join(f"{t}:{s}" for t, s in zip(criterion.teacher_hooks.names, criterion.student_hooks.names))
+        student.load_state_dict(initial)
+        reference = strength(reference_terms(teacher, student, images, labels, args.seed)[method], student)
+        reference_weight = REFERENCE_HINT_WEIGHT if method == "fitnet" else REFERENCE_AT_WEIGHT
+        reference_pairs = ([REFERENCE_HINT_LAYER] if method == "fitnet"
+                           else range(1, min(len(REFERENCE_FEATURES[TEACHER]), len(REFERENCE_FEATURES[STUDENT]))))
+        reference_layers = ",".join(f"{REFERENCE_FEATURES[TEACHER][i]}:{REFERENCE_FEATURES[STUDENT][i]}" for i in reference_pairs)
+        for who, (weights, layer_text, (ce, feature, ratio)) in (
+            ("ours", ((criterion.alpha, criterion.beta), layers, ours)),
+            ("reference", ((REFERENCE_CE_WEIGHT, reference_weight), reference_layers, reference)),
+        ):
+            print(f"{method:<8}{who:<11}{layer_text:<72}{weights[0]:>6g}{weights[1]:>8g}{ce:>11.4f}{feature:>13.4f}{ratio:>9.3f}")
+        ratios[method] = (ours[2], reference[2])
+    print()
+    for method, (ours, reference) in ratios.items():
+        share = ours / reference
+        verdict = "within" if TARGET[0] <= share <= TARGET[1] else "OUTSIDE"
+        print(f"{method}: ours / reference = {share:.3f} ({verdict} the {TARGET[0]}x-{TARGET[1]}x target)")
+    print(f"STRENGTH fitnet={ratios['fitnet'][0]:.3f} at={ratios['at'][0]:.3f} "
+          f"reference_fitnet={ratios['fitnet'][1]:.3f} reference_at={ratios['at'][1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

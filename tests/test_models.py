@@ -1,0 +1,116 @@
+"""The KD literature's small-image networks: sizes, feature stages, default layer pairs, --list-layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import experiment
+import KD_engine
+import model_builder
+import prediction_for_one
+import utils
+
+# Parameters at 100 classes of RepDistiller's CIFAR definitions (models/__init__.py model_dict), counted by
+# building them; the CRD paper's tables round them (resnet8x4 1.2M, wrn_40_2 2.2M, vgg13 9.4M, ...).
+PUBLISHED_PARAMETERS = {
+    "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756, "resnet44": 667_188,
+    "resnet56": 861_620, "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
+    "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780, "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028, "vgg13": 9_462_180, "mobilenetv2": 812_836, "shufflenetv2": 1_355_528,
+}
+
+# (teacher, student): (fitnet pair, at pairs), the references' choice for the literature's pairs and ours.
+LITERATURE_PAIRS = {
+    ("resnet32x4", "resnet8x4"): ([("layer2", "layer2")], [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]),
+    ("wrn_40_2", "wrn_16_2"): ([("block2", "block2")], [("block1", "block1"), ("block2", "block2"), ("block3", "block3")]),
+    ("resnet56", "resnet20"): ([("layer2", "layer2")], [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]),
+    ("vgg13", "vgg8"): ([("features.19", "features.10")],
+                        [("features.12", "features.6"), ("features.19", "features.10"), ("features.26", "features.14"),
+                         ("features.32", "features.17")]),
+    ("VGG16", "resnet8x4"): ([("features.22", "layer2")], [("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3")]),
+    ("VGG16", "ResNet18"): ([("features.22", "layer2")],
+                            [("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3"), ("features.42", "layer4")]),
+}
+
+
+def test_the_zoo_has_the_literatures_networks():
+    assert set(PUBLISHED_PARAMETERS) == set(model_builder.ZOO)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_parameter_counts_match_the_published_ones(name):
+    with torch.device("meta"):
+        model = model_builder.build_model(name, 100, 32)
+    assert model_builder.count_parameters(model) == pytest.approx(PUBLISHED_PARAMETERS[name], rel=0.02)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_zoo_models_classify_and_name_their_stages(name):
+    model_builder.check_input_size(name, 32)
+    torch.manual_seed(0)
+    model = model_builder.build_model(name, 10, 32).eval()
+    stages = model_builder.feature_stages(model)
+    hooks = KD_engine.FeatureHooks(model, stages)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32))
+    maps = hooks.take()
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert all(m.dim() == 4 for m in maps)
+    sizes = [m.shape[-1] for m in maps]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 32, "stages run from the stem to the deepest"
+
+
+def test_the_name_clash_with_torchvision_goes_to_the_zoo():
+    assert model_builder.architecture_name("VGG13") == "vgg13"
+    assert isinstance(model_builder.build_model("vgg13", 10, 32), model_builder.SmallVGG)
+    assert model_builder.architecture_name("vgg13_bn") == "vgg13_bn"  # torchvision's, still reachable
+    assert model_builder.architecture_name("VGG16") == "vgg16_bn"
+    with pytest.raises(model_builder.UnknownModelError, match="resnet8x4"):
+        model_builder.architecture_name("resnet9x4")
+
+
+def test_the_student_of_a_literature_pair_is_cheaper():
+    teacher, student = (model_builder.build_model(name, 10, 32) for name in ("resnet32x4", "resnet8x4"))
+    assert model_builder.flops_per_image(student, 32) < model_builder.flops_per_image(teacher, 32) / 5
+
+
+@pytest.mark.parametrize("teacher_name, student_name", sorted(LITERATURE_PAIRS))
+def test_default_pairs_of_the_literature_pairs_exist_and_fit(teacher_name, student_name):
+    with torch.device("meta"):
+        teacher = model_builder.build_model(teacher_name, 100, 32)
+        student = model_builder.build_model(student_name, 100, 32)
+    for method, expected in zip(("fitnet", "at"), LITERATURE_PAIRS[teacher_name, student_name]):
+        pairs = KD_engine.default_feature_layers(method, teacher, student)
+        assert pairs == expected
+        KD_engine.check_feature_pairs(method, teacher, student, pairs, 32)
+
+
+def test_a_zoo_checkpoint_is_rebuilt_by_its_arch_and_exports_to_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = model_builder.build_model("shufflenetv2", 3, 32).eval()
+    checkpoint = {"arch": "shufflenetv2", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32,
+                  "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1, "state_dict": model.state_dict()}
+    utils.save_checkpoint(tmp_path / "best_model.pth", checkpoint)
+    rebuilt, _ = prediction_for_one.load_model(tmp_path / "best_model.pth", torch.device("cpu"))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
+    utils.export_onnx(model, tmp_path / "model.onnx", 32, {"class_names": ["a", "b", "c"]})
+    assert utils.onnx_parity(model, tmp_path / "model.onnx", images) <= 1e-4
+
+
+def test_list_layers_prints_names_shapes_and_stages(capsys):
+    assert experiment.main(["--list-layers", "resnet8x4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("resnet8x4 at 32x32 px")
+    assert any(line.split() == ["layer2", "Sequential", "128", "x", "16", "x", "16", "stage", "2"] for line in lines)
+    assert experiment.main(["--list-layers", "resnet8x4", "--image-size", "64"]) == 0
+    assert "128 x 32 x 32  stage 2" in capsys.readouterr().out
+
+
+def test_list_layers_of_an_unknown_model_is_one_sentence(capsys):
+    assert experiment.main(["--list-layers", "NoSuchNet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: Unknown model 'NoSuchNet'") and "Traceback" not in captured.err
+    assert captured.out == ""
