@@ -816,12 +816,19 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
 
     torchvision draws its choices from the global RNG, which also drives dropout: it runs here
     on a forked global RNG seeded from `generator`, so the batch depends on the loader's seed
-    alone and the global RNG is left exactly as it was.
+    alone and the global RNG is left exactly as it was. The per-image operations run on one CPU
+    thread: on a single small image, waking a second thread costs far more than the work (about
+    40x slower on a busy 2-core machine).
     """
     seed = int(torch.randint(2**62, (), generator=generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.stack([_TRIVIAL_AUGMENT(image) for image in images])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.stack([_TRIVIAL_AUGMENT(image) for image in images])
+    finally:
+        torch.set_num_threads(threads)
 
 
 class InMemoryImages:
