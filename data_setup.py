@@ -179,8 +179,11 @@ def resolve_split_dirs(
     if root is not None and not root.is_dir():
         raise DataError(f"Data folder '{root}' does not exist.")
     carve_test = root is not None and train_dir is None and test_dir is None and holds_only_class_folders(root)
-    train = Path(train_dir) if train_dir else (root if carve_test else root / "train" if root else None)
-    test = Path(test_dir) if test_dir else (root / "test" if root and not carve_test else None)
+    if carve_test:
+        train, test = root, None
+    else:
+        train = Path(train_dir) if train_dir else (root / "train" if root else None)
+        test = Path(test_dir) if test_dir else (root / "test" if root else None)
     if val_dir:
         val: Path | None = Path(val_dir)
     elif root is not None and (root / "val").is_dir():
@@ -825,7 +828,7 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator torchvision draws from; never CUDA's
             return torch.stack([_TRIVIAL_AUGMENT(image) for image in images])
     finally:
         torch.set_num_threads(threads)
