@@ -13,6 +13,11 @@ Real folders are messy, so every file is checked before any training starts:
 - A missing split folder, a class without a usable image, classes that differ between splits and
   too few images to carve a validation split stop the run with one `DataError` message (naming
   every difference between the splits and every empty class folder at once).
+
+A data root holds either train/ [val/] test/ split folders or only class folders; in the
+second layout the test split is carved first, then validation from the rest (both stratified
+and seeded), and `--max-per-class` may cap the training split; `DatasetSplits.carving` records
+every carving.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 from torchvision import transforms
+from torchvision.transforms import v2
 
 import utils
 
@@ -45,6 +51,9 @@ DECODE_WORKERS_THRESHOLD = 2000  # images; below this, worker start-up costs mor
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 CACHE_VERSION = "v2"  # bump when decoding changes, so no stale cache file is trusted
+RESIZE_MODES = ("squash", "center-crop")  # squash: whole image to S x S; center-crop: central square
+AUGMENT_POLICIES = ("basic", "trivialaugment")  # basic: crop + flip; trivialaugment: then TrivialAugmentWide
+SPLIT_FOLDERS = ("train", "val", "test")
 
 
 class DataError(Exception):
@@ -66,6 +75,7 @@ class ImageTensors:
     labels: torch.Tensor
     paths: list[str]
     image_size: int
+    resize: str = "squash"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,6 +95,8 @@ class DatasetSplits:
     streamed: bool = False
     # Files of all splits that were not used: {"path": ..., "reason": ...}, sorted by path.
     skipped_files: list[dict[str, str]] = field(default_factory=list)
+    # How each split was obtained (folders, carved fractions, subset, seed, per-class counts), JSON-ready.
+    carving: dict[str, Any] = field(default_factory=dict)
 
 
 def bundled_digits_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
@@ -129,21 +141,51 @@ def bundled_digits_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return root
 
 
+def holds_only_class_folders(root: Path) -> bool:
+    """True for a data root of class folders only, False for one with train/ and test/ (val/ optional).
+
+    A root with some split folders but not both train/ and test/ is ambiguous (is 'val' a class?)
+    and stops with one sentence, as does a root with no sub-folders at all.
+    """
+    present = [name for name in SPLIT_FOLDERS if (root / name).is_dir()]
+    if "train" in present and "test" in present:
+        return False
+    if present:
+        missing = " and no ".join(f"{name}/" for name in ("train", "test") if name not in present)
+        raise DataError(f"Data folder '{root}' has {' and '.join(f'{name}/' for name in present)} but no {missing}: "
+                        "give it train/ and test/ (val/ is optional), or only class folders "
+                        "(the test and validation splits are then carved from them).")
+    try:
+        has_folders = any(entry.is_dir() and not _hidden(entry.name) for entry in os.scandir(root))
+    except OSError as error:
+        raise DataError(f"Cannot read the data folder '{root}': {error.strerror or error}.") from None
+    if not has_folders:
+        raise DataError(f"Data folder '{root}' holds neither train/ and test/ folders nor class folders "
+                        "(one sub-folder of images per class).")
+    return True
+
+
 def resolve_split_dirs(
     data_dir: str | None, train_dir: str | None, val_dir: str | None, test_dir: str | None
-) -> tuple[Path, Path | None, Path]:
+) -> tuple[Path, Path | None, Path | None]:
     """Work out the train / val / test folders from a data root and per-split overrides.
 
     With neither a data root nor split folders, the bundled digits dataset is used.
-    A missing val folder is returned as None (validation is then carved from train).
+    A missing val folder is returned as None (validation is then carved from train). A data
+    root holding only class folders (and no --train-dir / --test-dir) is returned as the train
+    folder with test None: the test split is then carved from it.
     """
     if data_dir is None and train_dir is None and test_dir is None:
         data_dir = str(bundled_digits_dir())
     root = Path(data_dir) if data_dir else None
     if root is not None and not root.is_dir():
         raise DataError(f"Data folder '{root}' does not exist.")
-    train = Path(train_dir) if train_dir else (root / "train" if root else None)
-    test = Path(test_dir) if test_dir else (root / "test" if root else None)
+    carve_test = root is not None and train_dir is None and test_dir is None and holds_only_class_folders(root)
+    if carve_test:
+        train, test = root, None
+    else:
+        train = Path(train_dir) if train_dir else (root / "train" if root else None)
+        test = Path(test_dir) if test_dir else (root / "test" if root else None)
     if val_dir:
         val: Path | None = Path(val_dir)
     elif root is not None and (root / "val").is_dir():
@@ -151,7 +193,7 @@ def resolve_split_dirs(
     else:
         val = None
     for name, folder in (("train", train), ("test", test), ("val", val if val_dir else None)):
-        if name != "val" and folder is None:
+        if folder is None and (name == "train" or (name == "test" and not carve_test)):
             raise DataError(f"No {name} folder given: pass --data-dir or --{name}-dir.")
         if folder is not None and not folder.is_dir():
             problem = "is not a folder" if folder.exists() else "does not exist"
@@ -182,6 +224,24 @@ class FolderScan:
         return [label for _, label in self.samples]
 
 
+def visible_files(folder: str) -> Iterator[str]:
+    """Every file under `folder` (recursively, following links), hidden files and folders left
+    out, in sorted order: folder by folder, file names sorted within each."""
+    walked = []
+    for directory, subfolders, files in os.walk(folder, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not _hidden(name)]
+        walked.append((directory, files))
+    for directory, files in sorted(walked):
+        for file in sorted(files):
+            if not _hidden(file):
+                yield os.path.join(directory, file)
+
+
+def is_image_name(path: str) -> bool:
+    """True for a file name with one of the image extensions (IMAGE_EXTENSIONS, any case)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def image_folder(root: Path, split: str = "image") -> FolderScan:
     """Index an ImageFolder tree (one sub-folder of images per class, searched recursively)."""
     root_text = str(root)
@@ -202,21 +262,13 @@ def image_folder(root: Path, split: str = "image") -> FolderScan:
         raise DataError(f"The {split} folder '{root}' has no class folders (one sub-folder of images per class).")
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        walked = []
-        for directory, subfolders, files in os.walk(os.path.join(root_text, name), followlinks=True):
-            subfolders[:] = [folder for folder in subfolders if not _hidden(folder)]
-            walked.append((directory, files))
-        for directory, files in sorted(walked):
-            for file in sorted(files):
-                if _hidden(file):
-                    continue
-                path = os.path.join(directory, file)
-                if file.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((path, label))
-                else:
-                    extension = os.path.splitext(file)[1]
-                    kind = f"extension '{extension}'" if extension else "no extension"
-                    skipped.append({"path": path, "reason": f"not an image file ({kind})"})
+        for path in visible_files(os.path.join(root_text, name)):
+            if is_image_name(path):
+                samples.append((path, label))
+            else:
+                extension = os.path.splitext(path)[1]
+                kind = f"extension '{extension}'" if extension else "no extension"
+                skipped.append({"path": path, "reason": f"not an image file ({kind})"})
     return FolderScan(Path(root), classes, samples, skipped)
 
 
@@ -272,15 +324,24 @@ def _require_every_class(split: str, scan: FolderScan, labels: Sequence[int], sk
                     f"e.g. '{bad[0]['path']}' ({bad[0]['reason']}).")
 
 
+# What a carved split is taken from, and what to do when there are too few images for it.
+CARVED_FROM = {
+    "validation": ("training images", "add a val/ folder or more images"),
+    "test": ("images", "add more images, or give the data folder train/ and test/ folders"),
+}
+
+
 def stratified_split(
-    labels: Sequence[int], val_fraction: float, seed: int, class_names: Sequence[str] | None = None
+    labels: Sequence[int], val_fraction: float, seed: int, class_names: Sequence[str] | None = None,
+    split: str = "validation",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split sample indices into disjoint, class-stratified train and validation index arrays."""
+    """Split sample indices into disjoint, class-stratified kept and carved (`split`) index arrays."""
     labels = np.asarray(labels)
     indices = np.arange(len(labels))
     classes, counts = np.unique(labels, return_counts=True)
     n_val = int(np.ceil(val_fraction * len(labels)))
     share = f"{100 * val_fraction:g}%"
+    source, remedy = CARVED_FROM[split]
     if counts.min() < 2:
         smallest = int(classes[counts.argmin()])
         name = class_names[smallest] if class_names is not None else str(smallest)
@@ -292,14 +353,21 @@ def stratified_split(
     else:
         problem = None
     if problem is not None:
-        raise DataError(f"Too few training images to carve a stratified {share} validation split: "
-                        f"{problem}; add a val/ folder or more images.")
+        raise DataError(f"Too few {source} to carve a stratified {share} {split} split: {problem}; {remedy}.")
     try:
         train_idx, val_idx = train_test_split(indices, test_size=n_val, stratify=labels, random_state=seed)
     except ValueError as error:
-        raise DataError(f"Cannot carve a stratified {share} validation split from {len(labels)} training "
-                        f"images ({_one_line(error)}); add a val/ folder.") from None
+        raise DataError(f"Cannot carve a stratified {share} {split} split from {len(labels)} {source} "
+                        f"({_one_line(error)}); {remedy}.") from None
     return np.sort(train_idx), np.sort(val_idx)
+
+
+def stratified_subset(labels: Sequence[int], per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `per_class` samples of every class, drawn at random (seeded)."""
+    labels = np.asarray(labels)
+    generator = np.random.default_rng(seed)
+    chosen = [generator.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.arange(0)
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:
@@ -364,9 +432,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(path: str, image_size: int) -> torch.Tensor:
+def fit_to_square(image: Image.Image, image_size: int, resize: str = "squash") -> Image.Image:
+    """An image as `image_size` x `image_size`: squashed whole ("squash", the aspect ratio is lost)
+    or its central square scaled to that size ("center-crop": the shorter side fills it, the
+    longer side's ends are cut off equally)."""
+    if resize == "center-crop":
+        side = min(image.size)
+        image = transforms.functional.center_crop(image, [side, side])
+    return transforms.functional.resize(image, [image_size, image_size], antialias=True)
+
+
+def decode_image(path: str, image_size: int, resize: str = "squash") -> torch.Tensor:
     """Read one image file as an RGB uint8 tensor (3, S, S): the one decode used everywhere.
 
+    The image is fitted to the square by `fit_to_square` (`resize`: squash or center-crop).
     Colours are converted by `to_rgb`; multi-frame files give their first frame. Large images:
     JPEGs are decoded directly at a reduced scale (Pillow's draft mode, still at least S x S),
     and any image up to Pillow's hard decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS,
@@ -382,8 +461,7 @@ def decode_image(path: str, image_size: int) -> torch.Tensor:
                     image.draft(None, (image_size, image_size))
                 image.load()
                 rgb = to_rgb(image)
-        rgb = transforms.functional.resize(rgb, [image_size, image_size], antialias=True)
-        return transforms.functional.pil_to_tensor(rgb)
+        return transforms.functional.pil_to_tensor(fit_to_square(rgb, image_size, resize))
     except Exception as error:  # Pillow's format plugins raise many kinds of errors for damaged files
         raise UnreadableImage(_unreadable_reason(path, error)) from None
 
@@ -391,24 +469,25 @@ def decode_image(path: str, image_size: int) -> torch.Tensor:
 class ImageFiles(torch.utils.data.Dataset):
     """Image files decoded on access (in worker processes when loaded through a DataLoader)."""
 
-    def __init__(self, paths: Sequence[str], image_size: int) -> None:
-        self.paths, self.image_size = list(paths), image_size
+    def __init__(self, paths: Sequence[str], image_size: int, resize: str = "squash") -> None:
+        self.paths, self.image_size, self.resize = list(paths), image_size, resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         try:
-            return decode_image(self.paths[index], self.image_size)
+            return decode_image(self.paths[index], self.image_size, self.resize)
         except UnreadableImage as error:  # a file that changed on disk since it was checked
             raise DataError(f"Cannot read image '{self.paths[index]}': {error}.") from None
 
 
 def file_loader(
-    paths: Sequence[str], image_size: int, workers: int, files: type[ImageFiles] = ImageFiles, **options,
+    paths: Sequence[str], image_size: int, workers: int, files: type[ImageFiles] = ImageFiles,
+    resize: str = "squash", **options,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader decoding image files through `files` (batches of 256 unless `options` give a
-    batch sampler).
+    batch sampler), each fitted to the square by `resize`.
 
     It has its own generator: without one a DataLoader draws a seed from the global RNG,
     which would shift the dropout masks of the model being trained, so streaming or decoding
@@ -416,7 +495,7 @@ def file_loader(
     """
     if "batch_sampler" not in options:
         options["batch_size"] = 256
-    return torch.utils.data.DataLoader(files(paths, image_size), num_workers=workers,
+    return torch.utils.data.DataLoader(files(paths, image_size, resize), num_workers=workers,
                                        generator=torch.Generator().manual_seed(0), **options)
 
 
@@ -425,9 +504,9 @@ def _decode_workers(paths: Sequence[str], workers: int) -> int:
     return workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
 
 
-def _decode_all(paths: Sequence[str], image_size: int, workers: int) -> torch.Tensor:
+def _decode_all(paths: Sequence[str], image_size: int, workers: int, resize: str = "squash") -> torch.Tensor:
     """Decode every file once into one uint8 tensor, in worker processes for large sets."""
-    return torch.cat(list(file_loader(paths, image_size, _decode_workers(paths, workers))))
+    return torch.cat(list(file_loader(paths, image_size, _decode_workers(paths, workers), resize=resize)))
 
 
 class _CheckedImageFiles(ImageFiles):
@@ -435,7 +514,7 @@ class _CheckedImageFiles(ImageFiles):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return index, decode_image(self.paths[index], self.image_size), ""
+            return index, decode_image(self.paths[index], self.image_size, self.resize), ""
         except UnreadableImage as error:
             return index, None, str(error)
 
@@ -447,11 +526,11 @@ def _collate_checked(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple
 
 
 def _decode_checked(
-    paths: Sequence[str], image_size: int, workers: int, keep: bool
+    paths: Sequence[str], image_size: int, workers: int, keep: bool, resize: str = "squash"
 ) -> tuple[torch.Tensor | None, dict[int, str]]:
     """Decode every file, skipping those that fail: the readable ones' images (when `keep`,
     in order) and {index: reason} for the others."""
-    loader = file_loader(paths, image_size, _decode_workers(paths, workers), _CheckedImageFiles,
+    loader = file_loader(paths, image_size, _decode_workers(paths, workers), _CheckedImageFiles, resize,
                          collate_fn=_collate_checked)
     batches, failed = [], {}
     for images, failures in loader:
@@ -477,8 +556,8 @@ def _cache_key(paths: Sequence[str], tag: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _decoded_cache_file(paths: Sequence[str], image_size: int, cache_dir: Path) -> Path:
-    return Path(cache_dir) / "decoded" / f"{_cache_key(paths, f'decoded {image_size}')}.pt"
+def _decoded_cache_file(paths: Sequence[str], image_size: int, cache_dir: Path, resize: str = "squash") -> Path:
+    return Path(cache_dir) / "decoded" / f"{_cache_key(paths, f'decoded {image_size} {resize}')}.pt"
 
 
 def _read_decoded(cache_file: Path, count: int, image_size: int) -> torch.Tensor | None:
@@ -498,18 +577,21 @@ def _write_decoded(cache_file: Path, images: torch.Tensor) -> None:
         torch.save(images, temporary)
 
 
-def decode_cached(paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None) -> torch.Tensor:
+def decode_cached(
+    paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None, resize: str = "squash"
+) -> torch.Tensor:
     """Decoded uint8 images of `paths`; with a cache folder, a second run reads them from one file.
 
-    The cache file is keyed by every file's path, size and modification time, so any change
-    to the images makes a new key (and a fresh decode). Every file must be readable (DataError).
+    The cache file is keyed by every file's path, size and modification time and by the size and
+    resize mode, so any change to the images makes a new key (and a fresh decode). Every file
+    must be readable (DataError).
     """
     if cache_dir is None:
-        return _decode_all(paths, image_size, workers)
-    cache_file = _decoded_cache_file(paths, image_size, cache_dir)
+        return _decode_all(paths, image_size, workers, resize)
+    cache_file = _decoded_cache_file(paths, image_size, cache_dir, resize)
     images = _read_decoded(cache_file, len(paths), image_size)
     if images is None:
-        images = _decode_all(paths, image_size, workers)
+        images = _decode_all(paths, image_size, workers, resize)
         _write_decoded(cache_file, images)
     return images
 
@@ -536,7 +618,7 @@ class _UsableImages:
 
 
 def _check_folder(
-    scan: FolderScan, image_size: int, stream: bool, workers: int, cache_dir: Path | None
+    scan: FolderScan, image_size: int, stream: bool, workers: int, cache_dir: Path | None, resize: str = "squash"
 ) -> tuple[_UsableImages, list[dict[str, str]]]:
     """Decode every candidate image once to find the unreadable ones (in streaming mode the
     pixels are dropped). With a cache folder the result is recorded (keyed by the files' paths,
@@ -550,7 +632,7 @@ def _check_folder(
         failed = _read_check_record(record, len(paths))
     images = None
     if failed is None:
-        images, failed = _decode_checked(paths, image_size, workers, keep=not stream)
+        images, failed = _decode_checked(paths, image_size, workers, keep=not stream, resize=resize)
         if record is not None:
             utils.write_json(record, {"count": len(paths), "failed": sorted(failed.items())})
     keep = [i for i in range(len(paths)) if i not in failed]
@@ -561,7 +643,7 @@ def _check_folder(
 
 def _split_tensors(
     usable: _UsableImages, indices: Sequence[int] | None, image_size: int,
-    stream: bool, workers: int, cache_dir: Path | None,
+    stream: bool, workers: int, cache_dir: Path | None, resize: str = "squash",
 ) -> ImageTensors:
     chosen = range(len(usable.paths)) if indices is None else indices
     paths = [usable.paths[i] for i in chosen]
@@ -571,12 +653,12 @@ def _split_tensors(
     elif usable.images is not None:  # decoded by the check: keep them, and cache them per split
         images = usable.images if indices is None else usable.images[torch.as_tensor(np.asarray(indices))]
         if cache_dir is not None:
-            cache_file = _decoded_cache_file(paths, image_size, cache_dir)
+            cache_file = _decoded_cache_file(paths, image_size, cache_dir, resize)
             if _read_decoded(cache_file, len(paths), image_size) is None:
                 _write_decoded(cache_file, images)
     else:
-        images = decode_cached(paths, image_size, workers, cache_dir)
-    return ImageTensors(images, labels, paths, image_size)
+        images = decode_cached(paths, image_size, workers, cache_dir, resize)
+    return ImageTensors(images, labels, paths, image_size, resize)
 
 
 def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[float]]:
@@ -589,7 +671,7 @@ def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[
     if split.images is not None:
         chunks: Iterable[torch.Tensor] = split.images.split(4096)
     else:
-        chunks = file_loader(split.paths, split.image_size, workers)
+        chunks = file_loader(split.paths, split.image_size, workers, resize=split.resize)
     count = 0
     for chunk in chunks:
         pixels = chunk.to(torch.float64).div_(255).transpose(0, 1).reshape(3, -1)
@@ -612,17 +694,27 @@ def load_splits(
     memory_budget_mb: float = float("inf"),
     workers: int = 0,
     cache_dir: Path | None = None,
+    *,
+    resize: str = "squash",
+    test_fraction: float = 0.2,
+    max_per_class: int | None = None,
 ) -> DatasetSplits:
     """Find, check and decode the train / val / test splits (carving val from train if absent).
 
+    A data root of class folders only gives the training pool: the test split (`test_fraction`)
+    is carved from it first, then validation. `max_per_class` caps the training split (after
+    validation is carved; validation and test are kept whole). Every carving is stratified and
+    seeded by `seed`, and described in `DatasetSplits.carving`.
+
     Splits whose decoded size exceeds `memory_budget_mb` in total are streamed from disk by
     `workers` processes instead of being decoded once into memory. Either way every image is
-    decoded once up front, and unreadable files are left out (listed in `skipped_files`), so a
-    streamed epoch never meets one. Folder problems raise DataError before anything is decoded
-    where possible, and always before training.
+    decoded once up front (fitted to the square by `resize`), and unreadable files are left out
+    (listed in `skipped_files`), so a streamed epoch never meets one. Folder problems raise
+    DataError before anything is decoded where possible, and always before training.
     """
     train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
-    roots = {"train": train_path, **({"val": val_path} if val_path is not None else {}), "test": test_path}
+    roots = {"train": train_path, **({"val": val_path} if val_path is not None else {}),
+             **({"test": test_path} if test_path is not None else {})}
     scans = {split: image_folder(root, split) for split, root in roots.items()}
     class_names = check_classes(scans)  # cheap: before any decoding
     total_images = sum(len(scan.samples) for scan in scans.values())
@@ -630,33 +722,92 @@ def load_splits(
     usable: dict[str, _UsableImages] = {}
     skipped: list[dict[str, str]] = []
     for split, scan in scans.items():
-        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir)
+        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir, resize)
         _require_every_class(split, scan, usable[split].labels, split_skipped)
         skipped += split_skipped
-    split = lambda name, indices=None: _split_tensors(  # noqa: E731
-        usable[name], indices, image_size, stream, workers, cache_dir)
-    if val_path is None:
-        train_idx, val_idx = stratified_split(usable["train"].labels, val_fraction, seed, class_names)
-        train, val = split("train", train_idx), split("train", val_idx)
-        val_source = f"carved from train ({val_fraction:.0%}, stratified, seed {seed})"
-    else:
-        train, val = split("train"), split("val")
-        val_source = str(val_path)
-    test = split("test")
+    carved = carve_training_pool(usable["train"].labels, class_names, seed,
+                                 test_fraction if test_path is None else None,
+                                 val_fraction if val_path is None else None, max_per_class)
+    # A split with its own folder is that folder whole; a carved one is its indices into train's.
+    tensors = {name: _split_tensors(usable[name] if name in usable else usable["train"], carved.get(name),
+                                    image_size, stream, workers, cache_dir, resize)
+               for name in ("train", "val", "test")}
+    pool_size = len(usable["train"].labels)
     del usable
-    mean, std = channel_stats(train, workers)
+    carving = describe_carving(tensors, class_names, carved, pool_size, seed, test_path, val_path,
+                               test_fraction, val_fraction, max_per_class)
+    mean, std = channel_stats(tensors["train"], workers)
     unique = {(item["path"], item["reason"]) for item in skipped}
     skipped_files = [{"path": path, "reason": reason} for path, reason in sorted(unique)]
-    return DatasetSplits(train, val, test, class_names, mean, std, val_source, streamed=stream,
-                         skipped_files=skipped_files)
+    return DatasetSplits(tensors["train"], tensors["val"], tensors["test"], class_names, mean, std,
+                         carving["validation"], streamed=stream, skipped_files=skipped_files, carving=carving)
+
+
+def carve_training_pool(
+    labels: Sequence[int], class_names: Sequence[str], seed: int,
+    test_fraction: float | None, val_fraction: float | None, max_per_class: int | None,
+) -> dict[str, np.ndarray | None]:
+    """Indices into the training folder's usable images of every split taken from it.
+
+    The test split (when `test_fraction` is given) is carved first, then validation
+    (`val_fraction`) from the rest; what remains is the training split, capped at
+    `max_per_class` images a class when given ("train" is None when it is the whole folder).
+    Every step is stratified and seeded, so the same files and settings give the same splits
+    (and a resumed run the same data).
+    """
+    labels = np.asarray(labels)
+    rest = np.arange(len(labels))
+    carved: dict[str, np.ndarray] = {}
+    for split, key, fraction in (("test", "test", test_fraction), ("validation", "val", val_fraction)):
+        if fraction is not None:
+            kept, taken = stratified_split(labels[rest], fraction, seed, class_names, split=split)
+            rest, carved[key] = rest[kept], rest[taken]
+    if max_per_class is not None:
+        rest = rest[stratified_subset(labels[rest], max_per_class, seed)]
+    carved["train"] = rest if len(rest) < len(labels) else None
+    return carved
+
+
+def _share(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def describe_carving(
+    tensors: dict[str, ImageTensors], class_names: Sequence[str], carved: dict[str, np.ndarray | None],
+    pool_size: int, seed: int, test_path: Path | None, val_path: Path | None,
+    test_fraction: float, val_fraction: float, max_per_class: int | None,
+) -> dict[str, Any]:
+    """How each split was obtained, in words and numbers (for config.json and the report)."""
+    subset = None
+    if max_per_class is not None:
+        uncapped = pool_size - sum(len(carved[key]) for key in ("test", "val") if key in carved)
+        subset = (f"at most {max_per_class} images per class (stratified, seed {seed}): "
+                  f"{len(tensors['train'])} of {uncapped} training images")
+    rest = "train" if test_path is not None else "the images left after the test split"
+    return {
+        "layout": "class folders only" if test_path is None else "split folders",
+        "test": (f"carved from all images ({_share(test_fraction)}, stratified, seed {seed})"
+                 if test_path is None else str(test_path)),
+        "validation": (f"carved from {rest} ({_share(val_fraction)}, stratified, seed {seed})"
+                       if val_path is None else str(val_path)),
+        "train_subset": subset,
+        "seed": seed,
+        "test_fraction": test_fraction if test_path is None else None,
+        "val_fraction": val_fraction if val_path is None else None,
+        "max_per_class": max_per_class,
+        "class_counts": {split: dict(zip(class_names, np.bincount(tensors[split].labels.numpy(), minlength=len(class_names)).tolist()))
+                         for split in ("train", "val", "test")},
+    }
 
 
 @dataclass
 class Augmentation:
-    """Batch augmentation settings: random crop after zero padding, optional horizontal flip."""
+    """Batch augmentation settings: random crop after zero padding, optional horizontal flip,
+    then optionally torchvision's TrivialAugmentWide on every image."""
 
     pad: int
     hflip: bool
+    trivialaugment: bool = False
 
 
 def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -679,6 +830,29 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
+_TRIVIAL_AUGMENT = v2.TrivialAugmentWide()
+
+
+def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """TrivialAugmentWide (one random operation of random strength) on each uint8 image of a batch.
+
+    torchvision draws its choices from the global RNG, which also drives dropout: it runs here
+    on a forked global RNG seeded from `generator`, so the batch depends on the loader's seed
+    alone and the global RNG is left exactly as it was. The per-image operations run on one CPU
+    thread: on a single small image, waking a second thread costs far more than the work (about
+    40x slower on a busy 2-core machine).
+    """
+    seed = int(torch.randint(2**62, (), generator=generator))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # the CPU generator torchvision draws from; never CUDA's
+            return torch.stack([_TRIVIAL_AUGMENT(image) for image in images])
+    finally:
+        torch.set_num_threads(threads)
+
+
 class InMemoryImages:
     """Batches gathered from a decoded uint8 tensor kept on the training device."""
 
@@ -693,12 +867,13 @@ class InMemoryImages:
 class StreamingImages:
     """Batches decoded from disk by DataLoader worker processes, in exactly the given order."""
 
-    def __init__(self, paths: Sequence[str], image_size: int, workers: int, pin_memory: bool) -> None:
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, paths: Sequence[str], image_size: int, workers: int, pin_memory: bool,
+                 resize: str = "squash") -> None:
+        self.paths, self.image_size, self.resize = paths, image_size, resize
         self.workers, self.pin_memory = workers, pin_memory
 
     def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        yield from file_loader(self.paths, self.image_size, self.workers, pin_memory=self.pin_memory,
+        yield from file_loader(self.paths, self.image_size, self.workers, resize=self.resize, pin_memory=self.pin_memory,
                                batch_sampler=[index.tolist() for index in index_batches])
 
 
@@ -707,8 +882,11 @@ class BatchLoader:
 
     Training loaders reshuffle and augment every epoch from their own seeded generator, so two
     loaders built with the same seed produce identical batches, whether the split sits in memory
-    or is streamed from disk. Evaluation loaders are deterministic and unaugmented. When
-    `teacher_logits` (one row per sample) is set, batches are `(images, labels, teacher_logits)`.
+    or is streamed from disk. With `balanced`, a training epoch instead draws as many images as
+    the split holds, with replacement, each with probability inversely proportional to its
+    class's count (so every class is drawn equally often on average). Evaluation loaders are
+    deterministic and unaugmented. When `teacher_logits` (one row per sample) is set, batches
+    are `(images, labels, teacher_logits)`.
 
     With `shard=(rank, world)` (torchrun) a loader yields only its rank's part: for training,
     every `world`-th index of the shared permutation, padded so all ranks take the same number
@@ -727,6 +905,7 @@ class BatchLoader:
         channels_last: bool = True,
         workers: int = 0,
         shard: tuple[int, int] = (0, 1),
+        balanced: bool = False,
     ) -> None:
         self.data = data
         self.rank, self.world = shard
@@ -739,10 +918,13 @@ class BatchLoader:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.labels = data.labels.to(self.device)
         self.teacher_logits: torch.Tensor | None = None
+        self.sample_weights = None
+        if balanced:
+            self.sample_weights = (1 / torch.bincount(data.labels).double())[data.labels]
         if data.images is not None:
             self.source: InMemoryImages | StreamingImages = InMemoryImages(data.images, self.device)
         else:
-            self.source = StreamingImages(data.paths, data.image_size, workers, self.device.type == "cuda")
+            self.source = StreamingImages(data.paths, data.image_size, workers, self.device.type == "cuda", data.resize)
 
     def __len__(self) -> int:
         return (len(self._shard(torch.arange(len(self.data)))) + self.batch_size - 1) // self.batch_size
@@ -757,16 +939,25 @@ class BatchLoader:
         block = -(-len(order) // self.world)
         return order[self.rank * block : (self.rank + 1) * block]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _epoch_order(self) -> torch.Tensor:
+        """The sample indices of one epoch: shuffled (or class-balanced) for training, in order for evaluation."""
         n = len(self.data)
-        order = torch.randperm(n, generator=self.generator) if self.augmentation is not None else torch.arange(n)
-        index_batches = list(self._shard(order).split(self.batch_size))
+        if self.augmentation is None:
+            return torch.arange(n)
+        if self.sample_weights is not None:
+            return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.generator)
+        return torch.randperm(n, generator=self.generator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        index_batches = list(self._shard(self._epoch_order()).split(self.batch_size))
         for index, images in zip(index_batches, self.source.fetch(index_batches)):
             images = images.to(self.device, non_blocking=True)
             if self.augmentation is not None:
                 images = random_crop(images, self.augmentation.pad, self.generator)
                 if self.augmentation.hflip:
                     images = random_hflip(images, self.generator)
+                if self.augmentation.trivialaugment:
+                    images = trivial_augment(images, self.generator)
             images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             index = index.to(self.device)
             if self.teacher_logits is None:

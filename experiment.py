@@ -66,6 +66,11 @@ DKD_BETA = 8.0  # dkd: weight of the non-target-class term (the paper's CIFAR va
 DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up per optimizer step over this many epochs; None: the paper's share (20 of 240) of all steps
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
+TEST_FRACTION = 0.2  # of all images, carved (stratified) first when the data folder holds only class folders
+MAX_PER_CLASS: int | None = None  # cap the training split at this many images per class (quick checks); None: all
+RESIZE = "squash"  # squash (whole image to a square) or center-crop (central square: keeps photos' proportions)
+AUGMENT = "basic"  # basic (random crop + flip) or trivialaugment (then TrivialAugmentWide per image)
+BALANCED_SAMPLER = False  # draw training images with probability inversely proportional to their class's count
 HFLIP = "auto"  # horizontal-flip augmentation: on, off, or auto (off for the digits, on otherwise)
 CROP_PADDING = 4  # pixels of random-crop shift at 32 px (scaled with IMAGE_SIZE)
 SEED = 0
@@ -161,6 +166,11 @@ class Config:
     dkd_warmup_epochs: int | None
     seeds: str | None
     val_fraction: float
+    test_fraction: float
+    max_per_class: int | None
+    resize: str
+    augment: str
+    balanced_sampler: bool
     hflip: str
     crop_padding: int
     seed: int
@@ -216,14 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter, epilog=EXAMPLES,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default=DATA_DIR, help="folder holding train/ [val/] test/ class folders")
+    data.add_argument("--data-dir", default=DATA_DIR, help="folder holding train/ [val/] test/ class folders, or only class folders (test and validation are then carved)")
     data.add_argument("--train-dir", default=TRAIN_DIR, help="training split folder (overrides --data-dir)")
     data.add_argument("--val-dir", default=VAL_DIR, help="validation split folder")
     data.add_argument("--test-dir", default=TEST_DIR, help="test split folder (overrides --data-dir)")
     data.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="fraction of train carved for validation when there is no val/")
+    data.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                      help="fraction of all images carved as the test split when the data folder holds only class folders")
+    data.add_argument("--max-per-class", type=int, default=MAX_PER_CLASS,
+                      help="train on a stratified, seeded subset of at most this many images per class (validation and test stay whole)")
     data.add_argument("--image-size", type=int, default=IMAGE_SIZE,
                       help="images are resized to this many pixels square; above 64 px the models are torchvision's full "
                            "definitions (VGG16: 134M parameters instead of 14.7M)")
+    data.add_argument("--resize", choices=data_setup.RESIZE_MODES, default=RESIZE,
+                      help="squash: the whole image to the square; center-crop: shorter side to the size, then the central square")
+    data.add_argument("--augment", choices=data_setup.AUGMENT_POLICIES, default=AUGMENT,
+                      help="basic: random crop and flip; trivialaugment: then torchvision's TrivialAugmentWide on every training image")
+    data.add_argument("--balanced-sampler", action=argparse.BooleanOptionalAction, default=BALANCED_SAMPLER,
+                      help="draw training images with replacement, with probability inversely proportional to their class's count")
     data.add_argument("--hflip", choices=["auto", "on", "off"], default=HFLIP, help="horizontal-flip augmentation (auto: off for the bundled digits)")
     data.add_argument("--crop-padding", type=int, default=CROP_PADDING, help="random-crop shift in pixels at 32 px (scaled with image size; 0 disables)")
     models = parser.add_argument_group("models")
@@ -301,13 +321,16 @@ def validate(config: Config) -> None:
         (config.weight_decay >= 0, f"--weight-decay must be >= 0 (got {config.weight_decay})."),
         (0 <= config.momentum < 1, f"--momentum must be in [0, 1) (got {config.momentum})."),
         (0 < config.val_fraction < 1, f"--val-fraction must be between 0 and 1 (got {config.val_fraction})."),
+        (0 < config.test_fraction < 1, f"--test-fraction must be between 0 and 1 (got {config.test_fraction})."),
+        (config.max_per_class is None or config.max_per_class >= 1,
+         f"--max-per-class must be at least 1 (got {config.max_per_class})."),
         (config.crop_padding >= 0, f"--crop-padding must be >= 0 (got {config.crop_padding})."),
         (config.memory_budget_mb >= 0, f"--memory-budget-mb must be >= 0 (got {config.memory_budget_mb})."),
         (config.workers >= 0, f"--workers must be >= 0 (got {config.workers})."),
         ((config.patience or 0) >= 0, f"--patience must be >= 0 (got {config.patience})."),
         (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {config.label_smoothing})."),
         (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),
-         "--cache-teacher-logits needs a deterministic training view: add --crop-padding 0 --hflip off "
+         "--cache-teacher-logits needs a deterministic training view: add --crop-padding 0 --hflip off --augment basic "
          "(with random augmentation the teacher must see each new view)."),
     ]
     for ok, message in checks:
@@ -482,14 +505,15 @@ class Context:
         return data_setup.BatchLoader(
             self.data.train, config.batch_size, self.data.mean, self.data.std, self.device,
             augmentation(config), seed=seed, workers=config.workers, shard=engine.rank_and_world(),
+            balanced=config.balanced_sampler,
         )
 
 
 def augmentation(config: Config) -> data_setup.Augmentation:
-    """Random-crop shift (scaled with the image size) and flip, as configured."""
+    """Random-crop shift (scaled with the image size), flip and TrivialAugmentWide, as configured."""
     pad = round(config.crop_padding * config.image_size / 32)
     hflip = config.hflip == "on" or (config.hflip == "auto" and not is_bundled(config))
-    return data_setup.Augmentation(pad=pad, hflip=hflip)
+    return data_setup.Augmentation(pad=pad, hflip=hflip, trivialaugment=config.augment == "trivialaugment")
 
 
 def is_bundled(config: Config) -> bool:
@@ -507,6 +531,7 @@ def make_checkpoint(
         "num_classes": len(context.data.class_names),
         "class_names": list(context.data.class_names),
         "image_size": context.config.image_size,
+        "resize": context.config.resize,
         "mean": list(context.data.mean),
         "std": list(context.data.std),
         "config": asdict(context.config),
@@ -729,22 +754,25 @@ def read_teacher_checkpoint(path: str) -> dict[str, Any]:
 
 
 def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: set[str] | None) -> Config:
-    """The teacher's architecture and image size come from its checkpoint (normalization too, see
-    run_experiment); a setting the user gave (`given`; None: every setting) that says otherwise is refused."""
+    """The teacher's architecture, image size and resize mode come from its checkpoint (normalization
+    too, see run_experiment); a setting the user gave (`given`; None: every setting) that says
+    otherwise is refused. Checkpoints written before --resize existed were squashed."""
     path = config.teacher_checkpoint
     try:
         named = model_builder.architecture_name(config.teacher_model)
     except model_builder.UnknownModelError:
         named = config.teacher_model
+    resize = checkpoint.get("resize", "squash")
     conflicts = {
         "teacher_model": (named != checkpoint["arch"], f"holds a {checkpoint['arch']}"),
         "image_size": (config.image_size != checkpoint["image_size"], f"was trained at {checkpoint['image_size']} px"),
+        "resize": (config.resize != resize, f"was trained on images resized by {resize}"),
     }
     for key, (differs, fact) in conflicts.items():
         if differs and (given is None or key in given):
             raise SettingsError(f"--{key.replace('_', '-')} {getattr(config, key)} contradicts the teacher checkpoint "
                                 f"'{path}', which {fact}; leave the flag out to use the checkpoint's.")
-    return replace(config, teacher_model=checkpoint["arch"], image_size=checkpoint["image_size"])
+    return replace(config, teacher_model=checkpoint["arch"], image_size=checkpoint["image_size"], resize=resize)
 
 
 def check_teacher_fits(path: str, checkpoint: dict[str, Any], class_names: list[str]) -> None:
@@ -867,7 +895,7 @@ def export_model(context: Context, role: str, arch: str, model: nn.Module, folde
     """Write <model folder>/model.onnx and check it against PyTorch on real validation images."""
     path = folder / "model.onnx"
     metadata = {"arch": arch, "class_names": context.data.class_names, "image_size": context.config.image_size,
-                "mean": context.data.mean, "std": context.data.std, "role": role}
+                "resize": context.config.resize, "mean": context.data.mean, "std": context.data.std, "role": role}
     plain = model_builder.unwrap(model)
     utils.export_onnx(plain, path, context.config.image_size, metadata)
     images = next(iter(context.eval_loaders["val"]))[0][:64]
@@ -994,6 +1022,7 @@ def run_experiment(config: Config, resume: bool = False, given: set[str] | None 
         config.data_dir, config.train_dir, config.val_dir, config.test_dir,
         config.image_size, config.val_fraction, config.seed, config.memory_budget_mb, config.workers,
         data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None,
+        resize=config.resize, test_fraction=config.test_fraction, max_per_class=config.max_per_class,
     )
     check_initial_weights(config, pretrained, len(data.class_names))
     normalization = "the training split's own"
@@ -1019,6 +1048,7 @@ def run_experiment(config: Config, resume: bool = False, given: set[str] | None 
         "sizes": {split: len(getattr(data, split)) for split in SPLITS},
         "images_per_class": {split: {"min": int(counts.min()), "max": int(counts.max())} for split, counts in class_counts.items()},
         "validation": data.val_source,
+        "carving": data.carving,
         "mean": data.mean, "std": data.std, "normalization": normalization,
         "storage": "streamed from disk" if data.streamed else "decoded once into memory",
         **({} if weights is None else {"class_weights": dict(zip(data.class_names, weights))}),

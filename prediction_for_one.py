@@ -1,15 +1,19 @@
 """Classify images with a trained model's checkpoint.
 
-Usage: python prediction_for_one.py --model RUN/student_kd/best_model.pth IMAGE [IMAGE ...]
-       python prediction_for_one.py --model RUN/student_kd/model.onnx IMAGE [IMAGE ...]   (ONNX Runtime)
-       (--model_path is accepted as well; --top-k N; --json for machine-readable output)
+Usage: python prediction_for_one.py --model RUN/student_kd/best_model.pth IMAGE_OR_FOLDER [...]
+       python prediction_for_one.py --model RUN/student_kd/model.onnx IMAGE_OR_FOLDER [...]   (ONNX Runtime)
+       (--model_path is accepted as well; --top-k N; --json for machine-readable output;
+        --csv FILE for one row per image)
 
-Class names, image size and normalization are read from the checkpoint (or the ONNX file's metadata).
+Folders are searched recursively for image files. Class names, image size, resize mode and
+normalization are read from the checkpoint (or the ONNX file's metadata).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -32,6 +36,7 @@ Classifier = Callable[[torch.Tensor], torch.Tensor]  # normalized images (N, 3, 
 
 
 DESCRIPTION_KEYS = ("class_names", "image_size", "mean", "std")  # what prediction needs besides weights
+BATCH_SIZE = 64  # images per forward pass
 
 
 def _brief(error: BaseException, limit: int = 160) -> str:
@@ -103,33 +108,67 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier,
     return (lambda images: model(images.to(device)).float().cpu()), checkpoint
 
 
+def find_images(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """The image files to classify: files as given, folders searched recursively for image files
+    (hidden files and folders ignored, sorted). Also one sentence per folder holding no image."""
+    paths, empty_folders = [], []
+    for item in inputs:
+        if not os.path.isdir(item):
+            paths.append(item)  # a missing or unreadable file is reported with the predictions
+            continue
+        found = [path for path in data_setup.visible_files(item) if data_setup.is_image_name(path)]
+        if not found:
+            empty_folders.append(f"folder '{item}' holds no image files (searched recursively for "
+                                 f"{', '.join(data_setup.IMAGE_EXTENSIONS)})")
+        paths += found
+    return paths, empty_folders
+
+
 @torch.inference_mode()
 def predict_images(
-    classify: Classifier, description: dict[str, Any], image_paths: list[str], top_k: int
+    classify: Classifier, description: dict[str, Any], image_paths: list[str], top_k: int,
+    batch_size: int = BATCH_SIZE,
 ) -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for each image; unreadable images get an 'error' entry."""
-    mean = torch.tensor(description["mean"]).view(3, 1, 1)
-    std = torch.tensor(description["std"]).view(3, 1, 1)
+    """Top-k classes with probabilities for each image; unreadable images get an 'error' entry.
+
+    Images are fitted to the square as in training (the checkpoint's resize mode; squash for
+    checkpoints written before there was a choice) and classified `batch_size` at a time.
+    """
+    mean = torch.tensor(description["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(description["std"]).view(1, 3, 1, 1)
     class_names = description["class_names"]
+    resize = description.get("resize", "squash")
     k = min(top_k, len(class_names))
-    predictions = []
-    for image_path in image_paths:
-        try:
-            pixels = data_setup.decode_image(image_path, description["image_size"])
-        except data_setup.UnreadableImage as error:  # missing, a folder, not an image, damaged
-            predictions.append({"image": image_path, "error": f"cannot read image: {error}"})
-            continue
-        image = (pixels.float() / 255 - mean) / std
-        probabilities = torch.softmax(classify(image[None]).float(), dim=1)[0]
-        top = probabilities.topk(k)
-        predictions.append({
-            "image": image_path,
-            "top": [
-                {"class": class_names[i], "probability": round(p, 6)}
-                for p, i in zip(top.values.tolist(), top.indices.tolist())
-            ],
-        })
+    predictions: list[dict[str, Any]] = []
+    for start in range(0, len(image_paths), batch_size):
+        entries, pixels = [], []
+        for image_path in image_paths[start : start + batch_size]:
+            try:
+                pixels.append(data_setup.decode_image(image_path, description["image_size"], resize))
+                entries.append({"image": image_path})
+            except data_setup.UnreadableImage as error:  # missing, a folder, not an image, damaged
+                entries.append({"image": image_path, "error": f"cannot read image: {error}"})
+        if pixels:
+            images = (torch.stack(pixels).float() / 255 - mean) / std
+            top = torch.softmax(classify(images).float(), dim=1).topk(k, dim=1)
+            readable = [entry for entry in entries if "error" not in entry]
+            for entry, values, indices in zip(readable, top.values.tolist(), top.indices.tolist()):
+                entry["top"] = [{"class": class_names[i], "probability": round(p, 6)} for p, i in zip(values, indices)]
+        predictions += entries
     return predictions
+
+
+def predictions_csv(predictions: list[dict[str, Any]], k: int) -> str:
+    """CSV text, one row per image: its path, the top `k` classes with probabilities, and the
+    reason it could not be read (empty when it was classified)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", *[f"{column}_{rank}" for rank in range(1, k + 1) for column in ("class", "probability")],
+                     "error"])
+    for prediction in predictions:
+        cells = [cell for entry in prediction.get("top", []) for cell in (entry["class"], entry["probability"])]
+        writer.writerow([prediction["image"], *cells, *[""] * (2 * k - len(cells)), prediction.get("error", "")])
+    return buffer.getvalue()
 
 
 def format_predictions(predictions: list[dict[str, Any]]) -> str:
@@ -146,13 +185,17 @@ def format_predictions(predictions: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Classify the given images; exit 0 when all were classified, 1 when some could not be read
-    (the others are still classified; each bad one is named on stderr), 2 for a bad model file."""
+    """Classify the given images and folders; exit 0 when all were classified, 1 when some could
+    not be read or a folder holds no image (the others are still classified; each problem is named
+    on stderr), 2 for a bad model file or setting."""
     parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).")
     parser.add_argument("--model", "--model_path", dest="model", required=True, help="path to a best_model.pth or model.onnx")
-    parser.add_argument("images", nargs="+", help="image files to classify")
+    parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for them")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--csv", metavar="FILE", default=None,
+                        help="write one row per image to FILE (path, top classes, probabilities, or why it could not "
+                             "be read); the console then shows a summary unless --json is given")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     # The shell leaves '~' alone in --model=~/x; expand it as a user expects.
@@ -165,15 +208,30 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictionError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    predictions = predict_images(classify, description, args.images, args.top_k)
-    print(json.dumps(predictions, indent=2) if args.json else format_predictions(predictions))
+    image_paths, empty_folders = find_images(args.images)
+    predictions = predict_images(classify, description, image_paths, args.top_k)
     failed = [p for p in predictions if "error" in p]
+    if args.csv is not None:
+        try:
+            utils.write_text(args.csv, predictions_csv(predictions, min(args.top_k, len(description["class_names"]))))
+        except OSError as error:
+            print(f"error: cannot write --csv '{args.csv}': {error.strerror or error}.", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(predictions, indent=2))
+    elif args.csv is not None:
+        print(f"Wrote {len(predictions)} row{'s' if len(predictions) != 1 else ''} to {args.csv}: "
+              f"{len(predictions) - len(failed)} classified, {len(failed)} unreadable.")
+    elif predictions:
+        print(format_predictions(predictions))
+    for sentence in empty_folders:
+        print(f"error: {sentence}.", file=sys.stderr)
     for prediction in failed:
         print(f"error: '{prediction['image']}': {prediction['error']}", file=sys.stderr)
     if failed and len(failed) < len(predictions):
         print(f"{len(failed)} of {len(predictions)} images could not be read; the others were classified.",
               file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or empty_folders else 0
 
 
 if __name__ == "__main__":

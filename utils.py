@@ -854,13 +854,16 @@ def build_report(run_dir: str | Path) -> str:
                      "<figcaption>students' test F1 per class</figcaption></figure></div>\n")
 
     sizes = dataset.get("sizes", {})
+    carving = dataset.get("carving", {})
     skipped = summary.get("skipped_files", [])
     skipped_list = "; ".join(f"{item['path']} ({item['reason']})" for item in skipped)
     parts.append("<h2>Data</h2>\n<table class=\"settings\">\n"
                  f"<tr><th class=\"name\">classes ({len(class_names)})</th><td>{escape(', '.join(class_names))}</td></tr>\n"
                  + "".join(f"<tr><th class=\"name\">{escape(k)} images</th><td>{v}</td></tr>\n" for k, v in sizes.items())
                  + f"<tr><th class=\"name\">validation</th><td>{escape(dataset.get('validation', ''))}</td></tr>\n"
-                 f"<tr><th class=\"name\">skipped files</th><td>{escape(len(skipped)) + ': ' + escape(skipped_list) if skipped else 'none'}</td></tr>\n"
+                 + "".join(f"<tr><th class=\"name\">{label}</th><td>{escape(carving[key])}</td></tr>\n"
+                           for key, label in (("test", "test"), ("train_subset", "training subset")) if carving.get(key))
+                 + f"<tr><th class=\"name\">skipped files</th><td>{escape(len(skipped)) + ': ' + escape(skipped_list) if skipped else 'none'}</td></tr>\n"
                  "</table>\n")
     parts.append("<h2>Settings</h2>\n<table class=\"settings\">\n")
     for key, value in config.items():

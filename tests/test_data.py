@@ -61,7 +61,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(data_setup.DataError, match="does not exist"):
         data_setup.load_splits(str(tmp_path / "nowhere"), None, None, None, 16, 0.2, 0)
     make_image_folder(tmp_path, {"train": 3})
-    with pytest.raises(data_setup.DataError, match="test folder"):
+    with pytest.raises(data_setup.DataError, match="has train/ but no test/"):
         data_setup.load_splits(str(tmp_path), None, None, None, 16, 0.2, 0)
 
 
@@ -116,7 +116,8 @@ def test_decode_image_matches_training_decode(tiny_data):
 
 def test_streamed_cached_and_in_memory_batches_are_identical(tiny_data, tmp_path):
     """Over the memory budget the split is streamed by worker processes; from a decode cache file
-    it is read back without decoding. Neither may change a single batch."""
+    it is read back without decoding. Neither may change a single batch, with any augmentation
+    (TrivialAugmentWide included) or sampler."""
     common = (str(tiny_data), None, None, None, 16, 0.25, 0)
     in_memory = data_setup.load_splits(*common, memory_budget_mb=float("inf"))
     streamed = data_setup.load_splits(*common, memory_budget_mb=0, workers=2)
@@ -125,10 +126,13 @@ def test_streamed_cached_and_in_memory_batches_are_identical(tiny_data, tmp_path
     assert len(list((tmp_path / "decoded").glob("*.pt"))) == 3
     assert not in_memory.streamed and streamed.streamed and streamed.train.images is None
     assert in_memory.mean == pytest.approx(streamed.mean) and in_memory.std == pytest.approx(streamed.std)
+    trivialaugment = data_setup.Augmentation(2, True, trivialaugment=True)
     for split in ("train", "val", "test"):
-        for augmentation in (data_setup.Augmentation(2, True), None):
+        for augmentation, balanced in ((data_setup.Augmentation(2, True), False), (trivialaugment, False),
+                                       (trivialaugment, True), (None, False)):
             loaders = [
-                data_setup.BatchLoader(getattr(s, split), 5, s.mean, s.std, torch.device("cpu"), augmentation, seed=4, workers=2)
+                data_setup.BatchLoader(getattr(s, split), 5, s.mean, s.std, torch.device("cpu"), augmentation, seed=4,
+                                       workers=2, balanced=balanced)
                 for s in (in_memory, streamed, cached)
             ]
             for _ in range(2):  # two epochs: the generators must stay in step

@@ -103,6 +103,10 @@ def test_checkpoint_settings_yield_to_defaults_but_not_to_given_flags():
         experiment.adopt_teacher_checkpoint(config, checkpoint, given={"image_size"})
     with pytest.raises(experiment.SettingsError, match=r"--teacher-model VGG16 contradicts .* holds a resnet34"):
         experiment.adopt_teacher_checkpoint(config, checkpoint, given=None)
+    cropped = {**checkpoint, "resize": "center-crop"}
+    assert experiment.adopt_teacher_checkpoint(config, cropped, given=set()).resize == "center-crop"
+    with pytest.raises(experiment.SettingsError, match=r"--resize squash contradicts .* resized by center-crop"):
+        experiment.adopt_teacher_checkpoint(config, cropped, given={"resize"})
 
 
 def test_written_files_get_the_mode_open_would_give(tiny_run):

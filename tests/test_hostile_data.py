@@ -238,8 +238,10 @@ def _small_tree(root: Path, per_class: dict[str, int], classes=("a", "b")) -> Pa
 
 def test_missing_split_folder(tmp_path):
     _small_tree(tmp_path, {"train": 4})
-    with pytest.raises(data_setup.DataError, match=r"^The test folder '.*test' does not exist\.$"):
+    with pytest.raises(data_setup.DataError, match=r"^Data folder '.*' has train/ but no test/: .*\.$"):
         _load(tmp_path)
+    with pytest.raises(data_setup.DataError, match=r"^The test folder '.*nowhere' does not exist\.$"):
+        data_setup.load_splits(None, str(tmp_path / "train"), None, str(tmp_path / "nowhere"), SIZE, 0.25, seed=0)
 
 
 def test_split_folder_without_class_folders(tmp_path):
@@ -314,7 +316,7 @@ def _bad_images(folder: Path) -> dict[str, str]:
     (folder / "empty.png").write_bytes(b"")
     noisy = _jpeg_bytes(_noise())
     (folder / "truncated.jpg").write_bytes(noisy[: len(noisy) // 2])
-    return {str(folder / "missing.png"): "does not exist", str(folder): "is a folder",
+    return {str(folder / "missing.png"): "does not exist",
             str(folder / "text.jpg"): "not a readable image", str(folder / "empty.png"): "empty file",
             str(folder / "truncated.jpg"): "truncated"}
 

@@ -1,9 +1,15 @@
-"""prediction_for_one.py on a checkpoint produced by the tiny end-to-end run."""
+"""prediction_for_one.py on a checkpoint produced by the tiny end-to-end run, on files and folders."""
 
+import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
 
 import prediction_for_one
 from conftest import ROOT
@@ -53,3 +59,59 @@ def test_missing_or_foreign_model_file_is_a_clear_error(tmp_path, tiny_data):
                                  *_images(tiny_data, 1)], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 2
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_folders_are_searched_recursively_and_csv_has_one_row_per_image(tiny_run, tiny_data, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    (photos / "b" / "sub").mkdir(parents=True)
+    (photos / "a").mkdir()
+    (photos / ".thumbnails").mkdir()
+    for target in (photos / "a" / "x.png", photos / "b" / "sub" / "y.PNG", photos / ".thumbnails" / "t.png",
+                   photos / "._x.png"):
+        shutil.copy(_images(tiny_data, 1)[0], target)
+    (photos / "broken.jpg").write_text("not an image")
+    (photos / "notes.txt").write_text("not an image either, and no image extension")
+    single = _images(tiny_data, 2)[1]
+    table = tmp_path / "out" / "predictions.csv"
+    code = prediction_for_one.main(["--model", str(tiny_run / "student_kd" / "best_model.pth"), "--top-k", "2",
+                                    "--csv", str(table), single, str(photos)])
+    assert code == 1  # one unreadable image; the others are classified
+    rows = list(csv.DictReader(table.open(newline="")))
+    assert list(rows[0]) == ["image", "class_1", "probability_1", "class_2", "probability_2", "error"]
+    assert [row["image"] for row in rows] == [single, str(photos / "broken.jpg"), str(photos / "a" / "x.png"),
+                                              str(photos / "b" / "sub" / "y.PNG")]
+    assert "not a readable image" in rows[1]["error"] and rows[1]["class_1"] == rows[1]["probability_1"] == ""
+    for row in (rows[0], *rows[2:]):
+        assert row["error"] == "" and {row["class_1"], row["class_2"]} <= {"circle", "cross", "stripes"}
+        assert 1 >= float(row["probability_1"]) >= float(row["probability_2"]) > 0
+    assert rows[2]["class_1"] == rows[3]["class_1"]  # the same picture twice
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"Wrote 4 rows to {table}: 3 classified, 1 unreadable."
+    assert "broken.jpg" in captured.err and not list(table.parent.glob("*.tmp"))
+    assert prediction_for_one.main(["--model", str(tiny_run / "student_kd" / "best_model.pth"),
+                                    "--csv", str(tmp_path), single]) == 2  # a folder cannot be replaced by the table
+
+
+def test_folder_without_images_is_one_sentence(tiny_run, tmp_path, capsys):
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / ".hidden" / "x.png").write_bytes(b"")
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    code = prediction_for_one.main(["--model", str(tiny_run / "teacher" / "best_model.pth"), str(tmp_path / "empty")])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith(f"error: folder '{tmp_path / 'empty'}' holds no image files (searched recursively")
+
+
+def test_prediction_fits_images_to_the_square_as_the_checkpoint_says(tmp_path):
+    """A wide image, red | green | blue: center-crop sees only its green middle, squash all three."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10, 0] = pixels[:, 10:30, 1] = pixels[:, 30:, 2] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    description = {"class_names": ["red", "green", "blue"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
+    mean_colour = lambda images: 10 * images.mean(dim=(2, 3))  # noqa: E731  (logits: each channel's mean)
+    cropped, = prediction_for_one.predict_images(mean_colour, {**description, "resize": "center-crop"},
+                                                 [str(tmp_path / "wide.png")], 3)
+    squashed, = prediction_for_one.predict_images(mean_colour, description, [str(tmp_path / "wide.png")], 3)
+    assert cropped["top"][0] == {"class": "green", "probability": pytest.approx(1, abs=1e-3)}
+    assert squashed["top"][0]["class"] == "green" and squashed["top"][0]["probability"] < 0.9
