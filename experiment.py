@@ -194,7 +194,7 @@ UNSET_MEANS = {
     "beta": "the references' weight ("
             + ", ".join(f"{method} {weight:g}" for method, weight in KD_engine.FEATURE_WEIGHTS.items()) + ") times --alpha",
     "dkd_warmup_epochs": "the paper's 20 of 240 epochs, as a share of all steps",
-    "seeds": "--seed alone", "config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",
+    "seeds": "--seed alone", "max_per_class": "every image", "config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",
 }
 EXAMPLES = """examples:
   your own photos (class folders in train/ and test/), starting from ImageNet weights at 224 px:
