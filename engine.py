@@ -309,7 +309,8 @@ def fit(
         result.train_seconds = time.perf_counter() - start
         if on_epoch_end is not None:
             on_epoch_end(result)
-        # Logged once saved: an epoch shown as done is one a resumed run will not repeat.
+        # Logged once on_epoch_end has handed the epoch to the checkpoint writer: unless the process is
+        # killed outright, an epoch shown as done is on disk when the run ends, and a resume will not repeat it.
         if is_main_process():
             log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
     if best_state is not None:

@@ -317,6 +317,7 @@ class Context:
     amp_dtype: torch.dtype | None
     run_dir: Path
     eval_loaders: dict[str, data_setup.BatchLoader]
+    saver: utils.BackgroundSaver  # writes the per-epoch checkpoints while training goes on
 
     def train_loader(self, seed: int) -> data_setup.BatchLoader:
         """A fresh training loader: the same seed gives every model the same batches.
@@ -448,12 +449,12 @@ def train_model(
         if not engine.is_main_process():
             return
         epoch = len(result.history)
+        files = {}
         if result.best_epoch == epoch:
-            checkpoint = make_checkpoint(context, role, arch, model, epoch, result.history)
+            files[checkpoint_path] = make_checkpoint(context, role, arch, model, epoch, result.history)
             best_weights.clear()
-            best_weights.update(checkpoint["state_dict"])
-            utils.save_checkpoint(checkpoint_path, checkpoint)
-        utils.save_checkpoint(state_path, {
+            best_weights.update(files[checkpoint_path]["state_dict"])
+        files[state_path] = {
             "role": role, "arch": arch, "model": cpu_weights(model),
             # The best weights travel with the state rather than being read back from best_model.pth:
             # a kill between writing that file and this one would pair them with the wrong epoch.
@@ -463,7 +464,8 @@ def train_model(
             "loader_generator": train_loader.generator.get_state(), "rng": rng_states(),
             "history": result.history, "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
             "best_val_logits": result.best_val_outputs[0], "best_val_labels": result.best_val_outputs[1],
-        })
+        }
+        context.saver.save(files)
 
     writer = tensorboard_writer(context, folder)
     try:
@@ -519,8 +521,12 @@ def finish_before_interrupt(function: Callable[..., None]) -> Callable[..., None
 
 
 def cpu_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's weights as CPU tensors (what every checkpoint stores)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model_builder.unwrap(model).state_dict().items()}
+    """A copy of the plain model's weights as contiguous CPU tensors (what every checkpoint stores).
+
+    Always a copy, on the CPU too: weights kept as the best epoch's must not follow later training.
+    """
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in model_builder.unwrap(model).state_dict().items()}
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -602,6 +608,7 @@ def report_model(
     }
     if not engine.is_main_process():
         return row
+    context.saver.wait()  # best_model.pth is measured below, and the training state removed
     row.update(deployment_figures(context, model, folder / "best_model.pth"))
     if context.config.export == "onnx":
         row["export"] = export_model(context, role, arch, model, folder)
@@ -761,7 +768,7 @@ def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
                                       workers=config.workers, shard=(rank, world))
         for split in SPLITS
     }
-    context = Context(config, data, device, amp_dtype, run_dir, eval_loaders)
+    context = Context(config, data, device, amp_dtype, run_dir, eval_loaders, utils.BackgroundSaver())
     dataset = {
         "class_names": data.class_names,
         "sizes": {split: len(getattr(data, split)) for split in SPLITS},
@@ -783,7 +790,8 @@ def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
         print(f"Skipped {len(data.skipped_files)} unreadable file{'s' if len(data.skipped_files) > 1 else ''} "
               f"(listed in {run_dir / 'skipped_files.log'} and summary.json)")
     try:
-        return train_and_report(context, start, dataset, precision, teacher_checkpoint)
+        with context.saver:  # every checkpoint is on disk before the run ends, however it ends
+            return train_and_report(context, start, dataset, precision, teacher_checkpoint)
     except KeyboardInterrupt:
         raise Interrupted(run_dir) from None
 
