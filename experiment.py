@@ -69,7 +69,7 @@ MEMORY_BUDGET_MB = 4096  # decoded images above this many MiB are streamed from 
 WORKERS = min(4, os.cpu_count() or 1)  # decoding processes (first decode, and streaming)
 DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips decoding
 CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
-COMPILE = False  # torch.compile the models (worth it for long CUDA runs)
+COMPILE = "auto"  # torch.compile the models: on, off, or auto (on for long CUDA runs; see engine.resolve_compile)
 TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
 EXPORT = "none"  # none, or onnx: write RUN/<model>/model.onnx, checked against PyTorch
 ONNX_TOLERANCE = 1e-4  # largest allowed |logit difference| between ONNX Runtime and PyTorch
@@ -134,7 +134,7 @@ class Config:
     workers: int
     decode_cache: bool
     cache_teacher_logits: bool
-    compile: bool
+    compile: str
     tensorboard: bool
     export: str
 
@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--decode-cache", action=argparse.BooleanOptionalAction, default=DECODE_CACHE, help="keep decoded images in a cache file for the next run")
     speed.add_argument("--cache-teacher-logits", action=argparse.BooleanOptionalAction, default=CACHE_TEACHER_LOGITS,
                        help="compute the teacher's logits once per image; only with a deterministic view (--crop-padding 0 --hflip off)")
-    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile the models")
+    speed.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default=COMPILE,
+                       help="torch.compile the models (auto: only on CUDA, for runs long enough to pay for compiling; --compile alone: on)")
     parser.add_argument("--output-dir", default=OUTPUT_DIR, help="run directory (default: runs/<timestamp>)")
     parser.add_argument("--export", choices=["none", "onnx"], default=EXPORT,
                         help="onnx: export every trained model to RUN/<model>/model.onnx (dynamic batch) and check it")
@@ -362,15 +363,17 @@ def make_checkpoint(
     }
 
 
-def new_model(context: Context, arch: str, seed: int) -> nn.Module:
-    """Build an untrained model on the run's device (seeded, so students of one seed start identical)."""
+def new_model(context: Context, arch: str, seed: int, training_images: int = 0) -> nn.Module:
+    """Build an untrained model on the run's device (seeded, so students of one seed start identical),
+    compiled when --compile says so for a model that will train on `training_images` images."""
     seed_everything(seed)
     model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
     model = model.to(context.device, memory_format=torch.channels_last)
     if engine.rank_and_world()[1] > 1:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return torch.compile(model) if context.config.compile else model
+    compile_model = engine.resolve_compile(context.config.compile, context.device, training_images)
+    return torch.compile(model) if compile_model else model
 
 
 def make_optimizer(config: Config, model: nn.Module, lr: float, criterion: engine.Criterion) -> torch.optim.Optimizer:
@@ -422,7 +425,7 @@ def train_model(
     file exists (an interrupted run), training continues after its last finished epoch.
     """
     config = context.config
-    model = new_model(context, arch, seed)
+    model = new_model(context, arch, seed, epochs * len(context.data.train))
     criterion = make_criterion(model)
     train_loader = context.train_loader(seed)
     if teacher_logits is not None:
@@ -751,6 +754,7 @@ def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    engine.enable_autotuning(device)
     main_process = rank == 0
     amp_dtype = engine.resolve_amp_dtype(config.precision, device)
     teacher_checkpoint = None if config.teacher_checkpoint is None else read_teacher_checkpoint(config.teacher_checkpoint)
