@@ -17,6 +17,7 @@ Real folders are messy, so every file is checked before any training starts:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ class ImageTensors:
     labels: torch.Tensor
     paths: list[str]
     image_size: int
+    decode_device: torch.device | None = None  # where its images were decoded (see gpu_decoding); streaming decodes there too
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -368,7 +370,8 @@ def decode_image(path: str, image_size: int) -> torch.Tensor:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded on access (in worker processes when loaded through a DataLoader)."""
+    """Image files decoded on access (in worker processes when loaded through a DataLoader):
+    item i is (i, image, "") or, for a file that cannot be decoded, (i, None, reason)."""
 
     def __init__(self, paths: Sequence[str], image_size: int) -> None:
         self.paths, self.image_size = list(paths), image_size
@@ -376,18 +379,17 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return decode_image(self.paths[index], self.image_size)
-        except UnreadableImage as error:  # a file that changed on disk since it was checked
-            raise DataError(f"Cannot read image '{self.paths[index]}': {error}.") from None
+            return index, decode_image(self.paths[index], self.image_size), ""
+        except UnreadableImage as error:
+            return index, None, str(error)
 
 
 def file_loader(
     paths: Sequence[str], image_size: int, workers: int, files: type[ImageFiles] = ImageFiles, **options,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader decoding image files through `files` (batches of 256 unless `options` give a
-    batch sampler).
+    """A DataLoader over `files(paths, image_size)` (batches of 256 unless `options` give a batch sampler).
 
     It has its own generator: without one a DataLoader draws a seed from the global RNG,
     which would shift the dropout masks of the model being trained, so streaming or decoding
@@ -399,44 +401,146 @@ def file_loader(
                                        generator=torch.Generator().manual_seed(0), **options)
 
 
-def _decode_workers(paths: Sequence[str], workers: int) -> int:
-    """Worker processes for decoding `paths` once: none for small sets, where start-up costs more."""
-    return workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
-
-
-def _decode_all(paths: Sequence[str], image_size: int, workers: int) -> torch.Tensor:
-    """Decode every file once into one uint8 tensor, in worker processes for large sets."""
-    return torch.cat(list(file_loader(paths, image_size, _decode_workers(paths, workers))))
-
-
-class _CheckedImageFiles(ImageFiles):
-    """Like ImageFiles, but an unreadable file gives (index, None, reason) instead of an error."""
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return index, decode_image(self.paths[index], self.image_size), ""
-        except UnreadableImage as error:
-            return index, None, str(error)
-
-
 def _collate_checked(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor | None, dict[int, str]]:
     """One stacked tensor of a batch's readable images (few shared tensors) and the failures."""
     good = [image for _, image, _ in batch if image is not None]
     return (torch.stack(good) if good else None), {index: reason for index, image, reason in batch if image is None}
 
 
+def gpu_decoding(device: torch.device | None) -> bool:
+    """Whether images are decoded on `device` (nvJPEG) rather than by Pillow on the CPU: on CUDA only."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def decoded_batches(
+    paths: Sequence[str], image_size: int, workers: int, decode_device: torch.device | None = None, **options,
+) -> Iterator[tuple[torch.Tensor | None, dict[int, str]]]:
+    """Decode files batch by batch: (the readable images, in batch order; {index: reason} of the others).
+
+    On the CPU every file goes through `decode_image` in `workers` processes. On CUDA
+    (`gpu_decoding`) the workers only read JPEG files, which are decoded on the GPU
+    (`_decode_batch_on`); other files still go through `decode_image`. `options` go to the DataLoader.
+    """
+    if not gpu_decoding(decode_device):
+        yield from file_loader(paths, image_size, workers, collate_fn=_collate_checked, **options)
+        return
+    for items in file_loader(paths, image_size, workers, _EncodedImageFiles, collate_fn=list, **options):
+        yield _decode_batch_on(decode_device, items, paths, image_size)
+
+
+def readable_batches(
+    paths: Sequence[str], image_size: int, workers: int, decode_device: torch.device | None = None, **options,
+) -> Iterator[torch.Tensor]:
+    """`decoded_batches` of files checked before: one that has become unreadable since stops the run."""
+    for images, failed in decoded_batches(paths, image_size, workers, decode_device, **options):
+        if failed:
+            index, reason = min(failed.items())
+            raise DataError(f"Cannot read image '{paths[index]}': {reason}.")
+        yield images
+
+
+def gpu_jpeg_bytes(path: str) -> torch.Tensor | None:
+    """The bytes of a JPEG the GPU decoder may take in place of `decode_image`, or None.
+
+    Only complete JPEGs (ending in the end-of-image marker) in RGB or greyscale within Pillow's
+    size limit qualify. Everything else, other formats, CMYK and other colour spaces, truncated
+    or damaged files, goes through `decode_image`, so its colours, or the reason it is skipped,
+    stay those of the CPU path.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+        if not (data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                    return None
+    except Exception:  # any problem: decode_image will find it and say why
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class _EncodedImageFiles(ImageFiles):
+    """Like ImageFiles, but a JPEG for the GPU decoder is returned as its bytes, (i, bytes, "")."""
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        data = gpu_jpeg_bytes(self.paths[index])
+        return (index, data, "") if data is not None else super().__getitem__(index)
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """RGB images of JPEG bytes decoded on `device` (nvJPEG on CUDA), in one batch; when the batch
+    fails, file by file, None marking each file the decoder refuses."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data: list[torch.Tensor] | torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    if not encoded:
+        return []
+    try:
+        return list(decode(encoded))
+    except Exception:  # one file the decoder refuses fails the whole batch: find which
+        decoded: list[torch.Tensor | None] = []
+        for data in encoded:
+            try:
+                decoded.append(decode(data))
+            except Exception:
+                decoded.append(None)
+        return decoded
+
+
+def _decode_batch_on(
+    device: torch.device, items: list[tuple[int, torch.Tensor | None, str]], paths: Sequence[str], image_size: int,
+) -> tuple[torch.Tensor | None, dict[int, str]]:
+    """Finish a batch of `_EncodedImageFiles` items on `device`, as `_collate_checked` does on the CPU.
+
+    JPEG bytes are decoded there and resized with antialiasing; a JPEG the decoder refuses
+    goes through `decode_image`, which decodes it or gives the reason it is skipped.
+    """
+    encoded = [(index, data) for index, data, _ in items if data is not None and data.dim() == 1]
+    images: dict[int, torch.Tensor] = {}
+    failed = {index: reason for index, data, reason in items if data is None}
+    for (index, _), image in zip(encoded, _decode_jpegs([data for _, data in encoded], device)):
+        if image is None:
+            try:
+                image = decode_image(paths[index], image_size)
+            except UnreadableImage as error:
+                failed[index] = str(error)
+                continue
+        elif image.shape[-2:] != (image_size, image_size):
+            image = transforms.functional.resize(image, [image_size, image_size], antialias=True)
+        images[index] = image.to(device)
+    images.update((index, data.to(device)) for index, data, _ in items if data is not None and data.dim() == 3)
+    good = [images[index] for index, _, _ in items if index in images]
+    return (torch.stack(good) if good else None), failed
+
+
+def _decode_workers(paths: Sequence[str], workers: int) -> int:
+    """Worker processes for decoding `paths` once: none for small sets, where start-up costs more."""
+    return workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
+
+
+def _decode_all(paths: Sequence[str], image_size: int, workers: int, decode_device: torch.device | None = None) -> torch.Tensor:
+    """Decode every file once into one uint8 CPU tensor, in worker processes for large sets."""
+    batches = readable_batches(paths, image_size, _decode_workers(paths, workers), decode_device)
+    return torch.cat([images.cpu() for images in batches])
+
+
 def _decode_checked(
-    paths: Sequence[str], image_size: int, workers: int, keep: bool
+    paths: Sequence[str], image_size: int, workers: int, keep: bool, decode_device: torch.device | None = None,
 ) -> tuple[torch.Tensor | None, dict[int, str]]:
     """Decode every file, skipping those that fail: the readable ones' images (when `keep`,
-    in order) and {index: reason} for the others."""
-    loader = file_loader(paths, image_size, _decode_workers(paths, workers), _CheckedImageFiles,
-                         collate_fn=_collate_checked)
+    in order, on the CPU) and {index: reason} for the others."""
     batches, failed = [], {}
-    for images, failures in loader:
+    for images, failures in decoded_batches(paths, image_size, _decode_workers(paths, workers), decode_device):
         failed.update(failures)
         if keep and images is not None:
-            batches.append(images)
+            batches.append(images.cpu())
     if not keep:
         return None, failed
     images = torch.cat(batches) if batches else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
@@ -456,8 +560,14 @@ def _cache_key(paths: Sequence[str], tag: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _decoded_cache_file(paths: Sequence[str], image_size: int, cache_dir: Path) -> Path:
-    return Path(cache_dir) / "decoded" / f"{_cache_key(paths, f'decoded {image_size}')}.pt"
+def _decoder_tag(decode_device: torch.device | None) -> str:
+    """What decoded the images, for cache keys: the GPU decoder's pixels differ slightly from Pillow's."""
+    return " nvjpeg" if gpu_decoding(decode_device) else ""
+
+
+def _decoded_cache_file(paths: Sequence[str], image_size: int, cache_dir: Path, decode_device: torch.device | None = None) -> Path:
+    tag = f"decoded {image_size}{_decoder_tag(decode_device)}"
+    return Path(cache_dir) / "decoded" / f"{_cache_key(paths, tag)}.pt"
 
 
 def _read_decoded(cache_file: Path, count: int, image_size: int) -> torch.Tensor | None:
@@ -477,18 +587,20 @@ def _write_decoded(cache_file: Path, images: torch.Tensor) -> None:
         torch.save(images, temporary)
 
 
-def decode_cached(paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None) -> torch.Tensor:
+def decode_cached(
+    paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None, decode_device: torch.device | None = None,
+) -> torch.Tensor:
     """Decoded uint8 images of `paths`; with a cache folder, a second run reads them from one file.
 
-    The cache file is keyed by every file's path, size and modification time, so any change
-    to the images makes a new key (and a fresh decode). Every file must be readable (DataError).
+    The cache file is keyed by every file's path, size and modification time (and the decoder),
+    so any change to the images makes a new key (and a fresh decode). Every file must be readable (DataError).
     """
     if cache_dir is None:
-        return _decode_all(paths, image_size, workers)
-    cache_file = _decoded_cache_file(paths, image_size, cache_dir)
+        return _decode_all(paths, image_size, workers, decode_device)
+    cache_file = _decoded_cache_file(paths, image_size, cache_dir, decode_device)
     images = _read_decoded(cache_file, len(paths), image_size)
     if images is None:
-        images = _decode_all(paths, image_size, workers)
+        images = _decode_all(paths, image_size, workers, decode_device)
         _write_decoded(cache_file, images)
     return images
 
@@ -515,7 +627,8 @@ class _UsableImages:
 
 
 def _check_folder(
-    scan: FolderScan, image_size: int, stream: bool, workers: int, cache_dir: Path | None
+    scan: FolderScan, image_size: int, stream: bool, workers: int, cache_dir: Path | None,
+    decode_device: torch.device | None = None,
 ) -> tuple[_UsableImages, list[dict[str, str]]]:
     """Decode every candidate image once to find the unreadable ones (in streaming mode the
     pixels are dropped). With a cache folder the result is recorded (keyed by the files' paths,
@@ -524,12 +637,12 @@ def _check_folder(
     record = None
     failed = None
     if cache_dir is not None:
-        tag = f"checked {image_size} {Image.MAX_IMAGE_PIXELS}"
+        tag = f"checked {image_size} {Image.MAX_IMAGE_PIXELS}{_decoder_tag(decode_device)}"
         record = Path(cache_dir) / "checked" / f"{_cache_key(paths, tag)}.json"
         failed = _read_check_record(record, len(paths))
     images = None
     if failed is None:
-        images, failed = _decode_checked(paths, image_size, workers, keep=not stream)
+        images, failed = _decode_checked(paths, image_size, workers, not stream, decode_device)
         if record is not None:
             utils.write_json(record, {"count": len(paths), "failed": sorted(failed.items())})
     keep = [i for i in range(len(paths)) if i not in failed]
@@ -540,7 +653,7 @@ def _check_folder(
 
 def _split_tensors(
     usable: _UsableImages, indices: Sequence[int] | None, image_size: int,
-    stream: bool, workers: int, cache_dir: Path | None,
+    stream: bool, workers: int, cache_dir: Path | None, decode_device: torch.device | None = None,
 ) -> ImageTensors:
     chosen = range(len(usable.paths)) if indices is None else indices
     paths = [usable.paths[i] for i in chosen]
@@ -550,12 +663,12 @@ def _split_tensors(
     elif usable.images is not None:  # decoded by the check: keep them, and cache them per split
         images = usable.images if indices is None else usable.images[torch.as_tensor(np.asarray(indices))]
         if cache_dir is not None:
-            cache_file = _decoded_cache_file(paths, image_size, cache_dir)
+            cache_file = _decoded_cache_file(paths, image_size, cache_dir, decode_device)
             if _read_decoded(cache_file, len(paths), image_size) is None:
                 _write_decoded(cache_file, images)
     else:
-        images = decode_cached(paths, image_size, workers, cache_dir)
-    return ImageTensors(images, labels, paths, image_size)
+        images = decode_cached(paths, image_size, workers, cache_dir, decode_device)
+    return ImageTensors(images, labels, paths, image_size, decode_device)
 
 
 def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[float]]:
@@ -568,12 +681,12 @@ def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[
     if split.images is not None:
         chunks: Iterable[torch.Tensor] = split.images.split(4096)
     else:
-        chunks = file_loader(split.paths, split.image_size, workers)
+        chunks = readable_batches(split.paths, split.image_size, workers, split.decode_device)
     count = 0
     for chunk in chunks:
         pixels = chunk.to(torch.float64).div_(255).transpose(0, 1).reshape(3, -1)
-        total += pixels.sum(dim=1)
-        total_sq += pixels.square().sum(dim=1)
+        total += pixels.sum(dim=1).cpu()
+        total_sq += pixels.square().sum(dim=1).cpu()
         count += pixels.shape[1]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)  # no division by zero
@@ -591,13 +704,15 @@ def load_splits(
     memory_budget_mb: float = float("inf"),
     workers: int = 0,
     cache_dir: Path | None = None,
+    decode_device: torch.device | None = None,
 ) -> DatasetSplits:
     """Find, check and decode the train / val / test splits (carving val from train if absent).
 
     Splits whose decoded size exceeds `memory_budget_mb` in total are streamed from disk by
     `workers` processes instead of being decoded once into memory. Either way every image is
     decoded once up front, and unreadable files are left out (listed in `skipped_files`), so a
-    streamed epoch never meets one. Folder problems raise DataError before anything is decoded
+    streamed epoch never meets one. With a CUDA `decode_device` JPEGs are decoded on that GPU,
+    for the first decode and for streaming (see `decoded_batches`). Folder problems raise DataError before anything is decoded
     where possible, and always before training.
     """
     train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
@@ -611,11 +726,11 @@ def load_splits(
     usable: dict[str, _UsableImages] = {}
     skipped: list[dict[str, str]] = []
     for split, scan in scans.items():
-        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir)
+        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir, decode_device)
         _require_every_class(split, scan, usable[split].labels, split_skipped)
         skipped += split_skipped
     split = lambda name, indices=None: _split_tensors(  # noqa: E731
-        usable[name], indices, image_size, stream, workers, cache_dir)
+        usable[name], indices, image_size, stream, workers, cache_dir, decode_device)
     if val_path is None:
         train_idx, val_idx = stratified_split(usable["train"].labels, val_fraction, seed, class_names)
         train, val = split("train", train_idx), split("train", val_idx)
@@ -640,6 +755,14 @@ class Augmentation:
     hflip: bool
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`. To a GPU through pinned memory without blocking: a copy from ordinary
+    memory makes the host wait for every queued kernel, once per batch."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Randomly shift each image of a batch by up to `pad` pixels, filling with zeros."""
     if pad == 0:
@@ -647,8 +770,8 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
     n, _, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
-    rows = (offsets[0][:, None] + torch.arange(height)).to(images.device)
-    cols = (offsets[1][:, None] + torch.arange(width)).to(images.device)
+    rows = to_device(offsets[0][:, None] + torch.arange(height), images.device)
+    cols = to_device(offsets[1][:, None] + torch.arange(width), images.device)
     batch = torch.arange(n, device=images.device)[:, None, None]
     # Advanced indexing gathers (N, H, W, C); move channels back in front.
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
@@ -656,7 +779,7 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left to right."""
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    flip = to_device(torch.rand(images.shape[0], generator=generator) < 0.5, images.device)
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
@@ -668,19 +791,21 @@ class InMemoryImages:
 
     def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         for index in index_batches:
-            yield self.images[index.to(self.images.device)]
+            yield self.images[to_device(index, self.images.device)]
 
 
 class StreamingImages:
-    """Batches decoded from disk by DataLoader worker processes, in exactly the given order."""
+    """Batches decoded from disk (read by DataLoader worker processes), in exactly the given order."""
 
-    def __init__(self, paths: Sequence[str], image_size: int, workers: int, pin_memory: bool) -> None:
-        self.paths, self.image_size = paths, image_size
-        self.workers, self.pin_memory = workers, pin_memory
+    def __init__(self, data: ImageTensors, workers: int, device: torch.device) -> None:
+        self.paths, self.image_size, self.decode_device = data.paths, data.image_size, data.decode_device
+        self.workers = workers
+        # Decoded batches travel to a GPU faster from pinned memory (GPU-decoded ones are there already).
+        self.pin_memory = device.type == "cuda" and not gpu_decoding(data.decode_device)
 
     def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        yield from file_loader(self.paths, self.image_size, self.workers, pin_memory=self.pin_memory,
-                               batch_sampler=[index.tolist() for index in index_batches])
+        yield from readable_batches(self.paths, self.image_size, self.workers, self.decode_device,
+                                    pin_memory=self.pin_memory, batch_sampler=[index.tolist() for index in index_batches])
 
 
 class BatchLoader:
@@ -723,7 +848,7 @@ class BatchLoader:
         if data.images is not None:
             self.source: InMemoryImages | StreamingImages = InMemoryImages(data.images, self.device)
         else:
-            self.source = StreamingImages(data.paths, data.image_size, workers, self.device.type == "cuda")
+            self.source = StreamingImages(data, workers, self.device)
 
     def __len__(self) -> int:
         return (len(self._shard(torch.arange(len(self.data)))) + self.batch_size - 1) // self.batch_size
@@ -749,7 +874,7 @@ class BatchLoader:
                 if self.augmentation.hflip:
                     images = random_hflip(images, self.generator)
             images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-            index = index.to(self.device)
+            index = to_device(index, self.device)
             if self.teacher_logits is None:
                 yield images, self.labels[index]
             else:

@@ -761,7 +761,7 @@ def run_experiment(config: Config, resume: bool = False) -> dict[str, Any]:
     data = data_setup.load_splits(
         config.data_dir, config.train_dir, config.val_dir, config.test_dir,
         config.image_size, config.val_fraction, config.seed, config.memory_budget_mb, config.workers,
-        data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None,
+        data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None, decode_device=device,
     )
     if teacher_checkpoint is not None:
         # The teacher expects inputs normalized as in its own training; students share them.
