@@ -424,8 +424,8 @@ def decoded_batches(
     if not gpu_decoding(decode_device):
         yield from file_loader(paths, image_size, workers, collate_fn=_collate_checked, **options)
         return
-    for items in file_loader(paths, image_size, workers, _EncodedImageFiles, collate_fn=list, **options):
-        yield _decode_batch_on(decode_device, items, paths, image_size)
+    for batch in file_loader(paths, image_size, workers, _EncodedImageFiles, collate_fn=_EncodedBatch.collate, **options):
+        yield _decode_batch_on(decode_device, batch, paths, image_size)
 
 
 def readable_batches(
@@ -470,6 +470,35 @@ class _EncodedImageFiles(ImageFiles):
         return (index, data, "") if data is not None else super().__getitem__(index)
 
 
+@dataclass
+class _EncodedBatch:
+    """A batch of `_EncodedImageFiles` items packed for the trip from a worker process: all JPEG
+    bytes in one tensor and the images decoded in the worker in another (one shared-memory block
+    each, where a tensor per file could run out of file descriptors)."""
+
+    order: list[int]  # the batch's sample indices, in batch order
+    jpeg_indices: list[int]
+    jpeg_bytes: torch.Tensor  # every JPEG file's bytes, one after the other
+    jpeg_lengths: list[int]
+    decoded_indices: list[int]
+    decoded: torch.Tensor | None
+    failed: dict[int, str]
+
+    @classmethod
+    def collate(cls, items: list[tuple[int, torch.Tensor | None, str]]) -> "_EncodedBatch":
+        jpegs = [(index, data) for index, data, _ in items if data is not None and data.dim() == 1]
+        decoded = [(index, image) for index, image, _ in items if image is not None and image.dim() == 3]
+        return cls(
+            order=[index for index, _, _ in items],
+            jpeg_indices=[index for index, _ in jpegs],
+            jpeg_bytes=torch.cat([data for _, data in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8),
+            jpeg_lengths=[len(data) for _, data in jpegs],
+            decoded_indices=[index for index, _ in decoded],
+            decoded=torch.stack([image for _, image in decoded]) if decoded else None,
+            failed={index: reason for index, data, reason in items if data is None},
+        )
+
+
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """RGB images of JPEG bytes decoded on `device` (nvJPEG on CUDA), in one batch; when the batch
     fails, file by file, None marking each file the decoder refuses."""
@@ -495,17 +524,17 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
 
 
 def _decode_batch_on(
-    device: torch.device, items: list[tuple[int, torch.Tensor | None, str]], paths: Sequence[str], image_size: int,
+    device: torch.device, batch: _EncodedBatch, paths: Sequence[str], image_size: int,
 ) -> tuple[torch.Tensor | None, dict[int, str]]:
-    """Finish a batch of `_EncodedImageFiles` items on `device`, as `_collate_checked` does on the CPU.
+    """Finish a batch on `device`, as `_collate_checked` does on the CPU.
 
     JPEG bytes are decoded there and resized with antialiasing; a JPEG the decoder refuses
     goes through `decode_image`, which decodes it or gives the reason it is skipped.
     """
-    encoded = [(index, data) for index, data, _ in items if data is not None and data.dim() == 1]
-    images: dict[int, torch.Tensor] = {}
-    failed = {index: reason for index, data, reason in items if data is None}
-    for (index, _), image in zip(encoded, _decode_jpegs([data for _, data in encoded], device)):
+    images = dict(zip(batch.decoded_indices, [] if batch.decoded is None else batch.decoded.to(device)))
+    failed = dict(batch.failed)
+    encoded = list(batch.jpeg_bytes.split(batch.jpeg_lengths))
+    for index, image in zip(batch.jpeg_indices, _decode_jpegs(encoded, device)):
         if image is None:
             try:
                 image = decode_image(paths[index], image_size)
@@ -515,8 +544,7 @@ def _decode_batch_on(
         elif image.shape[-2:] != (image_size, image_size):
             image = transforms.functional.resize(image, [image_size, image_size], antialias=True)
         images[index] = image.to(device)
-    images.update((index, data.to(device)) for index, data, _ in items if data is not None and data.dim() == 3)
-    good = [images[index] for index, _, _ in items if index in images]
+    good = [images[index] for index in batch.order if index in images]
     return (torch.stack(good) if good else None), failed
 
 
