@@ -382,10 +382,13 @@ def make_optimizer(config: Config, model: nn.Module, lr: float, criterion: engin
     parameters = list(model.parameters())
     if getattr(criterion, "trainable", None) is not None:
         parameters += list(criterion.trainable.parameters())
+    # One fused kernel per step rather than a chain of element-wise passes over every weight (about half
+    # the optimizer's time on the CPU); offered on CPU and CUDA.
+    fused = parameters[0].device.type in ("cpu", "cuda")
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum,
-                               nesterov=config.momentum > 0, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+                               nesterov=config.momentum > 0, weight_decay=config.weight_decay, fused=fused)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay, fused=fused)
 
 
 def rng_states() -> dict[str, Any]:
