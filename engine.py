@@ -348,6 +348,18 @@ def enable_autotuning(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def store_for_autocast(frozen: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
+    """Keep a frozen model's convolution and linear layers in `amp_dtype`, as autocast casts them on
+    every forward (it caches casts only of weights that need gradients): the same outputs under
+    autocast, bit for bit, without the cast in every step. Batch-norm layers stay in float32, as under
+    autocast. Without reduced precision (`amp_dtype` None) the model is left as it is."""
+    if amp_dtype is not None:
+        for module in frozen.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                module.to(amp_dtype)
+    return frozen
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the processor computes bf16 natively (AVX512-BF16 or AMX), where bf16 is faster."""
     try:

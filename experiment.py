@@ -816,7 +816,7 @@ def train_and_report(
         # validate() made sure the training view is deterministic: one pass serves every epoch.
         teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], device, amp_dtype, "teacher logits")
     # The teacher is frozen on every rank; unwrapped, its forward needs no other rank.
-    frozen_teacher = engine.local_module(teacher)
+    frozen_teacher = engine.store_for_autocast(engine.local_module(teacher), amp_dtype)
     pairs = feature_pairs(config) if set(kd_methods(config)) & set(KD_engine.FEATURE_METHODS) else None
     run_seeds = seeds(config)
     rows: dict[str, dict[int, dict[str, Any]]] = {role: {} for role in student_roles(config)}

@@ -1,5 +1,5 @@
-"""The CUDA-only speed paths, checked on the CPU: which device rules apply where, and GPU JPEG decoding
-(run here with torchvision's CPU decoder in place of nvJPEG) with its fallbacks to the Pillow path."""
+"""The speed paths, checked on the CPU: which device rules apply where, the teacher kept in bf16, and
+GPU JPEG decoding (run here with torchvision's CPU decoder in place of nvJPEG) with its fallbacks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from PIL import Image
 import data_setup
 import engine
 import experiment
+import model_builder
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -52,6 +53,27 @@ def test_gpu_decoding_only_for_cuda():
 def test_to_device_leaves_cpu_tensors_as_they_are():
     index = torch.arange(5)
     assert data_setup.to_device(index, CPU) is index
+
+
+def test_a_teacher_stored_for_autocast_gives_the_same_logits_bit_for_bit():
+    torch.manual_seed(0)
+    teacher = model_builder.build_model("VGG16", 3, 32).eval().to(memory_format=torch.channels_last)
+    for module in teacher.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # statistics as after training
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2)
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode(), engine.autocast(CPU, torch.bfloat16):
+            return teacher(images)
+
+    before = logits()
+    engine.store_for_autocast(teacher, torch.bfloat16)
+    assert teacher.features[0].weight.dtype == torch.bfloat16 and teacher.features[1].weight.dtype == torch.float32
+    assert torch.equal(logits(), before)
+    fp32_teacher = model_builder.build_model("VGG16", 3, 32)
+    assert engine.store_for_autocast(fp32_teacher, None).features[0].weight.dtype == torch.float32
 
 
 def _photo(size: tuple[int, int], seed: int) -> np.ndarray:
