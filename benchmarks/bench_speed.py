@@ -162,9 +162,11 @@ def our_epochs(args, paths, labels, classes, device) -> tuple[float, float]:
         student = model_builder.build_model(args.student, len(classes), args.image_size).to(device, memory_format=torch.channels_last)
         criterion: engine.Criterion = engine.SupervisedCriterion()
         if distill:
-            teacher = model_builder.build_model(args.teacher, len(classes), args.image_size)
-            criterion = KD_engine.DistillationCriterion(teacher.to(device, memory_format=torch.channels_last), TEMPERATURE, ALPHA)
-        optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+            teacher = model_builder.build_model(args.teacher, len(classes), args.image_size).eval()
+            teacher = engine.store_for_autocast(teacher.to(device, memory_format=torch.channels_last), amp)
+            criterion = KD_engine.DistillationCriterion(teacher, TEMPERATURE, ALPHA)
+        # As experiment.make_optimizer: one fused kernel per step.
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, fused=True)
         loader = data_setup.BatchLoader(split, args.batch_size, mean, std, device, augmentation, seed=0)
         warm_up = list(itertools.islice(iter(loader), 3))
         engine.train_one_epoch(student, warm_up, criterion, optimizer, classes, device, amp_dtype=amp)
