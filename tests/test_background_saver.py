@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -57,6 +58,16 @@ def test_files_of_one_save_are_written_in_order_and_awaited_at_exit(tmp_path, mo
     with utils.BackgroundSaver() as saver:
         saver.save({tmp_path / "best_model.pth": {"epoch": 1}, tmp_path / "train_state.pth": {"epoch": 1}})
     assert written == ["best_model.pth", "train_state.pth"]
+
+
+def test_ctrl_c_or_an_error_still_waits_for_the_write(tmp_path, monkeypatch):
+    original = torch.save
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (time.sleep(0.5), original(*args, **kwargs)))
+    with pytest.raises(KeyboardInterrupt):
+        with utils.BackgroundSaver() as saver:
+            saver.save({tmp_path / "train_state.pth": {"epoch": 1}})
+            raise KeyboardInterrupt
+    assert utils.load_checkpoint(tmp_path / "train_state.pth") == {"epoch": 1}
 
 
 def test_a_writer_error_surfaces_at_the_next_wait_and_the_next_save(tmp_path, monkeypatch):
