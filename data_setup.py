@@ -23,6 +23,7 @@ every carving.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -76,6 +77,7 @@ class ImageTensors:
     paths: list[str]
     image_size: int
     resize: str = "squash"
+    decode_device: torch.device | None = None  # where its images were decoded (see gpu_decoding); streaming decodes there too
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -432,12 +434,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_to_square(image: Image.Image, image_size: int, resize: str = "squash") -> Image.Image:
-    """An image as `image_size` x `image_size`: squashed whole ("squash", the aspect ratio is lost)
-    or its central square scaled to that size ("center-crop": the shorter side fills it, the
-    longer side's ends are cut off equally)."""
+def fit_to_square(image: Image.Image | torch.Tensor, image_size: int, resize: str = "squash") -> Image.Image | torch.Tensor:
+    """An image (Pillow's, or a tensor decoded on the GPU) as `image_size` x `image_size`: squashed
+    whole ("squash", the aspect ratio is lost) or its central square scaled to that size
+    ("center-crop": the shorter side fills it, the longer side's ends are cut off equally)."""
     if resize == "center-crop":
-        side = min(image.size)
+        side = min(transforms.functional.get_image_size(image))
         image = transforms.functional.center_crop(image, [side, side])
     return transforms.functional.resize(image, [image_size, image_size], antialias=True)
 
@@ -467,7 +469,8 @@ def decode_image(path: str, image_size: int, resize: str = "squash") -> torch.Te
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded on access (in worker processes when loaded through a DataLoader)."""
+    """Image files decoded on access (in worker processes when loaded through a DataLoader):
+    item i is (i, image, "") or, for a file that cannot be decoded, (i, None, reason)."""
 
     def __init__(self, paths: Sequence[str], image_size: int, resize: str = "squash") -> None:
         self.paths, self.image_size, self.resize = list(paths), image_size, resize
@@ -475,11 +478,11 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return decode_image(self.paths[index], self.image_size, self.resize)
-        except UnreadableImage as error:  # a file that changed on disk since it was checked
-            raise DataError(f"Cannot read image '{self.paths[index]}': {error}.") from None
+            return index, decode_image(self.paths[index], self.image_size, self.resize), ""
+        except UnreadableImage as error:
+            return index, None, str(error)
 
 
 def file_loader(
@@ -499,44 +502,180 @@ def file_loader(
                                        generator=torch.Generator().manual_seed(0), **options)
 
 
-def _decode_workers(paths: Sequence[str], workers: int) -> int:
-    """Worker processes for decoding `paths` once: none for small sets, where start-up costs more."""
-    return workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
-
-
-def _decode_all(paths: Sequence[str], image_size: int, workers: int, resize: str = "squash") -> torch.Tensor:
-    """Decode every file once into one uint8 tensor, in worker processes for large sets."""
-    return torch.cat(list(file_loader(paths, image_size, _decode_workers(paths, workers), resize=resize)))
-
-
-class _CheckedImageFiles(ImageFiles):
-    """Like ImageFiles, but an unreadable file gives (index, None, reason) instead of an error."""
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return index, decode_image(self.paths[index], self.image_size, self.resize), ""
-        except UnreadableImage as error:
-            return index, None, str(error)
-
-
 def _collate_checked(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor | None, dict[int, str]]:
     """One stacked tensor of a batch's readable images (few shared tensors) and the failures."""
     good = [image for _, image, _ in batch if image is not None]
     return (torch.stack(good) if good else None), {index: reason for index, image, reason in batch if image is None}
 
 
+def gpu_decoding(device: torch.device | None) -> bool:
+    """Whether images are decoded on `device` (nvJPEG) rather than by Pillow on the CPU: on CUDA only."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def decoded_batches(
+    paths: Sequence[str], image_size: int, workers: int, resize: str = "squash",
+    decode_device: torch.device | None = None, **options,
+) -> Iterator[tuple[torch.Tensor | None, dict[int, str]]]:
+    """Decode files batch by batch: (the readable images, in batch order; {index: reason} of the others).
+
+    On the CPU every file goes through `decode_image` in `workers` processes. On CUDA
+    (`gpu_decoding`) the workers only read JPEG files, which are decoded on the GPU
+    (`_decode_batch_on`); other files still go through `decode_image`. `options` go to the DataLoader.
+    """
+    if not gpu_decoding(decode_device):
+        yield from file_loader(paths, image_size, workers, resize=resize, collate_fn=_collate_checked, **options)
+        return
+    for batch in file_loader(paths, image_size, workers, _EncodedImageFiles, resize,
+                             collate_fn=_EncodedBatch.collate, **options):
+        yield _decode_batch_on(decode_device, batch, paths, image_size, resize)
+
+
+def readable_batches(
+    paths: Sequence[str], image_size: int, workers: int, resize: str = "squash",
+    decode_device: torch.device | None = None, **options,
+) -> Iterator[torch.Tensor]:
+    """`decoded_batches` of files checked before: one that has become unreadable since stops the run."""
+    for images, failed in decoded_batches(paths, image_size, workers, resize, decode_device, **options):
+        if failed:
+            index, reason = min(failed.items())
+            raise DataError(f"Cannot read image '{paths[index]}': {reason}.")
+        yield images
+
+
+def gpu_jpeg_bytes(path: str) -> torch.Tensor | None:
+    """The bytes of a JPEG the GPU decoder may take in place of `decode_image`, or None.
+
+    Only complete JPEGs (ending in the end-of-image marker) in RGB or greyscale within Pillow's
+    size limit qualify. Everything else, other formats, CMYK and other colour spaces, truncated
+    or damaged files, goes through `decode_image`, so its colours, or the reason it is skipped,
+    stay those of the CPU path.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+        if not (data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                    return None
+    except Exception:  # any problem: decode_image will find it and say why
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class _EncodedImageFiles(ImageFiles):
+    """Like ImageFiles, but a JPEG for the GPU decoder is returned as its bytes, (i, bytes, "")."""
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        data = gpu_jpeg_bytes(self.paths[index])
+        return (index, data, "") if data is not None else super().__getitem__(index)
+
+
+@dataclass
+class _EncodedBatch:
+    """A batch of `_EncodedImageFiles` items packed for the trip from a worker process: all JPEG
+    bytes in one tensor and the images decoded in the worker in another (one shared-memory block
+    each, where a tensor per file could run out of file descriptors)."""
+
+    order: list[int]  # the batch's sample indices, in batch order
+    jpeg_indices: list[int]
+    jpeg_bytes: torch.Tensor  # every JPEG file's bytes, one after the other
+    jpeg_lengths: list[int]
+    decoded_indices: list[int]
+    decoded: torch.Tensor | None
+    failed: dict[int, str]
+
+    @classmethod
+    def collate(cls, items: list[tuple[int, torch.Tensor | None, str]]) -> "_EncodedBatch":
+        jpegs = [(index, data) for index, data, _ in items if data is not None and data.dim() == 1]
+        decoded = [(index, image) for index, image, _ in items if image is not None and image.dim() == 3]
+        return cls(
+            order=[index for index, _, _ in items],
+            jpeg_indices=[index for index, _ in jpegs],
+            jpeg_bytes=torch.cat([data for _, data in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8),
+            jpeg_lengths=[len(data) for _, data in jpegs],
+            decoded_indices=[index for index, _ in decoded],
+            decoded=torch.stack([image for _, image in decoded]) if decoded else None,
+            failed={index: reason for index, data, reason in items if data is None},
+        )
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """RGB images of JPEG bytes decoded on `device` (nvJPEG on CUDA), in one batch; when the batch
+    fails, file by file, None marking each file the decoder refuses."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data: list[torch.Tensor] | torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    if not encoded:
+        return []
+    try:
+        return list(decode(encoded))
+    except Exception:  # one file the decoder refuses fails the whole batch: find which
+        decoded: list[torch.Tensor | None] = []
+        for data in encoded:
+            try:
+                decoded.append(decode(data))
+            except Exception:
+                decoded.append(None)
+        return decoded
+
+
+def _decode_batch_on(
+    device: torch.device, batch: _EncodedBatch, paths: Sequence[str], image_size: int, resize: str = "squash",
+) -> tuple[torch.Tensor | None, dict[int, str]]:
+    """Finish a batch on `device`, as `_collate_checked` does on the CPU.
+
+    JPEG bytes are decoded there and fitted to the square by `fit_to_square`; a JPEG the decoder refuses
+    goes through `decode_image`, which decodes it or gives the reason it is skipped.
+    """
+    images = dict(zip(batch.decoded_indices, [] if batch.decoded is None else batch.decoded.to(device)))
+    failed = dict(batch.failed)
+    encoded = list(batch.jpeg_bytes.split(batch.jpeg_lengths))
+    for index, image in zip(batch.jpeg_indices, _decode_jpegs(encoded, device)):
+        if image is None:
+            try:
+                image = decode_image(paths[index], image_size, resize)
+            except UnreadableImage as error:
+                failed[index] = str(error)
+                continue
+        elif image.shape[-2:] != (image_size, image_size):
+            image = fit_to_square(image, image_size, resize)
+        images[index] = image.to(device)
+    good = [images[index] for index in batch.order if index in images]
+    return (torch.stack(good) if good else None), failed
+
+
+def _decode_workers(paths: Sequence[str], workers: int) -> int:
+    """Worker processes for decoding `paths` once: none for small sets, where start-up costs more."""
+    return workers if len(paths) >= DECODE_WORKERS_THRESHOLD else 0
+
+
+def _decode_all(
+    paths: Sequence[str], image_size: int, workers: int, resize: str = "squash", decode_device: torch.device | None = None,
+) -> torch.Tensor:
+    """Decode every file once into one uint8 CPU tensor, in worker processes for large sets."""
+    batches = readable_batches(paths, image_size, _decode_workers(paths, workers), resize, decode_device)
+    return torch.cat([images.cpu() for images in batches])
+
+
 def _decode_checked(
-    paths: Sequence[str], image_size: int, workers: int, keep: bool, resize: str = "squash"
+    paths: Sequence[str], image_size: int, workers: int, keep: bool, resize: str = "squash",
+    decode_device: torch.device | None = None,
 ) -> tuple[torch.Tensor | None, dict[int, str]]:
     """Decode every file, skipping those that fail: the readable ones' images (when `keep`,
-    in order) and {index: reason} for the others."""
-    loader = file_loader(paths, image_size, _decode_workers(paths, workers), _CheckedImageFiles, resize,
-                         collate_fn=_collate_checked)
+    in order, on the CPU) and {index: reason} for the others."""
     batches, failed = [], {}
-    for images, failures in loader:
+    for images, failures in decoded_batches(paths, image_size, _decode_workers(paths, workers), resize, decode_device):
         failed.update(failures)
         if keep and images is not None:
-            batches.append(images)
+            batches.append(images.cpu())
     if not keep:
         return None, failed
     images = torch.cat(batches) if batches else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
@@ -556,8 +695,16 @@ def _cache_key(paths: Sequence[str], tag: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _decoded_cache_file(paths: Sequence[str], image_size: int, cache_dir: Path, resize: str = "squash") -> Path:
-    return Path(cache_dir) / "decoded" / f"{_cache_key(paths, f'decoded {image_size} {resize}')}.pt"
+def _decoder_tag(decode_device: torch.device | None) -> str:
+    """What decoded the images, for cache keys: the GPU decoder's pixels differ slightly from Pillow's."""
+    return " nvjpeg" if gpu_decoding(decode_device) else ""
+
+
+def _decoded_cache_file(
+    paths: Sequence[str], image_size: int, cache_dir: Path, resize: str = "squash", decode_device: torch.device | None = None,
+) -> Path:
+    tag = f"decoded {image_size} {resize}{_decoder_tag(decode_device)}"
+    return Path(cache_dir) / "decoded" / f"{_cache_key(paths, tag)}.pt"
 
 
 def _read_decoded(cache_file: Path, count: int, image_size: int) -> torch.Tensor | None:
@@ -578,20 +725,21 @@ def _write_decoded(cache_file: Path, images: torch.Tensor) -> None:
 
 
 def decode_cached(
-    paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None, resize: str = "squash"
+    paths: Sequence[str], image_size: int, workers: int, cache_dir: Path | None, resize: str = "squash",
+    decode_device: torch.device | None = None,
 ) -> torch.Tensor:
     """Decoded uint8 images of `paths`; with a cache folder, a second run reads them from one file.
 
-    The cache file is keyed by every file's path, size and modification time and by the size and
-    resize mode, so any change to the images makes a new key (and a fresh decode). Every file
-    must be readable (DataError).
+    The cache file is keyed by every file's path, size and modification time, the image size,
+    the resize mode and the decoder, so any change to the images makes a new key (and a fresh
+    decode). Every file must be readable (DataError).
     """
     if cache_dir is None:
-        return _decode_all(paths, image_size, workers, resize)
-    cache_file = _decoded_cache_file(paths, image_size, cache_dir, resize)
+        return _decode_all(paths, image_size, workers, resize, decode_device)
+    cache_file = _decoded_cache_file(paths, image_size, cache_dir, resize, decode_device)
     images = _read_decoded(cache_file, len(paths), image_size)
     if images is None:
-        images = _decode_all(paths, image_size, workers, resize)
+        images = _decode_all(paths, image_size, workers, resize, decode_device)
         _write_decoded(cache_file, images)
     return images
 
@@ -618,7 +766,8 @@ class _UsableImages:
 
 
 def _check_folder(
-    scan: FolderScan, image_size: int, stream: bool, workers: int, cache_dir: Path | None, resize: str = "squash"
+    scan: FolderScan, image_size: int, stream: bool, workers: int, cache_dir: Path | None,
+    resize: str = "squash", decode_device: torch.device | None = None,
 ) -> tuple[_UsableImages, list[dict[str, str]]]:
     """Decode every candidate image once to find the unreadable ones (in streaming mode the
     pixels are dropped). With a cache folder the result is recorded (keyed by the files' paths,
@@ -627,12 +776,12 @@ def _check_folder(
     record = None
     failed = None
     if cache_dir is not None:
-        tag = f"checked {image_size} {Image.MAX_IMAGE_PIXELS}"
+        tag = f"checked {image_size} {Image.MAX_IMAGE_PIXELS}{_decoder_tag(decode_device)}"
         record = Path(cache_dir) / "checked" / f"{_cache_key(paths, tag)}.json"
         failed = _read_check_record(record, len(paths))
     images = None
     if failed is None:
-        images, failed = _decode_checked(paths, image_size, workers, keep=not stream, resize=resize)
+        images, failed = _decode_checked(paths, image_size, workers, not stream, resize, decode_device)
         if record is not None:
             utils.write_json(record, {"count": len(paths), "failed": sorted(failed.items())})
     keep = [i for i in range(len(paths)) if i not in failed]
@@ -644,6 +793,7 @@ def _check_folder(
 def _split_tensors(
     usable: _UsableImages, indices: Sequence[int] | None, image_size: int,
     stream: bool, workers: int, cache_dir: Path | None, resize: str = "squash",
+    decode_device: torch.device | None = None,
 ) -> ImageTensors:
     chosen = range(len(usable.paths)) if indices is None else indices
     paths = [usable.paths[i] for i in chosen]
@@ -653,12 +803,12 @@ def _split_tensors(
     elif usable.images is not None:  # decoded by the check: keep them, and cache them per split
         images = usable.images if indices is None else usable.images[torch.as_tensor(np.asarray(indices))]
         if cache_dir is not None:
-            cache_file = _decoded_cache_file(paths, image_size, cache_dir, resize)
+            cache_file = _decoded_cache_file(paths, image_size, cache_dir, resize, decode_device)
             if _read_decoded(cache_file, len(paths), image_size) is None:
                 _write_decoded(cache_file, images)
     else:
-        images = decode_cached(paths, image_size, workers, cache_dir, resize)
-    return ImageTensors(images, labels, paths, image_size, resize)
+        images = decode_cached(paths, image_size, workers, cache_dir, resize, decode_device)
+    return ImageTensors(images, labels, paths, image_size, resize, decode_device)
 
 
 def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[float]]:
@@ -671,12 +821,12 @@ def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[
     if split.images is not None:
         chunks: Iterable[torch.Tensor] = split.images.split(4096)
     else:
-        chunks = file_loader(split.paths, split.image_size, workers, resize=split.resize)
+        chunks = readable_batches(split.paths, split.image_size, workers, split.resize, split.decode_device)
     count = 0
     for chunk in chunks:
         pixels = chunk.to(torch.float64).div_(255).transpose(0, 1).reshape(3, -1)
-        total += pixels.sum(dim=1)
-        total_sq += pixels.square().sum(dim=1)
+        total += pixels.sum(dim=1).cpu()
+        total_sq += pixels.square().sum(dim=1).cpu()
         count += pixels.shape[1]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)  # no division by zero
@@ -698,6 +848,7 @@ def load_splits(
     resize: str = "squash",
     test_fraction: float = 0.2,
     max_per_class: int | None = None,
+    decode_device: torch.device | None = None,
 ) -> DatasetSplits:
     """Find, check and decode the train / val / test splits (carving val from train if absent).
 
@@ -709,8 +860,9 @@ def load_splits(
     Splits whose decoded size exceeds `memory_budget_mb` in total are streamed from disk by
     `workers` processes instead of being decoded once into memory. Either way every image is
     decoded once up front (fitted to the square by `resize`), and unreadable files are left out
-    (listed in `skipped_files`), so a streamed epoch never meets one. Folder problems raise
-    DataError before anything is decoded where possible, and always before training.
+    (listed in `skipped_files`), so a streamed epoch never meets one. With a CUDA `decode_device`
+    JPEGs are decoded on that GPU, for the first decode and for streaming (see `decoded_batches`).
+    Folder problems raise DataError before anything is decoded where possible, and always before training.
     """
     train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
     roots = {"train": train_path, **({"val": val_path} if val_path is not None else {}),
@@ -722,7 +874,7 @@ def load_splits(
     usable: dict[str, _UsableImages] = {}
     skipped: list[dict[str, str]] = []
     for split, scan in scans.items():
-        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir, resize)
+        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir, resize, decode_device)
         _require_every_class(split, scan, usable[split].labels, split_skipped)
         skipped += split_skipped
     carved = carve_training_pool(usable["train"].labels, class_names, seed,
@@ -730,7 +882,7 @@ def load_splits(
                                  val_fraction if val_path is None else None, max_per_class)
     # A split with its own folder is that folder whole; a carved one is its indices into train's.
     tensors = {name: _split_tensors(usable[name] if name in usable else usable["train"], carved.get(name),
-                                    image_size, stream, workers, cache_dir, resize)
+                                    image_size, stream, workers, cache_dir, resize, decode_device)
                for name in ("train", "val", "test")}
     pool_size = len(usable["train"].labels)
     del usable
@@ -810,6 +962,14 @@ class Augmentation:
     trivialaugment: bool = False
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`. To a GPU through pinned memory without blocking: a copy from ordinary
+    memory makes the host wait for every queued kernel, once per batch."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Randomly shift each image of a batch by up to `pad` pixels, filling with zeros."""
     if pad == 0:
@@ -817,8 +977,8 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
     n, _, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
-    rows = (offsets[0][:, None] + torch.arange(height)).to(images.device)
-    cols = (offsets[1][:, None] + torch.arange(width)).to(images.device)
+    rows = to_device(offsets[0][:, None] + torch.arange(height), images.device)
+    cols = to_device(offsets[1][:, None] + torch.arange(width), images.device)
     batch = torch.arange(n, device=images.device)[:, None, None]
     # Advanced indexing gathers (N, H, W, C); move channels back in front.
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
@@ -826,7 +986,7 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left to right."""
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    flip = to_device(torch.rand(images.shape[0], generator=generator) < 0.5, images.device)
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
@@ -861,20 +1021,22 @@ class InMemoryImages:
 
     def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         for index in index_batches:
-            yield self.images[index.to(self.images.device)]
+            yield self.images[to_device(index, self.images.device)]
 
 
 class StreamingImages:
-    """Batches decoded from disk by DataLoader worker processes, in exactly the given order."""
+    """Batches decoded from disk (read by DataLoader worker processes), in exactly the given order."""
 
-    def __init__(self, paths: Sequence[str], image_size: int, workers: int, pin_memory: bool,
-                 resize: str = "squash") -> None:
-        self.paths, self.image_size, self.resize = paths, image_size, resize
-        self.workers, self.pin_memory = workers, pin_memory
+    def __init__(self, data: ImageTensors, workers: int, device: torch.device) -> None:
+        self.paths, self.image_size, self.decode_device = data.paths, data.image_size, data.decode_device
+        self.resize = data.resize
+        self.workers = workers
+        # Decoded batches travel to a GPU faster from pinned memory (GPU-decoded ones are there already).
+        self.pin_memory = device.type == "cuda" and not gpu_decoding(data.decode_device)
 
     def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        yield from file_loader(self.paths, self.image_size, self.workers, resize=self.resize, pin_memory=self.pin_memory,
-                               batch_sampler=[index.tolist() for index in index_batches])
+        yield from readable_batches(self.paths, self.image_size, self.workers, self.resize, self.decode_device,
+                                    pin_memory=self.pin_memory, batch_sampler=[index.tolist() for index in index_batches])
 
 
 class BatchLoader:
@@ -924,7 +1086,7 @@ class BatchLoader:
         if data.images is not None:
             self.source: InMemoryImages | StreamingImages = InMemoryImages(data.images, self.device)
         else:
-            self.source = StreamingImages(data.paths, data.image_size, workers, self.device.type == "cuda", data.resize)
+            self.source = StreamingImages(data, workers, self.device)
 
     def __len__(self) -> int:
         return (len(self._shard(torch.arange(len(self.data)))) + self.batch_size - 1) // self.batch_size
@@ -959,7 +1121,7 @@ class BatchLoader:
                 if self.augmentation.trivialaugment:
                     images = trivial_augment(images, self.generator)
             images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-            index = index.to(self.device)
+            index = to_device(index, self.device)
             if self.teacher_logits is None:
                 yield images, self.labels[index]
             else:

@@ -654,6 +654,64 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def snapshot(value: Any) -> Any:
+    """A copy of checkpoint contents that later training cannot change: every tensor copied to the
+    CPU, dicts, lists and tuples rebuilt (other leaves, numbers and strings, are immutable)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(item) for item in value)
+    return value
+
+
+def _save_checkpoints(files: list[tuple[Path, dict[str, Any]]]) -> None:
+    for path, checkpoint in files:
+        save_checkpoint(path, checkpoint)
+
+
+class BackgroundSaver:
+    """Writes checkpoints on a background thread, so training does not wait for serialization and disk.
+
+    `save` copies the tensors to the CPU at once (cheap), then returns while one thread writes
+    the files atomically, in the given order. A new `save` first waits for the previous one;
+    `wait()` (and leaving a `with` block, also on an error or Ctrl-C) waits for the last one and
+    raises any error the writer met. A write cut short leaves the previous file in place.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending = None
+
+    def save(self, files: dict[Path, dict[str, Any]]) -> None:
+        """Write `{path: checkpoint}` in the background, in order, each file atomically."""
+        self.wait()
+        copies = [(Path(path), snapshot(checkpoint)) for path, checkpoint in files.items()]
+        self._pending = self._executor.submit(_save_checkpoints, copies)
+
+    def wait(self) -> None:
+        """Return once every file handed to `save` is written; raise the writer's error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last write, then stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown()
+
+    def __enter__(self) -> "BackgroundSaver":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
 
 # ---------------------------------------------------------------- HTML report
 
