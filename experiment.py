@@ -1253,8 +1253,20 @@ def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.Argument
         print(f"Run '{run_dir}' has already finished: nothing to resume.")
         return None
     saved = utils.read_json(path / "config.json")
-    return Config(**{**{key: saved.get(key, parser.get_default(key)) for key in Config.__dataclass_fields__},
+    try:  # values as the flags read them (an older run's compile: true is "on")
+        settings = checked_settings({key: saved[key] for key in Config.__dataclass_fields__ if key in saved},
+                                    parser, source=str(path / "config.json"))
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    return Config(**{**{key: settings.get(key, parser.get_default(key)) for key in Config.__dataclass_fields__},
                      "output_dir": str(path)})
+
+
+def checked_settings(settings: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
+    """`settings` keyed by Config's fields, converted and checked as the parser's flags would be (ValueError)."""
+    actions = {action.dest: action for action in parser._actions if action.dest in Config.__dataclass_fields__}
+    nullable = {name for name, field_ in Config.__dataclass_fields__.items() if "None" in str(field_.type)}
+    return utils.check_settings(settings, actions, nullable, source=source)
 
 
 def config_file_settings(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -1269,9 +1281,7 @@ def config_file_settings(path: str, parser: argparse.ArgumentParser) -> dict[str
             settings.pop("output_dir", None)
         for key in ("resolved", "dataset"):
             settings.pop(key, None)
-        actions = {action.dest: action for action in parser._actions if action.dest in Config.__dataclass_fields__}
-        nullable = {name for name, field_ in Config.__dataclass_fields__.items() if "None" in str(field_.type)}
-        return utils.check_settings(settings, actions, nullable, source=path)
+        return checked_settings(settings, parser, source=path)
     except ValueError as error:
         raise SettingsError(str(error)) from None
 

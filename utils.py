@@ -119,6 +119,8 @@ def _setting_value(action: argparse.Action, value: Any, where: str, nullable: bo
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false (got {value!r}).")
         return value
+    if isinstance(value, bool) and action.choices is not None and {"on", "off"} <= set(action.choices):
+        return "on" if value else "off"  # YAML reads on / off as booleans; older config.json files hold them
     kind = {int: "an integer", float: "a number"}.get(action.type, "a string")
     if isinstance(value, (bool, list, dict)) or (action.type is int and isinstance(value, float)):
         raise ValueError(f"{where} must be {kind} (got {value!r}).")

@@ -48,6 +48,15 @@ def test_yaml_and_json_give_the_same_settings(tmp_path):
     assert all(from_yaml[key] == defaults[key] for key in from_yaml if key not in SETTINGS)
 
 
+def test_on_and_off_read_as_booleans_by_yaml_stay_the_words(tmp_path):
+    (tmp_path / "settings.yaml").write_text("compile: off\nhflip: on\n")
+    (tmp_path / "settings.json").write_text(json.dumps({"compile": True, "hflip": False}))  # an older config.json
+    assert {key: settings_of(["--config", str(tmp_path / "settings.yaml")])[key] for key in ("compile", "hflip")} == \
+        {"compile": "off", "hflip": "on"}
+    assert {key: settings_of(["--config", str(tmp_path / "settings.json")])[key] for key in ("compile", "hflip")} == \
+        {"compile": "on", "hflip": "off"}
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("s.yaml", "teacher_epoch: 3\n", "unknown setting 'teacher_epoch' (the closest valid one is 'teacher_epochs')"),
     ("s.yaml", "temprature: 3\n", "unknown setting 'temprature' (the closest valid one is 'temperature')"),
@@ -55,7 +64,7 @@ def test_yaml_and_json_give_the_same_settings(tmp_path):
     ("s.yaml", "student_epochs: 2.5\n", "student_epochs must be an integer (got 2.5)"),
     ("s.json", '{"alpha": "high"}', "alpha must be a number (got 'high')"),
     ("s.json", '{"alpha": true}', "alpha must be a number (got True)"),
-    ("s.yaml", "compile: sometimes\n", "compile must be true or false (got 'sometimes')"),
+    ("s.yaml", "compile: sometimes\n", "compile must be one of auto, on, off (got 'sometimes')"),
     ("s.yaml", "optimizer: adam\n", "optimizer must be one of adamw, sgd (got 'adam')"),
     ("s.yaml", "teacher_epochs: null\n", "teacher_epochs must have a value"),
     ("s.yaml", "- 1\n- 2\n", "must hold a mapping of setting names to values, not a list"),
@@ -100,10 +109,11 @@ def test_every_flag_has_a_help_text_and_shows_its_default_once():
 def test_resume_of_a_run_saved_before_a_setting_existed_uses_its_default(tiny_run, tmp_path):
     saved = utils.read_json(tiny_run / "config.json")
     older = {key: value for key, value in saved.items() if key not in ("patience", "label_smoothing")}
+    older["compile"] = False  # before --compile auto it was a switch
     utils.write_json(tmp_path / "config.json", older)
     parser, args, _ = experiment.parse_command_line([])
     for key in ("report_only", "resume", "config"):
         args.pop(key)
     config = experiment.resumed_config(str(tmp_path), args, parser)
-    assert config.patience is None and config.label_smoothing == 0.0
+    assert config.patience is None and config.label_smoothing == 0.0 and config.compile == "off"
     assert config.output_dir == str(tmp_path) and config.teacher_epochs == saved["teacher_epochs"]
