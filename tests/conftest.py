@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,8 +15,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# The bundled dataset is written into this cache; keep tests away from the user's home.
-os.environ.setdefault("KD_CACHE_DIR", tempfile.mkdtemp(prefix="kd-test-cache-"))
+# The bundled dataset is written into this cache; keep tests away from the user's home (and leave nothing behind).
+if "KD_CACHE_DIR" not in os.environ:
+    os.environ["KD_CACHE_DIR"] = tempfile.mkdtemp(prefix="kd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["KD_CACHE_DIR"], ignore_errors=True)
 
 TINY_CLASSES = ("circle", "cross", "stripes")
 TINY_FLAGS = [
