@@ -381,10 +381,9 @@ class FeatureDistillationCriterion:
             feature = fitnet_loss(student_features, teacher_features, self._regressors)
         else:
             feature = at_loss(student_features, teacher_features)
-        ce = self.hard_loss(student_logits.float(), labels)
-        kd = kd_loss(student_logits, teacher_logits, self.temperature)
-        loss = self.alpha * ce + (1 - self.alpha) * kd + self.beta * feature
-        return {"loss": loss, "ce": ce, "kd": kd, self.part: feature, "logits": student_logits}
+        parts = distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.hard_loss)
+        parts["loss"] = parts["loss"] + self.beta * feature
+        return {**parts, self.part: feature, "logits": student_logits}
 
     def close(self) -> None:
         """Take the hooks off the teacher and the student."""
@@ -497,7 +496,7 @@ class DKDCriterion(DistillationCriterion):
         tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, self.temperature)
         warmup = dkd_warmup_factor(self.step, self.warmup_steps)
         loss = self.alpha * ce + (1 - self.alpha) * warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
-        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_tensor(warmup)}
+        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_full((), warmup)}
 
 
 Criterion = DistillationCriterion | FeatureDistillationCriterion | DKDCriterion

@@ -279,6 +279,18 @@ def _listing(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _empty_classes(classes: Sequence[str], labels: Sequence[int]) -> list[str]:
+    """The classes no label belongs to."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return [classes[index] for index in np.flatnonzero(counts == 0)]
+
+
+def _skipped_under(root: Path, class_name: str, skipped: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The skipped files of one class folder."""
+    prefix = os.path.join(str(root), class_name) + os.sep
+    return [item for item in skipped if item["path"].startswith(prefix)]
+
+
 def check_classes(folders: dict[str, FolderScan]) -> list[str]:
     """Return the shared class names, or stop with one message naming every difference between the
     splits (a class folder missing from some) and every class folder without image files (empty, or
@@ -292,13 +304,11 @@ def check_classes(folders: dict[str, FolderScan]) -> list[str]:
             differences.append(f"'{name}' is in {_listing(having)} but missing from {_listing(lacking)}")
     empty = []
     for split, folder in folders.items():
-        counts = np.bincount(np.asarray(folder.targets, dtype=np.int64), minlength=len(folder.classes))
-        for index in np.flatnonzero(counts == 0):
-            prefix = os.path.join(str(folder.root), folder.classes[index]) + os.sep
-            others = [item["path"] for item in folder.skipped if item["path"].startswith(prefix)]
+        for name in _empty_classes(folder.classes, folder.targets):
+            others = [item["path"] for item in _skipped_under(folder.root, name, folder.skipped)]
             content = (f"it holds no image files, only {len(others)} other file{'s' if len(others) > 1 else ''} "
                        f"such as '{os.path.basename(others[0])}'" if others else "the folder is empty")
-            empty.append(f"the class '{folder.classes[index]}' in the {split} folder '{folder.root}' has no usable "
+            empty.append(f"the class '{name}' in the {split} folder '{folder.root}' has no usable "
                          f"images ({content})")
     if not differences and not empty:
         return list(folders[splits[0]].classes)
@@ -312,15 +322,13 @@ def check_classes(folders: dict[str, FolderScan]) -> list[str]:
 def _require_every_class(split: str, scan: FolderScan, labels: Sequence[int], skipped: list[dict[str, str]]) -> None:
     """Stop, naming the class and split, when every image file of a class folder was unreadable
     (folders without image files were refused before decoding, by `check_classes`)."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(scan.classes))
-    empty = [scan.classes[i] for i in np.flatnonzero(counts == 0)]
+    empty = _empty_classes(scan.classes, labels)
     if not empty:
         return
     if len(empty) > 1:
         names = ", ".join(f"'{name}'" for name in empty)
         raise DataError(f"The classes {names} in the {split} folder '{scan.root}' have no usable images.")
-    prefix = os.path.join(str(scan.root), empty[0]) + os.sep
-    bad = [item for item in skipped if item["path"].startswith(prefix)]
+    bad = _skipped_under(scan.root, empty[0], skipped)
     raise DataError(f"The class '{empty[0]}' in the {split} folder '{scan.root}' has no usable images: "
                     f"{len(bad)} file{'s were' if len(bad) > 1 else ' was'} skipped, "
                     f"e.g. '{bad[0]['path']}' ({bad[0]['reason']}).")
@@ -553,8 +561,11 @@ def gpu_jpeg_bytes(path: str) -> torch.Tensor | None:
     """
     try:
         with open(path, "rb") as file:
-            data = file.read()
-        if not (data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")):
+            head = file.read(3)
+            if head != b"\xff\xd8\xff":  # not a JPEG: left for decode_image, without reading it all
+                return None
+            data = head + file.read()
+        if not data.endswith(b"\xff\xd9"):
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -976,9 +987,9 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
         return images
     n, _, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
-    rows = to_device(offsets[0][:, None] + torch.arange(height), images.device)
-    cols = to_device(offsets[1][:, None] + torch.arange(width), images.device)
+    offsets = to_device(torch.randint(0, 2 * pad + 1, (2, n), generator=generator), images.device)
+    rows = offsets[0][:, None] + torch.arange(height, device=images.device)
+    cols = offsets[1][:, None] + torch.arange(width, device=images.device)
     batch = torch.arange(n, device=images.device)[:, None, None]
     # Advanced indexing gathers (N, H, W, C); move channels back in front.
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

@@ -402,6 +402,8 @@ def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
     """Each fitnet / at method's layer pairs (teacher, student), checked on the meta device: the
     layers exist, and the method can distill their maps at the run's image size."""
     pairs = {}
+    if not set(kd_methods(config)) & set(KD_engine.FEATURE_METHODS):
+        return pairs  # no models to build for the check
     try:
         teacher = model_builder.build_on_meta(config.teacher_model, 10, config.image_size)
         student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
@@ -456,8 +458,7 @@ def check_initial_weights(config: Config, weights: dict[str, model_builder.Pretr
     """Stop when initial weights fit no layer of their model; say which layers they leave re-initialized."""
     for role, pretrained in weights.items():
         arch = config.teacher_model if role == "teacher" else config.student_model
-        with torch.device("meta"):
-            model = model_builder.build_model(arch, num_classes, config.image_size)
+        model = model_builder.build_on_meta(arch, num_classes, config.image_size)
         try:
             record = model_builder.pretrained_fit(model, pretrained)[1]
         except model_builder.WeightsError as error:
@@ -524,9 +525,11 @@ def is_bundled(config: Config) -> bool:
 
 
 def make_checkpoint(
-    context: Context, role: str, arch: str, model: nn.Module, epoch: int, history: list[dict[str, Any]]
+    context: Context, role: str, arch: str, model: nn.Module, epoch: int, history: list[dict[str, Any]],
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """A self-describing checkpoint: weights plus everything needed to rebuild and use them."""
+    """A self-describing checkpoint: weights (`weights`, or the model's `cpu_weights`) plus everything
+    needed to rebuild and use them."""
     return {
         "role": role,
         "arch": arch,
@@ -539,7 +542,7 @@ def make_checkpoint(
         "config": asdict(context.config),
         "epoch": epoch,
         "history": history,
-        "state_dict": cpu_weights(model),
+        "state_dict": cpu_weights(model) if weights is None else weights,
     }
 
 
@@ -640,13 +643,14 @@ def train_model(
         if not engine.is_main_process():
             return
         epoch = len(result.history)
+        weights = cpu_weights(model)  # one copy serves the state and, at a best epoch, best_model.pth
         files = {}
         if result.best_epoch == epoch:
-            files[checkpoint_path] = make_checkpoint(context, role, arch, model, epoch, result.history)
+            files[checkpoint_path] = make_checkpoint(context, role, arch, model, epoch, result.history, weights)
             best_weights.clear()
             best_weights.update(files[checkpoint_path]["state_dict"])
         files[state_path] = {
-            "role": role, "arch": arch, "model": cpu_weights(model),
+            "role": role, "arch": arch, "model": weights,
             # The best weights travel with the state rather than being read back from best_model.pth:
             # a kill between writing that file and this one would pair them with the wrong epoch.
             "best_model": None if result.best_epoch == epoch else best_weights,
@@ -1058,11 +1062,11 @@ def run_experiment(config: Config, resume: bool = False, given: set[str] | None 
     }
     context = Context(config, data, device, amp_dtype, run_dir, eval_loaders, utils.BackgroundSaver(), pretrained,
                       engine.hard_label_loss(config.label_smoothing, weights, device))
-    class_counts = {split: torch.bincount(getattr(data, split).labels, minlength=len(data.class_names)) for split in SPLITS}
     dataset = {
         "class_names": data.class_names,
         "sizes": {split: len(getattr(data, split)) for split in SPLITS},
-        "images_per_class": {split: {"min": int(counts.min()), "max": int(counts.max())} for split, counts in class_counts.items()},
+        "images_per_class": {split: {"min": min(counts.values()), "max": max(counts.values())}
+                             for split, counts in data.carving["class_counts"].items()},
         "validation": data.val_source,
         "carving": data.carving,
         "mean": data.mean, "std": data.std, "normalization": normalization,
