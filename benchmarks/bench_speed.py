@@ -69,14 +69,10 @@ def subset_paths(train_dir: Path, count: int) -> tuple[list[str], list[int], lis
     return [p for p, _ in chosen], [label for _, label in chosen], folder.classes
 
 
-def has_bf16(device: torch.device) -> bool:
-    """bf16 pays on CUDA and on CPUs that compute it natively."""
-    return device.type == "cuda" or engine.cpu_has_native_bf16()
-
-
 def variants(device: torch.device) -> list[tuple[torch.dtype | None, bool]]:
     """(autocast dtype, channels_last) pairs worth trying on this device."""
-    precisions = [None, torch.bfloat16] if has_bf16(device) else [None]
+    amp_dtype = engine.resolve_amp_dtype("auto", device)  # the pipeline's own choice of where bf16 pays
+    precisions = [None] if amp_dtype is None else [None, amp_dtype]
     return [(dtype, channels_last) for dtype in precisions for channels_last in (False, True)]
 
 
@@ -119,9 +115,11 @@ def steady_step_seconds(step: Callable[[], None], device: torch.device, steps: i
     return timed(lambda: [step() for _ in range(steps)], device) / steps
 
 
-def raw_limit(arch: str, classes: int, size: int, batches: list[int], device: torch.device, steps: int) -> tuple[float, list[str]]:
-    """Best forward+backward+step images/s over precisions, layouts and batch sizes, and one line per variant."""
-    flops = training_flops_per_image(arch, classes, size)
+def raw_limit(
+    arch: str, classes: int, size: int, batches: list[int], device: torch.device, steps: int, flops: int,
+) -> tuple[float, list[str]]:
+    """Best forward+backward+step images/s over precisions, layouts and batch sizes, and one line per
+    variant (with TFLOP/s from `flops`, the training FLOPs of one image)."""
     best, lines = 0.0, []
     for batch, (dtype, channels_last) in itertools.product(batches, variants(device)):
         torch.manual_seed(0)
@@ -232,7 +230,7 @@ def strong_reference_epoch(args, train_dir: Path, paths, classes, device) -> flo
     student = model_builder.build_model(args.student, len(classes), args.image_size)
     student = student.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
-    bf16 = has_bf16(device)
+    bf16 = engine.resolve_amp_dtype("auto", device) is not None
 
     def run(batches) -> None:
         for images, labels in batches:
@@ -282,12 +280,13 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"native bf16: {engine.cpu_has_native_bf16()}" + (f", {torch.cuda.get_device_name(device)}" if cuda else ""))
     print(f"raw limit (synthetic tensors, forward + backward + step, {steps} timed steps after a stable warm-up):")
-    teacher_limit, lines = raw_limit(args.teacher, len(classes), args.image_size, limit_batches, device, steps)
-    print("\n".join(lines))
-    student_limit, lines = raw_limit(args.student, len(classes), args.image_size, limit_batches, device, steps)
-    print("\n".join(lines))
+    teacher_flops = training_flops_per_image(args.teacher, len(classes), args.image_size)
     student_flops = training_flops_per_image(args.student, len(classes), args.image_size)
-    kd_flops = student_flops + training_flops_per_image(args.teacher, len(classes), args.image_size) / 3
+    kd_flops = student_flops + teacher_flops / 3
+    teacher_limit, lines = raw_limit(args.teacher, len(classes), args.image_size, limit_batches, device, steps, teacher_flops)
+    print("\n".join(lines))
+    student_limit, lines = raw_limit(args.student, len(classes), args.image_size, limit_batches, device, steps, student_flops)
+    print("\n".join(lines))
     plain, distill = our_epochs(args, paths, labels, classes, device)
     reference = reference_epoch(args, train_dir, paths, classes, device)
     strong = strong_reference_epoch(args, train_dir, paths, classes, device)
