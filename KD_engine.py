@@ -52,6 +52,9 @@ FEATURE_METHODS = ("fitnet", "at")
 FEATURE_WEIGHTS = {"fitnet": 100.0, "at": 1000.0}
 HINT_STAGE = 2  # the references' hint_layer: an index into (stem, stage 1, stage 2, ...)
 DKD_WARMUP_SHARE = 20 / 240  # the paper's CIFAR warm-up: 20 of 240 epochs
+# The loss and the parts the criteria report (besides the logits), with their labels on plots.
+LOSS_PARTS = {"loss": "total", "ce": "CE", "kd": "KD (T²·KL)", "feature": "FitNets feature MSE",
+              "at": "attention transfer", "tckd": "DKD target-class", "nckd": "DKD non-target"}
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -203,9 +206,10 @@ def default_feature_layers(method: str, teacher: nn.Module, student: nn.Module) 
     teacher_stages, student_stages = model_builder.feature_stages(teacher), model_builder.feature_stages(student)
     if method == "fitnet":
         if min(len(teacher_stages), len(student_stages)) <= HINT_STAGE:
-            raise ValueError(f"FitNets' hint stage {HINT_STAGE} needs models with at least {HINT_STAGE} stages after the stem.")
+            raise ValueError(f"FitNets' hint stage {HINT_STAGE} needs models with at least {HINT_STAGE} stages "
+                             "after the stem.")
         return [(teacher_stages[HINT_STAGE], student_stages[HINT_STAGE])]
-    return list(zip(teacher_stages[1:], student_stages[1:]))
+    return list(zip(teacher_stages[1:], student_stages[1:], strict=False))
 
 
 def feature_weight(method: str, alpha: float, beta: float | None) -> float:
@@ -214,7 +218,8 @@ def feature_weight(method: str, alpha: float, beta: float | None) -> float:
         return beta
     if alpha == 0:
         raise ValueError(f"{method} at alpha 0 needs an explicit --beta: its default weight keeps the references' "
-                         f"{FEATURE_WEIGHTS[method]:g} : 1 balance of feature and CE terms, which has no meaning without a CE term.")
+                         f"{FEATURE_WEIGHTS[method]:g} : 1 balance of feature and CE terms, which has no meaning "
+                         "without a CE term.")
     return FEATURE_WEIGHTS[method] * alpha
 
 
@@ -267,7 +272,7 @@ class HintRegressors(nn.Module):
         self.regressors = nn.ModuleList(HintRegressor(student, teacher) for student, teacher in shapes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [regressor(feature) for regressor, feature in zip(self.regressors, features)]
+        return [regressor(feature) for regressor, feature in zip(self.regressors, features, strict=True)]
 
 
 def fitnet_loss(
@@ -276,7 +281,8 @@ def fitnet_loss(
     """FitNets' hint loss: MSE(regressor(student map), teacher map), a mean over every element,
     summed over layer pairs (the references use one pair)."""
     regressed = regressors(student_features)
-    return torch.stack([F.mse_loss(r.float(), t.float()) for r, t in zip(regressed, teacher_features)]).sum()
+    pairs = zip(regressed, teacher_features, strict=True)
+    return torch.stack([F.mse_loss(student.float(), teacher.float()) for student, teacher in pairs]).sum()
 
 
 def attention_map(feature: torch.Tensor) -> torch.Tensor:
@@ -289,7 +295,7 @@ def at_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence
     the attention maps averaged over samples and positions (the larger map pooled to the smaller
     one's size first); summed over pairs."""
     losses = []
-    for student, teacher in zip(student_features, teacher_features):
+    for student, teacher in zip(student_features, teacher_features, strict=True):
         student, teacher = match_spatial(student, teacher)
         losses.append((attention_map(student) - attention_map(teacher)).pow(2).mean())
     return torch.stack(losses).sum()
@@ -304,9 +310,10 @@ def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int) -> li
     with eval_mode(plain), torch.inference_mode():
         plain(probe)
     shapes = [feature.shape for feature in hooks.take()]
-    for name, shape in zip(hooks.names, shapes):
+    for name, shape in zip(hooks.names, shapes, strict=True):
         if len(shape) != 4:
-            raise ValueError(f"Feature distillation needs (N, C, H, W) maps; layer '{name}' gives shape {tuple(shape)}.")
+            raise ValueError(f"Feature distillation needs (N, C, H, W) maps; layer '{name}' gives shape "
+                             f"{tuple(shape)}.")
     return shapes
 
 
@@ -318,9 +325,10 @@ def check_feature_pairs(
     it meta-device models to spend no memory or time."""
     hooks = [FeatureHooks(teacher, [t for t, _ in pairs]), FeatureHooks(student, [s for _, s in pairs])]
     try:
-        teacher_shapes, student_shapes = (feature_shapes(model, hook, image_size) for model, hook in zip((teacher, student), hooks))
+        teacher_shapes, student_shapes = (feature_shapes(model, hook, image_size)
+                                          for model, hook in zip((teacher, student), hooks, strict=True))
         if method == "fitnet":
-            HintRegressors(zip(student_shapes, teacher_shapes))
+            HintRegressors(zip(student_shapes, teacher_shapes, strict=True))
     finally:
         for hook in hooks:
             hook.remove()
@@ -359,13 +367,14 @@ class FeatureDistillationCriterion:
         self.teacher_hooks = FeatureHooks(teacher, [t for t, _ in pairs])
         self.student_hooks = FeatureHooks(student, [s for _, s in pairs])
         shapes = zip(feature_shapes(student, self.student_hooks, image_size),
-                     feature_shapes(teacher, self.teacher_hooks, image_size))
+                     feature_shapes(teacher, self.teacher_hooks, image_size), strict=True)
         self.trainable: nn.Module | None = None
         self._regressors: nn.Module | None = None
         if method == "fitnet":
             self.trainable = HintRegressors(shapes)
             # channels_last like the project's models: the regressors' gradients then match DDP's buckets.
-            self.trainable.to(next(model_builder.unwrap(student).parameters()).device, memory_format=torch.channels_last)
+            student_device = next(model_builder.unwrap(student).parameters()).device
+            self.trainable.to(student_device, memory_format=torch.channels_last)
             self._regressors = self.trainable
             if dist.is_initialized() and dist.get_world_size() > 1:
                 # Ranks see different shards; DDP starts the regressors equal and averages their gradients.
@@ -470,7 +479,8 @@ class DKDCriterion(DistillationCriterion):
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
         if warmup_steps < 0 or steps_per_epoch < 1:
-            raise ValueError(f"warmup_steps must be >= 0 and steps_per_epoch >= 1, got {warmup_steps} and {steps_per_epoch}.")
+            raise ValueError(f"warmup_steps must be >= 0 and steps_per_epoch >= 1, got {warmup_steps} and "
+                             f"{steps_per_epoch}.")
         super().__init__(teacher, temperature, alpha, hard_loss)
         self.dkd_alpha, self.dkd_beta = dkd_alpha, dkd_beta
         self.warmup_steps, self.steps_per_epoch = warmup_steps, steps_per_epoch

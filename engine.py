@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,73 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import model_builder
+import runtime
 import utils
 
 Batches = Iterable[tuple[torch.Tensor, ...]]  # (images, labels, *extra)
 Criterion = Callable[..., dict[str, torch.Tensor]]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Join the process group when launched by torchrun; return (rank, world size, local rank).
-
-    gloo on CPU, nccl on CUDA. A plain `python experiment.py` is a world of one and starts nothing.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0 and 1 without torchrun)."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's value of a picklable object, on every rank."""
-    if not dist.is_initialized():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and in a single process): the one process that writes files and prints."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def local_module(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (the model itself otherwise).
-
-    Its forward involves no other rank, so ranks may call it a different number of times.
-    """
-    return getattr(model, "module", model)
-
-
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's tensor along dim 0, in rank order (shards may differ in length)."""
-    if not dist.is_initialized():
-        return tensor
-    length = torch.tensor([tensor.shape[0]], device=tensor.device)
-    lengths = [torch.zeros_like(length) for _ in range(dist.get_world_size())]
-    dist.all_gather(lengths, length)
-    longest = int(max(lengths).item())
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in lengths]
-    dist.all_gather(gathered, padded)
-    return torch.cat([rows[: int(n.item())] for rows, n in zip(gathered, lengths)])
-
-
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of a tensor over all ranks (the tensor itself in a single process)."""
-    if dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,16 +70,10 @@ class SupervisedCriterion:
         return {"loss": loss, "logits": logits}
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """An autocast context for reduced precision, or a no-op when `dtype` is None."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
 def _progress(batches: Batches, description: str) -> Iterable:
     # disable=None hides the bar when output is not a terminal (logs, CI); only rank 0 shows one.
-    return tqdm(batches, desc=description, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
+    return tqdm(batches, desc=description, leave=False, disable=None if runtime.is_main_process() else True,
+                dynamic_ncols=True)
 
 
 def train_one_epoch(
@@ -176,7 +106,7 @@ def train_one_epoch(
     # The index of the first batch with a non-finite loss, kept on the device (-1: none yet).
     first_bad_batch = torch.tensor(-1, device=device)
     for batch_index, (images, labels, *extra) in enumerate(_progress(data_loader, description)):
-        with autocast(device, amp_dtype):
+        with runtime.autocast(device, amp_dtype):
             outputs = criterion(model, images, labels, *extra)
         bad = (first_bad_batch < 0) & ~torch.isfinite(outputs["loss"].detach())
         first_bad_batch = torch.where(bad, batch_index, first_bad_batch)
@@ -197,8 +127,8 @@ def train_one_epoch(
     bad_batch = int(first_bad_batch.item())
     if bad_batch >= 0:
         raise NonFiniteLossError(bad_batch + 1)
-    logits, labels = gather_rows(torch.cat(all_logits)), gather_rows(torch.cat(all_labels))
-    metrics = {name: (sum_over_ranks(total) / len(labels)).item() for name, total in sums.items()}
+    logits, labels = runtime.gather_rows(torch.cat(all_logits)), runtime.gather_rows(torch.cat(all_labels))
+    metrics = {name: (runtime.sum_over_ranks(total) / len(labels)).item() for name, total in sums.items()}
     metrics.update(utils.classification_metrics(logits, labels, class_names))
     return metrics
 
@@ -213,13 +143,13 @@ def predict(
     Under torchrun each rank predicts its shard and the results are gathered in rank order.
     """
     # Not the DDP forward: shards may differ in length, and evaluation needs no gradient sync.
-    module = local_module(model).eval()
+    module = model_builder.unwrap(model, keep_compiled=True).eval()
     all_logits, all_labels = [], []
     for images, labels, *_ in _progress(data_loader, description):
-        with autocast(device, amp_dtype):
+        with runtime.autocast(device, amp_dtype):
             all_logits.append(module(images).float())
         all_labels.append(labels)
-    return gather_rows(torch.cat(all_logits)).cpu(), gather_rows(torch.cat(all_labels)).cpu()
+    return runtime.gather_rows(torch.cat(all_logits)).cpu(), runtime.gather_rows(torch.cat(all_labels)).cpu()
 
 
 def metrics_from_logits(
@@ -280,73 +210,45 @@ class FitResult:
 
 
 def fit(
-    model: nn.Module,
-    train_loader: Batches,
-    val_loader: Batches,
-    criterion: Criterion,
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    class_names: Sequence[str],
-    device: torch.device,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    amp_dtype: torch.dtype | None = None,
+    model: nn.Module, train_loader: Batches, val_loader: Batches, criterion: Criterion,
+    optimizer: torch.optim.Optimizer, epochs: int, class_names: Sequence[str], device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, amp_dtype: torch.dtype | None = None,
     on_best: Callable[[int, list[dict[str, Any]]], None] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    log: Callable[[str], None] = print,
-    name: str = "model",
-    on_epoch_end: Callable[[FitResult], None] | None = None,
-    resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None,
-    select_metric: str = "top1",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None, log: Callable[[str], None] = print,
+    name: str = "model", on_epoch_end: Callable[[FitResult], None] | None = None,
+    resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None, select_metric: str = "top1",
     patience: int | None = None,
 ) -> FitResult:
     """Train for `epochs` epochs, choose the best epoch on validation data, and restore it.
 
-    After every epoch the model is evaluated on the validation loader; when it beats the
-    best so far by `select_metric` (see `is_better`) its weights are kept and `on_best(epoch, history)` is called
-    (to save a checkpoint); `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard);
-    `on_epoch_end(result)` runs last in each epoch (to save the state a resumed run needs).
-    When training ends the best weights are loaded back into `model`,
-    so what the caller tests, saves or distills from is the selected model, not the last epoch.
+    After every epoch the model is evaluated on the validation loader; when it beats the best so far by
+    `select_metric` (see `is_better`) its weights are kept and `on_best(epoch, history)` is called;
+    `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard); `on_epoch_end(result)` runs last in
+    each epoch (to save the state a resumed run needs). At the end the best weights are loaded back into
+    `model`: what the caller tests, saves or distills from is the selected model, not the last epoch.
 
-    `resume=(result so far, best weights of the unwrapped model)` continues after `len(result.history)` finished epochs;
-    the caller restores model, optimizer, scheduler, loader and RNG states beforehand.
-    A criterion with a `set_epoch(epoch)` method is told each epoch (from 1) before it starts.
-    With `patience` (None or 0: off), training stops once `patience` epochs in a row have not improved
-    on the best; the count comes from the history, so a resumed run stops where an uninterrupted one would.
-    A scheduler keeps the plan it was made with (e.g. a one-cycle schedule over all `epochs`).
+    `resume=(result so far, best weights of the unwrapped model)` continues after `len(result.history)`
+    finished epochs; the caller restores model, optimizer, scheduler, loader and RNG states beforehand. A
+    criterion with `set_epoch(epoch)` is told each epoch (from 1) before it starts. With `patience` (None or
+    0: off), training stops once `patience` epochs in a row have not improved on the best, counted from the
+    history, so a resumed run stops where an uninterrupted one would. A scheduler keeps its plan over `epochs`.
     """
     result, best_state = resume if resume is not None else (FitResult(), None)
     best_val = result.history[result.best_epoch - 1]["val"] if result.best_epoch else None
     start = time.perf_counter() - result.train_seconds
     for epoch in range(len(result.history) + 1, epochs + 1):
-        if patience and result.best_epoch and result.epochs_without_improvement() >= patience:
-            result.stopped_early = True
-            if is_main_process():
-                log(f"[{name}] stopped early after epoch {epoch - 1} of {epochs}: validation {select_metric} has not "
-                    f"improved for {patience} epoch{'s' if patience > 1 else ''} (best epoch {result.best_epoch})")
+        if _patience_ran_out(result, patience, epochs, name, select_metric, log):
             break
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         if hasattr(criterion, "set_epoch"):
             criterion.set_epoch(epoch)
-        try:
-            train_metrics = train_one_epoch(
-                model, train_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype,
-                description=f"{name} epoch {epoch}/{epochs}",
-            )
-        except NonFiniteLossError as error:
-            kept = (f"the last good checkpoint, epoch {result.best_epoch}, is kept" if result.best_epoch
-                    else "no epoch had finished, so there is no checkpoint")
-            raise NonFiniteLossError(error.batch, (
-                f"{name}: the training loss became NaN or infinite at epoch {epoch}, batch {error.batch}; "
-                f"training stopped ({kept}). A lower learning rate usually helps."
-            )) from None
+        train_metrics = _train_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler,
+                                     amp_dtype, name, epoch, epochs, result.best_epoch)
         val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")
         val_metrics = metrics_from_logits(val_logits, val_labels, class_names)
-        record = {
-            "epoch": epoch, "lr": lr, "train": train_metrics, "val": val_metrics,
-            "seconds": time.perf_counter() - epoch_start,
-        }
+        record = {"epoch": epoch, "lr": lr, "train": train_metrics, "val": val_metrics,
+                  "seconds": time.perf_counter() - epoch_start}
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -362,114 +264,39 @@ def fit(
             on_epoch_end(result)
         # Logged once on_epoch_end has handed the epoch to the checkpoint writer: unless the process is
         # killed outright, an epoch shown as done is on disk when the run ends, and a resume will not repeat it.
-        if is_main_process():
+        if runtime.is_main_process():
             log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
     if best_state is not None:
         model_builder.unwrap(model).load_state_dict(best_state)
     return result
 
 
-def resolve_device(setting: str) -> torch.device:
-    """'auto' picks CUDA when available, else the CPU; other values are used as given."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device '{setting}' was requested but CUDA is not available here.")
-    return device
-
-
-# --compile auto turns torch.compile on for CUDA runs in which a model trains on at least this many
-# images (epochs x training images; 30 epochs of CIFAR-10's 45,000 are 1,350,000). An estimate, not yet
-# measured on a GPU: compiling costs about a minute per model, and fused kernels save a share of each step.
-COMPILE_AUTO_MIN_IMAGES = 1_000_000
-
-
-def resolve_compile(setting: str, device: torch.device, training_images: int) -> bool:
-    """Whether to torch.compile a model: 'on', 'off', or 'auto': on for CUDA runs long enough to pay for
-    compiling (COMPILE_AUTO_MIN_IMAGES), off on the CPU, where compiling takes minutes on a few cores."""
-    if setting in ("on", "off"):
-        return setting == "on"
-    return torch.device(device).type == "cuda" and training_images >= COMPILE_AUTO_MIN_IMAGES
-
-
-def enable_autotuning(device: torch.device) -> None:
-    """On CUDA, let cuDNN benchmark its convolution algorithms once per input shape and keep the fastest."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
-def store_for_autocast(frozen: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
-    """Keep a frozen model's convolution and linear layers in `amp_dtype`, as autocast casts them on
-    every forward (it caches casts only of weights that need gradients): the same outputs under
-    autocast, bit for bit, without the cast in every step. Batch-norm layers stay in float32, as under
-    autocast. Without reduced precision (`amp_dtype` None) the model is left as it is."""
-    if amp_dtype is not None:
-        for module in frozen.modules():
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                module.to(amp_dtype)
-    return frozen
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the processor computes bf16 natively (AVX512-BF16 or AMX), where bf16 is faster."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
+def _patience_ran_out(
+    result: FitResult, patience: int | None, epochs: int, name: str, select_metric: str, log: Callable[[str], None],
+) -> bool:
+    """Whether early stopping ends training now (marking the result so, and saying why)."""
+    if not (patience and result.best_epoch and result.epochs_without_improvement() >= patience):
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    result.stopped_early = True
+    if runtime.is_main_process():
+        log(f"[{name}] stopped early after epoch {len(result.history)} of {epochs}: validation {select_metric} has "
+            f"not improved for {patience} epoch{'s' if patience > 1 else ''} (best epoch {result.best_epoch})")
+    return True
 
 
-def resolve_amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision: 'auto' uses bf16 on CUDA and on CPUs with native bf16, else fp32 (None)."""
-    if setting == "fp32":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-
-
-def measure_speeds(
-    models: dict[str, nn.Module], image_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    batch: int = 64, rounds: int = 3, min_run_time: float = 0.05,
-) -> dict[str, dict[str, Any]]:
-    """Deployment speed of several models on this device, measured interleaved.
-
-    In each of `rounds` rounds every model in turn is timed by `torch.utils.benchmark`
-    (`Timer.blocked_autorange`) at batch 1 and at batch `batch`, so a slow moment of the machine
-    hits all of them rather than one. Per model: batch-1 latency in ms and batch-`batch`
-    throughput in images/s, each as the median and the interquartile range [q1, q3] of the
-    timed blocks of all rounds. Each call of blocked_autorange first runs the model untimed to
-    choose its block size, which also keeps first-call costs (kernel selection, allocation) out
-    of the figures. Inputs are random (speed does not depend on them); the measurement uses as
-    many threads as the run.
-    """
-    from torch.utils.benchmark import Timer
-
-    def forward(module: nn.Module, images: torch.Tensor) -> None:
-        with torch.inference_mode(), autocast(device, amp_dtype):
-            module(images)
-
-    timers = {}
-    for name, model in models.items():
-        module = local_module(model).eval()
-        for size in (1, batch):
-            images = torch.randn(size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-            timers[name, size] = Timer("forward(module, images)", globals={"forward": forward, "module": module, "images": images},
-                                       num_threads=torch.get_num_threads())
-    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, timer in timers.items():
-            seconds[key] += timer.blocked_autorange(min_run_time=min_run_time).times
-    speeds = {}
-    for name in models:
-        latency = 1000 * np.percentile(seconds[name, 1], [25, 50, 75])
-        throughput = batch / np.percentile(seconds[name, batch], [75, 50, 25])
-        speeds[name] = {
-            "latency_ms": round(float(latency[1]), 3), "latency_ms_iqr": [round(float(v), 3) for v in latency[::2]],
-            "throughput_img_s": round(float(throughput[1]), 1), "throughput_img_s_iqr": [round(float(v), 1) for v in throughput[::2]],
-        }
-    return speeds
+def _train_epoch(
+    model: nn.Module, train_loader: Batches, criterion: Criterion, optimizer: torch.optim.Optimizer,
+    class_names: Sequence[str], device: torch.device, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    amp_dtype: torch.dtype | None, name: str, epoch: int, epochs: int, best_epoch: int,
+) -> dict[str, Any]:
+    """`train_one_epoch`, with a non-finite loss told in one sentence: where, and which checkpoint is kept."""
+    try:
+        return train_one_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype,
+                               description=f"{name} epoch {epoch}/{epochs}")
+    except NonFiniteLossError as error:
+        kept = (f"the last good checkpoint, epoch {best_epoch}, is kept" if best_epoch
+                else "no epoch had finished, so there is no checkpoint")
+        raise NonFiniteLossError(error.batch, (
+            f"{name}: the training loss became NaN or infinite at epoch {epoch}, batch {error.batch}; "
+            f"training stopped ({kept}). A lower learning rate usually helps."
+        )) from None

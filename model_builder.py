@@ -30,6 +30,8 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleUnit
 from torchvision.ops import Conv2dNormActivation
 
+import errors
+
 SMALL_IMAGE_MAX = 64  # pixels; up to this size torchvision's ResNets and VGGs get small-image variants
 ALIASES = {"vgg16": "vgg16_bn", "resnet18": "resnet18"}  # the project's names -> torchvision's
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before a weights download counts as impossible
@@ -59,6 +61,11 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _pooled_logits(features: torch.Tensor, pool: nn.Module, linear: nn.Module) -> torch.Tensor:
+    """The zoo's common head: global pooling of the last feature map, then one linear layer."""
+    return linear(torch.flatten(pool(features), 1))
+
+
 class SmallResNet(nn.Module):
     """CIFAR ResNet (He et al. 2016, section 4.2): a 3x3 stem, three stages of depth // 6 torchvision
     BasicBlocks at strides 1, 2, 2, global average pooling and one linear layer (depth = 6n + 2).
@@ -76,10 +83,11 @@ class SmallResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         stages, channels = [], widths[0]
-        for width, stride in zip(widths[1:], (1, 2, 2)):
+        for width, stride in zip(widths[1:], (1, 2, 2), strict=True):
             downsample = None
             if stride != 1 or channels != width:
-                downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+                downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False),
+                                           nn.BatchNorm2d(width))
             stages.append(nn.Sequential(BasicBlock(channels, width, stride, downsample),
                                         *(BasicBlock(width, width) for _ in range(blocks - 1))))
             channels = width
@@ -89,8 +97,8 @@ class SmallResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return _pooled_logits(self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))),
+                              self.avgpool, self.fc)
 
 
 class PreActBlock(nn.Module):
@@ -105,7 +113,8 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.shortcut = None if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        self.shortcut = (None if in_channels == out_channels
+                         else nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activated = self.relu1(self.bn1(x))
@@ -125,7 +134,7 @@ class WideResNet(nn.Module):
         blocks = (depth - 4) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         stages, channels = [], 16
-        for width, stride in zip((16 * widen, 32 * widen, 64 * widen), (1, 2, 2)):
+        for width, stride in zip((16 * widen, 32 * widen, 64 * widen), (1, 2, 2), strict=True):
             stages.append(nn.Sequential(PreActBlock(channels, width, stride),
                                         *(PreActBlock(width, width, 1) for _ in range(blocks - 1))))
             channels = width
@@ -137,8 +146,8 @@ class WideResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        features = self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
+        return _pooled_logits(features, self.avgpool, self.fc)
 
 
 class SmallVGG(nn.Module):
@@ -164,7 +173,7 @@ class SmallVGG(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        return _pooled_logits(self.features(x), self.avgpool, self.classifier)
 
 
 class MobileBlock(nn.Module):
@@ -204,7 +213,8 @@ class SmallMobileNetV2(nn.Module):
         stages = []
         for expansion, width, blocks, stride in self.STAGES:
             width = int(width * self.WIDTH)
-            stages.append(nn.Sequential(*(MobileBlock(channels if i == 0 else width, width, stride if i == 0 else 1, expansion)
+            stages.append(nn.Sequential(*(MobileBlock(channels if i == 0 else width, width, stride if i == 0 else 1,
+                                                      expansion)
                                           for i in range(blocks))))
             channels = width
         self.blocks = nn.ModuleList(stages)
@@ -217,7 +227,7 @@ class SmallMobileNetV2(nn.Module):
         x = self.conv1(x)
         for stage in self.blocks:
             x = stage(x)
-        return self.classifier(torch.flatten(self.avgpool(self.conv2(x)), 1))
+        return _pooled_logits(self.conv2(x), self.avgpool, self.classifier)
 
 
 class SmallShuffleNetV2(nn.Module):
@@ -234,7 +244,8 @@ class SmallShuffleNetV2(nn.Module):
         self.conv1 = Conv2dNormActivation(3, self.STEM_CHANNELS, 1)
         stages, channels = [], self.STEM_CHANNELS
         for width, repeats in self.STAGES:
-            stages.append(nn.Sequential(ShuffleUnit(channels, width, 2), *(ShuffleUnit(width, width, 1) for _ in range(repeats))))
+            stages.append(nn.Sequential(ShuffleUnit(channels, width, 2),
+                                        *(ShuffleUnit(width, width, 1) for _ in range(repeats))))
             channels = width
         self.layer1, self.layer2, self.layer3 = stages
         self.conv2 = Conv2dNormActivation(channels, self.LAST_CHANNELS, 1)
@@ -243,8 +254,7 @@ class SmallShuffleNetV2(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return _pooled_logits(self.conv2(self.layer3(self.layer2(self.layer1(self.conv1(x))))), self.avgpool, self.fc)
 
 
 # name -> constructor taking num_classes; the names and shapes of RepDistiller's / mdistiller's CIFAR models
@@ -327,7 +337,8 @@ class Pretrained:
 
 
 def hub_weights_file(weights: models.WeightsEnum) -> Path:
-    """Where torch.hub keeps (and looks for) a torchvision weights file: $TORCH_HOME/hub/checkpoints/<url's file name>."""
+    """Where torch.hub keeps (and looks for) a torchvision weights file:
+    $TORCH_HOME/hub/checkpoints/<url's file name>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
@@ -338,7 +349,8 @@ def weights_names(arch: str) -> list[str]:
 
 
 def weights_by_name(arch: str, name: str) -> models.WeightsEnum | None:
-    """The torchvision weights of `arch` called `name` ("DEFAULT", "IMAGENET1K_V1" or "VGG16_BN_Weights.IMAGENET1K_V1"), or None."""
+    """The torchvision weights of `arch` called `name` ("DEFAULT", "IMAGENET1K_V1" or
+    "VGG16_BN_Weights.IMAGENET1K_V1"), or None."""
     if not weights_names(arch):
         return None
     enum = models.get_model_weights(architecture_name(arch))
@@ -358,7 +370,8 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 
 def fetch_hub_weights(weights: models.WeightsEnum) -> Path:
-    """The torch hub cache's file of `weights`, downloaded (hash-checked) only when it is missing and the network allows."""
+    """The torch hub cache's file of `weights`, downloaded (hash-checked) only when it is missing and the
+    network allows."""
     path = hub_weights_file(weights)
     if path.is_file():
         return path
@@ -368,8 +381,8 @@ def fetch_hub_weights(weights: models.WeightsEnum) -> Path:
         with _socket_timeout(DOWNLOAD_TIMEOUT):
             torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None)
     except Exception as error:  # offline, refused, timed out, or a damaged download: all the user's to fix
-        detail = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
-        raise WeightsError(f"{weights} is not in the torch hub cache and could not be downloaded ({detail}): "
+        raise WeightsError(f"{weights} is not in the torch hub cache and could not be downloaded "
+                           f"({errors.one_line(error, brief=True)}): "
                            f"put {path.name} (from {weights.url}) into {path.parent}.") from None
     return path
 
@@ -382,11 +395,12 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged or foreign file is the user's to replace
-        raise WeightsError(f"Cannot read weights file '{path}': {type(error).__name__}: {str(error).splitlines()[0]}") from None
+        raise WeightsError(f"Cannot read weights file '{path}': {errors.one_line(error, brief=True)}") from None
     extra: dict[str, Any] = {}
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content, extra = content["state_dict"], content
-    if not (isinstance(content, dict) and content and all(isinstance(value, torch.Tensor) for value in content.values())):
+    tensors_only = isinstance(content, dict) and all(isinstance(value, torch.Tensor) for value in content.values())
+    if not (content and tensors_only):
         raise WeightsError(f"'{path}' does not hold a state dict (a mapping of layer names to tensors).")
     return content, extra
 
@@ -413,7 +427,8 @@ def read_pretrained(arch: str, setting: str) -> Pretrained:
             raise WeightsError(f"'{setting}' is a folder, not a state-dict file.")
         if os.sep in setting or "/" in setting or path.suffix.lower() in WEIGHTS_FILE_SUFFIXES:
             raise WeightsError(f"There is no weights file '{setting}'.")
-        raise WeightsError(f"'{setting}' is neither a weights name of {architecture_name(arch)} ({names}) nor a state-dict file.")
+        raise WeightsError(f"'{setting}' is neither a weights name of {architecture_name(arch)} ({names}) "
+                           "nor a state-dict file.")
     state_dict, extra = read_state_dict(path)
     mean, std = extra.get("mean"), extra.get("std")
     usable = isinstance(mean, list) and isinstance(std, list)
@@ -443,43 +458,15 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained) -> dict[str, Any]:
     return record
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of a model."""
-    return sum(p.numel() for p in model.parameters())
+def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
+    """The plain module behind a DistributedDataParallel and a torch.compile wrapper.
 
-
-def model_size_mb(model: nn.Module) -> float:
-    """Size of the model's parameters and buffers in megabytes (2**20 bytes)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind a DistributedDataParallel or torch.compile wrapper."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def describe(model: nn.Module) -> dict[str, float]:
-    """Parameter count and size of a model, for summaries."""
-    plain = unwrap(model)
-    return {"params": count_parameters(plain), "size_mb": round(model_size_mb(plain), 3)}
-
-
-def flops_per_image(model: nn.Module, image_size: int) -> int:
-    """Floating-point operations of one forward pass on one image (torch.utils.flop_counter).
-
-    Counted on a CPU copy in eval mode, so it works for any device and leaves the model untouched.
+    With `keep_compiled`, only the DDP wrapper is taken off (its forward involves no other rank, so
+    ranks may call it a different number of times), and a compiled model stays compiled unless it
+    wraps DDP itself.
     """
-    import copy
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    plain = copy.deepcopy(unwrap(model)).cpu().float().eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        plain(torch.zeros(1, 3, image_size, image_size))
-    return int(counter.get_total_flops())
+    module = getattr(model, "module", model)
+    return module if keep_compiled else getattr(module, "_orig_mod", module)
 
 
 @contextmanager
@@ -524,8 +511,7 @@ def check_input_size(name: str, image_size: int) -> None:
         with torch.device("meta"):
             model(torch.zeros(1, 3, image_size, image_size))
     except Exception as error:  # any failure means the model cannot run at this size
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{name} cannot take {image_size}x{image_size} images ({reason}); "
+        raise ValueError(f"{name} cannot take {image_size}x{image_size} images ({errors.one_line(error)}); "
                          "choose another --image-size or model.") from None
 
 
@@ -542,7 +528,8 @@ def feature_stages(model: nn.Module) -> list[str]:
     if isinstance(plain, models.ResNet):
         return ["relu", "layer1", "layer2", "layer3", "layer4"]
     if isinstance(plain, models.VGG):
-        return [f"features.{index - 1}" for index, layer in enumerate(plain.features) if isinstance(layer, nn.MaxPool2d)]
+        return [f"features.{index - 1}" for index, layer in enumerate(plain.features)
+                if isinstance(layer, nn.MaxPool2d)]
     raise ValueError(f"No feature stages are known for {type(plain).__name__}; name its layers with "
                      "--feature-layers (python experiment.py --list-layers MODEL lists them).")
 

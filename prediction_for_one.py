@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
-import data_setup
-import model_builder
+import checkpoints
+import decoding
+import deploy
+import errors
+import folders
 import utils
 
 
@@ -32,32 +34,15 @@ class PredictionError(Exception):
     """A problem with the model file that stops prediction with one clear sentence."""
 
 
+def brief(error: BaseException) -> str:
+    """An error's type and first sentence, short enough for a one-line message about a model file."""
+    return errors.one_line(error, limit=160, brief=True)
+
+
 Classifier = Callable[[torch.Tensor], torch.Tensor]  # normalized images (N, 3, S, S) -> logits (N, C)
 
 
-DESCRIPTION_KEYS = ("class_names", "image_size", "mean", "std")  # what prediction needs besides weights
 BATCH_SIZE = 64  # images per forward pass
-
-
-def _brief(error: BaseException, limit: int = 160) -> str:
-    """The first sentence of an error message, on one line (PyTorch's can run to paragraphs)."""
-    text = " ".join(str(error).split())
-    text = text.split(". ")[0].rstrip(".") if text else ""
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _rebuild(checkpoint: dict[str, Any]) -> nn.Module:
-    """The model a checkpoint describes, with its weights, on the CPU in eval mode."""
-    model = model_builder.build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["image_size"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
-
-
-def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a self-describing checkpoint; returns the model (eval mode) and checkpoint."""
-    checkpoint = utils.load_checkpoint(path, map_location="cpu")
-    return _rebuild(checkpoint).to(device), checkpoint
 
 
 def _check_description(path: Path, description: Any, keys: tuple[str, ...]) -> None:
@@ -85,26 +70,26 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier,
     unusable = f"'{path}' is not a usable model file of this project"
     if path.suffix.lower() == ".onnx":
         try:
-            session = utils.onnx_session(path)
-            description = utils.onnx_metadata(session)
+            session = deploy.onnx_session(path)
+            description = deploy.onnx_metadata(session)
         except Exception as error:  # a foreign or damaged file is the user's to fix
-            raise PredictionError(f"{unusable}: it cannot be read as an exported model ({_brief(error)}).") from None
-        _check_description(path, description, DESCRIPTION_KEYS)
-        return (lambda images: utils.onnx_logits(session, images)), description
+            raise PredictionError(f"{unusable}: it cannot be read as an exported model ({brief(error)}).") from None
+        _check_description(path, description, checkpoints.DESCRIPTION_KEYS)
+        return (lambda images: deploy.onnx_logits(session, images)), description
     try:
-        checkpoint = utils.load_checkpoint(path, map_location="cpu")
+        checkpoint = checkpoints.load_checkpoint(path, map_location="cpu")
     except Exception as error:
-        raise PredictionError(f"{unusable}: it is damaged, truncated or not a checkpoint ({_brief(error)}).") from None
-    _check_description(path, checkpoint, ("arch", "num_classes", "state_dict", *DESCRIPTION_KEYS))
+        raise PredictionError(f"{unusable}: it is damaged, truncated or not a checkpoint ({brief(error)}).") from None
+    _check_description(path, checkpoint, ("arch", "num_classes", "state_dict", *checkpoints.DESCRIPTION_KEYS))
     try:
-        model = _rebuild(checkpoint)
+        model = checkpoints.load_model(checkpoint)
     except Exception as error:
         raise PredictionError(f"{unusable}: its weights do not rebuild a {checkpoint['arch']!r} model "
-                              f"({_brief(error)}).") from None
+                              f"({brief(error)}).") from None
     try:
         model = model.to(device)
     except Exception as error:
-        raise PredictionError(f"Device '{device}' is not usable here ({_brief(error)}).") from None
+        raise PredictionError(f"Device '{device}' is not usable here ({brief(error)}).") from None
     return (lambda images: model(images.to(device)).float().cpu()), checkpoint
 
 
@@ -116,10 +101,10 @@ def find_images(inputs: list[str]) -> tuple[list[str], list[str]]:
         if not os.path.isdir(item):
             paths.append(item)  # a missing or unreadable file is reported with the predictions
             continue
-        found = [path for path in data_setup.visible_files(item) if data_setup.is_image_name(path)]
+        found = [path for path in folders.visible_files(item) if folders.is_image_name(path)]
         if not found:
             empty_folders.append(f"folder '{item}' holds no image files (searched recursively for "
-                                 f"{', '.join(data_setup.IMAGE_EXTENSIONS)})")
+                                 f"{', '.join(folders.IMAGE_EXTENSIONS)})")
         paths += found
     return paths, empty_folders
 
@@ -144,16 +129,17 @@ def predict_images(
         entries, pixels = [], []
         for image_path in image_paths[start : start + batch_size]:
             try:
-                pixels.append(data_setup.decode_image(image_path, description["image_size"], resize))
+                pixels.append(decoding.decode_image(image_path, description["image_size"], resize))
                 entries.append({"image": image_path})
-            except data_setup.UnreadableImage as error:  # missing, a folder, not an image, damaged
+            except decoding.UnreadableImage as error:  # missing, a folder, not an image, damaged
                 entries.append({"image": image_path, "error": f"cannot read image: {error}"})
         if pixels:
             images = (torch.stack(pixels).float() / 255 - mean) / std
             top = torch.softmax(classify(images).float(), dim=1).topk(k, dim=1)
             readable = [entry for entry in entries if "error" not in entry]
-            for entry, values, indices in zip(readable, top.values.tolist(), top.indices.tolist()):
-                entry["top"] = [{"class": class_names[i], "probability": round(p, 6)} for p, i in zip(values, indices)]
+            for entry, values, indices in zip(readable, top.values.tolist(), top.indices.tolist(), strict=True):
+                entry["top"] = [{"class": class_names[i], "probability": round(p, 6)}
+                                for p, i in zip(values, indices, strict=True)]
         predictions += entries
     return predictions
 
@@ -189,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     not be read or a folder holds no image (the others are still classified; each problem is named
     on stderr), 2 for a bad model file or setting."""
     parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).")
-    parser.add_argument("--model", "--model_path", dest="model", required=True, help="path to a best_model.pth or model.onnx")
+    parser.add_argument("--model", "--model_path", dest="model", required=True,
+                        help="path to a best_model.pth or model.onnx")
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for them")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")

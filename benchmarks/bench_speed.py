@@ -39,9 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_setup  # noqa: E402
+import decoding  # noqa: E402
 import engine  # noqa: E402
+import folders  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
+import runtime  # noqa: E402
 
 TEMPERATURE, ALPHA = 4.0, 0.5
 CUDA_BATCHES = (256, 512)  # raw-limit batch sizes on CUDA (the CPU uses --batch-size)
@@ -63,7 +66,7 @@ def default_data_dir() -> Path | None:
 
 def subset_paths(train_dir: Path, count: int) -> tuple[list[str], list[int], list[str]]:
     """The first count/classes images of every class (deterministic), with labels and class names."""
-    folder = data_setup.image_folder(train_dir)
+    folder = folders.image_folder(train_dir)
     per_class = max(1, count // len(folder.classes))
     chosen = [s for c in range(len(folder.classes)) for s in [x for x in folder.samples if x[1] == c][:per_class]]
     return [p for p, _ in chosen], [label for _, label in chosen], folder.classes
@@ -71,7 +74,7 @@ def subset_paths(train_dir: Path, count: int) -> tuple[list[str], list[int], lis
 
 def variants(device: torch.device) -> list[tuple[torch.dtype | None, bool]]:
     """(autocast dtype, channels_last) pairs worth trying on this device."""
-    amp_dtype = engine.resolve_amp_dtype("auto", device)  # the pipeline's own choice of where bf16 pays
+    amp_dtype = runtime.resolve_amp_dtype("auto", device)  # the pipeline's own choice of where bf16 pays
     precisions = [None] if amp_dtype is None else [None, amp_dtype]
     return [(dtype, channels_last) for dtype in precisions for channels_last in (False, True)]
 
@@ -129,8 +132,8 @@ def raw_limit(
         images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=layout)
         labels = torch.randint(0, classes, (batch,), device=device)
 
-        def step() -> None:
-            with engine.autocast(device, dtype):
+        def step(model=model, images=images, labels=labels, optimizer=optimizer, dtype=dtype) -> None:
+            with runtime.autocast(device, dtype):
                 loss = F.cross_entropy(model(images).float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,7 +142,8 @@ def raw_limit(
         speed = batch / steady_step_seconds(step, device, steps)
         best = max(best, speed)
         lines.append(f"  {arch:<10} batch {batch:<4} {'bf16' if dtype else 'fp32'} "
-                     f"{'channels_last' if channels_last else 'contiguous':<14} {speed:9.1f} img/s {tflops(speed, flops)}")
+                     f"{'channels_last' if channels_last else 'contiguous':<14} {speed:9.1f} img/s "
+                     f"{tflops(speed, flops)}")
     return best, lines
 
 
@@ -149,26 +153,29 @@ def tflops(images_per_second: float, flops_per_image: float) -> str:
 
 def our_epochs(args, paths, labels, classes, device) -> tuple[float, float]:
     """Images/s of our plain student epoch and our distillation epoch on the decoded subset."""
-    images = data_setup.decode_cached(paths, args.image_size, os.cpu_count() or 1, None, decode_device=device)
+    images = decoding.decode_cached(paths, args.image_size, os.cpu_count() or 1, None, decode_device=device)
     split = data_setup.ImageTensors(images, torch.tensor(labels), paths, args.image_size)
     mean, std = data_setup.channel_stats(split, 0)
-    amp = engine.resolve_amp_dtype("auto", device)
+    amp = runtime.resolve_amp_dtype("auto", device)
     augmentation = data_setup.Augmentation(pad=4, hflip=True)
     speeds = []
     for distill in (False, True):
         torch.manual_seed(0)
-        student = model_builder.build_model(args.student, len(classes), args.image_size).to(device, memory_format=torch.channels_last)
+        student = model_builder.build_model(args.student, len(classes),
+                                            args.image_size).to(device, memory_format=torch.channels_last)
         criterion: engine.Criterion = engine.SupervisedCriterion()
         if distill:
             teacher = model_builder.build_model(args.teacher, len(classes), args.image_size).eval()
-            teacher = engine.store_for_autocast(teacher.to(device, memory_format=torch.channels_last), amp)
+            teacher = runtime.store_for_autocast(teacher.to(device, memory_format=torch.channels_last), amp)
             criterion = KD_engine.DistillationCriterion(teacher, TEMPERATURE, ALPHA)
         # As experiment.make_optimizer: one fused kernel per step.
         optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, fused=True)
         loader = data_setup.BatchLoader(split, args.batch_size, mean, std, device, augmentation, seed=0)
         warm_up = list(itertools.islice(iter(loader), 3))
         engine.train_one_epoch(student, warm_up, criterion, optimizer, classes, device, amp_dtype=amp)
-        seconds = timed(lambda: engine.train_one_epoch(student, loader, criterion, optimizer, classes, device, amp_dtype=amp), device)
+        seconds = timed(lambda student=student, loader=loader, criterion=criterion, optimizer=optimizer:
+                        engine.train_one_epoch(student, loader, criterion, optimizer, classes, device, amp_dtype=amp),
+                        device)
         speeds.append(len(split) / seconds)
     return speeds[0], speeds[1]
 
@@ -222,7 +229,8 @@ def reference_epoch(args, train_dir: Path, paths, classes, device) -> float:
 def strong_reference_epoch(args, train_dir: Path, paths, classes, device) -> float:
     """Images/s of a distillation epoch as a careful user writes it by hand with torchvision."""
     subset = reference_subset(args, train_dir, paths)
-    loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=True, num_workers=os.cpu_count() or 1,
+    loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=True,
+                                         num_workers=os.cpu_count() or 1,
                                          persistent_workers=True, pin_memory=device.type == "cuda")
     torch.manual_seed(0)
     teacher = model_builder.build_model(args.teacher, len(classes), args.image_size)
@@ -230,7 +238,7 @@ def strong_reference_epoch(args, train_dir: Path, paths, classes, device) -> flo
     student = model_builder.build_model(args.student, len(classes), args.image_size)
     student = student.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
-    bf16 = engine.resolve_amp_dtype("auto", device) is not None
+    bf16 = runtime.resolve_amp_dtype("auto", device) is not None
 
     def run(batches) -> None:
         for images, labels in batches:
@@ -255,18 +263,20 @@ def strong_reference_epoch(args, train_dir: Path, paths, classes, device) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=default_data_dir(),
-                        help="ImageFolder root with train/, e.g. CIFAR-10 as an ImageFolder tree (default: the team's copy "
-                             "when this machine has one, else the bundled digits)")
+                        help="ImageFolder root with train/, e.g. CIFAR-10 as an ImageFolder tree "
+                             "(default: the team's copy when this machine has one, else the bundled digits)")
     parser.add_argument("--quick", action="store_true", help="a smaller measurement (under 3 minutes on 2 CPU cores)")
-    parser.add_argument("--images", type=int, default=None, help="training images per epoch (default 640 quick, 2560 full; x8 on CUDA)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch of our and the reference epochs (default 256 on CUDA, 64 elsewhere)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="training images per epoch (default 640 quick, 2560 full; x8 on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch of our and the reference epochs (default 256 on CUDA, 64 elsewhere)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--teacher", default="VGG16")
     parser.add_argument("--student", default="ResNet18")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = engine.resolve_device(args.device)
-    engine.enable_autotuning(device)
+    device = runtime.resolve_device(args.device)
+    runtime.enable_autotuning(device)
     cuda = device.type == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 64)
     count = args.images or (640 if args.quick else 2560) * (8 if cuda else 1)
@@ -278,14 +288,16 @@ def main() -> None:
     paths, labels = paths[:count], labels[:count]
     print(f"data: {len(paths)} images of {train_dir}, {args.image_size}px, batch {args.batch_size}, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"native bf16: {engine.cpu_has_native_bf16()}" + (f", {torch.cuda.get_device_name(device)}" if cuda else ""))
+          f"native bf16: {runtime.cpu_has_native_bf16()}" + (f", {torch.cuda.get_device_name(device)}" if cuda else ""))
     print(f"raw limit (synthetic tensors, forward + backward + step, {steps} timed steps after a stable warm-up):")
     teacher_flops = training_flops_per_image(args.teacher, len(classes), args.image_size)
     student_flops = training_flops_per_image(args.student, len(classes), args.image_size)
     kd_flops = student_flops + teacher_flops / 3
-    teacher_limit, lines = raw_limit(args.teacher, len(classes), args.image_size, limit_batches, device, steps, teacher_flops)
+    teacher_limit, lines = raw_limit(args.teacher, len(classes), args.image_size, limit_batches, device, steps,
+                                     teacher_flops)
     print("\n".join(lines))
-    student_limit, lines = raw_limit(args.student, len(classes), args.image_size, limit_batches, device, steps, student_flops)
+    student_limit, lines = raw_limit(args.student, len(classes), args.image_size, limit_batches, device, steps,
+                                     student_flops)
     print("\n".join(lines))
     plain, distill = our_epochs(args, paths, labels, classes, device)
     reference = reference_epoch(args, train_dir, paths, classes, device)

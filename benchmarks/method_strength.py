@@ -35,12 +35,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 import data_setup  # noqa: E402
 import engine  # noqa: E402
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
-import utils  # noqa: E402
+import runtime  # noqa: E402
 
 TEACHER, STUDENT, IMAGE_SIZE = "vgg16_bn", "resnet18", 32
 TARGET = (0.5, 2.0)  # ours / reference
@@ -93,11 +94,13 @@ def reference_at_pair(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return (reference_attention(f_s) - reference_attention(f_t)).pow(2).mean()
 
 
-def hooked_forward(model: nn.Module, names: list[str], images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def hooked_forward(model: nn.Module, names: list[str],
+                   images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits and the named layers' outputs of one forward pass, through plain forward hooks."""
     outputs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o)) for name in names]
+    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+               for name in names]
     try:
         logits = model(images)
     finally:
@@ -115,7 +118,7 @@ def reference_terms(teacher: nn.Module, student: nn.Module, images: torch.Tensor
     torch.manual_seed(seed)
     regressor = ReferenceConvReg(feat_s[REFERENCE_HINT_LAYER].shape, feat_t[REFERENCE_HINT_LAYER].shape)
     hint = F.mse_loss(regressor(feat_s[REFERENCE_HINT_LAYER]), feat_t[REFERENCE_HINT_LAYER])
-    attention = sum(reference_at_pair(f_s, f_t) for f_s, f_t in zip(feat_s[1:], feat_t[1:]))
+    attention = sum(reference_at_pair(f_s, f_t) for f_s, f_t in zip(feat_s[1:], feat_t[1:], strict=False))
     ce = REFERENCE_CE_WEIGHT * F.cross_entropy(logits, labels)
     return {"fitnet": (ce, REFERENCE_HINT_WEIGHT * hint), "at": (ce, REFERENCE_AT_WEIGHT * attention)}
 
@@ -149,10 +152,11 @@ def strength(terms: tuple[torch.Tensor, torch.Tensor], student: nn.Module) -> tu
     return ce, feature, feature / ce
 
 
-def trained_teacher(args: argparse.Namespace, data: data_setup.DatasetSplits, device: torch.device) -> tuple[nn.Module, str]:
+def trained_teacher(args: argparse.Namespace, data: data_setup.DatasetSplits,
+                    device: torch.device) -> tuple[nn.Module, str]:
     """The teacher and a line describing it: loaded from --teacher-checkpoint, or trained briefly here."""
     if args.teacher_checkpoint:
-        checkpoint = utils.load_checkpoint(args.teacher_checkpoint)
+        checkpoint = checkpoints.load_checkpoint(args.teacher_checkpoint)
         if checkpoint.get("arch") != TEACHER or checkpoint.get("class_names") != data.class_names:
             sys.exit(f"error: '{args.teacher_checkpoint}' is not a VGG16 teacher of the bundled digits "
                      f"(it holds a {checkpoint.get('arch')} of classes {checkpoint.get('class_names')}).")
@@ -161,7 +165,8 @@ def trained_teacher(args: argparse.Namespace, data: data_setup.DatasetSplits, de
         data.mean, data.std = checkpoint["mean"], checkpoint["std"]
         return teacher.to(device), f"VGG16 loaded from {args.teacher_checkpoint} (epoch {checkpoint['epoch']})"
     torch.manual_seed(args.seed)
-    teacher = model_builder.build_model(TEACHER, len(data.class_names), IMAGE_SIZE).to(device, memory_format=torch.channels_last)
+    teacher = model_builder.build_model(TEACHER, len(data.class_names),
+                                        IMAGE_SIZE).to(device, memory_format=torch.channels_last)
     loader = data_setup.BatchLoader(data.train, experiment.BATCH_SIZE, data.mean, data.std, device,
                                     data_setup.Augmentation(pad=experiment.CROP_PADDING, hflip=False), seed=args.seed)
     val_loader = data_setup.BatchLoader(data.val, experiment.EVAL_BATCH_SIZE, data.mean, data.std, device)
@@ -169,15 +174,17 @@ def trained_teacher(args: argparse.Namespace, data: data_setup.DatasetSplits, de
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=experiment.TEACHER_LR,
                                                     total_steps=args.teacher_epochs * len(loader), pct_start=0.25)
     fit = engine.fit(teacher, loader, val_loader, engine.SupervisedCriterion(), optimizer, args.teacher_epochs,
-                     data.class_names, device, scheduler, engine.resolve_amp_dtype("auto", device),
+                     data.class_names, device, scheduler, runtime.resolve_amp_dtype("auto", device),
                      log=lambda line: None, name="teacher")
     top1 = fit.history[fit.best_epoch - 1]["val"]["top1"]
     return teacher, f"VGG16 trained {args.teacher_epochs} epochs here (validation top-1 {100 * top1:.2f}%)"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--teacher-checkpoint", default=None, help="a VGG16 best_model.pth trained on the bundled digits at 32 px")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--teacher-checkpoint", default=None,
+                        help="a VGG16 best_model.pth trained on the bundled digits at 32 px")
     parser.add_argument("--teacher-epochs", type=int, default=2, help="epochs of the briefly trained teacher")
     parser.add_argument("--batch-size", type=int, default=64, help="images in the one real training batch")
     parser.add_argument("--seed", type=int, default=0)
@@ -188,7 +195,8 @@ def main() -> None:
     teacher, described = trained_teacher(args, data, device)
     teacher = KD_engine.freeze(teacher.to(memory_format=torch.contiguous_format).float())
     batch_loader = data_setup.BatchLoader(data.train, args.batch_size, data.mean, data.std, device,
-                                          data_setup.Augmentation(pad=experiment.CROP_PADDING, hflip=False), seed=args.seed)
+                                          data_setup.Augmentation(pad=experiment.CROP_PADDING, hflip=False),
+                                          seed=args.seed)
     images, labels = next(iter(batch_loader))
     images = images.contiguous()
     torch.manual_seed(args.seed)
@@ -207,13 +215,15 @@ def main() -> None:
         student.load_state_dict(initial)
         terms, criterion = our_terms(method, teacher, student, images, labels, args.seed)
         ours = strength(terms, student)
-        layers = ",".join(f"{t}:{s}" for t, s in zip(criterion.teacher_hooks.names, criterion.student_hooks.names))
+        layers = ",".join(f"{t}:{s}" for t, s in zip(criterion.teacher_hooks.names, criterion.student_hooks.names,
+                                                     strict=True))
         student.load_state_dict(initial)
         reference = strength(reference_terms(teacher, student, images, labels, args.seed)[method], student)
         reference_weight = REFERENCE_HINT_WEIGHT if method == "fitnet" else REFERENCE_AT_WEIGHT
         reference_pairs = ([REFERENCE_HINT_LAYER] if method == "fitnet"
                            else range(1, min(len(REFERENCE_FEATURES[TEACHER]), len(REFERENCE_FEATURES[STUDENT]))))
-        reference_layers = ",".join(f"{REFERENCE_FEATURES[TEACHER][i]}:{REFERENCE_FEATURES[STUDENT][i]}" for i in reference_pairs)
+        reference_layers = ",".join(f"{REFERENCE_FEATURES[TEACHER][i]}:{REFERENCE_FEATURES[STUDENT][i]}"
+                                    for i in reference_pairs)
         for who, (weights, layer_text, (ce, feature, ratio)) in (
             ("ours", ((criterion.alpha, criterion.beta), layers, ours)),
             ("reference", ((REFERENCE_CE_WEIGHT, reference_weight), reference_layers, reference)),

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import experiment
-import utils
+import checkpoints
 
 
 def _checkpoint() -> dict:
@@ -30,11 +29,12 @@ def _same(first, second) -> bool:
 
 
 def test_background_file_equals_a_synchronous_save(tmp_path):
-    utils.save_checkpoint(tmp_path / "sync.pth", _checkpoint())
-    with utils.BackgroundSaver() as saver:
+    checkpoints.save_checkpoint(tmp_path / "sync.pth", _checkpoint())
+    with checkpoints.BackgroundSaver() as saver:
         saver.save({tmp_path / "background.pth": _checkpoint()})
-    assert _same(utils.load_checkpoint(tmp_path / "background.pth"), utils.load_checkpoint(tmp_path / "sync.pth"))
-    assert _same(utils.load_checkpoint(tmp_path / "background.pth"), _checkpoint())
+    assert _same(checkpoints.load_checkpoint(tmp_path / "background.pth"),
+                 checkpoints.load_checkpoint(tmp_path / "sync.pth"))
+    assert _same(checkpoints.load_checkpoint(tmp_path / "background.pth"), _checkpoint())
 
 
 def test_training_after_save_does_not_reach_the_file(tmp_path, monkeypatch):
@@ -43,19 +43,20 @@ def test_training_after_save_does_not_reach_the_file(tmp_path, monkeypatch):
     original = torch.save
     monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (release.wait(5), original(*args, **kwargs)))
     checkpoint = _checkpoint()
-    with utils.BackgroundSaver() as saver:
+    with checkpoints.BackgroundSaver() as saver:
         saver.save({tmp_path / "state.pth": checkpoint})
         checkpoint["weights"]["w"].add_(1)
         checkpoint["history"].append({"loss": 0.1})
         release.set()
-    assert _same(utils.load_checkpoint(tmp_path / "state.pth"), _checkpoint())
+    assert _same(checkpoints.load_checkpoint(tmp_path / "state.pth"), _checkpoint())
 
 
 def test_files_of_one_save_are_written_in_order_and_awaited_at_exit(tmp_path, monkeypatch):
     written = []
-    original = utils.save_checkpoint
-    monkeypatch.setattr(utils, "save_checkpoint", lambda path, checkpoint: (original(path, checkpoint), written.append(path.name)))
-    with utils.BackgroundSaver() as saver:
+    original = checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint",
+                        lambda path, checkpoint: (original(path, checkpoint), written.append(path.name)))
+    with checkpoints.BackgroundSaver() as saver:
         saver.save({tmp_path / "best_model.pth": {"epoch": 1}, tmp_path / "train_state.pth": {"epoch": 1}})
     assert written == ["best_model.pth", "train_state.pth"]
 
@@ -64,10 +65,10 @@ def test_ctrl_c_or_an_error_still_waits_for_the_write(tmp_path, monkeypatch):
     original = torch.save
     monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (time.sleep(0.5), original(*args, **kwargs)))
     with pytest.raises(KeyboardInterrupt):
-        with utils.BackgroundSaver() as saver:
+        with checkpoints.BackgroundSaver() as saver:
             saver.save({tmp_path / "train_state.pth": {"epoch": 1}})
             raise KeyboardInterrupt
-    assert utils.load_checkpoint(tmp_path / "train_state.pth") == {"epoch": 1}
+    assert checkpoints.load_checkpoint(tmp_path / "train_state.pth") == {"epoch": 1}
 
 
 def test_a_writer_error_surfaces_at_the_next_wait_and_the_next_save(tmp_path, monkeypatch):
@@ -75,7 +76,7 @@ def test_a_writer_error_surfaces_at_the_next_wait_and_the_next_save(tmp_path, mo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    saver = utils.BackgroundSaver()
+    saver = checkpoints.BackgroundSaver()
     saver.save({tmp_path / "a.pth": {"epoch": 1}})  # returns before the write fails
     with pytest.raises(OSError, match="No space left"):
         saver.wait()
@@ -89,7 +90,7 @@ def test_a_writer_error_surfaces_at_the_next_wait_and_the_next_save(tmp_path, mo
 
 def test_a_write_cut_short_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "train_state.pth"
-    utils.save_checkpoint(path, {"epoch": 1})
+    checkpoints.save_checkpoint(path, {"epoch": 1})
 
     def crash_mid_write(obj, target, *args, **kwargs):
         with open(target, "wb") as partial:
@@ -98,17 +99,18 @@ def test_a_write_cut_short_leaves_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash_mid_write)
     with pytest.raises(RuntimeError, match="killed mid-write"):
-        with utils.BackgroundSaver() as saver:
+        with checkpoints.BackgroundSaver() as saver:
             saver.save({path: {"epoch": 2}})
     monkeypatch.undo()
-    assert utils.load_checkpoint(path) == {"epoch": 1}
+    assert checkpoints.load_checkpoint(path) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["train_state.pth"], "no temporary file is left behind"
 
 
 def test_checkpoint_weights_are_copies_that_later_training_leaves_alone():
     """The best epoch's weights travel in every later training state: they must not follow the model."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2)).to(memory_format=torch.channels_last)
-    weights = experiment.cpu_weights(model)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4, 2)).to(memory_format=torch.channels_last)
+    weights = checkpoints.model_weights(model)
     before = {k: v.clone() for k, v in weights.items()}
     with torch.no_grad():
         for parameter in model.parameters():

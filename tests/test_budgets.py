@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import NAMES, EpochCountingOptimizer, ScriptedModel
 
 import engine
 import KD_engine
-from test_engine import NAMES, EpochCountingOptimizer, ScriptedModel
 
 TRAIN = [(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 0]))]
 LABELS = torch.tensor([0, 1])
@@ -33,7 +33,8 @@ class ScriptedValidation:
         yield next(self.epochs), LABELS
 
 
-def run_fit(val_epochs: list[torch.Tensor], epochs: int, resume=None, **options) -> tuple[engine.FitResult, ScriptedModel]:
+def run_fit(val_epochs: list[torch.Tensor], epochs: int, resume=None,
+            **options) -> tuple[engine.FitResult, ScriptedModel]:
     model = ScriptedModel()
     optimizer = EpochCountingOptimizer(model.parameters(), 1)
     if resume is not None:
@@ -88,7 +89,7 @@ TARGETS = torch.tensor([0, 2, 1, 0])
 def by_hand(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0, weights=None) -> float:
     """Cross-entropy written out: per sample (1 - e) * -log p_y + e * mean_k -log p_k, weighted by w_y."""
     total, weight_sum = 0.0, 0.0
-    for row, target in zip(logits.tolist(), targets.tolist()):
+    for row, target in zip(logits.tolist(), targets.tolist(), strict=True):
         log_norm = math.log(sum(math.exp(value) for value in row))
         nll = [log_norm - value for value in row]
         loss = (1 - smoothing) * nll[target] + smoothing * sum(nll) / len(row)
@@ -116,7 +117,8 @@ def test_balanced_class_weights_against_the_hand_computed_loss():
 def test_distillation_smooths_and_weighs_only_its_ce_term():
     teacher_logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 1.5, 0.0], [0.5, 0.0, 0.0]])
     hard_loss = engine.hard_label_loss(label_smoothing=0.2, weights=[1.0, 2.0, 0.5])
-    parts = KD_engine.distillation_loss(LOGITS, teacher_logits, TARGETS, temperature=4.0, alpha=0.3, hard_loss=hard_loss)
+    parts = KD_engine.distillation_loss(LOGITS, teacher_logits, TARGETS, temperature=4.0, alpha=0.3,
+                                        hard_loss=hard_loss)
     plain = KD_engine.distillation_loss(LOGITS, teacher_logits, TARGETS, temperature=4.0, alpha=0.3)
     assert parts["kd"].item() == pytest.approx(plain["kd"].item(), rel=1e-7)
     expected_ce = F.cross_entropy(LOGITS, TARGETS, weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.2)
@@ -124,4 +126,5 @@ def test_distillation_smooths_and_weighs_only_its_ce_term():
     assert parts["loss"].item() == pytest.approx(0.3 * parts["ce"].item() + 0.7 * parts["kd"].item(), rel=1e-6)
     criterion = KD_engine.make_criterion("dkd", torch.nn.Identity(), torch.nn.Identity(), temperature=4.0, alpha=0.3,
                                          hard_loss=hard_loss)
-    assert criterion(torch.nn.Identity(), LOGITS, TARGETS, teacher_logits)["ce"].item() == pytest.approx(expected_ce.item(), rel=1e-6)
+    assert (criterion(torch.nn.Identity(), LOGITS, TARGETS, teacher_logits)["ce"].item()
+            == pytest.approx(expected_ce.item(), rel=1e-6))

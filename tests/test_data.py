@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 
 import data_setup
-from conftest import make_image_folder
+import decoding
+import errors
 
 
 def test_stratified_split_is_disjoint_and_keeps_class_shares():
@@ -21,7 +23,7 @@ def test_stratified_split_is_disjoint_and_keeps_class_shares():
 
 
 def test_too_few_images_to_carve_validation():
-    with pytest.raises(data_setup.DataError, match="Too few training images"):
+    with pytest.raises(errors.DataError, match="Too few training images"):
         data_setup.stratified_split([0, 1, 1, 1], 0.25, seed=0)
 
 
@@ -53,15 +55,16 @@ def test_load_splits_carves_disjoint_validation(tiny_data):
 def test_class_mismatch_names_the_classes(tmp_path):
     root = make_image_folder(tmp_path, {"train": 3, "test": 2})
     (root / "test" / "cross").rename(root / "test" / "plus")
-    with pytest.raises(data_setup.DataError, match=r"'cross' is in train but missing from test; 'plus' is in test but missing from train"):
+    with pytest.raises(errors.DataError,
+                       match=r"'cross' is in train but missing from test; 'plus' is in test but missing from train"):
         data_setup.load_splits(str(root), None, None, None, 16, 0.3, seed=0)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(data_setup.DataError, match="does not exist"):
+    with pytest.raises(errors.DataError, match="does not exist"):
         data_setup.load_splits(str(tmp_path / "nowhere"), None, None, None, 16, 0.2, 0)
     make_image_folder(tmp_path, {"train": 3})
-    with pytest.raises(data_setup.DataError, match="has train/ but no test/"):
+    with pytest.raises(errors.DataError, match="has train/ but no test/"):
         data_setup.load_splits(str(tmp_path), None, None, None, 16, 0.2, 0)
 
 
@@ -79,10 +82,10 @@ def test_same_seed_same_batches_and_augmentation_changes_epochs():
     make = lambda seed: data_setup.BatchLoader(  # noqa: E731
         data, 4, [0.5] * 3, [0.25] * 3, torch.device("cpu"), data_setup.Augmentation(2, True), seed=seed)
     first, second = make(7), make(7)
-    for (xa, ya), (xb, yb) in zip(_batches(first), _batches(second)):
+    for (xa, ya), (xb, yb) in zip(_batches(first), _batches(second), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     epoch_one, epoch_two = _batches(first), _batches(first)
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, epoch_two))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, epoch_two, strict=True))
     assert len(first) == 3 and sum(len(y) for _, y in epoch_one) == 10
 
 
@@ -110,7 +113,7 @@ def test_random_crop_shifts_content_with_zero_fill():
 def test_decode_image_matches_training_decode(tiny_data):
     splits = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=0)
     path = splits.test.paths[4]
-    assert torch.equal(data_setup.decode_image(path, 16), splits.test.images[4])
+    assert torch.equal(decoding.decode_image(path, 16), splits.test.images[4])
     assert Path(path).parent.name == splits.class_names[int(splits.test.labels[4])]
 
 
@@ -143,26 +146,26 @@ def test_streamed_cached_and_in_memory_batches_are_identical(tiny_data, tmp_path
                 assert len(reference) == len(loaders[0])
                 for batches in others:
                     assert len(batches) == len(reference)
-                    for (xa, ya), (xb, yb) in zip(reference, batches):
+                    for (xa, ya), (xb, yb) in zip(reference, batches, strict=True):
                         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_decode_cache_is_reused_and_invalidated_by_changes(tiny_data, tmp_path, monkeypatch):
     paths = sorted(str(p) for p in (tiny_data / "train").rglob("*.png"))[:6]
-    fresh = data_setup.decode_cached(paths, 16, 0, tmp_path)
+    fresh = decoding.decode_cached(paths, 16, 0, tmp_path)
     assert len(list((tmp_path / "decoded").glob("*.pt"))) == 1
 
     def no_decoding(*args):
         raise AssertionError("decoded again although the cache file is valid")
 
-    monkeypatch.setattr(data_setup, "_decode_all", no_decoding)
-    assert torch.equal(data_setup.decode_cached(paths, 16, 0, tmp_path), fresh)
+    monkeypatch.setattr(decoding, "_decode_all", no_decoding)
+    assert torch.equal(decoding.decode_cached(paths, 16, 0, tmp_path), fresh)
     monkeypatch.undo()
     stat = Path(paths[0]).stat()
     import os
 
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed file: a new key
-    assert torch.equal(data_setup.decode_cached(paths, 16, 0, tmp_path), fresh)
+    assert torch.equal(decoding.decode_cached(paths, 16, 0, tmp_path), fresh)
     assert len(list((tmp_path / "decoded").glob("*.pt"))) == 2
 
 

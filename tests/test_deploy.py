@@ -7,24 +7,25 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, make_image_folder
 
+import deploy
 import model_builder
 import prediction_for_one
 import utils
-from conftest import ROOT, make_image_folder
 
 
 def test_onnx_export_parity_on_a_tiny_model(tmp_path):
     torch.manual_seed(0)
     model = model_builder.build_model("ResNet18", 3, 16).eval()
     path = tmp_path / "tiny.onnx"
-    utils.export_onnx(model, path, 16, {"class_names": ["a", "b", "c"]})
+    deploy.export_onnx(model, path, 16, {"class_names": ["a", "b", "c"]})
     images = torch.randn(7, 3, 16, 16)  # another batch size than the export example: dynamic batch
-    assert utils.onnx_parity(model, path, images) <= 1e-4
-    assert utils.onnx_metadata(utils.onnx_session(path))["class_names"] == ["a", "b", "c"]
+    assert deploy.onnx_parity(model, path, images) <= 1e-4
+    assert deploy.onnx_metadata(deploy.onnx_session(path))["class_names"] == ["a", "b", "c"]
     with torch.no_grad():
         model.fc.bias += 1.0  # the check must notice a model that no longer matches its export
-    assert utils.onnx_parity(model, path, images) > 0.5
+    assert deploy.onnx_parity(model, path, images) > 0.5
 
 
 def test_run_exports_every_model_and_records_the_check(tiny_run):
@@ -42,9 +43,9 @@ def test_prediction_through_onnx_matches_the_checkpoint(tiny_run, tiny_data, cap
     for model in ("best_model.pth", "model.onnx"):
         assert prediction_for_one.main(["--model", str(tiny_run / "student_kd" / model), "--json", *images]) == 0
         outputs.append(json.loads(capsys.readouterr().out))
-    for from_checkpoint, from_onnx in zip(*outputs):
+    for from_checkpoint, from_onnx in zip(*outputs, strict=True):
         assert [e["class"] for e in from_checkpoint["top"]] == [e["class"] for e in from_onnx["top"]]
-        for a, b in zip(from_checkpoint["top"], from_onnx["top"]):
+        for a, b in zip(from_checkpoint["top"], from_onnx["top"], strict=True):
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
 
 

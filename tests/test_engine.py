@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import engine
+import runtime
 
 NAMES = ["a", "b"]
 
@@ -72,7 +73,8 @@ def test_epoch_loss_is_weighted_by_samples_not_batches():
     big = (torch.tensor([[0.0, 0.0]] * 3), torch.tensor([0, 0, 0]))  # CE = log 2 each
     small = (torch.tensor([[0.0, 10.0]]), torch.tensor([0]))  # CE ~= 10
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    metrics = engine.train_one_epoch(model, [big, small], engine.SupervisedCriterion(), optimizer, NAMES, torch.device("cpu"))
+    metrics = engine.train_one_epoch(model, [big, small], engine.SupervisedCriterion(), optimizer, NAMES,
+                                     torch.device("cpu"))
     per_sample = [torch.log(torch.tensor(2.0)).item()] * 3 + [nn.functional.cross_entropy(small[0], small[1]).item()]
     assert metrics["loss"] == pytest.approx(sum(per_sample) / 4, rel=1e-6)
     assert metrics["samples"] == 4
@@ -90,9 +92,9 @@ def test_evaluate_reports_cross_entropy_and_metrics():
 
 def test_resolve_amp_dtype():
     cpu = torch.device("cpu")
-    assert engine.resolve_amp_dtype("fp32", cpu) is None
-    assert engine.resolve_amp_dtype("bf16", cpu) is torch.bfloat16
-    assert engine.resolve_amp_dtype("auto", cpu) in (None, torch.bfloat16)
+    assert runtime.resolve_amp_dtype("fp32", cpu) is None
+    assert runtime.resolve_amp_dtype("bf16", cpu) is torch.bfloat16
+    assert runtime.resolve_amp_dtype("auto", cpu) in (None, torch.bfloat16)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            engine.resolve_device("cuda")
+            runtime.resolve_device("cuda")

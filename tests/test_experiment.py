@@ -1,13 +1,17 @@
 """End-to-end runs of the experiment on a few dozen tiny images."""
 
-import json
 
 import pytest
 import torch
-
-import experiment
-import utils
 from conftest import TINY_FLAGS
+
+import checkpoints
+import experiment
+import report
+import runtime
+import schema
+import settings
+import utils
 
 MODEL_FILES = [
     "best_model.pth", "history.json", "results.json", "training_metrics.txt", "detailed_metrics.txt",
@@ -23,7 +27,7 @@ SPLIT_METRICS = ["loss", "top1", "top3"] + [
 def test_run_directory_holds_every_file(tiny_run):
     for name in ("config.json", "summary.json", "comparison.png", "comparison.txt"):
         assert (tiny_run / name).is_file(), name
-    for role in experiment.ROLES:
+    for role in report.LEDGER_ROLES:
         for name in MODEL_FILES:
             path = tiny_run / role / name
             assert path.is_file() and path.stat().st_size > 0, f"{role}/{name}"
@@ -34,21 +38,22 @@ def test_run_directory_holds_every_file(tiny_run):
 
 def test_summary_fields(tiny_run):
     summary = utils.read_json(tiny_run / "summary.json")
-    for role in experiment.ROLES:
+    for role in report.LEDGER_ROLES:
         row = summary[role]
         assert {"params", "size_mb", "best_epoch", "train_seconds", "test"} <= row.keys()
         assert row["params"] > 1_000_000 and row["size_mb"] > 1 and 1 <= row["best_epoch"] <= 2
-        for key in experiment.SUMMARY_TEST_KEYS:
+        for key in schema.TEST_KEYS:
             value = row["test"][key]
             assert value is None or 0.0 <= value <= 1.0, (role, key, value)
     assert summary["teacher"]["arch"] == "vgg16_bn" and summary["student_kd"]["arch"] == "resnet18"
-    for role in experiment.ROLES:
+    for role in report.LEDGER_ROLES:
         row = summary[role]
         assert row["latency_ms"] > 0 and row["throughput_img_s"] > 0 and row["file_mb"] > 1
         assert row["latency_ms_iqr"][0] <= row["latency_ms"] <= row["latency_ms_iqr"][1]
         assert row["throughput_img_s_iqr"][0] <= row["throughput_img_s"] <= row["throughput_img_s_iqr"][1]
         assert row["flops_per_image"] > 1e8  # VGG16 / ResNet18 at 32 px: hundreds of MFLOPs or more
-        assert row["speedup_over_teacher"] == pytest.approx(summary["teacher"]["latency_ms"] / row["latency_ms"], rel=1e-2)
+        assert row["speedup_over_teacher"] == pytest.approx(summary["teacher"]["latency_ms"] / row["latency_ms"],
+                                                             rel=1e-2)
     assert summary["teacher"]["speedup_over_teacher"] == 1.0
     assert isinstance(summary["student_kd"]["speedup_clear"], bool)
     assert 0 < summary["student_kd"]["mcnemar_p"] <= 1 and "mcnemar_p" not in summary["student_baseline"]
@@ -79,8 +84,8 @@ def test_results_and_history_have_every_metric(tiny_run):
 
 def test_checkpoint_describes_itself_and_holds_the_best_epoch(tiny_run):
     summary = utils.read_json(tiny_run / "summary.json")
-    for role in experiment.ROLES:
-        checkpoint = utils.load_checkpoint(tiny_run / role / "best_model.pth")
+    for role in report.LEDGER_ROLES:
+        checkpoint = checkpoints.load_checkpoint(tiny_run / role / "best_model.pth")
         assert checkpoint["class_names"] == ["circle", "cross", "stripes"]
         assert checkpoint["image_size"] == 32 and len(checkpoint["mean"]) == 3 and len(checkpoint["std"]) == 3
         assert checkpoint["epoch"] == summary[role]["best_epoch"]
@@ -93,14 +98,15 @@ def test_best_checkpoint_reproduces_reported_test_metrics(tiny_run):
     import engine
     import model_builder
 
-    checkpoint = utils.load_checkpoint(tiny_run / "student_baseline" / "best_model.pth")
+    checkpoint = checkpoints.load_checkpoint(tiny_run / "student_baseline" / "best_model.pth")
     config = checkpoint["config"]
     model = model_builder.build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["image_size"])
     model.load_state_dict(checkpoint["state_dict"])
     model = model.to(memory_format=torch.channels_last)
     splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"])
-    loader = data_setup.BatchLoader(splits.test, config["eval_batch_size"], checkpoint["mean"], checkpoint["std"], torch.device("cpu"))
-    amp = engine.resolve_amp_dtype(config["precision"], torch.device("cpu"))
+    loader = data_setup.BatchLoader(splits.test, config["eval_batch_size"], checkpoint["mean"], checkpoint["std"],
+                                    torch.device("cpu"))
+    amp = runtime.resolve_amp_dtype(config["precision"], torch.device("cpu"))
     metrics = engine.evaluate(model, loader, checkpoint["class_names"], torch.device("cpu"), amp)
     results = utils.read_json(tiny_run / "student_baseline" / "results.json")
     assert metrics["top1"] == results["splits"]["test"]["top1"]
@@ -120,11 +126,11 @@ def test_reused_teacher_alpha_one_and_determinism(tiny_run, tiny_data, tmp_path)
     assert second["teacher"]["test"] == first["teacher"]["test"]
     assert second["student_kd"]["test"] == second["student_baseline"]["test"]
     assert second["kd_gain_top1"] == 0
-    baseline = utils.load_checkpoint(run_dir / "student_baseline" / "best_model.pth")["state_dict"]
-    distilled = utils.load_checkpoint(run_dir / "student_kd" / "best_model.pth")["state_dict"]
+    baseline = checkpoints.load_checkpoint(run_dir / "student_baseline" / "best_model.pth")["state_dict"]
+    distilled = checkpoints.load_checkpoint(run_dir / "student_kd" / "best_model.pth")["state_dict"]
     assert all(torch.equal(baseline[k], distilled[k]) for k in baseline)
     assert second["student_baseline"]["test"] == first["student_baseline"]["test"]
-    earlier = utils.load_checkpoint(tiny_run / "student_baseline" / "best_model.pth")["state_dict"]
+    earlier = checkpoints.load_checkpoint(tiny_run / "student_baseline" / "best_model.pth")["state_dict"]
     assert all(torch.equal(baseline[k], earlier[k]) for k in baseline)
 
 
@@ -132,9 +138,9 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
     monkeypatch.setattr(experiment, "DATA_DIR", str(tiny_data))
     monkeypatch.setattr(experiment, "STUDENT_EPOCHS", 5)
     monkeypatch.setattr(experiment, "T", 7.5)
-    args = experiment.build_parser().parse_args([])
+    args = settings.build_parser(experiment.default_config()).parse_args([])
     assert args.data_dir == str(tiny_data) and args.student_epochs == 5 and args.temperature == 7.5
-    assert experiment.build_parser().parse_args(["--temperature", "2"]).temperature == 2.0
+    assert settings.build_parser(experiment.default_config()).parse_args(["--temperature", "2"]).temperature == 2.0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -160,9 +166,11 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
     (["--kd-methods", "kd,kd"], "--kd-methods must list distinct methods"),
     (["--kd-methods", "kd,fitnet", "--alpha", "0"], "fitnet at alpha 0 needs an explicit --beta"),
     (["--kd-methods", "at", "--beta", "-0.1"], "--beta must be >= 0"),
-    (["--kd-methods", "at", "--feature-layers", "features.99:layer3"], "--feature-layers: VGG has no layer 'features.99'"),
+    (["--kd-methods", "at", "--feature-layers", "features.99:layer3"],
+     "--feature-layers: VGG has no layer 'features.99'"),
     (["--kd-methods", "fitnet", "--feature-layers", "features.22"], "--feature-layers:"),
-    (["--kd-methods", "fitnet", "--feature-layers", "features.5:layer4"], "cannot regress a student map of 4x4 onto a teacher map of 32x32"),
+    (["--kd-methods", "fitnet", "--feature-layers", "features.5:layer4"],
+     "cannot regress a student map of 4x4 onto a teacher map of 32x32"),
     (["--kd-methods", "at", "--teacher-model", "mobilenet_v3_small"], "No feature stages are known for MobileNetV3"),
     (["--kd-methods", "dkd", "--dkd-beta", "-1"], "--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0"),
     (["--seeds", "0,x"], "--seeds must be distinct integers"),

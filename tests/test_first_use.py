@@ -14,15 +14,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, make_image_folder
+from test_resume import start_run, stop_at
 from torchvision import models
 
+import checkpoints
 import data_setup
+import errors
 import experiment
 import model_builder
 import prediction_for_one
+import report
+import schema
+import settings
 import utils
-from conftest import ROOT, make_image_folder
-from test_resume import start_run, stop_at
 
 ONE_EPOCH = ["--teacher-epochs", "1", "--student-epochs", "1", "--batch-size", "8", "--seed", "0", "--device", "cpu",
              "--val-fraction", "0.25"]
@@ -66,8 +71,8 @@ def test_a_teacher_checkpoint_that_does_not_fit_leaves_no_run_directory(tiny_run
                                                                          extra, message):
     monkeypatch.chdir(tmp_path)  # the default run directory would be runs/<timestamp> here
     data = renamed_classes(tmp_path)
-    code = experiment.main(["--data-dir", str(data), "--teacher-checkpoint", str(tiny_run / "teacher" / "best_model.pth"),
-                            *ONE_EPOCH, *extra])
+    code = experiment.main(["--data-dir", str(data), "--teacher-checkpoint",
+                            str(tiny_run / "teacher" / "best_model.pth"), *ONE_EPOCH, *extra])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
@@ -77,36 +82,36 @@ def test_a_teacher_checkpoint_alone_decides_architecture_size_and_normalization(
     # A ResNet18 checkpoint as teacher, without --teacher-model: the checkpoint says what it is.
     teacher = tiny_run / "student_baseline" / "best_model.pth"
     run = tmp_path / "run"
-    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run), "--teacher-checkpoint", str(teacher),
-                            *ONE_EPOCH])
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run), "--teacher-checkpoint",
+                            str(teacher), *ONE_EPOCH])
     assert code == 0, capsys.readouterr().err
     config = utils.read_json(run / "config.json")
-    checkpoint = utils.load_checkpoint(teacher)
+    checkpoint = checkpoints.load_checkpoint(teacher)
     assert config["teacher_model"] == "resnet18" and config["image_size"] == checkpoint["image_size"]
     assert config["dataset"]["mean"] == checkpoint["mean"] and config["dataset"]["std"] == checkpoint["std"]
     assert utils.read_json(run / "summary.json")["teacher"]["arch"] == "resnet18"
 
 
-def default_config(**changes) -> experiment.Config:
+def default_config(**changes) -> settings.Config:
     """The settings of a plain `python experiment.py`, with `changes`."""
-    parser = experiment.build_parser()
-    return replace(experiment.Config(**{name: parser.get_default(name) for name in experiment.Config.__dataclass_fields__}),
+    parser = settings.build_parser(experiment.default_config())
+    return replace(settings.Config(**{name: parser.get_default(name) for name in settings.Config.__dataclass_fields__}),
                    **changes)
 
 
 def test_checkpoint_settings_yield_to_defaults_but_not_to_given_flags():
     checkpoint = {"arch": "resnet34", "image_size": 48}
     config = default_config(teacher_checkpoint="t.pth")
-    adopted = experiment.adopt_teacher_checkpoint(config, checkpoint, given=set())
+    adopted = settings.adopt_teacher_checkpoint(config, checkpoint, given=set())
     assert (adopted.teacher_model, adopted.image_size) == ("resnet34", 48)
-    with pytest.raises(experiment.SettingsError, match=r"--image-size 32 contradicts .* trained at 48 px"):
-        experiment.adopt_teacher_checkpoint(config, checkpoint, given={"image_size"})
-    with pytest.raises(experiment.SettingsError, match=r"--teacher-model VGG16 contradicts .* holds a resnet34"):
-        experiment.adopt_teacher_checkpoint(config, checkpoint, given=None)
+    with pytest.raises(errors.SettingsError, match=r"--image-size 32 contradicts .* trained at 48 px"):
+        settings.adopt_teacher_checkpoint(config, checkpoint, given={"image_size"})
+    with pytest.raises(errors.SettingsError, match=r"--teacher-model VGG16 contradicts .* holds a resnet34"):
+        settings.adopt_teacher_checkpoint(config, checkpoint, given=None)
     cropped = {**checkpoint, "resize": "center-crop"}
-    assert experiment.adopt_teacher_checkpoint(config, cropped, given=set()).resize == "center-crop"
-    with pytest.raises(experiment.SettingsError, match=r"--resize squash contradicts .* resized by center-crop"):
-        experiment.adopt_teacher_checkpoint(config, cropped, given={"resize"})
+    assert settings.adopt_teacher_checkpoint(config, cropped, given=set()).resize == "center-crop"
+    with pytest.raises(errors.SettingsError, match=r"--resize squash contradicts .* resized by center-crop"):
+        settings.adopt_teacher_checkpoint(config, cropped, given={"resize"})
 
 
 def test_written_files_get_the_mode_open_would_give(tiny_run):
@@ -128,12 +133,13 @@ def test_tilde_means_the_home_folder_in_every_path_setting(tiny_run, tiny_data, 
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(tiny_data, tmp_path / "photos")
     shutil.copy(tiny_run / "teacher" / "best_model.pth", tmp_path / "teacher.pth")
-    expanded = experiment.expand_user_paths(default_config(**{key: f"~/{key}" for key in experiment.PATH_SETTINGS}))
-    assert all(getattr(expanded, key) == str(tmp_path / key) for key in experiment.PATH_SETTINGS)
+    expanded = settings.expand_user_paths(default_config(**{key: f"~/{key}" for key in settings.PATH_SETTINGS}))
+    assert all(getattr(expanded, key) == str(tmp_path / key) for key in settings.PATH_SETTINGS)
     # End to end: data and checkpoint are found under ~ (the run stops at the wrong class count, before training).
     os.rename(tmp_path / "photos" / "test" / "stripes", tmp_path / "photos" / "test" / "zebra")
     os.rename(tmp_path / "photos" / "train" / "stripes", tmp_path / "photos" / "train" / "zebra")
-    code = experiment.main(["--data-dir=~/photos", "--teacher-checkpoint=~/teacher.pth", "--output-dir=~/run", *ONE_EPOCH])
+    code = experiment.main(["--data-dir=~/photos", "--teacher-checkpoint=~/teacher.pth", "--output-dir=~/run",
+                            *ONE_EPOCH])
     assert code == 2
     assert "was trained on classes" in capsys.readouterr().err
     image = next((tmp_path / "photos" / "test" / "circle").iterdir())
@@ -146,26 +152,26 @@ def test_ledger_records_what_was_run(tiny_run):
         row = next(csv.DictReader(ledger))
     assert row["kd_methods"] == "kd" and row["optimizer"] == "adamw" and row["teacher_checkpoint"] == ""
     assert float(row["teacher_lr"]) == experiment.TEACHER_LR and float(row["student_lr"]) == experiment.STUDENT_LR
-    config = experiment.Config(**{key: value for key, value in utils.read_json(tiny_run / "config.json").items()
-                                  if key in experiment.Config.__dataclass_fields__})
-    summary = utils.read_json(tiny_run / "summary.json")
-    reused = experiment.ledger_row(replace(config, teacher_checkpoint="t.pth", kd_methods="kd"), summary, tiny_run)
+    config = settings.Config(**{key: value for key, value in utils.read_json(tiny_run / "config.json").items()
+                                  if key in settings.Config.__dataclass_fields__})
+    summary = schema.RunSummary.from_dict(utils.read_json(tiny_run / "summary.json"))
+    reused = report.ledger_row(replace(config, teacher_checkpoint="t.pth", kd_methods="kd"), summary, tiny_run)
     assert reused["teacher_checkpoint"] == "t.pth" and reused["teacher_epochs"] == "" and reused["teacher_lr"] == ""
-    assert reused["distilled_top1"] == f"kd={summary['student_kd']['test']['top1']:.6f}"
+    assert reused["distilled_top1"] == f"kd={summary.models['student_kd'].test['top1']:.6f}"
 
 
 def test_an_older_ledger_is_migrated_without_losing_rows(tmp_path):
     path = tmp_path / "experiments.csv"
     old_columns = ["finished_at", "run_dir", "teacher_epochs", "kd_gain_top1", "retired_column"]
     path.write_text(",".join(old_columns) + "\n2026-01-01T00:00:00,runs/old,6,0.01,kept\n", encoding="utf-8")
-    utils.append_ledger(path, {"run_dir": "runs/new", "kd_methods": "kd,dkd", "teacher_checkpoint": "t.pth"})
-    utils.append_ledger(path, {"run_dir": "runs/newer", "kd_methods": "at"})
+    report.append_ledger(path, {"run_dir": "runs/new", "kd_methods": "kd,dkd", "teacher_checkpoint": "t.pth"})
+    report.append_ledger(path, {"run_dir": "runs/newer", "kd_methods": "at"})
     with open(path, newline="", encoding="utf-8") as ledger:
         rows = list(csv.DictReader(ledger))
     assert [row["run_dir"] for row in rows] == ["runs/old", "runs/new", "runs/newer"]
     assert rows[0]["teacher_epochs"] == "6" and rows[0]["retired_column"] == "kept" and rows[0]["kd_methods"] == ""
     assert rows[1]["kd_methods"] == "kd,dkd" and rows[1]["teacher_checkpoint"] == "t.pth"
-    assert set(utils.LEDGER_COLUMNS) <= set(rows[0])
+    assert set(report.LEDGER_COLUMNS) <= set(rows[0])
 
 
 def test_every_class_difference_between_splits_in_one_message(tmp_path):
@@ -175,7 +181,7 @@ def test_every_class_difference_between_splits_in_one_message(tmp_path):
     shutil.rmtree(root / "test" / "cross")
     for path in (root / "val" / "stripes").iterdir():
         path.unlink()
-    with pytest.raises(data_setup.DataError) as error:
+    with pytest.raises(errors.DataError) as error:
         data_setup.load_splits(str(root), None, None, None, 16, 0.3, seed=0)
     message = str(error.value)
     assert "'cross' is in train and val but missing from test" in message
@@ -189,7 +195,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(tiny_data, tmp_path):
     assert process.returncode == 143, output
     assert "Interrupted (SIGTERM)" in output and f"--resume {tmp_path / 'run'}" in output
     assert "Traceback" not in output
-    assert (tmp_path / "run" / "teacher" / experiment.TRAIN_STATE).is_file()
+    assert (tmp_path / "run" / "teacher" / checkpoints.TRAIN_STATE).is_file()
 
 
 def ignore_stop_signals() -> None:

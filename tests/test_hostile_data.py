@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 import data_setup
+import decoding
+import errors
 import prediction_for_one
-from conftest import ROOT
 
 SIZE = 8  # decoded image size: small, the content checks use uniform images
 CLASSES = ("red circle", "blå", "plain")  # a space and a non-ASCII letter
@@ -153,7 +155,7 @@ def _check_splits(splits: data_setup.DatasetSplits, good: dict, bad: dict) -> No
 
 def _check_content(part: data_setup.ImageTensors, good: dict) -> None:
     assert part.images.dtype == torch.uint8 and part.images.shape[1:] == (3, SIZE, SIZE)
-    for path, image in zip(part.paths, part.images):
+    for path, image in zip(part.paths, part.images, strict=True):
         rgb, tolerance = good[path]
         mean = image.float().mean(dim=(1, 2))
         assert torch.allclose(mean, torch.tensor(rgb, dtype=torch.float), atol=tolerance + 0.5), (path, mean, rgb)
@@ -190,8 +192,8 @@ def test_streamed_and_cached_loads_give_the_same_images_and_skips(hostile, tmp_p
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache holds the result")
 
-    monkeypatch.setattr(data_setup, "_decode_checked", no_decoding)
-    monkeypatch.setattr(data_setup, "_decode_all", no_decoding)
+    monkeypatch.setattr(decoding, "_decode_checked", no_decoding)
+    monkeypatch.setattr(decoding, "_decode_all", no_decoding)
     again = _load(root, cache_dir=tmp_path)
     again_streamed = _load(root, cache_dir=tmp_path, memory_budget_mb=0)
     for splits in (first, first_streamed, again, again_streamed):
@@ -207,7 +209,7 @@ def test_large_png_is_used_and_the_bomb_limit_skips_with_a_reason(tmp_path, monk
     Image.new("L", BIG, 77).save(big)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Pillow's decompression-bomb warning must not escape either
-        assert data_setup.decode_image(str(big), SIZE).float().mean().round() == 77
+        assert decoding.decode_image(str(big), SIZE).float().mean().round() == 77
 
     root = tmp_path / "data"
     for split, count in (("train", 4), ("test", 2)):
@@ -225,8 +227,8 @@ def test_large_png_is_used_and_the_bomb_limit_skips_with_a_reason(tmp_path, monk
     assert str(large) not in splits.train.paths + splits.val.paths
     assert [item["path"] for item in splits.skipped_files] == [str(large)]
     assert "too large" in splits.skipped_files[0]["reason"]
-    with pytest.raises(data_setup.UnreadableImage, match="too large"):
-        data_setup.decode_image(str(large), SIZE)
+    with pytest.raises(decoding.UnreadableImage, match="too large"):
+        decoding.decode_image(str(large), SIZE)
 
 
 def _small_tree(root: Path, per_class: dict[str, int], classes=("a", "b")) -> Path:
@@ -238,9 +240,9 @@ def _small_tree(root: Path, per_class: dict[str, int], classes=("a", "b")) -> Pa
 
 def test_missing_split_folder(tmp_path):
     _small_tree(tmp_path, {"train": 4})
-    with pytest.raises(data_setup.DataError, match=r"^Data folder '.*' has train/ but no test/: .*\.$"):
+    with pytest.raises(errors.DataError, match=r"^Data folder '.*' has train/ but no test/: .*\.$"):
         _load(tmp_path)
-    with pytest.raises(data_setup.DataError, match=r"^The test folder '.*nowhere' does not exist\.$"):
+    with pytest.raises(errors.DataError, match=r"^The test folder '.*nowhere' does not exist\.$"):
         data_setup.load_splits(None, str(tmp_path / "train"), None, str(tmp_path / "nowhere"), SIZE, 0.25, seed=0)
 
 
@@ -248,7 +250,7 @@ def test_split_folder_without_class_folders(tmp_path):
     _small_tree(tmp_path, {"train": 4})
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "loose.png").write_bytes(_png_bytes(_noise((4, 4))))
-    with pytest.raises(data_setup.DataError, match=r"The test folder .* has no class folders"):
+    with pytest.raises(errors.DataError, match=r"The test folder .* has no class folders"):
         _load(tmp_path)
 
 
@@ -256,7 +258,7 @@ def test_class_with_only_bad_files_names_class_and_split(tmp_path):
     _small_tree(tmp_path, {"train": 4, "test": 2})
     for path in (tmp_path / "test" / "b").iterdir():
         path.write_bytes(b"")  # every test image of class b is now empty
-    with pytest.raises(data_setup.DataError,
+    with pytest.raises(errors.DataError,
                        match=r"^The class 'b' in the test folder .* has no usable images: 2 files were skipped, "
                              r"e\.g\. .*empty file"):
         _load(tmp_path)
@@ -267,7 +269,7 @@ def test_class_folder_without_image_files(tmp_path):
     for path in (tmp_path / "train" / "a").iterdir():
         path.unlink()
     (tmp_path / "train" / "a" / "notes.txt").write_text("nothing here yet")
-    with pytest.raises(data_setup.DataError, match=r"The class 'a' in the train folder .* has no usable images"):
+    with pytest.raises(errors.DataError, match=r"The class 'a' in the train folder .* has no usable images"):
         _load(tmp_path)
 
 
@@ -275,12 +277,12 @@ def test_too_few_images_to_carve_validation_names_the_class_and_fraction(tmp_pat
     _small_tree(tmp_path, {"train": 6, "test": 2}, classes=("common", "rare"))
     for path in sorted((tmp_path / "train" / "rare").iterdir())[1:]:
         path.write_bytes(b"not an image")  # one usable image left in 'rare'
-    with pytest.raises(data_setup.DataError,
+    with pytest.raises(errors.DataError,
                        match=r"Too few training images to carve a stratified 25% validation split: "
                              r"class 'rare' has only 1 usable image"):
         _load(tmp_path)
     enough = _small_tree(tmp_path / "enough", {"train": 4, "test": 2})
-    with pytest.raises(data_setup.DataError, match=r"5% of 8 images is 1, fewer than the 2 classes"):
+    with pytest.raises(errors.DataError, match=r"5% of 8 images is 1, fewer than the 2 classes"):
         data_setup.load_splits(str(enough), None, None, None, SIZE, 0.05, 0)
 
 
@@ -374,8 +376,9 @@ def test_bad_checkpoints_are_one_clear_line_and_exit_2(checkpoint, good_images, 
 
 
 def test_experiment_completes_on_the_hostile_folder_and_lists_what_it_skipped(hostile, tmp_path, capsys):
-    import experiment
     from conftest import TINY_FLAGS
+
+    import experiment
 
     root, good, bad = hostile
     run_dir = tmp_path / "run"

@@ -18,12 +18,12 @@ LABELS = torch.tensor([0, 2])
 def hand_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
     """sum_i p_t log(p_t / p_s), summed over classes, averaged over samples, by plain Python."""
     total = 0.0
-    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
         s_exp = [math.exp(v / temperature) for v in s_row]
         t_exp = [math.exp(v / temperature) for v in t_row]
         p_s = [v / sum(s_exp) for v in s_exp]
         p_t = [v / sum(t_exp) for v in t_exp]
-        total += sum(t * math.log(t / s) for t, s in zip(p_t, p_s))
+        total += sum(t * math.log(t / s) for t, s in zip(p_t, p_s, strict=True))
     return total / len(student)
 
 
@@ -90,7 +90,7 @@ def test_distillation_step_leaves_teacher_untouched():
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), f"teacher's {key} changed"
-    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters(), strict=True))
     assert {"loss", "ce", "kd", "top1"} <= metrics.keys()
     assert metrics["loss"] == pytest.approx(0.5 * metrics["ce"] + 0.5 * metrics["kd"], rel=1e-5)
 

@@ -81,7 +81,7 @@ def test_attention_transfer_matches_hand_computation():
     teacher = torch.tensor([[[[0.0, 1.0]], [[1.0, 1.0]]]])
     a_s = hand_attention([[1.0, 2.0], [3.0, 0.0]])  # [5, 2] / sqrt(29)
     a_t = hand_attention([[0.0, 1.0], [1.0, 1.0]])  # [0.5, 1] / sqrt(1.25)
-    expected = sum((s - t) ** 2 for s, t in zip(a_s, a_t)) / 2  # a mean over the 2 positions
+    expected = sum((s - t) ** 2 for s, t in zip(a_s, a_t, strict=True)) / 2  # a mean over the 2 positions
     assert KD_engine.at_loss([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
     assert KD_engine.at_loss([student], [student * 3]).item() == pytest.approx(0.0, abs=1e-7)
     # Pairs are summed: a second pair (a 2x1 map of one channel: attention [0.6, 0.8] vs [1, 0]).
@@ -107,14 +107,16 @@ def test_attention_transfer_batch_mean_and_spatial_mismatch():
 def test_feature_weights_default_to_the_references_balance():
     assert KD_engine.feature_weight("fitnet", 0.5, None) == 50.0
     assert KD_engine.feature_weight("at", 0.5, None) == 500.0
-    assert KD_engine.feature_weight("fitnet", 1.0, None) == 100.0 and KD_engine.feature_weight("at", 1.0, None) == 1000.0
+    assert (KD_engine.feature_weight("fitnet", 1.0, None) == 100.0
+            and KD_engine.feature_weight("at", 1.0, None) == 1000.0)
     assert KD_engine.feature_weight("at", 0.5, 3.0) == 3.0
     assert KD_engine.feature_weight("at", 0.0, 3.0) == 3.0
     with pytest.raises(ValueError, match="at alpha 0 needs an explicit --beta"):
         KD_engine.feature_weight("fitnet", 0.0, None)
 
 
-@pytest.mark.parametrize("method, alpha, weight", [("fitnet", 0.5, 50.0), ("at", 0.3, 300.0), ("fitnet", 1.0, 100.0), ("at", 1.0, 1000.0)])
+@pytest.mark.parametrize("method, alpha, weight",
+                         [("fitnet", 0.5, 50.0), ("at", 0.3, 300.0), ("fitnet", 1.0, 100.0), ("at", 1.0, 1000.0)])
 def test_feature_criterion_combines_its_terms_at_the_default_weights(method, alpha, weight):
     torch.manual_seed(7)
     teacher, student = tiny_convnet(6), tiny_convnet(4)
@@ -124,7 +126,8 @@ def test_feature_criterion_combines_its_terms_at_the_default_weights(method, alp
     assert criterion.beta == weight
     out = criterion(student, images, labels)
     part = out["feature" if method == "fitnet" else "at"]
-    assert out["loss"].item() == pytest.approx((alpha * out["ce"] + (1 - alpha) * out["kd"] + weight * part).item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx((alpha * out["ce"] + (1 - alpha) * out["kd"] + weight * part).item(),
+                                               rel=1e-6)
     with torch.no_grad():
         teacher_logits = teacher(images)
         student_logits = student(images)
@@ -206,10 +209,10 @@ def hand_dkd(student, teacher, labels, temperature):
         return [e / sum(exps) for e in exps]
 
     def kl(p, q):
-        return sum(a * math.log(a / b) for a, b in zip(p, q))
+        return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
 
     tckd = nckd = 0.0
-    for s_row, t_row, label in zip(student.tolist(), teacher.tolist(), labels.tolist()):
+    for s_row, t_row, label in zip(student.tolist(), teacher.tolist(), labels.tolist(), strict=True):
         p_s, p_t = softmax(s_row), softmax(t_row)
         tckd += kl([p_t[label], 1 - p_t[label]], [p_s[label], 1 - p_s[label]])
         others = [i for i in range(len(s_row)) if i != label]
@@ -281,7 +284,8 @@ def test_dkd_criterion_warms_up_per_step_and_continues_after_an_epoch_change():
     with torch.no_grad():
         cached = teacher(images)
     assert torch.equal(resumed(student, images, labels, cached)["loss"],
-                       KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4, steps_per_epoch=3)(student, images, labels)["loss"])
+                       KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4,
+                                              steps_per_epoch=3)(student, images, labels)["loss"])
     with pytest.raises(ValueError):
         criterion.set_epoch(0)
 
@@ -346,7 +350,8 @@ def test_make_criterion_trains_the_real_small_models(method, real_models):
     assert torch.isfinite(out["loss"]) and out["logits"].shape == (2, 10)
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
-    expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"}, "dkd": {"ce", "tckd", "nckd", "warmup"}}
+    expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"},
+                "dkd": {"ce", "tckd", "nckd", "warmup"}}
     assert out.keys() == {"loss", "logits"} | expected[method]
     assert (criterion.trainable is not None) == (method == "fitnet")
     assert hasattr(criterion, "set_epoch") == (method == "dkd")
@@ -389,12 +394,12 @@ def test_knowledge_distillation_train_returns_the_epoch_mean(teacher_percentage)
         with KD_engine.eval_mode(teacher):
             teacher_logits = [teacher(images) for images, _ in loader]
         batch_losses = []
-        for (images, labels), t_logits in zip(loader, teacher_logits):
+        for (images, labels), t_logits in zip(loader, teacher_logits, strict=True):
             logits = student(images)
             batch_losses.append((1 - teacher_percentage) * F.cross_entropy(logits, labels)
                                 + teacher_percentage * hand_kd(logits, t_logits, 2.0))
     sizes = [len(labels) for _, labels in loader]
-    expected = sum(loss.item() * n for loss, n in zip(batch_losses, sizes)) / 7
+    expected = sum(loss.item() * n for loss, n in zip(batch_losses, sizes, strict=True)) / 7
     assert expected != pytest.approx(sum(loss.item() for loss in batch_losses) / 3, rel=1e-4)
 
     value = KD_engine.knowledge_distillation_train(teacher, student, loader, nn.CrossEntropyLoss(), optimizer,

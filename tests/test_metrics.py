@@ -32,13 +32,13 @@ def test_precision_recall_f1_by_hand():
     # per class: a: P=2/2 R=2/3; b: P=1/2 R=1/2; c: P=1/2 R=1/1
     precision = [1.0, 0.5, 0.5]
     recall = [2 / 3, 0.5, 1.0]
-    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True)]
     support = [3, 2, 1]
     assert metrics["top1"] == pytest.approx(4 / 6)
     assert metrics["precision_macro"] == pytest.approx(sum(precision) / 3)
     assert metrics["recall_macro"] == pytest.approx(sum(recall) / 3)
     assert metrics["f1_macro"] == pytest.approx(sum(f1) / 3)
-    assert metrics["f1_weighted"] == pytest.approx(sum(f * s for f, s in zip(f1, support)) / 6)
+    assert metrics["f1_weighted"] == pytest.approx(sum(f * s for f, s in zip(f1, support, strict=True)) / 6)
     assert metrics["precision_micro"] == pytest.approx(4 / 6)
     assert metrics["undefined"] == {}
 

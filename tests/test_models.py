@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import checkpoints
+import deploy
 import experiment
 import KD_engine
 import model_builder
-import prediction_for_one
-import utils
 
 # Parameters at 100 classes of RepDistiller's CIFAR definitions (models/__init__.py model_dict), counted by
 # building them; the CRD paper's tables round them (resnet8x4 1.2M, wrn_40_2 2.2M, vgg13 9.4M, ...).
@@ -22,15 +22,20 @@ PUBLISHED_PARAMETERS = {
 
 # (teacher, student): (fitnet pair, at pairs), the references' choice for the literature's pairs and ours.
 LITERATURE_PAIRS = {
-    ("resnet32x4", "resnet8x4"): ([("layer2", "layer2")], [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]),
-    ("wrn_40_2", "wrn_16_2"): ([("block2", "block2")], [("block1", "block1"), ("block2", "block2"), ("block3", "block3")]),
-    ("resnet56", "resnet20"): ([("layer2", "layer2")], [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]),
+    ("resnet32x4", "resnet8x4"): ([("layer2", "layer2")],
+                                  [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]),
+    ("wrn_40_2", "wrn_16_2"): ([("block2", "block2")],
+                               [("block1", "block1"), ("block2", "block2"), ("block3", "block3")]),
+    ("resnet56", "resnet20"): ([("layer2", "layer2")],
+                               [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]),
     ("vgg13", "vgg8"): ([("features.19", "features.10")],
                         [("features.12", "features.6"), ("features.19", "features.10"), ("features.26", "features.14"),
                          ("features.32", "features.17")]),
-    ("VGG16", "resnet8x4"): ([("features.22", "layer2")], [("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3")]),
+    ("VGG16", "resnet8x4"): ([("features.22", "layer2")],
+                             [("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3")]),
     ("VGG16", "ResNet18"): ([("features.22", "layer2")],
-                            [("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3"), ("features.42", "layer4")]),
+                            [("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3"),
+                             ("features.42", "layer4")]),
 }
 
 
@@ -42,7 +47,7 @@ def test_the_zoo_has_the_literatures_networks():
 def test_parameter_counts_match_the_published_ones(name):
     with torch.device("meta"):
         model = model_builder.build_model(name, 100, 32)
-    assert model_builder.count_parameters(model) == pytest.approx(PUBLISHED_PARAMETERS[name], rel=0.02)
+    assert deploy.count_parameters(model) == pytest.approx(PUBLISHED_PARAMETERS[name], rel=0.02)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
@@ -72,7 +77,7 @@ def test_the_name_clash_with_torchvision_goes_to_the_zoo():
 
 def test_the_student_of_a_literature_pair_is_cheaper():
     teacher, student = (model_builder.build_model(name, 10, 32) for name in ("resnet32x4", "resnet8x4"))
-    assert model_builder.flops_per_image(student, 32) < model_builder.flops_per_image(teacher, 32) / 5
+    assert deploy.flops_per_image(student, 32) < deploy.flops_per_image(teacher, 32) / 5
 
 
 @pytest.mark.parametrize("teacher_name, student_name", sorted(LITERATURE_PAIRS))
@@ -80,7 +85,7 @@ def test_default_pairs_of_the_literature_pairs_exist_and_fit(teacher_name, stude
     with torch.device("meta"):
         teacher = model_builder.build_model(teacher_name, 100, 32)
         student = model_builder.build_model(student_name, 100, 32)
-    for method, expected in zip(("fitnet", "at"), LITERATURE_PAIRS[teacher_name, student_name]):
+    for method, expected in zip(("fitnet", "at"), LITERATURE_PAIRS[teacher_name, student_name], strict=True):
         pairs = KD_engine.default_feature_layers(method, teacher, student)
         assert pairs == expected
         KD_engine.check_feature_pairs(method, teacher, student, pairs, 32)
@@ -91,13 +96,13 @@ def test_a_zoo_checkpoint_is_rebuilt_by_its_arch_and_exports_to_onnx(tmp_path):
     model = model_builder.build_model("shufflenetv2", 3, 32).eval()
     checkpoint = {"arch": "shufflenetv2", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32,
                   "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1, "state_dict": model.state_dict()}
-    utils.save_checkpoint(tmp_path / "best_model.pth", checkpoint)
-    rebuilt, _ = prediction_for_one.load_model(tmp_path / "best_model.pth", torch.device("cpu"))
+    checkpoints.save_checkpoint(tmp_path / "best_model.pth", checkpoint)
+    rebuilt = checkpoints.load_model(checkpoints.load_checkpoint(tmp_path / "best_model.pth"))
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuilt(images), model(images))
-    utils.export_onnx(model, tmp_path / "model.onnx", 32, {"class_names": ["a", "b", "c"]})
-    assert utils.onnx_parity(model, tmp_path / "model.onnx", images) <= 1e-4
+    deploy.export_onnx(model, tmp_path / "model.onnx", 32, {"class_names": ["a", "b", "c"]})
+    assert deploy.onnx_parity(model, tmp_path / "model.onnx", images) <= 1e-4
 
 
 def test_list_layers_prints_names_shapes_and_stages(capsys):

@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CLASSES, make_image_folder
 from PIL import Image
 
+import checkpoints
 import data_setup
+import decoding
+import errors
 import experiment
 import utils
-from conftest import TINY_CLASSES, make_image_folder
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -40,7 +43,7 @@ def test_class_folders_only_carve_a_stratified_test_split_then_validation(tmp_pa
     assert set().union(*paths.values()) == {str(p) for p in root.rglob("*.png")}
     for name, per_class in (("train", 6), ("val", 2), ("test", 2)):
         assert getattr(splits, name).labels.bincount().tolist() == [per_class] * 3
-        for path, label in zip(getattr(splits, name).paths, getattr(splits, name).labels):
+        for path, label in zip(getattr(splits, name).paths, getattr(splits, name).labels, strict=True):
             assert Path(path).parent.name == splits.class_names[label]
     carving = splits.carving
     assert carving["layout"] == "class folders only"
@@ -48,7 +51,8 @@ def test_class_folders_only_carve_a_stratified_test_split_then_validation(tmp_pa
     assert carving["class_counts"]["test"] == {name: 2 for name in TINY_CLASSES}
     assert "carved from all images (20%, stratified, seed 0)" == carving["test"]
     # The same files and settings give the same splits (a resumed run sees the same data); another seed others.
-    assert split_paths(data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=0, test_fraction=0.2)) == paths
+    assert split_paths(data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=0,
+                                              test_fraction=0.2)) == paths
     other = split_paths(data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=1, test_fraction=0.2))
     assert other["test"] != paths["test"]
 
@@ -79,13 +83,13 @@ def test_ambiguous_layouts_are_refused_in_one_sentence(tmp_path, folders, messag
     for folder in folders:
         make_image_folder(tmp_path, {folder: 2})
     (tmp_path / "notes.txt").write_text("a file beside the folders")
-    with pytest.raises(data_setup.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
         data_setup.load_splits(str(tmp_path), None, None, None, 16, 0.25, seed=0)
 
 
 def test_too_few_images_to_carve_the_test_split(tmp_path):
     root = class_folders_only(tmp_path, 1)
-    with pytest.raises(data_setup.DataError, match="Too few images to carve a stratified 20% test split"):
+    with pytest.raises(errors.DataError, match="Too few images to carve a stratified 20% test split"):
         data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=0)
 
 
@@ -95,7 +99,7 @@ def bands(path: Path, size: tuple[int, int], vertical: bool) -> Path:
     pixels = np.zeros((height, width, 3), np.uint8)
     length = width if vertical else height
     cuts = (length // 4, length - length // 4)
-    for colour, (start, stop) in zip((RED, GREEN, BLUE), ((0, cuts[0]), cuts, (cuts[1], length))):
+    for colour, (start, stop) in zip((RED, GREEN, BLUE), ((0, cuts[0]), cuts, (cuts[1], length)), strict=True):
         if vertical:
             pixels[:, start:stop] = colour
         else:
@@ -111,22 +115,22 @@ def colours(image: torch.Tensor) -> set[tuple[int, ...]]:
 @pytest.mark.parametrize("size, vertical", [((40, 20), True), ((20, 40), False)])
 def test_center_crop_keeps_the_central_square_and_squash_the_whole_image(tmp_path, size, vertical):
     path = bands(tmp_path / "photo.png", size, vertical)
-    cropped = data_setup.decode_image(str(path), 10, "center-crop")
+    cropped = decoding.decode_image(str(path), 10, "center-crop")
     assert cropped.shape == (3, 10, 10) and colours(cropped) == {GREEN}  # the central 20x20 square only
-    squashed = data_setup.decode_image(str(path), 10, "squash")
+    squashed = decoding.decode_image(str(path), 10, "squash")
     edges = (squashed[:, :, 0], squashed[:, :, -1]) if vertical else (squashed[:, 0, :], squashed[:, -1, :])
     assert colours(edges[0][:, :, None]) == {RED} and colours(edges[1][:, :, None]) == {BLUE}
-    assert data_setup.decode_image(str(path), 10).equal(squashed)  # squash stays the default
+    assert decoding.decode_image(str(path), 10).equal(squashed)  # squash stays the default
 
 
 def test_resize_mode_is_part_of_the_decode_cache_key(tmp_path):
     paths = [str(bands(tmp_path / f"{i}.png", (40, 20), True)) for i in range(2)]
     cache = tmp_path / "cache"
-    squashed = data_setup.decode_cached(paths, 10, 0, cache, "squash")
-    cropped = data_setup.decode_cached(paths, 10, 0, cache, "center-crop")
+    squashed = decoding.decode_cached(paths, 10, 0, cache, "squash")
+    cropped = decoding.decode_cached(paths, 10, 0, cache, "center-crop")
     assert len(list((cache / "decoded").glob("*.pt"))) == 2
     assert not torch.equal(squashed, cropped) and colours(cropped[0]) == {GREEN}
-    assert torch.equal(data_setup.decode_cached(paths, 10, 0, cache, "center-crop"), cropped)
+    assert torch.equal(decoding.decode_cached(paths, 10, 0, cache, "center-crop"), cropped)
 
 
 def test_load_splits_decodes_with_the_resize_mode(tmp_path):
@@ -161,8 +165,8 @@ def test_trivialaugment_changes_images_is_seeded_and_leaves_the_global_rng_alone
     trivial_batches = [x for x, _ in _loader(data, trivial)]
     again = [x for x, _ in _loader(data, trivial)]
     assert torch.equal(torch.get_rng_state(), rng_state)
-    assert all(torch.equal(a, b) for a, b in zip(trivial_batches, again))
-    assert not all(torch.equal(a, b) for a, b in zip(plain_batches, trivial_batches))
+    assert all(torch.equal(a, b) for a, b in zip(trivial_batches, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plain_batches, trivial_batches, strict=True))
     # --resume restores the loader's generator: the next epoch is the same as without the interruption
     loader = _loader(data, trivial)
     list(loader)
@@ -170,7 +174,7 @@ def test_trivialaugment_changes_images_is_seeded_and_leaves_the_global_rng_alone
     second_epoch = [x for x, _ in loader]
     resumed = _loader(data, trivial, seed=99)
     resumed.generator.set_state(state)
-    assert all(torch.equal(a, b) for a, b in zip(second_epoch, (x for x, _ in resumed)))
+    assert all(torch.equal(a, b) for a, b in zip(second_epoch, (x for x, _ in resumed), strict=True))
 
 
 def test_balanced_sampler_draws_every_class_equally_often_and_deterministically():
@@ -212,7 +216,7 @@ def test_class_folders_only_end_to_end_records_every_carving(tmp_path):
     assert config["dataset"]["sizes"] == {"train": 12, "val": 6, "test": 6}
     assert carving["layout"] == "class folders only" and carving["max_per_class"] == 4
     assert carving["class_counts"]["train"] == {name: 4 for name in TINY_CLASSES}
-    checkpoint = utils.load_checkpoint(run_dir / "student_kd" / "best_model.pth")
+    checkpoint = checkpoints.load_checkpoint(run_dir / "student_kd" / "best_model.pth")
     assert checkpoint["resize"] == "center-crop"
     # the recorded settings rebuild the same splits
     splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"],

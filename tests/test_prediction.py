@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
 import prediction_for_one
-from conftest import ROOT
 
 
 def _images(tiny_data: Path, count: int = 3) -> list[str]:

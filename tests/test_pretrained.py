@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_FLAGS
 from torchvision import models
 
+import checkpoints
 import experiment
 import model_builder
+import settings
 import utils
-from conftest import TINY_FLAGS
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -112,7 +114,8 @@ def test_state_dict_file_and_a_run_checkpoint_as_weights(tmp_path):
     assert model_builder.load_pretrained(model, pretrained)["reinitialized"] == []
     assert_loaded(model, plain, [])
 
-    utils.save_checkpoint(tmp_path / "best_model.pth", {"state_dict": plain, "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]})
+    checkpoints.save_checkpoint(tmp_path / "best_model.pth",
+                                {"state_dict": plain, "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]})
     from_run = model_builder.read_pretrained("ResNet18", str(tmp_path / "best_model.pth"))
     assert (from_run.mean, from_run.std) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
     five_classes = model_builder.build_model("ResNet18", 5, 32)
@@ -120,8 +123,8 @@ def test_state_dict_file_and_a_run_checkpoint_as_weights(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--teacher-weights", "IMAGENET9"], "--teacher-weights IMAGENET9: 'IMAGENET9' is neither a weights name of vgg16_bn "
-                                         "(IMAGENET1K_V1, DEFAULT) nor a state-dict file."),
+    (["--teacher-weights", "IMAGENET9"], "--teacher-weights IMAGENET9: 'IMAGENET9' is neither a weights name of "
+                                         "vgg16_bn (IMAGENET1K_V1, DEFAULT) nor a state-dict file."),
     (["--student-weights", "/no/such/weights.pth"], "There is no weights file '/no/such/weights.pth'."),
     (["--student-weights", "{junk}"], "Cannot read weights file"),
     (["--student-weights", "{folder}"], "is a folder, not a state-dict file"),
@@ -152,15 +155,15 @@ def test_a_run_from_a_settings_file_with_pretrained_weights_and_budgets(tiny_dat
     fabricate(teacher_file, {name: tensor for name, tensor in full_vgg.items() if name.startswith("features.")})
     student_file = tmp_path / "student.pt"
     fabricate(student_file, imagenet_resnet18())
-    settings = tmp_path / "settings.yaml"
-    settings.write_text(f"data_dir: {tiny_data}\nval_fraction: 0.25\nteacher_epochs: 2\nstudent_epochs: 2\n"
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(f"data_dir: {tiny_data}\nval_fraction: 0.25\nteacher_epochs: 2\nstudent_epochs: 2\n"
                         "batch_size: 8\nimage_size: 32\nseed: 0\ndevice: cpu\n"
                         f"teacher_weights: IMAGENET1K_V1\nstudent_weights: {student_file}\n"
                         "patience: 1\nselect_metric: loss\nlabel_smoothing: 0.1\nclass_weights: balanced\n")
     run = tmp_path / "run"
-    assert experiment.main(["--config", str(settings), "--output-dir", str(run), "--student-epochs", "3"]) == 0
+    assert experiment.main(["--config", str(settings_file), "--output-dir", str(run), "--student-epochs", "3"]) == 0
     out = capsys.readouterr().out
-    assert (f"The teacher starts from VGG16_BN_Weights.IMAGENET1K_V1: 91 of 93 tensors loaded; re-initialized "
+    assert ("The teacher starts from VGG16_BN_Weights.IMAGENET1K_V1: 91 of 93 tensors loaded; re-initialized "
             "(no tensor of that shape in the file): classifier.2") in out
     assert f"The student starts from {student_file}: 119 of 122 tensors loaded" in out and ": conv1, fc" in out
     assert offline == []
@@ -175,7 +178,7 @@ def test_a_run_from_a_settings_file_with_pretrained_weights_and_budgets(tiny_dat
     assert config["dataset"]["normalization"] == "teacher weights VGG16_BN_Weights.IMAGENET1K_V1"
     assert config["dataset"]["class_weights"] == {"circle": 1.0, "cross": 1.0, "stripes": 1.0}
     assert config["student_epochs"] == 3 and config["label_smoothing"] == 0.1 and config["patience"] == 1
-    assert utils.load_checkpoint(run / "student_kd" / "best_model.pth")["mean"] == IMAGENET_MEAN
+    assert checkpoints.load_checkpoint(run / "student_kd" / "best_model.pth")["mean"] == IMAGENET_MEAN
 
     for role, epochs in (("teacher", 2), ("student_baseline", 3), ("student_kd", 3)):
         history = utils.read_json(run / role / "history.json")["epochs"]
@@ -185,6 +188,6 @@ def test_a_run_from_a_settings_file_with_pretrained_weights_and_budgets(tiny_dat
         assert row["epochs_trained"] == len(history)
         assert len(history) == (row["best_epoch"] + 1 if row["stopped_early"] else epochs), role
 
-    _, args, _ = experiment.parse_command_line(["--config", str(run / "config.json")])
-    repeated = {key: args[key] for key in experiment.Config.__dataclass_fields__}
-    assert repeated == {**{key: config[key] for key in experiment.Config.__dataclass_fields__}, "output_dir": None}
+    _, args, _ = settings.parse_command_line(["--config", str(run / "config.json")], experiment.default_config())
+    repeated = {key: args[key] for key in settings.Config.__dataclass_fields__}
+    assert repeated == {**{key: config[key] for key in settings.Config.__dataclass_fields__}, "output_dir": None}

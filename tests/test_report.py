@@ -4,9 +4,12 @@ import csv
 import re
 from html.parser import HTMLParser
 
+import markupsafe
 import pytest
 
 import experiment
+import report
+import schema
 import utils
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr", "embed", "param", "track"}
@@ -38,7 +41,7 @@ class StructureChecker(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def report(tiny_run):
+def report_page(tiny_run):
     text = (tiny_run / "report.html").read_text(encoding="utf-8")
     checker = StructureChecker()
     checker.feed(text)
@@ -46,8 +49,8 @@ def report(tiny_run):
     return text, checker
 
 
-def test_report_is_valid_self_contained_html(report):
-    text, checker = report
+def test_report_is_valid_self_contained_html(report_page):
+    text, checker = report_page
     assert text.startswith("<!DOCTYPE html>")
     assert checker.errors == [] and checker.stack == []
     assert {"html", "head", "body", "table", "img", "style"} <= checker.tags
@@ -59,17 +62,17 @@ def test_report_is_valid_self_contained_html(report):
     assert not re.search(r"https?://", text), "the report must not reach the network"
 
 
-def test_report_has_every_model_row_with_summary_numbers(tiny_run, report):
-    text, _ = report
+def test_report_has_every_model_row_with_summary_numbers(tiny_run, report_page):
+    text, _ = report_page
     summary = utils.read_json(tiny_run / "summary.json")
-    for role in experiment.ROLES:
+    for role in report.LEDGER_ROLES:
         row = re.search(rf"<tr><td class=\"name\">{role}</td>(.*?)</tr>", text)
         assert row, role
         for key in ("top1", "top3", "f1_macro", "auc_macro"):
             assert f"<td>{utils.format_metric(summary[role]['test'][key])}</td>" in row.group(1), (role, key)
         assert f"<td>{summary[role]['params']:,}</td>" in row.group(1)
-    for sentence in utils.reading_of_result(summary):
-        assert sentence.replace("'", "&#x27;") in text
+    for sentence in report.reading_of_result(schema.RunSummary.from_dict(summary)):
+        assert str(markupsafe.escape(sentence)) in text  # escaped as the template engine escapes every value
     assert "circle, cross, stripes" in text
 
 
@@ -101,7 +104,7 @@ def test_concurrent_ledger_appends_keep_whole_rows(tmp_path):
 
     path = tmp_path / "experiments.csv"
     with Pool(4) as pool:
-        pool.starmap(utils.append_ledger, [(path, {"run_dir": f"run{i}", "alpha": i}) for i in range(40)])
+        pool.starmap(report.append_ledger, [(path, {"run_dir": f"run{i}", "alpha": i}) for i in range(40)])
     with open(path, newline="", encoding="utf-8") as ledger:
         rows = list(csv.DictReader(ledger))
     assert sorted(r["run_dir"] for r in rows) == sorted(f"run{i}" for i in range(40))
@@ -111,7 +114,7 @@ def test_concurrent_ledger_appends_keep_whole_rows(tmp_path):
 def test_tensorboard_scalars_for_every_model(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for role in experiment.ROLES:
+    for role in report.LEDGER_ROLES:
         events = EventAccumulator(str(tiny_run / "tensorboard" / role))
         events.Reload()
         tags = set(events.Tags()["scalars"])

@@ -13,12 +13,14 @@ from typing import Callable
 
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
+import checkpoints
 import engine
 import experiment
+import report
 import utils
-from conftest import ROOT
 
 RESUME_FLAGS = [
     "--val-fraction", "0.25", "--teacher-epochs", "2", "--student-epochs", "4", "--batch-size", "8",
@@ -34,7 +36,8 @@ def default_stop_signals() -> None:
 
 
 def start_run(
-    tiny_data: Path, run_dir: Path, flags: list[str] = RESUME_FLAGS, set_signals: Callable[[], None] = default_stop_signals,
+    tiny_data: Path, run_dir: Path, flags: list[str] = RESUME_FLAGS,
+    set_signals: Callable[[], None] = default_stop_signals,
 ) -> subprocess.Popen:
     """The experiment as a separate process, its output unbuffered so it can be read line by line;
     `set_signals` runs in the child before it starts (its signal dispositions are what it inherits)."""
@@ -68,7 +71,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     run = tmp_path / "killed"
     assert (run / "teacher" / "results.json").is_file()
     assert not (run / "student_baseline" / "results.json").is_file()
-    saved_epochs = len(utils.load_checkpoint(run / "student_baseline" / experiment.TRAIN_STATE)["history"])
+    saved_epochs = len(checkpoints.load_checkpoint(run / "student_baseline" / checkpoints.TRAIN_STATE)["history"])
     assert 1 <= saved_epochs < 4
 
     resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
@@ -78,28 +81,32 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     assert f"[student_baseline] resuming after epoch {saved_epochs} of 4" in resumed.stdout
     expected = utils.read_json(tmp_path / "complete" / "summary.json")
     actual = utils.read_json(run / "summary.json")
-    for role in experiment.ROLES:
+    for role in report.LEDGER_ROLES:
         assert actual[role]["test"] == expected[role]["test"], role
         assert actual[role]["best_epoch"] == expected[role]["best_epoch"], role
         assert actual[role]["latency_ms"] > 0, "finished models are reloaded and measured with the others"
     assert actual["student_kd"]["mcnemar_p"] == expected["student_kd"]["mcnemar_p"]
     assert actual["warnings"] == expected["warnings"]
-    history = lambda path: [(e["train"]["loss"], e["val"]["loss"]) for e in utils.read_json(path)["epochs"]]
-    assert history(run / "student_baseline" / "history.json") == history(tmp_path / "complete" / "student_baseline" / "history.json")
-    assert not list(run.glob("*/" + experiment.TRAIN_STATE)), "finished models keep no training state"
+
+    def history(path):
+        return [(e["train"]["loss"], e["val"]["loss"]) for e in utils.read_json(path)["epochs"]]
+
+    assert (history(run / "student_baseline" / "history.json")
+            == history(tmp_path / "complete" / "student_baseline" / "history.json"))
+    assert not list(run.glob("*/" + checkpoints.TRAIN_STATE)), "finished models keep no training state"
 
 
 def test_dkd_warm_up_continues_after_a_resume(tiny_data, tmp_path):
     # Small models; 3 steps an epoch, warm-up over 5 of 6 epochs (15 steps): the kill lands inside the ramp.
-    flags = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1", "--student-epochs", "6",
-             "--batch-size", "9", "--kd-methods", "dkd", "--dkd-warmup-epochs", "5"]
+    flags = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
+             "--student-epochs", "6", "--batch-size", "9", "--kd-methods", "dkd", "--dkd-warmup-epochs", "5"]
     complete = start_run(tiny_data, tmp_path / "complete", [*RESUME_FLAGS, *flags])
     assert complete.wait(timeout=300) == 0, complete.stdout.read()
     killed = start_run(tiny_data, tmp_path / "killed", [*RESUME_FLAGS, *flags])
     stop_at(killed, "[student_dkd] epoch   2", signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     run = tmp_path / "killed"
-    assert 1 <= len(utils.load_checkpoint(run / "student_dkd" / experiment.TRAIN_STATE)["history"]) < 6
+    assert 1 <= len(checkpoints.load_checkpoint(run / "student_dkd" / checkpoints.TRAIN_STATE)["history"]) < 6
     resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -119,7 +126,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
     assert process.returncode == 130, output
     assert f"--resume {tmp_path / 'run'}" in output
     assert "Traceback" not in output
-    assert (tmp_path / "run" / "teacher" / experiment.TRAIN_STATE).is_file()
+    assert (tmp_path / "run" / "teacher" / checkpoints.TRAIN_STATE).is_file()
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):
@@ -186,7 +193,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(tiny_data, t
     checkpoint = tmp_path / "teacher.pth"
     torch.save({"arch": "vgg16_bn", "state_dict": {}, "payload": RunsCode(marker)}, checkpoint)
     with pytest.raises(pickle.UnpicklingError):
-        utils.load_checkpoint(checkpoint)
+        checkpoints.load_checkpoint(checkpoint)
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
                             "--teacher-checkpoint", str(checkpoint)])
     assert code == 2

@@ -8,6 +8,7 @@ import json
 import pytest
 
 import experiment
+import settings
 import utils
 
 SETTINGS = {"teacher_epochs": 3, "student_lr": 1e-4, "decode_cache": False, "data_dir": None, "seeds": "0,1",
@@ -16,15 +17,15 @@ SETTINGS = {"teacher_epochs": 3, "student_lr": 1e-4, "decode_cache": False, "dat
 
 def settings_of(argv: list[str]) -> dict:
     """The Config fields the command line would run with."""
-    _, args, _ = experiment.parse_command_line(argv)
-    return {key: args[key] for key in experiment.Config.__dataclass_fields__}
+    _, args, _ = settings.parse_command_line(argv, experiment.default_config())
+    return {key: args[key] for key in settings.Config.__dataclass_fields__}
 
 
 def test_a_runs_config_json_repeats_its_settings_in_a_new_folder(tiny_run):
     saved = utils.read_json(tiny_run / "config.json")
     assert {"resolved", "dataset", "output_dir"} <= saved.keys()
     repeated = settings_of(["--config", str(tiny_run / "config.json")])
-    assert repeated == {**{key: saved[key] for key in experiment.Config.__dataclass_fields__}, "output_dir": None}
+    assert repeated == {**{key: saved[key] for key in settings.Config.__dataclass_fields__}, "output_dir": None}
 
 
 def test_flags_beside_a_config_file_override_it(tiny_run):
@@ -91,10 +92,10 @@ def test_a_missing_config_file_and_config_with_resume_are_refused(tmp_path, caps
 
 
 def test_every_flag_has_a_help_text_and_shows_its_default_once():
-    parser = experiment.command_line_parser()
+    parser = settings.command_line_parser(experiment.default_config())
     formatter = parser._get_formatter()
     flags = [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
-    assert {action.dest for action in flags} >= set(experiment.Config.__dataclass_fields__)
+    assert {action.dest for action in flags} >= set(settings.Config.__dataclass_fields__)
     for action in flags:
         assert action.help, action.option_strings
         text = formatter._expand_help(action)
@@ -111,9 +112,9 @@ def test_resume_of_a_run_saved_before_a_setting_existed_uses_its_default(tiny_ru
     older = {key: value for key, value in saved.items() if key not in ("patience", "label_smoothing")}
     older["compile"] = False  # before --compile auto it was a switch
     utils.write_json(tmp_path / "config.json", older)
-    parser, args, _ = experiment.parse_command_line([])
+    parser, args, _ = settings.parse_command_line([], experiment.default_config())
     for key in ("report_only", "resume", "config"):
         args.pop(key)
-    config = experiment.resumed_config(str(tmp_path), args, parser)
+    config = settings.resumed_config(str(tmp_path), args, parser)
     assert config.patience is None and config.label_smoothing == 0.0 and config.compile == "off"
     assert config.output_dir == str(tmp_path) and config.teacher_epochs == saved["teacher_epochs"]

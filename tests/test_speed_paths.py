@@ -12,26 +12,28 @@ import torchvision
 from PIL import Image
 
 import data_setup
-import engine
+import decoding
 import experiment
 import model_builder
+import runtime
+import settings
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.mark.parametrize("setting, device, images, expected", [
-    ("auto", CUDA, engine.COMPILE_AUTO_MIN_IMAGES, True),
-    ("auto", CUDA, engine.COMPILE_AUTO_MIN_IMAGES - 1, False),  # too short to pay for compiling
+    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_IMAGES, True),
+    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_IMAGES - 1, False),  # too short to pay for compiling
     ("auto", CPU, 10**9, False),
     ("on", CPU, 0, True),
     ("off", CUDA, 10**9, False),
 ])
 def test_compile_rule(setting, device, images, expected):
-    assert engine.resolve_compile(setting, device, images) is expected
+    assert runtime.resolve_compile(setting, device, images) is expected
 
 
 def test_compile_flag_is_tri_state():
-    parser = experiment.build_parser()
+    parser = settings.build_parser(experiment.default_config())
     assert parser.parse_args([]).compile == "auto"
     assert parser.parse_args(["--compile"]).compile == "on"
     assert parser.parse_args(["--compile", "off"]).compile == "off"
@@ -39,15 +41,15 @@ def test_compile_flag_is_tri_state():
 
 def test_cudnn_autotuning_only_for_cuda(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    engine.enable_autotuning(CPU)
+    runtime.enable_autotuning(CPU)
     assert torch.backends.cudnn.benchmark is False
-    engine.enable_autotuning(CUDA)
+    runtime.enable_autotuning(CUDA)
     assert torch.backends.cudnn.benchmark is True
 
 
 def test_gpu_decoding_only_for_cuda():
-    assert data_setup.gpu_decoding(CUDA) and data_setup.gpu_decoding(torch.device("cuda", 1))
-    assert not data_setup.gpu_decoding(CPU) and not data_setup.gpu_decoding(None)
+    assert decoding.gpu_decoding(CUDA) and decoding.gpu_decoding(torch.device("cuda", 1))
+    assert not decoding.gpu_decoding(CPU) and not decoding.gpu_decoding(None)
 
 
 def test_to_device_leaves_cpu_tensors_as_they_are():
@@ -65,15 +67,15 @@ def test_a_teacher_stored_for_autocast_gives_the_same_logits_bit_for_bit():
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
 
     def logits() -> torch.Tensor:
-        with torch.inference_mode(), engine.autocast(CPU, torch.bfloat16):
+        with torch.inference_mode(), runtime.autocast(CPU, torch.bfloat16):
             return teacher(images)
 
     before = logits()
-    engine.store_for_autocast(teacher, torch.bfloat16)
+    runtime.store_for_autocast(teacher, torch.bfloat16)
     assert teacher.features[0].weight.dtype == torch.bfloat16 and teacher.features[1].weight.dtype == torch.float32
     assert torch.equal(logits(), before)
     fp32_teacher = model_builder.build_model("VGG16", 3, 32)
-    assert engine.store_for_autocast(fp32_teacher, None).features[0].weight.dtype == torch.float32
+    assert runtime.store_for_autocast(fp32_teacher, None).features[0].weight.dtype == torch.float32
 
 
 def _photo(size: tuple[int, int], seed: int) -> np.ndarray:
@@ -105,21 +107,22 @@ def mixed_folder(tmp_path) -> dict[str, Path]:
 
 def test_only_complete_rgb_or_grey_jpegs_go_to_the_gpu_decoder(mixed_folder):
     for kind, path in mixed_folder.items():
-        data = data_setup.gpu_jpeg_bytes(str(path))
+        data = decoding.gpu_jpeg_bytes(str(path))
         assert (data is not None) == (kind in ("rgb", "rgb_large", "grey")), kind
         if data is not None:
             assert data.dtype == torch.uint8 and bytes(data.numpy()) == path.read_bytes()
-    assert data_setup.gpu_jpeg_bytes(str(mixed_folder["rgb"].parent / "missing.jpg")) is None
+    assert decoding.gpu_jpeg_bytes(str(mixed_folder["rgb"].parent / "missing.jpg")) is None
 
 
 def _checked(paths, decode_device, resize="squash"):
     """Every batch of decoded_batches for `paths` in a shuffled order: {index: image}, {index: reason}."""
     order = [[5, 1, 7], [0, 6, 3], [2, 4]]
     images, failed = {}, {}
-    for batch, (decoded, failures) in zip(order, data_setup.decoded_batches(paths, 16, 0, resize, decode_device, batch_sampler=order)):
+    for batch, (decoded, failures) in zip(
+            order, decoding.decoded_batches(paths, 16, 0, resize, decode_device, batch_sampler=order), strict=True):
         good = [index for index in batch if index not in failures]
         assert decoded is None or len(decoded) == len(good)
-        images.update(zip(good, [] if decoded is None else decoded))
+        images.update(zip(good, [] if decoded is None else decoded, strict=True))
         failed.update(failures)
     return images, failed
 
@@ -128,7 +131,7 @@ def _checked(paths, decode_device, resize="squash"):
 def test_gpu_path_keeps_the_cpu_paths_images_order_and_skip_reasons(mixed_folder, monkeypatch, resize):
     paths = [str(path) for path in mixed_folder.values()]
     pil_images, pil_failed = _checked(paths, None, resize)
-    monkeypatch.setattr(data_setup, "gpu_decoding", lambda device: device is not None)  # the CUDA path, on the CPU
+    monkeypatch.setattr(decoding, "gpu_decoding", lambda device: device is not None)  # the CUDA path, on the CPU
     tensor_images, tensor_failed = _checked(paths, CPU, resize)
     assert tensor_failed == pil_failed and set(pil_failed) == {5, 6, 7}  # truncated, text, empty
     assert tensor_images.keys() == pil_images.keys()
@@ -154,11 +157,11 @@ def test_a_jpeg_the_gpu_decoder_refuses_goes_through_pillow(mixed_folder, monkey
         return original(data, *args, **kwargs)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", picky_decoder)
-    monkeypatch.setattr(data_setup, "gpu_decoding", lambda device: device is not None)
+    monkeypatch.setattr(decoding, "gpu_decoding", lambda device: device is not None)
     paths = [str(mixed_folder[kind]) for kind in ("grey", "rgb", "truncated")]
     images, failed = _checked(paths * 3, CPU)
-    assert torch.equal(images[1], data_setup.decode_image(paths[1], 16))
-    assert (images[0].float() - data_setup.decode_image(paths[0], 16).float()).abs().mean() < 4
+    assert torch.equal(images[1], decoding.decode_image(paths[1], 16))
+    assert (images[0].float() - decoding.decode_image(paths[0], 16).float()).abs().mean() < 4
     assert failed[2].startswith("truncated image") or failed[2].startswith("damaged image")
 
 
@@ -171,7 +174,7 @@ def test_gpu_decoded_streaming_and_in_memory_batches_are_identical(tmp_path, mon
             folder.mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(_photo((20 + i, 20), i + 7 * (label == "b"))).save(folder / f"{i}.jpg")
-    monkeypatch.setattr(data_setup, "gpu_decoding", lambda device: device is not None)
+    monkeypatch.setattr(decoding, "gpu_decoding", lambda device: device is not None)
     common = (str(tmp_path / "data"), None, None, None, 16, 0.25, 0)
     in_memory = data_setup.load_splits(*common, cache_dir=tmp_path / "cache", decode_device=CPU)
     streamed = data_setup.load_splits(*common, memory_budget_mb=0, workers=2, decode_device=CPU)
@@ -186,5 +189,5 @@ def test_gpu_decoded_streaming_and_in_memory_batches_are_identical(tmp_path, mon
         for _ in range(2):
             reference, other = [list(loader) for loader in loaders]
             assert len(reference) == len(other) == len(loaders[0])
-            for (xa, ya), (xb, yb) in zip(reference, other):
+            for (xa, ya), (xb, yb) in zip(reference, other, strict=True):
                 assert torch.equal(xa, xb) and torch.equal(ya, yb)

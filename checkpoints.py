@@ -1,0 +1,299 @@
+"""Weights on disk: self-describing checkpoints, the state a resumed run continues from, writes in
+the background, and saves that a stop signal (Ctrl-C, SIGTERM) cannot cut short.
+
+Every file is written atomically and read with `weights_only=True`, so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import engine
+import errors
+import model_builder
+import utils
+
+TRAIN_STATE = "train_state.pth"  # per model: everything needed to continue after its last finished epoch
+BEST_MODEL = "best_model.pth"  # per model: the weights of its best epoch, with their description
+DESCRIPTION_KEYS = ("class_names", "image_size", "mean", "std")  # what using a model needs besides its weights
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Save a checkpoint dict atomically (tensors, numbers, strings, lists and dicts only)."""
+    with utils.atomic_path(path) as temporary:
+        torch.save(checkpoint, temporary)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without running code from it (weights_only=True)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def host_copy(value: Any, contiguous: bool = False) -> Any:
+    """A copy of checkpoint contents that later training cannot change: every tensor copied to the
+    CPU (in the contiguous layout with `contiguous`, else in its own), dicts, lists and tuples rebuilt
+    (other leaves, numbers and strings, are immutable). Always a copy, on the CPU too."""
+    if isinstance(value, torch.Tensor):
+        layout = torch.contiguous_format if contiguous else torch.preserve_format
+        return value.detach().to("cpu", memory_format=layout, copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item, contiguous) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item, contiguous) for item in value)
+    return value
+
+
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's weights as contiguous CPU copies (what every checkpoint stores), whatever
+    the layout the model trains in."""
+    return host_copy(model_builder.unwrap(model).state_dict(), contiguous=True)
+
+
+def make_checkpoint(
+    description: dict[str, Any], role: str, arch: str, weights: dict[str, torch.Tensor], epoch: int,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A self-describing checkpoint: `weights` plus everything needed to rebuild and use them.
+
+    `description` holds "class_names", "image_size", "resize", "mean", "std" and "config".
+    """
+    return {
+        "role": role, "arch": arch, "num_classes": len(description["class_names"]),
+        "class_names": list(description["class_names"]), "image_size": description["image_size"],
+        "resize": description["resize"], "mean": list(description["mean"]), "std": list(description["std"]),
+        "config": description["config"], "epoch": epoch, "history": history, "state_dict": weights,
+    }
+
+
+def load_model(checkpoint: dict[str, Any]) -> nn.Module:
+    """The model a checkpoint describes, with its weights, on the CPU in eval mode: the one way a
+    model is rebuilt from a file (the run, deployment figures, prediction)."""
+    num_classes = checkpoint.get("num_classes", len(checkpoint["class_names"]))
+    model = model_builder.build_model(checkpoint["arch"], num_classes, checkpoint["image_size"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """Read a checkpoint this run wrote (without running code from it), or say why it cannot be used."""
+    try:
+        return load_checkpoint(path)
+    except Exception as error:  # a damaged or foreign file is the user's to remove
+        raise errors.SettingsError(f"Cannot read '{path}': {error!r}. Delete it to start that model afresh.") from None
+
+
+# ---------------------------------------------------------------- a teacher from another run
+
+
+def read_teacher_checkpoint(path: str) -> dict[str, Any]:
+    """Read a teacher checkpoint (without running code from it), with a clear error if unusable."""
+    if not Path(path).is_file():
+        raise errors.SettingsError(f"--teacher-checkpoint '{path}' is not a file.")
+    try:
+        checkpoint = load_checkpoint(path)
+        for key in ("arch", "epoch", "state_dict", *DESCRIPTION_KEYS):
+            checkpoint[key]
+    except Exception as error:  # any unreadable or foreign file is the user's to fix
+        raise errors.SettingsError(f"Cannot read teacher checkpoint '{path}': {error!r}") from None
+    return checkpoint
+
+
+def check_teacher_fits(path: str, checkpoint: dict[str, Any], class_names: list[str]) -> None:
+    """Refuse a teacher checkpoint whose classes or weights do not fit this run (checked on the meta device)."""
+    if checkpoint["class_names"] != class_names:
+        raise errors.SettingsError(f"Teacher checkpoint '{path}' was trained on classes {checkpoint['class_names']}, "
+                                   f"not this data's {class_names}.")
+    model = model_builder.build_on_meta(checkpoint["arch"], len(class_names), checkpoint["image_size"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"], assign=True)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:2]]
+        raise errors.SettingsError(f"Teacher checkpoint '{path}' does not hold weights of a {checkpoint['arch']} for "
+                                   f"{len(class_names)} classes ({'; '.join(details) or error}).") from None
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random generator's state, in types a weights_only checkpoint can hold."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(), "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put every random generator back where `rng_states()` found it."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def training_state(
+    role: str, arch: str, weights: dict[str, torch.Tensor], best_weights: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None,
+    loader_generator: torch.Generator, result: engine.FitResult,
+) -> dict[str, Any]:
+    """Everything a resumed run needs to continue after the epoch `result` ends with.
+
+    The best weights travel with the state rather than being read back from best_model.pth: a
+    kill between writing that file and this one would pair them with the wrong epoch. None means
+    the state's own weights are the best.
+    """
+    return {
+        "role": role, "arch": arch, "model": weights, "best_model": best_weights,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "criterion": None if trainable is None else trainable.state_dict(),
+        "loader_generator": loader_generator.get_state(), "rng": rng_states(),
+        "history": result.history, "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
+        "best_val_logits": result.best_val_outputs[0], "best_val_labels": result.best_val_outputs[1],
+    }
+
+
+def restore_training(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, loader_generator: torch.Generator,
+) -> tuple[engine.FitResult, dict[str, torch.Tensor]]:
+    """Put a saved training state back in place; return what `engine.fit` needs to continue."""
+    model_builder.unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if trainable is not None:
+        trainable.load_state_dict(state["criterion"])
+    loader_generator.set_state(state["loader_generator"])
+    set_rng_states(state["rng"])
+    result = engine.FitResult(history=state["history"], best_epoch=state["best_epoch"],
+                              train_seconds=state["train_seconds"],
+                              best_val_outputs=(state["best_val_logits"], state["best_val_labels"]))
+    return result, state["model"] if state["best_model"] is None else state["best_model"]
+
+
+# ---------------------------------------------------------------- writing in the background
+
+
+def _save_checkpoints(files: list[tuple[Path, dict[str, Any]]]) -> None:
+    for path, checkpoint in files:
+        save_checkpoint(path, checkpoint)
+
+
+class BackgroundSaver:
+    """Writes checkpoints on a background thread, so training does not wait for serialization and disk.
+
+    `save` copies the tensors to the CPU at once (cheap), then returns while one thread writes
+    the files atomically, in the given order. A new `save` first waits for the previous one;
+    `wait()` (and leaving a `with` block, also on an error or Ctrl-C) waits for the last one and
+    raises any error the writer met. A write cut short leaves the previous file in place.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending = None
+
+    def save(self, files: dict[Path, dict[str, Any]]) -> None:
+        """Write `{path: checkpoint}` in the background, in order, each file atomically."""
+        self.wait()
+        copies = [(Path(path), host_copy(checkpoint)) for path, checkpoint in files.items()]
+        self._pending = self._executor.submit(_save_checkpoints, copies)
+
+    def wait(self) -> None:
+        """Return once every file handed to `save` is written; raise the writer's error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last write, then stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown()
+
+    def __enter__(self) -> BackgroundSaver:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- stop signals
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send before preempting a job), handled as Ctrl-C is."""
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C or SIGTERM); every finished epoch is saved in `run_dir`."""
+
+    def __init__(self, run_dir: Path, signum: int) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir, self.signum = run_dir, signum
+
+
+# Exceptions the stop signals raise (SIGINT: Python's own KeyboardInterrupt).
+STOP_SIGNALS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: StopRequested}
+
+
+def stop_signal(error: KeyboardInterrupt) -> int:
+    """The signal behind a stop: SIGTERM for StopRequested, SIGINT for any other KeyboardInterrupt."""
+    return signal.SIGTERM if isinstance(error, StopRequested) else signal.SIGINT
+
+
+def request_stop(signum: int, frame: Any) -> None:
+    """Signal handler: stop the run as Ctrl-C does (the exception type tells which signal)."""
+    raise STOP_SIGNALS[signum]
+
+
+def handle_stop_signals() -> None:
+    """Make SIGTERM stop a run as Ctrl-C does, unless it was inherited as ignored (then it stays ignored)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, request_stop)
+
+
+def finish_before_interrupt(function: Callable[..., None]) -> Callable[..., None]:
+    """Run `function` with Ctrl-C and SIGTERM held back until it returns, so a save it makes is never
+    cut short; a signal that arrived meanwhile then stops the run. A signal inherited as ignored
+    (e.g. SIGINT in a background job of a non-interactive shell) stays ignored."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return function(*args, **kwargs)
+        received: list[int] = []
+        held = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None)}
+        for signum in held:
+            signal.signal(signum, lambda signum, frame: received.append(signum))
+        try:
+            function(*args, **kwargs)
+        finally:
+            for signum, previous in held.items():
+                signal.signal(signum, previous)
+        if received:
+            raise STOP_SIGNALS[received[0]]
+
+    return wrapper

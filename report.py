@@ -1,0 +1,447 @@
+"""What a run leaves for people to read: each model's folder (metrics, plots, its results), the run
+directory, the comparison tables, the HTML report (a Jinja2 template, every value escaped) and the
+ledger of runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import fcntl
+import io
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import torch
+from torch import nn
+
+import checkpoints
+import deploy
+import engine
+import errors
+import KD_engine
+import model_builder
+import runtime
+import schema
+import settings
+import significance
+import trainer
+import utils
+
+RESULTS = "results.json"  # per model; written last, its presence marks the model as finished for --resume
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+# ---------------------------------------------------------------- one model's folder
+
+
+def evaluate_model(
+    context: trainer.Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult, folder: Path,
+) -> schema.ModelRow:
+    """Evaluate the selected model on every split and write its folder of metrics, plots and reports.
+
+    Every rank takes part in the evaluation; only rank 0 writes files.
+    """
+    class_names = context.data.class_names
+    outputs = {split: engine.predict(model, context.eval_loaders[split], context.device, context.amp_dtype,
+                                     f"{role} {split}")
+               for split in schema.SPLITS if not (split == "val" and fit.best_val_outputs is not None)}
+    if fit.best_val_outputs is not None:
+        # The selected weights are the best epoch's: its validation pass already holds these outputs.
+        outputs["val"] = fit.best_val_outputs
+    outputs = {split: outputs[split] for split in schema.SPLITS}
+    results = {split: engine.metrics_from_logits(*outputs[split], class_names) for split in schema.SPLITS}
+    row = schema.ModelRow(
+        arch=arch, **deploy.describe(model), best_epoch=fit.best_epoch, epochs_trained=len(fit.history),
+        stopped_early=fit.stopped_early, train_seconds=round(fit.train_seconds, 2),
+        test={key: results["test"][key] for key in schema.TEST_KEYS},
+    )
+    pretrained = context.initial_weights(role)
+    if pretrained is not None:
+        row.pretrained = model_builder.pretrained_fit(model, pretrained)[1]
+    if not runtime.is_main_process():
+        return row
+    context.saver.wait()  # best_model.pth is measured below, and the training state removed
+    figures = deploy.file_figures(model, folder / checkpoints.BEST_MODEL, context.config.image_size)
+    row.file_mb, row.flops_per_image = figures["file_mb"], figures["flops_per_image"]
+    if context.config.export == "onnx":
+        row.export = export_model(context, role, arch, model, folder)
+    write_model_folder(context, role, arch, model, fit, folder, outputs, results)
+    # Written last: its presence marks the model as finished for --resume.
+    utils.write_json(folder / RESULTS, {"model": role, **row.to_dict(),
+                                        "test_correct": significance.correct_flags(*outputs["test"]),
+                                        "splits": results})
+    (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
+    return row
+
+
+def write_model_folder(
+    context: trainer.Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult, folder: Path,
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], results: dict[str, dict[str, Any]],
+) -> None:
+    """A model's reports: per split its classification report and confusion matrix; its history,
+    metrics tables, layer summary, learning curves and top-k bars."""
+    from torchinfo import summary as torchinfo_summary
+
+    class_names, config = context.data.class_names, context.config
+    for split, (logits, labels) in outputs.items():
+        results[split]["per_class"] = utils.per_class_scores(logits, labels, class_names)
+        utils.write_text(folder / f"classification_report_{split}.txt", utils.report_text(logits, labels, class_names))
+        utils.plot_confusion(utils.confusion(logits, labels, len(class_names)), class_names,
+                             f"{role}: {split} confusion matrix", folder / f"confusion_matrix_{split}.png")
+    utils.write_json(folder / "history.json", {"best_epoch": fit.best_epoch, "epochs": fit.history})
+    utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation "
+                     f"{config.select_metric}\n" + utils.history_table(fit.history))
+    utils.write_text(folder / "detailed_metrics.txt",
+                     f"{role} ({arch}) at its best epoch {fit.best_epoch}\n\n" + utils.metrics_table(results))
+    stats = torchinfo_summary(model_builder.unwrap(model), input_size=(1, 3, config.image_size, config.image_size),
+                              device=context.device, mode="eval", verbose=0)
+    utils.write_text(folder / "model_summary.txt", str(stats) + "\n")
+    if fit.history:
+        utils.save_figure(utils.curves_figure({role: fit.history}, "loss", "loss", f"{role}: loss",
+                                              KD_engine.LOSS_PARTS), folder / "loss_curve.png")
+        utils.save_figure(utils.curves_figure({role: fit.history}, "top1", "top1", f"{role}: top-1 accuracy"),
+                          folder / "accuracy_curve.png")
+    utils.plot_topk(results, f"{role}: top-1 and top-3 accuracy", folder / "top1_top3_comparison.png")
+
+
+def export_model(context: trainer.Context, role: str, arch: str, model: nn.Module, folder: Path) -> dict[str, Any]:
+    """Write <model folder>/model.onnx and check it against PyTorch on real validation images."""
+    path = folder / "model.onnx"
+    metadata = {"arch": arch, "class_names": context.data.class_names, "image_size": context.config.image_size,
+                "resize": context.config.resize, "mean": context.data.mean, "std": context.data.std, "role": role}
+    images = next(iter(context.eval_loaders["val"]))[0][:64]
+    check = deploy.export_checked(model, path, context.config.image_size, metadata, images)
+    return {"onnx": str(path.relative_to(context.run_dir)), **check}
+
+
+def finished_row(folder: Path, name: str) -> schema.ModelRow | None:
+    """The summary row of a model an interrupted run already finished, or None."""
+    path = folder / RESULTS
+    if not path.is_file():
+        return None
+    results = utils.read_json(path)
+    if runtime.is_main_process():
+        (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
+        print(f"[{name}] finished before the interruption: kept as it was")
+    row = {key: value for key, value in results.items() if key not in ("model", "test_correct", "splits")}
+    return schema.ModelRow.from_dict(row, str(path))
+
+
+def read_test_correct(folder: Path) -> np.ndarray:
+    """Which test images a finished model classified correctly (test-split order), from its results.json."""
+    results = utils.read_json(folder / RESULTS)
+    if "test_correct" not in results:
+        raise errors.SettingsError(f"'{folder / RESULTS}' was written by an earlier version without per-image test "
+                                   "results; delete it to train that model again.")
+    return significance.parse_correct_flags(results["test_correct"])
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def make_run_dir(output_dir: str | None) -> Path:
+    """The run directory: as given, or a new runs/<timestamp> folder (rank 0 decides for all)."""
+    if not runtime.is_main_process():
+        return Path(runtime.broadcast_object(None))
+    if output_dir is not None:
+        path = Path(output_dir)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / stamp
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = Path("runs") / f"{stamp}-{suffix}"
+    path.mkdir(parents=True, exist_ok=True)
+    return Path(runtime.broadcast_object(str(path)))
+
+
+def write_run_config(run_dir: Path, config: settings.Config, resolved: dict[str, Any],
+                     dataset: schema.DatasetRecord) -> None:
+    """RUN/config.json: every setting, what the run resolved (device, precision, ...) and its data."""
+    utils.write_json(run_dir / "config.json",
+                     {**settings.saved_config(config), "resolved": resolved, "dataset": dataset.to_dict()})
+
+
+def write_skipped_files(run_dir: Path, skipped: list[dict[str, str]]) -> None:
+    """RUN/skipped_files.log, one unreadable file a line with its reason, and a line on the console."""
+    if not skipped:
+        return
+    lines = "".join(f"{entry['path']}: {entry['reason']}\n" for entry in skipped)
+    utils.write_text(run_dir / "skipped_files.log", lines)
+    print(f"Skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} "
+          f"(listed in {run_dir / 'skipped_files.log'} and summary.json)")
+
+
+# ---------------------------------------------------------------- comparison tables
+
+
+def comparison_table(summary: schema.RunSummary) -> str:
+    """The final table: one row per model with size, training time and test metrics (of the first seed),
+    then, over several seeds, mean +- std of test top-1 and of the gain over the baseline; below it every
+    distilled student's gain with its verdict (significant or within noise)."""
+    seeds, models = summary.seeds, summary.models
+    several = len(seeds) > 1
+    metrics = ("top1", "top3", "f1_macro", "auc_macro")
+    header = ["model", "arch", "params", "MB", "best ep", "train", *metrics]
+    if several:
+        header += ["top1 mean+-std", "gain mean+-std", "gain 95% interval"]
+
+    def mean_and_std(mean: float | None, std: float | None) -> str:
+        return "" if mean is None else f"{100 * mean:.2f}+-{100 * std:.2f}"
+
+    rows = []
+    for role, row in models.items():
+        cells = [role, row.arch, f"{row.params:,}", f"{row.size_mb:.1f}", str(row.best_epoch),
+                 utils.format_seconds(row.train_seconds), *(utils.format_metric(row.test.get(k)) for k in metrics)]
+        if several:
+            interval = row.gain_top1_ci95
+            cells += [mean_and_std(row.test_top1_mean, row.test_top1_std),
+                      mean_and_std(row.gain_top1_mean, row.gain_top1_std),
+                      "" if interval is None else f"[{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]"]
+        rows.append(cells)
+    lines = [utils.text_table(header, rows, left=2).rstrip("\n")]
+    distilled = [role for role in models if schema.is_distilled(role)]
+    lines += [significance.gain_sentence(role, models[role], models[schema.BASELINE], seeds) for role in distilled]
+    if distilled:
+        lines.append("significant: " + significance.rule(several))
+    if several:
+        lines.append(f"seeds {', '.join(map(str, seeds))}: the teacher is trained once (seed {seeds[0]}); "
+                     "per-model columns are the first seed's, mean+-std over all seeds (sample std)")
+    return "\n".join(lines) + "\n"
+
+
+def deployment_table(summary: schema.RunSummary) -> str:
+    """Size and speed of every model on this run's device, and each one's speed-up over the teacher
+    ("unclear" where the latency spreads overlap)."""
+    header = ["model", "params", "file MB", "GFLOPs/img", "latency ms", "latency IQR", "img/s @64", "img/s IQR",
+              "speed-up"]
+
+    def interval(low_high: list[float], digits: int) -> str:
+        return "-".join(f"{value:.{digits}f}" for value in low_high)
+
+    rows, unclear = [], []
+    for role, row in summary.models.items():
+        clear = role == schema.TEACHER or row.speedup_clear
+        if not clear:
+            unclear.append(f"{role} {row.speedup_over_teacher:.2f}x")
+        rows.append([role, f"{row.params:,}", f"{row.file_mb:.1f}", f"{row.flops_per_image / 1e9:.3f}",
+                     f"{row.latency_ms:.2f}", interval(row.latency_ms_iqr, 2), f"{row.throughput_img_s:.1f}",
+                     interval(row.throughput_img_s_iqr, 1),
+                     f"{row.speedup_over_teacher:.2f}x" if clear else "unclear"])
+    notes = ["medians and interquartile ranges over interleaved rounds; speed-up = the teacher's median latency / "
+             "the model's"]
+    if unclear:
+        notes.append("unclear: the model's and the teacher's latency interquartile ranges overlap, so this measurement "
+                     f"cannot tell which is faster (median ratios: {', '.join(unclear)})")
+    return (f"Deployment on {summary.device} ({summary.precision}):\n" + utils.text_table(header, rows)
+            + "".join(note + "\n" for note in notes))
+
+
+def reading_of_result(summary: schema.RunSummary) -> list[str]:
+    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers."""
+    sentences = []
+    models = summary.models
+    teacher, baseline = models.get(schema.TEACHER), models.get(schema.BASELINE)
+    distilled_roles = [role for role in models if schema.is_distilled(role)]
+    distilled = models[distilled_roles[0]] if distilled_roles else None
+    student = distilled or baseline  # every student has the same architecture
+    if teacher and distilled:
+        kept = distilled.test["top1"] / teacher.test["top1"] if teacher.test["top1"] else None
+        sentences.append(
+            f"The distilled student keeps {utils.format_metric(kept)}% of the teacher's test top-1 "
+            f"({utils.format_metric(distilled.test['top1'])}% vs {utils.format_metric(teacher.test['top1'])}%) "
+            f"with {100 * distilled.params / teacher.params:.0f}% of its parameters.")
+        if distilled.test["top1"] > teacher.test["top1"]:
+            sentences.append("The student outscored its teacher on the test split: the teacher was not the "
+                             "stronger model here, so the soft targets carried little extra knowledge.")
+    if teacher and student and student.flops_per_image is not None:
+        ratio = student.flops_per_image / teacher.flops_per_image
+        cost = (f"{ratio:.2f}x the teacher's FLOPs per image ({student.flops_per_image / 1e9:.2f} vs "
+                f"{teacher.flops_per_image / 1e9:.2f} GFLOPs)")
+        sentences.append(f"The student is not cheaper than its teacher: it needs {cost}." if ratio >= 1
+                         else f"The student needs {cost}.")
+    if teacher and student and student.speedup_clear is not None:
+        measured = (f"median batch-1 latency {student.latency_ms:.2f} ms against the teacher's "
+                    f"{teacher.latency_ms:.2f} ms on {summary.device}")
+        sentences.append(f"Measured, the student runs {student.speedup_over_teacher:.2f}x as fast as the teacher "
+                         f"({measured})." if student.speedup_clear else
+                         f"The speed measurement cannot tell student and teacher apart ({measured}, with overlapping "
+                         "interquartile ranges).")
+    if baseline:
+        sentences += [significance.gain_sentence(role, models[role], baseline, summary.seeds)
+                      for role in distilled_roles]
+    samples = summary.dataset.sizes.get("test")
+    if baseline and distilled_roles and samples:
+        sentences.append(f"One test image is {100 / samples:.2f} points here.")
+    return sentences
+
+
+# ---------------------------------------------------------------- the HTML report
+
+
+def _png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _model_cells(role: str, row: schema.ModelRow, baseline: schema.ModelRow | None) -> list[str]:
+    """One model's cells in the report's table of models."""
+    gain = "—"
+    if schema.is_distilled(role) and baseline is not None:
+        gain = f"{100 * (row.test['top1'] - baseline.test['top1']):+.2f}"
+        if row.mcnemar_p is not None:
+            gain += f", {significance.verdict(row.mcnemar_p)}"
+    latency = "—" if row.latency_ms is None else f"{row.latency_ms:.2f}" + (
+        " ({:.2f}–{:.2f})".format(*row.latency_ms_iqr) if row.latency_ms_iqr is not None else "")
+    speedup = "—" if row.speedup_over_teacher is None else (
+        f"{row.speedup_over_teacher:.2f}×" if row.speedup_clear in (None, True) else "unclear (IQRs overlap)")
+    flops = "—" if row.flops_per_image is None else f"{row.flops_per_image / 1e9:.3f}"
+    return [role, row.arch, *(utils.format_metric(row.test.get(k)) for k in ("top1", "top3", "f1_macro", "auc_macro")),
+            f"{row.params:,}", f"{row.size_mb:.1f}", flops, latency, speedup, gain, str(row.best_epoch)]
+
+
+MODEL_COLUMNS = ["model", "architecture", "test top-1 %", "top-3 %", "macro F1 %", "macro AUC %", "parameters",
+                 "size MB", "GFLOPs / image", "latency ms, median (IQR)", "speed-up", "gain over baseline",
+                 "best epoch"]
+
+
+def _data_rows(summary: schema.RunSummary) -> list[tuple[str, str]]:
+    """The report's table of the data: classes, split sizes, how validation and test were obtained, skipped files."""
+    dataset, skipped = summary.dataset, summary.skipped_files
+    rows = [(f"classes ({len(dataset.class_names)})", ", ".join(dataset.class_names))]
+    rows += [(f"{split} images", str(size)) for split, size in dataset.sizes.items()]
+    rows.append(("validation", dataset.validation))
+    carved = (("test", "test"), ("train_subset", "training subset"))
+    rows += [(label, str(dataset.carving[key])) for key, label in carved if dataset.carving.get(key)]
+    listing = "; ".join(f"{item['path']} ({item['reason']})" for item in skipped)
+    rows.append(("skipped files", f"{len(skipped)}: {listing}" if skipped else "none"))
+    return rows
+
+
+def build_report(run_dir: str | Path) -> str:
+    """A self-contained HTML report of a finished run, read from the files in its directory.
+
+    A summary.json whose fields have the wrong types raises ValueError naming the field.
+    """
+    run_dir = Path(run_dir)
+    summary = schema.RunSummary.from_dict(utils.read_json(run_dir / "summary.json"), str(run_dir / "summary.json"))
+    config = utils.read_json(run_dir / "config.json")
+    roles = list(summary.models)
+    results = {role: utils.read_json(run_dir / role / RESULTS) for role in roles}
+    histories = {role: utils.read_json(run_dir / role / "history.json")["epochs"] for role in roles}
+    baseline = summary.models.get(schema.BASELINE)
+    curves = [{"label": label, "src": _png_data_uri(utils.figure_png(utils.curves_figure(histories, key, key), 100))}
+              for key, label in (("loss", "loss (train: training objective, val: CE)"), ("top1", "top-1 accuracy"))]
+    confusions = [{"label": role, "src": _png_data_uri((run_dir / role / "confusion_matrix_test.png").read_bytes())}
+                  for role in roles]
+    students = [role for role in roles if role.startswith(schema.STUDENT_PREFIX)
+                and "per_class" in results[role]["splits"]["test"]]
+    per_class_f1 = None
+    if students and summary.dataset.class_names:
+        per_class = {role: results[role]["splits"]["test"]["per_class"] for role in students}
+        per_class_f1 = _png_data_uri(utils.figure_png(utils.per_class_f1_figure(per_class, summary.dataset.class_names),
+                                                      dpi=100))
+    models_note = ("Best epoch chosen on validation top-1; test metrics of those weights. Latency: batch 1, measured "
+                   "with the other models in interleaved rounds; speed-up: the teacher's median latency over the "
+                   "model's, 'unclear' where the two interquartile ranges overlap. Gain verdict: "
+                   f"{significance.rule(False)} (first seed).")
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                                     undefined=jinja2.StrictUndefined)
+    return environment.get_template("report.html").render(
+        run_name=run_dir.name, finished_at=summary.finished_at, device=summary.device, precision=summary.precision,
+        wall_time=utils.format_seconds(summary.wall_seconds), reading=reading_of_result(summary),
+        warnings=summary.warnings, model_columns=MODEL_COLUMNS,
+        model_rows=[_model_cells(role, row, baseline) for role, row in summary.models.items()],
+        models_note=models_note, curves=curves, confusions=confusions, per_class_f1=per_class_f1,
+        data_rows=_data_rows(summary),
+        settings_rows=[(key, json.dumps(value)) for key, value in config.items() if key != "dataset"],
+    )
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.html (atomically) and return its path."""
+    path = Path(run_dir) / "report.html"
+    utils.write_text(path, build_report(run_dir))
+    return path
+
+
+# ---------------------------------------------------------------- the ledger of runs
+
+LEDGER_ROLES = (schema.TEACHER, schema.BASELINE, schema.distilled_role("kd"))  # each has its own top-1 column
+LEDGER_COLUMNS = [
+    "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
+    "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
+    "image_size", "seed", "seeds", *(f"{role}_top1" for role in LEDGER_ROLES), "distilled_top1", "kd_gain_top1",
+    "wall_seconds",
+]
+
+
+def ledger_row(config: settings.Config, summary: schema.RunSummary, run_dir: Path) -> dict[str, Any]:
+    """One line of the runs ledger: what was run, with which key settings, and how it scored."""
+    dataset = "bundled digits" if settings.is_bundled(config) else (config.data_dir or config.train_dir)
+    models = summary.models
+    distilled = [role for role in models if schema.is_distilled(role)]
+    return {
+        "finished_at": summary.finished_at, "run_dir": str(run_dir), "dataset": dataset,
+        **{key: getattr(config, key) for key in ("teacher_model", "student_model", "student_epochs", "optimizer",
+                                                  "student_lr", "temperature", "alpha", "batch_size", "image_size",
+                                                  "seed")},
+        # A reused teacher was not trained in this run: its checkpoint stands where its training settings would.
+        "teacher_checkpoint": config.teacher_checkpoint or "",
+        "teacher_epochs": "" if config.teacher_checkpoint else config.teacher_epochs,
+        "teacher_lr": "" if config.teacher_checkpoint else config.teacher_lr,
+        "kd_methods": ",".join(settings.kd_methods(config)), "seeds": ",".join(map(str, settings.seeds(config))),
+        **{f"{role}_top1": round(models[role].test["top1"], 6) if role in models else None for role in LEDGER_ROLES},
+        "distilled_top1": " ".join(f"{schema.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
+        "kd_gain_top1": None if summary.kd_gain_top1 is None else round(summary.kd_gain_top1, 6),
+        "wall_seconds": summary.wall_seconds,
+    }
+
+
+def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row to a CSV ledger, writing the header first when the file is new.
+
+    A ledger written by an older version, with fewer columns, is migrated: its header gains the
+    missing columns (its own columns, even unknown ones, keep their values), rewritten atomically.
+    An exclusive lock on a companion `.lock` file makes runs finishing at once append whole rows,
+    one after the other, and never lose one to a migration.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            header: list[str] = []
+            if path.is_file() and path.stat().st_size:
+                with open(path, encoding="utf-8", newline="") as ledger:
+                    header = next(csv.reader(ledger), [])
+            columns = header + [column for column in LEDGER_COLUMNS if column not in header]
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+            if header and columns == header:
+                writer.writerow({k: row.get(k, "") for k in columns})
+                _append_durably(path, buffer.getvalue())
+                return
+            rows = []
+            if header:
+                with open(path, encoding="utf-8", newline="") as ledger:
+                    rows = list(csv.DictReader(ledger))
+            writer.writeheader()
+            writer.writerows(rows + [{k: row.get(k, "") for k in columns}])
+            utils.write_text(path, buffer.getvalue())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _append_durably(path: Path, text: str) -> None:
+    """Append text to a file and wait until it is on disk."""
+    with open(path, "a", encoding="utf-8", newline="") as ledger:
+        ledger.write(text)
+        ledger.flush()
+        os.fsync(ledger.fileno())

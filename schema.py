@@ -1,0 +1,217 @@
+"""The layout of what a run records: the models' role names, and summary.json as typed records.
+
+summary.json holds one entry per trained model, keyed by its role ("teacher", "student_baseline",
+"student_<method>"), then the run's own fields. It is written and read only through `RunSummary`,
+whose `from_dict` refuses a file whose fields have the wrong types (ValueError naming the field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEACHER = "teacher"
+BASELINE = "student_baseline"
+STUDENT_PREFIX = "student_"
+SEED_SEPARATOR = " seed "  # a model's name in a run of several seeds: "student_kd seed 2"
+SPLITS = ("train", "val", "test")
+TEST_KEYS = ("top1", "top3", "precision_macro", "recall_macro", "f1_macro", "auc_macro")  # summary's test metrics
+
+
+def distilled_role(method: str) -> str:
+    """The role of the student distilled by `method` ("kd" -> "student_kd")."""
+    return STUDENT_PREFIX + method
+
+
+def method_of(role: str) -> str:
+    """The distillation method of a student role ("student_kd" -> "kd"; the baseline gives "baseline")."""
+    return role.removeprefix(STUDENT_PREFIX)
+
+
+def is_distilled(role: str) -> bool:
+    """True for a distilled student's role (not the teacher's, not the baseline's)."""
+    return role.startswith(STUDENT_PREFIX) and role != BASELINE
+
+
+def student_roles(methods: list[str]) -> list[str]:
+    """The students of a run: the baseline, then one per distillation method (student_kd is Hinton's)."""
+    return [BASELINE] + [distilled_role(method) for method in methods]
+
+
+def model_name(role: str, seed: int, seeds: list[int]) -> str:
+    """How the console and the warnings name one trained model: its role, with its seed when there are several."""
+    return role if len(seeds) == 1 else f"{role}{SEED_SEPARATOR}{seed}"
+
+
+def role_of(name: str) -> str:
+    """The role in a model's name (`model_name`'s inverse)."""
+    return name.split(SEED_SEPARATOR)[0]
+
+
+def model_folder(run_dir: Path, role: str, seed: int, seeds: list[int]) -> Path:
+    """A trained model's folder: RUN/<role> for the first seed, RUN/<role>/seed_<seed> for the others."""
+    return run_dir / role if seed == seeds[0] else run_dir / role / f"seed_{seed}"
+
+
+# ---------------------------------------------------------------- typed records
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null",
+             dict: "a mapping", list: "a list", Any: "any value"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type hint (an integer counts as a number; true / false never do)."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+class Record:
+    """A dataclass written as a JSON object: fields in order, optional ones (None) left out."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if value is None and spec.default is None:
+                continue
+            out[spec.name] = value.to_dict() if isinstance(value, Record) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Any:
+        """The record of a JSON object, its fields checked against their types (ValueError naming the field)."""
+        where = where or cls.__name__
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be a mapping, not {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for spec in dataclasses.fields(cls):
+            name, hint = spec.name, hints[spec.name]
+            required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+            if name not in data:
+                if required:
+                    raise ValueError(f"{where} lacks its field '{name}'")
+                continue
+            value = data[name]
+            if not _fits(value, hint):
+                raise ValueError(f"{where}.{name} must be {_type_name(hint)} (got {value!r:.60})")
+            nested = isinstance(hint, type) and issubclass(hint, Record)
+            values[name] = hint.from_dict(value, f"{where}.{name}") if nested else value
+        return cls(**values)
+
+
+@dataclass
+class ModelRow(Record):
+    """One trained model's entry: what it is, how it was trained and chosen, its test metrics, and
+    what the run added once every model existed (seed statistics, gain verdict, deployment figures)."""
+
+    arch: str
+    params: int
+    size_mb: float
+    best_epoch: int
+    epochs_trained: int
+    stopped_early: bool
+    train_seconds: float
+    test: dict[str, float | None]
+    pretrained: dict[str, Any] | None = None  # with --teacher-weights / --student-weights
+    file_mb: float | None = None
+    flops_per_image: int | None = None
+    export: dict[str, Any] | None = None  # with --export onnx
+    reused_from: str | None = None  # a teacher taken from --teacher-checkpoint
+    test_top1_by_seed: dict[str, float] | None = None  # several seeds
+    test_top1_mean: float | None = None
+    test_top1_std: float | None = None
+    mcnemar_p: float | None = None  # distilled students: the gain's verdict
+    gain_significant: bool | None = None
+    mcnemar_p_by_seed: dict[str, float] | None = None
+    gain_top1_by_seed: dict[str, float] | None = None
+    gain_top1_mean: float | None = None
+    gain_top1_std: float | None = None
+    gain_top1_ci95: list[float] | None = None
+    gain_top1_p: float | None = None
+    latency_ms: float | None = None  # deployment speed, measured once every model exists
+    latency_ms_iqr: list[float] | None = None
+    throughput_img_s: float | None = None
+    throughput_img_s_iqr: list[float] | None = None
+    speedup_over_teacher: float | None = None
+    speedup_clear: bool | None = None
+
+
+@dataclass
+class DatasetRecord(Record):
+    """The data a run used: classes, split sizes and how each split was obtained, normalization."""
+
+    class_names: list[str]
+    sizes: dict[str, int]
+    images_per_class: dict[str, dict[str, int]]  # per split: {"min": ..., "max": ...}
+    validation: str
+    carving: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+    normalization: str
+    storage: str
+    class_weights: dict[str, float] | None = None  # with --class-weights balanced
+
+
+RUN_FIELDS = ("kd_gain_top1", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
+              "finished_at", "warnings")
+
+
+@dataclass
+class RunSummary(Record):
+    """summary.json: the models by role (in training order), then the run's own fields."""
+
+    models: dict[str, ModelRow]
+    seeds: list[int]
+    skipped_files: list[dict[str, str]]
+    dataset: DatasetRecord
+    device: str
+    precision: str
+    wall_seconds: float
+    finished_at: str
+    warnings: list[str] = field(default_factory=list)
+    kd_gain_top1: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        run = super().to_dict()
+        run.pop("models")
+        return {**{role: row.to_dict() for role, row in self.models.items()},
+                **{key: run[key] for key in RUN_FIELDS if key in run}}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "summary.json") -> RunSummary:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must hold a mapping, not {type(data).__name__}")
+        models = {key: ModelRow.from_dict(value, f"{where}: {key}")
+                  for key, value in data.items() if key not in RUN_FIELDS}
+        if TEACHER not in models:
+            raise ValueError(f"{where} has no '{TEACHER}' entry")
+        run = super().from_dict({**{key: data[key] for key in RUN_FIELDS if key in data}, "models": {}}, where)
+        run.models = models
+        return run

@@ -1,0 +1,535 @@
+"""Every setting of a run in one place: `Config`, its command-line flags, settings files (--config),
+a resumed run's saved settings (--resume), and the checks made before any work.
+
+Each Config field declares its flag (group, help, choices) beside its type; the type says whether
+the flag takes an integer, a number, a word or on/off, and whether leaving it unset (None) is
+allowed. Defaults are not written here: they are `experiment.py`'s constants, read when the parser
+is built (`Config.from_constants`), so editing a constant changes the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+import data_setup
+import decoding
+import engine
+import errors
+import KD_engine
+import model_builder
+from errors import SettingsError
+
+GROUPS = ("data", "models", "training", "distillation methods", "speed", "output")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a Config field appears on the command line (its type comes from the field's annotation)."""
+
+    group: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    unset: str | None = None  # what leaving out a flag whose default is None means, as --help shows it
+    const: str | None = None  # the value of the flag given alone (--compile)
+    constant: str | None = None  # experiment.py's constant, when it is not the field's name in capitals
+
+
+def flag(group: str, help: str, **details: Any) -> Any:
+    """A Config field (no default of its own: experiment.py's constants are the defaults) with its flag."""
+    return field(metadata={"flag": Flag(group, help, **details)})
+
+
+FEATURE_WEIGHTS_TEXT = ", ".join(f"{method} {weight:g}" for method, weight in KD_engine.FEATURE_WEIGHTS.items())
+
+
+@dataclass
+class Config:
+    """Every setting of a run; saved in config.json and in every checkpoint."""
+
+    data_dir: str | None = flag("data", "folder holding train/ [val/] test/ class folders, or only class folders "
+                                "(test and validation are then carved)", unset="the bundled digits")
+    train_dir: str | None = flag("data", "training split folder (overrides --data-dir)", unset="train/ of --data-dir")
+    val_dir: str | None = flag("data", "validation split folder", unset="carved from train")
+    test_dir: str | None = flag("data", "test split folder (overrides --data-dir)", unset="test/ of --data-dir")
+    output_dir: str | None = flag("output", "run directory", unset="runs/<timestamp>")
+    teacher_model: str = flag("models", "teacher architecture: VGG16, ResNet18, a small-image network of the KD "
+                              "literature (resnet32x4, wrn_40_2, vgg13, ...) or a torchvision classifier")
+    student_model: str = flag("models", "student architecture")
+    teacher_checkpoint: str | None = flag("models", "reuse this trained teacher (best_model.pth) instead of training "
+                                          "one", unset="train a teacher")
+    teacher_weights: str | None = flag(
+        "models", "start the teacher from torchvision weights (DEFAULT, IMAGENET1K_V1, ...: read from the torch hub "
+        "cache, $TORCH_HOME) or from a state-dict file; layers that do not fit are re-initialized, and inputs are "
+        "normalized as the weights expect", unset="random initialization")
+    student_weights: str | None = flag("models", "the same for every student (baseline and distilled alike)",
+                                       unset="random initialization")
+    teacher_epochs: int = flag("training", "teacher's training epochs (its one-cycle schedule spans them all)")
+    student_epochs: int = flag("training", "each student's training epochs")
+    patience: int | None = flag("training", "stop a model after this many epochs without a better validation "
+                                "--select-metric (0: off); the best epoch is still the one kept, and the one-cycle "
+                                "schedule stays planned for all epochs", unset="off")
+    select_metric: str = flag("training", "validation metric that picks each model's best epoch (ties: lower "
+                              "validation loss)", choices=engine.SELECT_METRICS)
+    label_smoothing: float = flag("training", "label smoothing of the hard-label cross-entropy of every model; in "
+                                  "distillation only the CE term is smoothed, the teacher's soft targets are used as "
+                                  "they are")
+    class_weights: str = flag("training", "balanced: weigh each class's cross-entropy by n_images / (n_classes * its "
+                              "training images)", choices=("none", "balanced"))
+    optimizer: str = flag("training", "adamw, or sgd with Nesterov momentum", choices=("adamw", "sgd"))
+    teacher_lr: float = flag("training", "teacher's peak learning rate")
+    student_lr: float = flag("training", "students' peak learning rate")
+    weight_decay: float = flag("training", "weight decay (decoupled for adamw)")
+    momentum: float = flag("training", "sgd only")
+    batch_size: int = flag("training", "images per optimizer step (per process under torchrun)")
+    eval_batch_size: int = flag("training", "images per evaluation pass")
+    image_size: int = flag("data", "images are resized to this many pixels square; above 64 px the models are "
+                           "torchvision's full definitions (VGG16: 134M parameters instead of 14.7M)")
+    temperature: float = flag("training", "distillation temperature T", constant="T")
+    alpha: float = flag("training", "weight of the hard-label CE term (1 - alpha weighs the KD term)")
+    kd_methods: str = flag("distillation methods", f"comma-separated, one student each: {', '.join(KD_engine.METHODS)}")
+    beta: float | None = flag("distillation methods", "fitnet/at: weight of the feature term, beside alpha*CE + "
+                              "(1-alpha)*KD", unset=f"the references' weight ({FEATURE_WEIGHTS_TEXT}) times --alpha")
+    feature_layers: str | None = flag("distillation methods", "fitnet/at: teacher_layer:student_layer pairs, "
+                                      "comma-separated (see --list-layers)",
+                                      unset="the references' pairs for the two models")
+    dkd_alpha: float = flag("distillation methods", "dkd: weight of the target-class term")
+    dkd_beta: float = flag("distillation methods", "dkd: weight of the non-target-class term")
+    dkd_warmup_epochs: int | None = flag("distillation methods", "dkd: epochs of linear warm-up of the DKD term, "
+                                         "ramped per optimizer step",
+                                         unset="the paper's 20 of 240 epochs, as a share of all steps")
+    seeds: str | None = flag("distillation methods", "comma-separated seeds: every student is trained once per seed",
+                             unset="--seed alone")
+    val_fraction: float = flag("data", "fraction of train carved for validation when there is no val/")
+    test_fraction: float = flag("data", "fraction of all images carved as the test split when the data folder holds "
+                                "only class folders")
+    max_per_class: int | None = flag("data", "train on a stratified, seeded subset of at most this many images per "
+                                     "class (validation and test stay whole)", unset="every image")
+    resize: str = flag("data", "squash: the whole image to the square; center-crop: shorter side to the size, then the "
+                       "central square", choices=decoding.RESIZE_MODES)
+    augment: str = flag("data", "basic: random crop and flip; trivialaugment: then torchvision's TrivialAugmentWide on "
+                        "every training image", choices=data_setup.AUGMENT_POLICIES)
+    balanced_sampler: bool = flag("data", "draw training images with replacement, with probability inversely "
+                                  "proportional to their class's count")
+    hflip: str = flag("data", "horizontal-flip augmentation (auto: off for the bundled digits)",
+                      choices=("auto", "on", "off"))
+    crop_padding: int = flag("data", "random-crop shift in pixels at 32 px (scaled with image size; 0 disables)")
+    seed: int = flag("training", "seed for initialization, the validation split, shuffling and augmentation")
+    device: str = flag("training", "auto, cpu, cuda or cuda:N")
+    precision: str = flag("training", "auto: bf16 on CUDA and on CPUs with native bf16",
+                          choices=("auto", "fp32", "bf16"))
+    memory_budget_mb: float = flag("speed", "decoded images above this size are streamed from disk")
+    workers: int = flag("speed", "decoding worker processes")
+    decode_cache: bool = flag("speed", "keep decoded images in a cache file for the next run")
+    cache_teacher_logits: bool = flag("speed", "compute the teacher's logits once per image; only with a deterministic "
+                                      "view (--crop-padding 0 --hflip off)")
+    compile: str = flag("speed", "torch.compile the models (auto: only on CUDA, for runs long enough to pay for "
+                        "compiling; --compile alone: on)", choices=("auto", "on", "off"), const="on")
+    tensorboard: bool = flag("output", "write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")
+    export: str = flag("output", "onnx: export every trained model to RUN/<model>/model.onnx (dynamic batch) and "
+                       "check it", choices=("none", "onnx"))
+
+    @classmethod
+    def from_constants(cls, constants: Mapping[str, Any]) -> Config:
+        """The Config of `constants` (experiment.py's module namespace): each field from its constant."""
+        return cls(**{name: constants[constant_name(name)] for name in FIELDS})
+
+
+FIELDS: dict[str, Flag] = {spec.name: spec.metadata["flag"] for spec in dataclasses.fields(Config)}
+TYPES: dict[str, Any] = typing.get_type_hints(Config)
+PATH_SETTINGS = ("data_dir", "train_dir", "val_dir", "test_dir", "output_dir", "teacher_checkpoint",
+                 "teacher_weights", "student_weights")  # a weights name (DEFAULT, ...) has no "~" to expand
+
+
+def constant_name(name: str) -> str:
+    """The experiment.py constant a field's default comes from ("temperature" -> "T", "alpha" -> "ALPHA")."""
+    return FIELDS[name].constant or name.upper()
+
+
+def value_type(name: str) -> type:
+    """The type of a setting's value (int, float, str or bool), whether or not it may also be None."""
+    return next(arg for arg in typing.get_args(TYPES[name]) or (TYPES[name],) if arg is not type(None))
+
+
+def nullable(name: str) -> bool:
+    """Whether a setting may be left unset (None), as its declared type says."""
+    hint = TYPES[name]
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+# ---------------------------------------------------------------- the command line
+
+EXAMPLES = """examples:
+  your own photos (class folders in train/ and test/), starting from ImageNet weights at 224 px:
+    python experiment.py --data-dir ~/photos --image-size 224 --teacher-weights DEFAULT --student-weights DEFAULT \\
+        --teacher-lr 1e-4 --student-lr 5e-4 --teacher-epochs 15 --student-epochs 15 --patience 3
+  CIFAR-sized data (32 px) on a GPU:
+    python experiment.py --data-dir cifar10 --teacher-epochs 30 --student-epochs 30 --batch-size 256 --workers 8
+  a quick check that everything runs:
+    python experiment.py --teacher-epochs 1 --student-epochs 1
+  repeat a run with one setting changed:
+    python experiment.py --config runs/<run>/config.json --alpha 0.7
+"""
+# What leaving out an action flag means, as --help shows it (settings say so in their Flag).
+ACTIONS_UNSET = {"config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",
+                 "list_layers": "train"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default once; for a default of None, what leaving the flag out means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        unset = FIELDS[action.dest].unset if action.dest in FIELDS else ACTIONS_UNSET.get(action.dest)
+        if action.default is None and unset is not None:
+            return f"{action.help} (default: {unset})"
+        return super()._get_help_string(action)
+
+
+def build_parser(defaults: Config) -> argparse.ArgumentParser:
+    """The settings' flags, one per Config field, with `defaults` (experiment.py's constants)."""
+    parser = argparse.ArgumentParser(
+        description="Knowledge distillation: train a teacher, a baseline student and a distilled student,\n"
+        "then compare them. Without data flags the bundled handwritten digits are used.",
+        formatter_class=HelpFormatter, epilog=EXAMPLES,
+    )
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for name, spec in FIELDS.items():
+        options: dict[str, Any] = {"default": getattr(defaults, name), "help": spec.help}
+        kind = value_type(name)
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is not str:
+            options["type"] = kind
+        if spec.choices is not None:
+            options["choices"] = spec.choices
+        if spec.const is not None:
+            options.update(nargs="?", const=spec.const)
+        groups[spec.group].add_argument("--" + name.replace("_", "-"), **options)
+    return parser
+
+
+def command_line_parser(defaults: Config) -> argparse.ArgumentParser:
+    """The settings' flags (build_parser) and the ones that choose what to do with them."""
+    parser = build_parser(defaults)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="read settings from a YAML or JSON file with config.json's keys (a run's own config.json "
+                             "repeats that run in a new folder); flags given beside it override it")
+    parser.add_argument("--report-only", metavar="RUN", default=None,
+                        help="only rebuild RUN/report.html from a finished run's files, then stop")
+    parser.add_argument("--resume", metavar="RUN", default=None,
+                        help="continue the interrupted run in RUN with its saved settings")
+    parser.add_argument("--list-layers", metavar="MODEL", default=None,
+                        help="only print MODEL's layer names with their output shapes at --image-size, then stop")
+    return parser
+
+
+def given_settings(argv: list[str] | None, defaults: Config) -> set[str]:
+    """The settings whose flags appear on the command line (as opposed to defaults)."""
+    absent = object()
+    probe = build_parser(defaults)
+    probe.set_defaults(**dict.fromkeys(FIELDS, absent))
+    return {key for key, value in vars(probe.parse_known_args(argv)[0]).items() if value is not absent}
+
+
+def parse_command_line(
+    argv: list[str] | None, defaults: Config,
+) -> tuple[argparse.ArgumentParser, dict[str, Any], set[str]]:
+    """The parser, the parsed flags and the settings the user gave (flags and --config file keys, as
+    opposed to defaults); a --config file's settings stand in for the defaults beneath the flags."""
+    parser = command_line_parser(defaults)
+    args = vars(parser.parse_args(argv))
+    from_file: dict[str, Any] = {}
+    if args["config"] is not None:
+        if args["resume"] is not None:
+            raise SettingsError("--resume continues with the run's saved settings; leave out --config.")
+        from_file = config_file_settings(os.path.expanduser(args["config"]))
+        parser.set_defaults(**from_file)
+        args = vars(parser.parse_args(argv))
+    return parser, args, given_settings(argv, defaults) | set(from_file)
+
+
+# ---------------------------------------------------------------- settings files
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings in a YAML or JSON file (.json is read as JSON, anything else as YAML): a mapping of names to values.
+
+    Raises SettingsError with one sentence when the file cannot be read or holds no such mapping.
+    """
+    path = Path(path)
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise SettingsError(f"Cannot read settings file '{path}': {reason}.") from None
+    try:
+        settings = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise SettingsError(f"Settings file '{path}' is not valid {kind}: "
+                            f"{errors.one_line(error, limit=400)}.") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise SettingsError(f"Settings file '{path}' must hold a mapping of setting names to values, "
+                            f"not a {type(settings).__name__}.")
+    return settings
+
+
+def _setting_value(name: str, value: Any, where: str) -> Any:
+    """`value` converted as the flag would convert its text (numbers from text too), or SettingsError."""
+    spec, kind = FIELDS[name], value_type(name)
+    if value is None:
+        if nullable(name):
+            return None
+        raise SettingsError(f"{where} must have a value (it cannot be null).")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{where} must be true or false (got {value!r}).")
+        return value
+    if isinstance(value, bool) and spec.choices is not None and {"on", "off"} <= set(spec.choices):
+        return "on" if value else "off"  # YAML reads on / off as booleans; older config.json files hold them
+    described = {int: "an integer", float: "a number"}.get(kind, "a string")
+    if isinstance(value, (bool, list, dict)) or (kind is int and isinstance(value, float)):
+        raise SettingsError(f"{where} must be {described} (got {value!r}).")
+    try:
+        value = kind(value)
+    except ValueError:
+        raise SettingsError(f"{where} must be {described} (got {value!r}).") from None
+    if spec.choices is not None and value not in spec.choices:
+        raise SettingsError(f"{where} must be one of {', '.join(spec.choices)} (got {value!r}).")
+    return value
+
+
+def check_settings(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """Settings from a file, keyed as Config's fields ("teacher_epochs"; "teacher-epochs" works too),
+    converted and checked as their flags would be. A key no setting has is refused, naming the
+    closest valid one."""
+    checked = {}
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            closest = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.0)
+            raise SettingsError(f"{source}: unknown setting '{key}' (the closest valid one is '{closest[0]}').")
+        checked[name] = _setting_value(name, value, f"{source}: {name}")
+    return checked
+
+
+def config_file_settings(path: str) -> dict[str, Any]:
+    """--config: the settings of a YAML or JSON file with config.json's keys, checked as the flags would be.
+
+    "resolved" and "dataset" (what a run records beside its settings) are ignored. A run's own
+    config.json (it has "resolved") repeats that run in a new folder: its output_dir is ignored too.
+    """
+    settings = read_settings(path)
+    if "resolved" in settings:
+        settings.pop("output_dir", None)
+    for key in ("resolved", "dataset"):
+        settings.pop(key, None)
+    return check_settings(settings, source=path)
+
+
+def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.ArgumentParser) -> Config | None:
+    """--resume: the interrupted run's own settings (None when the run has already finished).
+
+    A setting the run's config.json lacks (a run made before that setting existed) takes its default.
+    """
+    changed = sorted(f"--{key.replace('_', '-')}" for key, value in args.items() if value != parser.get_default(key))
+    if changed:
+        raise SettingsError(f"--resume continues with the run's saved settings; leave out {', '.join(changed)}.")
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise SettingsError(f"--resume '{run_dir}' is not a run directory (it has no config.json).")
+    if (path / "summary.json").is_file():
+        print(f"Run '{run_dir}' has already finished: nothing to resume.")
+        return None
+    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    settings = check_settings({key: saved[key] for key in FIELDS if key in saved}, source=str(path / "config.json"))
+    return Config(**{**{key: settings.get(key, parser.get_default(key)) for key in FIELDS}, "output_dir": str(path)})
+
+
+def saved_config(config: Config) -> dict[str, Any]:
+    """A Config as config.json and every checkpoint store it."""
+    return asdict(config)
+
+
+# ---------------------------------------------------------------- checks and what settings imply
+
+
+def expand_user_paths(config: Config) -> Config:
+    """'~' in a path setting means the home folder, as in a shell (which leaves --data-dir=~/x alone)."""
+    paths = {key: os.path.expanduser(getattr(config, key)) for key in PATH_SETTINGS if getattr(config, key) is not None}
+    return replace(config, **paths)
+
+
+def is_bundled(config: Config) -> bool:
+    """True when the run uses the bundled digits (no data folder configured)."""
+    return config.data_dir is None and config.train_dir is None and config.test_dir is None
+
+
+def augmentation(config: Config) -> data_setup.Augmentation:
+    """Random-crop shift (scaled with the image size), flip and TrivialAugmentWide, as configured."""
+    pad = round(config.crop_padding * config.image_size / 32)
+    hflip = config.hflip == "on" or (config.hflip == "auto" and not is_bundled(config))
+    return data_setup.Augmentation(pad=pad, hflip=hflip, trivialaugment=config.augment == "trivialaugment")
+
+
+def kd_methods(config: Config) -> list[str]:
+    """The distillation methods asked for, in order, each known and named once."""
+    methods = [method.strip().lower() for method in config.kd_methods.split(",") if method.strip()]
+    unknown = [method for method in methods if method not in KD_engine.METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise SettingsError(f"--kd-methods must list distinct methods of {', '.join(KD_engine.METHODS)} "
+                            f"(got '{config.kd_methods}').")
+    return methods
+
+
+def seeds(config: Config) -> list[int]:
+    """The seeds every student is trained under (the teacher and the data split use the first)."""
+    if config.seeds is None:
+        return [config.seed]
+    try:
+        values = [int(seed) for seed in config.seeds.split(",") if seed.strip()]
+    except ValueError:
+        values = []
+    if not values or len(set(values)) != len(values):
+        raise SettingsError(f"--seeds must be distinct integers separated by commas (got '{config.seeds}').")
+    return values
+
+
+def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
+    """Each fitnet / at method's layer pairs (teacher, student), checked on the meta device: the
+    layers exist, and the method can distill their maps at the run's image size."""
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    methods = [method for method in kd_methods(config) if method in KD_engine.FEATURE_METHODS]
+    if not methods:
+        return pairs  # no models to build for the check
+    try:
+        teacher = model_builder.build_on_meta(config.teacher_model, 10, config.image_size)
+        student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
+        with torch.device("meta"):
+            for method in methods:
+                pairs[method] = (KD_engine.parse_feature_layers(config.feature_layers) if config.feature_layers
+                                 else KD_engine.default_feature_layers(method, teacher, student))
+                KD_engine.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
+    except ValueError as error:
+        raise SettingsError(f"--feature-layers: {error}") from None
+    return pairs
+
+
+def feature_weights(config: Config) -> dict[str, float]:
+    """The weight of each fitnet / at method's feature term (--beta, or the references' balance)."""
+    try:
+        return {method: KD_engine.feature_weight(method, config.alpha, config.beta)
+                for method in kd_methods(config) if method in KD_engine.FEATURE_METHODS}
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+
+
+def _range_checks(config: Config) -> list[tuple[bool, str]]:
+    """(holds, the sentence when it does not) for every setting with a range."""
+    return [
+        (config.temperature > 0, f"--temperature must be > 0 (got {config.temperature})."),
+        (0 <= config.alpha <= 1, f"--alpha must be between 0 and 1 (got {config.alpha})."),
+        (config.student_epochs >= 1, f"--student-epochs must be at least 1 (got {config.student_epochs})."),
+        (config.teacher_epochs >= 1 or config.teacher_checkpoint is not None,
+         f"--teacher-epochs must be at least 1 (got {config.teacher_epochs})."),
+        (config.batch_size >= 1, f"--batch-size must be at least 1 (got {config.batch_size})."),
+        (config.eval_batch_size >= 1, f"--eval-batch-size must be at least 1 (got {config.eval_batch_size})."),
+        (8 <= config.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {config.image_size})."),
+        (config.teacher_lr > 0, f"--teacher-lr must be > 0 (got {config.teacher_lr})."),
+        (config.student_lr > 0, f"--student-lr must be > 0 (got {config.student_lr})."),
+        (config.weight_decay >= 0, f"--weight-decay must be >= 0 (got {config.weight_decay})."),
+        (0 <= config.momentum < 1, f"--momentum must be in [0, 1) (got {config.momentum})."),
+        (0 < config.val_fraction < 1, f"--val-fraction must be between 0 and 1 (got {config.val_fraction})."),
+        (0 < config.test_fraction < 1, f"--test-fraction must be between 0 and 1 (got {config.test_fraction})."),
+        (config.max_per_class is None or config.max_per_class >= 1,
+         f"--max-per-class must be at least 1 (got {config.max_per_class})."),
+        (config.crop_padding >= 0, f"--crop-padding must be >= 0 (got {config.crop_padding})."),
+        (config.memory_budget_mb >= 0, f"--memory-budget-mb must be >= 0 (got {config.memory_budget_mb})."),
+        (config.workers >= 0, f"--workers must be >= 0 (got {config.workers})."),
+        ((config.patience or 0) >= 0, f"--patience must be >= 0 (got {config.patience})."),
+        (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {config.label_smoothing})."),
+        (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),
+         "--cache-teacher-logits needs a deterministic training view: add --crop-padding 0 --hflip off --augment basic "
+         "(with random augmentation the teacher must see each new view)."),
+    ]
+
+
+def _require_packages(config: Config) -> None:
+    """Stop when an output the settings ask for needs a package that is not installed."""
+    if config.export == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise SettingsError("--export onnx needs: pip install onnx onnxscript onnxruntime") from None
+    if config.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise SettingsError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+def validate(config: Config) -> None:
+    """Stop with one clear sentence on a setting that cannot work, before any training."""
+    for holds, sentence in _range_checks(config):
+        if not holds:
+            raise SettingsError(sentence)
+    methods = kd_methods(config)
+    seeds(config)
+    if any(method in KD_engine.FEATURE_METHODS for method in methods):
+        if config.beta is not None and config.beta < 0:
+            raise SettingsError(f"--beta must be >= 0 (got {config.beta}).")
+        feature_weights(config)
+        feature_pairs(config)
+    dkd_weights = (config.dkd_alpha, config.dkd_beta, config.dkd_warmup_epochs or 0)
+    if "dkd" in methods and min(dkd_weights) < 0:
+        raise SettingsError("--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0.")
+    _require_packages(config)
+    for name in (config.teacher_model, config.student_model):
+        try:
+            model_builder.check_input_size(name, config.image_size)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
+
+
+def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: set[str] | None) -> Config:
+    """The teacher's architecture, image size and resize mode come from its checkpoint (normalization
+    too, see `trainer.normalization`); a setting the user gave (`given`; None: every setting) that
+    says otherwise is refused. Checkpoints written before --resize existed were squashed."""
+    path = config.teacher_checkpoint
+    try:
+        named = model_builder.architecture_name(config.teacher_model)
+    except model_builder.UnknownModelError:
+        named = config.teacher_model
+    resize = checkpoint.get("resize", "squash")
+    conflicts = {
+        "teacher_model": (named != checkpoint["arch"], f"holds a {checkpoint['arch']}"),
+        "image_size": (config.image_size != checkpoint["image_size"], f"was trained at {checkpoint['image_size']} px"),
+        "resize": (config.resize != resize, f"was trained on images resized by {resize}"),
+    }
+    for key, (differs, fact) in conflicts.items():
+        if differs and (given is None or key in given):
+            raise SettingsError(f"--{key.replace('_', '-')} {getattr(config, key)} contradicts the teacher checkpoint "
+                                f"'{path}', which {fact}; leave the flag out to use the checkpoint's.")
+    return replace(config, teacher_model=checkpoint["arch"], image_size=checkpoint["image_size"], resize=resize)
+
+
+def check_output_dir(config: Config, resume: bool) -> None:
+    """Refuse to start a new run in a folder that already holds one."""
+    if not resume and config.output_dir is not None and (Path(config.output_dir) / "config.json").is_file():
+        raise SettingsError(f"'{config.output_dir}' already holds a run: choose another --output-dir, "
+                            f"or continue that run with --resume {config.output_dir}")

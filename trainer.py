@@ -1,0 +1,303 @@
+"""Training one model of a run: its start (seeded, or from pretrained weights), its optimizer and
+schedule, its criterion, and `engine.fit` with a checkpoint after every epoch so an interrupted
+run continues where it stopped.
+
+What every model of a run shares (settings, data, device, output folder) travels in a `Context`.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import checkpoints
+import data_setup
+import engine
+import KD_engine
+import model_builder
+import runtime
+import schema
+import settings
+from errors import SettingsError
+
+
+@dataclass
+class Context:
+    """What every model of a run shares: settings, data, device and output folder."""
+
+    config: settings.Config
+    data: data_setup.DatasetSplits
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    run_dir: Path
+    eval_loaders: dict[str, data_setup.BatchLoader]
+    saver: checkpoints.BackgroundSaver  # writes the per-epoch checkpoints while training goes on
+    pretrained: dict[str, model_builder.Pretrained] = field(default_factory=dict)  # see read_initial_weights
+    hard_loss: engine.HardLoss = F.cross_entropy  # every model's hard-label term
+
+    def train_loader(self, seed: int) -> data_setup.BatchLoader:
+        """A fresh training loader: the same seed gives every model the same batches.
+
+        Under torchrun every rank takes its shard of each epoch: --batch-size is per process.
+        """
+        config = self.config
+        return data_setup.BatchLoader(
+            self.data.train, config.batch_size, self.data.mean, self.data.std, self.device,
+            settings.augmentation(config), seed=seed, workers=config.workers, shard=runtime.rank_and_world(),
+            balanced=config.balanced_sampler,
+        )
+
+    def description(self) -> dict[str, Any]:
+        """What a checkpoint of this run records beside its weights (see `checkpoints.make_checkpoint`)."""
+        return {"class_names": self.data.class_names, "image_size": self.config.image_size,
+                "resize": self.config.resize, "mean": self.data.mean, "std": self.data.std,
+                "config": settings.saved_config(self.config)}
+
+    def initial_weights(self, role: str) -> model_builder.Pretrained | None:
+        """The weights a model of this role starts from (the teacher's, or the students' shared ones), if any."""
+        return self.pretrained.get("teacher" if role == schema.TEACHER else "student")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so a run can be repeated exactly on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- where a model starts
+
+
+def read_initial_weights(config: settings.Config) -> dict[str, model_builder.Pretrained]:
+    """--teacher-weights and --student-weights, read before any work ("teacher" / "student"; absent: random start).
+
+    A torchvision name is read from the torch hub cache, downloaded there first when missing and possible.
+    """
+    weights = {}
+    for role, setting, arch in (("teacher", config.teacher_weights, config.teacher_model),
+                                ("student", config.student_weights, config.student_model)):
+        if setting is not None:
+            try:
+                weights[role] = model_builder.read_pretrained(arch, setting)
+            except model_builder.WeightsError as error:
+                raise SettingsError(f"--{role}-weights {setting}: {error}") from None
+    return weights
+
+
+def check_initial_weights(
+    config: settings.Config, weights: dict[str, model_builder.Pretrained], num_classes: int,
+) -> None:
+    """Stop when initial weights fit no layer of their model; say which layers they leave re-initialized."""
+    for role, pretrained in weights.items():
+        arch = config.teacher_model if role == "teacher" else config.student_model
+        model = model_builder.build_on_meta(arch, num_classes, config.image_size)
+        try:
+            record = model_builder.pretrained_fit(model, pretrained)[1]
+        except model_builder.WeightsError as error:
+            raise SettingsError(f"--{role}-weights: {error}") from None
+        if runtime.is_main_process():
+            print(f"The {role} starts from {record['weights']}: {record['loaded_tensors']} of "
+                  f"{record['model_tensors']} tensors loaded; re-initialized (no tensor of that shape in the file): "
+                  f"{', '.join(record['reinitialized']) or 'none'}")
+
+
+def normalization(
+    data: data_setup.DatasetSplits, teacher_checkpoint: dict[str, Any] | None,
+    weights: dict[str, model_builder.Pretrained],
+) -> str:
+    """Set the inputs' mean and std every model of the run shares, and say where they come from: a
+    reused teacher's own (it expects its training's inputs), else what initial weights expect (the
+    teacher's before the students'), else the training split's."""
+    if teacher_checkpoint is not None:
+        data.mean, data.std = teacher_checkpoint["mean"], teacher_checkpoint["std"]
+        return "the teacher checkpoint's"
+    for role in ("teacher", "student"):
+        pretrained = weights.get(role)
+        if pretrained is not None and pretrained.mean is not None:
+            data.mean, data.std = pretrained.mean, pretrained.std
+            return f"{role} weights {pretrained.source}"
+    return "the training split's own"
+
+
+# ---------------------------------------------------------------- one model
+
+
+def place_model(context: Context, model: nn.Module, training_images: int = 0) -> nn.Module:
+    """A model on the run's device in channels_last, wrapped for torchrun's processes, and compiled
+    when --compile says so for a model that will train on `training_images` images."""
+    model = model.to(context.device, memory_format=torch.channels_last)
+    if runtime.rank_and_world()[1] > 1:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    compile_model = runtime.resolve_compile(context.config.compile, context.device, training_images)
+    return torch.compile(model) if compile_model else model
+
+
+def new_model(
+    context: Context, arch: str, seed: int, pretrained: model_builder.Pretrained | None = None,
+    training_images: int = 0,
+) -> nn.Module:
+    """An untrained model on the run's device (seeded, so students of one seed start identical),
+    starting from `pretrained` where its tensors fit (see `place_model`)."""
+    seed_everything(seed)
+    model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
+    if pretrained is not None:
+        model_builder.load_pretrained(model, pretrained)
+    return place_model(context, model, training_images)
+
+
+def load_model(context: Context, checkpoint: dict[str, Any]) -> nn.Module:
+    """A trained model rebuilt from its checkpoint (`checkpoints.load_model`), placed as the run's models are."""
+    return place_model(context, checkpoints.load_model(checkpoint))
+
+
+def make_optimizer(
+    config: settings.Config, model: nn.Module, lr: float, criterion: engine.Criterion,
+) -> torch.optim.Optimizer:
+    """The optimizer for the model's parameters and the criterion's own trainable part, if any
+    (e.g. FitNets' regressor); a teacher's parameters never reach one."""
+    parameters = list(model.parameters())
+    if getattr(criterion, "trainable", None) is not None:
+        parameters += list(criterion.trainable.parameters())
+    # One fused kernel per step rather than a chain of element-wise passes over every weight (about half
+    # the optimizer's time on the CPU); offered on CPU and CUDA.
+    fused = parameters[0].device.type in ("cpu", "cuda")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum,
+                               nesterov=config.momentum > 0, weight_decay=config.weight_decay, fused=fused)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The one-cycle schedule over all `steps` optimizer steps of a model's training."""
+    # OneCycleLR divides by its phase lengths: very short runs (a few steps) need a longer warm-up share.
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max(steps, 4), pct_start=0.25 if steps >= 8 else 0.5
+    )
+
+
+def supervised_criterion(context: Context, model: nn.Module, steps_per_epoch: int) -> engine.Criterion:
+    """The hard-label loss alone (the teacher's and the baseline's), smoothed / class-weighted as set."""
+    return engine.SupervisedCriterion(context.hard_loss)
+
+
+def distillation_criterion(
+    context: Context, method: str, teacher: nn.Module, pairs: dict[str, list[tuple[str, str]]], student: nn.Module,
+    steps_per_epoch: int,
+) -> engine.Criterion:
+    """The loss of one distillation method, from the run's settings (`pairs`: each feature method's layers)."""
+    config = context.config
+    warmup_steps = KD_engine.dkd_warmup_steps(config.student_epochs, steps_per_epoch, config.dkd_warmup_epochs)
+    return KD_engine.make_criterion(
+        method, teacher, student, temperature=config.temperature, alpha=config.alpha, beta=config.beta,
+        pairs=pairs.get(method), dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta,
+        dkd_warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, image_size=config.image_size,
+        hard_loss=context.hard_loss,
+    )
+
+
+def student_criterion(
+    context: Context, role: str, teacher: nn.Module, pairs: dict[str, list[tuple[str, str]]],
+    teacher_logits: torch.Tensor | None,
+) -> tuple[Callable[[nn.Module, int], engine.Criterion], torch.Tensor | None]:
+    """How to make a student role's criterion (see `train_model`), and the cached teacher logits it can
+    use: none for the baseline, nor for feature methods, which run the teacher for its features."""
+    if role == schema.BASELINE:
+        return functools.partial(supervised_criterion, context), None
+    method = schema.method_of(role)
+    cached = None if method in KD_engine.FEATURE_METHODS else teacher_logits
+    return functools.partial(distillation_criterion, context, method, teacher, pairs), cached
+
+
+EpochLog = Callable[[dict[str, Any]], None]  # sees every epoch's record (see engine.fit's on_epoch)
+
+
+def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None, Callable[[], None]]:
+    """With --tensorboard (on rank 0), a callback writing one epoch's numbers under RUN/tensorboard/<model
+    folder> (loss parts, accuracy, F1, AUC, learning rate), and how to close it; else (None, a no-op)."""
+    if not context.config.tensorboard or not runtime.is_main_process():
+        return None, lambda: None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(context.run_dir / "tensorboard" / folder.relative_to(context.run_dir)))
+
+    def log(record: dict[str, Any]) -> None:
+        epoch = record["epoch"]
+        writer.add_scalar("lr", record["lr"], epoch)
+        for split in ("train", "val"):
+            for name, value in record[split].items():
+                if isinstance(value, float):
+                    writer.add_scalar(f"{split}/{name}", value, epoch)
+        writer.flush()
+
+    return log, writer.close
+
+
+def train_model(
+    context: Context, role: str, arch: str, epochs: int, lr: float,
+    make_criterion: Callable[[nn.Module, int], engine.Criterion], folder: Path, seed: int,
+    teacher_logits: torch.Tensor | None = None,
+) -> tuple[nn.Module, engine.FitResult]:
+    """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
+
+    `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
+    `teacher_logits` (one row per training image) are handed to the criterion with each batch.
+    After every epoch the whole training state goes to <folder>/train_state.pth; when that
+    file exists (an interrupted run), training continues after its last finished epoch.
+    """
+    model = new_model(context, arch, seed, context.initial_weights(role), epochs * len(context.data.train))
+    train_loader = context.train_loader(seed)
+    criterion = make_criterion(model, len(train_loader))
+    if teacher_logits is not None:
+        train_loader.teacher_logits = teacher_logits.to(context.device)
+    optimizer = make_optimizer(context.config, model, lr, criterion)
+    scheduler = make_scheduler(optimizer, lr, epochs * len(train_loader))
+    trainable = getattr(criterion, "trainable", None)
+    state_path = folder / checkpoints.TRAIN_STATE
+    resume, best_weights = None, {}
+    if state_path.is_file():
+        resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler,
+                                              trainable, train_loader.generator)
+        best_weights = resume[1]
+        if runtime.is_main_process():
+            print(f"[{role}] resuming after epoch {len(resume[0].history)} of {epochs}")
+
+    @checkpoints.finish_before_interrupt
+    def save_epoch(result: engine.FitResult) -> None:
+        """best_model.pth when the epoch is the best so far, then the state to resume from."""
+        if not runtime.is_main_process():
+            return
+        epoch = len(result.history)
+        weights = checkpoints.model_weights(model)  # one copy serves the state and, at a best epoch, best_model.pth
+        files = {}
+        if result.best_epoch == epoch:
+            files[folder / checkpoints.BEST_MODEL] = checkpoints.make_checkpoint(
+                context.description(), role, arch, weights, epoch, result.history)
+            best_weights.clear()
+            best_weights.update(weights)
+        files[state_path] = checkpoints.training_state(
+            role, arch, weights, None if result.best_epoch == epoch else best_weights, optimizer, scheduler,
+            trainable, train_loader.generator, result)
+        context.saver.save(files)
+
+    log_epoch, close_log = tensorboard_logger(context, folder)
+    try:
+        result = engine.fit(
+            model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
+            context.data.class_names, context.device, scheduler, context.amp_dtype, on_epoch=log_epoch, name=role,
+            on_epoch_end=save_epoch, resume=resume, select_metric=context.config.select_metric,
+            patience=context.config.patience,
+        )
+    finally:
+        close_log()
+        if hasattr(criterion, "close"):
+            criterion.close()  # its hooks must not outlive training (export, reports)
+    return model, result
