@@ -135,8 +135,8 @@ def run_sweep(
     """--sweep: the teacher once, one distilled student per trial judged on the validation split, then the
     best trial's student tested against a baseline trained with its settings and seed, reported as a run is.
 
-    Workers given the same --study-storage and --output-dir share the study and the run directory
-    (see sweep.py); the one that finishes last writes the report and returns the summary (the others None).
+    Workers given the same --study-storage and --output-dir share the study and the run directory (see
+    sweep.py); the first to find every trial finished writes the report and returns the summary (the others None).
     """
     start = time.perf_counter()
     config, teacher_checkpoint = checked_settings(config, given)

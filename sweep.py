@@ -20,6 +20,7 @@ continues from the trial's last saved epoch.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import re
 import shutil
@@ -174,7 +175,8 @@ def joins_run(config: settings.Config, plan: Plan) -> bool:
     if plan.storage is None or not path.is_file():
         return False
     saved, ours = utils.read_json(path), settings.saved_config(config)
-    differ = sorted(key for key in settings.FIELDS if key in saved and saved[key] != ours[key])
+    differ = sorted(key for key in settings.FIELDS
+                    if key in saved and key != "output_dir" and saved[key] != ours[key])
     if differ:
         raise SettingsError(f"'{config.output_dir}' holds a run with other settings ({', '.join(differ)}): every "
                             "worker of a sweep is given the same settings.")
@@ -276,11 +278,12 @@ class Worker:
                 raise SettingsError(f"Another process is running the sweep in '{self.context.run_dir}'.")
             self.storage = connect(f"sqlite:///{(self.context.run_dir / SQLITE_FILE).resolve()}")
         self.storage_shown = self.plan.storage_shown or f"sqlite:///{self.context.run_dir / SQLITE_FILE}"
+        # Epochs are the pruner's steps: none is judged before the one after the first quarter, the one-cycle warm-up.
+        warmup = math.ceil(self.context.config.student_epochs / 4) + 1
         with sweep_space.quiet_optuna():
             self.study = optuna.create_study(
                 storage=self.storage, study_name=self.study_name, direction=self.plan.direction, load_if_exists=True,
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
-                                                   n_warmup_steps=max(1, self.context.config.student_epochs // 4)))
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
         with self.exclusive("budget"):
             self._check_study()
             if self.plan.storage is None:
@@ -348,7 +351,7 @@ class Worker:
         """Run trials until the study holds --trials finished ones (complete or pruned), with the other workers;
         then wait for the others' last trials, and return the search's outcome."""
         frozen_teacher, teacher_logits = trainer.distillation_teacher(self.context, teacher)
-        budget, waiting = self.exclusive("budget"), False
+        budget, waiting = FileLock(self.folder / "budget.lock"), False  # held for moments: nothing to say
         while True:
             budget.acquire()
             try:
@@ -410,7 +413,7 @@ class Worker:
             fit = trainer.train_model(
                 context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
                 config.student_epochs, config.student_lr, criterion, folder, config.seed, cached,
-                on_epoch=self._reporter(trial))[1]
+                on_epoch=self._reporter(trial, config.student_epochs))[1]
         except KeyboardInterrupt:
             context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
             self._retry(self.study, self.frozen(trial))
@@ -429,13 +432,14 @@ class Worker:
         trial.set_user_attr("seconds", round(sum(epoch["seconds"] for epoch in fit.history), 2))
         return metric_value(best, self.plan.metric)
 
-    def _reporter(self, trial: optuna.Trial) -> trainer.EpochLog:
-        """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned)."""
+    def _reporter(self, trial: optuna.Trial, epochs: int) -> trainer.EpochLog:
+        """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned)
+        before its last epoch (stopping it then would save nothing)."""
 
         @checkpoints.finish_before_interrupt  # a stop signal waits for the storage's write to finish
         def report(record: dict[str, Any]) -> None:
             trial.report(metric_value(record["val"], self.plan.metric), record["epoch"])
-            if trial.should_prune():
+            if record["epoch"] < epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
         return report
