@@ -222,7 +222,7 @@ class SweepRecord(Record):
     storage: str  # where the study is kept, without a password
     study_name: str
     trials_requested: int
-    distributions: dict[str, str]  # each searched setting's Optuna distribution, as Optuna's JSON
+    distributions: dict[str, dict[str, Any]]  # each searched setting's Optuna distribution (optuna's JSON form)
     best_trial: int
     best_params: dict[str, float | str]
     best_value: float

@@ -191,6 +191,8 @@ EXAMPLES = """examples:
     python experiment.py --teacher-epochs 1 --student-epochs 1
   repeat a run with one setting changed:
     python experiment.py --config runs/<run>/config.json --alpha 0.7
+  find the temperature and alpha that distil best (judged on validation; see the README's sweeps):
+    python experiment.py --sweep "temperature=1:10:log,alpha=0.1:0.9" --trials 20
 """
 # What leaving out an action flag means, as --help shows it (settings say so in their Flag).
 ACTIONS_UNSET = {"config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",

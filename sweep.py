@@ -284,7 +284,7 @@ class Worker:
             self.study = optuna.create_study(
                 storage=self.storage, study_name=self.study_name, direction=self.plan.direction, load_if_exists=True,
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
-        with self.exclusive("budget"):
+        with FileLock(self.folder / "budget.lock"):
             self._check_study()
             if self.plan.storage is None:
                 self._queue_again(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))

@@ -5,11 +5,12 @@ so that --report-only needs no access to the study's storage.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import optuna
-from optuna.distributions import CategoricalDistribution, distribution_to_json, json_to_distribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, distribution_to_json, json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
 
 import schema
@@ -50,9 +51,15 @@ def record(
     """summary.json's `sweep`: what was searched and how, the best trial, and every trial of the study."""
     return schema.SweepRecord(
         spec=spec, metric=metric, direction=study.direction.name.lower(), storage=storage, study_name=study_name,
-        trials_requested=requested, distributions={name: distribution_to_json(dist) for name, dist in space.items()},
+        trials_requested=requested,
+        distributions={name: json.loads(distribution_to_json(dist)) for name, dist in space.items()},
         best_trial=best.number, best_params=dict(best.params), best_value=best.value,
         trials=[trial_record(trial) for trial in study.get_trials(deepcopy=False)])
+
+
+def _distributions(sweep: schema.SweepRecord) -> dict[str, BaseDistribution]:
+    """The searched settings' Optuna distributions, from the record."""
+    return {name: json_to_distribution(json.dumps(form)) for name, form in sweep.distributions.items()}
 
 
 def _states(sweep: schema.SweepRecord) -> dict[str, int]:
@@ -72,8 +79,8 @@ def sanity_warnings(sweep: schema.SweepRecord) -> list[str]:
         found.append(f"Every finished trial of the sweep scored the same validation {sweep.metric} "
                      f"({values.pop():.4g}): the validation split cannot tell these settings apart, so the best trial "
                      "is only the first; give validation more images (--val-fraction or a val/ folder).")
-    for name, text in sweep.distributions.items():
-        dist, value = json_to_distribution(text), sweep.best_params[name]
+    for name, dist in _distributions(sweep).items():
+        value = sweep.best_params[name]
         if isinstance(dist, CategoricalDistribution):
             continue
         scale = math.log if dist.log else float
@@ -90,7 +97,7 @@ def sanity_warnings(sweep: schema.SweepRecord) -> list[str]:
 
 def _study_of(sweep: schema.SweepRecord) -> optuna.Study:
     """An in-memory study holding the record's finished trials, for Optuna's figures."""
-    distributions = {name: json_to_distribution(text) for name, text in sweep.distributions.items()}
+    distributions = _distributions(sweep)
     study = optuna.create_study(direction=sweep.direction)
     for trial in sweep.trials:
         state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL}.get(trial.state)
@@ -110,14 +117,15 @@ def _figure_png(axes: Any) -> bytes:
 def figures(sweep: schema.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
     """The Sweep section's pictures, (caption, PNG): optimization history, the score over the two most important
     settings, the settings' importances, each trial's validation curve; and notes on figures left out."""
-    with sweep_space.quiet_optuna():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    # Optuna's figures switch matplotlib to its ggplot style for good: the context puts the style back after them.
+    with sweep_space.quiet_optuna(), matplotlib.rc_context():
         return _figures(sweep)
 
 
 def _figures(sweep: schema.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     from optuna.visualization import matplotlib as plots
 
     study, target = _study_of(sweep), f"validation {sweep.metric}"

@@ -53,6 +53,14 @@ def test_spec_grammar_gives_typed_distributions():
     assert (config.alpha, config.kd_methods, config.batch_size) == (0.3, "dkd", 20)
 
 
+def test_a_settings_file_can_hold_the_sweep(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("sweep: temperature=1:10:log,alpha=0.1:0.9\ntrials: 12\nstudy_name: kd-sweep\n")
+    _, args, given = settings.parse_command_line(["--config", str(path)], experiment.default_config())
+    assert (args["sweep"], args["trials"], args["study_name"]) == ("temperature=1:10:log,alpha=0.1:0.9", 12, "kd-sweep")
+    assert {"sweep", "trials", "study_name"} <= given
+
+
 def test_searchable_settings_come_from_the_config_types(monkeypatch):
     names = sweep_space.searchable_settings()
     for name in ("temperature", "alpha", "beta", "dkd_alpha", "dkd_beta", "student_lr", "weight_decay",
@@ -65,6 +73,46 @@ def test_searchable_settings_come_from_the_config_types(monkeypatch):
     monkeypatch.setitem(settings.TYPES, "new_method_weight", float)
     assert "new_method_weight" in sweep_space.searchable_settings()
     assert sweep_space.parse_spec("new_method_weight=1:2")["new_method_weight"] == FloatDistribution(1.0, 2.0)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    (f"postgresql://kd:{PASSWORD}@db.example:5432/kd", "postgresql://kd:***@db.example:5432/kd"),
+    (f"mysql+pymysql://kd:{PASSWORD}@db/kd?charset=utf8&password={PASSWORD}",
+     "mysql+pymysql://kd:***@db/kd?charset=utf8&password=***"),
+    ("postgresql://kd@db/kd", "postgresql://kd@db/kd"),
+    ("sqlite:////abs/sweep.db", "sqlite:////abs/sweep.db"),
+    ("/shared/sweeps/kd.journal", "/shared/sweeps/kd.journal"),
+])
+def test_a_storage_password_is_hidden(url, shown):
+    assert settings.without_password(url) == shown
+
+
+def sweep_record(trials: list[tuple[dict, float]], spec: str = "temperature=1:10:log,alpha=0.1:0.9"):
+    """A summary.json sweep record of complete trials ((params, value) each), the first best."""
+    import json
+
+    from optuna.distributions import distribution_to_json
+
+    import schema
+
+    space = {name: json.loads(distribution_to_json(dist)) for name, dist in sweep_space.parse_spec(spec).items()}
+    records = [schema.SweepTrial(number=n, state="complete", params=params, epochs=1, value=value, curve=[value])
+               for n, (params, value) in enumerate(trials)]
+    best = max(records, key=lambda trial: trial.value)
+    return schema.SweepRecord(spec=spec, metric="top1", direction="maximize", storage="s", study_name="s",
+                              trials_requested=len(records), distributions=space,
+                              best_trial=best.number, best_params=best.params, best_value=best.value, trials=records)
+
+
+def test_sweep_warnings_name_flat_validation_and_a_best_value_at_the_edge():
+    import sweep_report
+
+    flat = sweep_record([({"temperature": 4.0, "alpha": 0.5}, 0.9), ({"temperature": 2.0, "alpha": 0.3}, 0.9)])
+    warnings = sweep_report.sanity_warnings(flat)
+    assert len(warnings) == 1 and "Every finished trial of the sweep scored the same validation top1" in warnings[0]
+    edge = sweep_record([({"temperature": 9.9, "alpha": 0.5}, 0.95), ({"temperature": 2.0, "alpha": 0.3}, 0.9)])
+    warnings = sweep_report.sanity_warnings(edge)
+    assert len(warnings) == 1 and "temperature (9.9) lies at the high end of its range (1 to 10)" in warnings[0]
 
 
 BAD_INPUTS = [
