@@ -446,20 +446,16 @@ class Worker:
 
     def _progress(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """The console's line for a trial that ended."""
-        finished = self._counts()[0]
-        epochs = len(trial.intermediate_values)
+        record, best = sweep_report.trial_record(trial), self._best()
         if trial.state == TrialState.COMPLETE:
-            outcome = f"validation {self.plan.metric} {trial.value:.4f}"
-        elif trial.state == TrialState.PRUNED:
-            outcome = trial.user_attrs.get("note") or f"pruned after epoch {epochs}"
+            outcome = f"validation {self.plan.metric} {record.value:.4f}"
         else:
-            outcome = "failed"
-        best = self._best()
+            outcome = (record.note or f"pruned after epoch {record.epochs}") if record.state == "pruned" else "failed"
+        took = "" if record.seconds is None else f", {utils.format_seconds(record.seconds)}"
         best_text = "" if best is None else f"; best so far: trial {best.number} ({best.value:.4f})"
-        params = ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
-                           for name, value in trial.params.items())
-        print(f"[sweep] trial {trial.number} {trial.state.name.lower()}: {outcome} | {params} | {epochs} epoch"
-              f"{'s' if epochs != 1 else ''} | {finished} of {self.plan.trials} trials finished{best_text}", flush=True)
+        print(f"[sweep] trial {trial.number} {record.state}: {outcome} | {sweep_report.params_text(record.params)} | "
+              f"{record.epochs} epoch{'s' if record.epochs != 1 else ''}{took} | {self._counts()[0]} of "
+              f"{self.plan.trials} trials finished{best_text}", flush=True)
 
     def _best(self) -> FrozenTrial | None:
         """The complete trial with the best validation metric; ties go to the lower validation loss, then the

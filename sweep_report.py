@@ -17,6 +17,7 @@ import schema
 import sweep_space
 import utils
 
+FEW_TRIALS = 10  # fewer finished trials than this make the contour and fANOVA's importances rough
 EDGE_SHARE = 0.02  # a best value this close to an end of its range (as a share of the range) lies "at the edge"
 
 
@@ -135,6 +136,9 @@ def _figures(sweep: schema.SweepRecord) -> tuple[list[tuple[str, bytes]], list[s
     if len(values) < 2:
         notes.append("No score map and no importances: they need finished trials with different scores.")
     else:
+        complete = sum(trial.state == "complete" for trial in sweep.trials)
+        if complete < FEW_TRIALS:
+            notes.append(f"With {complete} finished trials, the score map and the importances are rough guides.")
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         ranked = list(optuna.importance.get_param_importances(study, evaluator=evaluator)) if len(names) > 1 else names
         if len(ranked) > 1:
@@ -147,8 +151,11 @@ def _figures(sweep: schema.SweepRecord) -> tuple[list[tuple[str, bytes]], list[s
         else:
             pictures.append((f"{target} against {ranked[0]}, the one setting searched",
                              _figure_png(plots.plot_slice(study, params=ranked, target_name=target))))
+    curves = plots.plot_intermediate_values(study)
+    curves.set_xlabel("epoch")
+    curves.set_ylabel(target)
     pictures.append((f"{target} after each epoch of every trial (a pruned trial's line stops early)",
-                     _figure_png(plots.plot_intermediate_values(study))))
+                     _figure_png(curves)))
     return pictures, notes
 
 
