@@ -449,8 +449,11 @@ class Worker:
         record, best = sweep_report.trial_record(trial), self._best()
         if trial.state == TrialState.COMPLETE:
             outcome = f"validation {self.plan.metric} {record.value:.4f}"
+        elif trial.state == TrialState.PRUNED:
+            outcome = record.note or (f"stopped after epoch {record.epochs}, validation {self.plan.metric} "
+                                      f"{record.curve[-1]:.4f} worse than the median")
         else:
-            outcome = (record.note or f"pruned after epoch {record.epochs}") if record.state == "pruned" else "failed"
+            outcome = "failed"
         took = "" if record.seconds is None else f", {utils.format_seconds(record.seconds)}"
         best_text = "" if best is None else f"; best so far: trial {best.number} ({best.value:.4f})"
         print(f"[sweep] trial {trial.number} {record.state}: {outcome} | {sweep_report.params_text(record.params)} | "

@@ -173,7 +173,8 @@ def section(sweep: schema.SweepRecord) -> dict[str, Any]:
     rows = []
     for trial in sweep.trials:
         notes = [f"retry of trial {trial.retry_of}"] if trial.retry_of is not None else []
-        notes += [trial.note] if trial.note else []
+        if trial.note or trial.state == "pruned":
+            notes.append(trial.note or f"stopped after epoch {trial.epochs}")
         notes += ["best"] if trial.number == sweep.best_trial else []
         rows.append([str(trial.number), trial.state, "—" if trial.value is None else f"{trial.value:.4f}",
                      str(trial.epochs), *(_value_text(trial.params[name]) if name in trial.params else "—"
