@@ -144,16 +144,16 @@ def check_ranges(config: settings.Config, space: dict[str, BaseDistribution]) ->
         raise SettingsError(f"A sweep trains one distilled student per trial: give one method in --kd-methods, or "
                             f"search them with {METHOD}={'|'.join(methods)}.")
     for method in methods:
-        for name, dist in {METHOD: None, **space}.items():
-            ends = [None] if name == METHOD else dist.choices if isinstance(dist, CategoricalDistribution) \
-                else (dist.low, dist.high)
-            for end in ends:
-                try:
-                    settings.validate(trial_config(config, {METHOD: method} if end is None else
-                                                   {METHOD: method, name: end}))
-                except SettingsError as error:
-                    raise SettingsError(f"--sweep {name if end is None else name + '=' + format(end, 'g')} "
-                                        f"{'' if end is None else f'({METHOD} {method})'}: {error}") from None
+        checks = [({METHOD: method}, f"{METHOD}={method}")]
+        for name, dist in space.items():
+            ends = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+            checks += [({METHOD: method, name: end}, f"{name}={end:g} (with {METHOD} {method})")
+                       for end in ends if name != METHOD]
+        for params, where in checks:
+            try:
+                settings.validate(trial_config(config, params))
+            except SettingsError as error:
+                raise SettingsError(f"--sweep {where}: {error}") from None
 
 
 def suggest(trial: optuna.Trial, space: dict[str, BaseDistribution]) -> dict[str, Any]:
