@@ -32,6 +32,7 @@ import runtime
 import schema
 import settings
 import significance
+import sweep
 import trainer
 import utils
 
@@ -69,6 +70,10 @@ DKD_ALPHA = 1.0  # dkd: weight of the target-class term (the paper's value)
 DKD_BETA = 8.0  # dkd: weight of the non-target-class term (the paper's CIFAR value)
 DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up over this many epochs; None: the paper's share (20 of 240)
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
+SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep.py)
+TRIALS = 20  # trials of a sweep, over all its workers
+STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/sweep.db
+STUDY_NAME: str | None = None  # the study's name in STUDY_STORAGE; None: the run directory's name
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
 TEST_FRACTION = 0.2  # of all images, carved (stratified) first when the data folder holds only class folders
 MAX_PER_CLASS: int | None = None  # cap the training split at this many images per class (quick checks); None: all
@@ -110,6 +115,55 @@ def run_experiment(
     """
     start = time.perf_counter()
     config, teacher_checkpoint = checked_settings(config, given)
+    context, dataset = prepare_run(config, teacher_checkpoint, resume)
+    try:
+        with context.saver:  # every checkpoint is on disk before the run ends, however it ends
+            teacher, teacher_row = obtain_teacher(context, teacher_checkpoint)
+            students = train_students(context, teacher)
+            if not runtime.is_main_process():
+                return None
+            summary = summarize(context, start, dataset, teacher_row, students)
+            publish(context, summary)
+            return summary
+    except KeyboardInterrupt as stop:
+        raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
+
+
+def run_sweep(
+    config: settings.Config, resume: bool = False, given: set[str] | None = None,
+) -> schema.RunSummary | None:
+    """--sweep: the teacher once, one distilled student per trial judged on the validation split, then the
+    best trial's student tested against a baseline trained with its settings and seed, reported as a run is.
+
+    Workers given the same --study-storage and --output-dir share the study and the run directory (see
+    sweep.py); the first to find every trial finished writes the report and returns the summary (the others None).
+    """
+    start = time.perf_counter()
+    config, teacher_checkpoint = checked_settings(config, given)
+    config, plan = sweep.prepare(config)
+    context, dataset = prepare_run(config, teacher_checkpoint, resume or sweep.joins_run(config, plan))
+    try:
+        with context.saver, sweep.Worker(context, plan, dataset) as worker:
+            teacher, teacher_row = worker.once("teacher", functools.partial(obtain_teacher, context,
+                                                                             teacher_checkpoint))
+            search = worker.run_trials(teacher)
+            with worker.exclusive("report"):
+                if worker.reported():
+                    return None
+                students = train_students(search.context, teacher, adopt_best_student(search.context, search.folder))
+                summary = summarize(search.context, start, dataset, teacher_row, students)
+                worker.complete(summary, search)
+                publish(search.context, summary)
+                return summary
+    except KeyboardInterrupt as stop:
+        raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
+
+
+def prepare_run(
+    config: settings.Config, teacher_checkpoint: dict[str, Any] | None, resume: bool,
+) -> tuple[trainer.Context, schema.DatasetRecord]:
+    """Everything before the first model: initial weights, processes, data (checked), the run directory and
+    config.json. Returns the run's context and its data's record."""
     pretrained = trainer.read_initial_weights(config)
     settings.check_output_dir(config, resume)
     device, amp_dtype, world = start_processes(config)
@@ -124,17 +178,7 @@ def run_experiment(
                            class_weights)
     dataset = data_setup.describe(data, normalization, class_weights)
     announce(context, dataset, world, resume)
-    try:
-        with context.saver:  # every checkpoint is on disk before the run ends, however it ends
-            teacher, teacher_row = obtain_teacher(context, teacher_checkpoint)
-            students = train_students(context, teacher)
-            if not runtime.is_main_process():
-                return None
-            summary = summarize(context, start, dataset, teacher_row, students)
-            publish(context, summary)
-            return summary
-    except KeyboardInterrupt as stop:
-        raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
+    return context, dataset
 
 
 def checked_settings(
@@ -216,14 +260,9 @@ def obtain_teacher(
     if row is not None:
         return trainer.load_model(context, checkpoints.read_state(folder / checkpoints.BEST_MODEL)), row
     if checkpoint is not None:
-        teacher = trainer.load_model(context, checkpoint)
-        fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"])
+        teacher, row = adopt_checkpoint(context, schema.TEACHER, checkpoint, folder)
         if runtime.is_main_process():
-            checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
-                context.description(), schema.TEACHER, checkpoint["arch"], checkpoints.model_weights(teacher),
-                fit.best_epoch, fit.history))
-            print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {fit.best_epoch})")
-        row = report.evaluate_model(context, schema.TEACHER, checkpoint["arch"], teacher, fit, folder)
+            print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {checkpoint['epoch']})")
         return teacher, replace(row, reused_from=str(config.teacher_checkpoint))
     arch = model_builder.architecture_name(config.teacher_model)
     teacher, fit = trainer.train_model(context, schema.TEACHER, arch, config.teacher_epochs, config.teacher_lr,
@@ -231,24 +270,36 @@ def obtain_teacher(
     return teacher, report.evaluate_model(context, schema.TEACHER, arch, teacher, fit, folder)
 
 
+def adopt_checkpoint(
+    context: trainer.Context, role: str, checkpoint: dict[str, Any], folder: Path, train_seconds: float = 0.0,
+) -> tuple[nn.Module, schema.ModelRow]:
+    """A model trained elsewhere (a reused teacher, a sweep's best trial) as this run's `role`: its checkpoint
+    saved in `folder` with this run's description, then evaluated and reported as a trained model is."""
+    model = trainer.load_model(context, checkpoint)
+    fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"],
+                           train_seconds=train_seconds)
+    if runtime.is_main_process():
+        checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
+            context.description(), role, checkpoint["arch"], checkpoints.model_weights(model), fit.best_epoch,
+            fit.history))
+    return model, report.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
+
+
 Students = dict[str, dict[int, tuple[schema.ModelRow, Path]]]  # role -> seed -> (its row, its folder)
 
 
-def train_students(context: trainer.Context, teacher: nn.Module) -> Students:
-    """Every student of the run, per seed: trained and reported, or kept from an interrupted run."""
+def train_students(context: trainer.Context, teacher: nn.Module, kept: Students | None = None) -> Students:
+    """Every student of the run, per seed: trained and reported, kept from an interrupted run, or in `kept`."""
     config = context.config
     arch = model_builder.architecture_name(config.student_model)
-    teacher_logits = None
-    if config.cache_teacher_logits:
-        # validate() made sure the training view is deterministic: one pass serves every epoch.
-        teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], context.device, context.amp_dtype,
-                                           "teacher logits")
-    # The teacher is frozen on every rank; without its DDP wrapper, its forward needs no other rank.
-    frozen_teacher = runtime.store_for_autocast(model_builder.unwrap(teacher, keep_compiled=True), context.amp_dtype)
+    frozen_teacher, teacher_logits = trainer.distillation_teacher(context, teacher)
     pairs, seeds = settings.feature_pairs(config), settings.seeds(config)
-    students: Students = {role: {} for role in schema.student_roles(settings.kd_methods(config))}
+    students: Students = {role: dict((kept or {}).get(role, {}))
+                          for role in schema.student_roles(settings.kd_methods(config))}
     for seed in seeds:
         for role in students:
+            if seed in students[role]:
+                continue
             folder = schema.model_folder(context.run_dir, role, seed, seeds)
             name = schema.model_name(role, seed, seeds)
             row = report.finished_row(folder, name)
@@ -259,6 +310,20 @@ def train_students(context: trainer.Context, teacher: nn.Module) -> Students:
                 row = report.evaluate_model(context, name, arch, student, fit, folder)
             students[role][seed] = (row, folder)
     return students
+
+
+def adopt_best_student(context: trainer.Context, trial_folder: Path) -> Students:
+    """A sweep's best trial's student (trained on `trial_folder`) as the first seed's distilled student of the
+    run: tested once, now, and reported as a trained student is."""
+    role = schema.distilled_role(settings.kd_methods(context.config)[0])
+    seed = settings.seeds(context.config)[0]
+    folder = context.run_dir / role
+    row = report.finished_row(folder, role)
+    if row is None:
+        checkpoint = checkpoints.read_state(trial_folder / checkpoints.BEST_MODEL)
+        seconds = sum(epoch.get("seconds", 0.0) for epoch in checkpoint.get("history", []))
+        row = adopt_checkpoint(context, role, checkpoint, folder, seconds)[1]
+    return {role: {seed: (row, folder)}}
 
 
 def summarize(
@@ -335,7 +400,7 @@ def layer_list(model: str, image_size: int) -> str:
 
 
 def run_command(argv: list[str] | None) -> None:
-    """What the command line asks for: rebuild a report, list layers, resume a run or start one."""
+    """What the command line asks for: rebuild a report, list layers, resume a run or a sweep, or start one."""
     parser, args, given = settings.parse_command_line(argv, default_config())
     report_only, resume = (None if path is None else os.path.expanduser(path)
                            for path in (args.pop("report_only"), args.pop("resume")))
@@ -346,11 +411,14 @@ def run_command(argv: list[str] | None) -> None:
     elif list_layers is not None:
         print(layer_list(list_layers, args["image_size"]), end="")
     elif resume is not None:
+        storage = args.pop("study_storage")  # a sweep's storage may be given again: its password is never saved
         config = settings.resumed_config(resume, args, parser)
         if config is not None:
-            run_experiment(config, resume=True, given=given)
+            config = sweep.resumed_storage(config, storage)
+            (run_sweep if config.sweep is not None else run_experiment)(config, resume=True, given=given)
     else:
-        run_experiment(settings.Config(**args), given=given)
+        config = settings.Config(**args)
+        (run_sweep if config.sweep is not None else run_experiment)(config, given=given)
 
 
 def main(argv: list[str] | None = None) -> int:

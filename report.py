@@ -30,6 +30,7 @@ import runtime
 import schema
 import settings
 import significance
+import sweep_report
 import trainer
 import utils
 
@@ -359,9 +360,16 @@ def build_report(run_dir: str | Path) -> str:
         warnings=summary.warnings, model_columns=MODEL_COLUMNS,
         model_rows=[_model_cells(role, row, baseline) for role, row in summary.models.items()],
         models_note=models_note, curves=curves, confusions=confusions, per_class_f1=per_class_f1,
-        data_rows=_data_rows(summary),
+        data_rows=_data_rows(summary), sweep=None if summary.sweep is None else _sweep_view(summary.sweep),
         settings_rows=[(key, json.dumps(value)) for key, value in config.items() if key != "dataset"],
     )
+
+
+def _sweep_view(sweep: schema.SweepRecord) -> dict[str, Any]:
+    """The report's Sweep section (see sweep_report.section), its figures as data URIs."""
+    view = sweep_report.section(sweep)
+    view["figures"] = [{"label": label, "src": _png_data_uri(png)} for label, png in view["figures"]]
+    return view
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -378,7 +386,7 @@ LEDGER_COLUMNS = [
     "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
     "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
     "image_size", "seed", "seeds", *(f"{role}_top1" for role in LEDGER_ROLES), "distilled_top1", "kd_gain_top1",
-    "wall_seconds",
+    "wall_seconds", "sweep",
 ]
 
 
@@ -401,6 +409,9 @@ def ledger_row(config: settings.Config, summary: schema.RunSummary, run_dir: Pat
         "distilled_top1": " ".join(f"{schema.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
         "kd_gain_top1": None if summary.kd_gain_top1 is None else round(summary.kd_gain_top1, 6),
         "wall_seconds": summary.wall_seconds,
+        # A sweep's row: the settings above are its best trial's.
+        "sweep": "" if summary.sweep is None else (f"{summary.sweep.spec}; {len(summary.sweep.trials)} trials, best "
+                                                   f"{summary.sweep.best_trial}"),
     }
 
 

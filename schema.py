@@ -100,6 +100,8 @@ class Record:
             value = getattr(self, spec.name)
             if value is None and spec.default is None:
                 continue
+            if isinstance(value, list):
+                value = [item.to_dict() if isinstance(item, Record) else item for item in value]
             out[spec.name] = value.to_dict() if isinstance(value, Record) else value
         return out
 
@@ -121,9 +123,25 @@ class Record:
             value = data[name]
             if not _fits(value, hint):
                 raise ValueError(f"{where}.{name} must be {_type_name(hint)} (got {value!r:.60})")
-            nested = isinstance(hint, type) and issubclass(hint, Record)
-            values[name] = hint.from_dict(value, f"{where}.{name}") if nested else value
+            values[name] = _records_in(value, hint, f"{where}.{name}")
         return cls(**values)
+
+
+def _record_type(hint: Any) -> Any:
+    """The Record class a field's hint names, also as `Record | None` (else None)."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((arg for arg in candidates if isinstance(arg, type) and issubclass(arg, Record)), None)
+
+
+def _records_in(value: Any, hint: Any, where: str) -> Any:
+    """A checked JSON value as its field holds it: objects of Record fields (also optional ones, and in lists)
+    become those records."""
+    record, args = _record_type(hint), typing.get_args(hint)
+    if record is not None and value is not None:
+        return record.from_dict(value, where)
+    if typing.get_origin(hint) is list and _record_type(args[0]) is not None:
+        return [args[0].from_dict(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    return value
 
 
 @dataclass
@@ -179,8 +197,40 @@ class DatasetRecord(Record):
     class_weights: dict[str, float] | None = None  # with --class-weights balanced
 
 
+@dataclass
+class SweepTrial(Record):
+    """One trial of a sweep: the settings it tried, how it ended, and its validation values."""
+
+    number: int
+    state: str  # Optuna's trial state in lower case: complete, pruned, fail, running or waiting
+    params: dict[str, float | str]
+    epochs: int  # epochs it trained (those the pruner saw)
+    value: float | None = None  # the objective, its best epoch's validation metric (complete trials)
+    curve: list[float] = field(default_factory=list)  # the validation metric after each epoch
+    seconds: float | None = None
+    retry_of: int | None = None  # the trial it re-runs (whose worker died or was stopped)
+    note: str | None = None  # why it stopped, when not by the pruner (e.g. the loss diverged)
+
+
+@dataclass
+class SweepRecord(Record):
+    """A sweep's search: what was searched and how, the best trial, every trial."""
+
+    spec: str
+    metric: str  # the validation metric the trials were judged by (--select-metric)
+    direction: str  # maximize or minimize
+    storage: str  # where the study is kept, without a password
+    study_name: str
+    trials_requested: int
+    distributions: dict[str, dict[str, Any]]  # each searched setting's Optuna distribution (optuna's JSON form)
+    best_trial: int
+    best_params: dict[str, float | str]
+    best_value: float
+    trials: list[SweepTrial]
+
+
 RUN_FIELDS = ("kd_gain_top1", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
-              "finished_at", "warnings")
+              "finished_at", "warnings", "sweep")
 
 
 @dataclass
@@ -197,6 +247,7 @@ class RunSummary(Record):
     finished_at: str
     warnings: list[str] = field(default_factory=list)
     kd_gain_top1: float | None = None
+    sweep: SweepRecord | None = None  # a run made by --sweep
 
     def to_dict(self) -> dict[str, Any]:
         run = super().to_dict()

@@ -16,6 +16,7 @@ import json
 import os
 import types
 import typing
+import urllib.parse
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +32,7 @@ import KD_engine
 import model_builder
 from errors import SettingsError
 
-GROUPS = ("data", "models", "training", "distillation methods", "speed", "output")
+GROUPS = ("data", "models", "training", "distillation methods", "sweep", "speed", "output")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,16 @@ class Config:
                                          unset="the paper's 20 of 240 epochs, as a share of all steps")
     seeds: str | None = flag("distillation methods", "comma-separated seeds: every student is trained once per seed",
                              unset="--seed alone")
+    sweep: str | None = flag("sweep", "search settings of the distilled student with Optuna, on the validation split: "
+                             "comma-separated name=low:high (uniform), name=low:high:log or name=a|b|c, e.g. "
+                             "temperature=1:10:log,alpha=0.1:0.9 (also method=kd|dkd)", unset="one run, no search")
+    trials: int = flag("sweep", "trials of the sweep, over all its workers together")
+    study_storage: str | None = flag("sweep", "join a study shared by several workers: an RDB URL "
+                                     "(postgresql://user:password@host/db) or an Optuna journal file's path on a "
+                                     "shared filesystem; the password is never written anywhere",
+                                     unset="RUN/sweep.db, an SQLite file for one worker")
+    study_name: str | None = flag("sweep", "the study's name in --study-storage (needed with it)",
+                                  unset="the run directory's name")
     val_fraction: float = flag("data", "fraction of train carved for validation when there is no val/")
     test_fraction: float = flag("data", "fraction of all images carved as the test split when the data folder holds "
                                 "only class folders")
@@ -180,6 +191,8 @@ EXAMPLES = """examples:
     python experiment.py --teacher-epochs 1 --student-epochs 1
   repeat a run with one setting changed:
     python experiment.py --config runs/<run>/config.json --alpha 0.7
+  find the temperature and alpha that distil best (judged on validation; see the README's sweeps):
+    python experiment.py --sweep "temperature=1:10:log,alpha=0.1:0.9" --trials 20
 """
 # What leaving out an action flag means, as --help shows it (settings say so in their Flag).
 ACTIONS_UNSET = {"config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",
@@ -360,8 +373,26 @@ def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.Argument
 
 
 def saved_config(config: Config) -> dict[str, Any]:
-    """A Config as config.json and every checkpoint store it."""
-    return asdict(config)
+    """A Config as config.json and every checkpoint store it: a storage URL's password left out."""
+    return {**asdict(config), "study_storage": without_password(config.study_storage)}
+
+
+HIDDEN = "***"  # what a password becomes in everything written
+
+
+def without_password(url: str | None) -> str | None:
+    """A storage URL with its password (user:password@..., or a password=... query item) replaced by ***."""
+    if url is None or "://" not in url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc and ":" in netloc.rpartition("@")[0]:
+        user = netloc.rpartition("@")[0].split(":", 1)[0]
+        netloc = f"{user}:{HIDDEN}@{netloc.rpartition('@')[2]}"
+    query = "&".join(f"{item.partition('=')[0]}={HIDDEN}" if item.partition("=")[0].lower() in ("password", "passwd")
+                     else item for item in parts.query.split("&") if item)
+    # Replaced in the text rather than rebuilt: urlunsplit would turn sqlite:////abs.db into sqlite://abs.db.
+    return url.replace(parts.netloc, netloc, 1).replace("?" + parts.query, "?" + query, 1)
 
 
 # ---------------------------------------------------------------- checks and what settings imply
@@ -461,6 +492,9 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         (config.workers >= 0, f"--workers must be >= 0 (got {config.workers})."),
         ((config.patience or 0) >= 0, f"--patience must be >= 0 (got {config.patience})."),
         (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {config.label_smoothing})."),
+        (config.trials >= 1, f"--trials must be at least 1 (got {config.trials})."),
+        (config.sweep is not None or (config.study_storage is None and config.study_name is None),
+         "--study-storage and --study-name name a sweep's study: give --sweep too."),
         (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),
          "--cache-teacher-logits needs a deterministic training view: add --crop-padding 0 --hflip off --augment basic "
          "(with random augmentation the teacher must see each new view)."),

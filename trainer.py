@@ -217,7 +217,31 @@ def student_criterion(
     return functools.partial(distillation_criterion, context, method, teacher, pairs), cached
 
 
+def distillation_teacher(context: Context, teacher: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
+    """The teacher as distilled students use it (frozen, unwrapped, stored for autocast), and its logits
+    on the training split when --cache-teacher-logits asks for them (else None)."""
+    teacher_logits = None
+    if context.config.cache_teacher_logits:
+        # validate() made sure the training view is deterministic: one pass serves every epoch.
+        teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], context.device, context.amp_dtype,
+                                           "teacher logits")
+    # The teacher is frozen on every rank; without its DDP wrapper, its forward needs no other rank.
+    return runtime.store_for_autocast(model_builder.unwrap(teacher, keep_compiled=True), context.amp_dtype), \
+        teacher_logits
+
+
 EpochLog = Callable[[dict[str, Any]], None]  # sees every epoch's record (see engine.fit's on_epoch)
+
+
+def chain(*callbacks: EpochLog | None) -> EpochLog:
+    """One epoch callback that calls the given ones (None: left out) in order."""
+    chosen = [callback for callback in callbacks if callback is not None]
+
+    def each_epoch(record: dict[str, Any]) -> None:
+        for callback in chosen:
+            callback(record)
+
+    return each_epoch
 
 
 def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None, Callable[[], None]]:
@@ -242,16 +266,16 @@ def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None,
 
 
 def train_model(
-    context: Context, role: str, arch: str, epochs: int, lr: float,
-    make_criterion: Callable[[nn.Module, int], engine.Criterion], folder: Path, seed: int,
-    teacher_logits: torch.Tensor | None = None,
+    context: Context, role: str, arch: str, epochs: int, lr: float, make_criterion: Callable[[nn.Module, int],
+    engine.Criterion], folder: Path, seed: int, teacher_logits: torch.Tensor | None = None,
+    on_epoch: EpochLog | None = None,
 ) -> tuple[nn.Module, engine.FitResult]:
     """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
 
     `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
-    `teacher_logits` (one row per training image) are handed to the criterion with each batch.
-    After every epoch the whole training state goes to <folder>/train_state.pth; when that
-    file exists (an interrupted run), training continues after its last finished epoch.
+    `teacher_logits` (one row per training image) go to the criterion with each batch; `on_epoch(record)` sees
+    each validated epoch before its save (a sweep's pruner). After every epoch the whole training state goes to
+    <folder>/train_state.pth; when it exists (an interrupted run), training continues after its last epoch.
     """
     model = new_model(context, arch, seed, context.initial_weights(role), epochs * len(context.data.train))
     train_loader = context.train_loader(seed)
@@ -292,9 +316,9 @@ def train_model(
     try:
         result = engine.fit(
             model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
-            context.data.class_names, context.device, scheduler, context.amp_dtype, on_epoch=log_epoch, name=role,
-            on_epoch_end=save_epoch, resume=resume, select_metric=context.config.select_metric,
-            patience=context.config.patience,
+            context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
+            on_epoch=chain(log_epoch, on_epoch), on_epoch_end=save_epoch, resume=resume,
+            select_metric=context.config.select_metric, patience=context.config.patience,
         )
     finally:
         close_log()

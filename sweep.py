@@ -1,0 +1,494 @@
+"""Hyper-parameter sweeps: which settings distil best, searched with Optuna on the validation split.
+
+A sweep trains the teacher once (or takes --teacher-checkpoint), then one distilled student per
+trial with the settings Optuna's sampler draws from the --sweep spec. A trial's objective is its
+best epoch's validation --select-metric; it reports every epoch's value, so that the median pruner
+stops hopeless trials early. A trial's context has no test loader: no trial can read the test split.
+experiment.py then tests the best trial's student once, against a baseline trained with the same
+settings and seed.
+
+The trials are kept in an Optuna study: an SQLite file in the run directory (RUN/sweep.db) for one
+worker, or a shared storage (an RDB URL, or a journal file on a shared filesystem) that several
+workers join. The workers of a study share its run directory (on a filesystem all of them mount) and
+take turns through file locks in RUN/trials/: the first to lock the teacher trains it while the
+others wait; a trial is counted against the budget under a lock, so together they run exactly
+--trials; one writes the report. A running trial's worker records a heartbeat; a trial not heard
+from for GRACE_SECONDS (its worker was killed) is marked failed and queued again, and the retry
+continues from the trial's last saved epoch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import re
+import shutil
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages._heartbeat import BaseHeartbeat  # Optuna's heartbeat protocol (its journal storage has none)
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+import checkpoints
+import engine
+import errors
+import model_builder
+import schema
+import settings
+import sweep_report
+import sweep_space
+import trainer
+import utils
+from errors import SettingsError
+
+TRIALS_DIR = "trials"  # RUN/trials/: each trial's student, the workers' locks, the study's run id
+SQLITE_FILE = "sweep.db"  # the study of a sweep without --study-storage, in its run directory
+HEARTBEAT_SECONDS = 20  # a running trial's worker records that it is alive this often
+GRACE_SECONDS = 120  # a running trial not heard from for this long is failed and queued again
+MAX_RETRIES = 3  # times one trial is queued again after its worker died or was stopped
+POLL_SECONDS = 5  # how often a worker with no trial left to start looks whether the others' have ended
+PRUNER_STARTUP_TRIALS = 5  # Optuna's default: the median of fewer finished trials means little
+HEARTBEAT_ATTR = "heartbeat:"  # + trial id: a journal trial's last heartbeat (a retry copies its parent's attrs)
+
+
+# ---------------------------------------------------------------- the plan and the storage
+
+
+@dataclass
+class Plan:
+    """A sweep's plan, checked: the space, the budget, the objective and the study's storage."""
+
+    spec: str
+    space: dict[str, BaseDistribution]
+    trials: int
+    metric: str
+    direction: str
+    storage: optuna.storages.BaseStorage | None  # a shared study's storage, opened; None: RUN/sweep.db
+    storage_shown: str | None  # --study-storage without its password
+    study_name: str | None  # None: the run directory's name
+
+
+def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
+    """The sweep's settings (a shared study's run directory defaults to runs/<study name>) and its plan.
+
+    Everything is checked, and a shared storage opened, before any folder is made: a bad spec or an
+    unreachable storage stops the run with one sentence (SettingsError).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SettingsError("A sweep runs one process per worker: start several workers (see the README's sweeps) "
+                            "instead of torchrun.")
+    space = sweep_space.parse_spec(config.sweep)
+    sweep_space.check_ranges(config, space)
+    name = config.study_name
+    if name is not None and not re.fullmatch(r"[\w.-]+", name):
+        raise SettingsError(f"--study-name must be letters, digits, '.', '_' or '-' (got {name!r}).")
+    storage = None
+    if config.study_storage is not None:
+        if name is None:
+            raise SettingsError("--study-storage needs --study-name: the workers of a study find it by its name.")
+        config = replace(config, output_dir=config.output_dir or str(Path("runs") / name))
+        storage = connect(config.study_storage)
+    direction = "minimize" if config.select_metric == "loss" else "maximize"
+    return config, Plan(config.sweep, space, config.trials, config.select_metric, direction, storage,
+                        settings.without_password(config.study_storage), name)
+
+
+def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """What queues a stopped trial again: the same settings, its reported epochs kept, at most MAX_RETRIES times."""
+    with sweep_space.quiet_optuna():
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
+
+
+class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+    """Optuna's journal-file storage with the heartbeat Optuna gives its RDB storage only: while a trial runs,
+    its worker records the time in the trial's system attributes every HEARTBEAT_SECONDS, and a running trial
+    not heard from for GRACE_SECONDS is stale, so Optuna's fail_stale_trials fails it and the retry callback
+    queues it again. The times are the workers' clocks: keep the machines' clocks in step (NTP)."""
+
+    def __init__(self, path: str, stale_callback: Callable[[optuna.Study, FrozenTrial], None]) -> None:
+        super().__init__(optuna.storages.journal.JournalFileBackend(path))
+        self._stale_callback = stale_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, f"{HEARTBEAT_ATTR}{trial_id}", time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now, stale = time.time(), []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            trial_id = self.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            last = trial.system_attrs.get(f"{HEARTBEAT_ATTR}{trial_id}", trial.datetime_start.timestamp())
+            if now - last > GRACE_SECONDS:
+                stale.append(trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int:
+        return HEARTBEAT_SECONDS
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
+        return self._stale_callback
+
+
+def _scrubbed(text: str, url: str) -> str:
+    """An error message about `url` with every form of its password hidden."""
+    parts = urllib.parse.urlsplit(url)
+    secrets = [parts.password or ""] + [value for key, value in urllib.parse.parse_qsl(parts.query)
+                                        if key.lower() in ("password", "passwd")]
+    text = text.replace(url, settings.without_password(url))
+    for secret in filter(None, secrets):
+        text = text.replace(secret, settings.HIDDEN).replace(urllib.parse.unquote(secret), settings.HIDDEN)
+    return re.sub(r"\s*\(Background on this error at: \S+\)", "", text)
+
+
+def connect(url: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage at `url`, with heartbeats: an RDB URL (scheme://...), else a journal file's path.
+
+    SettingsError, with the password hidden, when it cannot be opened (no server, no driver, no folder).
+    """
+    try:
+        with sweep_space.quiet_optuna():
+            if "://" in url:
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                                  heartbeat_stale_trial_callback=retry_callback())
+            return HeartbeatJournalStorage(url, retry_callback())
+    except Exception as error:  # whatever the database or its driver raises: the user's storage to fix
+        hint = " (install the database's driver: pip install psycopg2-binary for PostgreSQL, pymysql for MySQL)" \
+            if isinstance(error, ImportError) else ""
+        raise SettingsError(f"Cannot open the study storage {settings.without_password(url)}: "
+                            f"{_scrubbed(errors.one_line(error, brief=True), url)}{hint}.") from None
+
+
+def joins_run(config: settings.Config, plan: Plan) -> bool:
+    """Whether this worker joins a shared study's run directory that another worker made (True), or makes it.
+
+    A run directory holding a run with other settings is refused (SettingsError).
+    """
+    path = Path(config.output_dir or "") / "config.json"
+    if plan.storage is None or not path.is_file():
+        return False
+    saved, ours = utils.read_json(path), settings.saved_config(config)
+    differ = sorted(key for key in settings.FIELDS
+                    if key in saved and key != "output_dir" and saved[key] != ours[key])
+    if differ:
+        raise SettingsError(f"'{config.output_dir}' holds a run with other settings ({', '.join(differ)}): every "
+                            "worker of a sweep is given the same settings.")
+    return True
+
+
+def resumed_storage(config: settings.Config, storage: str | None) -> settings.Config:
+    """--resume RUN [--study-storage URL]: a password is never saved, so a study whose URL had one needs it again."""
+    saved = config.study_storage
+    if storage is None:
+        if saved is not None and settings.HIDDEN in saved:
+            raise SettingsError(f"The study storage {saved} had a password, which is never saved: resume with "
+                                f"--resume {config.output_dir} --study-storage URL.")
+        return config
+    if config.sweep is None or settings.without_password(storage) != saved:
+        raise SettingsError(f"--resume {config.output_dir} takes --study-storage only to give its sweep's storage "
+                            f"again, with its password ({saved}).")
+    return replace(config, study_storage=storage)
+
+
+# ---------------------------------------------------------------- workers
+
+
+class FileLock:
+    """An exclusive lock on a file (fcntl.flock) that the processes sharing its filesystem take in turns; the
+    kernel releases it when its process ends, however it ends (a killed worker's lock is not left behind)."""
+
+    def __init__(self, path: Path, waiting: str | None = None) -> None:
+        self.path, self.waiting = path, waiting  # waiting: printed when another process holds it
+        self._handle = None
+
+    def acquire(self, block: bool = True) -> bool:
+        """Take the lock (waiting for it with `block`); whether it was taken."""
+        handle = open(self.path, "a")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not block:
+                    handle.close()
+                    return False
+                if self.waiting:
+                    print(self.waiting, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:  # Ctrl-C or SIGTERM while waiting
+            handle.close()
+            raise
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        """Let the lock go (closing the file does); releasing twice is harmless."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+@dataclass
+class Search:
+    """The sweep's outcome: its study, the best trial, where that trial's student was trained, and the run's
+    context with that trial's settings (what the best student is tested and its baseline trained with)."""
+
+    study: optuna.Study
+    best: FrozenTrial
+    folder: Path
+    context: trainer.Context
+
+
+def metric_value(metrics: dict[str, Any], metric: str) -> float:
+    """A validation metric as the objective (an undefined F1 counts as 0, the worst)."""
+    value = metrics[metric]
+    return 0.0 if value is None else float(value)
+
+
+class Worker:
+    """This process's part in a sweep: the study, the locks it shares with the other workers in RUN/trials/,
+    and the trials it runs."""
+
+    def __init__(self, context: trainer.Context, plan: Plan, dataset: schema.DatasetRecord) -> None:
+        self.context, self.plan, self.dataset = context, plan, dataset
+        self.folder = context.run_dir / TRIALS_DIR
+        self.study_name = plan.study_name or context.run_dir.name
+        self._alone = FileLock(self.folder / "sqlite.lock")
+        self._retry = retry_callback()
+        self.storage: optuna.storages.BaseStorage | None = plan.storage
+
+    def __enter__(self) -> Worker:
+        self.folder.mkdir(exist_ok=True)
+        if self.storage is None:
+            # RUN/sweep.db serves one worker (see the README): any trial it lists as running was left by a killed one.
+            if not self._alone.acquire(block=False):
+                raise SettingsError(f"Another process is running the sweep in '{self.context.run_dir}'.")
+            self.storage = connect(f"sqlite:///{(self.context.run_dir / SQLITE_FILE).resolve()}")
+        self.storage_shown = self.plan.storage_shown or f"sqlite:///{self.context.run_dir / SQLITE_FILE}"
+        # Epochs are the pruner's steps: none is judged before the one after the first quarter, the one-cycle warm-up.
+        warmup = math.ceil(self.context.config.student_epochs / 4) + 1
+        with sweep_space.quiet_optuna():
+            self.study = optuna.create_study(
+                storage=self.storage, study_name=self.study_name, direction=self.plan.direction, load_if_exists=True,
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
+        with FileLock(self.folder / "budget.lock"):
+            self._check_study()
+            if self.plan.storage is None:
+                self._queue_again(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        self.study.sampler = self._sampler()
+        print(f"Sweep: {sweep_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
+              f"{self.plan.metric} ({self.plan.direction}); study '{self.study_name}' in {self.storage_shown}")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._alone.release()
+
+    def exclusive(self, name: str) -> FileLock:
+        """RUN/trials/<name>.lock, held by one worker of the sweep at a time."""
+        return FileLock(self.folder / f"{name}.lock", f"[sweep] waiting for another worker ({name})")
+
+    def _check_study(self) -> None:
+        """The study must be this sweep's (its spec and metric), kept with this run directory (its run id)."""
+        identity, id_file = {"spec": self.plan.spec, "metric": self.plan.metric}, self.folder / "study_run_id"
+        saved = self.study.user_attrs.get("sweep")
+        if saved is not None and saved != identity:
+            raise SettingsError(f"Study '{self.study_name}' in {self.storage_shown} belongs to another sweep (spec "
+                                f"{saved['spec']}, metric {saved['metric']}): give another --study-name.")
+        run_id = self.study.user_attrs.get("run_id")
+        if run_id is None:
+            run_id = id_file.read_text() if id_file.is_file() else uuid.uuid4().hex
+            utils.write_text(id_file, run_id)
+            self.study.set_user_attr("sweep", identity)
+            self.study.set_user_attr("run_id", run_id)
+        elif not id_file.is_file() or id_file.read_text() != run_id:
+            raise SettingsError(f"Study '{self.study_name}' keeps its trials in another run directory: every worker of "
+                                "a study is given the same --output-dir, on a filesystem all of them mount.")
+
+    def _sampler(self) -> optuna.samplers.BaseSampler:
+        """TPE, drawing jointly (temperature and alpha interact), its first third of the trials (3 to 10) at random.
+
+        With RUN/sweep.db it is seeded by --seed and the trials so far, so a resumed sweep draws new settings;
+        a shared study's workers each draw their own.
+        """
+        seed = None
+        if self.plan.storage is None:
+            seed = int(np.random.SeedSequence([self.context.config.seed, len(self.study.trials)]).generate_state(1)[0])
+        with sweep_space.quiet_optuna():
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, self.plan.trials // 3)),
+                                              multivariate=True, constant_liar=True)
+
+    def _queue_again(self, trials: list[FrozenTrial]) -> None:
+        """Fail these running trials (their worker is gone) and queue each again, to go on from its last saved epoch."""
+        study_id = self.storage.get_study_id_from_name(self.study_name)
+        for trial in trials:
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                self._retry(self.study, trial)
+                print(f"[sweep] trial {trial.number} was interrupted: queued again")
+
+    def once(self, name: str, step: Callable[[], Any]) -> Any:
+        """`step()` done by one worker at a time: the first to lock `name` does the work, and the others, who
+        wait for it, find it done (a worker killed meanwhile lets the next one continue it)."""
+        with self.exclusive(name):
+            return step()
+
+    # ---------------------------------------------------------------- trials
+
+    def run_trials(self, teacher: nn.Module) -> Search:
+        """Run trials until the study holds --trials finished ones (complete or pruned), with the other workers;
+        then wait for the others' last trials, and return the search's outcome."""
+        frozen_teacher, teacher_logits = trainer.distillation_teacher(self.context, teacher)
+        budget, waiting = FileLock(self.folder / "budget.lock"), False  # held for moments: nothing to say
+        while True:
+            budget.acquire()
+            try:
+                with sweep_space.quiet_optuna():
+                    optuna.storages.fail_stale_trials(self.study)  # killed workers' trials: failed and queued again
+                finished, running = self._counts()
+                if finished >= self.plan.trials:
+                    break
+                if finished + running < self.plan.trials:
+                    # The lock is released inside, once the trial exists: no two workers take the last place.
+                    with sweep_space.quiet_optuna():
+                        self.study.optimize(lambda trial: self._objective(trial, budget.release, frozen_teacher,
+                                                                          teacher_logits),
+                                            n_trials=1, callbacks=[self._progress])
+                    waiting = False
+                    continue
+            finally:
+                budget.release()
+            if not waiting:
+                print(f"[sweep] the last trials run on other workers: waiting for them ({finished} of "
+                      f"{self.plan.trials} finished)", flush=True)
+                waiting = True
+            time.sleep(POLL_SECONDS)
+        return self._outcome()
+
+    def _counts(self) -> tuple[int, int]:
+        """The study's finished (complete or pruned) and running trials."""
+        states = [trial.state for trial in self.study.get_trials(deepcopy=False)]
+        return (sum(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states),
+                states.count(TrialState.RUNNING))
+
+    def trial_context(self, config: settings.Config, test: bool) -> trainer.Context:
+        """The run's context with a trial's settings; without a test loader unless `test` (trials never get one)."""
+        weights = self.dataset.class_weights
+        hard_loss = engine.hard_label_loss(config.label_smoothing, None if weights is None else list(weights.values()),
+                                           self.context.device)
+        loaders = {split: loader for split, loader in self.context.eval_loaders.items() if test or split != "test"}
+        return replace(self.context, config=config, hard_loss=hard_loss, eval_loaders=loaders)
+
+    def frozen(self, trial: optuna.Trial) -> FrozenTrial:
+        """A running trial's record in the study (with its system attributes)."""
+        return self.study.get_trials(deepcopy=False)[trial.number]
+
+    def trial_folder(self, trial: FrozenTrial) -> Path:
+        """Where a trial trains its student: RUN/trials/<n>, n its first try's number (a retry continues there)."""
+        return self.folder / str(trial.system_attrs.get("failed_trial", trial.number))
+
+    def _objective(
+        self, trial: optuna.Trial, started: Callable[[], None], teacher: nn.Module, teacher_logits: Any,
+    ) -> float:
+        """Train one distilled student with the trial's settings; its best epoch's validation metric."""
+        started()  # the trial is in the study: the other workers count it
+        config = sweep_space.trial_config(self.context.config, sweep_space.suggest(trial, self.plan.space))
+        context, folder = self.trial_context(config, test=False), self.trial_folder(self.frozen(trial))
+        role = schema.distilled_role(settings.kd_methods(config)[0])
+        criterion, cached = trainer.student_criterion(context, role, teacher, settings.feature_pairs(config),
+                                                      teacher_logits)
+        try:
+            fit = trainer.train_model(
+                context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
+                config.student_epochs, config.student_lr, criterion, folder, config.seed, cached,
+                on_epoch=self._reporter(trial, config.student_epochs))[1]
+        except KeyboardInterrupt:
+            context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
+            self._retry(self.study, self.frozen(trial))
+            raise
+        except (optuna.TrialPruned, engine.NonFiniteLossError) as stop:
+            context.saver.wait()
+            shutil.rmtree(folder, ignore_errors=True)  # a stopped trial's student is never used
+            if isinstance(stop, engine.NonFiniteLossError):
+                trial.set_user_attr("note", errors.one_line(stop))
+                raise optuna.TrialPruned(str(stop)) from None
+            raise
+        context.saver.wait()
+        (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
+        best = fit.history[fit.best_epoch - 1]["val"]
+        trial.set_user_attr("val", {key: best[key] for key in engine.SELECT_METRICS})
+        trial.set_user_attr("seconds", round(sum(epoch["seconds"] for epoch in fit.history), 2))
+        return metric_value(best, self.plan.metric)
+
+    def _reporter(self, trial: optuna.Trial, epochs: int) -> trainer.EpochLog:
+        """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned)
+        before its last epoch (stopping it then would save nothing)."""
+
+        @checkpoints.finish_before_interrupt  # a stop signal waits for the storage's write to finish
+        def report(record: dict[str, Any]) -> None:
+            trial.report(metric_value(record["val"], self.plan.metric), record["epoch"])
+            if record["epoch"] < epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
+
+        return report
+
+    def _progress(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """The console's line for a trial that ended."""
+        record, best = sweep_report.trial_record(trial), self._best()
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"validation {self.plan.metric} {record.value:.4f}"
+        elif trial.state == TrialState.PRUNED:
+            outcome = record.note or (f"stopped after epoch {record.epochs}, validation {self.plan.metric} "
+                                      f"{record.curve[-1]:.4f} worse than the median")
+        else:
+            outcome = "failed"
+        took = "" if record.seconds is None else f", {utils.format_seconds(record.seconds)}"
+        best_text = "" if best is None else f"; best so far: trial {best.number} ({best.value:.4f})"
+        print(f"[sweep] trial {trial.number} {record.state}: {outcome} | {sweep_report.params_text(record.params)} | "
+              f"{record.epochs} epoch{'s' if record.epochs != 1 else ''}{took} | {self._counts()[0]} of "
+              f"{self.plan.trials} trials finished{best_text}", flush=True)
+
+    def _best(self) -> FrozenTrial | None:
+        """The complete trial with the best validation metric; ties go to the lower validation loss, then the
+        earlier trial (as a model's best epoch is chosen)."""
+        complete = [trial for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if "val" in trial.user_attrs]
+        if not complete:
+            return None
+        return max(complete, key=lambda trial: engine.selection_key(trial.user_attrs["val"], self.plan.metric))
+
+    def _outcome(self) -> Search:
+        """The best trial, its student's folder and the run's context with its settings."""
+        best = self._best()
+        if best is None:
+            raise SettingsError(f"No trial of the sweep finished training ({self._counts()[0]} were stopped): lower "
+                                "--student-lr or narrow the ranges.")
+        context = self.trial_context(sweep_space.trial_config(self.context.config, best.params), test=True)
+        print(f"[sweep] best: trial {best.number}, validation {self.plan.metric} {best.value:.4f}: "
+              f"{sweep_report.params_text(best.params)}")
+        return Search(self.study, best, self.trial_folder(best), context)
+
+    def reported(self) -> bool:
+        """Whether another worker has written the sweep's report already (then said so)."""
+        if not (self.context.run_dir / "summary.json").is_file():
+            return False
+        print(f"The sweep is finished: another worker wrote its report, {self.context.run_dir / 'report.html'}")
+        return True
+
+    def complete(self, summary: schema.RunSummary, search: Search) -> None:
+        """The summary of the best trial's run gains the sweep's record and its sanity warnings."""
+        summary.sweep = sweep_report.record(search.study, search.best, self.plan.space, self.plan.trials,
+                                            self.plan.metric, self.storage_shown, self.study_name, self.plan.spec)
+        summary.warnings += sweep_report.sanity_warnings(summary.sweep)
