@@ -40,6 +40,7 @@ import data_setup  # noqa: E402
 import engine  # noqa: E402
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
+import KD_features  # noqa: E402
 import model_builder  # noqa: E402
 import runtime  # noqa: E402
 
@@ -132,7 +133,7 @@ def our_terms(method: str, teacher: nn.Module, student: nn.Module, images: torch
     torch.manual_seed(seed)
     criterion = KD_engine.make_criterion(
         method, teacher, student, temperature=experiment.T, alpha=experiment.ALPHA, beta=experiment.BETA,
-        pairs=KD_engine.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
+        pairs=KD_features.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
         image_size=IMAGE_SIZE)
     out = criterion(student, images, labels)
     criterion.close()
@@ -211,12 +212,11 @@ def main() -> None:
               f"{'|grad CE|':>11}{'|grad feat|':>13}{'ratio':>9}")
     print(header + "\n" + "-" * len(header))
     ratios = {}
-    for method in KD_engine.FEATURE_METHODS:
+    for method in ("fitnet", "at"):
         student.load_state_dict(initial)
         terms, criterion = our_terms(method, teacher, student, images, labels, args.seed)
         ours = strength(terms, student)
-        layers = ",".join(f"{t}:{s}" for t, s in zip(criterion.teacher_hooks.names, criterion.student_hooks.names,
-                                                     strict=True))
+        layers = ",".join(f"{t}:{s}" for t, s in criterion.term.pairs)
         student.load_state_dict(initial)
         reference = strength(reference_terms(teacher, student, images, labels, args.seed)[method], student)
         reference_weight = REFERENCE_HINT_WEIGHT if method == "fitnet" else REFERENCE_AT_WEIGHT
