@@ -182,7 +182,7 @@ class FeatureDistillationCriterion:
         self.teacher = freeze(teacher)
         self.term = KD_features.FeatureTerm(teacher, student, method, pairs, image_size)
         self.trainable = self.term.trainable
-        self.method, self.part = method, FEATURE_PARTS[method]
+        self.part = FEATURE_PARTS[method]
         self.temperature, self.alpha, self.beta, self.hard_loss = temperature, alpha, beta, hard_loss
         self.warmup_steps, self.steps_per_epoch, self.step = warmup_steps, steps_per_epoch, 0
 
