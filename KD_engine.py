@@ -1,60 +1,79 @@
-"""Knowledge distillation: logit, feature and decoupled losses, and criteria for engine's loop.
+"""Knowledge distillation: the logit and decoupled losses, the criteria for engine's loop, and the
+registry of methods (`METHODS`, built by `make_criterion`). Feature methods' pieces are in KD_features.
 
-Methods (`METHODS`, built by `make_criterion`):
+ALPHA weights the hard-label CE term in every method, as in the design this project follows. Each
+weight below is the reference's own for CIFAR, beside its CE weight (cited where it is defined):
 
-- "kd" (Hinton et al. 2015). As in the design this project follows, ALPHA weights the hard labels:
+- "kd" (Hinton et al. 2015):
 
       loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
 
   The KL term takes log-softmax inputs and uses `reduction="batchmean"` (a sum over classes,
   a mean over samples); the T^2 factor keeps its gradients on the scale of the CE term.
-- "fitnet" (Romero et al. 2015) and "at" (attention transfer, Zagoruyko & Komodakis 2017): the
-  feature term gets its own weight, outside the CE / KD mix,
-
-      loss = alpha * CE + (1 - alpha) * KD + beta * feature_loss
-
-  with the reference implementations' feature losses (RepDistiller, mdistiller): FitNets' hint
-  loss is the MSE between a conv + BN + ReLU regressor of the student's map and the teacher's
-  map, on one middle layer pair; AT's is the squared difference of L2-normalized p=2 attention
-  maps, averaged over samples and positions, summed over the stage pairs. By default beta is
-  the references' weight (`FEATURE_WEIGHTS`, beside their CE weight of 1) times alpha, so the
-  feature : CE balance is theirs at any alpha, and alpha = 1 gives exactly their loss.
 - "dkd" (decoupled KD, Zhao et al. 2022): `loss = alpha * CE + (1 - alpha) * warmup * (dkd_alpha *
-  TCKD + dkd_beta * NCKD)`, the warm-up ramping linearly per optimizer step.
+  TCKD + dkd_beta * NCKD)`, the warm-up ramping linearly per optimizer step; dkd_beta defaults to
+  mdistiller's value for the teacher / student pair (`reference_dkd_beta`).
+- "dist" (Huang et al., NeurIPS 2022): `loss = alpha * CE + (1 - alpha) * weight * DIST`, DIST being
+  T^2 * (inter-class + intra-class relation losses), each 1 - the mean Pearson correlation of the
+  two models' softmax(logits / T), over each sample's classes (inter) and each class's samples (intra).
+- "kd_ls", "dkd_ls", "dist_ls" (logit standardization, Sun et al., CVPR 2024): kd, dkd and dist with
+  both models' logits z-scored per sample, then divided by the base temperature, before the
+  distillation term (the CE term sees the raw logits), and the reference's larger weights
+  (`logit_weights`).
+- "fitnet", "at", "reviewkd" (KD_features): a feature term of its own weight, outside the CE / KD mix,
+
+      loss = alpha * CE + (1 - alpha) * KD + beta * warmup * feature_loss
+
+  By default beta is the references' weight (`KD_features.FEATURE_WEIGHTS`, beside their CE weight
+  of 1) times alpha, so the feature : CE balance is theirs at any alpha, and alpha = 1 gives exactly
+  their loss. Only ReviewKD warms up (mdistiller's 20 of 240 epochs, ramped per step as DKD's).
+
+At alpha 0.5 each logit method's term stands to CE as in its reference (whose CE weight is 1, or 0.1
+for the logit-standardized KD, whose weight is therefore 9 / 0.1).
 
 CE is the hard-label loss each criterion is given (`hard_loss`, `engine.hard_label_loss`): plain,
 label-smoothed or class-weighted cross-entropy. Smoothing and class weights act on that term only;
 the distillation terms compare with the teacher's outputs as they are.
 
 Every criterion has a `trainable` attribute: None, or a module whose parameters the optimizer must
-train alongside the student (FitNets' regressors). The teacher is frozen, runs in eval mode under
-inference mode, and never reaches an optimizer.
+train alongside the student (FitNets' regressors, ReviewKD's ABFs). The teacher is frozen, runs in
+eval mode under inference mode, and never reaches an optimizer.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import engine
-import model_builder
+import KD_features
 
-METHODS = ("kd", "fitnet", "dkd", "at")
-FEATURE_METHODS = ("fitnet", "at")
-# The references' feature weights beside a CE weight of 1 (RepDistiller's run scripts, mdistiller's configs).
-FEATURE_WEIGHTS = {"fitnet": 100.0, "at": 1000.0}
-HINT_STAGE = 2  # the references' hint_layer: an index into (stem, stage 1, stage 2, ...)
-DKD_WARMUP_SHARE = 20 / 240  # the paper's CIFAR warm-up: 20 of 240 epochs
+METHODS = ("kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd")
+STANDARDIZED_METHODS = ("kd_ls", "dkd_ls", "dist_ls")  # logit standardization of kd, dkd, dist
+DKD_WARMUP_SHARE = 20 / 240  # the paper's CIFAR warm-up: 20 of 240 epochs (also mdistiller's ReviewKD's)
+DKD_DEFAULT_BETA = 8.0  # DKD's NCKD weight where mdistiller publishes none for the pair (its CFG.DKD.BETA)
+# mdistiller's configs/cifar100/dkd/<teacher>_<student>.yaml (DKD.BETA; the pairs of this project's zoo).
+DKD_REFERENCE_BETAS = {
+    ("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("resnet32x4", "resnet8x4"): 8.0,
+    ("resnet32x4", "shufflenetv2"): 8.0, ("vgg13", "vgg8"): 6.0, ("vgg13", "mobilenetv2"): 6.0,
+    ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0,
+}
+DIST_WEIGHT = 2.0  # DIST_KD configs/strategies/distill/dist_cifar.yaml: ori_loss_weight 1, kd_loss_weight 2
+DIST_RELATION_WEIGHTS = (1.0, 1.0)  # DIST's beta (inter-class) and gamma (intra-class), 1 and 1 in every config
+DIST_EPS = 1e-8  # DIST_KD's cosine_similarity eps
+LS_TEMPERATURE = 2.0  # logit-standardization-KD tools/train.py --base-temp 2
+LS_WEIGHT = 9.0  # its --kd-weight 9: KD's weight, and the multiplier of DKD's alpha and beta
+LS_KD_CE_WEIGHT = 0.1  # its KD keeps mdistiller's CE weight 0.1 (CFG.KD.LOSS.CE_WEIGHT) beside KD weight 9
+LS_EPS = 1e-7  # its normalize(): (logit - mean) / (1e-7 + std)
 # The loss and the parts the criteria report (besides the logits), with their labels on plots.
 LOSS_PARTS = {"loss": "total", "ce": "CE", "kd": "KD (T²·KL)", "feature": "FitNets feature MSE",
-              "at": "attention transfer", "tckd": "DKD target-class", "nckd": "DKD non-target"}
+              "at": "attention transfer", "tckd": "DKD target-class", "nckd": "DKD non-target",
+              "dist": "DIST (inter + intra)", "hcl": "ReviewKD HCL"}
+FEATURE_PARTS = {"fitnet": "feature", "at": "at", "reviewkd": "hcl"}  # each feature method's part of LOSS_PARTS
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -102,18 +121,6 @@ def teacher_forward(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits.clone()
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration, then every submodule's own training flag back (modes may be mixed)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 class DistillationCriterion:
     """Engine criterion for Hinton distillation from a frozen teacher.
 
@@ -151,253 +158,54 @@ class DistillationCriterion:
 # ---------------------------------------------------------------- feature distillation
 
 
-class FeatureHooks:
-    """Forward hooks keeping the latest output of named submodules of a model.
-
-    Names are those of `named_modules()` of the plain model ("layer3", "features.22"); a
-    DistributedDataParallel or torch.compile wrapper is looked through. A module called more
-    than once per forward keeps its last output, and a hooked output must not be modified in
-    place later in the forward (hook a block's output, not a layer an in-place add follows).
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        plain = model_builder.unwrap(model)
-        modules = dict(plain.named_modules())
-        for name in names:
-            if name not in modules:
-                available = [n for n in modules if n]
-                near = difflib.get_close_matches(name, available, n=6, cutoff=0.5) or available[:8]
-                raise ValueError(f"{type(plain).__name__} has no layer '{name}'; "
-                                 f"layers include: {', '.join(near)} (see model.named_modules()).")
-        self.names = list(names)
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [modules[name].register_forward_hook(self._keeper(name)) for name in dict.fromkeys(names)]
-
-    def _keeper(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
-        def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.outputs[name] = output
-        return keep
-
-    def take(self) -> list[torch.Tensor]:
-        """The hooked outputs of the last forward, in the order of `names`, then forgets them
-        (so a later call can never be handed an earlier forward's features)."""
-        for name in self.names:
-            if name not in self.outputs:
-                raise RuntimeError(f"Layer '{name}' gave no output: run the hooked model before taking its features.")
-        features = [self.outputs[name] for name in self.names]
-        self.outputs.clear()
-        return features
-
-    def remove(self) -> None:
-        """Detach the hooks from the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.outputs.clear()
-
-
-def default_feature_layers(method: str, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
-    """The (teacher layer, student layer) pairs the references distill for `method`.
-
-    From each model's feature stages (stem, stage 1, stage 2, ...; `model_builder.feature_stages`):
-    FitNets takes the pair at HINT_STAGE, AT pairs the stage outputs in order (without the stem),
-    as many pairs as the shallower model has stages.
-    """
-    teacher_stages, student_stages = model_builder.feature_stages(teacher), model_builder.feature_stages(student)
-    if method == "fitnet":
-        if min(len(teacher_stages), len(student_stages)) <= HINT_STAGE:
-            raise ValueError(f"FitNets' hint stage {HINT_STAGE} needs models with at least {HINT_STAGE} stages "
-                             "after the stem.")
-        return [(teacher_stages[HINT_STAGE], student_stages[HINT_STAGE])]
-    return list(zip(teacher_stages[1:], student_stages[1:], strict=False))
-
-
-def feature_weight(method: str, alpha: float, beta: float | None) -> float:
-    """The weight of a feature method's term: `beta` when given, else FEATURE_WEIGHTS[method] * alpha."""
-    if beta is not None:
-        return beta
-    if alpha == 0:
-        raise ValueError(f"{method} at alpha 0 needs an explicit --beta: its default weight keeps the references' "
-                         f"{FEATURE_WEIGHTS[method]:g} : 1 balance of feature and CE terms, which has no meaning "
-                         "without a CE term.")
-    return FEATURE_WEIGHTS[method] * alpha
-
-
-def parse_feature_layers(text: str) -> list[tuple[str, str]]:
-    """Parse "teacher_layer:student_layer,teacher_layer:student_layer" into pairs."""
-    pairs = []
-    for item in text.split(","):
-        parts = [part.strip() for part in item.split(":")]
-        if len(parts) != 2 or not all(parts):
-            raise ValueError(f"Bad feature-layer pair '{item.strip()}' in '{text}': expected "
-                             "teacher_layer:student_layer, pairs separated by commas (e.g. features.22:layer3).")
-        pairs.append((parts[0], parts[1]))
-    return pairs
-
-
-def match_spatial(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two (N, C, H, W) maps brought to the smaller height and width by adaptive average pooling."""
-    size = (min(first.shape[-2], second.shape[-2]), min(first.shape[-1], second.shape[-1]))
-    return tuple(x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size) for x in (first, second))
-
-
-class HintRegressor(nn.Sequential):
-    """FitNets' regressor as the references build it: a convolution, BN and ReLU from the student's
-    (C, H, W) map to the teacher's shape.
-
-    The convolution halves a map twice the teacher's size (3x3, stride 2), doubles one half its
-    size (4x4 transposed, stride 2), and otherwise shrinks a map at least as large by a valid
-    convolution of kernel 1 + the size difference (1x1 for equal sizes).
-    """
-
-    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> None:
-        (s_channels, s_height, s_width), (t_channels, t_height, t_width) = student_shape[-3:], teacher_shape[-3:]
-        if (s_height, s_width) == (2 * t_height, 2 * t_width):
-            conv: nn.Module = nn.Conv2d(s_channels, t_channels, 3, stride=2, padding=1)
-        elif (2 * s_height, 2 * s_width) == (t_height, t_width):
-            conv = nn.ConvTranspose2d(s_channels, t_channels, 4, stride=2, padding=1)
-        elif s_height >= t_height and s_width >= t_width:
-            conv = nn.Conv2d(s_channels, t_channels, (1 + s_height - t_height, 1 + s_width - t_width))
-        else:
-            raise ValueError(f"FitNets cannot regress a student map of {s_height}x{s_width} onto a teacher map of "
-                             f"{t_height}x{t_width} (the student's must be at least as large, or half as large).")
-        super().__init__(conv, nn.BatchNorm2d(t_channels), nn.ReLU(inplace=True))
-
-
-class HintRegressors(nn.Module):
-    """One `HintRegressor` per layer pair, from the pairs' (student shape, teacher shape)."""
-
-    def __init__(self, shapes: Iterable[tuple[Sequence[int], Sequence[int]]]) -> None:
-        super().__init__()
-        self.regressors = nn.ModuleList(HintRegressor(student, teacher) for student, teacher in shapes)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [regressor(feature) for regressor, feature in zip(self.regressors, features, strict=True)]
-
-
-def fitnet_loss(
-    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor], regressors: nn.Module,
-) -> torch.Tensor:
-    """FitNets' hint loss: MSE(regressor(student map), teacher map), a mean over every element,
-    summed over layer pairs (the references use one pair)."""
-    regressed = regressors(student_features)
-    pairs = zip(regressed, teacher_features, strict=True)
-    return torch.stack([F.mse_loss(student.float(), teacher.float()) for student, teacher in pairs]).sum()
-
-
-def attention_map(feature: torch.Tensor) -> torch.Tensor:
-    """Spatial attention of a (N, C, H, W) map (p = 2): the channel mean of squares, flattened, unit L2 norm."""
-    return F.normalize(feature.float().pow(2).mean(dim=1).flatten(1), dim=1)
-
-
-def at_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Attention transfer as the references compute it: per layer pair, the squared difference of
-    the attention maps averaged over samples and positions (the larger map pooled to the smaller
-    one's size first); summed over pairs."""
-    losses = []
-    for student, teacher in zip(student_features, teacher_features, strict=True):
-        student, teacher = match_spatial(student, teacher)
-        losses.append((attention_map(student) - attention_map(teacher)).pow(2).mean())
-    return torch.stack(losses).sum()
-
-
-def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int) -> list[torch.Size]:
-    """The shapes of the hooked layers' outputs, from one run of the model on two zero images of
-    `image_size` pixels (eval mode, inference mode: no running statistic moves; works on the meta device)."""
-    plain = model_builder.unwrap(model)
-    parameter = next(plain.parameters())
-    probe = torch.zeros(2, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
-    with eval_mode(plain), torch.inference_mode():
-        plain(probe)
-    shapes = [feature.shape for feature in hooks.take()]
-    for name, shape in zip(hooks.names, shapes, strict=True):
-        if len(shape) != 4:
-            raise ValueError(f"Feature distillation needs (N, C, H, W) maps; layer '{name}' gives shape "
-                             f"{tuple(shape)}.")
-    return shapes
-
-
-def check_feature_pairs(
-    method: str, teacher: nn.Module, student: nn.Module, pairs: Sequence[tuple[str, str]], image_size: int,
-) -> None:
-    """Raise ValueError when `method` cannot distill these layer pairs at `image_size` pixels: a
-    missing layer, a map that is not (N, C, H, W), or (fitnet) maps no regressor can match. Give
-    it meta-device models to spend no memory or time."""
-    hooks = [FeatureHooks(teacher, [t for t, _ in pairs]), FeatureHooks(student, [s for _, s in pairs])]
-    try:
-        teacher_shapes, student_shapes = (feature_shapes(model, hook, image_size)
-                                          for model, hook in zip((teacher, student), hooks, strict=True))
-        if method == "fitnet":
-            HintRegressors(zip(student_shapes, teacher_shapes, strict=True))
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 class FeatureDistillationCriterion:
-    """Engine criterion: hard labels, Hinton KD and a feature loss ("fitnet" or "at") of its own weight.
+    """Engine criterion: hard labels, Hinton KD and a feature loss (KD_features.FEATURE_METHODS) of its own weight.
 
-        loss = alpha * CE + (1 - alpha) * T^2 * KL + beta * feature_loss
+        loss = alpha * CE + (1 - alpha) * T^2 * KL + beta * min(step / warmup_steps, 1) * feature_loss
 
-    Hooks are put on the named teacher and student layers at construction (`close()` takes them
-    off, e.g. before exporting the student), and one dry run of both models on zero images of
-    `image_size` pixels checks that every hooked map is (N, C, H, W). The teacher always runs
-    (feature methods cannot use cached logits). For "fitnet", `trainable` holds the regressors,
-    on the student's device in float32 and channels_last; the caller adds their parameters to
-    the optimizer. Under torchrun their gradients are averaged across ranks.
+    A `KD_features.FeatureTerm` holds the hooks (`close()` takes them off, e.g. before exporting the
+    student) and `trainable`, the method's part the caller adds to the optimizer. The teacher always
+    runs (feature methods cannot use cached logits). The warm-up counts optimizer steps as
+    `DKDCriterion` does (`set_epoch`); 0 `warmup_steps` (FitNets, AT) means none.
 
-    Returns (from a call) "loss", "ce", "kd", "feature" (fitnet) or "at", and "logits".
+    Returns (from a call) "loss", "ce", "kd", the method's part (FEATURE_PARTS), "logits", and with a
+    warm-up "warmup" (the step's factor).
     """
 
     def __init__(
         self, teacher: nn.Module, student: nn.Module, method: str, pairs: Sequence[tuple[str, str]],
         temperature: float, alpha: float, beta: float, *, image_size: int = 32,
-        hard_loss: engine.HardLoss = F.cross_entropy,
+        hard_loss: engine.HardLoss = F.cross_entropy, warmup_steps: int = 0, steps_per_epoch: int = 1,
     ) -> None:
-        if method not in FEATURE_METHODS:
-            raise ValueError(f"Unknown feature method '{method}'; use one of {', '.join(FEATURE_METHODS)}.")
-        if not pairs:
-            raise ValueError("Feature distillation needs at least one (teacher_layer, student_layer) pair.")
         if not 0 <= alpha <= 1 or beta < 0:
             raise ValueError(f"alpha must lie in [0, 1] and beta be >= 0, got alpha {alpha} and beta {beta}.")
         self.teacher = freeze(teacher)
-        self.method, self.temperature, self.alpha, self.beta = method, temperature, alpha, beta
-        self.hard_loss = hard_loss
-        self.part = "feature" if method == "fitnet" else "at"
-        self.teacher_hooks = FeatureHooks(teacher, [t for t, _ in pairs])
-        self.student_hooks = FeatureHooks(student, [s for _, s in pairs])
-        shapes = zip(feature_shapes(student, self.student_hooks, image_size),
-                     feature_shapes(teacher, self.teacher_hooks, image_size), strict=True)
-        self.trainable: nn.Module | None = None
-        self._regressors: nn.Module | None = None
-        if method == "fitnet":
-            self.trainable = HintRegressors(shapes)
-            # channels_last like the project's models: the regressors' gradients then match DDP's buckets.
-            student_device = next(model_builder.unwrap(student).parameters()).device
-            self.trainable.to(student_device, memory_format=torch.channels_last)
-            self._regressors = self.trainable
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                # Ranks see different shards; DDP starts the regressors equal and averages their gradients.
-                # `trainable` stays the plain module, so its state_dict keys do not depend on the world size.
-                self._regressors = nn.parallel.DistributedDataParallel(self.trainable)
+        self.term = KD_features.FeatureTerm(teacher, student, method, pairs, image_size)
+        self.trainable = self.term.trainable
+        self.part = FEATURE_PARTS[method]
+        self.temperature, self.alpha, self.beta, self.hard_loss = temperature, alpha, beta, hard_loss
+        self.warmup_steps, self.steps_per_epoch, self.step = warmup_steps, steps_per_epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the criterion which epoch (from 1) is about to run: the steps before it are done."""
+        self.step = (epoch - 1) * self.steps_per_epoch
 
     def __call__(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.step += 1
         teacher_logits = teacher_forward(self.teacher, images)
-        teacher_features = [feature.clone() for feature in self.teacher_hooks.take()]
+        teacher_features = self.term.teacher_features()
         student_logits = student(images)
-        student_features = self.student_hooks.take()
-        if self._regressors is not None:
-            feature = fitnet_loss(student_features, teacher_features, self._regressors)
-        else:
-            feature = at_loss(student_features, teacher_features)
+        feature = self.term(teacher_features)
         parts = distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.hard_loss)
-        parts["loss"] = parts["loss"] + self.beta * feature
+        warmup = dkd_warmup_factor(self.step, self.warmup_steps)
+        parts["loss"] = parts["loss"] + self.beta * warmup * feature
+        if self.warmup_steps:
+            parts["warmup"] = feature.new_full((), warmup)
         return {**parts, self.part: feature, "logits": student_logits}
 
     def close(self) -> None:
         """Take the hooks off the teacher and the student."""
-        self.teacher_hooks.remove()
-        self.student_hooks.remove()
+        self.term.close()
 
 
 # ---------------------------------------------------------------- decoupled KD
@@ -509,34 +317,147 @@ class DKDCriterion(DistillationCriterion):
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_full((), warmup)}
 
 
-Criterion = DistillationCriterion | FeatureDistillationCriterion | DKDCriterion
+def reference_dkd_beta(teacher: str, student: str) -> float:
+    """DKD's NCKD weight in mdistiller's CIFAR-100 config for a teacher / student pair (canonical names of
+    model_builder.architecture_name), DKD_DEFAULT_BETA for a pair it has no config for."""
+    return DKD_REFERENCE_BETAS.get((teacher, student), DKD_DEFAULT_BETA)
+
+
+class StandardizedDKDCriterion(DKDCriterion):
+    """dkd_ls: `DKDCriterion` with both models' logits z-scored (`standardize`) before the DKD terms; the CE
+    term sees the raw logits. Give it the base temperature and the weights of `logit_weights`."""
+
+    def loss_parts(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        ce = self.hard_loss(student_logits.float(), labels)
+        tckd, nckd = dkd_terms(standardize(student_logits), standardize(teacher_logits), labels, self.temperature)
+        warmup = dkd_warmup_factor(self.step, self.warmup_steps)
+        loss = self.alpha * ce + (1 - self.alpha) * warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
+        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_full((), warmup)}
+
+
+# ---------------------------------------------------------------- DIST and logit standardization
+
+
+def _relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - the mean Pearson correlation of matching rows (DIST_KD's `inter_class_relation`, with its eps)."""
+    student, teacher = student - student.mean(dim=1, keepdim=True), teacher - teacher.mean(dim=1, keepdim=True)
+    correlation = (student * teacher).sum(dim=1) / (student.norm(dim=1) * teacher.norm(dim=1) + DIST_EPS)
+    return 1 - correlation.mean()
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """DIST: T^2 * (inter-class + intra-class relation loss) of softmax(logits / T), as DIST_KD's `DIST`.
+
+    The inter-class relation compares each sample's class probabilities; the intra-class relation each
+    class's probabilities over the batch (so it needs more than one sample to say anything).
+    """
+    student_probs = F.softmax(student_logits.float() / temperature, dim=1)
+    teacher_probs = F.softmax(teacher_logits.float() / temperature, dim=1)
+    inter, intra = DIST_RELATION_WEIGHTS
+    return temperature**2 * (inter * _relation_loss(student_probs, teacher_probs)
+                             + intra * _relation_loss(student_probs.T, teacher_probs.T))
+
+
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al. 2024): each row's z-score, (logits - mean) / (LS_EPS + std) with the
+    unbiased standard deviation, as the reference's `normalize`."""
+    if logits.shape[1] < 2:
+        raise ValueError("Logit standardization needs at least two classes.")
+    logits = logits.float()
+    return (logits - logits.mean(dim=1, keepdim=True)) / (LS_EPS + logits.std(dim=1, keepdim=True))
+
+
+def logit_weights(
+    method: str, dkd_alpha: float = 1.0, dkd_beta: float = DKD_DEFAULT_BETA, dist_weight: float = DIST_WEIGHT,
+    ls_weight: float = LS_WEIGHT,
+) -> dict[str, float]:
+    """The weights of a logit method's terms inside (1 - alpha) * (...), by the loss part they weigh.
+
+    Logit standardization multiplies the base method's weights by `ls_weight`, as its reference does
+    for DKD (dist_ls: no published setting, the same rule); kd_ls's KD weight is ls_weight /
+    LS_KD_CE_WEIGHT (90 by default), the reference's KD : CE balance of 9 : 0.1.
+    """
+    scale = ls_weight if method in STANDARDIZED_METHODS else 1.0
+    base = method.removesuffix("_ls")
+    if base == "dkd":
+        return {"tckd": scale * dkd_alpha, "nckd": scale * dkd_beta}
+    if base == "dist":
+        return {"dist": scale * dist_weight}
+    return {"kd": scale / LS_KD_CE_WEIGHT if method == "kd_ls" else 1.0}
+
+
+class LogitTermCriterion(DistillationCriterion):
+    """Engine criterion for dist, dist_ls and kd_ls: `alpha * CE + (1 - alpha) * weight * term`, where
+    `term(student_logits, teacher_logits, temperature)` is reported as `part`. With `standardized`, the
+    term sees both models' z-scored logits (`standardize`) and the CE term the raw ones. As with
+    `DistillationCriterion`, a batch may carry precomputed teacher logits."""
+
+    def __init__(
+        self, teacher: nn.Module, temperature: float, alpha: float, weight: float,
+        term: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], part: str, standardized: bool,
+        hard_loss: engine.HardLoss = F.cross_entropy,
+    ) -> None:
+        if not 0 <= alpha <= 1 or weight < 0:
+            raise ValueError(f"alpha must lie in [0, 1] and the weight be >= 0, got alpha {alpha} and weight {weight}.")
+        super().__init__(teacher, temperature, alpha, hard_loss)
+        self.weight, self.term, self.part, self.standardized = weight, term, part, standardized
+
+    def loss_parts(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        ce = self.hard_loss(student_logits.float(), labels)
+        if self.standardized:
+            student_logits, teacher_logits = standardize(student_logits), standardize(teacher_logits)
+        value = self.term(student_logits, teacher_logits, self.temperature)
+        return {"loss": self.alpha * ce + (1 - self.alpha) * self.weight * value, "ce": ce, self.part: value}
+
+
+# ---------------------------------------------------------------- the registry
+
+
+Criterion = DistillationCriterion | FeatureDistillationCriterion | DKDCriterion | LogitTermCriterion
 
 
 def make_criterion(
     method: str, teacher: nn.Module, student: nn.Module, *, temperature: float, alpha: float,
     beta: float | None = None, pairs: Sequence[tuple[str, str]] | None = None,
-    dkd_alpha: float = 1.0, dkd_beta: float = 8.0, dkd_warmup_steps: int = 0, steps_per_epoch: int = 1,
-    image_size: int = 32, hard_loss: engine.HardLoss = F.cross_entropy,
+    dkd_alpha: float = 1.0, dkd_beta: float = DKD_DEFAULT_BETA, dkd_warmup_steps: int = 0, steps_per_epoch: int = 1,
+    dist_weight: float = DIST_WEIGHT, ls_temperature: float = LS_TEMPERATURE, ls_weight: float = LS_WEIGHT,
+    reviewkd_warmup_steps: int = 0, image_size: int = 32, hard_loss: engine.HardLoss = F.cross_entropy,
 ) -> Criterion:
     """The distillation criterion for a method of `METHODS`.
 
-    "fitnet" and "at" put hooks on `student`; their `pairs` default to `default_feature_layers`,
-    their `beta` to `feature_weight`'s default, and `image_size` sizes their dry run. "dkd" ramps
-    its term over `dkd_warmup_steps` optimizer steps (see `dkd_warmup_steps`) of `steps_per_epoch`
-    an epoch. `hard_loss` is every method's CE term (see `engine.hard_label_loss`). Settings a
-    method does not use are ignored.
+    The feature methods put hooks on `student`; their `pairs` default to
+    `KD_features.default_feature_layers`, their `beta` to `KD_features.feature_weight`'s default, and
+    `image_size` sizes their dry run. "dkd" and "dkd_ls" ramp their term over `dkd_warmup_steps`
+    optimizer steps, "reviewkd" over `reviewkd_warmup_steps` (see `dkd_warmup_steps`), of
+    `steps_per_epoch` an epoch. The logit-standardized methods use `ls_temperature` instead of
+    `temperature`, and the weights of `logit_weights`. `hard_loss` is every method's CE term (see
+    `engine.hard_label_loss`). Settings a method does not use are ignored.
     """
+    if method not in METHODS:
+        raise ValueError(f"Unknown distillation method '{method}'; known methods: {', '.join(METHODS)}.")
     if method == "kd":
         return DistillationCriterion(teacher, temperature, alpha, hard_loss)
-    if method == "dkd":
-        return DKDCriterion(teacher, temperature, alpha, dkd_alpha, dkd_beta,
-                            warmup_steps=dkd_warmup_steps, steps_per_epoch=steps_per_epoch, hard_loss=hard_loss)
-    if method in FEATURE_METHODS:
-        pairs = default_feature_layers(method, teacher, student) if pairs is None else pairs
-        return FeatureDistillationCriterion(teacher, student, method, pairs, temperature, alpha,
-                                            feature_weight(method, alpha, beta), image_size=image_size,
-                                            hard_loss=hard_loss)
-    raise ValueError(f"Unknown distillation method '{method}'; known methods: {', '.join(METHODS)}.")
+    if method in KD_features.FEATURE_METHODS:
+        pairs = KD_features.default_feature_layers(method, teacher, student) if pairs is None else pairs
+        return FeatureDistillationCriterion(
+            teacher, student, method, pairs, temperature, alpha, KD_features.feature_weight(method, alpha, beta),
+            image_size=image_size, hard_loss=hard_loss, steps_per_epoch=steps_per_epoch,
+            warmup_steps=reviewkd_warmup_steps if method == "reviewkd" else 0)
+    weights = logit_weights(method, dkd_alpha, dkd_beta, dist_weight, ls_weight)
+    standardized = method in STANDARDIZED_METHODS
+    if standardized:
+        temperature = ls_temperature
+    if method in ("dkd", "dkd_ls"):
+        kind = StandardizedDKDCriterion if standardized else DKDCriterion
+        return kind(teacher, temperature, alpha, weights["tckd"], weights["nckd"], warmup_steps=dkd_warmup_steps,
+                    steps_per_epoch=steps_per_epoch, hard_loss=hard_loss)
+    term = kd_loss if method == "kd_ls" else dist_loss
+    [(part, weight)] = weights.items()
+    return LogitTermCriterion(teacher, temperature, alpha, weight, term, part, standardized, hard_loss)
 
 
 # ---------------------------------------------------------------- a library function
@@ -579,7 +500,7 @@ def knowledge_distillation_train(
     teacher_model.to(device)
     student_model.to(device).train()
     total, samples = torch.zeros((), device=device), 0
-    with eval_mode(teacher_model):
+    with KD_features.eval_mode(teacher_model):
         for images, labels, *_ in trainloader:
             images, labels = images.to(device), labels.to(device)
             teacher_logits = teacher_forward(teacher_model, images)

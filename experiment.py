@@ -63,12 +63,17 @@ EVAL_BATCH_SIZE = 256  # images per evaluation forward pass (larger is faster; n
 IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
 T = 4.0  # distillation temperature
 ALPHA = 0.5  # weight of the hard-label CE term; (1 - ALPHA) weighs the distillation term
-KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), fitnet, dkd, at
-BETA: float | None = None  # fitnet / at: weight of the feature term; None: the references' weight times ALPHA
-FEATURE_LAYERS: str | None = None  # fitnet / at: "teacher_layer:student_layer,..."; None: the references' pairs
+KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), fitnet, dkd, at, dist, kd_ls, dkd_ls,
+# dist_ls, reviewkd
+BETA: float | None = None  # fitnet / at / reviewkd: feature term's weight; None: the references' weight times ALPHA
+FEATURE_LAYERS: str | None = None  # feature methods: "teacher_layer:student_layer,..."; None: the references' pairs
 DKD_ALPHA = 1.0  # dkd: weight of the target-class term (the paper's value)
-DKD_BETA = 8.0  # dkd: weight of the non-target-class term (the paper's CIFAR value)
+DKD_BETA: float | None = None  # dkd: non-target weight; None: mdistiller's CIFAR-100 value for the pair, else 8
 DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up over this many epochs; None: the paper's share (20 of 240)
+DIST_WEIGHT = 2.0  # dist: DIST term's weight beside a CE weight of 1 (DIST_KD's CIFAR config dist_cifar.yaml)
+LS_TEMPERATURE = 2.0  # kd_ls / dkd_ls / dist_ls: base temperature after the z-score (logit-standardization-KD's)
+LS_WEIGHT = 9.0  # kd_ls / dkd_ls / dist_ls: multiplier of the distillation weights (logit-standardization-KD's)
+REVIEWKD_WARMUP_EPOCHS: int | None = None  # reviewkd: linear warm-up epochs; None: mdistiller's share (20 of 240)
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
 SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep.py)
 TRIALS = 20  # trials of a sweep, over all its workers
@@ -243,7 +248,8 @@ def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int
     precision = runtime.precision_name(context.amp_dtype)
     if not resume:
         resolved = {"device": str(context.device), "precision": precision, "processes": world,
-                    "feature_weights": settings.feature_weights(config)}
+                    "feature_weights": settings.feature_weights(config), "dkd_beta": settings.dkd_beta(config),
+                    "logit_weights": settings.logit_weights(config)}
         report.write_run_config(run_dir, config, resolved, dataset)
     print(f"{'Resuming the run in' if resume else 'Run directory:'} {run_dir}  |  device {context.device}, "
           f"{precision}, {world} process{'es' if world > 1 else ''}  |  {len(data.class_names)} classes, "

@@ -35,6 +35,7 @@ import errors
 SMALL_IMAGE_MAX = 64  # pixels; up to this size torchvision's ResNets and VGGs get small-image variants
 ALIASES = {"vgg16": "vgg16_bn", "resnet18": "resnet18"}  # the project's names -> torchvision's
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before a weights download counts as impossible
+POOLED_FEATURE = "avgpool"  # the layer whose output is the pooled feature map, in the zoo and torchvision's models
 WEIGHTS_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # a setting ending so is meant as a file
 
 
@@ -534,6 +535,16 @@ def feature_stages(model: nn.Module) -> list[str]:
                      "--feature-layers (python experiment.py --list-layers MODEL lists them).")
 
 
+def pooled_feature(model: nn.Module) -> str:
+    """Name of the layer giving the pooled feature map before the classifier (mdistiller's `pooled_feat`,
+    ReviewKD's deepest level): "avgpool" in the zoo and torchvision's ResNets and VGGs. Raises ValueError
+    for a model without one."""
+    if POOLED_FEATURE in dict(unwrap(model).named_modules()):
+        return POOLED_FEATURE
+    raise ValueError(f"{type(unwrap(model)).__name__} has no '{POOLED_FEATURE}' layer for ReviewKD's pooled feature; "
+                     "name its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
+
+
 def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, type, output shape for one image) of every named layer, in the order the layers first
     run in one forward pass (a layer run twice shows its last output). Run it on the meta device to
@@ -566,13 +577,16 @@ def layer_table(name: str, image_size: int, num_classes: int = 10) -> str:
     with torch.device("meta"):
         rows = layer_shapes(model, image_size)
     try:
-        stages = {layer: index for index, layer in enumerate(feature_stages(model))}
+        stages = {layer: f"stage {index}" for index, layer in enumerate(feature_stages(model))}
     except ValueError:
         stages = {}
+    if POOLED_FEATURE in dict(model.named_modules()):
+        stages[POOLED_FEATURE] = "pooled feature"
     width = max(len(row[0]) for row in rows) + 2
     lines = [f"{architecture_name(name)} at {image_size}x{image_size} px ({num_classes} classes): layer, type, "
-             "output shape (channels x height x width); 'stage k' marks the k-th feature stage"]
+             "output shape (channels x height x width); 'stage k' marks the k-th feature stage, 'pooled feature' "
+             "ReviewKD's deepest level"]
     for layer, kind, shape in rows:
-        stage = f"  stage {stages[layer]}" if layer in stages else ""
+        stage = f"  {stages[layer]}" if layer in stages else ""
         lines.append(f"{layer:<{width}}{kind:<24}{' x '.join(map(str, shape))}{stage}")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ import decoding
 import engine
 import errors
 import KD_engine
+import KD_features
 import model_builder
 from errors import SettingsError
 
@@ -52,7 +53,9 @@ def flag(group: str, help: str, **details: Any) -> Any:
     return field(metadata={"flag": Flag(group, help, **details)})
 
 
-FEATURE_WEIGHTS_TEXT = ", ".join(f"{method} {weight:g}" for method, weight in KD_engine.FEATURE_WEIGHTS.items())
+FEATURE_WEIGHTS_TEXT = ", ".join(f"{method} {weight:g}" for method, weight in KD_features.FEATURE_WEIGHTS.items())
+DKD_BETAS_TEXT = ", ".join(f"{teacher}->{student} {beta:g}"
+                           for (teacher, student), beta in KD_engine.DKD_REFERENCE_BETAS.items())
 
 
 @dataclass
@@ -97,19 +100,36 @@ class Config:
     eval_batch_size: int = flag("training", "images per evaluation pass")
     image_size: int = flag("data", "images are resized to this many pixels square; above 64 px the models are "
                            "torchvision's full definitions (VGG16: 134M parameters instead of 14.7M)")
-    temperature: float = flag("training", "distillation temperature T", constant="T")
+    temperature: float = flag("training", "distillation temperature T of kd, dkd, dist and the feature methods' KD "
+                              "term (4 in the references' CIFAR configs, DIST_KD's too)", constant="T")
     alpha: float = flag("training", "weight of the hard-label CE term (1 - alpha weighs the KD term)")
     kd_methods: str = flag("distillation methods", f"comma-separated, one student each: {', '.join(KD_engine.METHODS)}")
-    beta: float | None = flag("distillation methods", "fitnet/at: weight of the feature term, beside alpha*CE + "
-                              "(1-alpha)*KD", unset=f"the references' weight ({FEATURE_WEIGHTS_TEXT}) times --alpha")
-    feature_layers: str | None = flag("distillation methods", "fitnet/at: teacher_layer:student_layer pairs, "
-                                      "comma-separated (see --list-layers)",
+    beta: float | None = flag("distillation methods", "fitnet/at/reviewkd: weight of the feature term, beside "
+                              "alpha*CE + (1-alpha)*KD",
+                              unset=f"the references' weight beside a CE weight of 1 ({FEATURE_WEIGHTS_TEXT}: "
+                              "RepDistiller's scripts, mdistiller's CIFAR-100 configs) times --alpha")
+    feature_layers: str | None = flag("distillation methods", "fitnet/at/reviewkd: teacher_layer:student_layer pairs, "
+                                      "comma-separated, shallowest first (reviewkd: its last pair is the deepest "
+                                      "level, e.g. avgpool:avgpool; see --list-layers)",
                                       unset="the references' pairs for the two models")
-    dkd_alpha: float = flag("distillation methods", "dkd: weight of the target-class term")
-    dkd_beta: float = flag("distillation methods", "dkd: weight of the non-target-class term")
-    dkd_warmup_epochs: int | None = flag("distillation methods", "dkd: epochs of linear warm-up of the DKD term, "
-                                         "ramped per optimizer step",
+    dkd_alpha: float = flag("distillation methods", "dkd/dkd_ls: weight of the target-class term (the paper's 1)")
+    dkd_beta: float | None = flag("distillation methods", "dkd/dkd_ls: weight of the non-target-class term",
+                                  unset=f"the value of mdistiller's CIFAR-100 config for the teacher/student pair "
+                                  f"({DKD_BETAS_TEXT}), {KD_engine.DKD_DEFAULT_BETA:g} for any other pair")
+    dkd_warmup_epochs: int | None = flag("distillation methods", "dkd/dkd_ls: epochs of linear warm-up of the DKD "
+                                         "term, ramped per optimizer step",
                                          unset="the paper's 20 of 240 epochs, as a share of all steps")
+    dist_weight: float = flag("distillation methods", "dist: weight of the DIST term in alpha*CE + "
+                              "(1-alpha)*weight*DIST (DIST_KD's CIFAR config dist_cifar.yaml: CE 1, DIST 2, tau 4)")
+    ls_temperature: float = flag("distillation methods", "kd_ls/dkd_ls/dist_ls: the base temperature dividing the "
+                                 "z-scored logits (logit-standardization-KD's --base-temp 2)")
+    ls_weight: float = flag("distillation methods", "kd_ls/dkd_ls/dist_ls: multiplier of the base method's "
+                            "distillation weights (logit-standardization-KD's --kd-weight 9): dkd_ls 9x "
+                            "--dkd-alpha and --dkd-beta, dist_ls 9x --dist-weight (no published setting), kd_ls "
+                            "9 / 0.1 = 90 (the reference's KD keeps CE weight 0.1)")
+    reviewkd_warmup_epochs: int | None = flag("distillation methods", "reviewkd: epochs of linear warm-up of the "
+                                              "ReviewKD term, ramped per optimizer step",
+                                              unset="mdistiller's 20 of 240 epochs, as a share of all steps")
     seeds: str | None = flag("distillation methods", "comma-separated seeds: every student is trained once per seed",
                              unset="--seed alone")
     sweep: str | None = flag("sweep", "search settings of the distilled student with Optuna, on the validation split: "
@@ -440,10 +460,10 @@ def seeds(config: Config) -> list[int]:
 
 
 def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
-    """Each fitnet / at method's layer pairs (teacher, student), checked on the meta device: the
+    """Each feature method's layer pairs (teacher, student), checked on the meta device: the
     layers exist, and the method can distill their maps at the run's image size."""
     pairs: dict[str, list[tuple[str, str]]] = {}
-    methods = [method for method in kd_methods(config) if method in KD_engine.FEATURE_METHODS]
+    methods = [method for method in kd_methods(config) if method in KD_features.FEATURE_METHODS]
     if not methods:
         return pairs  # no models to build for the check
     try:
@@ -451,21 +471,39 @@ def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
         student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
         with torch.device("meta"):
             for method in methods:
-                pairs[method] = (KD_engine.parse_feature_layers(config.feature_layers) if config.feature_layers
-                                 else KD_engine.default_feature_layers(method, teacher, student))
-                KD_engine.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
+                pairs[method] = (KD_features.parse_feature_layers(config.feature_layers) if config.feature_layers
+                                 else KD_features.default_feature_layers(method, teacher, student))
+                KD_features.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
     except ValueError as error:
         raise SettingsError(f"--feature-layers: {error}") from None
     return pairs
 
 
 def feature_weights(config: Config) -> dict[str, float]:
-    """The weight of each fitnet / at method's feature term (--beta, or the references' balance)."""
+    """The weight of each feature method's term (--beta, or the references' balance)."""
     try:
-        return {method: KD_engine.feature_weight(method, config.alpha, config.beta)
-                for method in kd_methods(config) if method in KD_engine.FEATURE_METHODS}
+        return {method: KD_features.feature_weight(method, config.alpha, config.beta)
+                for method in kd_methods(config) if method in KD_features.FEATURE_METHODS}
     except ValueError as error:
         raise SettingsError(str(error)) from None
+
+
+def dkd_beta(config: Config) -> float:
+    """DKD's NCKD weight: --dkd-beta, or mdistiller's value for the teacher / student pair."""
+    if config.dkd_beta is not None:
+        return config.dkd_beta
+    try:
+        names = [model_builder.architecture_name(name) for name in (config.teacher_model, config.student_model)]
+    except model_builder.UnknownModelError:
+        return KD_engine.DKD_DEFAULT_BETA  # validate() names the unknown model
+    return KD_engine.reference_dkd_beta(*names)
+
+
+def logit_weights(config: Config) -> dict[str, dict[str, float]]:
+    """The weights of each logit method's terms beside alpha * CE (see KD_engine.logit_weights)."""
+    return {method: KD_engine.logit_weights(method, config.dkd_alpha, dkd_beta(config), config.dist_weight,
+                                            config.ls_weight)
+            for method in kd_methods(config) if method not in KD_features.FEATURE_METHODS}
 
 
 def _range_checks(config: Config) -> list[tuple[bool, str]]:
@@ -524,14 +562,22 @@ def validate(config: Config) -> None:
             raise SettingsError(sentence)
     methods = kd_methods(config)
     seeds(config)
-    if any(method in KD_engine.FEATURE_METHODS for method in methods):
+    if any(method in KD_features.FEATURE_METHODS for method in methods):
         if config.beta is not None and config.beta < 0:
             raise SettingsError(f"--beta must be >= 0 (got {config.beta}).")
         feature_weights(config)
         feature_pairs(config)
-    dkd_weights = (config.dkd_alpha, config.dkd_beta, config.dkd_warmup_epochs or 0)
-    if "dkd" in methods and min(dkd_weights) < 0:
-        raise SettingsError("--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0.")
+    method_checks = [
+        ({"dkd", "dkd_ls"}, min(config.dkd_alpha, dkd_beta(config), config.dkd_warmup_epochs or 0) >= 0,
+         "--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0."),
+        ({"dist", "dist_ls"}, config.dist_weight >= 0, f"--dist-weight must be >= 0 (got {config.dist_weight})."),
+        (set(KD_engine.STANDARDIZED_METHODS), config.ls_temperature > 0 and config.ls_weight >= 0,
+         "--ls-temperature must be > 0 and --ls-weight >= 0."),
+        ({"reviewkd"}, (config.reviewkd_warmup_epochs or 0) >= 0, "--reviewkd-warmup-epochs must be >= 0."),
+    ]
+    for users, holds, sentence in method_checks:
+        if users & set(methods) and not holds:
+            raise SettingsError(sentence)
     _require_packages(config)
     for name in (config.teacher_model, config.student_model):
         try:

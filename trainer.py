@@ -22,6 +22,7 @@ import checkpoints
 import data_setup
 import engine
 import KD_engine
+import KD_features
 import model_builder
 import runtime
 import schema
@@ -195,12 +196,15 @@ def distillation_criterion(
 ) -> engine.Criterion:
     """The loss of one distillation method, from the run's settings (`pairs`: each feature method's layers)."""
     config = context.config
-    warmup_steps = KD_engine.dkd_warmup_steps(config.student_epochs, steps_per_epoch, config.dkd_warmup_epochs)
+    warmup_epochs = {"dkd": config.dkd_warmup_epochs, "reviewkd": config.reviewkd_warmup_epochs}
+    warmup_steps = {name: KD_engine.dkd_warmup_steps(config.student_epochs, steps_per_epoch, epochs)
+                    for name, epochs in warmup_epochs.items()}
     return KD_engine.make_criterion(
         method, teacher, student, temperature=config.temperature, alpha=config.alpha, beta=config.beta,
-        pairs=pairs.get(method), dkd_alpha=config.dkd_alpha, dkd_beta=config.dkd_beta,
-        dkd_warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, image_size=config.image_size,
-        hard_loss=context.hard_loss,
+        pairs=pairs.get(method), dkd_alpha=config.dkd_alpha, dkd_beta=settings.dkd_beta(config),
+        dkd_warmup_steps=warmup_steps["dkd"], steps_per_epoch=steps_per_epoch, dist_weight=config.dist_weight,
+        ls_temperature=config.ls_temperature, ls_weight=config.ls_weight,
+        reviewkd_warmup_steps=warmup_steps["reviewkd"], image_size=config.image_size, hard_loss=context.hard_loss,
     )
 
 
@@ -213,7 +217,7 @@ def student_criterion(
     if role == schema.BASELINE:
         return functools.partial(supervised_criterion, context), None
     method = schema.method_of(role)
-    cached = None if method in KD_engine.FEATURE_METHODS else teacher_logits
+    cached = None if method in KD_features.FEATURE_METHODS else teacher_logits
     return functools.partial(distillation_criterion, context, method, teacher, pairs), cached
 
 

@@ -7,18 +7,22 @@ teacher trained briefly on them (or loaded from --teacher-checkpoint) and the st
 initialization, it prints the ratio of gradient norms over the student's parameters,
 feature term / CE term:
 
-- ours: KD_engine's `fitnet` and `at` criteria with the project's defaults (experiment.ALPHA,
-  BETA and FEATURE_LAYERS), the CE term being ALPHA * CE and the feature term BETA * feature;
+- ours: KD_engine's `fitnet`, `at` and `reviewkd` criteria with the project's defaults (experiment.ALPHA,
+  BETA and FEATURE_LAYERS), the CE term being ALPHA * CE and the feature term BETA * feature (ReviewKD
+  after its warm-up);
 - reference: the same ratio from a transcription, written out below and sharing no code with
   KD_engine, of the reference implementations' formulas and weights (RepDistiller's
   distiller_zoo/FitNet.py, AT.py, models/util.py ConvReg and run scripts; mdistiller's FitNet.py,
   AT.py and CIFAR-100 configs): CE weight 1; FitNets hint weight 100, MSE between a conv + BN + ReLU
   regressor of the student's feature at hint_layer 2 and the teacher's; AT weight 1000, p = 2,
   L2-normalized maps, squared differences averaged over samples and positions, summed over the
-  stage outputs.
+  stage outputs; ReviewKD weight 5 (mdistiller's configs/cifar100/reviewkd.yaml), its ABFs and HCL
+  loss (transcribed in method_reference.py, the ABFs starting from our ABFs' weights) from the
+  student's stage outputs after the stem and its pooled feature to the teacher's maps before their
+  last ReLU (mdistiller's preact_feats: the BN outputs before VGG's stage ReLUs) and pooled feature.
 
 Target: each of ours within 0.5x-2x of its reference. The last line is
-`STRENGTH fitnet=<x> at=<y> reference_fitnet=<x0> reference_at=<y0>`.
+`STRENGTH fitnet=<x> at=<y> reviewkd=<z> reference_fitnet=<x0> reference_at=<y0> reference_reviewkd=<z0>`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from method_reference import REVIEW_WEIGHT, ref_review_term, reference_abfs
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +45,7 @@ import data_setup  # noqa: E402
 import engine  # noqa: E402
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
+import KD_features  # noqa: E402
 import model_builder  # noqa: E402
 import runtime  # noqa: E402
 
@@ -51,6 +57,7 @@ TARGET = (0.5, 2.0)  # ours / reference
 REFERENCE_CE_WEIGHT = 1.0
 REFERENCE_HINT_WEIGHT = 100.0  # RepDistiller run_cifar_distill.sh "-b 100"; mdistiller FITNET.LOSS.FEAT_WEIGHT
 REFERENCE_AT_WEIGHT = 1000.0  # RepDistiller "-b 1000"; mdistiller AT.LOSS.FEAT_WEIGHT
+REFERENCE_WEIGHTS = {"fitnet": REFERENCE_HINT_WEIGHT, "at": REFERENCE_AT_WEIGHT, "reviewkd": REVIEW_WEIGHT}
 REFERENCE_HINT_LAYER = 2
 # The references' feature lists (forward(is_feat=True), without the pooled vector): the stem's output,
 # then every block's output after its ReLU, here named as the layers of this project's two models.
@@ -58,6 +65,10 @@ REFERENCE_FEATURES = {
     "vgg16_bn": ["features.5", "features.12", "features.22", "features.32", "features.42"],
     "resnet18": ["relu", "layer1", "layer2", "layer3", "layer4"],
 }
+# ReviewKD's levels: the teacher's preact_feats[1:] (for VGG the BN outputs before the stage ReLUs) and the
+# student's feats[1:], each with its pooled feature last.
+REVIEW_TEACHER = ["features.11", "features.21", "features.31", "features.41", "avgpool"]
+REVIEW_STUDENT = ["layer1", "layer2", "layer3", "layer4", "avgpool"]
 
 
 class ReferenceConvReg(nn.Module):
@@ -94,12 +105,22 @@ def reference_at_pair(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return (reference_attention(f_s) - reference_attention(f_t)).pow(2).mean()
 
 
+def reference_layers(method: str) -> str:
+    """The layer pairs (teacher:student) the reference distills for `method`, as text."""
+    if method == "reviewkd":
+        return ",".join(f"{t}:{s}" for t, s in zip(REVIEW_TEACHER, REVIEW_STUDENT, strict=True))
+    teacher, student = REFERENCE_FEATURES[TEACHER], REFERENCE_FEATURES[STUDENT]
+    pairs = [REFERENCE_HINT_LAYER] if method == "fitnet" else range(1, min(len(teacher), len(student)))
+    return ",".join(f"{teacher[i]}:{student[i]}" for i in pairs)
+
+
 def hooked_forward(model: nn.Module, names: list[str],
                    images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits and the named layers' outputs of one forward pass, through plain forward hooks."""
+    """Logits and the named layers' outputs of one forward pass, through plain forward hooks (copied:
+    an in-place ReLU after a BN would change the BN's output)."""
     outputs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.clone()))
                for name in names]
     try:
         logits = model(images)
@@ -110,17 +131,22 @@ def hooked_forward(model: nn.Module, names: list[str],
 
 
 def reference_terms(teacher: nn.Module, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per method, (weighted CE term, weighted feature term) as the references compute them."""
+                    seed: int, review_abfs: nn.ModuleList | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per method, (weighted CE term, weighted feature term) as the references compute them; ReviewKD's
+    only with its ABFs (the reference's modules, deepest first)."""
     with torch.no_grad():
-        _, feat_t = hooked_forward(teacher, REFERENCE_FEATURES[TEACHER], images)
-    logits, feat_s = hooked_forward(student, REFERENCE_FEATURES[STUDENT], images)
+        _, feat_t = hooked_forward(teacher, REFERENCE_FEATURES[TEACHER] + REVIEW_TEACHER, images)
+    logits, feat_s = hooked_forward(student, REFERENCE_FEATURES[STUDENT] + REVIEW_STUDENT, images)
+    (feat_t, review_t), (feat_s, review_s) = ((f[:5], f[5:]) for f in (feat_t, feat_s))
     torch.manual_seed(seed)
     regressor = ReferenceConvReg(feat_s[REFERENCE_HINT_LAYER].shape, feat_t[REFERENCE_HINT_LAYER].shape)
     hint = F.mse_loss(regressor(feat_s[REFERENCE_HINT_LAYER]), feat_t[REFERENCE_HINT_LAYER])
     attention = sum(reference_at_pair(f_s, f_t) for f_s, f_t in zip(feat_s[1:], feat_t[1:], strict=False))
     ce = REFERENCE_CE_WEIGHT * F.cross_entropy(logits, labels)
-    return {"fitnet": (ce, REFERENCE_HINT_WEIGHT * hint), "at": (ce, REFERENCE_AT_WEIGHT * attention)}
+    terms = {"fitnet": (ce, REFERENCE_HINT_WEIGHT * hint), "at": (ce, REFERENCE_AT_WEIGHT * attention)}
+    if review_abfs is not None:
+        terms["reviewkd"] = (ce, REFERENCE_CE_WEIGHT * ref_review_term(review_abfs, review_s, review_t))
+    return terms
 
 
 # ---------------------------------------------------------------- ours, and the measurement
@@ -132,7 +158,7 @@ def our_terms(method: str, teacher: nn.Module, student: nn.Module, images: torch
     torch.manual_seed(seed)
     criterion = KD_engine.make_criterion(
         method, teacher, student, temperature=experiment.T, alpha=experiment.ALPHA, beta=experiment.BETA,
-        pairs=KD_engine.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
+        pairs=KD_features.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
         image_size=IMAGE_SIZE)
     out = criterion(student, images, labels)
     criterion.close()
@@ -207,36 +233,34 @@ def main() -> None:
           f"training images of the bundled digits at {IMAGE_SIZE} px, fp32.")
     print(f"Ours: loss = ALPHA*CE + (1-ALPHA)*KD + BETA*feature with ALPHA={experiment.ALPHA}, BETA={experiment.BETA} "
           "(None: the references' weight times ALPHA). Reference: CE + weight * feature.\n")
-    header = (f"{'method':<8}{'':<11}{'layers (teacher:student)':<72}{'CE w':>6}{'feat w':>8}"
+    header = (f"{'method':<9}{'':<11}{'layers (teacher:student)':<92}{'CE w':>6}{'feat w':>8}"
               f"{'|grad CE|':>11}{'|grad feat|':>13}{'ratio':>9}")
     print(header + "\n" + "-" * len(header))
     ratios = {}
-    for method in KD_engine.FEATURE_METHODS:
+    for method in KD_features.FEATURE_METHODS:
         student.load_state_dict(initial)
         terms, criterion = our_terms(method, teacher, student, images, labels, args.seed)
         ours = strength(terms, student)
-        layers = ",".join(f"{t}:{s}" for t, s in zip(criterion.teacher_hooks.names, criterion.student_hooks.names,
-                                                     strict=True))
+        layers = ",".join(f"{t}:{s}" for t, s in criterion.term.pairs)
         student.load_state_dict(initial)
-        reference = strength(reference_terms(teacher, student, images, labels, args.seed)[method], student)
-        reference_weight = REFERENCE_HINT_WEIGHT if method == "fitnet" else REFERENCE_AT_WEIGHT
-        reference_pairs = ([REFERENCE_HINT_LAYER] if method == "fitnet"
-                           else range(1, min(len(REFERENCE_FEATURES[TEACHER]), len(REFERENCE_FEATURES[STUDENT]))))
-        reference_layers = ",".join(f"{REFERENCE_FEATURES[TEACHER][i]}:{REFERENCE_FEATURES[STUDENT][i]}"
-                                    for i in reference_pairs)
+        review_abfs = reference_abfs(criterion.trainable) if method == "reviewkd" else None
+        reference = strength(reference_terms(teacher, student, images, labels, args.seed, review_abfs)[method],
+                             student)
         for who, (weights, layer_text, (ce, feature, ratio)) in (
             ("ours", ((criterion.alpha, criterion.beta), layers, ours)),
-            ("reference", ((REFERENCE_CE_WEIGHT, reference_weight), reference_layers, reference)),
+            ("reference", ((REFERENCE_CE_WEIGHT, REFERENCE_WEIGHTS[method]), reference_layers(method), reference)),
         ):
-            print(f"{method:<8}{who:<11}{layer_text:<72}{weights[0]:>6g}{weights[1]:>8g}{ce:>11.4f}{feature:>13.4f}{ratio:>9.3f}")
+            print(f"{method:<9}{who:<11}{layer_text:<92}{weights[0]:>6g}{weights[1]:>8g}{ce:>11.4f}{feature:>13.4f}"
+                  f"{ratio:>9.3f}")
         ratios[method] = (ours[2], reference[2])
     print()
     for method, (ours, reference) in ratios.items():
         share = ours / reference
         verdict = "within" if TARGET[0] <= share <= TARGET[1] else "OUTSIDE"
         print(f"{method}: ours / reference = {share:.3f} ({verdict} the {TARGET[0]}x-{TARGET[1]}x target)")
-    print(f"STRENGTH fitnet={ratios['fitnet'][0]:.3f} at={ratios['at'][0]:.3f} "
-          f"reference_fitnet={ratios['fitnet'][1]:.3f} reference_at={ratios['at'][1]:.3f}")
+    figures = [f"{method}={ours:.3f}" for method, (ours, _) in ratios.items()]
+    figures += [f"reference_{method}={reference:.3f}" for method, (_, reference) in ratios.items()]
+    print("STRENGTH " + " ".join(figures))
 
 
 if __name__ == "__main__":

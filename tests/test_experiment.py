@@ -173,6 +173,10 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
      "cannot regress a student map of 4x4 onto a teacher map of 32x32"),
     (["--kd-methods", "at", "--teacher-model", "mobilenet_v3_small"], "No feature stages are known for MobileNetV3"),
     (["--kd-methods", "dkd", "--dkd-beta", "-1"], "--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0"),
+    (["--kd-methods", "dist", "--dist-weight", "-1"], "--dist-weight must be >= 0"),
+    (["--kd-methods", "kd_ls", "--ls-temperature", "0"], "--ls-temperature must be > 0 and --ls-weight >= 0"),
+    (["--kd-methods", "reviewkd", "--reviewkd-warmup-epochs", "-1"], "--reviewkd-warmup-epochs must be >= 0"),
+    (["--kd-methods", "reviewkd", "--teacher-model", "mobilenet_v3_small"], "No feature stages are known"),
     (["--seeds", "0,x"], "--seeds must be distinct integers"),
     (["--seeds", "1,1"], "--seeds must be distinct integers"),
 ])

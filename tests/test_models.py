@@ -8,7 +8,7 @@ import torch
 import checkpoints
 import deploy
 import experiment
-import KD_engine
+import KD_features
 import model_builder
 
 # Parameters at 100 classes of RepDistiller's CIFAR definitions (models/__init__.py model_dict), counted by
@@ -56,7 +56,7 @@ def test_zoo_models_classify_and_name_their_stages(name):
     torch.manual_seed(0)
     model = model_builder.build_model(name, 10, 32).eval()
     stages = model_builder.feature_stages(model)
-    hooks = KD_engine.FeatureHooks(model, stages)
+    hooks = KD_features.FeatureHooks(model, stages)
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))
     maps = hooks.take()
@@ -85,10 +85,11 @@ def test_default_pairs_of_the_literature_pairs_exist_and_fit(teacher_name, stude
     with torch.device("meta"):
         teacher = model_builder.build_model(teacher_name, 100, 32)
         student = model_builder.build_model(student_name, 100, 32)
-    for method, expected in zip(("fitnet", "at"), LITERATURE_PAIRS[teacher_name, student_name], strict=True):
-        pairs = KD_engine.default_feature_layers(method, teacher, student)
+    fitnet, at = LITERATURE_PAIRS[teacher_name, student_name]
+    for method, expected in (("fitnet", fitnet), ("at", at), ("reviewkd", at + [("avgpool", "avgpool")])):
+        pairs = KD_features.default_feature_layers(method, teacher, student)
         assert pairs == expected
-        KD_engine.check_feature_pairs(method, teacher, student, pairs, 32)
+        KD_features.check_feature_pairs(method, teacher, student, pairs, 32)
 
 
 def test_a_zoo_checkpoint_is_rebuilt_by_its_arch_and_exports_to_onnx(tmp_path):
@@ -111,7 +112,8 @@ def test_list_layers_prints_names_shapes_and_stages(capsys):
     assert lines[0].startswith("resnet8x4 at 32x32 px")
     assert any(line.split() == ["layer2", "Sequential", "128", "x", "16", "x", "16", "stage", "2"] for line in lines)
     assert experiment.main(["--list-layers", "resnet8x4", "--image-size", "64"]) == 0
-    assert "128 x 32 x 32  stage 2" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "128 x 32 x 32  stage 2" in listed and "256 x 1 x 1  pooled feature" in listed
 
 
 def test_list_layers_of_an_unknown_model_is_one_sentence(capsys):

@@ -96,27 +96,33 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     assert not list(run.glob("*/" + checkpoints.TRAIN_STATE)), "finished models keep no training state"
 
 
-def test_dkd_warm_up_continues_after_a_resume(tiny_data, tmp_path):
+@pytest.mark.parametrize("method", ["dkd", "reviewkd"])
+def test_warm_up_and_trainable_parts_continue_after_a_resume(method, tiny_data, tmp_path):
+    """DKD's and ReviewKD's ramps continue where they stopped, and ReviewKD's ABFs (trained with the student)
+    come back from the training state: the resumed run's every epoch equals the uninterrupted run's."""
     # Small models; 3 steps an epoch, warm-up over 5 of 6 epochs (15 steps): the kill lands inside the ramp.
     flags = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
-             "--student-epochs", "6", "--batch-size", "9", "--kd-methods", "dkd", "--dkd-warmup-epochs", "5"]
+             "--student-epochs", "6", "--batch-size", "9", "--kd-methods", method, f"--{method}-warmup-epochs", "5"]
+    role = f"student_{method}"
     complete = start_run(tiny_data, tmp_path / "complete", [*RESUME_FLAGS, *flags])
     assert complete.wait(timeout=300) == 0, complete.stdout.read()
     killed = start_run(tiny_data, tmp_path / "killed", [*RESUME_FLAGS, *flags])
-    stop_at(killed, "[student_dkd] epoch   2", signal.SIGKILL)
+    stop_at(killed, f"[{role}] epoch   2", signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     run = tmp_path / "killed"
-    assert 1 <= len(checkpoints.load_checkpoint(run / "student_dkd" / checkpoints.TRAIN_STATE)["history"]) < 6
+    state = checkpoints.load_checkpoint(run / role / checkpoints.TRAIN_STATE)
+    assert 1 <= len(state["history"]) < 6
+    assert (state["criterion"] is not None) == (method == "reviewkd"), "the ABFs are in the training state"
     resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "[student_dkd] resuming after epoch" in resumed.stdout
-    expected = utils.read_json(tmp_path / "complete" / "student_dkd" / "history.json")["epochs"]
-    actual = utils.read_json(run / "student_dkd" / "history.json")["epochs"]
+    assert f"[{role}] resuming after epoch" in resumed.stdout
+    expected = utils.read_json(tmp_path / "complete" / role / "history.json")["epochs"]
+    actual = utils.read_json(run / role / "history.json")["epochs"]
     # Epoch k's steps are 3k-2, 3k-1, 3k of 15: a mean factor of (3k - 1) / 15, then 1.
     assert [e["train"]["warmup"] for e in expected] == pytest.approx([2 / 15, 5 / 15, 8 / 15, 11 / 15, 14 / 15, 1.0])
     assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
-    summary = lambda path: utils.read_json(path / "summary.json")["student_dkd"]["test"]  # noqa: E731
+    summary = lambda path: utils.read_json(path / "summary.json")[role]["test"]  # noqa: E731
     assert summary(run) == summary(tmp_path / "complete")
 
 
