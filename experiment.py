@@ -214,9 +214,10 @@ def obtain_teacher(
     config, folder = context.config, context.run_dir / schema.TEACHER
     row = report.finished_row(folder, schema.TEACHER)
     if row is not None:
-        return trainer.load_model(context, checkpoints.read_state(folder / checkpoints.BEST_MODEL)), row
+        path = folder / checkpoints.BEST_MODEL
+        return trainer.load_model(context, checkpoints.read_state(path), path), row
     if checkpoint is not None:
-        teacher = trainer.load_model(context, checkpoint)
+        teacher = trainer.load_model(context, checkpoint, config.teacher_checkpoint)
         fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"])
         if runtime.is_main_process():
             checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
