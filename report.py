@@ -121,16 +121,24 @@ def export_model(context: trainer.Context, role: str, arch: str, model: nn.Modul
 
 
 def finished_row(folder: Path, name: str) -> schema.ModelRow | None:
-    """The summary row of a model an interrupted run already finished, or None."""
+    """The summary row of a model an interrupted run already finished, or None: also when its results.json
+    is empty or cannot be read (as a power cut while it was written can leave it), and that model is then
+    trained again (continuing from its training state, if one is left)."""
     path = folder / RESULTS
     if not path.is_file():
         return None
-    results = utils.read_json(path)
+    try:
+        results = _run_file(path)
+        row = schema.ModelRow.from_dict({key: value for key, value in results.items()
+                                         if key not in ("model", "test_correct", "splits")}, str(path))
+    except ValueError as error:
+        if runtime.is_main_process():
+            print(f"[{name}] not finished: {error}; training it again")
+        return None
     if runtime.is_main_process():
         (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
         print(f"[{name}] finished before the interruption: kept as it was")
-    row = {key: value for key, value in results.items() if key not in ("model", "test_correct", "splits")}
-    return schema.ModelRow.from_dict(row, str(path))
+    return row
 
 
 def read_test_correct(folder: Path) -> np.ndarray:
