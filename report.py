@@ -178,10 +178,14 @@ def write_run_config(run_dir: Path, config: settings.Config, resolved: dict[str,
 
 
 def write_skipped_files(run_dir: Path, skipped: list[dict[str, str]]) -> None:
-    """RUN/skipped_files.log, one unreadable file a line with its reason, and a line on the console."""
+    """RUN/skipped_files.log, one unreadable file a line with its reason, and a line on the console.
+
+    A name is written as a Python string literal (quoted, control characters escaped), so a file
+    whose name holds a newline cannot fake lines of the log.
+    """
     if not skipped:
         return
-    lines = "".join(f"{entry['path']}: {entry['reason']}\n" for entry in skipped)
+    lines = "".join(f"{entry['path']!r}: {' '.join(entry['reason'].split())}\n" for entry in skipped)
     utils.write_text(run_dir / "skipped_files.log", lines)
     print(f"Skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} "
           f"(listed in {run_dir / 'skipped_files.log'} and summary.json)")

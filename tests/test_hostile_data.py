@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
 import subprocess
 import sys
+import tokenize
 import warnings
 from pathlib import Path
 
@@ -377,6 +379,12 @@ def test_bad_checkpoints_are_one_clear_line_and_exit_2(checkpoint, good_images, 
         assert lines[0].startswith("error: ") and model in lines[0] and reason in lines[0], lines[0]
 
 
+def log_entry(line: str) -> tuple[str, str]:
+    """A line of skipped_files.log read back: the file name (a Python string literal) and the reason after it."""
+    literal = next(tokenize.generate_tokens(io.StringIO(line).readline))
+    return ast.literal_eval(literal.string), line[literal.end[1]:].removeprefix(": ")
+
+
 def test_experiment_completes_on_the_hostile_folder_and_lists_what_it_skipped(hostile, tmp_path, capsys):
     from conftest import TINY_FLAGS
 
@@ -392,7 +400,7 @@ def test_experiment_completes_on_the_hostile_folder_and_lists_what_it_skipped(ho
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [item["path"] for item in summary["skipped_files"]] == sorted(bad)
     log = (run_dir / "skipped_files.log").read_text(encoding="utf-8").splitlines()
-    assert [line.split(": ", 1)[0] for line in log] == sorted(bad)
+    assert [log_entry(line)[0] for line in log] == sorted(bad)
     assert summary["dataset"]["sizes"] == {"train": 30, "val": 10, "test": 12}
     assert "skipped files" in (run_dir / "report.html").read_text(encoding="utf-8")
 
@@ -510,3 +518,17 @@ def test_a_weights_file_with_an_unusable_normalization_is_refused(small_model_fi
                             "--output-dir", str(tmp_path / "run")])
     assert_one_sentence_exit_2(code, capsys.readouterr().err, "its 'std' must be a list of 3 finite positive numbers")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_file_name_holding_a_newline_cannot_fake_lines_of_the_skipped_files_log(tmp_path, capsys):
+    import report
+
+    faked = "photo.jpg: not a readable image\n/data/cat/secret.jpg"
+    skipped = [{"path": str(tmp_path / faked), "reason": "not a readable image (unknown format)"},
+               {"path": str(tmp_path / "it's \"quoted\" ø.png"), "reason": "truncated image\n(line two)"}]
+    report.write_skipped_files(tmp_path, skipped)
+    lines = (tmp_path / "skipped_files.log").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    for line, entry in zip(lines, skipped, strict=True):
+        assert log_entry(line) == (entry["path"], " ".join(entry["reason"].split()))
+    assert "Skipped 2 unreadable files" in capsys.readouterr().out
