@@ -286,7 +286,7 @@ def test_dkd_criterion_warms_up_per_step_and_continues_after_an_epoch_change():
     assert torch.equal(resumed(student, images, labels, cached)["loss"],
                        KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4,
                                               steps_per_epoch=3)(student, images, labels)["loss"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Epochs count from 1, got 0"):
         criterion.set_epoch(0)
 
 
@@ -414,7 +414,9 @@ def test_knowledge_distillation_train_returns_the_epoch_mean(teacher_percentage)
 def test_knowledge_distillation_train_rejects_bad_settings():
     teacher, student = tiny_convnet(4), tiny_convnet(4)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
-    for settings in ({"teacher_percentage": 1.5}, {"teacher_percentage": -0.1}, {"temperature": 0.0}):
-        with pytest.raises(ValueError):
+    for settings, message in (({"teacher_percentage": 1.5}, r"teacher_percentage must lie in \[0, 1\], got 1.5"),
+                              ({"teacher_percentage": -0.1}, r"teacher_percentage must lie in \[0, 1\], got -0.1"),
+                              ({"temperature": 0.0}, "temperature must be > 0, got 0.0")):
+        with pytest.raises(ValueError, match=message):
             KD_engine.knowledge_distillation_train(teacher, student, tiny_loader(), nn.CrossEntropyLoss(), optimizer,
                                                    device="cpu", **settings)
