@@ -372,11 +372,10 @@ def test_bad_checkpoints_are_one_clear_line_and_exit_2(checkpoint, good_images, 
              "a folder.pth": "is a folder"}
     for name, reason in cases.items():
         model = str(tmp_path / name)
-        assert prediction_for_one.main(["--model", model, image]) == 2, name
+        code = prediction_for_one.main(["--model", model, image])
         captured = capsys.readouterr()
-        lines = captured.err.strip().splitlines()
-        assert captured.out == "" and len(lines) == 1, (name, captured.err)
-        assert lines[0].startswith("error: ") and model in lines[0] and reason in lines[0], lines[0]
+        assert captured.out == "", name
+        assert_one_sentence_exit_2(code, captured.err, model, reason)
 
 
 def log_entry(line: str) -> tuple[str, str]:

@@ -5,15 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LABELS, STUDENT, TEACHER, hand_kd, hand_kl, hand_softmax
 from torch import nn
 
 import engine
 import KD_engine
 import model_builder
-
-STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
-TEACHER = torch.tensor([[3.0, 0.0, -2.0], [0.0, 1.0, 2.0]])
-LABELS = torch.tensor([0, 2])
 
 
 def tiny_convnet(width: int, classes: int = 3) -> nn.Sequential:
@@ -133,7 +130,7 @@ def test_feature_criterion_combines_its_terms_at_the_default_weights(method, alp
         student_logits = student(images)
     ce = F.cross_entropy(student_logits, labels)
     assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-6)
-    assert out["kd"].item() == pytest.approx(hand_kd(student_logits, teacher_logits, 4.0).item(), rel=1e-5)
+    assert out["kd"].item() == pytest.approx(hand_kd(student_logits, teacher_logits, 4.0), rel=1e-5)
     if alpha == 1.0:  # the references' loss: CE + weight * feature, no KD
         assert out["loss"].item() == pytest.approx((ce + weight * part).item(), rel=1e-6)
     criterion.close()
@@ -203,20 +200,13 @@ def test_default_vgg_to_resnet_pairs_follow_the_references(real_models):
 
 def hand_dkd(student, teacher, labels, temperature):
     """TCKD and NCKD by plain Python: T^2 * batch-mean KL(teacher || student) of each split."""
-
-    def softmax(row):
-        exps = [math.exp(v / temperature) for v in row]
-        return [e / sum(exps) for e in exps]
-
-    def kl(p, q):
-        return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
-
     tckd = nckd = 0.0
     for s_row, t_row, label in zip(student.tolist(), teacher.tolist(), labels.tolist(), strict=True):
-        p_s, p_t = softmax(s_row), softmax(t_row)
-        tckd += kl([p_t[label], 1 - p_t[label]], [p_s[label], 1 - p_s[label]])
+        p_s, p_t = hand_softmax(s_row, temperature), hand_softmax(t_row, temperature)
+        tckd += hand_kl([p_t[label], 1 - p_t[label]], [p_s[label], 1 - p_s[label]])
         others = [i for i in range(len(s_row)) if i != label]
-        nckd += kl(softmax([t_row[i] for i in others]), softmax([s_row[i] for i in others]))
+        nckd += hand_kl(hand_softmax([t_row[i] for i in others], temperature),
+                        hand_softmax([s_row[i] for i in others], temperature))
     scale = temperature**2 / len(labels)
     return tckd * scale, nckd * scale
 
@@ -371,12 +361,6 @@ def tiny_loader(batch_size: int = 3):
     generator = torch.Generator().manual_seed(5)
     images, labels = torch.randn(7, 3, 4, 4, generator=generator), torch.tensor([0, 1, 2, 0, 1, 2, 0])
     return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, 7, batch_size)]
-
-
-def hand_kd(student_logits, teacher_logits, temperature):
-    p_t = F.softmax(teacher_logits / temperature, dim=1)
-    log_ratio = F.log_softmax(teacher_logits / temperature, dim=1) - F.log_softmax(student_logits / temperature, dim=1)
-    return temperature**2 * (p_t * log_ratio).sum(dim=1).mean()
 
 
 @pytest.mark.parametrize("teacher_percentage", [0.0, 0.7])

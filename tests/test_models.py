@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_one_sentence_exit_2
 
 import checkpoints
 import deploy
@@ -138,7 +139,7 @@ def test_list_layers_prints_names_shapes_and_stages(capsys):
 
 
 def test_list_layers_of_an_unknown_model_is_one_sentence(capsys):
-    assert experiment.main(["--list-layers", "NoSuchNet"]) == 2
+    code = experiment.main(["--list-layers", "NoSuchNet"])
     captured = capsys.readouterr()
-    assert captured.err.startswith("error: Unknown model 'NoSuchNet'") and "Traceback" not in captured.err
+    assert assert_one_sentence_exit_2(code, captured.err).startswith("error: Unknown model 'NoSuchNet'")
     assert captured.out == ""

@@ -88,8 +88,8 @@ def test_report_only_reproduces_the_report(tiny_run, capsys):
 
 
 def test_report_only_needs_a_finished_run(tmp_path, capsys):
-    assert experiment.main(["--report-only", str(tmp_path)]) == 2
-    assert "not a finished run directory" in capsys.readouterr().err
+    code = experiment.main(["--report-only", str(tmp_path)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "not a finished run directory")
 
 
 def test_ledger_gets_one_row_per_run(tiny_run):
@@ -133,8 +133,8 @@ def test_missing_tensorboard_is_a_clear_error(monkeypatch, capsys, tmp_path):
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
-    assert experiment.main(["--tensorboard", "--output-dir", str(tmp_path / "run")]) == 2
-    assert "pip install tensorboard" in capsys.readouterr().err
+    code = experiment.main(["--tensorboard", "--output-dir", str(tmp_path / "run")])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "pip install tensorboard")
 
 
 # ---------------------------------------------------------------- files a user may have edited

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_one_sentence_exit_2
 from torch import nn
 
 import checkpoints
@@ -130,14 +130,14 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):
-    assert experiment.main(["--resume", str(tmp_path)]) == 2
-    assert "not a run directory" in capsys.readouterr().err
-    assert experiment.main(["--resume", str(tiny_run), "--alpha", "0.3"]) == 2
-    assert "leave out --alpha" in capsys.readouterr().err
+    code = experiment.main(["--resume", str(tmp_path)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "not a run directory")
+    code = experiment.main(["--resume", str(tiny_run), "--alpha", "0.3"])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "leave out --alpha")
     assert experiment.main(["--resume", str(tiny_run)]) == 0
     assert "already finished" in capsys.readouterr().out
-    assert experiment.main(["--output-dir", str(tiny_run)]) == 2
-    assert f"--resume {tiny_run}" in capsys.readouterr().err
+    code = experiment.main(["--output-dir", str(tiny_run)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, f"--resume {tiny_run}")
 
 
 class NaNAtBatch:
@@ -196,8 +196,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(tiny_data, t
         checkpoints.load_checkpoint(checkpoint)
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
                             "--teacher-checkpoint", str(checkpoint)])
-    assert code == 2
-    assert "Cannot read teacher checkpoint" in capsys.readouterr().err
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "Cannot read teacher checkpoint")
     assert not marker.exists()
 
 
@@ -205,8 +204,8 @@ def test_a_checkpoint_for_another_model_gets_a_clear_error(tiny_run, tiny_data, 
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
                             "--teacher-model", "ResNet18",
                             "--teacher-checkpoint", str(tiny_run / "teacher" / "best_model.pth")])
-    assert code == 2
-    assert "--teacher-model ResNet18 contradicts the teacher checkpoint" in capsys.readouterr().err
+    assert_one_sentence_exit_2(code, capsys.readouterr().err,
+                               "--teacher-model ResNet18 contradicts the teacher checkpoint")
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["teacher"]["arch"] == "vgg16_bn"
 
