@@ -22,6 +22,7 @@ import decoding
 import engine
 import errors
 import model_builder
+import schema
 import utils
 
 TRAIN_STATE = "train_state.pth"  # per model: everything needed to continue after its last finished epoch
@@ -95,9 +96,12 @@ def _are_numbers(value: Any, count: int) -> bool:
 
 
 def _is_history(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(record, dict) and _is_integer(record.get("epoch")) and isinstance(record.get("train"), dict)
-        and isinstance(record.get("val"), dict) for record in value)
+    """A list of epochs as history.json holds them (schema.EpochRecord)."""
+    try:
+        schema.ModelHistory.from_dict({"best_epoch": 0, "epochs": value})
+    except ValueError:
+        return False
+    return True
 
 
 SMALLEST_IMAGE, LARGEST_IMAGE = decoding.IMAGE_SIZES
@@ -115,7 +119,7 @@ DESCRIPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "std": (lambda value: _are_numbers(value, 3) and min(value) > 0,
             "a list of 3 finite positive numbers, one per colour channel"),
     "epoch": (lambda value: _is_integer(value) and value >= 0, "a whole number of epochs"),
-    "history": (_is_history, "a list of epochs, each a mapping with its 'epoch' number and 'train' and 'val' metrics"),
+    "history": (_is_history, "a list of epochs, each with its 'epoch' number and its 'train' and 'val' metrics"),
     "state_dict": (lambda value: isinstance(value, dict) and all(
         isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items()),
         "a mapping of parameter names to tensors"),
