@@ -7,6 +7,7 @@ Every file is written atomically and read with `weights_only=True`, so a crafted
 from __future__ import annotations
 
 import functools
+import math
 import random
 import signal
 import threading
@@ -17,14 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
+import decoding
 import engine
 import errors
 import model_builder
+import schema
 import utils
 
 TRAIN_STATE = "train_state.pth"  # per model: everything needed to continue after its last finished epoch
 BEST_MODEL = "best_model.pth"  # per model: the weights of its best epoch, with their description
 DESCRIPTION_KEYS = ("class_names", "image_size", "mean", "std")  # what using a model needs besides its weights
+MODEL_KEYS = ("arch", "state_dict", *DESCRIPTION_KEYS)  # what rebuilding a model from a checkpoint needs
+TEACHER_KEYS = (*MODEL_KEYS, "epoch")  # what a teacher reused from another run needs
 
 
 # ---------------------------------------------------------------- files
@@ -77,11 +82,96 @@ def make_checkpoint(
     }
 
 
-def load_model(checkpoint: dict[str, Any]) -> nn.Module:
+# ---------------------------------------------------------------- a model from its file: the description checked
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _are_numbers(value: Any, count: int) -> bool:
+    """A list of `count` finite numbers (true and false are not numbers)."""
+    return isinstance(value, list) and len(value) == count and all(
+        isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item) for item in value)
+
+
+def _is_history(value: Any) -> bool:
+    """A list of epochs as history.json holds them (schema.EpochRecord)."""
+    try:
+        schema.ModelHistory.from_dict({"best_epoch": 0, "epochs": value})
+    except ValueError:
+        return False
+    return True
+
+
+SMALLEST_IMAGE, LARGEST_IMAGE = decoding.IMAGE_SIZES
+# Every field a model file's description may hold: (whether a value is usable, what it must be).
+DESCRIPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "arch": (lambda value: isinstance(value, str) and value != "", "a model name"),
+    "class_names": (lambda value: isinstance(value, list) and len(value) > 0
+                    and all(isinstance(name, str) for name in value), "a non-empty list of class names"),
+    "num_classes": (_is_integer, "an integer"),
+    "image_size": (lambda value: _is_integer(value) and SMALLEST_IMAGE <= value <= LARGEST_IMAGE,
+                   f"an integer from {SMALLEST_IMAGE} to {LARGEST_IMAGE} (pixels)"),
+    "resize": (lambda value: isinstance(value, str) and value in decoding.RESIZE_MODES,
+               f"one of {', '.join(decoding.RESIZE_MODES)}"),
+    "mean": (lambda value: _are_numbers(value, 3), "a list of 3 finite numbers, one per colour channel"),
+    "std": (lambda value: _are_numbers(value, 3) and min(value) > 0,
+            "a list of 3 finite positive numbers, one per colour channel"),
+    "epoch": (lambda value: _is_integer(value) and value >= 0, "a whole number of epochs"),
+    "history": (_is_history, "a list of epochs, each with its 'epoch' number and its 'train' and 'val' metrics"),
+    "state_dict": (lambda value: isinstance(value, dict) and all(
+        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items()),
+        "a mapping of parameter names to tensors"),
+}
+
+
+def _shown(value: Any) -> str:
+    """A short, one-line rendering of a field's value for an error message."""
+    plain = isinstance(value, (str, int, float, bool, list, type(None)))
+    text = " ".join(repr(value).split()) if plain else f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unusable(path: str | Path | None) -> str:
+    return "The model's description is not usable" if path is None else \
+        f"'{path}' is not a usable model file of this project"
+
+
+def check_description(path: str | Path | None, description: Any, required: tuple[str, ...] = DESCRIPTION_KEYS) -> None:
+    """Refuse a model file (a checkpoint, or an exported model's metadata) whose description cannot be used as
+    it says: lacking a `required` field, a field of DESCRIPTION_RULES of the wrong type, length or range, or a
+    num_classes other than its number of class names. SettingsError: one sentence naming the file and the field."""
+    if not isinstance(description, dict):
+        raise errors.SettingsError(f"{_unusable(path)}: it holds a {type(description).__name__}, not a checkpoint "
+                                   "written by experiment.py.")
+    missing = [key for key in required if key not in description]
+    if missing:
+        raise errors.SettingsError(f"{_unusable(path)}: it lacks {', '.join(repr(key) for key in missing)} "
+                                   "(is it a best_model.pth written by experiment.py?).")
+    for key, (usable, expected) in DESCRIPTION_RULES.items():
+        if key in description and not usable(description[key]):
+            raise errors.SettingsError(f"{_unusable(path)}: its '{key}' must be {expected}, not "
+                                       f"{_shown(description[key])}.")
+    if "num_classes" in description and "class_names" in description:
+        check_outputs(path, description, description["num_classes"], "its 'num_classes' says")
+
+
+def check_outputs(path: str | Path | None, description: dict[str, Any], outputs: int,
+                  source: str = "the model gives") -> None:
+    """Refuse a model whose number of outputs is not its description's number of class names."""
+    names = len(description["class_names"])
+    if outputs != names:
+        raise errors.SettingsError(f"{_unusable(path)}: its 'class_names' holds {names} name{'s' * (names != 1)}, "
+                                   f"but {source} {outputs} classes.")
+
+
+def load_model(checkpoint: dict[str, Any], path: str | Path | None = None) -> nn.Module:
     """The model a checkpoint describes, with its weights, on the CPU in eval mode: the one way a
-    model is rebuilt from a file (the run, deployment figures, prediction)."""
-    num_classes = checkpoint.get("num_classes", len(checkpoint["class_names"]))
-    model = model_builder.build_model(checkpoint["arch"], num_classes, checkpoint["image_size"])
+    model is rebuilt from a file (the run, deployment figures, prediction). Its description is
+    checked first (`check_description`: SettingsError naming `path`, the file it was read from)."""
+    check_description(path, checkpoint, MODEL_KEYS)
+    model = model_builder.build_model(checkpoint["arch"], len(checkpoint["class_names"]), checkpoint["image_size"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -103,10 +193,10 @@ def read_teacher_checkpoint(path: str) -> dict[str, Any]:
         raise errors.SettingsError(f"--teacher-checkpoint '{path}' is not a file.")
     try:
         checkpoint = load_checkpoint(path)
-        for key in ("arch", "epoch", "state_dict", *DESCRIPTION_KEYS):
-            checkpoint[key]
     except Exception as error:  # any unreadable or foreign file is the user's to fix
-        raise errors.SettingsError(f"Cannot read teacher checkpoint '{path}': {error!r}") from None
+        raise errors.SettingsError(f"Cannot read teacher checkpoint '{path}': "
+                                   f"{errors.one_line(error, brief=True)}.") from None
+    check_description(path, checkpoint, TEACHER_KEYS)
     return checkpoint
 
 

@@ -28,6 +28,7 @@ DECODE_WORKERS_THRESHOLD = 2000  # images; below this, worker start-up costs mor
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 CACHE_VERSION = "v2"  # bump when decoding changes, so no stale cache file is trusted
 RESIZE_MODES = ("squash", "center-crop")  # squash: whole image to S x S; center-crop: central square
+IMAGE_SIZES = (8, 1024)  # the smallest and largest square side (px) images are fitted to
 
 
 class UnreadableImage(Exception):

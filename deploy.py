@@ -120,8 +120,9 @@ def measure_saved_models(
 ) -> dict[str, dict[str, Any]]:
     """`measure_speeds` of the models saved as best_model.pth in `folders` ({name: folder}), so that a
     resumed run measures them all too; in channels_last on `device`, as they trained."""
-    models = {name: checkpoints.load_model(checkpoints.read_state(folder / checkpoints.BEST_MODEL))
-              .to(device, memory_format=torch.channels_last) for name, folder in folders.items()}
+    paths = {name: folder / checkpoints.BEST_MODEL for name, folder in folders.items()}
+    models = {name: checkpoints.load_model(checkpoints.read_state(path), path)
+              .to(device, memory_format=torch.channels_last) for name, path in paths.items()}
     return measure_speeds(models, image_size, device, amp_dtype)
 
 

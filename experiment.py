@@ -264,9 +264,10 @@ def obtain_teacher(
     config, folder = context.config, context.run_dir / schema.TEACHER
     row = report.finished_row(folder, schema.TEACHER)
     if row is not None:
-        return trainer.load_model(context, checkpoints.read_state(folder / checkpoints.BEST_MODEL)), row
+        path = folder / checkpoints.BEST_MODEL
+        return trainer.load_model(context, checkpoints.read_state(path), path), row
     if checkpoint is not None:
-        teacher, row = adopt_checkpoint(context, schema.TEACHER, checkpoint, folder)
+        teacher, row = adopt_checkpoint(context, schema.TEACHER, checkpoint, folder, config.teacher_checkpoint)
         if runtime.is_main_process():
             print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {checkpoint['epoch']})")
         return teacher, replace(row, reused_from=str(config.teacher_checkpoint))
@@ -277,11 +278,13 @@ def obtain_teacher(
 
 
 def adopt_checkpoint(
-    context: trainer.Context, role: str, checkpoint: dict[str, Any], folder: Path, train_seconds: float = 0.0,
+    context: trainer.Context, role: str, checkpoint: dict[str, Any], folder: Path, path: str | Path | None = None,
+    train_seconds: float = 0.0,
 ) -> tuple[nn.Module, schema.ModelRow]:
-    """A model trained elsewhere (a reused teacher, a sweep's best trial) as this run's `role`: its checkpoint
-    saved in `folder` with this run's description, then evaluated and reported as a trained model is."""
-    model = trainer.load_model(context, checkpoint)
+    """A model trained elsewhere (a reused teacher, a sweep's best trial; `path`: its file, named in errors) as
+    this run's `role`: its checkpoint saved in `folder` with this run's description, then evaluated and reported
+    as a trained model is."""
+    model = trainer.load_model(context, checkpoint, path)
     fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"],
                            train_seconds=train_seconds)
     if runtime.is_main_process():
@@ -326,9 +329,10 @@ def adopt_best_student(context: trainer.Context, trial_folder: Path) -> Students
     folder = context.run_dir / role
     row = report.finished_row(folder, role)
     if row is None:
-        checkpoint = checkpoints.read_state(trial_folder / checkpoints.BEST_MODEL)
+        path = trial_folder / checkpoints.BEST_MODEL
+        checkpoint = checkpoints.read_state(path)
         seconds = sum(epoch.get("seconds", 0.0) for epoch in checkpoint.get("history", []))
-        row = adopt_checkpoint(context, role, checkpoint, folder, seconds)[1]
+        row = adopt_checkpoint(context, role, checkpoint, folder, path, seconds)[1]
     return {role: {seed: (row, folder)}}
 
 

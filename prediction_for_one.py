@@ -45,22 +45,12 @@ Classifier = Callable[[torch.Tensor], torch.Tensor]  # normalized images (N, 3, 
 BATCH_SIZE = 64  # images per forward pass
 
 
-def _check_description(path: Path, description: Any, keys: tuple[str, ...]) -> None:
-    if not isinstance(description, dict):
-        raise PredictionError(f"'{path}' is not a usable model file of this project: it holds a "
-                              f"{type(description).__name__}, not a checkpoint written by experiment.py.")
-    missing = [key for key in keys if key not in description]
-    if missing:
-        raise PredictionError(f"'{path}' is not a usable model file of this project: it lacks "
-                              f"{', '.join(repr(key) for key in missing)} "
-                              f"(is it a best_model.pth written by experiment.py?).")
-
-
 def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier, dict[str, Any]]:
     """A classifier and its description from a best_model.pth checkpoint or an exported model.onnx.
 
-    Any problem with the file (missing, a folder, truncated, random bytes, a foreign checkpoint,
-    weights that do not fit) raises PredictionError with one sentence.
+    Any problem with the file (missing, a folder, truncated, random bytes, a foreign checkpoint, a
+    description of the wrong types, lengths or ranges (`checkpoints.check_description`), weights that
+    do not fit) raises PredictionError or errors.SettingsError with one sentence.
     """
     path = Path(path)
     if path.is_dir():
@@ -72,17 +62,21 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier,
         try:
             session = deploy.onnx_session(path)
             description = deploy.onnx_metadata(session)
+            outputs = session.get_outputs()[0].shape[-1]  # the class count, or a name when it is not fixed
         except Exception as error:  # a foreign or damaged file is the user's to fix
             raise PredictionError(f"{unusable}: it cannot be read as an exported model ({brief(error)}).") from None
-        _check_description(path, description, checkpoints.DESCRIPTION_KEYS)
+        checkpoints.check_description(path, description)
+        if isinstance(outputs, int):
+            checkpoints.check_outputs(path, description, outputs)
         return (lambda images: deploy.onnx_logits(session, images)), description
     try:
         checkpoint = checkpoints.load_checkpoint(path, map_location="cpu")
     except Exception as error:
         raise PredictionError(f"{unusable}: it is damaged, truncated or not a checkpoint ({brief(error)}).") from None
-    _check_description(path, checkpoint, ("arch", "num_classes", "state_dict", *checkpoints.DESCRIPTION_KEYS))
     try:
-        model = checkpoints.load_model(checkpoint)
+        model = checkpoints.load_model(checkpoint, path)
+    except errors.SettingsError:
+        raise  # its description, one sentence naming the field
     except Exception as error:
         raise PredictionError(f"{unusable}: its weights do not rebuild a {checkpoint['arch']!r} model "
                               f"({brief(error)}).") from None
@@ -112,13 +106,16 @@ def find_images(inputs: list[str]) -> tuple[list[str], list[str]]:
 @torch.inference_mode()
 def predict_images(
     classify: Classifier, description: dict[str, Any], image_paths: list[str], top_k: int,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = BATCH_SIZE, model_path: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image; unreadable images get an 'error' entry.
 
     Images are fitted to the square as in training (the checkpoint's resize mode; squash for
-    checkpoints written before there was a choice) and classified `batch_size` at a time.
+    checkpoints written before there was a choice) and classified `batch_size` at a time. A
+    description that cannot be used, or a model with another number of outputs than class names,
+    raises errors.SettingsError naming `model_path` and the field.
     """
+    checkpoints.check_description(model_path, description)
     mean = torch.tensor(description["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(description["std"]).view(1, 3, 1, 1)
     class_names = description["class_names"]
@@ -135,7 +132,9 @@ def predict_images(
                 entries.append({"image": image_path, "error": f"cannot read image: {error}"})
         if pixels:
             images = (torch.stack(pixels).float() / 255 - mean) / std
-            top = torch.softmax(classify(images).float(), dim=1).topk(k, dim=1)
+            logits = classify(images).float()
+            checkpoints.check_outputs(model_path, description, logits.shape[-1])
+            top = torch.softmax(logits, dim=1).topk(k, dim=1)
             readable = [entry for entry in entries if "error" not in entry]
             for entry, values, indices in zip(readable, top.values.tolist(), top.indices.tolist(), strict=True):
                 entry["top"] = [{"class": class_names[i], "probability": round(p, 6)}
@@ -190,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         print("error: --top-k must be at least 1.", file=sys.stderr)
         return 2
+    image_paths, empty_folders = find_images(args.images)
     try:
         classify, description = load_classifier(args.model, torch.device(args.device))
-    except (PredictionError, RuntimeError) as error:
+        predictions = predict_images(classify, description, image_paths, args.top_k, model_path=args.model)
+    except (PredictionError, errors.SettingsError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    image_paths, empty_folders = find_images(args.images)
-    predictions = predict_images(classify, description, image_paths, args.top_k)
     failed = [p for p in predictions if "error" in p]
     if args.csv is not None:
         try:

@@ -122,16 +122,24 @@ def export_model(context: trainer.Context, role: str, arch: str, model: nn.Modul
 
 
 def finished_row(folder: Path, name: str) -> schema.ModelRow | None:
-    """The summary row of a model an interrupted run already finished, or None."""
+    """The summary row of a model an interrupted run already finished, or None: also when its results.json
+    is empty or cannot be read (as a power cut while it was written can leave it), and that model is then
+    trained again (continuing from its training state, if one is left)."""
     path = folder / RESULTS
     if not path.is_file():
         return None
-    results = utils.read_json(path)
+    try:
+        results = _run_file(path)
+        row = schema.ModelRow.from_dict({key: value for key, value in results.items()
+                                         if key not in ("model", "test_correct", "splits")}, str(path))
+    except ValueError as error:
+        if runtime.is_main_process():
+            print(f"[{name}] not finished: {error}; training it again")
+        return None
     if runtime.is_main_process():
         (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
         print(f"[{name}] finished before the interruption: kept as it was")
-    row = {key: value for key, value in results.items() if key not in ("model", "test_correct", "splits")}
-    return schema.ModelRow.from_dict(row, str(path))
+    return row
 
 
 def read_test_correct(folder: Path) -> np.ndarray:
@@ -171,10 +179,14 @@ def write_run_config(run_dir: Path, config: settings.Config, resolved: dict[str,
 
 
 def write_skipped_files(run_dir: Path, skipped: list[dict[str, str]]) -> None:
-    """RUN/skipped_files.log, one unreadable file a line with its reason, and a line on the console."""
+    """RUN/skipped_files.log, one unreadable file a line with its reason, and a line on the console.
+
+    A name is written as a Python string literal (quoted, control characters escaped), so a file
+    whose name holds a newline cannot fake lines of the log.
+    """
     if not skipped:
         return
-    lines = "".join(f"{entry['path']}: {entry['reason']}\n" for entry in skipped)
+    lines = "".join(f"{entry['path']!r}: {' '.join(entry['reason'].split())}\n" for entry in skipped)
     utils.write_text(run_dir / "skipped_files.log", lines)
     print(f"Skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} "
           f"(listed in {run_dir / 'skipped_files.log'} and summary.json)")
@@ -262,13 +274,13 @@ def reading_of_result(summary: schema.RunSummary) -> list[str]:
         if distilled.test["top1"] > teacher.test["top1"]:
             sentences.append("The student outscored its teacher on the test split: the teacher was not the "
                              "stronger model here, so the soft targets carried little extra knowledge.")
-    if teacher and student and student.flops_per_image is not None:
+    if teacher and student and student.flops_per_image is not None and teacher.flops_per_image:
         ratio = student.flops_per_image / teacher.flops_per_image
         cost = (f"{ratio:.2f}x the teacher's FLOPs per image ({student.flops_per_image / 1e9:.2f} vs "
                 f"{teacher.flops_per_image / 1e9:.2f} GFLOPs)")
         sentences.append(f"The student is not cheaper than its teacher: it needs {cost}." if ratio >= 1
                          else f"The student needs {cost}.")
-    if teacher and student and student.speedup_clear is not None:
+    if teacher and student and student.speedup_clear is not None and teacher.latency_ms is not None:
         measured = (f"median batch-1 latency {student.latency_ms:.2f} ms against the teacher's "
                     f"{teacher.latency_ms:.2f} ms on {summary.device}")
         sentences.append(f"Measured, the student runs {student.speedup_over_teacher:.2f}x as fast as the teacher "
@@ -325,29 +337,65 @@ def _data_rows(summary: schema.RunSummary) -> list[tuple[str, str]]:
     return rows
 
 
+def _run_file(path: Path, record: type[schema.Record] | None = None) -> Any:
+    """A JSON file of the run (a mapping), checked against its record type when given: ValueError naming
+    the file, and the field, when it cannot be read or does not fit. The JSON as read is returned."""
+    try:
+        data = utils.read_json(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read '{path}' ({_reason(error)})") from None
+    if record is not None:
+        record.from_dict(data, str(path))
+    elif not isinstance(data, dict):
+        raise ValueError(f"'{path}' must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def _run_bytes(path: Path) -> bytes:
+    """A file of the run, or ValueError naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read '{path}' ({_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else errors.one_line(error)
+
+
+def _per_class_f1(results: dict[str, Any], students: list[str], class_names: list[str], run_dir: Path) -> str | None:
+    """The students' per-class test F1 as a PNG data URI (None without students with per-class scores)."""
+    scored = [role for role in students if results[role]["splits"].get("test", {}).get("per_class") is not None]
+    if not scored or not class_names:
+        return None
+    per_class = {role: results[role]["splits"]["test"]["per_class"] for role in scored}
+    for role, scores in per_class.items():
+        unscored = [name for name in class_names if "f1" not in scores.get(name, {})]
+        if unscored:
+            raise ValueError(f"'{run_dir / role / RESULTS}' has no test F1 of class {unscored[0]!r}")
+    return _png_data_uri(utils.figure_png(utils.per_class_f1_figure(per_class, class_names), dpi=100))
+
+
 def build_report(run_dir: str | Path) -> str:
     """A self-contained HTML report of a finished run, read from the files in its directory.
 
-    A summary.json whose fields have the wrong types raises ValueError naming the field.
+    Every file is read through its record type (summary.json: schema.RunSummary; each model's
+    history.json and results.json: schema.ModelHistory, schema.ModelResults): one that is missing,
+    damaged or whose fields have the wrong types raises ValueError naming the file and the field.
     """
     run_dir = Path(run_dir)
-    summary = schema.RunSummary.from_dict(utils.read_json(run_dir / "summary.json"), str(run_dir / "summary.json"))
-    config = utils.read_json(run_dir / "config.json")
+    summary = schema.RunSummary.from_dict(_run_file(run_dir / "summary.json"), str(run_dir / "summary.json"))
+    config = _run_file(run_dir / "config.json")
     roles = list(summary.models)
-    results = {role: utils.read_json(run_dir / role / RESULTS) for role in roles}
-    histories = {role: utils.read_json(run_dir / role / "history.json")["epochs"] for role in roles}
+    results = {role: _run_file(run_dir / role / RESULTS, schema.ModelResults) for role in roles}
+    histories = {role: _run_file(run_dir / role / "history.json", schema.ModelHistory)["epochs"] for role in roles}
     baseline = summary.models.get(schema.BASELINE)
     curves = [{"label": label, "src": _png_data_uri(utils.figure_png(utils.curves_figure(histories, key, key), 100))}
               for key, label in (("loss", "loss (train: training objective, val: CE)"), ("top1", "top-1 accuracy"))]
-    confusions = [{"label": role, "src": _png_data_uri((run_dir / role / "confusion_matrix_test.png").read_bytes())}
+    confusions = [{"label": role, "src": _png_data_uri(_run_bytes(run_dir / role / "confusion_matrix_test.png"))}
                   for role in roles]
-    students = [role for role in roles if role.startswith(schema.STUDENT_PREFIX)
-                and "per_class" in results[role]["splits"]["test"]]
-    per_class_f1 = None
-    if students and summary.dataset.class_names:
-        per_class = {role: results[role]["splits"]["test"]["per_class"] for role in students}
-        per_class_f1 = _png_data_uri(utils.figure_png(utils.per_class_f1_figure(per_class, summary.dataset.class_names),
-                                                      dpi=100))
+    students = [role for role in roles if role.startswith(schema.STUDENT_PREFIX)]
+    per_class_f1 = _per_class_f1(results, students, summary.dataset.class_names, run_dir)
     models_note = ("Best epoch chosen on validation top-1; test metrics of those weights. Latency: batch 1, measured "
                    "with the other models in interleaved rounds; speed-up: the teacher's median latency over the "
                    "model's, 'unclear' where the two interquartile ranges overlap. Gain verdict: "

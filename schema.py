@@ -2,12 +2,15 @@
 
 summary.json holds one entry per trained model, keyed by its role ("teacher", "student_baseline",
 "student_<method>"), then the run's own fields. It is written and read only through `RunSummary`,
-whose `from_dict` refuses a file whose fields have the wrong types (ValueError naming the field).
+whose `from_dict` refuses a file whose fields have the wrong types, or values that cannot be used
+together (ValueError naming the field). The report reads each model's history.json and results.json
+through `ModelHistory` and `ModelResults` the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Any
 TEACHER = "teacher"
 BASELINE = "student_baseline"
 STUDENT_PREFIX = "student_"
+ROLE_PATTERN = rf"{TEACHER}|{STUDENT_PREFIX}[a-z0-9_]+"  # a role: the teacher, the baseline, a distilled student
 SEED_SEPARATOR = " seed "  # a model's name in a run of several seeds: "student_kd seed 2"
 SPLITS = ("train", "val", "test")
 TEST_KEYS = ("top1", "top3", "precision_macro", "recall_macro", "f1_macro", "auc_macro")  # summary's test metrics
@@ -123,24 +127,27 @@ class Record:
             value = data[name]
             if not _fits(value, hint):
                 raise ValueError(f"{where}.{name} must be {_type_name(hint)} (got {value!r:.60})")
-            values[name] = _records_in(value, hint, f"{where}.{name}")
-        return cls(**values)
+            values[name] = _converted(value, hint, f"{where}.{name}")
+        record = cls(**values)
+        record.check(where)
+        return record
+
+    def check(self, where: str) -> None:
+        """Refuse values of the right types that cannot be used together (ValueError naming the field)."""
 
 
-def _record_type(hint: Any) -> Any:
-    """The Record class a field's hint names, also as `Record | None` (else None)."""
-    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    return next((arg for arg in candidates if isinstance(arg, type) and issubclass(arg, Record)), None)
-
-
-def _records_in(value: Any, hint: Any, where: str) -> Any:
-    """A checked JSON value as its field holds it: objects of Record fields (also optional ones, and in lists)
-    become those records."""
-    record, args = _record_type(hint), typing.get_args(hint)
-    if record is not None and value is not None:
-        return record.from_dict(value, where)
-    if typing.get_origin(hint) is list and _record_type(args[0]) is not None:
-        return [args[0].from_dict(item, f"{where}[{index}]") for index, item in enumerate(value)]
+def _converted(value: Any, hint: Any, where: str) -> Any:
+    """A JSON value that fits `hint` (`_fits`), with the records it holds built and checked, also inside
+    lists, mappings and optional fields."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return hint.from_dict(value, where)
+    if origin is list and args:
+        return [_converted(item, args[0], f"{where}[{index}]") for index, item in enumerate(value)]
+    if origin is dict and args:
+        return {key: _converted(item, args[1], f"{where}.{key}") for key, item in value.items()}
+    if origin in (typing.Union, types.UnionType) and value is not None:
+        return _converted(value, next(arg for arg in args if _fits(value, arg)), where)
     return value
 
 
@@ -179,6 +186,31 @@ class ModelRow(Record):
     throughput_img_s_iqr: list[float] | None = None
     speedup_over_teacher: float | None = None
     speedup_clear: bool | None = None
+
+    # Fields a run writes together: a row holds all of a group or none of it.
+    GROUPS = (("file_mb", "flops_per_image"), ("test_top1_by_seed", "test_top1_mean", "test_top1_std"),
+              ("mcnemar_p_by_seed", "gain_top1_by_seed", "gain_top1_mean", "gain_top1_std", "gain_top1_ci95",
+               "gain_top1_p"),
+              ("latency_ms", "latency_ms_iqr", "throughput_img_s", "throughput_img_s_iqr", "speedup_over_teacher"))
+    PAIRS = ("latency_ms_iqr", "throughput_img_s_iqr", "gain_top1_ci95")  # [low, high]
+
+    def check(self, where: str) -> None:
+        """What the tables and the report compute with: a test top-1, a positive parameter count,
+        intervals of two numbers, fields written together present together."""
+        if self.test.get("top1") is None:
+            raise ValueError(f"{where}.test must hold the test top-1 as 'top1' (a number)")
+        if self.params < 1:
+            raise ValueError(f"{where}.params must be a positive count of parameters (got {self.params})")
+        for name in self.PAIRS:
+            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
+                raise ValueError(f"{where}.{name} must be [low, high] (got {getattr(self, name)!r:.60})")
+        for group in self.GROUPS:
+            given = [name for name in group if getattr(self, name) is not None]
+            if given and len(given) < len(group):
+                missing = [name for name in group if name not in given]
+                raise ValueError(f"{where} has '{given[0]}' without {', '.join(repr(name) for name in missing)}")
+        if self.speedup_clear is not None and self.speedup_over_teacher is None:
+            raise ValueError(f"{where} has 'speedup_clear' without 'speedup_over_teacher'")
 
 
 @dataclass
@@ -229,6 +261,38 @@ class SweepRecord(Record):
     trials: list[SweepTrial]
 
 
+@dataclass
+class EpochRecord(Record):
+    """One epoch of a model's history: its number, and its training and validation metrics (None where
+    undefined; the reasons under "undefined")."""
+
+    epoch: int
+    train: dict[str, float | None | dict[str, str]]
+    val: dict[str, float | None | dict[str, str]]
+
+
+@dataclass
+class ModelHistory(Record):
+    """A model's history.json: its best epoch and every epoch it trained."""
+
+    best_epoch: int
+    epochs: list[EpochRecord]
+
+
+@dataclass
+class SplitResults(Record):
+    """One split's entry in a model's results.json, as far as the report reads it: its per-class scores."""
+
+    per_class: dict[str, dict[str, float | None]] | None = None
+
+
+@dataclass
+class ModelResults(Record):
+    """A model's results.json, as far as the report reads it: its metrics per split."""
+
+    splits: dict[str, SplitResults]
+
+
 RUN_FIELDS = ("kd_gain_top1", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
               "finished_at", "warnings", "sweep")
 
@@ -249,6 +313,12 @@ class RunSummary(Record):
     kd_gain_top1: float | None = None
     sweep: SweepRecord | None = None  # a run made by --sweep
 
+    def check(self, where: str) -> None:
+        """Every skipped file names its path and the reason it was skipped."""
+        for index, entry in enumerate(self.skipped_files):
+            if not {"path", "reason"} <= entry.keys():
+                raise ValueError(f"{where}.skipped_files[{index}] must hold the file's 'path' and the 'reason'")
+
     def to_dict(self) -> dict[str, Any]:
         run = super().to_dict()
         run.pop("models")
@@ -261,6 +331,9 @@ class RunSummary(Record):
             raise ValueError(f"{where} must hold a mapping, not {type(data).__name__}")
         models = {key: ModelRow.from_dict(value, f"{where}: {key}")
                   for key, value in data.items() if key not in RUN_FIELDS}
+        foreign = [key for key in models if not re.fullmatch(ROLE_PATTERN, key)]
+        if foreign:  # a role names its model's folder: nothing else may stand there
+            raise ValueError(f"{where} holds {foreign[0]!r}, which is neither a field of a run nor a model's role")
         if TEACHER not in models:
             raise ValueError(f"{where} has no '{TEACHER}' entry")
         run = super().from_dict({**{key: data[key] for key in RUN_FIELDS if key in data}, "models": {}}, where)

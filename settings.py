@@ -508,6 +508,7 @@ def logit_weights(config: Config) -> dict[str, dict[str, float]]:
 
 def _range_checks(config: Config) -> list[tuple[bool, str]]:
     """(holds, the sentence when it does not) for every setting with a range."""
+    smallest, largest = decoding.IMAGE_SIZES
     return [
         (config.temperature > 0, f"--temperature must be > 0 (got {config.temperature})."),
         (0 <= config.alpha <= 1, f"--alpha must be between 0 and 1 (got {config.alpha})."),
@@ -516,7 +517,8 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
          f"--teacher-epochs must be at least 1 (got {config.teacher_epochs})."),
         (config.batch_size >= 1, f"--batch-size must be at least 1 (got {config.batch_size})."),
         (config.eval_batch_size >= 1, f"--eval-batch-size must be at least 1 (got {config.eval_batch_size})."),
-        (8 <= config.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {config.image_size})."),
+        (smallest <= config.image_size <= largest,
+         f"--image-size must be between {smallest} and {largest} (got {config.image_size})."),
         (config.teacher_lr > 0, f"--teacher-lr must be > 0 (got {config.teacher_lr})."),
         (config.student_lr > 0, f"--student-lr must be > 0 (got {config.student_lr})."),
         (config.weight_decay >= 0, f"--weight-decay must be >= 0 (got {config.weight_decay})."),

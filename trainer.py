@@ -90,6 +90,10 @@ def read_initial_weights(config: settings.Config) -> dict[str, model_builder.Pre
                 weights[role] = model_builder.read_pretrained(arch, setting)
             except model_builder.WeightsError as error:
                 raise SettingsError(f"--{role}-weights {setting}: {error}") from None
+            pretrained = weights[role]
+            if pretrained.mean is not None:  # e.g. a run's checkpoint as weights: the run uses its normalization
+                checkpoints.check_description(pretrained.file, {"mean": pretrained.mean, "std": pretrained.std},
+                                              required=())
     return weights
 
 
@@ -155,9 +159,10 @@ def new_model(
     return place_model(context, model, training_images)
 
 
-def load_model(context: Context, checkpoint: dict[str, Any]) -> nn.Module:
-    """A trained model rebuilt from its checkpoint (`checkpoints.load_model`), placed as the run's models are."""
-    return place_model(context, checkpoints.load_model(checkpoint))
+def load_model(context: Context, checkpoint: dict[str, Any], path: str | Path | None = None) -> nn.Module:
+    """A trained model rebuilt from its checkpoint (`checkpoints.load_model`; `path`, the file it was read
+    from, names it in errors), placed as the run's models are."""
+    return place_model(context, checkpoints.load_model(checkpoint, path))
 
 
 def make_optimizer(

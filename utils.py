@@ -45,12 +45,23 @@ FILE_MODE = 0o666 & ~UMASK  # what open() gives a new file
 FOLDER_MODE = 0o777 & ~UMASK  # what mkdir() gives a new folder
 
 
+def fsync_path(path: str | Path) -> None:
+    """Wait until a file's data, or a folder's list of names, is on disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
     The file gets the mode a plain open() would give it under the user's umask (mkstemp's
-    private 0600 would otherwise survive the rename).
+    private 0600 would otherwise survive the rename). It is synced to disk before the rename, and
+    its folder after it: otherwise a power cut can leave the new name pointing at an empty file
+    (the rename reached the disk, the data not yet), or bring the old file back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +70,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        fsync_path(temporary)
         os.replace(temporary, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -1,8 +1,10 @@
-"""Shared fixtures: a private dataset cache, tiny image folders, and one finished tiny run."""
+"""Shared fixtures and helpers: a private dataset cache, tiny image folders, one finished tiny run, the check
+of a user error's one sentence, and hand-computed distillation terms."""
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +97,40 @@ def run_summary(models: dict, sizes: dict | None = None, images_per_class: dict 
                                    storage="decoded once into memory")
     return schema.RunSummary(models=models, seeds=list(seeds), skipped_files=[], dataset=dataset, device="cpu",
                              precision="fp32", wall_seconds=1.0, finished_at="2026-11-30T12:00:00")
+
+
+def assert_one_sentence_exit_2(code: int, err: str, *fragments: str) -> str:
+    """Check how an error the user caused ends: exit code 2 and, on stderr, one line "error: <sentence>"
+    holding every fragment, without a traceback. Returns that line."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# Logits and labels the distillation tests compute by hand: two samples, three classes.
+STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+TEACHER = torch.tensor([[3.0, 0.0, -2.0], [0.0, 1.0, 2.0]])
+LABELS = torch.tensor([0, 2])
+
+
+def hand_softmax(row: list[float], temperature: float = 1.0) -> list[float]:
+    """softmax(row / temperature) by plain Python."""
+    exps = [math.exp(value / temperature) for value in row]
+    return [value / sum(exps) for value in exps]
+
+
+def hand_kl(p: list[float], q: list[float]) -> float:
+    """KL(p || q) = sum_i p_i log(p_i / q_i) of two distributions, by plain Python."""
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def hand_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
+    """Hinton's distillation term by plain Python: T^2 times KL(softmax(teacher / T) || softmax(student / T)),
+    summed over classes and averaged over samples (batchmean)."""
+    rows = list(zip(student.tolist(), teacher.tolist(), strict=True))
+    total = sum(hand_kl(hand_softmax(t_row, temperature), hand_softmax(s_row, temperature)) for s_row, t_row in rows)
+    return temperature**2 * total / len(rows)

@@ -68,9 +68,10 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         data_setup.load_splits(str(tmp_path), None, None, None, 16, 0.2, 0)
 
 
-def _tensors(n=10, size=8):
+def _tensors(n=10, size=8, labels=None):
     images = torch.arange(n * 3 * size * size, dtype=torch.int64).remainder(251).to(torch.uint8)
-    return data_setup.ImageTensors(images.view(n, 3, size, size), torch.arange(n) % 3, [str(i) for i in range(n)], size)
+    labels = torch.arange(n) % 3 if labels is None else labels
+    return data_setup.ImageTensors(images.view(n, 3, size, size), labels, [str(i) for i in range(n)], size)
 
 
 def _batches(loader):
@@ -170,10 +171,14 @@ def test_decode_cache_is_reused_and_invalidated_by_changes(tiny_data, tmp_path, 
 
 
 def test_loader_carries_cached_teacher_logits_per_sample():
-    data = _tensors()
+    data = _tensors(labels=torch.arange(10))  # a label of its own for every sample: each pairing is checked
     loader = data_setup.BatchLoader(data, 4, [0.5] * 3, [0.25] * 3, torch.device("cpu"),
                                     data_setup.Augmentation(0, False), seed=1)
     loader.teacher_logits = torch.arange(10.0)[:, None].repeat(1, 3)  # row i holds i
+    seen = []
     for _, labels, logits in loader:
         index = logits[:, 0].long()
         assert torch.equal(labels, data.labels[index])
+        seen += index.tolist()
+    assert sorted(seen) == list(range(10)), "every sample once, with its own logits"
+    assert seen != sorted(seen), "shuffled, so the pairing follows the shuffle"

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, assert_one_sentence_exit_2
 
 import checkpoints
 import experiment
@@ -182,6 +182,4 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
 ])
 def test_bad_settings_exit_2_with_one_sentence(flags, message, capsys, tmp_path):
     code = experiment.main([*flags, "--output-dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err and "Traceback" not in err
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, message)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import re
 import subprocess
 import sys
+import tokenize
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_one_sentence_exit_2
 from PIL import Image
 
+import checkpoints
 import data_setup
 import decoding
 import errors
@@ -368,11 +372,16 @@ def test_bad_checkpoints_are_one_clear_line_and_exit_2(checkpoint, good_images, 
              "a folder.pth": "is a folder"}
     for name, reason in cases.items():
         model = str(tmp_path / name)
-        assert prediction_for_one.main(["--model", model, image]) == 2, name
+        code = prediction_for_one.main(["--model", model, image])
         captured = capsys.readouterr()
-        lines = captured.err.strip().splitlines()
-        assert captured.out == "" and len(lines) == 1, (name, captured.err)
-        assert lines[0].startswith("error: ") and model in lines[0] and reason in lines[0], lines[0]
+        assert captured.out == "", name
+        assert_one_sentence_exit_2(code, captured.err, model, reason)
+
+
+def log_entry(line: str) -> tuple[str, str]:
+    """A line of skipped_files.log read back: the file name (a Python string literal) and the reason after it."""
+    literal = next(tokenize.generate_tokens(io.StringIO(line).readline))
+    return ast.literal_eval(literal.string), line[literal.end[1]:].removeprefix(": ")
 
 
 def test_experiment_completes_on_the_hostile_folder_and_lists_what_it_skipped(hostile, tmp_path, capsys):
@@ -390,6 +399,135 @@ def test_experiment_completes_on_the_hostile_folder_and_lists_what_it_skipped(ho
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [item["path"] for item in summary["skipped_files"]] == sorted(bad)
     log = (run_dir / "skipped_files.log").read_text(encoding="utf-8").splitlines()
-    assert [line.split(": ", 1)[0] for line in log] == sorted(bad)
+    assert [log_entry(line)[0] for line in log] == sorted(bad)
     assert summary["dataset"]["sizes"] == {"train": 30, "val": 10, "test": 12}
     assert "skipped files" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- a model file's description
+
+# A change to a usable description, and what the one sentence about it must say.
+BAD_DESCRIPTIONS = {
+    "fewer class names than outputs": ({"class_names": ["circle", "cross"]},
+                                       "its 'class_names' holds 2 names, but"),
+    "a mean of two values": ({"mean": [0.5, 0.5]},
+                             "its 'mean' must be a list of 3 finite numbers, one per colour channel, not [0.5, 0.5]"),
+    "the image size as text": ({"image_size": "8"}, "its 'image_size' must be an integer from 8 to 1024 (pixels), "
+                                                    "not '8'"),
+    "an image size beyond the range": ({"image_size": 4096}, "its 'image_size' must be an integer from 8 to 1024"),
+    "an unknown resize mode": ({"resize": "stretch"}, "its 'resize' must be one of squash, center-crop, not 'stretch'"),
+    "a std of zero": ({"std": [0.0, 0.25, 0.25]}, "its 'std' must be a list of 3 finite positive numbers"),
+    "an infinite mean": ({"mean": [float("inf"), 0.5, 0.5]}, "its 'mean' must be a list of 3 finite numbers"),
+    "class names that are not text": ({"class_names": [1, 2, 3]}, "its 'class_names' must be a non-empty list of "
+                                                                  "class names, not [1, 2, 3]"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_model_files(tmp_path_factory) -> tuple[dict, torch.nn.Module, Path]:
+    """A usable description of a tiny 3-class classifier, the classifier, and a folder holding one image."""
+    import model_builder
+
+    torch.manual_seed(0)
+    model = model_builder.build_model("resnet8", 3, 32).eval()
+    description = {"arch": "resnet8", "num_classes": 3, "class_names": ["circle", "cross", "stripes"],
+                   "image_size": 32, "resize": "squash", "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1,
+                   "history": [], "state_dict": model.state_dict()}
+    folder = tmp_path_factory.mktemp("model files")
+    _noise(seed=7).save(folder / "image.png")
+    return description, model, folder
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DESCRIPTIONS))
+def test_a_checkpoint_whose_description_cannot_be_used_is_one_sentence(case, small_model_files, capsys):
+    description, _, folder = small_model_files
+    change, message = BAD_DESCRIPTIONS[case]
+    path = folder / f"{case}.pth"
+    checkpoints.save_checkpoint(path, {**description, **change})
+    code = prediction_for_one.main(["--model", str(path), str(folder / "image.png")])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, f"'{path}' is not a usable model file", message)
+
+
+def test_num_classes_must_count_the_class_names(small_model_files, capsys):
+    description, _, folder = small_model_files
+    checkpoints.save_checkpoint(folder / "four.pth", {**description, "num_classes": 4})
+    code = prediction_for_one.main(["--model", str(folder / "four.pth"), str(folder / "image.png")])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "its 'class_names' holds 3 names, but its "
+                                                              "'num_classes' says 4 classes")
+
+
+def test_an_exported_model_whose_metadata_cannot_be_used_is_one_sentence(small_model_files, capsys):
+    import onnx
+
+    import deploy
+
+    description, model, folder = small_model_files
+    metadata = {key: description[key] for key in ("arch", "class_names", "image_size", "resize", "mean", "std")}
+    deploy.export_onnx(model, folder / "model.onnx", 32, metadata)
+    assert prediction_for_one.main(["--model", str(folder / "model.onnx"), str(folder / "image.png")]) == 0
+    capsys.readouterr()
+    for case, (change, message) in BAD_DESCRIPTIONS.items():
+        graph = onnx.load(str(folder / "model.onnx"))
+        graph.metadata_props[0].value = json.dumps({**metadata, **change})
+        path = folder / f"{case}.onnx"
+        onnx.save(graph, str(path))
+        code = prediction_for_one.main(["--model", str(path), str(folder / "image.png")])
+        expected = "but the model gives 3 classes" if case == "fewer class names than outputs" else message
+        assert_one_sentence_exit_2(code, capsys.readouterr().err, f"'{path}'", expected)
+
+
+def test_predict_images_refuses_a_description_that_does_not_fit_the_classifier(small_model_files, monkeypatch,
+                                                                                 capsys):
+    description, _, folder = small_model_files
+    usable = {key: description[key] for key in checkpoints.DESCRIPTION_KEYS}
+    image = str(folder / "image.png")
+    three_outputs = lambda images: torch.zeros(len(images), 3)  # noqa: E731  (a stub classifier)
+    for change, message in (({"class_names": ["circle", "cross"]}, "holds 2 names, but the model gives 3 classes"),
+                            BAD_DESCRIPTIONS["a mean of two values"]):
+        with pytest.raises(errors.SettingsError, match=re.escape(message)):
+            prediction_for_one.predict_images(three_outputs, {**usable, **change}, [image], 3)
+        # Through the command line: one sentence and exit 2, never a traceback (prediction ran outside the try).
+        monkeypatch.setattr(prediction_for_one, "load_classifier",
+                            lambda path, device, change=change: (three_outputs, {**usable, **change}))
+        code = prediction_for_one.main(["--model", "stub.pth", image])
+        assert_one_sentence_exit_2(code, capsys.readouterr().err, "'stub.pth'", message)
+
+
+@pytest.mark.parametrize("case", ["a std of zero", "a mean of two values", "an unknown resize mode",
+                                  "the image size as text"])
+def test_a_teacher_checkpoint_whose_description_cannot_be_used_is_refused_before_any_work(
+        case, small_model_files, tmp_path, capsys):
+    import experiment
+
+    description, _, folder = small_model_files
+    change, message = BAD_DESCRIPTIONS[case]
+    path = tmp_path / "teacher.pth"
+    checkpoints.save_checkpoint(path, {**description, **change})
+    code = experiment.main(["--teacher-checkpoint", str(path), "--output-dir", str(tmp_path / "run")])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, f"'{path}' is not a usable model file", message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_weights_file_with_an_unusable_normalization_is_refused(small_model_files, tmp_path, capsys):
+    import experiment
+
+    description, _, _ = small_model_files
+    checkpoints.save_checkpoint(tmp_path / "weights.pth", {**description, "std": [0.0, 0.25, 0.25]})
+    code = experiment.main(["--student-model", "resnet8", "--student-weights", str(tmp_path / "weights.pth"),
+                            "--output-dir", str(tmp_path / "run")])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "its 'std' must be a list of 3 finite positive numbers")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_name_holding_a_newline_cannot_fake_lines_of_the_skipped_files_log(tmp_path, capsys):
+    import report
+
+    faked = "photo.jpg: not a readable image\n/data/cat/secret.jpg"
+    skipped = [{"path": str(tmp_path / faked), "reason": "not a readable image (unknown format)"},
+               {"path": str(tmp_path / "it's \"quoted\" ø.png"), "reason": "truncated image\n(line two)"}]
+    report.write_skipped_files(tmp_path, skipped)
+    lines = (tmp_path / "skipped_files.log").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    for line, entry in zip(lines, skipped, strict=True):
+        assert log_entry(line) == (entry["path"], " ".join(entry["reason"].split()))
+    assert "Skipped 2 unreadable files" in capsys.readouterr().out

@@ -5,16 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LABELS, STUDENT, TEACHER, hand_kd, hand_kl, hand_softmax
 from torch import nn
 
 import engine
 import KD_engine
 import KD_features
 import model_builder
-
-STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
-TEACHER = torch.tensor([[3.0, 0.0, -2.0], [0.0, 1.0, 2.0]])
-LABELS = torch.tensor([0, 2])
 
 
 def tiny_convnet(width: int, classes: int = 3) -> nn.Sequential:
@@ -134,7 +131,7 @@ def test_feature_criterion_combines_its_terms_at_the_default_weights(method, alp
         student_logits = student(images)
     ce = F.cross_entropy(student_logits, labels)
     assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-6)
-    assert out["kd"].item() == pytest.approx(hand_kd(student_logits, teacher_logits, 4.0).item(), rel=1e-5)
+    assert out["kd"].item() == pytest.approx(hand_kd(student_logits, teacher_logits, 4.0), rel=1e-5)
     if alpha == 1.0:  # the references' loss: CE + weight * feature, no KD
         assert out["loss"].item() == pytest.approx((ce + weight * part).item(), rel=1e-6)
     criterion.close()
@@ -204,20 +201,13 @@ def test_default_vgg_to_resnet_pairs_follow_the_references(real_models):
 
 def hand_dkd(student, teacher, labels, temperature):
     """TCKD and NCKD by plain Python: T^2 * batch-mean KL(teacher || student) of each split."""
-
-    def softmax(row):
-        exps = [math.exp(v / temperature) for v in row]
-        return [e / sum(exps) for e in exps]
-
-    def kl(p, q):
-        return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
-
     tckd = nckd = 0.0
     for s_row, t_row, label in zip(student.tolist(), teacher.tolist(), labels.tolist(), strict=True):
-        p_s, p_t = softmax(s_row), softmax(t_row)
-        tckd += kl([p_t[label], 1 - p_t[label]], [p_s[label], 1 - p_s[label]])
+        p_s, p_t = hand_softmax(s_row, temperature), hand_softmax(t_row, temperature)
+        tckd += hand_kl([p_t[label], 1 - p_t[label]], [p_s[label], 1 - p_s[label]])
         others = [i for i in range(len(s_row)) if i != label]
-        nckd += kl(softmax([t_row[i] for i in others]), softmax([s_row[i] for i in others]))
+        nckd += hand_kl(hand_softmax([t_row[i] for i in others], temperature),
+                        hand_softmax([s_row[i] for i in others], temperature))
     scale = temperature**2 / len(labels)
     return tckd * scale, nckd * scale
 
@@ -287,7 +277,7 @@ def test_dkd_criterion_warms_up_per_step_and_continues_after_an_epoch_change():
     assert torch.equal(resumed(student, images, labels, cached)["loss"],
                        KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4,
                                               steps_per_epoch=3)(student, images, labels)["loss"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Epochs count from 1, got 0"):
         criterion.set_epoch(0)
 
 
@@ -376,12 +366,6 @@ def tiny_loader(batch_size: int = 3):
     return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, 7, batch_size)]
 
 
-def hand_kd(student_logits, teacher_logits, temperature):
-    p_t = F.softmax(teacher_logits / temperature, dim=1)
-    log_ratio = F.log_softmax(teacher_logits / temperature, dim=1) - F.log_softmax(student_logits / temperature, dim=1)
-    return temperature**2 * (p_t * log_ratio).sum(dim=1).mean()
-
-
 @pytest.mark.parametrize("teacher_percentage", [0.0, 0.7])
 def test_knowledge_distillation_train_returns_the_epoch_mean(teacher_percentage):
     torch.manual_seed(6)
@@ -417,7 +401,9 @@ def test_knowledge_distillation_train_returns_the_epoch_mean(teacher_percentage)
 def test_knowledge_distillation_train_rejects_bad_settings():
     teacher, student = tiny_convnet(4), tiny_convnet(4)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
-    for settings in ({"teacher_percentage": 1.5}, {"teacher_percentage": -0.1}, {"temperature": 0.0}):
-        with pytest.raises(ValueError):
+    for settings, message in (({"teacher_percentage": 1.5}, r"teacher_percentage must lie in \[0, 1\], got 1.5"),
+                              ({"teacher_percentage": -0.1}, r"teacher_percentage must lie in \[0, 1\], got -0.1"),
+                              ({"temperature": 0.0}, "temperature must be > 0, got 0.0")):
+        with pytest.raises(ValueError, match=message):
             KD_engine.knowledge_distillation_train(teacher, student, tiny_loader(), nn.CrossEntropyLoss(), optimizer,
                                                    device="cpu", **settings)

@@ -53,7 +53,11 @@ def test_auc_by_hand():
     per_class = [1.0, 1 / 3, 1 / 3]
     assert metrics["auc_macro"] == pytest.approx(sum(per_class) / 3)
     assert metrics["auc_weighted"] == pytest.approx((2 * 1.0 + 1 / 3 + 1 / 3) / 4)
+    # micro: all 12 (sample, class) scores pooled against the one-hot labels: positives {0.7, 0.4, 0.3, 0.2},
+    # negatives {0.05, 0.25, 0.45, 0.15, 0.3, 0.4, 0.2, 0.6}. Pairs ranked right, a tie counting half:
+    # 0.7 beats all 8; 0.4 beats 5, ties 1; 0.3 beats 4, ties 1; 0.2 beats 2, ties 1 -> 20.5 of 32.
     assert 0.0 <= metrics["auc_micro"] <= 1.0
+    assert metrics["auc_micro"] == pytest.approx(20.5 / 32)
 
 
 def test_class_absent_from_split_is_null_with_reason_not_zero():
@@ -91,6 +95,10 @@ def test_metrics_json_is_strict(tmp_path):
     metrics = utils.classification_metrics(onehot_logits([0, 1, 1, 2]), torch.tensor([0, 0, 1, 1]), NAMES)
     utils.write_json(tmp_path / "m.json", metrics)  # allow_nan=False: no NaN may leak into JSON
     assert utils.read_json(tmp_path / "m.json")["auc_macro"] is None
+    # A NaN that did leak in is refused, and nothing is left on disk (Python's json would write a bare NaN).
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        utils.write_json(tmp_path / "nan.json", {**metrics, "auc_macro": math.nan})
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.json"]
 
 
 def test_format_seconds():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_one_sentence_exit_2
 
 import checkpoints
 import deploy
@@ -47,7 +48,7 @@ def test_the_zoo_has_the_literatures_networks():
 def test_parameter_counts_match_the_published_ones(name):
     with torch.device("meta"):
         model = model_builder.build_model(name, 100, 32)
-    assert deploy.count_parameters(model) == pytest.approx(PUBLISHED_PARAMETERS[name], rel=0.02)
+    assert deploy.count_parameters(model) == PUBLISHED_PARAMETERS[name]  # exact: a dropped bias or BN shows
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
@@ -73,6 +74,29 @@ def test_the_name_clash_with_torchvision_goes_to_the_zoo():
     assert model_builder.architecture_name("VGG16") == "vgg16_bn"
     with pytest.raises(model_builder.UnknownModelError, match="resnet8x4"):
         model_builder.architecture_name("resnet9x4")
+
+
+def conv_macs(side: int, out_channels: int, in_channels: int, kernel: int = 3) -> int:
+    """Multiply-adds of a convolution with a `side` x `side` output."""
+    return side * side * out_channels * in_channels * kernel * kernel
+
+
+def test_flops_per_image_match_hand_counts():
+    # FLOPs count 2 per multiply-add of the convolutions and linear layers (batch norm, ReLU, pooling: none).
+    # resnet8 at 32 px: a 16-channel stem, then one BasicBlock a stage (16, 32, 64 channels at 32, 16, 8 px),
+    # the second and third with a strided 1x1 shortcut; a 64 -> 10 linear layer.
+    resnet8 = (conv_macs(32, 16, 3) + 2 * conv_macs(32, 16, 16)
+               + conv_macs(16, 32, 16) + conv_macs(16, 32, 32) + conv_macs(16, 32, 16, kernel=1)
+               + conv_macs(8, 64, 32) + conv_macs(8, 64, 64) + conv_macs(8, 64, 32, kernel=1) + 64 * 10)
+    assert resnet8 == 12_501_632
+    assert deploy.flops_per_image(model_builder.build_model("resnet8", 10, 32), 32) == 2 * resnet8
+    # The small-image VGG16: configuration D's 13 convolutions, max-pooled from 32 px down to 2 px, then
+    # global pooling and a 512 -> 10 linear layer: 0.626 GFLOPs, the figure the README gives.
+    vgg16 = (conv_macs(32, 64, 3) + conv_macs(32, 64, 64) + conv_macs(16, 128, 64) + conv_macs(16, 128, 128)
+             + conv_macs(8, 256, 128) + 2 * conv_macs(8, 256, 256) + conv_macs(4, 512, 256) + 2 * conv_macs(4, 512, 512)
+             + 3 * conv_macs(2, 512, 512) + 512 * 10)
+    assert vgg16 == 313_201_664
+    assert deploy.flops_per_image(model_builder.build_model("VGG16", 10, 32), 32) == 2 * vgg16
 
 
 def test_the_student_of_a_literature_pair_is_cheaper():
@@ -117,7 +141,7 @@ def test_list_layers_prints_names_shapes_and_stages(capsys):
 
 
 def test_list_layers_of_an_unknown_model_is_one_sentence(capsys):
-    assert experiment.main(["--list-layers", "NoSuchNet"]) == 2
+    code = experiment.main(["--list-layers", "NoSuchNet"])
     captured = capsys.readouterr()
-    assert captured.err.startswith("error: Unknown model 'NoSuchNet'") and "Traceback" not in captured.err
+    assert assert_one_sentence_exit_2(code, captured.err).startswith("error: Unknown model 'NoSuchNet'")
     assert captured.out == ""

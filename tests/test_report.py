@@ -1,11 +1,15 @@
 """The HTML report, TensorBoard curves and the ledger of runs."""
 
 import csv
+import json
 import re
+import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import markupsafe
 import pytest
+from conftest import assert_one_sentence_exit_2
 
 import experiment
 import report
@@ -84,8 +88,8 @@ def test_report_only_reproduces_the_report(tiny_run, capsys):
 
 
 def test_report_only_needs_a_finished_run(tmp_path, capsys):
-    assert experiment.main(["--report-only", str(tmp_path)]) == 2
-    assert "not a finished run directory" in capsys.readouterr().err
+    code = experiment.main(["--report-only", str(tmp_path)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "not a finished run directory")
 
 
 def test_ledger_gets_one_row_per_run(tiny_run):
@@ -129,5 +133,108 @@ def test_missing_tensorboard_is_a_clear_error(monkeypatch, capsys, tmp_path):
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
-    assert experiment.main(["--tensorboard", "--output-dir", str(tmp_path / "run")]) == 2
-    assert "pip install tensorboard" in capsys.readouterr().err
+    code = experiment.main(["--tensorboard", "--output-dir", str(tmp_path / "run")])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "pip install tensorboard")
+
+
+# ---------------------------------------------------------------- files a user may have edited
+
+SCRIPT = "<script>alert('{}')</script>"
+
+
+def report_files(run: Path, copy: Path) -> Path:
+    """The files --report-only reads, copied from a finished run (its checkpoints are left out)."""
+    copy.mkdir()
+    for name in ("summary.json", "config.json"):
+        shutil.copy(run / name, copy / name)
+    for role in report.LEDGER_ROLES:
+        (copy / role).mkdir()
+        for name in (report.RESULTS, "history.json", "confusion_matrix_test.png"):
+            shutil.copy(run / role / name, copy / role / name)
+    return copy
+
+
+def edit_json(path: Path, change) -> None:
+    data = utils.read_json(path)
+    change(data)
+    utils.write_json(path, data)
+
+
+def test_every_text_of_the_files_arrives_escaped(tiny_run, tmp_path, capsys):
+    run = report_files(tiny_run, tmp_path / "<script>alert('run')")
+    hostile = SCRIPT.format("circle")
+
+    def summary_with_scripts(summary):
+        summary["teacher"]["arch"] = SCRIPT.format("arch")
+        summary["warnings"].append(SCRIPT.format("warning"))
+        summary["dataset"]["class_names"][0] = hostile
+        summary["dataset"]["validation"] = SCRIPT.format("validation")
+        summary["dataset"]["carving"]["test"] = SCRIPT.format("carving")
+        summary["dataset"]["sizes"][SCRIPT.format("split")] = 3
+        summary["skipped_files"] = [{"path": SCRIPT.format("path"), "reason": SCRIPT.format("reason")}]
+        summary["device"], summary["finished_at"] = SCRIPT.format("device"), SCRIPT.format("finished")
+
+    edit_json(run / "summary.json", summary_with_scripts)
+    edit_json(run / "config.json", lambda config: config.update(teacher_model=SCRIPT.format("setting")))
+    for role in report.LEDGER_ROLES:  # the per-class scores follow the renamed class
+        edit_json(run / role / report.RESULTS,
+                  lambda results: results["splits"]["test"]["per_class"].update(
+                      {hostile: results["splits"]["test"]["per_class"].pop("circle")}))
+    assert experiment.main(["--report-only", str(run)]) == 0, capsys.readouterr().err
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in text
+    for name in ("arch", "warning", "circle", "validation", "carving", "split", "path", "reason", "device", "finished"):
+        assert str(markupsafe.escape(SCRIPT.format(name))) in text, name
+    assert str(markupsafe.escape("<script>alert('run')")) in text
+    assert str(markupsafe.escape(json.dumps(SCRIPT.format("setting")))) in text
+    checker = StructureChecker()
+    checker.feed(text)
+    assert checker.errors == [] and "script" not in checker.tags
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("summary.json", lambda data: data["student_kd"].update(best_epoch=SCRIPT.format(1)),
+     "summary.json: student_kd.best_epoch must be an integer (got \"<script>"),
+    ("summary.json", lambda data: data["dataset"]["sizes"].update(test=SCRIPT.format(1)),
+     "summary.json.dataset.sizes must be a mapping"),
+    ("summary.json", lambda data: data.update(warnings=SCRIPT.format(1)), "summary.json.warnings must be a list"),
+    ("summary.json", lambda data: data["teacher"]["test"].pop("top1"), "teacher.test must hold the test top-1"),
+    ("summary.json", lambda data: data["teacher"].update(latency_ms_iqr=[1.0]),
+     "teacher.latency_ms_iqr must be [low, high] (got [1.0])"),
+    ("summary.json", lambda data: data["teacher"].pop("latency_ms"),
+     "teacher has 'latency_ms_iqr' without 'latency_ms'"),
+    ("summary.json", lambda data: data.update({"../../elsewhere": data["teacher"]}),
+     "holds '../../elsewhere', which is neither a field of a run nor a model's role"),
+    ("summary.json", lambda data: data.update(skipped_files=[{"path": "x.png"}]),
+     "summary.json.skipped_files[0] must hold the file's 'path' and the 'reason'"),
+    ("student_kd/history.json", lambda data: data.update(epochs="all"), "history.json.epochs must be a list"),
+    ("teacher/history.json", lambda data: data["epochs"][1].pop("val"), "history.json.epochs[1] lacks its field 'val'"),
+    ("student_baseline/results.json", lambda data: data["splits"]["test"].update(per_class=[1]),
+     "results.json.splits.test.per_class must be a mapping"),
+    ("student_baseline/results.json", lambda data: data["splits"]["test"]["per_class"].pop("cross"),
+     "results.json' has no test F1 of class 'cross'"),
+])
+def test_report_only_refuses_fields_that_do_not_fit_in_one_sentence(tiny_run, tmp_path, capsys, file, change, message):
+    run = report_files(tiny_run, tmp_path / "run")
+    edit_json(run / file, change)
+    code = experiment.main(["--report-only", str(run)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, f"--report-only '{run}': ", str(run / file), message)
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("summary.json", b"", "cannot read '{}' (Expecting value"),
+    ("config.json", b"[1, 2]", "'{}' must hold a mapping, not list"),
+    ("teacher/results.json", b"{\"splits\": ", "cannot read '{}' (Expecting value"),
+    ("student_kd/history.json", None, "cannot read '{}' (No such file or directory)"),
+    ("teacher/confusion_matrix_test.png", None, "cannot read '{}' (No such file or directory)"),
+])
+def test_report_only_refuses_missing_or_damaged_files_in_one_sentence(tiny_run, tmp_path, capsys, file, content,
+                                                                     message):
+    run = report_files(tiny_run, tmp_path / "run")
+    if content is None:
+        (run / file).unlink()
+    else:
+        (run / file).write_bytes(content)
+    code = experiment.main(["--report-only", str(run)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, f"--report-only '{run}': ", message.format(run / file))

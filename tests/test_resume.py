@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_one_sentence_exit_2
 from torch import nn
 
 import checkpoints
@@ -136,14 +136,14 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):
-    assert experiment.main(["--resume", str(tmp_path)]) == 2
-    assert "not a run directory" in capsys.readouterr().err
-    assert experiment.main(["--resume", str(tiny_run), "--alpha", "0.3"]) == 2
-    assert "leave out --alpha" in capsys.readouterr().err
+    code = experiment.main(["--resume", str(tmp_path)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "not a run directory")
+    code = experiment.main(["--resume", str(tiny_run), "--alpha", "0.3"])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "leave out --alpha")
     assert experiment.main(["--resume", str(tiny_run)]) == 0
     assert "already finished" in capsys.readouterr().out
-    assert experiment.main(["--output-dir", str(tiny_run)]) == 2
-    assert f"--resume {tiny_run}" in capsys.readouterr().err
+    code = experiment.main(["--output-dir", str(tiny_run)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, f"--resume {tiny_run}")
 
 
 class NaNAtBatch:
@@ -202,8 +202,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(tiny_data, t
         checkpoints.load_checkpoint(checkpoint)
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
                             "--teacher-checkpoint", str(checkpoint)])
-    assert code == 2
-    assert "Cannot read teacher checkpoint" in capsys.readouterr().err
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "Cannot read teacher checkpoint")
     assert not marker.exists()
 
 
@@ -211,7 +210,48 @@ def test_a_checkpoint_for_another_model_gets_a_clear_error(tiny_run, tiny_data, 
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *RESUME_FLAGS,
                             "--teacher-model", "ResNet18",
                             "--teacher-checkpoint", str(tiny_run / "teacher" / "best_model.pth")])
-    assert code == 2
-    assert "--teacher-model ResNet18 contradicts the teacher checkpoint" in capsys.readouterr().err
+    assert_one_sentence_exit_2(code, capsys.readouterr().err,
+                               "--teacher-model ResNet18 contradicts the teacher checkpoint")
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["teacher"]["arch"] == "vgg16_bn"
+
+
+def test_resume_trains_again_a_model_whose_results_a_power_cut_left_unreadable(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = [*RESUME_FLAGS, "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
+             "--student-epochs", "1"]
+    assert experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run), *flags]) == 0
+    expected = {role: utils.read_json(run / role / report.RESULTS) for role in ("teacher", "student_kd")}
+    (run / "summary.json").unlink()  # the power cut came before the run's end
+    (run / "student_kd" / report.RESULTS).write_bytes(b"")  # renamed into place before its data reached the disk
+    (run / "teacher" / report.RESULTS).write_text('{"model": "teacher", "arch": ')  # cut short
+    capsys.readouterr()
+    assert experiment.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    for role in ("teacher", "student_kd"):
+        assert f"[{role}] not finished: cannot read '{run / role / report.RESULTS}' (Expecting value" in out
+        assert f"[{role}] epoch   1" in out, "trained again"
+        assert utils.read_json(run / role / report.RESULTS)["test"] == expected[role]["test"]
+    assert "[student_baseline] finished before the interruption: kept as it was" in out
+    assert "[student_baseline] epoch" not in out
+
+
+def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(handle):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{handle}")))
+        fsync(handle)
+
+    def recorded_replace(source, target):
+        events.append(("rename", str(source), str(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    utils.write_text(tmp_path / "results.json", "{}")
+    (_, temporary), rename, directory = events
+    assert rename == ("rename", temporary, str(tmp_path / "results.json"))
+    assert directory == ("fsync", str(tmp_path))
+    assert (tmp_path / "results.json").read_text() == "{}"
