@@ -122,6 +122,7 @@ def run_experiment(
         if config.class_weights == "balanced" else None
     context = make_context(config, data, device, amp_dtype, report.make_run_dir(config.output_dir), pretrained,
                            class_weights)
+    context.clock = checkpoints.Sittings(context.run_dir, start, resume)
     dataset = data_setup.describe(data, normalization, class_weights)
     announce(context, dataset, world, resume)
     try:
@@ -150,6 +151,8 @@ def checked_settings(
     if config.teacher_checkpoint is not None:
         teacher_checkpoint = checkpoints.read_teacher_checkpoint(config.teacher_checkpoint)
         config = settings.adopt_teacher_checkpoint(config, teacher_checkpoint, given)
+        if runtime.is_main_process():
+            print(settings.adopted_settings(config, teacher_checkpoint))
     settings.validate(config)
     return config, teacher_checkpoint
 
@@ -205,6 +208,9 @@ def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int
           f"{precision}, {world} process{'es' if world > 1 else ''}  |  {len(data.class_names)} classes, "
           f"train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
     report.write_skipped_files(run_dir, data.skipped_files)
+    peer = deploy.peer_flops(config.student_model, len(data.class_names), config.image_size)
+    if peer is not None:
+        print(f"note: {significance.peer_sentence(peer)}")
 
 
 def obtain_teacher(
@@ -221,7 +227,7 @@ def obtain_teacher(
         if runtime.is_main_process():
             checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
                 context.description(), schema.TEACHER, checkpoint["arch"], checkpoints.model_weights(teacher),
-                fit.best_epoch, fit.history))
+                fit.best_epoch, fit.history, checkpoints.head_of(teacher)))
             print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {fit.best_epoch})")
         row = report.evaluate_model(context, schema.TEACHER, checkpoint["arch"], teacher, fit, folder)
         return teacher, replace(row, reused_from=str(config.teacher_checkpoint))
@@ -265,34 +271,43 @@ def summarize(
     context: trainer.Context, start: float, dataset: schema.DatasetRecord, teacher_row: schema.ModelRow,
     students: Students,
 ) -> schema.RunSummary:
-    """Every model's row with its seed spread, gain verdict and deployment speed, and the run's warnings."""
-    seeds, run_dir = settings.seeds(context.config), context.run_dir
+    """Every model's row with its seed spread, gain verdict and deployment speed, and the run's warnings.
+
+    The wall time counts every sitting of a resumed run (`context.clock`; `start`: this sitting's start)."""
+    config, run_dir = context.config, context.run_dir
+    seeds = settings.seeds(config)
     rows = {role: {seed: row for seed, (row, _) in by_seed.items()} for role, by_seed in students.items()}
     correct = {role: {seed: report.read_test_correct(folder) for seed, (_, folder) in by_seed.items()}
                for role, by_seed in students.items()}
-    models = {schema.TEACHER: teacher_row}
+    models = {schema.TEACHER: replace(teacher_row, **significance.teacher_against_baseline(
+        report.read_test_correct(run_dir / schema.TEACHER), rows[schema.BASELINE], correct[schema.BASELINE],
+        teacher_row.test["top1"]))}
+    peer = deploy.peer_flops(config.student_model, len(dataset.class_names), config.image_size)
     for role, by_seed in rows.items():
         statistics = {} if role == schema.BASELINE else significance.gain_statistics(
             by_seed, rows[schema.BASELINE], correct[role], correct[schema.BASELINE])
-        models[role] = replace(by_seed[seeds[0]], **significance.top1_spread(by_seed), **statistics)
+        models[role] = replace(by_seed[seeds[0]], **significance.top1_spread(by_seed), **statistics, flops_peer=peer)
     folders = {schema.TEACHER: run_dir / schema.TEACHER, **{role: students[role][seeds[0]][1] for role in students}}
-    speeds = deploy.measure_saved_models(folders, context.config.image_size, context.device, context.amp_dtype)
+    speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype)
     for role, row in models.items():
-        ratio = {"speedup_over_teacher": 1.0} if role == schema.TEACHER else deploy.speedup(speeds[schema.TEACHER],
-                                                                                          speeds[role])
+        ratio = {"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0} if role == schema.TEACHER \
+            else deploy.speedup(speeds[schema.TEACHER], speeds[role])
         models[role] = replace(row, **speeds[role], **ratio)
     kd_role = schema.distilled_role("kd")
+    clock = context.clock or checkpoints.Sittings(run_dir, start, resume=False)
     summary = schema.RunSummary(
         models=models, seeds=seeds, skipped_files=context.data.skipped_files, dataset=dataset,
         device=str(context.device), precision=runtime.precision_name(context.amp_dtype),
-        wall_seconds=round(time.perf_counter() - start, 2), finished_at=datetime.now().isoformat(timespec="seconds"),
+        wall_seconds=round(clock.total(), 2), wall_seconds_last_sitting=round(clock.last(), 2),
+        sittings=clock.count(), finished_at=datetime.now().isoformat(timespec="seconds"),
         kd_gain_top1=models[kd_role].test["top1"] - models[schema.BASELINE].test["top1"] if kd_role in models else None,
     )
-    histories = {schema.TEACHER: run_dir / schema.TEACHER}
-    histories.update({schema.model_name(role, seed, seeds): folder
-                      for seed in seeds for role, by_seed in students.items() for folder in [by_seed[seed][1]]})
+    named = {schema.model_name(role, seed, seeds): (row, folder)
+             for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}
+    named = {schema.TEACHER: (teacher_row, run_dir / schema.TEACHER), **named}
     summary.warnings = significance.sanity_warnings(
-        summary, {name: utils.read_json(folder / "history.json") for name, folder in histories.items()})
+        summary, {name: utils.read_json(folder / "history.json") for name, (_, folder) in named.items()},
+        {name: row for name, (row, _) in named.items()}, config.select_metric)
     return summary
 
 
@@ -300,15 +315,18 @@ def publish(context: trainer.Context, summary: schema.RunSummary) -> None:
     """Write summary.json, the comparison table and chart, the HTML report and the ledger row; print the tables."""
     run_dir = context.run_dir
     table = report.comparison_table(summary) + "\n" + report.deployment_table(summary)
+    if context.clock is not None:
+        context.clock.record()
     utils.write_json(run_dir / "summary.json", summary.to_dict())
     utils.write_text(run_dir / "comparison.txt", table)
     utils.plot_comparison({role: row.test for role, row in summary.models.items()},
-                          {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png")
+                          {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png",
+                          len(summary.dataset.class_names))
     html = report.write_report(run_dir)
     ledger = run_dir.parent / "experiments.csv"
     report.append_ledger(ledger, report.ledger_row(context.config, summary, run_dir))
     warnings = "".join(f"warning: {warning}\n" for warning in summary.warnings)
-    print("\n" + table + warnings + f"Wall time {utils.format_seconds(summary.wall_seconds)}. Results in {run_dir}, "
+    print("\n" + table + warnings + f"Wall time {report.wall_time(summary)}. Results in {run_dir}, "
           f"report {html}, ledger {ledger}")
 
 
