@@ -121,8 +121,7 @@ def run_experiment(
     class_weights = engine.class_weights(data.train.labels, len(data.class_names)) \
         if config.class_weights == "balanced" else None
     context = make_context(config, data, device, amp_dtype, report.make_run_dir(config.output_dir), pretrained,
-                           class_weights)
-    context.clock = checkpoints.Sittings(context.run_dir, start, resume)
+                           class_weights, start, resume)
     dataset = data_setup.describe(data, normalization, class_weights)
     announce(context, dataset, world, resume)
     try:
@@ -135,6 +134,8 @@ def run_experiment(
             publish(context, summary)
             return summary
     except KeyboardInterrupt as stop:
+        if runtime.is_main_process():
+            context.clock.record()  # the stopped sitting counts up to now
         raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
 
 
@@ -184,14 +185,17 @@ def load_data(config: settings.Config, device: torch.device) -> data_setup.Datas
 def make_context(
     config: settings.Config, data: data_setup.DatasetSplits, device: torch.device, amp_dtype: torch.dtype | None,
     run_dir: Path, pretrained: dict[str, model_builder.Pretrained], class_weights: list[float] | None,
+    start: float, resume: bool,
 ) -> trainer.Context:
-    """What every model of the run shares, with an evaluation loader per split."""
+    """What every model of the run shares, with an evaluation loader per split, and the clock of the run's
+    sittings (this one began at `start`; `resume`: earlier ones count too)."""
     shard = runtime.rank_and_world()
     eval_loaders = {split: data_setup.BatchLoader(getattr(data, split), config.eval_batch_size, data.mean, data.std,
                                                   device, workers=config.workers, shard=shard)
                     for split in schema.SPLITS}
     return trainer.Context(config, data, device, amp_dtype, run_dir, eval_loaders, checkpoints.BackgroundSaver(),
-                           pretrained, engine.hard_label_loss(config.label_smoothing, class_weights, device))
+                           pretrained, engine.hard_label_loss(config.label_smoothing, class_weights, device),
+                           checkpoints.Sittings(run_dir, start, resume))
 
 
 def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int, resume: bool) -> None:

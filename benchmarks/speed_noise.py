@@ -9,7 +9,8 @@ Per model and kind (batch-1 latency, batch-64 throughput) it prints the relative
 repeat, (q3 - q1) / median of the timed blocks, and their median and largest. `--hog` first starts
 a second process that keeps one core busy, as another job would; the load average is printed beside.
 
-The last line is `SPREAD quiet|busy latency_median=<x> latency_max=<y> throughput_median=<z> throughput_max=<w>`.
+The last line is `SPREAD hog=<on|off> load=<1-minute load average> latency_median=<x> latency_max=<y>
+throughput_median=<z> throughput_max=<w>`: "quiet" means hog=off at a load average well under the core count.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main() -> None:
         print(f"{name:<20}{kind:<12}" + " ".join(f"{value:.3f}" for value in values))
     summary = {kind: np.array([value for (_, k), values in spreads.items() if k == kind for value in values])
                for kind in ("latency", "throughput")}
-    print(f"SPREAD {'busy' if args.hog else 'quiet'} "
+    print(f"SPREAD hog={'on' if args.hog else 'off'} load={os.getloadavg()[0]:.2f} "
           + " ".join(f"{kind}_median={np.median(values):.3f} {kind}_max={values.max():.3f}"
                      for kind, values in summary.items()))
 
