@@ -7,16 +7,19 @@ Every file is written atomically and read with `weights_only=True`, so a crafted
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torchvision import models
 
 import decoding
 import engine
@@ -30,6 +33,7 @@ BEST_MODEL = "best_model.pth"  # per model: the weights of its best epoch, with 
 DESCRIPTION_KEYS = ("class_names", "image_size", "mean", "std")  # what using a model needs besides its weights
 MODEL_KEYS = ("arch", "state_dict", *DESCRIPTION_KEYS)  # what rebuilding a model from a checkpoint needs
 TEACHER_KEYS = (*MODEL_KEYS, "epoch")  # what a teacher reused from another run needs
+SITTINGS = "sittings.json"  # per run: the wall seconds of each sitting (the first, then one per --resume)
 
 
 # ---------------------------------------------------------------- files
@@ -68,14 +72,15 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def make_checkpoint(
     description: dict[str, Any], role: str, arch: str, weights: dict[str, torch.Tensor], epoch: int,
-    history: list[dict[str, Any]],
+    history: list[dict[str, Any]], head: str = "compact",
 ) -> dict[str, Any]:
     """A self-describing checkpoint: `weights` plus everything needed to rebuild and use them.
 
-    `description` holds "class_names", "image_size", "resize", "mean", "std" and "config".
+    `description` holds "class_names", "image_size", "resize", "mean", "std" and "config"; `head` is
+    the classifier head the model was built with (`model_builder.build_model`).
     """
     return {
-        "role": role, "arch": arch, "num_classes": len(description["class_names"]),
+        "role": role, "arch": arch, "head": head, "num_classes": len(description["class_names"]),
         "class_names": list(description["class_names"]), "image_size": description["image_size"],
         "resize": description["resize"], "mean": list(description["mean"]), "std": list(description["std"]),
         "config": description["config"], "epoch": epoch, "history": history, "state_dict": weights,
@@ -118,6 +123,8 @@ DESCRIPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mean": (lambda value: _are_numbers(value, 3), "a list of 3 finite numbers, one per colour channel"),
     "std": (lambda value: _are_numbers(value, 3) and min(value) > 0,
             "a list of 3 finite positive numbers, one per colour channel"),
+    "head": (lambda value: isinstance(value, str) and value in model_builder.HEADS,
+             f"one of {', '.join(model_builder.HEADS)}"),
     "epoch": (lambda value: _is_integer(value) and value >= 0, "a whole number of epochs"),
     "history": (_is_history, "a list of epochs, each with its 'epoch' number and its 'train' and 'val' metrics"),
     "state_dict": (lambda value: isinstance(value, dict) and all(
@@ -166,12 +173,29 @@ def check_outputs(path: str | Path | None, description: dict[str, Any], outputs:
                                    f"but {source} {outputs} classes.")
 
 
+def head_of(model: nn.Module) -> str:
+    """The head a model was built with (what its checkpoint records): "torchvision" for a VGG with
+    torchvision's fully connected classifier, else "compact" (`model_builder.build_model`)."""
+    plain = model_builder.unwrap(model)
+    fully_connected = isinstance(plain, models.VGG) and isinstance(plain.classifier[0], nn.Linear)
+    return "torchvision" if fully_connected else "compact"
+
+
+def saved_head(checkpoint: dict[str, Any]) -> str:
+    """The head a checkpoint's model was built with (`model_builder.HEADS`); files written before the choice
+    was recorded used torchvision's above SMALL_IMAGE_MAX pixels."""
+    if checkpoint.get("head") in model_builder.HEADS:
+        return checkpoint["head"]
+    return "torchvision" if checkpoint["image_size"] > model_builder.SMALL_IMAGE_MAX else "compact"
+
+
 def load_model(checkpoint: dict[str, Any], path: str | Path | None = None) -> nn.Module:
     """The model a checkpoint describes, with its weights, on the CPU in eval mode: the one way a
     model is rebuilt from a file (the run, deployment figures, prediction). Its description is
     checked first (`check_description`: SettingsError naming `path`, the file it was read from)."""
     check_description(path, checkpoint, MODEL_KEYS)
-    model = model_builder.build_model(checkpoint["arch"], len(checkpoint["class_names"]), checkpoint["image_size"])
+    model = model_builder.build_model(checkpoint["arch"], len(checkpoint["class_names"]), checkpoint["image_size"],
+                                      saved_head(checkpoint))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -205,7 +229,8 @@ def check_teacher_fits(path: str, checkpoint: dict[str, Any], class_names: list[
     if checkpoint["class_names"] != class_names:
         raise errors.SettingsError(f"Teacher checkpoint '{path}' was trained on classes {checkpoint['class_names']}, "
                                    f"not this data's {class_names}.")
-    model = model_builder.build_on_meta(checkpoint["arch"], len(class_names), checkpoint["image_size"])
+    model = model_builder.build_on_meta(checkpoint["arch"], len(class_names), checkpoint["image_size"],
+                                        saved_head(checkpoint))
     try:
         model.load_state_dict(checkpoint["state_dict"], assign=True)
     except RuntimeError as error:
@@ -278,6 +303,40 @@ def restore_training(
                               train_seconds=state["train_seconds"],
                               best_val_outputs=(state["best_val_logits"], state["best_val_labels"]))
     return result, state["model"] if state["best_model"] is None else state["best_model"]
+
+
+class Sittings:
+    """The wall time of a run over its sittings: the first, and one more per --resume.
+
+    `record()` (rank 0, after every epoch and at the end) saves every sitting's seconds so far in
+    RUN/sittings.json, so a resumed run counts the earlier ones: each up to its last record when it
+    was killed outright. A run begun before this file existed counts its last sitting only.
+    """
+
+    def __init__(self, run_dir: Path, start: float, resume: bool) -> None:
+        self.path, self.start = Path(run_dir) / SITTINGS, start
+        self.earlier: list[float] = []
+        if resume and self.path.is_file():
+            try:
+                self.earlier = [float(seconds) for seconds in json.loads(self.path.read_text())["seconds"]]
+            except (OSError, ValueError, TypeError, KeyError):  # a damaged record loses the earlier sittings only
+                self.earlier = []
+
+    def last(self) -> float:
+        """Seconds of this sitting so far."""
+        return time.perf_counter() - self.start
+
+    def total(self) -> float:
+        """Seconds of every sitting, this one so far included."""
+        return sum(self.earlier) + self.last()
+
+    def count(self) -> int:
+        """How many sittings the run has had, this one included."""
+        return len(self.earlier) + 1
+
+    def record(self) -> None:
+        """Save every sitting's seconds, this one's so far."""
+        utils.write_json(self.path, {"seconds": [*self.earlier, round(self.last(), 2)]})
 
 
 # ---------------------------------------------------------------- writing in the background

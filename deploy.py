@@ -4,21 +4,42 @@ ONNX export (checked against PyTorch)."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
+import timeit
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoints
 import model_builder
 import runtime
+import schema
 import utils
 
 ONNX_METADATA_KEY = "kd_pipeline"  # JSON: arch, class names, image size, normalization
 ONNX_TOLERANCE = 1e-4  # largest allowed |logit difference| between ONNX Runtime and PyTorch
+# A speed measurement whose interquartile range is wider than this share of its median is taken again, and
+# marked noisy (no speed-up claimed from it) if it stays so: set from measurements on a quiet and a busy machine
+# (README, "Deploying the student").
+NOISY_SPREAD = 0.25
+MEASURE_PASSES = 3  # a noisy measurement is taken up to this many times in all
+THROUGHPUT_BATCH = 64  # images per forward pass when throughput is measured
+# Per kind of speed-up, its ModelRow fields (ratio, clear, noisy), what it measures and the unit of its figure.
+SPEED_KINDS = {
+    "latency": (("speedup_over_teacher", "speedup_clear", "latency_noisy"), "batch-1 latency", "latency_ms", "ms"),
+    "throughput": (("throughput_speedup_over_teacher", "throughput_speedup_clear", "throughput_noisy"),
+                   f"batch-{THROUGHPUT_BATCH} throughput", "throughput_img_s", "images/s"),
+}
+# torchvision classifiers made for photos (a stem that shrinks the image 4-fold, then 8-fold more): a student needing
+# more FLOPs than the one of them nearest its size is a poor choice at that image size.
+TORCHVISION_PEERS = ("shufflenet_v2_x0_5", "mobilenet_v3_small", "shufflenet_v2_x1_0", "mobilenet_v2",
+                     "mobilenet_v3_large", "efficientnet_b0", "resnet18", "resnet34", "resnet50")
 
 
 # ---------------------------------------------------------------- size and FLOPs
@@ -51,8 +72,6 @@ def flops_per_image(model: nn.Module, image_size: int) -> int:
 
     Counted on a CPU copy in eval mode, so it works for any device and leaves the model untouched.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     plain = _cpu_copy(model)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -69,48 +88,80 @@ def file_figures(model: nn.Module, checkpoint: Path, image_size: int) -> dict[st
 # ---------------------------------------------------------------- speed
 
 
+def block_times(run: Callable[[], None], min_run_time: float, min_blocks: int = 2) -> list[float]:
+    """Seconds per call of `run`, one figure per timed block of calls, as torch.utils.benchmark's
+    `blocked_autorange` measures (which is not imported: it pulls in torch.utils.cpp_extension, which
+    logs a CUDA warning on CPU-only machines).
+
+    A first untimed call keeps one-off costs (kernel selection, allocation) out; the calls per block
+    grow tenfold from one until a block takes a thousandth of `min_run_time`; then blocks are timed
+    until `min_run_time` has passed and at least `min_blocks` were timed.
+    """
+    timer = timeit.Timer(run)
+    timer.timeit(1)
+    number = 1
+    while timer.timeit(number) < min_run_time / 1000:
+        number *= 10
+    times: list[float] = []
+    while sum(times) * number < min_run_time or len(times) < min_blocks:
+        times.append(timer.timeit(number) / number)
+    return times
+
+
+def spread(seconds: list[float]) -> dict[str, Any]:
+    """Median and interquartile range [q1, q3] of timed seconds, and whether the range is wide against the
+    median (`noisy`: wider than NOISY_SPREAD of it)."""
+    q1, median, q3 = np.percentile(seconds, [25, 50, 75])
+    return {"median": float(median), "iqr": [float(q1), float(q3)], "noisy": bool(q3 - q1 > NOISY_SPREAD * median)}
+
+
 def measure_speeds(
     models: dict[str, nn.Module], image_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    batch: int = 64, rounds: int = 3, min_run_time: float = 0.05,
+    batch: int = THROUGHPUT_BATCH, rounds: int = 3, min_run_time: float = 0.05, passes: int = MEASURE_PASSES,
 ) -> dict[str, dict[str, Any]]:
     """Deployment speed of several models on this device, measured interleaved.
 
-    In each of `rounds` rounds every model in turn is timed by `torch.utils.benchmark`
-    (`Timer.blocked_autorange`) at batch 1 and at batch `batch`, so a slow moment of the machine
-    hits all of them rather than one. Per model: batch-1 latency in ms and batch-`batch`
-    throughput in images/s, each as the median and the interquartile range [q1, q3] of the
-    timed blocks of all rounds. Each call of blocked_autorange first runs the model untimed to
-    choose its block size, which also keeps first-call costs (kernel selection, allocation) out
-    of the figures. Inputs are random (speed does not depend on them); the measurement uses as
+    In each of `rounds` rounds every model in turn is timed (`block_times`) at batch 1 and at batch
+    `batch`, so a slow moment of the machine hits all of them rather than one. Per model: batch-1
+    latency in ms and batch-`batch` throughput in images/s, each as the median and the
+    interquartile range [q1, q3] of the timed blocks of all rounds. A measurement whose range is
+    wide against its median (`spread`) is taken again, in up to `passes` passes in all (the models
+    still noisy, interleaved as before); one still noisy after them is marked `latency_noisy` /
+    `throughput_noisy`. Inputs are random (speed does not depend on them); the measurement uses as
     many threads as the run.
     """
-    from torch.utils.benchmark import Timer
-
     def forward(module: nn.Module, images: torch.Tensor) -> None:
         with torch.inference_mode(), runtime.autocast(device, amp_dtype):
             module(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    timers = {}
+    calls = {}
     for name, model in models.items():
         module = model_builder.unwrap(model, keep_compiled=True).eval()
         for size in (1, batch):
             images = torch.randn(size, 3, image_size, image_size, device=device)
-            images = images.contiguous(memory_format=torch.channels_last)
-            timers[name, size] = Timer("forward(module, images)",
-                                       globals={"forward": forward, "module": module, "images": images},
-                                       num_threads=torch.get_num_threads())
-    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, timer in timers.items():
-            seconds[key] += timer.blocked_autorange(min_run_time=min_run_time).times
+            calls[name, size] = functools.partial(forward, module, images.contiguous(memory_format=torch.channels_last))
+    spreads: dict[tuple[str, int], dict[str, Any]] = {}
+    pending = list(calls)
+    for _ in range(passes):
+        seconds: dict[tuple[str, int], list[float]] = {key: [] for key in pending}
+        for _ in range(rounds):
+            for key in pending:
+                seconds[key] += block_times(calls[key], min_run_time)
+        spreads.update({key: spread(times) for key, times in seconds.items()})
+        pending = [key for key in pending if spreads[key]["noisy"]]
+        if not pending:
+            break
     speeds = {}
     for name in models:
-        latency = 1000 * np.percentile(seconds[name, 1], [25, 50, 75])
-        throughput = batch / np.percentile(seconds[name, batch], [75, 50, 25])
+        latency, throughput = spreads[name, 1], spreads[name, batch]
         speeds[name] = {
-            "latency_ms": round(float(latency[1]), 3), "latency_ms_iqr": [round(float(v), 3) for v in latency[::2]],
-            "throughput_img_s": round(float(throughput[1]), 1),
-            "throughput_img_s_iqr": [round(float(v), 1) for v in throughput[::2]],
+            "latency_ms": round(1000 * latency["median"], 3),
+            "latency_ms_iqr": [round(1000 * value, 3) for value in latency["iqr"]],
+            "throughput_img_s": round(batch / throughput["median"], 1),
+            "throughput_img_s_iqr": [round(batch / value, 1) for value in throughput["iqr"][::-1]],
+            "latency_noisy": latency["noisy"], "throughput_noisy": throughput["noisy"],
         }
     return speeds
 
@@ -126,12 +177,87 @@ def measure_saved_models(
     return measure_speeds(models, image_size, device, amp_dtype)
 
 
+def _ratio(teacher: tuple[float, list[float], bool], model: tuple[float, list[float], bool], faster: str) -> tuple:
+    """A speed-up from one kind of figure (median, IQR, noisy) of the teacher and the model, and whether it
+    is clear: neither measurement noisy and their interquartile ranges apart. `faster` says which way the
+    figure runs ("lower" for latency, "higher" for throughput)."""
+    ratio = teacher[0] / model[0] if faster == "lower" else model[0] / teacher[0]
+    (low, high), (teacher_low, teacher_high) = model[1], teacher[1]
+    apart = high < teacher_low or teacher_high < low
+    return round(ratio, 3), apart and not (teacher[2] or model[2])
+
+
 def speedup(teacher: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    """A model's speed-up over the teacher: the ratio of median batch-1 latencies, and whether
-    the measurement tells them apart (`speedup_clear`: their interquartile ranges do not overlap)."""
-    (low, high), (teacher_low, teacher_high) = model["latency_ms_iqr"], teacher["latency_ms_iqr"]
-    return {"speedup_over_teacher": round(teacher["latency_ms"] / model["latency_ms"], 3),
-            "speedup_clear": high < teacher_low or teacher_high < low}
+    """A model's two speed-ups over the teacher, each with its own verdict: batch-1 latency
+    (`speedup_over_teacher`, the teacher's median latency over the model's) and batch throughput
+    (`throughput_speedup_over_teacher`, the model's median images/s over the teacher's). A speed-up is
+    clear (`speedup_clear`, `throughput_speedup_clear`) when neither measurement is noisy and their
+    interquartile ranges do not overlap."""
+    def figures(speed: dict[str, Any], kind: str, unit: str) -> tuple[float, list[float], bool]:
+        return speed[f"{kind}_{unit}"], speed[f"{kind}_{unit}_iqr"], bool(speed.get(f"{kind}_noisy"))
+
+    latency, latency_clear = _ratio(figures(teacher, "latency", "ms"), figures(model, "latency", "ms"), "lower")
+    throughput, throughput_clear = _ratio(figures(teacher, "throughput", "img_s"),
+                                          figures(model, "throughput", "img_s"), "higher")
+    return {"speedup_over_teacher": latency, "speedup_clear": latency_clear,
+            "throughput_speedup_over_teacher": throughput, "throughput_speedup_clear": throughput_clear}
+
+
+def speedup_cell(row: schema.ModelRow, kind: str, teacher: schema.ModelRow | None = None) -> str:
+    """A model's speed-up of one kind ("latency", "throughput") for tables: '2.10x', 'unclear' (the two
+    interquartile ranges overlap), 'noisy' (its or the teacher's measurement stayed noisy: no speed-up
+    claimed) or 'n/a'."""
+    ratio_field, clear_field, noisy_field = SPEED_KINDS[kind][0]
+    ratio = getattr(row, ratio_field)
+    if ratio is None:
+        return "n/a"
+    if getattr(row, noisy_field) or (teacher is not None and getattr(teacher, noisy_field)):
+        return "noisy"
+    return f"{ratio:.2f}x" if getattr(row, clear_field) is not False else "unclear"
+
+
+def speed_clause(student: schema.ModelRow, teacher: schema.ModelRow, kind: str) -> str | None:
+    """What one kind of measured speed-up says about the student against the teacher, in words (None when
+    the summary has no such measurement)."""
+    (ratio_field, clear_field, noisy_field), measure, figure, unit = SPEED_KINDS[kind]
+    ratio = getattr(student, ratio_field)
+    if ratio is None:
+        return None
+    figures = f"{getattr(student, figure):g} against {getattr(teacher, figure):g} {unit}"
+    if getattr(student, noisy_field) or getattr(teacher, noisy_field):
+        return (f"its {measure} stayed noisy (interquartile range wider than {100 * NOISY_SPREAD:g}% of the median, "
+                f"after {MEASURE_PASSES} tries; {figures}), so no {measure} speed-up is claimed")
+    if getattr(student, clear_field) is False:
+        return f"its {measure} cannot be told from the teacher's ({figures}, overlapping interquartile ranges)"
+    return f"by {measure} it is {ratio:.2f}x as fast ({figures})"
+
+
+# ---------------------------------------------------------------- students for photos
+
+
+def peer_flops(arch: str, num_classes: int, image_size: int) -> dict[str, Any] | None:
+    """Above SMALL_IMAGE_MAX pixels: the torchvision classifier of TORCHVISION_PEERS whose parameter count
+    is nearest `arch`'s (by ratio), with both models' parameters and FLOPs per image at `image_size`,
+    when `arch` needs more FLOPs than it. None otherwise (also at small sizes, where torchvision's
+    ImageNet networks, which shrink an image 32-fold, are no fair comparison). Counted on the meta device."""
+    if image_size <= model_builder.SMALL_IMAGE_MAX:
+        return None
+
+    def cost(name: str) -> tuple[int, int]:
+        model = model_builder.build_on_meta(name, num_classes, image_size).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.device("meta"):
+            model(torch.zeros(1, 3, image_size, image_size))
+        return count_parameters(model), int(counter.get_total_flops())
+
+    params, flops = cost(arch)
+    peers = {name: cost(name) for name in TORCHVISION_PEERS}
+    peer = min(peers, key=lambda name: abs(math.log(peers[name][0] / params)))
+    if peer == model_builder.architecture_name(arch) or flops <= peers[peer][1]:
+        return None
+    return {"arch": model_builder.architecture_name(arch), "image_size": image_size, "params": params,
+            "flops_per_image": flops,
+            "peer": peer, "peer_params": peers[peer][0], "peer_flops_per_image": peers[peer][1]}
 
 
 # ---------------------------------------------------------------- ONNX

@@ -265,7 +265,8 @@ def fit(
         # Logged once on_epoch_end has handed the epoch to the checkpoint writer: unless the process is
         # killed outright, an epoch shown as done is on disk when the run ends, and a resume will not repeat it.
         if runtime.is_main_process():
-            log(f"[{name}] " + utils.history_table([record]).strip() + ("  *best" if improved else ""))
+            line = utils.history_table([record], len(class_names)).strip()
+            log(f"[{name}] {line}" + ("  *best" if improved else ""))
     if best_state is not None:
         model_builder.unwrap(model).load_state_dict(best_state)
     return result

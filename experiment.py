@@ -120,7 +120,7 @@ def run_experiment(
     """
     start = time.perf_counter()
     config, teacher_checkpoint = checked_settings(config, given)
-    context, dataset = prepare_run(config, teacher_checkpoint, resume)
+    context, dataset = prepare_run(config, teacher_checkpoint, start, resume)
     try:
         with context.saver:  # every checkpoint is on disk before the run ends, however it ends
             teacher, teacher_row = obtain_teacher(context, teacher_checkpoint)
@@ -131,6 +131,8 @@ def run_experiment(
             publish(context, summary)
             return summary
     except KeyboardInterrupt as stop:
+        if runtime.is_main_process():
+            context.clock.record()  # the stopped sitting counts up to now
         raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
 
 
@@ -146,7 +148,7 @@ def run_sweep(
     start = time.perf_counter()
     config, teacher_checkpoint = checked_settings(config, given)
     config, plan = sweep.prepare(config)
-    context, dataset = prepare_run(config, teacher_checkpoint, resume or sweep.joins_run(config, plan))
+    context, dataset = prepare_run(config, teacher_checkpoint, start, resume or sweep.joins_run(config, plan))
     try:
         with context.saver, sweep.Worker(context, plan, dataset) as worker:
             teacher, teacher_row = worker.once("teacher", functools.partial(obtain_teacher, context,
@@ -161,14 +163,16 @@ def run_sweep(
                 publish(search.context, summary)
                 return summary
     except KeyboardInterrupt as stop:
+        if runtime.is_main_process():
+            context.clock.record()  # the stopped sitting counts up to now
         raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
 
 
 def prepare_run(
-    config: settings.Config, teacher_checkpoint: dict[str, Any] | None, resume: bool,
+    config: settings.Config, teacher_checkpoint: dict[str, Any] | None, start: float, resume: bool,
 ) -> tuple[trainer.Context, schema.DatasetRecord]:
     """Everything before the first model: initial weights, processes, data (checked), the run directory and
-    config.json. Returns the run's context and its data's record."""
+    config.json (`start`: when this sitting began). Returns the run's context and its data's record."""
     pretrained = trainer.read_initial_weights(config)
     settings.check_output_dir(config, resume)
     device, amp_dtype, world = start_processes(config)
@@ -180,7 +184,7 @@ def prepare_run(
     class_weights = engine.class_weights(data.train.labels, len(data.class_names)) \
         if config.class_weights == "balanced" else None
     context = make_context(config, data, device, amp_dtype, report.make_run_dir(config.output_dir), pretrained,
-                           class_weights)
+                           class_weights, start, resume)
     dataset = data_setup.describe(data, normalization, class_weights)
     announce(context, dataset, world, resume)
     return context, dataset
@@ -199,6 +203,8 @@ def checked_settings(
     if config.teacher_checkpoint is not None:
         teacher_checkpoint = checkpoints.read_teacher_checkpoint(config.teacher_checkpoint)
         config = settings.adopt_teacher_checkpoint(config, teacher_checkpoint, given)
+        if runtime.is_main_process():
+            print(settings.adopted_settings(config, teacher_checkpoint))
     settings.validate(config)
     return config, teacher_checkpoint
 
@@ -230,14 +236,17 @@ def load_data(config: settings.Config, device: torch.device) -> data_setup.Datas
 def make_context(
     config: settings.Config, data: data_setup.DatasetSplits, device: torch.device, amp_dtype: torch.dtype | None,
     run_dir: Path, pretrained: dict[str, model_builder.Pretrained], class_weights: list[float] | None,
+    start: float, resume: bool,
 ) -> trainer.Context:
-    """What every model of the run shares, with an evaluation loader per split."""
+    """What every model of the run shares, with an evaluation loader per split, and the clock of the run's
+    sittings (this one began at `start`; `resume`: earlier ones count too)."""
     shard = runtime.rank_and_world()
     eval_loaders = {split: data_setup.BatchLoader(getattr(data, split), config.eval_batch_size, data.mean, data.std,
                                                   device, workers=config.workers, shard=shard)
                     for split in schema.SPLITS}
     return trainer.Context(config, data, device, amp_dtype, run_dir, eval_loaders, checkpoints.BackgroundSaver(),
-                           pretrained, engine.hard_label_loss(config.label_smoothing, class_weights, device))
+                           pretrained, engine.hard_label_loss(config.label_smoothing, class_weights, device),
+                           checkpoints.Sittings(run_dir, start, resume))
 
 
 def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int, resume: bool) -> None:
@@ -255,6 +264,9 @@ def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int
           f"{precision}, {world} process{'es' if world > 1 else ''}  |  {len(data.class_names)} classes, "
           f"train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
     report.write_skipped_files(run_dir, data.skipped_files)
+    peer = deploy.peer_flops(config.student_model, len(data.class_names), config.image_size)
+    if peer is not None:
+        print(f"note: {significance.peer_sentence(peer)}")
 
 
 def obtain_teacher(
@@ -290,7 +302,7 @@ def adopt_checkpoint(
     if runtime.is_main_process():
         checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
             context.description(), role, checkpoint["arch"], checkpoints.model_weights(model), fit.best_epoch,
-            fit.history))
+            fit.history, checkpoints.head_of(model)))
     return model, report.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
 
 
@@ -340,34 +352,43 @@ def summarize(
     context: trainer.Context, start: float, dataset: schema.DatasetRecord, teacher_row: schema.ModelRow,
     students: Students,
 ) -> schema.RunSummary:
-    """Every model's row with its seed spread, gain verdict and deployment speed, and the run's warnings."""
-    seeds, run_dir = settings.seeds(context.config), context.run_dir
+    """Every model's row with its seed spread, gain verdict and deployment speed, and the run's warnings.
+
+    The wall time counts every sitting of a resumed run (`context.clock`; `start`: this sitting's start)."""
+    config, run_dir = context.config, context.run_dir
+    seeds = settings.seeds(config)
     rows = {role: {seed: row for seed, (row, _) in by_seed.items()} for role, by_seed in students.items()}
     correct = {role: {seed: report.read_test_correct(folder) for seed, (_, folder) in by_seed.items()}
                for role, by_seed in students.items()}
-    models = {schema.TEACHER: teacher_row}
+    models = {schema.TEACHER: replace(teacher_row, **significance.teacher_against_baseline(
+        report.read_test_correct(run_dir / schema.TEACHER), rows[schema.BASELINE], correct[schema.BASELINE],
+        teacher_row.test["top1"]))}
+    peer = deploy.peer_flops(config.student_model, len(dataset.class_names), config.image_size)
     for role, by_seed in rows.items():
         statistics = {} if role == schema.BASELINE else significance.gain_statistics(
             by_seed, rows[schema.BASELINE], correct[role], correct[schema.BASELINE])
-        models[role] = replace(by_seed[seeds[0]], **significance.top1_spread(by_seed), **statistics)
+        models[role] = replace(by_seed[seeds[0]], **significance.top1_spread(by_seed), **statistics, flops_peer=peer)
     folders = {schema.TEACHER: run_dir / schema.TEACHER, **{role: students[role][seeds[0]][1] for role in students}}
-    speeds = deploy.measure_saved_models(folders, context.config.image_size, context.device, context.amp_dtype)
+    speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype)
     for role, row in models.items():
-        ratio = {"speedup_over_teacher": 1.0} if role == schema.TEACHER else deploy.speedup(speeds[schema.TEACHER],
-                                                                                          speeds[role])
+        ratio = {"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0} if role == schema.TEACHER \
+            else deploy.speedup(speeds[schema.TEACHER], speeds[role])
         models[role] = replace(row, **speeds[role], **ratio)
     kd_role = schema.distilled_role("kd")
+    clock = context.clock or checkpoints.Sittings(run_dir, start, resume=False)
     summary = schema.RunSummary(
         models=models, seeds=seeds, skipped_files=context.data.skipped_files, dataset=dataset,
         device=str(context.device), precision=runtime.precision_name(context.amp_dtype),
-        wall_seconds=round(time.perf_counter() - start, 2), finished_at=datetime.now().isoformat(timespec="seconds"),
+        wall_seconds=round(clock.total(), 2), wall_seconds_last_sitting=round(clock.last(), 2),
+        sittings=clock.count(), finished_at=datetime.now().isoformat(timespec="seconds"),
         kd_gain_top1=models[kd_role].test["top1"] - models[schema.BASELINE].test["top1"] if kd_role in models else None,
     )
-    histories = {schema.TEACHER: run_dir / schema.TEACHER}
-    histories.update({schema.model_name(role, seed, seeds): folder
-                      for seed in seeds for role, by_seed in students.items() for folder in [by_seed[seed][1]]})
+    named = {schema.model_name(role, seed, seeds): (row, folder)
+             for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}
+    named = {schema.TEACHER: (teacher_row, run_dir / schema.TEACHER), **named}
     summary.warnings = significance.sanity_warnings(
-        summary, {name: utils.read_json(folder / "history.json") for name, folder in histories.items()})
+        summary, {name: utils.read_json(folder / "history.json") for name, (_, folder) in named.items()},
+        {name: row for name, (row, _) in named.items()}, config.select_metric)
     return summary
 
 
@@ -375,15 +396,18 @@ def publish(context: trainer.Context, summary: schema.RunSummary) -> None:
     """Write summary.json, the comparison table and chart, the HTML report and the ledger row; print the tables."""
     run_dir = context.run_dir
     table = report.comparison_table(summary) + "\n" + report.deployment_table(summary)
+    if context.clock is not None:
+        context.clock.record()
     utils.write_json(run_dir / "summary.json", summary.to_dict())
     utils.write_text(run_dir / "comparison.txt", table)
     utils.plot_comparison({role: row.test for role, row in summary.models.items()},
-                          {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png")
+                          {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png",
+                          len(summary.dataset.class_names))
     html = report.write_report(run_dir)
     ledger = run_dir.parent / "experiments.csv"
     report.append_ledger(ledger, report.ledger_row(context.config, summary, run_dir))
     warnings = "".join(f"warning: {warning}\n" for warning in summary.warnings)
-    print("\n" + table + warnings + f"Wall time {utils.format_seconds(summary.wall_seconds)}. Results in {run_dir}, "
+    print("\n" + table + warnings + f"Wall time {report.wall_time(summary)}. Results in {run_dir}, "
           f"report {html}, ledger {ledger}")
 
 

@@ -33,6 +33,9 @@ from torchvision.ops import Conv2dNormActivation
 import errors
 
 SMALL_IMAGE_MAX = 64  # pixels; up to this size torchvision's ResNets and VGGs get small-image variants
+HEADS = ("compact", "torchvision")  # a VGG's classifier: global pooling + one linear layer, or torchvision's 4096-wide
+MIN_BATCH_NORM_MOMENTUM = 0.1  # PyTorch's default; see _for_short_runs
+GROUPED_FAN_OUT_FAMILIES = (models.MobileNetV2, models.MobileNetV3, models.MNASNet, models.EfficientNet, models.RegNet)
 ALIASES = {"vgg16": "vgg16_bn", "resnet18": "resnet18"}  # the project's names -> torchvision's
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before a weights download counts as impossible
 POOLED_FEATURE = "avgpool"  # the layer whose output is the pooled feature map, in the zoo and torchvision's models
@@ -303,22 +306,40 @@ def _adapt_vgg(model: models.VGG, num_classes: int) -> None:
     model.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(channels, num_classes))
 
 
-def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
+def _for_short_runs(model: nn.Module) -> None:
+    """torchvision's mobile networks are made for ImageNet's 100,000s of steps: batch norms moving 0.01 or less a
+    step, depthwise convolutions initialized as if ungrouped (sqrt(groups) too small). In a short run their running
+    statistics stay far from the batches', and in eval mode the model answers one class. Set as timm sets them:
+    momentum at least MIN_BATCH_NORM_MOMENTUM, grouped convolutions' He normal with their true fan-out."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+            module.momentum = max(module.momentum, MIN_BATCH_NORM_MOMENTUM)
+        elif isinstance(module, nn.Conv2d) and module.groups > 1 and isinstance(model, GROUPED_FAN_OUT_FAMILIES):
+            fan_out = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            nn.init.normal_(module.weight, 0.0, (2.0 / fan_out) ** 0.5)
+
+
+def default_head(pretrained: Any = None) -> str:
+    """A VGG's head: torchvision's where pretrained weights load (they hold it), else the compact one (see HEADS)."""
+    return "compact" if pretrained is None else "torchvision"
+
+
+def build_model(name: str, num_classes: int, image_size: int, head: str = "compact") -> nn.Module:
     """Build an untrained classifier by name for a class count and image size.
 
-    No weights are downloaded. Networks of `ZOO` are the same at every size; torchvision's ResNet
-    and VGG families get their small-image variants when `image_size` is at most SMALL_IMAGE_MAX.
+    No weights are downloaded. Networks of `ZOO` are the same at every size; torchvision's ResNet and VGG families
+    get small-image variants when `image_size` is at most SMALL_IMAGE_MAX; a larger VGG gets the `head` asked for.
     """
     key = architecture_name(name)
     if key in ZOO:
         return ZOO[key](num_classes=num_classes)
     model = models.get_model(key, weights=None, num_classes=num_classes)
-    if image_size <= SMALL_IMAGE_MAX:
-        if isinstance(model, models.ResNet):
-            _adapt_resnet(model)
-            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(model, models.VGG):
-            _adapt_vgg(model, num_classes)
+    _for_short_runs(model)
+    if isinstance(model, models.ResNet) and image_size <= SMALL_IMAGE_MAX:
+        _adapt_resnet(model)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(model, models.VGG) and (image_size <= SMALL_IMAGE_MAX or head == "compact"):
+        _adapt_vgg(model, num_classes)
     return model
 
 
@@ -494,11 +515,11 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
-def build_on_meta(name: str, num_classes: int, image_size: int) -> nn.Module:
+def build_on_meta(name: str, num_classes: int, image_size: int, head: str = "compact") -> nn.Module:
     """`build_model` with every parameter and buffer on the meta device: layer names and shapes
     at no memory or time cost, for checks made before any work."""
     with _parameters_on_meta():
-        return build_model(name, num_classes, image_size)
+        return build_model(name, num_classes, image_size, head)
 
 
 def check_input_size(name: str, image_size: int) -> None:

@@ -177,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", "--model_path", dest="model", required=True,
                         help="path to a best_model.pth or model.onnx")
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for them")
-    parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
+    parser.add_argument("--top-k", type=int, default=3,
+                        help="how many classes to show per image (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--csv", metavar="FILE", default=None,
                         help="write one row per image to FILE (path, top classes, probabilities, or why it could not "
                              "be read); the console then shows a summary unless --json is given")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     args = parser.parse_args(argv)
     # The shell leaves '~' alone in --model=~/x; expand it as a user expects.
     args.model, args.images = os.path.expanduser(args.model), [os.path.expanduser(image) for image in args.images]

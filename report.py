@@ -57,10 +57,12 @@ def evaluate_model(
         outputs["val"] = fit.best_val_outputs
     outputs = {split: outputs[split] for split in schema.SPLITS}
     results = {split: engine.metrics_from_logits(*outputs[split], class_names) for split in schema.SPLITS}
+    top_class, top_share = utils.most_predicted(outputs["test"][0], class_names)
     row = schema.ModelRow(
         arch=arch, **deploy.describe(model), best_epoch=fit.best_epoch, epochs_trained=len(fit.history),
         stopped_early=fit.stopped_early, train_seconds=round(fit.train_seconds, 2),
-        test={key: results["test"][key] for key in schema.TEST_KEYS},
+        test={key: results["test"][key] for key in schema.TEST_KEYS}, test_top_class=top_class,
+        test_top_class_share=top_share,
     )
     pretrained = context.initial_weights(role)
     if pretrained is not None:
@@ -72,6 +74,7 @@ def evaluate_model(
     row.file_mb, row.flops_per_image = figures["file_mb"], figures["flops_per_image"]
     if context.config.export == "onnx":
         row.export = export_model(context, role, arch, model, folder)
+        print(f"[{role}] {export_sentence(row.export)}")
     write_model_folder(context, role, arch, model, fit, folder, outputs, results)
     # Written last: its presence marks the model as finished for --resume.
     utils.write_json(folder / RESULTS, {"model": role, **row.to_dict(),
@@ -97,7 +100,7 @@ def write_model_folder(
                              f"{role}: {split} confusion matrix", folder / f"confusion_matrix_{split}.png")
     utils.write_json(folder / "history.json", {"best_epoch": fit.best_epoch, "epochs": fit.history})
     utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation "
-                     f"{config.select_metric}\n" + utils.history_table(fit.history))
+                     f"{config.select_metric}\n" + utils.history_table(fit.history, len(class_names)))
     utils.write_text(folder / "detailed_metrics.txt",
                      f"{role} ({arch}) at its best epoch {fit.best_epoch}\n\n" + utils.metrics_table(results))
     stats = torchinfo_summary(model_builder.unwrap(model), input_size=(1, 3, config.image_size, config.image_size),
@@ -108,7 +111,8 @@ def write_model_folder(
                                               KD_engine.LOSS_PARTS), folder / "loss_curve.png")
         utils.save_figure(utils.curves_figure({role: fit.history}, "top1", "top1", f"{role}: top-1 accuracy"),
                           folder / "accuracy_curve.png")
-    utils.plot_topk(results, f"{role}: top-1 and top-3 accuracy", folder / "top1_top3_comparison.png")
+    title = f"{role}: top-1 and top-3 accuracy" if utils.shows_top_k(len(class_names)) else f"{role}: top-1 accuracy"
+    utils.plot_topk(results, title, folder / "top1_top3_comparison.png", len(class_names))
 
 
 def export_model(context: trainer.Context, role: str, arch: str, model: nn.Module, folder: Path) -> dict[str, Any]:
@@ -119,6 +123,14 @@ def export_model(context: trainer.Context, role: str, arch: str, model: nn.Modul
     images = next(iter(context.eval_loaders["val"]))[0][:64]
     check = deploy.export_checked(model, path, context.config.image_size, metadata, images)
     return {"onnx": str(path.relative_to(context.run_dir)), **check}
+
+
+def export_sentence(export: dict[str, Any]) -> str:
+    """What an ONNX export wrote and how its check went, for the console and the report."""
+    verdict = "passed" if export["passed"] else "FAILED"
+    return (f"exported {export['onnx']}: ONNX Runtime's logits differ from PyTorch's by at most "
+            f"{export['max_abs_diff']:.2g} on {export['checked_images']} validation images (tolerance "
+            f"{export['tolerance']:.0e}): {verdict}")
 
 
 def finished_row(folder: Path, name: str) -> schema.ModelRow | None:
@@ -198,10 +210,11 @@ def write_skipped_files(run_dir: Path, skipped: list[dict[str, str]]) -> None:
 def comparison_table(summary: schema.RunSummary) -> str:
     """The final table: one row per model with size, training time and test metrics (of the first seed),
     then, over several seeds, mean +- std of test top-1 and of the gain over the baseline; below it every
-    distilled student's gain with its verdict (significant or within noise)."""
+    distilled student's gain with its verdict (significant or within noise), and with several seeds
+    every student's top-1, gain and verdict in every seed."""
     seeds, models = summary.seeds, summary.models
     several = len(seeds) > 1
-    metrics = ("top1", "top3", "f1_macro", "auc_macro")
+    metrics = utils.shown_metrics(len(summary.dataset.class_names))
     header = ["model", "arch", "params", "MB", "best ep", "train", *metrics]
     if several:
         header += ["top1 mean+-std", "gain mean+-std", "gain 95% interval"]
@@ -223,49 +236,67 @@ def comparison_table(summary: schema.RunSummary) -> str:
     distilled = [role for role in models if schema.is_distilled(role)]
     lines += [significance.gain_sentence(role, models[role], models[schema.BASELINE], seeds) for role in distilled]
     if distilled:
-        lines.append("significant: " + significance.rule(several))
+        zero_spread = any(models[role].gain_top1_test == "mcnemar_every_seed" for role in distilled)
+        lines.append("significant: " + significance.rule(several, zero_spread))
     if several:
         lines.append(f"seeds {', '.join(map(str, seeds))}: the teacher is trained once (seed {seeds[0]}); "
                      "per-model columns are the first seed's, mean+-std over all seeds (sample std)")
+        lines.append("\nEvery seed (gain: over the baseline of the same seed; verdict: exact McNemar test of the "
+                     "two):\n" + utils.text_table(SEED_COLUMNS, significance.seed_rows(summary), left=2).rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
+SEED_COLUMNS = ["model", "seed", "top1", "gain", "verdict"]
+
+
 def deployment_table(summary: schema.RunSummary) -> str:
-    """Size and speed of every model on this run's device, and each one's speed-up over the teacher
-    ("unclear" where the latency spreads overlap)."""
-    header = ["model", "params", "file MB", "GFLOPs/img", "latency ms", "latency IQR", "img/s @64", "img/s IQR",
-              "speed-up"]
+    """Size and speed of every model on this run's device, and each one's two speed-ups over the teacher,
+    batch-1 latency and batch throughput, each with its own verdict (deploy.speedup_cell)."""
+    header = ["model", "params", "file MB", "GFLOPs/img", "latency ms", "latency IQR", "speed-up",
+              f"img/s @{deploy.THROUGHPUT_BATCH}", "img/s IQR", "speed-up"]
 
     def interval(low_high: list[float], digits: int) -> str:
         return "-".join(f"{value:.{digits}f}" for value in low_high)
 
-    rows, unclear = [], []
+    rows, marked, teacher = [], {}, summary.models[schema.TEACHER]
     for role, row in summary.models.items():
-        clear = role == schema.TEACHER or row.speedup_clear
-        if not clear:
-            unclear.append(f"{role} {row.speedup_over_teacher:.2f}x")
-        rows.append([role, f"{row.params:,}", f"{row.file_mb:.1f}", f"{row.flops_per_image / 1e9:.3f}",
-                     f"{row.latency_ms:.2f}", interval(row.latency_ms_iqr, 2), f"{row.throughput_img_s:.1f}",
-                     interval(row.throughput_img_s_iqr, 1),
-                     f"{row.speedup_over_teacher:.2f}x" if clear else "unclear"])
-    notes = ["medians and interquartile ranges over interleaved rounds; speed-up = the teacher's median latency / "
-             "the model's"]
-    if unclear:
-        notes.append("unclear: the model's and the teacher's latency interquartile ranges overlap, so this measurement "
-                     f"cannot tell which is faster (median ratios: {', '.join(unclear)})")
+        cells = {kind: deploy.speedup_cell(row, kind, teacher) for kind in deploy.SPEED_KINDS}
+        for kind, cell in cells.items():
+            if cell in ("unclear", "noisy"):
+                ratio = getattr(row, deploy.SPEED_KINDS[kind][0][0])
+                marked.setdefault(cell, []).append(f"{role} {deploy.SPEED_KINDS[kind][1]} {ratio:.2f}x")
+        rows.append([role, f"{row.params:,}", f"{row.file_mb:.1f}", f"{row.flops_per_image / 1e9:.3g}",
+                     f"{row.latency_ms:.2f}", interval(row.latency_ms_iqr, 2), cells["latency"],
+                     f"{row.throughput_img_s:.1f}", interval(row.throughput_img_s_iqr, 1), cells["throughput"]])
+    notes = ["medians and interquartile ranges over interleaved rounds; speed-ups: the teacher's median batch-1 "
+             f"latency / the model's, and the model's median batch-{deploy.THROUGHPUT_BATCH} throughput / the "
+             "teacher's"]
+    if "unclear" in marked:
+        notes.append("unclear: the model's and the teacher's interquartile ranges overlap, so this measurement cannot "
+                     f"tell which is faster (median ratios: {', '.join(marked['unclear'])})")
+    if "noisy" in marked:
+        notes.append(f"noisy: a measurement's interquartile range stayed wider than {100 * deploy.NOISY_SPREAD:g}% of "
+                     f"its median in {deploy.MEASURE_PASSES} tries (a busy machine): no speed-up is claimed from it "
+                     f"(median ratios: {', '.join(marked['noisy'])})")
     return (f"Deployment on {summary.device} ({summary.precision}):\n" + utils.text_table(header, rows)
             + "".join(note + "\n" for note in notes))
 
 
 def reading_of_result(summary: schema.RunSummary) -> list[str]:
-    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers."""
+    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers.
+
+    A distilled student that has not learned the task (significance.failure) is said to be so, not praised."""
     sentences = []
     models = summary.models
     teacher, baseline = models.get(schema.TEACHER), models.get(schema.BASELINE)
     distilled_roles = [role for role in models if schema.is_distilled(role)]
     distilled = models[distilled_roles[0]] if distilled_roles else None
     student = distilled or baseline  # every student has the same architecture
-    if teacher and distilled:
+    failed = None if distilled is None else significance.failure(distilled, summary.dataset)
+    if teacher and distilled and failed:
+        sentences.append(f"The distilled student ({schema.method_of(distilled_roles[0])}) {failed}: it has not learned "
+                         "to tell the classes apart, so its accuracy and its gain are no result (see the warnings).")
+    elif teacher and distilled:
         kept = distilled.test["top1"] / teacher.test["top1"] if teacher.test["top1"] else None
         sentences.append(
             f"The distilled student keeps {utils.format_metric(kept)}% of the teacher's test top-1 "
@@ -276,17 +307,14 @@ def reading_of_result(summary: schema.RunSummary) -> list[str]:
                              "stronger model here, so the soft targets carried little extra knowledge.")
     if teacher and student and student.flops_per_image is not None and teacher.flops_per_image:
         ratio = student.flops_per_image / teacher.flops_per_image
-        cost = (f"{ratio:.2f}x the teacher's FLOPs per image ({student.flops_per_image / 1e9:.2f} vs "
-                f"{teacher.flops_per_image / 1e9:.2f} GFLOPs)")
+        cost = (f"{ratio:.3g}x the teacher's FLOPs per image ({student.flops_per_image / 1e9:.3g} vs "
+                f"{teacher.flops_per_image / 1e9:.3g} GFLOPs)")
         sentences.append(f"The student is not cheaper than its teacher: it needs {cost}." if ratio >= 1
                          else f"The student needs {cost}.")
-    if teacher and student and student.speedup_clear is not None and teacher.latency_ms is not None:
-        measured = (f"median batch-1 latency {student.latency_ms:.2f} ms against the teacher's "
-                    f"{teacher.latency_ms:.2f} ms on {summary.device}")
-        sentences.append(f"Measured, the student runs {student.speedup_over_teacher:.2f}x as fast as the teacher "
-                         f"({measured})." if student.speedup_clear else
-                         f"The speed measurement cannot tell student and teacher apart ({measured}, with overlapping "
-                         "interquartile ranges).")
+    clauses = [] if not (teacher and student) else [clause for kind in deploy.SPEED_KINDS
+                                                    if (clause := deploy.speed_clause(student, teacher, kind))]
+    if clauses:
+        sentences.append(f"Measured on {summary.device} against the teacher, the student: {'; '.join(clauses)}.")
     if baseline:
         sentences += [significance.gain_sentence(role, models[role], baseline, summary.seeds)
                       for role in distilled_roles]
@@ -303,25 +331,59 @@ def _png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _model_cells(role: str, row: schema.ModelRow, baseline: schema.ModelRow | None) -> list[str]:
-    """One model's cells in the report's table of models."""
+METRIC_COLUMNS = {"top1": "test top-1 %", "top3": "top-3 %", "f1_macro": "macro F1 %", "auc_macro": "macro AUC %"}
+MODEL_COLUMNS = ["model", "architecture", *METRIC_COLUMNS.values(), "parameters", "size MB", "GFLOPs / image",
+                 "latency ms, batch 1, median (IQR)", "speed-up, batch 1",
+                 f"images/s, batch {deploy.THROUGHPUT_BATCH}, median (IQR)",
+                 f"speed-up, batch {deploy.THROUGHPUT_BATCH}",
+                 "gain over baseline", "best epoch"]
+
+
+def _model_cells(role: str, row: schema.ModelRow, baseline: schema.ModelRow | None,
+                 metrics: tuple[str, ...] = tuple(METRIC_COLUMNS), teacher: schema.ModelRow | None = None) -> list[str]:
+    """One model's cells in the report's table of models (`metrics`: the test metrics shown)."""
     gain = "—"
     if schema.is_distilled(role) and baseline is not None:
         gain = f"{100 * (row.test['top1'] - baseline.test['top1']):+.2f}"
         if row.mcnemar_p is not None:
             gain += f", {significance.verdict(row.mcnemar_p)}"
-    latency = "—" if row.latency_ms is None else f"{row.latency_ms:.2f}" + (
-        " ({:.2f}–{:.2f})".format(*row.latency_ms_iqr) if row.latency_ms_iqr is not None else "")
-    speedup = "—" if row.speedup_over_teacher is None else (
-        f"{row.speedup_over_teacher:.2f}×" if row.speedup_clear in (None, True) else "unclear (IQRs overlap)")
-    flops = "—" if row.flops_per_image is None else f"{row.flops_per_image / 1e9:.3f}"
-    return [role, row.arch, *(utils.format_metric(row.test.get(k)) for k in ("top1", "top3", "f1_macro", "auc_macro")),
-            f"{row.params:,}", f"{row.size_mb:.1f}", flops, latency, speedup, gain, str(row.best_epoch)]
+
+    def median_iqr(median: float | None, iqr: list[float] | None, digits: int) -> str:
+        if median is None:
+            return "—"
+        return f"{median:.{digits}f}" + ("" if iqr is None else " ({:.{d}f}–{:.{d}f})".format(*iqr, d=digits))
+
+    speedups = [{"n/a": "—", "unclear": "unclear (IQRs overlap)", "noisy": "noisy (no claim)"}.get(cell, cell)
+                .replace("x", "×") for cell in (deploy.speedup_cell(row, kind, teacher) for kind in deploy.SPEED_KINDS)]
+    flops = "—" if row.flops_per_image is None else f"{row.flops_per_image / 1e9:.3g}"
+    return [role, row.arch, *(utils.format_metric(row.test.get(k)) for k in metrics),
+            f"{row.params:,}", f"{row.size_mb:.1f}", flops, median_iqr(row.latency_ms, row.latency_ms_iqr, 2),
+            speedups[0], median_iqr(row.throughput_img_s, row.throughput_img_s_iqr, 1), speedups[1], gain,
+            str(row.best_epoch)]
 
 
-MODEL_COLUMNS = ["model", "architecture", "test top-1 %", "top-3 %", "macro F1 %", "macro AUC %", "parameters",
-                 "size MB", "GFLOPs / image", "latency ms, median (IQR)", "speed-up", "gain over baseline",
-                 "best epoch"]
+def _models_table(summary: schema.RunSummary) -> tuple[list[str], list[list[str]]]:
+    """The report's table of models: its columns (top-3 only where it says something) and one row per model."""
+    metrics = utils.shown_metrics(len(summary.dataset.class_names))
+    hidden = {label for key, label in METRIC_COLUMNS.items() if key not in metrics}
+    baseline = summary.models.get(schema.BASELINE)
+    return ([column for column in MODEL_COLUMNS if column not in hidden],
+            [_model_cells(role, row, baseline, metrics, summary.models.get(schema.TEACHER))
+             for role, row in summary.models.items()])
+
+
+def _exports(summary: schema.RunSummary) -> list[str]:
+    """One sentence per ONNX export (--export onnx): the file written and its check against PyTorch."""
+    return [f"{role}: {export_sentence(row.export)}." for role, row in summary.models.items() if row.export]
+
+
+def wall_time(summary: schema.RunSummary) -> str:
+    """The run's wall time; over several sittings (--resume) the total and the last sitting's."""
+    total = utils.format_seconds(summary.wall_seconds)
+    if not summary.sittings or summary.sittings < 2 or summary.wall_seconds_last_sitting is None:
+        return total
+    last = utils.format_seconds(summary.wall_seconds_last_sitting)
+    return f"{total} in {summary.sittings} sittings (the last {last})"
 
 
 def _data_rows(summary: schema.RunSummary) -> list[tuple[str, str]]:
@@ -389,25 +451,28 @@ def build_report(run_dir: str | Path) -> str:
     roles = list(summary.models)
     results = {role: _run_file(run_dir / role / RESULTS, schema.ModelResults) for role in roles}
     histories = {role: _run_file(run_dir / role / "history.json", schema.ModelHistory)["epochs"] for role in roles}
-    baseline = summary.models.get(schema.BASELINE)
     curves = [{"label": label, "src": _png_data_uri(utils.figure_png(utils.curves_figure(histories, key, key), 100))}
               for key, label in (("loss", "loss (train: training objective, val: CE)"), ("top1", "top-1 accuracy"))]
     confusions = [{"label": role, "src": _png_data_uri(_run_bytes(run_dir / role / "confusion_matrix_test.png"))}
                   for role in roles]
     students = [role for role in roles if role.startswith(schema.STUDENT_PREFIX)]
     per_class_f1 = _per_class_f1(results, students, summary.dataset.class_names, run_dir)
-    models_note = ("Best epoch chosen on validation top-1; test metrics of those weights. Latency: batch 1, measured "
-                   "with the other models in interleaved rounds; speed-up: the teacher's median latency over the "
-                   "model's, 'unclear' where the two interquartile ranges overlap. Gain verdict: "
-                   f"{significance.rule(False)} (first seed).")
+    metric = significance.METRIC_NAMES.get(config.get("select_metric", "top1"), config.get("select_metric"))
+    models_note = (f"Best epoch chosen on validation {metric} (--select-metric); test metrics of those weights. "
+                   f"Latency (batch 1) and throughput (batch {deploy.THROUGHPUT_BATCH}) measured with the other models "
+                   "in interleaved rounds; speed-ups: the teacher's median latency over the model's, and the model's "
+                   "median throughput over the teacher's, each 'unclear' where the two interquartile ranges overlap "
+                   f"and 'noisy' where a measurement's range stayed wider than {100 * deploy.NOISY_SPREAD:g}% of its "
+                   f"median. Gain verdict: {significance.rule(False)} (first seed).")
+    columns, model_rows = _models_table(summary)
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined)
     return environment.get_template("report.html").render(
         run_name=run_dir.name, finished_at=summary.finished_at, device=summary.device, precision=summary.precision,
-        wall_time=utils.format_seconds(summary.wall_seconds), reading=reading_of_result(summary),
-        warnings=summary.warnings, model_columns=MODEL_COLUMNS,
-        model_rows=[_model_cells(role, row, baseline) for role, row in summary.models.items()],
-        models_note=models_note, curves=curves, confusions=confusions, per_class_f1=per_class_f1,
+        wall_time=wall_time(summary), reading=reading_of_result(summary),
+        warnings=summary.warnings, model_columns=columns, model_rows=model_rows, models_note=models_note,
+        seed_columns=SEED_COLUMNS, seed_rows=significance.seed_rows(summary) if len(summary.seeds) > 1 else [],
+        exports=_exports(summary), curves=curves, confusions=confusions, per_class_f1=per_class_f1,
         data_rows=_data_rows(summary), sweep=None if summary.sweep is None else _sweep_view(summary.sweep),
         settings_rows=[(key, json.dumps(value)) for key, value in config.items() if key != "dataset"],
     )
@@ -434,7 +499,7 @@ LEDGER_COLUMNS = [
     "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
     "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
     "image_size", "seed", "seeds", *(f"{role}_top1" for role in LEDGER_ROLES), "distilled_top1", "kd_gain_top1",
-    "wall_seconds", "sweep",
+    "wall_seconds", "wall_seconds_last_sitting", "sweep",
 ]
 
 
@@ -456,7 +521,9 @@ def ledger_row(config: settings.Config, summary: schema.RunSummary, run_dir: Pat
         **{f"{role}_top1": round(models[role].test["top1"], 6) if role in models else None for role in LEDGER_ROLES},
         "distilled_top1": " ".join(f"{schema.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
         "kd_gain_top1": None if summary.kd_gain_top1 is None else round(summary.kd_gain_top1, 6),
-        "wall_seconds": summary.wall_seconds,
+        "wall_seconds": summary.wall_seconds,  # every sitting of a resumed run
+        "wall_seconds_last_sitting": (summary.wall_seconds if summary.wall_seconds_last_sitting is None
+                                      else summary.wall_seconds_last_sitting),
         # A sweep's row: the settings above are its best trial's.
         "sweep": "" if summary.sweep is None else (f"{summary.sweep.spec}; {len(summary.sweep.trials)} trials, best "
                                                    f"{summary.sweep.best_trial}"),

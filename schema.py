@@ -164,6 +164,8 @@ class ModelRow(Record):
     stopped_early: bool
     train_seconds: float
     test: dict[str, float | None]
+    test_top_class: str | None = None  # the class the model predicts most often on the test split
+    test_top_class_share: float | None = None  # the share of test images it predicts that class for
     pretrained: dict[str, Any] | None = None  # with --teacher-weights / --student-weights
     file_mb: float | None = None
     flops_per_image: int | None = None
@@ -180,12 +182,20 @@ class ModelRow(Record):
     gain_top1_std: float | None = None
     gain_top1_ci95: list[float] | None = None
     gain_top1_p: float | None = None
+    gain_top1_test: str | None = None  # what decided gain_significant (significance.GAIN_TESTS)
+    vs_baseline_top1_by_seed: dict[str, float] | None = None  # teacher: its test top-1 minus each seed's baseline's
+    vs_baseline_mcnemar_p_by_seed: dict[str, float] | None = None  # ... and the exact McNemar p of the two
     latency_ms: float | None = None  # deployment speed, measured once every model exists
     latency_ms_iqr: list[float] | None = None
     throughput_img_s: float | None = None
     throughput_img_s_iqr: list[float] | None = None
-    speedup_over_teacher: float | None = None
+    speedup_over_teacher: float | None = None  # batch-1 latency: the teacher's median over the model's
     speedup_clear: bool | None = None
+    latency_noisy: bool | None = None  # the latency's interquartile range stayed wide against its median
+    throughput_speedup_over_teacher: float | None = None  # batch throughput: the model's median over the teacher's
+    throughput_speedup_clear: bool | None = None
+    throughput_noisy: bool | None = None
+    flops_peer: dict[str, Any] | None = None  # a student costlier than torchvision's model of its size (deploy)
 
     # Fields a run writes together: a row holds all of a group or none of it.
     GROUPS = (("file_mb", "flops_per_image"), ("test_top1_by_seed", "test_top1_mean", "test_top1_std"),
@@ -294,7 +304,7 @@ class ModelResults(Record):
 
 
 RUN_FIELDS = ("kd_gain_top1", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
-              "finished_at", "warnings", "sweep")
+              "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "sweep")
 
 
 @dataclass
@@ -311,6 +321,8 @@ class RunSummary(Record):
     finished_at: str
     warnings: list[str] = field(default_factory=list)
     kd_gain_top1: float | None = None
+    wall_seconds_last_sitting: float | None = None  # wall_seconds covers every sitting of a resumed run
+    sittings: int | None = None
     sweep: SweepRecord | None = None  # a run made by --sweep
 
     def check(self, where: str) -> None:

@@ -70,7 +70,11 @@ class Config:
     output_dir: str | None = flag("output", "run directory", unset="runs/<timestamp>")
     teacher_model: str = flag("models", "teacher architecture: VGG16, ResNet18, a small-image network of the KD "
                               "literature (resnet32x4, wrn_40_2, vgg13, ...) or a torchvision classifier")
-    student_model: str = flag("models", "student architecture")
+    student_model: str = flag("models", "student architecture. Up to 64 px a small-image network of the KD literature "
+                              "(resnet8x4, resnet20, wrn_16_2, ...) is cheap; above 64 px choose a torchvision one "
+                              "(mobilenet_v3_small, shufflenet_v2_x1_0, resnet18, ...): the literature's networks do "
+                              "not shrink the image in their stem, so their cost grows with its square (resnet8x4: "
+                              "0.35 GFLOPs an image at 32 px, 5.7 at 128 px)")
     teacher_checkpoint: str | None = flag("models", "reuse this trained teacher (best_model.pth) instead of training "
                                           "one", unset="train a teacher")
     teacher_weights: str | None = flag(
@@ -99,7 +103,8 @@ class Config:
     batch_size: int = flag("training", "images per optimizer step (per process under torchrun)")
     eval_batch_size: int = flag("training", "images per evaluation pass")
     image_size: int = flag("data", "images are resized to this many pixels square; above 64 px the models are "
-                           "torchvision's full definitions (VGG16: 134M parameters instead of 14.7M)")
+                           "torchvision's full definitions, a VGG with a compact head (global pooling, one linear "
+                           "layer) unless its --*-weights load torchvision's 4096-wide one (VGG16: 134M parameters)")
     temperature: float = flag("training", "distillation temperature T of kd, dkd, dist and the feature methods' KD "
                               "term (4 in the references' CIFAR configs, DIST_KD's too)", constant="T")
     alpha: float = flag("training", "weight of the hard-label CE term (1 - alpha weighs the KD term)")
@@ -229,9 +234,38 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (not the long usage), an unknown flag's naming the
+    closest known one, as a settings file's unknown key does. `flags` lists the known flags; whoever adds
+    an argument records its `option_strings` there."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flags: list[str] = []  # before the parser's own --help is added
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.flags += action.option_strings
+        return action
+
+    def error(self, message: str) -> typing.NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            unknown = [word for word in message.removeprefix(prefix).split() if word.startswith("-")]
+            message = "; ".join(self.suggestion(word) for word in unknown) or message
+        self.exit(2, f"{self.prog}: error: {message} (python {self.prog} --help lists every flag)\n")
+
+    def suggestion(self, word: str) -> str:
+        """'unknown flag --studnet-model (did you mean --student-model?)'."""
+        flag = word.split("=", 1)[0]
+        closest = difflib.get_close_matches(flag, self.flags, n=1, cutoff=0.5)
+        return f"unknown flag {flag}" + (f" (did you mean {closest[0]}?)" if closest else "")
+
+
 def build_parser(defaults: Config) -> argparse.ArgumentParser:
     """The settings' flags, one per Config field, with `defaults` (experiment.py's constants)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
+        prog="experiment.py",
         description="Knowledge distillation: train a teacher, a baseline student and a distilled student,\n"
         "then compare them. Without data flags the bundled handwritten digits are used.",
         formatter_class=HelpFormatter, epilog=EXAMPLES,
@@ -248,7 +282,7 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
             options["choices"] = spec.choices
         if spec.const is not None:
             options.update(nargs="?", const=spec.const)
-        groups[spec.group].add_argument("--" + name.replace("_", "-"), **options)
+        parser.flags += groups[spec.group].add_argument("--" + name.replace("_", "-"), **options).option_strings
     return parser
 
 
@@ -608,6 +642,14 @@ def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: 
             raise SettingsError(f"--{key.replace('_', '-')} {getattr(config, key)} contradicts the teacher checkpoint "
                                 f"'{path}', which {fact}; leave the flag out to use the checkpoint's.")
     return replace(config, teacher_model=checkpoint["arch"], image_size=checkpoint["image_size"], resize=resize)
+
+
+def adopted_settings(config: Config, checkpoint: dict[str, Any]) -> str:
+    """One line naming every setting a reused teacher's checkpoint decides, with the values the run takes."""
+    mean, std = (", ".join(f"{value:.3g}" for value in checkpoint[key]) for key in ("mean", "std"))
+    return (f"The teacher checkpoint '{config.teacher_checkpoint}' sets --teacher-model {config.teacher_model}, "
+            f"--image-size {config.image_size}, --resize {config.resize} and the input normalization (mean {mean}; "
+            f"std {std}).")
 
 
 def check_output_dir(config: Config, resume: bool) -> None:

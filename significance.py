@@ -21,6 +21,19 @@ SIGNIFICANCE_LEVEL = 0.05  # a gain is "significant" when its test gives p below
 CONFIDENCE = 1 - SIGNIFICANCE_LEVEL  # the interval of the per-seed gains excludes zero exactly when p < the level
 NEAR_CHANCE_GAP = 0.1  # "near chance": closing less than this share of the gap from chance to 100% top-1
 MIN_VAL_IMAGES_PER_CLASS = 5  # fewer validation images in a class cannot select an epoch reliably
+MAX_POINTS_PER_VAL_IMAGE = 2.0  # one validation image moving top-1 by more points than this cannot select an epoch
+SAME_GAIN = 1e-9  # per-seed gains closer than this are the same (one test image is 1e-8 of top-1 even at 1e8 images)
+SINGLE_CLASS_SHARE = 0.95  # a model answering one class for at least this share of the test images has collapsed
+# What decided a distilled student's gain_significant (summary.json's gain_top1_test), in words.
+GAIN_TESTS = {
+    "mcnemar": f"exact McNemar test of the paired test predictions, p < {SIGNIFICANCE_LEVEL:g}",
+    "t": (f"the {100 * CONFIDENCE:g}% Student-t interval of the per-seed paired gains excludes zero "
+          f"(t-test p < {SIGNIFICANCE_LEVEL:g})"),
+    "mcnemar_every_seed": ("every seed gained the same number of test images (zero spread, so no interval): "
+                           "the exact McNemar test of every seed's paired test predictions, "
+                           f"p < {SIGNIFICANCE_LEVEL:g} in each (p: the largest)"),
+}
+METRIC_NAMES = {"top1": "top-1", "loss": "loss", "f1_macro": "macro F1"}  # the selection metrics in words
 
 
 # ---------------------------------------------------------------- paired tests
@@ -91,24 +104,45 @@ def gain_statistics(
     `mcnemar_p`: exact McNemar test on the first seed's paired test predictions. With several
     seeds also `mcnemar_p_by_seed`, the gains per seed and their mean, sample std, 95% Student-t
     interval and t-test p. `gain_significant`: with one seed McNemar's p < SIGNIFICANCE_LEVEL;
-    with several the 95% interval of the per-seed gains excludes zero.
+    with several the 95% interval of the per-seed gains excludes zero. When every seed gained the
+    same number of test images the gains have no spread, and an interval of zero width (a t-test
+    dividing by zero) would read as certainty: then the verdict is the per-seed McNemar tests', all
+    below SIGNIFICANCE_LEVEL, with the largest of their p as `gain_top1_p` and no interval.
+    `gain_top1_test` names the rule that decided (a key of GAIN_TESTS).
     """
     seeds = list(rows)
-    mcnemar = {seed: mcnemar_exact(baseline_correct[seed], correct[seed])["p"] for seed in seeds}
+    tests = {seed: mcnemar_exact(baseline_correct[seed], correct[seed]) for seed in seeds}
+    mcnemar = {seed: test["p"] for seed, test in tests.items()}
     stats: dict[str, Any] = {"mcnemar_p": mcnemar[seeds[0]]}
     if len(seeds) == 1:
-        stats["gain_significant"] = mcnemar[seeds[0]] < SIGNIFICANCE_LEVEL
+        stats.update(gain_significant=mcnemar[seeds[0]] < SIGNIFICANCE_LEVEL, gain_top1_test="mcnemar")
         return stats
     gains = {seed: rows[seed].test["top1"] - baseline_rows[seed].test["top1"] for seed in seeds}
+    stats.update({"mcnemar_p_by_seed": {str(seed): p for seed, p in mcnemar.items()},
+                  "gain_top1_by_seed": {str(seed): gain for seed, gain in gains.items()},
+                  "gain_top1_mean": float(np.mean(list(gains.values())))})
+    if max(gains.values()) - min(gains.values()) < SAME_GAIN:
+        largest = max(mcnemar.values())
+        stats.update(gain_top1_std=0.0, gain_top1_p=largest, gain_significant=largest < SIGNIFICANCE_LEVEL,
+                     gain_top1_test="mcnemar_every_seed")
+        return stats
     interval = paired_gain_interval(list(gains.values()))
     low, high = interval["ci"]
-    stats.update({
-        "mcnemar_p_by_seed": {str(seed): p for seed, p in mcnemar.items()},
-        "gain_top1_by_seed": {str(seed): gain for seed, gain in gains.items()},
-        "gain_top1_mean": interval["mean"], "gain_top1_std": interval["std"],
-        "gain_top1_ci95": [low, high], "gain_top1_p": interval["p"], "gain_significant": low > 0 or high < 0,
-    })
+    stats.update({"gain_top1_std": interval["std"], "gain_top1_ci95": [low, high], "gain_top1_p": interval["p"],
+                  "gain_significant": low > 0 or high < 0, "gain_top1_test": "t"})
     return stats
+
+
+def teacher_against_baseline(
+    teacher_correct: np.ndarray, baseline_rows: dict[int, schema.ModelRow],
+    baseline_correct: dict[int, np.ndarray], teacher_top1: float,
+) -> dict[str, Any]:
+    """The teacher against the baseline student of every seed on the same test images: its top-1 minus
+    theirs, and the exact McNemar p of the two (the teacher-worse warning needs p < SIGNIFICANCE_LEVEL)."""
+    return {"vs_baseline_top1_by_seed": {str(seed): teacher_top1 - row.test["top1"]
+                                         for seed, row in baseline_rows.items()},
+            "vs_baseline_mcnemar_p_by_seed": {str(seed): mcnemar_exact(baseline_correct[seed], teacher_correct)["p"]
+                                              for seed in baseline_rows}}
 
 
 # ---------------------------------------------------------------- the verdict in words
@@ -121,12 +155,11 @@ def verdict(p: float, significant: bool | None = None) -> str:
     return f"{'significant' if significant else 'within noise'} (p = {p:.3g})"
 
 
-def rule(several_seeds: bool) -> str:
-    """What "significant" means in this run's verdicts."""
+def rule(several_seeds: bool, zero_spread: bool = False) -> str:
+    """What "significant" means in this run's verdicts (`zero_spread`: some student gained the same in every seed)."""
     if several_seeds:
-        return (f"the {100 * CONFIDENCE:g}% Student-t interval of the per-seed paired gains excludes zero "
-                f"(t-test p < {SIGNIFICANCE_LEVEL:g})")
-    return f"exact McNemar test of the paired test predictions, p < {SIGNIFICANCE_LEVEL:g}"
+        return GAIN_TESTS["t"] + (f"; where {GAIN_TESTS['mcnemar_every_seed']}" if zero_spread else "")
+    return GAIN_TESTS["mcnemar"]
 
 
 def gain_sentence(role: str, row: schema.ModelRow, baseline: schema.ModelRow, seeds: list[int]) -> str:
@@ -143,12 +176,46 @@ def gain_sentence(role: str, row: schema.ModelRow, baseline: schema.ModelRow, se
     sentence = f"Distillation ({schema.method_of(role)}) {change}" + (f" with seed {seeds[0]}" if several else "")
     if row.mcnemar_p is not None:
         sentence += f": {verdict(row.mcnemar_p)} by the exact McNemar test on the paired test predictions"
-    if several and row.gain_top1_ci95 is not None:
+    if several and row.gain_top1_test == "mcnemar_every_seed":
+        sentence += (f"; every one of seeds {', '.join(map(str, seeds))} gained the same "
+                     f"{100 * row.gain_top1_mean:+.2f} points, a spread of zero that gives no interval: by the McNemar "
+                     "test of each seed it is "
+                     f"{verdict(row.gain_top1_p, row.gain_significant)} (the largest p)")
+    elif several and row.gain_top1_ci95 is not None:
         low, high = row.gain_top1_ci95
         sentence += (f"; over seeds {', '.join(map(str, seeds))} its gain is {100 * row.gain_top1_mean:+.2f} ± "
                      f"{100 * row.gain_top1_std:.2f} points, {100 * CONFIDENCE:g}% interval [{100 * low:+.2f}, "
                      f"{100 * high:+.2f}]: {verdict(row.gain_top1_p, row.gain_significant)}")
     return sentence + "."
+
+
+def seed_verdict(gain: float, p: float) -> str:
+    """One seed's verdict on a gain: 'significant gain', 'significant loss' or 'within noise', with its p."""
+    if p >= SIGNIFICANCE_LEVEL:
+        return verdict(p)
+    return f"significant {'gain' if gain > 0 else 'loss'} (p = {p:.3g})"
+
+
+def seed_results(summary: schema.RunSummary) -> list[tuple[str, str, float, float | None, float | None]]:
+    """Every student's (role, seed, test top-1, gain over the baseline of that seed, McNemar p of the two) for
+    every seed, in training order; the gain and p are None for the baseline."""
+    first, baseline = str(summary.seeds[0]), summary.models[schema.BASELINE]
+    results = []
+    for role, row in summary.models.items():
+        if role == schema.TEACHER:
+            continue
+        top1 = row.test_top1_by_seed or {first: row.test["top1"]}
+        gains = row.gain_top1_by_seed or ({first: row.test["top1"] - baseline.test["top1"]}
+                                          if row.mcnemar_p is not None else {})
+        p_values = row.mcnemar_p_by_seed or ({first: row.mcnemar_p} if row.mcnemar_p is not None else {})
+        results += [(role, seed, value, gains.get(seed), p_values.get(seed)) for seed, value in top1.items()]
+    return results
+
+
+def seed_rows(summary: schema.RunSummary) -> list[list[str]]:
+    """`seed_results` as table cells: role, seed, top-1 %, gain in points, the seed's verdict."""
+    return [[role, seed, utils.format_metric(top1), "" if gain is None else f"{100 * gain:+.2f}",
+             "" if p is None else seed_verdict(gain, p)] for role, seed, top1, gain, p in seed_results(summary)]
 
 
 # ---------------------------------------------------------------- sanity warnings
@@ -167,44 +234,117 @@ def near_chance(top1: float, samples: int, chance: float) -> tuple[bool, float]:
     return top1 < chance + NEAR_CHANCE_GAP * (1 - chance) or p >= SIGNIFICANCE_LEVEL, p
 
 
-def sanity_warnings(summary: schema.RunSummary, histories: dict[str, dict[str, Any]]) -> list[str]:
-    """Sentences on what makes a run's result untrustworthy, from its summary and its models' histories.
+def test_share(dataset: schema.DatasetRecord, class_name: str) -> float:
+    """The share of the test split's images in one class (the largest class's share when the record
+    does not count them per class)."""
+    counts = (dataset.carving.get("class_counts") or {}).get("test") or {}
+    if class_name in counts:
+        return counts[class_name] / dataset.sizes["test"]
+    return dataset.images_per_class["test"]["max"] / dataset.sizes["test"]
 
-    `histories` maps each trained model's name ("teacher", "student_kd", "student_kd seed 4", ...)
-    to its history.json content ({"best_epoch": ..., "epochs": [...]}). Chance is the share of the
-    test split's most frequent class (what always answering that class scores).
-    """
+
+def single_class(row: schema.ModelRow, dataset: schema.DatasetRecord) -> bool:
+    """Whether a model answers one class for (nearly) every test image: at least SINGLE_CLASS_SHARE of
+    them, more than that class's own share of the test split."""
+    share = row.test_top_class_share
+    return share is not None and share >= SINGLE_CLASS_SHARE and share > test_share(dataset, row.test_top_class)
+
+
+def chance_level(dataset: schema.DatasetRecord) -> float:
+    """What always answering the test split's most frequent class scores."""
+    return dataset.images_per_class["test"]["max"] / dataset.sizes["test"]
+
+
+def failure(row: schema.ModelRow, dataset: schema.DatasetRecord) -> str | None:
+    """Why a model is no working classifier, in words ('answers ... for ... of the test images', 'is at or
+    near chance ...'), or None. The report's headline and the warnings use it alike."""
+    if single_class(row, dataset):
+        return (f"answers '{row.test_top_class}' for {utils.format_metric(row.test_top_class_share)}% of the test "
+                f"images, a class that is {utils.format_metric(test_share(dataset, row.test_top_class))}% of them")
+    chance = chance_level(dataset)
+    at_chance, p = near_chance(row.test["top1"], dataset.sizes["test"], chance)
+    if at_chance:
+        return (f"is at or near chance: {utils.format_metric(row.test['top1'])}% test top-1, where always answering "
+                f"the most frequent class scores {utils.format_metric(chance)}% (one-sided binomial test against "
+                f"chance on {dataset.sizes['test']} test images: p = {p:.3g})")
+    return None
+
+
+def _model_warnings(summary: schema.RunSummary, rows: dict[str, schema.ModelRow]) -> list[str]:
+    """Models that have not learned the task: the teacher at chance, and any model (each seed's) that
+    answers one class for nearly every test image or, for a student, scores at or near chance."""
     found = []
-    dataset, percent = summary.dataset, utils.format_metric
-    teacher, baseline = summary.models[schema.TEACHER], summary.models[schema.BASELINE]
-    per_class, samples = dataset.images_per_class, dataset.sizes["test"]
-    chance = per_class["test"]["max"] / samples
-    teacher_top1 = teacher.test["top1"]
-    at_chance, p = near_chance(teacher_top1, samples, chance)
+    teacher = summary.models[schema.TEACHER]
+    chance, samples = chance_level(summary.dataset), summary.dataset.sizes["test"]
+    at_chance, p = near_chance(teacher.test["top1"], samples, chance)
     if at_chance:
         found.append(
-            f"The teacher is at or near chance: {percent(teacher_top1)}% test top-1, where always answering the most "
-            f"frequent class scores {percent(chance)}% (one-sided binomial test against chance on {samples} test "
-            f"images: p = {p:.3g}); students distilled from it learn from near-random targets.")
-    baseline_top1 = baseline.test["top1"] if baseline.test_top1_mean is None else baseline.test_top1_mean
-    if teacher_top1 < baseline_top1:
-        averaged = "" if baseline.test_top1_mean is None else " on average over the seeds"
-        found.append(
-            f"The teacher ({percent(teacher_top1)}% test top-1) is worse than the baseline student "
-            f"({percent(baseline_top1)}%{averaged}): distillation passes on what the teacher knows, so train it longer "
-            "or choose a stronger one.")
-    smallest = per_class["val"]["min"]
+            f"The teacher is at or near chance: {utils.format_metric(teacher.test['top1'])}% test top-1, where always "
+            f"answering the most frequent class scores {utils.format_metric(chance)}% (one-sided binomial test "
+            f"against chance on {samples} test images: p = {p:.3g}); students distilled from it learn from "
+            "near-random targets.")
+    for name, row in rows.items():
+        teacher_told = schema.role_of(name) == schema.TEACHER and not single_class(row, summary.dataset)
+        reason = None if teacher_told else failure(row, summary.dataset)  # the teacher's chance is told above
+        if reason is not None:
+            found.append(f"{name} {reason}: it has not learned to tell the classes apart, so its accuracy, gain and "
+                         "speed-up are not results.")
+    return found
+
+
+def _teacher_worse(summary: schema.RunSummary) -> list[str]:
+    """The teacher scoring significantly below the baseline student of some seed on the same test images."""
+    teacher = summary.models[schema.TEACHER]
+    gaps, p_values = teacher.vs_baseline_top1_by_seed or {}, teacher.vs_baseline_mcnemar_p_by_seed or {}
+    worse = [(seed, gap, p_values[seed]) for seed, gap in gaps.items()
+             if gap < 0 and p_values[seed] < SIGNIFICANCE_LEVEL]
+    if not worse:
+        return []
+    which = ", ".join(f"{'seed ' + seed + ': ' if len(gaps) > 1 else ''}{100 * -gap:.2f} points behind, McNemar p = "
+                      f"{p:.3g}" for seed, gap, p in worse)
+    return [f"The teacher ({utils.format_metric(teacher.test['top1'])}% test top-1) is worse than the baseline student "
+            f"by the exact McNemar test on the same test images ({which}): distillation passes on what the teacher "
+            "knows, so train it longer or choose a stronger one."]
+
+
+def _validation_advice(dataset: schema.DatasetRecord, needed: float) -> str:
+    """What would give validation more than `needed` times its images: a --val-fraction, or more images in val/."""
+    size, fraction = dataset.sizes["val"], dataset.carving.get("val_fraction")
+    want = math.floor(needed * size) + 1
+    if not fraction:
+        return f"put at least {want} images into the validation folder"
+    wanted = math.ceil(100 * fraction * want / size) / 100
+    if wanted > 0.5:
+        return (f"--val-fraction would have to exceed 0.5 to carve {want} images, leaving too few to train: give "
+                "the data a val/ folder or more images")
+    carved = round(wanted / fraction * size)
+    return f"--val-fraction {wanted:g} would carve about {carved} (one image: {100 / carved:.2f} points)"
+
+
+def _validation_warnings(
+    summary: schema.RunSummary, histories: dict[str, dict[str, Any]], select_metric: str,
+) -> list[str]:
+    """A validation split too small to choose epochs by, and models whose validation metric never changed."""
+    found = []
+    size, smallest = summary.dataset.sizes["val"], summary.dataset.images_per_class["val"]["min"]
+    points = 100 / size if size else math.inf
+    reasons = ([f"one image moves validation top-1 by {points:.2f} points (more than {MAX_POINTS_PER_VAL_IMAGE:g})"]
+               if points > MAX_POINTS_PER_VAL_IMAGE else [])
     if smallest < MIN_VAL_IMAGES_PER_CLASS:
-        found.append(
-            f"The validation split has {smallest} image{'s' if smallest != 1 else ''} in its smallest class (fewer "
-            f"than {MIN_VAL_IMAGES_PER_CLASS}): too few to select an epoch; give validation more images "
-            "(--val-fraction or a val/ folder).")
+        reasons.append(f"its smallest class has {smallest} (fewer than {MIN_VAL_IMAGES_PER_CLASS})")
+    if reasons:
+        needed = max(points / MAX_POINTS_PER_VAL_IMAGE, MIN_VAL_IMAGES_PER_CLASS / max(smallest, 1))
+        found.append(f"The validation split has {size} images: {' and '.join(reasons)}, too coarse to choose an epoch "
+                     f"by; {_validation_advice(summary.dataset, needed)}.")
+    watched = "top1" if select_metric == "loss" else select_metric
     flat = [name for name, history in histories.items()
-            if len(history["epochs"]) > 1 and len({epoch["val"]["top1"] for epoch in history["epochs"]}) == 1]
+            if len(history["epochs"]) > 1 and len({epoch["val"].get(watched) for epoch in history["epochs"]}) == 1]
     if flat:
+        chosen = ("by validation loss, the --select-metric" if select_metric == "loss" else
+                  f"by the tie-break of --select-metric {select_metric}, the lower validation loss")
         found.append(
-            f"Validation top-1 never changed over the epochs of {', '.join(flat)}: the kept epoch was chosen by "
-            "validation loss alone; the validation split is too small or the model did not learn.")
+            f"Validation {METRIC_NAMES[watched]} never changed over the epochs of {', '.join(flat)}: the kept epoch "
+            f"was chosen {chosen}; the validation split is too small or the model did not learn.")
     first = [name for name, history in histories.items()
              if schema.is_distilled(schema.role_of(name))
              and len(history["epochs"]) > 1 and history["best_epoch"] == 1]
@@ -213,3 +353,47 @@ def sanity_warnings(summary: schema.RunSummary, histories: dict[str, dict[str, A
             f"The best epoch of {', '.join(first)} is the first: later epochs of distillation did not improve it on "
             "validation (a poor teacher, too high a learning rate, or a validation split too small to tell).")
     return found
+
+
+def _loss_warnings(summary: schema.RunSummary) -> list[str]:
+    """Every seed in which distillation cost the student significantly (McNemar on that seed's test images)."""
+    losses = [f"{schema.model_name(role, int(seed), summary.seeds)} ({100 * gain:+.2f} points, McNemar p = {p:.3g})"
+              for role, seed, _, gain, p in seed_results(summary)
+              if gain is not None and p is not None and gain < 0 and p < SIGNIFICANCE_LEVEL]
+    if not losses:
+        return []
+    return [f"Distillation made the student significantly worse than the baseline of its seed: {', '.join(losses)}."]
+
+
+def _cost_warnings(summary: schema.RunSummary) -> list[str]:
+    """A student costlier than torchvision's model of about its size at the run's image size."""
+    peer = summary.models[schema.BASELINE].flops_peer
+    return [] if peer is None else [peer_sentence(peer)]
+
+
+def peer_sentence(peer: dict[str, Any]) -> str:
+    """The warning on a student costlier than torchvision's model of about its size (deploy.peer_flops)."""
+    return (f"At {peer['image_size']} px the student {peer['arch']} needs {peer['flops_per_image'] / 1e9:.3g} GFLOPs "
+            f"an image, more than torchvision's {peer['peer']} of about its size ({peer['params'] / 1e6:.2f}M against "
+            f"{peer['peer_params'] / 1e6:.2f}M parameters) needs there ({peer['peer_flops_per_image'] / 1e9:.3g}): "
+            "the KD literature's small-image networks do not shrink the image in their stem, so their cost grows with "
+            "its square; above 64 px a torchvision student (mobilenet_v3_small, shufflenet_v2_x1_0, resnet18, ...) "
+            "is the cheaper choice (README, 'Which student for photos').")
+
+
+def sanity_warnings(
+    summary: schema.RunSummary, histories: dict[str, dict[str, Any]],
+    rows: dict[str, schema.ModelRow] | None = None, select_metric: str = "top1",
+) -> list[str]:
+    """Sentences on what makes a run's result untrustworthy, from its summary and its models' histories.
+
+    `histories` maps each trained model's name ("teacher", "student_kd", "student_kd seed 4", ...)
+    to its history.json content ({"best_epoch": ..., "epochs": [...]}), and `rows` the same names to
+    their summary rows (by default the summary's own, the first seed's). Chance is the share of the
+    test split's most frequent class (what always answering that class scores). `select_metric` is
+    the validation metric the run chose epochs by.
+    """
+    rows = dict(summary.models) if rows is None else rows
+    return [*_model_warnings(summary, rows), *_teacher_worse(summary),
+            *_validation_warnings(summary, histories, select_metric), *_loss_warnings(summary),
+            *_cost_warnings(summary)]

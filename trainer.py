@@ -43,18 +43,29 @@ class Context:
     saver: checkpoints.BackgroundSaver  # writes the per-epoch checkpoints while training goes on
     pretrained: dict[str, model_builder.Pretrained] = field(default_factory=dict)  # see read_initial_weights
     hard_loss: engine.HardLoss = F.cross_entropy  # every model's hard-label term
+    clock: checkpoints.Sittings | None = None  # the run's wall time over its sittings, recorded after every epoch
 
-    def train_loader(self, seed: int) -> data_setup.BatchLoader:
-        """A fresh training loader: the same seed gives every model the same batches.
+    def train_loader(self, seed: int, teacher_logits: torch.Tensor | None = None) -> data_setup.BatchLoader:
+        """A fresh training loader: the same seed gives every model the same batches; `teacher_logits`
+        (one row per training image) go with each batch to the criterion.
 
         Under torchrun every rank takes its shard of each epoch: --batch-size is per process.
         """
         config = self.config
-        return data_setup.BatchLoader(
+        loader = data_setup.BatchLoader(
             self.data.train, config.batch_size, self.data.mean, self.data.std, self.device,
             settings.augmentation(config), seed=seed, workers=config.workers, shard=runtime.rank_and_world(),
             balanced=config.balanced_sampler,
         )
+        if teacher_logits is not None:
+            loader.teacher_logits = teacher_logits.to(self.device)
+        return loader
+
+    def save_epoch_files(self, files: dict[Path, dict[str, Any]]) -> None:
+        """Hand one epoch's checkpoints to the background writer, and record the run's wall time."""
+        self.saver.save(files)
+        if self.clock is not None:
+            self.clock.record()
 
     def description(self) -> dict[str, Any]:
         """What a checkpoint of this run records beside its weights (see `checkpoints.make_checkpoint`)."""
@@ -81,19 +92,23 @@ def read_initial_weights(config: settings.Config) -> dict[str, model_builder.Pre
     """--teacher-weights and --student-weights, read before any work ("teacher" / "student"; absent: random start).
 
     A torchvision name is read from the torch hub cache, downloaded there first when missing and possible.
+    When both settings fail (offline, both files missing), one error names both.
     """
-    weights = {}
+    weights, problems = {}, []
     for role, setting, arch in (("teacher", config.teacher_weights, config.teacher_model),
                                 ("student", config.student_weights, config.student_model)):
         if setting is not None:
             try:
                 weights[role] = model_builder.read_pretrained(arch, setting)
             except model_builder.WeightsError as error:
-                raise SettingsError(f"--{role}-weights {setting}: {error}") from None
+                problems.append(f"--{role}-weights {setting}: {error}")
+                continue
             pretrained = weights[role]
             if pretrained.mean is not None:  # e.g. a run's checkpoint as weights: the run uses its normalization
                 checkpoints.check_description(pretrained.file, {"mean": pretrained.mean, "std": pretrained.std},
                                               required=())
+    if problems:
+        raise SettingsError(" And ".join(problems))
     return weights
 
 
@@ -103,7 +118,8 @@ def check_initial_weights(
     """Stop when initial weights fit no layer of their model; say which layers they leave re-initialized."""
     for role, pretrained in weights.items():
         arch = config.teacher_model if role == "teacher" else config.student_model
-        model = model_builder.build_on_meta(arch, num_classes, config.image_size)
+        head = model_builder.default_head(pretrained)
+        model = model_builder.build_on_meta(arch, num_classes, config.image_size, head)
         try:
             record = model_builder.pretrained_fit(model, pretrained)[1]
         except model_builder.WeightsError as error:
@@ -151,9 +167,11 @@ def new_model(
     training_images: int = 0,
 ) -> nn.Module:
     """An untrained model on the run's device (seeded, so students of one seed start identical),
-    starting from `pretrained` where its tensors fit (see `place_model`)."""
+    starting from `pretrained` where its tensors fit (see `place_model`), with the head that suits
+    its start (`model_builder.default_head`)."""
     seed_everything(seed)
-    model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
+    model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size,
+                                      model_builder.default_head(pretrained))
     if pretrained is not None:
         model_builder.load_pretrained(model, pretrained)
     return place_model(context, model, training_images)
@@ -274,6 +292,21 @@ def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None,
     return log, writer.close
 
 
+def _restored(
+    role: str, epochs: int, state_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, generator: torch.Generator,
+) -> tuple[tuple[engine.FitResult, dict[str, torch.Tensor]] | None, dict[str, torch.Tensor]]:
+    """An interrupted model's progress put back in place from `state_path`, and its best weights so far
+    ((None, {}) when there is no such file: training starts afresh)."""
+    if not state_path.is_file():
+        return None, {}
+    resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler, trainable,
+                                          generator)
+    if runtime.is_main_process():
+        print(f"[{role}] resuming after epoch {len(resume[0].history)} of {epochs}")
+    return resume, resume[1]
+
+
 def train_model(
     context: Context, role: str, arch: str, epochs: int, lr: float, make_criterion: Callable[[nn.Module, int],
     engine.Criterion], folder: Path, seed: int, teacher_logits: torch.Tensor | None = None,
@@ -285,23 +318,21 @@ def train_model(
     `teacher_logits` (one row per training image) go to the criterion with each batch; `on_epoch(record)` sees
     each validated epoch before its save (a sweep's pruner). After every epoch the whole training state goes to
     <folder>/train_state.pth; when it exists (an interrupted run), training continues after its last epoch.
+    At the end best_model.pth gets the whole history (every epoch trained, not only those up to the best).
     """
     model = new_model(context, arch, seed, context.initial_weights(role), epochs * len(context.data.train))
-    train_loader = context.train_loader(seed)
+    train_loader = context.train_loader(seed, teacher_logits)
     criterion = make_criterion(model, len(train_loader))
-    if teacher_logits is not None:
-        train_loader.teacher_logits = teacher_logits.to(context.device)
     optimizer = make_optimizer(context.config, model, lr, criterion)
     scheduler = make_scheduler(optimizer, lr, epochs * len(train_loader))
     trainable = getattr(criterion, "trainable", None)
-    state_path = folder / checkpoints.TRAIN_STATE
-    resume, best_weights = None, {}
-    if state_path.is_file():
-        resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler,
-                                              trainable, train_loader.generator)
-        best_weights = resume[1]
-        if runtime.is_main_process():
-            print(f"[{role}] resuming after epoch {len(resume[0].history)} of {epochs}")
+    state_path, head = folder / checkpoints.TRAIN_STATE, checkpoints.head_of(model)
+    resume, best_weights = _restored(role, epochs, state_path, model, optimizer, scheduler, trainable,
+                                     train_loader.generator)
+
+    def best_checkpoint(weights: dict[str, torch.Tensor], result: engine.FitResult) -> dict[str, Any]:
+        return checkpoints.make_checkpoint(context.description(), role, arch, weights, result.best_epoch,
+                                           result.history, head)
 
     @checkpoints.finish_before_interrupt
     def save_epoch(result: engine.FitResult) -> None:
@@ -312,14 +343,13 @@ def train_model(
         weights = checkpoints.model_weights(model)  # one copy serves the state and, at a best epoch, best_model.pth
         files = {}
         if result.best_epoch == epoch:
-            files[folder / checkpoints.BEST_MODEL] = checkpoints.make_checkpoint(
-                context.description(), role, arch, weights, epoch, result.history)
+            files[folder / checkpoints.BEST_MODEL] = best_checkpoint(weights, result)
             best_weights.clear()
             best_weights.update(weights)
         files[state_path] = checkpoints.training_state(
             role, arch, weights, None if result.best_epoch == epoch else best_weights, optimizer, scheduler,
             trainable, train_loader.generator, result)
-        context.saver.save(files)
+        context.save_epoch_files(files)
 
     log_epoch, close_log = tensorboard_logger(context, folder)
     try:
@@ -333,4 +363,7 @@ def train_model(
         close_log()
         if hasattr(criterion, "close"):
             criterion.close()  # its hooks must not outlive training (export, reports)
+    if runtime.is_main_process() and 0 < result.best_epoch < len(result.history):
+        # Written at its epoch, best_model.pth holds the history up to it; a reused teacher shows every epoch.
+        context.saver.save({folder / checkpoints.BEST_MODEL: best_checkpoint(checkpoints.model_weights(model), result)})
     return model, result

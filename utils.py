@@ -194,6 +194,13 @@ def classification_metrics(
     return metrics
 
 
+def most_predicted(logits: torch.Tensor, class_names: Sequence[str]) -> tuple[str, float]:
+    """The class a model predicts most often on a split, and the share of the split's samples it is predicted for."""
+    counts = torch.bincount(logits.argmax(dim=1).cpu(), minlength=len(class_names))
+    top = int(counts.argmax())
+    return class_names[top], float(counts[top]) / max(len(logits), 1)
+
+
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """Confusion matrix (rows: true class, columns: predicted class)."""
     return confusion_matrix(
@@ -236,6 +243,20 @@ def per_class_scores(
     }
 
 
+TOP_K = 3  # the k of top-k accuracy beside top-1
+
+
+def shows_top_k(num_classes: int | None) -> bool:
+    """Whether top-k says anything: with k classes or fewer it is 100% by definition, and tables and
+    figures leave it out (None: the class count is unknown, show it)."""
+    return num_classes is None or num_classes > TOP_K
+
+
+def shown_metrics(num_classes: int | None) -> tuple[str, ...]:
+    """The test metrics tables and figures show: top-1, top-3 (see `shows_top_k`), macro F1, macro AUC."""
+    return tuple(key for key in ("top1", "top3", "f1_macro", "auc_macro") if key != "top3" or shows_top_k(num_classes))
+
+
 def format_metric(value: float | None, percent: bool = True) -> str:
     """A metric for tables: a percentage with two decimals, or 'n/a' when undefined."""
     if value is None:
@@ -274,18 +295,20 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
 METRIC_KEYS = frozenset({"samples", "top1", "top3", "undefined", *METRIC_ROWS})
 
 
-def history_table(history: list[dict[str, Any]]) -> str:
+def history_table(history: list[dict[str, Any]], num_classes: int | None = None) -> str:
     """One line per epoch: learning rate, what the criterion reported (the loss and its parts, DKD's
-    warm-up factor), train and validation metrics."""
+    warm-up factor), train and validation metrics (top-3 only where `shows_top_k`)."""
     lines = []
     for record in history:
         train, val = record["train"], record["val"]
         parts = " ".join(f"{key}={value:.4f}" for key, value in train.items() if key not in METRIC_KEYS)
+        train_top3, val_top3 = (f" top3={format_metric(split['top3'])}%" if shows_top_k(num_classes) else ""
+                                for split in (train, val))
         lines.append(
             f"epoch {record['epoch']:3d}  lr={record['lr']:.5f}  train {parts} "
-            f"top1={format_metric(train['top1'])}% top3={format_metric(train['top3'])}% "
+            f"top1={format_metric(train['top1'])}%{train_top3} "
             f"f1_macro={format_metric(train['f1_macro'])}  |  val loss={val['loss']:.4f} "
-            f"top1={format_metric(val['top1'])}% top3={format_metric(val['top3'])}% "
+            f"top1={format_metric(val['top1'])}%{val_top3} "
             f"f1_macro={format_metric(val['f1_macro'])} auc_macro={format_metric(val['auc_macro'])}  "
             f"({format_seconds(record['seconds'])})"
         )
@@ -373,13 +396,14 @@ def curves_figure(
     return figure
 
 
-def plot_topk(results: dict[str, dict[str, Any]], title: str, path: str | Path) -> None:
-    """Grouped bars of top-1 and top-3 accuracy per split."""
+def plot_topk(results: dict[str, dict[str, Any]], title: str, path: str | Path, num_classes: int | None = None) -> None:
+    """Grouped bars of top-1 and top-3 accuracy per split (top-1 alone where top-3 says nothing: `shows_top_k`)."""
     plt = _pyplot()
     splits = list(results)
     x = np.arange(len(splits))
     figure, axis = plt.subplots(figsize=(6, 4))
-    for offset, key in ((-0.2, "top1"), (0.2, "top3")):
+    keys = ((-0.2, "top1"), (0.2, "top3")) if shows_top_k(num_classes) else ((0.0, "top1"),)
+    for offset, key in keys:
         values = [100 * results[s][key] for s in splits]
         bars = axis.bar(x + offset, values, width=0.4, label=key)
         axis.bar_label(bars, fmt="%.1f", fontsize=8)
@@ -408,11 +432,14 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, p
     save_figure(figure, path)
 
 
-def plot_comparison(tests: dict[str, dict[str, Any]], params: dict[str, int], path: str | Path) -> None:
-    """Test metrics (`tests`: model -> its test metrics) and parameter counts of the models side by side."""
+def plot_comparison(
+    tests: dict[str, dict[str, Any]], params: dict[str, int], path: str | Path, num_classes: int | None = None,
+) -> None:
+    """Test metrics (`tests`: model -> its test metrics, see `shown_metrics`) and parameter counts of the
+    models side by side."""
     plt = _pyplot()
     names = list(tests)
-    keys = ["top1", "top3", "f1_macro", "auc_macro"]
+    keys = list(shown_metrics(num_classes))
     # Wider with more models, so every bar keeps room for its value label.
     figure, (metric_axis, size_axis) = plt.subplots(
         1, 2, figsize=(8 + 1.4 * len(names), 4.5), gridspec_kw={"width_ratios": [3, 1]}

@@ -102,6 +102,15 @@ def test_offline_with_the_file_missing_names_the_file_and_the_folder(tiny_data, 
     assert not run_dir.exists(), "nothing may be done before the weights are found"
 
 
+def test_offline_with_both_files_missing_names_both(tiny_data, tmp_path, capsys, offline):
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "run"), *TINY_FLAGS,
+                            "--teacher-weights", "DEFAULT", "--student-weights", "DEFAULT"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1
+    for weights in (models.VGG16_BN_Weights.IMAGENET1K_V1, models.ResNet18_Weights.IMAGENET1K_V1):
+        assert hub_file(weights).name in error
+
+
 def test_state_dict_file_and_a_run_checkpoint_as_weights(tmp_path):
     torch.manual_seed(2)
     trained = model_builder.build_model("ResNet18", 3, 32)

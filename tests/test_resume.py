@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -87,6 +88,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
         assert actual[role]["latency_ms"] > 0, "finished models are reloaded and measured with the others"
     assert actual["student_kd"]["mcnemar_p"] == expected["student_kd"]["mcnemar_p"]
     assert actual["warnings"] == expected["warnings"]
+    # Wall time: every sitting counts, the last one on its own beside it (summary, ledger).
+    assert (actual["sittings"], expected["sittings"]) == (2, 1)
+    assert actual["wall_seconds"] > actual["wall_seconds_last_sitting"] > 0
+    with open(tmp_path / "experiments.csv", encoding="utf-8", newline="") as ledger:
+        row = next(r for r in csv.DictReader(ledger) if r["run_dir"] == str(run))
+    assert float(row["wall_seconds"]) > float(row["wall_seconds_last_sitting"])
 
     def history(path):
         return [(e["train"]["loss"], e["val"]["loss"]) for e in utils.read_json(path)["epochs"]]

@@ -77,7 +77,7 @@ def rows_of(top1: dict[int, float]) -> dict:
 def test_gain_statistics_one_seed_decides_by_mcnemar():
     baseline, candidate = paired(1, 6)
     stats = significance.gain_statistics(rows_of({0: 0.8}), rows_of({0: 0.5}), {0: candidate}, {0: baseline})
-    assert stats == {"mcnemar_p": pytest.approx(0.125), "gain_significant": False}
+    assert stats == {"mcnemar_p": pytest.approx(0.125), "gain_significant": False, "gain_top1_test": "mcnemar"}
     baseline, candidate = paired(2, 10)
     assert significance.gain_statistics(rows_of({0: 0.8}), rows_of({0: 0.5}), {0: candidate},
                                         {0: baseline})["gain_significant"]
@@ -158,20 +158,25 @@ def test_chance_is_the_most_frequent_test_class():
 
 def test_teacher_worse_than_the_baseline():
     summary, histories = sane_run()
-    summary.models["teacher"].test["top1"] = 0.79
+    teacher = summary.models["teacher"]
+    teacher.test["top1"] = 0.79
+    teacher.vs_baseline_top1_by_seed, teacher.vs_baseline_mcnemar_p_by_seed = {"0": -0.01}, {"0": 1.0}
+    assert significance.sanity_warnings(summary, histories) == []  # one image behind: the paired test cannot tell
+    teacher.test["top1"] = 0.7
+    teacher.vs_baseline_top1_by_seed, teacher.vs_baseline_mcnemar_p_by_seed = {"0": -0.1}, {"0": 0.002}
     warnings = significance.sanity_warnings(summary, histories)
-    assert len(warnings) == 1
-    assert warnings[0].startswith("The teacher (79.00% test top-1) is worse than the baseline student (80.00%):")
-    summary.models["student_baseline"].test_top1_mean = 0.78  # over several seeds the baseline's mean counts
-    assert significance.sanity_warnings(summary, histories) == []
+    assert warnings == [
+        "The teacher (70.00% test top-1) is worse than the baseline student by the exact McNemar test on the same "
+        "test images (10.00 points behind, McNemar p = 0.002): distillation passes on what the teacher knows, so "
+        "train it longer or choose a stronger one."]
 
 
 def test_validation_split_too_small():
     summary, histories = sane_run()
     summary.dataset.images_per_class["val"]["min"] = 4
     assert significance.sanity_warnings(summary, histories) == [
-        "The validation split has 4 images in its smallest class (fewer than 5): too few to select an epoch; "
-        "give validation more images (--val-fraction or a val/ folder)."]
+        "The validation split has 100 images: its smallest class has 4 (fewer than 5), too coarse to choose an epoch "
+        "by; put at least 126 images into the validation folder."]
     summary.dataset.images_per_class["val"]["min"] = 5
     assert significance.sanity_warnings(summary, histories) == []
 
@@ -213,7 +218,8 @@ class Logged(nn.Module):
 def test_speeds_are_measured_interleaved_with_median_and_iqr():
     log: list[str] = []
     models = {"teacher": Logged("teacher", log), "student": Logged("student", log)}
-    speeds = deploy.measure_speeds(models, 8, torch.device("cpu"), None, batch=4, rounds=3, min_run_time=0.001)
+    speeds = deploy.measure_speeds(models, 8, torch.device("cpu"), None, batch=4, rounds=3, min_run_time=0.001,
+                                   passes=1)
     turns = [name for index, name in enumerate(log) if index == 0 or log[index - 1] != name]
     assert turns == ["teacher", "student"] * 3  # three rounds, the models taking turns in each
     for speed in speeds.values():
@@ -230,10 +236,13 @@ def speed_row(latency: float, iqr: list[float]) -> dict:
 
 def test_speedup_is_clear_only_when_the_spreads_do_not_overlap():
     teacher = speed_row(10.0, [9.0, 11.0])
-    assert deploy.speedup(teacher, speed_row(5.0, [4.5, 5.5])) == {"speedup_over_teacher": 2.0, "speedup_clear": True}
+    assert deploy.speedup(teacher, speed_row(5.0, [4.5, 5.5])) == {
+        "speedup_over_teacher": 2.0, "speedup_clear": True,
+        "throughput_speedup_over_teacher": 2.0, "throughput_speedup_clear": True}
     assert deploy.speedup(teacher, speed_row(20.0, [18.0, 22.0]))["speedup_clear"] is True  # clearly slower
     overlapping = deploy.speedup(teacher, speed_row(10.5, [10.8, 12.0]))
-    assert overlapping == {"speedup_over_teacher": round(10 / 10.5, 3), "speedup_clear": False}
+    assert overlapping == {"speedup_over_teacher": round(10 / 10.5, 3), "speedup_clear": False,
+                           "throughput_speedup_over_teacher": round(10 / 10.5, 3), "throughput_speedup_clear": False}
 
 
 # ---------------------------------------------------------------- printed tables
@@ -307,9 +316,9 @@ def test_tables_state_verdicts_and_unclear_speedups():
     assert "significant: exact McNemar test of the paired test predictions, p < 0.05" in comparison
     deployment = report.deployment_table(summary)
     line = next(line for line in deployment.splitlines() if line.startswith("student_fitnet seed_2 "))
-    assert line.endswith("unclear")
-    assert next(line for line in deployment.splitlines() if line.startswith("student_fitnet ")).endswith("x")
-    assert "median ratios: student_fitnet seed_2 1.01x" in deployment
+    assert line.split()[7] == "unclear"  # the batch-1 latency speed-up
+    assert next(line for line in deployment.splitlines() if line.startswith("student_fitnet ")).split()[6] == "2.08x"
+    assert "median ratios: student_fitnet seed_2 batch-1 latency 1.01x" in deployment
 
 
 def test_per_image_results_are_read_back_for_mcnemar(tmp_path):
