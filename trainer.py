@@ -26,6 +26,7 @@ import model_builder
 import runtime
 import schema
 import settings
+import snapshots
 from errors import SettingsError
 
 
@@ -130,20 +131,18 @@ def normalization(
 # ---------------------------------------------------------------- one model
 
 
-def place_model(context: Context, model: nn.Module, training_images: int = 0) -> nn.Module:
-    """A model on the run's device in channels_last, wrapped for torchrun's processes, and compiled
-    when --compile says so for a model that will train on `training_images` images."""
+def place_model(context: Context, model: nn.Module) -> nn.Module:
+    """A model on the run's device in channels_last, wrapped for torchrun's processes. (With --compile,
+    `train_model` compiles its training step, the model inside.)"""
     model = model.to(context.device, memory_format=torch.channels_last)
     if runtime.rank_and_world()[1] > 1:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    compile_model = runtime.resolve_compile(context.config.compile, context.device, training_images)
-    return torch.compile(model) if compile_model else model
+    return model
 
 
 def new_model(
     context: Context, arch: str, seed: int, pretrained: model_builder.Pretrained | None = None,
-    training_images: int = 0,
 ) -> nn.Module:
     """An untrained model on the run's device (seeded, so students of one seed start identical),
     starting from `pretrained` where its tensors fit (see `place_model`)."""
@@ -151,7 +150,7 @@ def new_model(
     model = model_builder.build_model(arch, len(context.data.class_names), context.config.image_size)
     if pretrained is not None:
         model_builder.load_pretrained(model, pretrained)
-    return place_model(context, model, training_images)
+    return place_model(context, model)
 
 
 def load_model(context: Context, checkpoint: dict[str, Any]) -> nn.Module:
@@ -249,12 +248,15 @@ def train_model(
     """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
 
     `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
-    `teacher_logits` (one row per training image) are handed to the criterion with each batch.
+    `teacher_logits` (one row per training image) are handed to the criterion with each batch. With
+    --compile (see `runtime.resolve_compile`) the training step is compiled and every batch has one size.
     After every epoch the whole training state goes to <folder>/train_state.pth; when that
     file exists (an interrupted run), training continues after its last finished epoch.
     """
-    model = new_model(context, arch, seed, context.initial_weights(role), epochs * len(context.data.train))
+    model = new_model(context, arch, seed, context.initial_weights(role))
     train_loader = context.train_loader(seed)
+    compiled = runtime.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
+    train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
     if teacher_logits is not None:
         train_loader.teacher_logits = teacher_logits.to(context.device)
@@ -262,39 +264,45 @@ def train_model(
     scheduler = make_scheduler(optimizer, lr, epochs * len(train_loader))
     trainable = getattr(criterion, "trainable", None)
     state_path = folder / checkpoints.TRAIN_STATE
-    resume, best_weights = None, {}
+    resume = None
     if state_path.is_file():
         resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler,
                                               trainable, train_loader.generator)
-        best_weights = resume[1]
         if runtime.is_main_process():
             print(f"[{role}] resuming after epoch {len(resume[0].history)} of {epochs}")
+    # The epoch's weights are copied to the host once, into buffers the previous epoch's files are written
+    # from: refilling them waits for that write.
+    weights = snapshots.WeightSnapshots(before_refill=context.saver.wait)
+    state_buffers = snapshots.HostBuffers()
 
     @checkpoints.finish_before_interrupt
     def save_epoch(result: engine.FitResult) -> None:
         """best_model.pth when the epoch is the best so far, then the state to resume from."""
         if not runtime.is_main_process():
             return
+        context.saver.wait()
         epoch = len(result.history)
-        weights = checkpoints.model_weights(model)  # one copy serves the state and, at a best epoch, best_model.pth
+        best = result.best_epoch == epoch
+        latest = weights.best if best else weights.take(model)  # a best epoch's weights were taken by engine.fit
+        state = state_buffers.fill({"optimizer": optimizer.state_dict(),
+                                    "criterion": None if trainable is None else trainable.state_dict()})
         files = {}
-        if result.best_epoch == epoch:
+        if best:
             files[folder / checkpoints.BEST_MODEL] = checkpoints.make_checkpoint(
-                context.description(), role, arch, weights, epoch, result.history)
-            best_weights.clear()
-            best_weights.update(weights)
+                context.description(), role, arch, latest, epoch, result.history)
         files[state_path] = checkpoints.training_state(
-            role, arch, weights, None if result.best_epoch == epoch else best_weights, optimizer, scheduler,
-            trainable, train_loader.generator, result)
+            role, arch, latest, None if best else weights.best, state["optimizer"], scheduler, state["criterion"],
+            train_loader.generator, result)
         context.saver.save(files)
 
+    step = runtime.CompiledStep(criterion, context.device) if compiled else criterion
     log_epoch, close_log = tensorboard_logger(context, folder)
     try:
         result = engine.fit(
-            model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
+            model, train_loader, context.eval_loaders["val"], step, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype, on_epoch=log_epoch, name=role,
             on_epoch_end=save_epoch, resume=resume, select_metric=context.config.select_metric,
-            patience=context.config.patience,
+            patience=context.config.patience, weights=weights,
         )
     finally:
         close_log()

@@ -21,15 +21,15 @@ import settings
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.mark.parametrize("setting, device, images, expected", [
-    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_IMAGES, True),
-    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_IMAGES - 1, False),  # too short to pay for compiling
+@pytest.mark.parametrize("setting, device, steps, expected", [
+    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_STEPS, True),
+    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_STEPS - 1, False),  # too short to pay for compiling
     ("auto", CPU, 10**9, False),
     ("on", CPU, 0, True),
     ("off", CUDA, 10**9, False),
 ])
-def test_compile_rule(setting, device, images, expected):
-    assert runtime.resolve_compile(setting, device, images) is expected
+def test_compile_rule(setting, device, steps, expected):
+    assert runtime.resolve_compile(setting, device, steps) is expected
 
 
 def test_compile_flag_is_tri_state():
