@@ -27,12 +27,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 
 import decoding
+import epoch_plan
 import errors
 import folders
 import schema
@@ -402,27 +402,6 @@ class Augmentation:
     trivialaugment: bool = False
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`. To a GPU through pinned memory without blocking: a copy from ordinary
-    memory makes the host wait for every queued kernel."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def padded_channels_last(images: torch.Tensor, pad: int) -> torch.Tensor:
-    """uint8 images (N, C, H, W) as (N, H + 2 pad, W + 2 pad, C), framed by `pad` zero pixels: what
-    `crop_and_flip` gathers from."""
-    return F.pad(images, (pad, pad, pad, pad)).permute(0, 2, 3, 1).contiguous()
-
-
-def crop_and_flip(pixels: torch.Tensor, samples: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """One gather: image `samples[i]` of `pixels` (`padded_channels_last`), rows `rows[i]` and columns
-    `cols[i]` of its padded frame (a crop's window, its columns reversed for a flip), as a (B, C, H, W)
-    batch in channels_last memory."""
-    return pixels[samples[:, None, None], rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
 _TRIVIAL_AUGMENT = v2.TrivialAugmentWide()
 
 
@@ -446,32 +425,18 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
         torch.set_num_threads(threads)
 
 
-@dataclass
-class EpochPlan:
-    """A training epoch, drawn at its start and copied to the device at once: the samples in order, their
-    labels (and cached teacher logits), and each one's crop window and flip as the rows and columns of
-    its padded frame that `crop_and_flip` reads."""
-
-    order: torch.Tensor  # on the CPU (streaming reads the files in this order)
-    samples: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
-    labels: torch.Tensor
-    teacher_logits: torch.Tensor | None
-
-
 class InMemoryImages:
     """A split's decoded uint8 images on the training device: as decoded for evaluation (a batch is a
     slice), `padded_channels_last` for training (a batch is one `crop_and_flip` gather)."""
 
     def __init__(self, images: torch.Tensor, device: torch.device, pad: int | None) -> None:
         images = images.to(device)
-        self.images = images if pad is None else padded_channels_last(images, pad)
+        self.images = images if pad is None else epoch_plan.padded_channels_last(images, pad)
 
-    def batches(self, bounds: list[tuple[int, int]], plan: EpochPlan | None) -> Iterator[torch.Tensor]:
+    def batches(self, bounds: list[tuple[int, int]], plan: epoch_plan.EpochPlan | None) -> Iterator[torch.Tensor]:
         """uint8 batches: the positions `bounds` of the split (no plan) or of the epoch's plan, cropped and flipped."""
         for start, stop in bounds:
-            yield self.images[start:stop] if plan is None else crop_and_flip(
+            yield self.images[start:stop] if plan is None else epoch_plan.crop_and_flip(
                 self.images, plan.samples[start:stop], plan.rows[start:stop], plan.cols[start:stop])
 
 
@@ -484,7 +449,7 @@ class StreamingImages:
         # Decoded batches travel to a GPU faster from pinned memory (GPU-decoded ones are there already).
         self.pin_memory = device.type == "cuda" and not decoding.gpu_decoding(data.decode_device)
 
-    def batches(self, bounds: list[tuple[int, int]], plan: EpochPlan | None) -> Iterator[torch.Tensor]:
+    def batches(self, bounds: list[tuple[int, int]], plan: epoch_plan.EpochPlan | None) -> Iterator[torch.Tensor]:
         """As `InMemoryImages.batches`, each batch read from the files."""
         order = list(range(len(self.paths))) if plan is None else plan.order.tolist()
         reads = decoding.readable_batches(self.paths, self.image_size, self.workers, self.resize, self.decode_device,
@@ -492,8 +457,8 @@ class StreamingImages:
                                           batch_sampler=[order[start:stop] for start, stop in bounds])
         for (start, stop), images in zip(bounds, reads, strict=True):
             images = images.to(self.device, non_blocking=True)
-            yield images if plan is None else crop_and_flip(
-                padded_channels_last(images, self.pad), torch.arange(stop - start, device=self.device),
+            yield images if plan is None else epoch_plan.crop_and_flip(
+                epoch_plan.padded_channels_last(images, self.pad), torch.arange(stop - start, device=self.device),
                 plan.rows[start:stop], plan.cols[start:stop])
 
 
@@ -503,8 +468,8 @@ class BatchLoader:
     Training loaders reshuffle and augment every epoch from their own seeded generator, so two
     loaders built with the same seed produce identical batches, whether the split sits in memory
     or is streamed from disk. An epoch's order, crop offsets and flips are drawn at its start and
-    reach the device in one copy (see `EpochPlan`); a batch is then one gather (crop and flip, see
-    `crop_and_flip`) and its normalization. With `balanced`, a training epoch instead draws as many
+    reach the device in one copy (see `epoch_plan`); a batch is then one gather (crop and flip, see
+    `epoch_plan.crop_and_flip`) and its normalization. With `balanced`, a training epoch instead draws as many
     images as the split holds, with replacement, each with probability inversely proportional to its
     class's count (so every class is drawn equally often on average). Evaluation loaders are
     deterministic and unaugmented. When `teacher_logits` (one row per sample) is set, batches are
@@ -583,32 +548,13 @@ class BatchLoader:
             return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.generator)
         return torch.randperm(n, generator=self.generator)
 
-    def _epoch_plan(self, augmentation: Augmentation) -> EpochPlan:
-        """Draw an epoch's order, crop offsets and flips (only those the augmentation uses, in that order
-        from the loader's generator), copy them to the device at once, and lay them out for `crop_and_flip`."""
-        order = self._shard(self._epoch_order())
-        count, pad, size = len(order), augmentation.pad, self.data.image_size
-        drawn = [order[None]]
-        if pad:
-            drawn.append(torch.randint(0, 2 * pad + 1, (2, count), generator=self.generator))
-        if augmentation.hflip:
-            drawn.append((torch.rand(count, generator=self.generator) < 0.5).long()[None])
-        plan = to_device(torch.cat(drawn), self.device)
-        samples, positions = plan[0], torch.arange(size, device=self.device)
-        rows, cols = positions.expand(count, size), positions.expand(count, size)
-        if augmentation.hflip:  # a flipped image's column x is its window's column size - 1 - x
-            cols = torch.where(plan[-1][:, None].bool(), positions.flip(0), positions)
-        if pad:  # the window's offset within the padded frame
-            rows, cols = rows + plan[1][:, None], cols + plan[2][:, None]
-        teacher = None if self.teacher_logits is None else self.teacher_logits[samples]
-        return EpochPlan(order, samples, rows, cols, self.labels[samples], teacher)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.augmentation is None:  # the rank's contiguous block of the split (see `_shard`), in order
             plan, labels, teacher = None, self.labels, self.teacher_logits
             bounds = self._bounds(first=self.rank * -(-len(self.data) // self.world))
         else:
-            plan = self._epoch_plan(self.augmentation)
+            plan = epoch_plan.draw(self._shard(self._epoch_order()), self.augmentation.pad, self.augmentation.hflip,
+                                   self.data.image_size, self.generator, self.device, self.labels, self.teacher_logits)
             labels, teacher, bounds = plan.labels, plan.teacher_logits, self._bounds()
         for (start, stop), images in zip(bounds, self.source.batches(bounds, plan), strict=True):
             if plan is not None and self.augmentation.trivialaugment:

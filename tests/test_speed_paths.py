@@ -13,6 +13,7 @@ from PIL import Image
 
 import data_setup
 import decoding
+import epoch_plan
 import experiment
 import model_builder
 import runtime
@@ -54,7 +55,7 @@ def test_gpu_decoding_only_for_cuda():
 
 def test_to_device_leaves_cpu_tensors_as_they_are():
     index = torch.arange(5)
-    assert data_setup.to_device(index, CPU) is index
+    assert epoch_plan.to_device(index, CPU) is index
 
 
 def test_a_teacher_stored_for_autocast_gives_the_same_logits_bit_for_bit():
