@@ -96,12 +96,11 @@ def freeze(teacher: nn.Module) -> nn.Module:
 
 
 def teacher_forward(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits in float32, computed under inference mode and usable in the student's graph."""
+    """The teacher's logits, computed under inference mode and usable in the student's graph."""
     with torch.inference_mode():
         logits = teacher(images)
-    # kl_div's backward saves its target, which an inference tensor cannot be: copy it out, in the float32
-    # the losses compute in (one cast under autocast, where the logits are bf16).
-    return logits.to(torch.float32, copy=True)
+    # kl_div's backward saves its target, which an inference tensor cannot be: copy it out.
+    return logits.clone()
 
 
 @contextmanager

@@ -10,7 +10,8 @@ autograd nodes their forward created; the optimizer's by its step hooks; the ste
 Ops that make the host wait for the device: `nonzero` (its output size depends on the data, also
 inside boolean-mask indexing), `_local_scalar_dense` (`.item()`, `int(tensor)`, `bool(tensor)`), the
 other data-dependent ones below, and copies to host memory (`.cpu()`, `.to("cpu")`, `.tolist()`,
-`.numpy()`), which on the CPU are seen where they are asked for.
+`.numpy()`), which on the CPU are seen where they are asked for. On the CPU, give the training device
+as `torch.device("cpu", 0)`: a move to it is then told apart from a move to the host ("cpu").
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def _is_host_transfer(func: Any, args: tuple, kwargs: dict) -> bool:
     if name != "to":
         return False
     targets = [*args[1:], kwargs.get("device")]
-    return any((isinstance(t, torch.device) and t.type == "cpu") or t == "cpu" for t in targets)
+    # The host is "cpu" without an index: a training device may be the CPU with one (see the module's docstring).
+    return any((isinstance(t, torch.device) and t == torch.device("cpu")) or (isinstance(t, str) and t == "cpu")
+               for t in targets)
 
 
 def _aliases(output: Any, args: tuple) -> bool:
@@ -176,13 +179,14 @@ class CountedSteps:
 
 
 @contextmanager
-def counting(models: Iterable[nn.Module], optimizer: torch.optim.Optimizer) -> Iterator[StepCounter]:
+def counting(models: Iterable[nn.Module] = (), optimizer: torch.optim.Optimizer | None = None) -> Iterator[StepCounter]:
     """Count what runs inside the block; `models`' forward and backward and `optimizer`'s step are marked."""
     counter = StepCounter()
     with ExitStack() as stack:
         for model in models:
             _hook_model(stack, counter, model)
-        _hook_optimizer(stack, counter, optimizer)
+        if optimizer is not None:
+            _hook_optimizer(stack, counter, optimizer)
         stack.enter_context(counter)
         stack.enter_context(_HostCopies(counter))
         yield counter
