@@ -123,15 +123,16 @@ def train_one_epoch(
         all_logits.append(outputs["logits"].detach())
         all_labels.append(labels)
     batch_sizes = np.array([len(labels) for labels in all_labels])
-    return _epoch_metrics(rows[: len(batch_sizes)], parts, batch_sizes, torch.cat(all_logits).float(),
-                          torch.cat(all_labels), class_names)
+    return training_metrics(rows[: len(batch_sizes)], parts, batch_sizes, torch.cat(all_logits).float(),
+                            torch.cat(all_labels), class_names)
 
 
-def _epoch_metrics(
+def training_metrics(
     rows: torch.Tensor, parts: list[str], batch_sizes: np.ndarray, logits: torch.Tensor, labels: torch.Tensor,
     class_names: Sequence[str],
 ) -> dict[str, Any]:
-    """The epoch's loss parts (per sample) and metrics from its per-step rows, logits and labels, read in one copy."""
+    """The end of `train_one_epoch`: the epoch's loss parts (per sample) and metrics from its per-step rows
+    (`parts` in columns), batch sizes, logits and labels, read to the host in one copy."""
     counts = runtime.sum_over_ranks(utils.metric_counts(logits, labels, len(class_names)))
     host = torch.cat([rows.flatten().double(), counts]).cpu().numpy()
     values = host[: rows.numel()].reshape(rows.shape).astype(np.float32)
