@@ -10,8 +10,8 @@ autograd nodes their forward created; the optimizer's by its step hooks; the ste
 Ops that make the host wait for the device: `nonzero` (its output size depends on the data, also
 inside boolean-mask indexing), `_local_scalar_dense` (`.item()`, `int(tensor)`, `bool(tensor)`), the
 other data-dependent ones below, and copies to host memory (`.cpu()`, `.to("cpu")`, `.tolist()`,
-`.numpy()`), which on the CPU are seen where they are asked for. On the CPU, give the training device
-as `torch.device("cpu", 0)`: a move to it is then told apart from a move to the host ("cpu").
+`.numpy()`, `.item()`), which on the CPU are seen where they are asked for (a move to a device
+object is taken for a move to the run's device, which on a GPU it would be).
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ def _is_host_transfer(func: Any, args: tuple, kwargs: dict) -> bool:
         return True
     if name != "to":
         return False
-    targets = [*args[1:], kwargs.get("device")]
-    # The host is "cpu" without an index: a training device may be the CPU with one (see the module's docstring).
-    return any((isinstance(t, torch.device) and t == torch.device("cpu")) or (isinstance(t, str) and t == "cpu")
-               for t in targets)
+    # Only the host named as such: a device object is the run's device or a tensor's, which on the CPU is the
+    # host too, though on a GPU it would not be (moving a batch's indices to `images.device`, say).
+    return any(isinstance(target, str) and target.startswith("cpu") for target in [*args[1:], kwargs.get("device")])
 
 
 def _aliases(output: Any, args: tuple) -> bool:

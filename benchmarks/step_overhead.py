@@ -43,8 +43,7 @@ import step_profile  # noqa: E402
 
 CLASSES, IMAGE_SIZE = 10, 32
 EPOCH_IMAGES, EPOCH_BATCH = 45_000, 512  # CIFAR-10's training split after validation, at the GPU batch
-# The training device as the CPU with an index, so that a copy to the host ("cpu") is told from a move to it.
-DEVICE = torch.device("cpu", 0)
+DEVICE = torch.device("cpu")
 
 
 def tiny_model() -> nn.Module:

@@ -12,9 +12,7 @@ import KD_engine
 import model_builder
 import step_profile
 
-# The training device as the CPU with an index: tensors moved to it are not moves to the host, while
-# `.to("cpu")`, `.cpu()`, `.tolist()`, `.item()` and the like still count as host copies.
-DEVICE = torch.device("cpu", 0)
+DEVICE = torch.device("cpu")
 CLASSES = 4
 
 
@@ -64,5 +62,5 @@ def test_the_counter_sees_host_waits():
         values[values > 2].sum()
         values.sum().item()
         values.to("cpu")
-        values.to(DEVICE)  # a move to the training device is no host copy
+        values.to(DEVICE)  # a move to the run's device is taken for no host copy
     assert set(counter.sync_names[("setup", step_profile.OTHER)]) == {"index", "_local_scalar_dense", "item", "to"}
