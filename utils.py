@@ -211,14 +211,13 @@ def classification_metrics(
 
 def metric_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """What an epoch's metrics need, counted on the logits' device (float64, to be read in one copy):
-    the confusion matrix by bincount (rows: true class, columns: the highest logit's class, the first
-    one on ties, as argmax), flattened, then the number of samples whose label is among the 3 highest
-    logits (k clipped to the number of classes)."""
-    predictions = logits.argmax(dim=1)
-    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    top = logits.topk(min(3, logits.shape[1]), dim=1).indices
-    top3 = (top == labels[:, None]).any(dim=1).sum()
-    return torch.cat([confusion, top3[None]]).double()
+    the confusion matrix by bincount (rows: true class, columns: the predicted class, argmax's: the
+    first of tied highest logits), flattened, then the samples whose label is among the 1 and among
+    the 3 highest logits as `topk_accuracy` ranks them (k clipped to the number of classes)."""
+    confusion = torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes * num_classes)
+    hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1).sum()[None]
+            for k in (1, 3)]
+    return torch.cat([confusion, *hits]).double()
 
 
 def _fraction(count: float, total: float) -> float:
@@ -227,16 +226,16 @@ def _fraction(count: float, total: float) -> float:
 
 
 def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Top-1, top-3 and precision / recall / F1 from `metric_counts` (read to the host), with the
-    conventions of `classification_metrics`: fractions in [0, 1], undefined values None with the
-    reason under `undefined`. Top-1 is the confusion matrix's diagonal. No AUC: it needs every
-    logit, and is computed for the final evaluation only."""
+    """Top-1, top-3 and precision / recall / F1 from `metric_counts` (read to the host), with the values
+    and conventions of `classification_metrics`: fractions in [0, 1], undefined values None with the
+    reason under `undefined`. No AUC: it needs every logit, and is computed for the final evaluation only."""
     num_classes = len(class_names)
-    confusion = counts[: num_classes * num_classes].astype(np.int64).reshape(num_classes, num_classes)
+    cells = num_classes * num_classes
+    confusion = counts[:cells].astype(np.int64).reshape(num_classes, num_classes)
     samples = int(confusion.sum())
     scores, undefined = _confusion_scores(confusion, class_names)
-    return {"samples": samples, "top1": _fraction(np.trace(confusion), samples),
-            "top3": _fraction(counts[num_classes * num_classes], samples), **scores, "undefined": undefined}
+    top1, top3 = (_fraction(hits, samples) for hits in counts[cells:])
+    return {"samples": samples, "top1": top1, "top3": top3, **scores, "undefined": undefined}
 
 
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:

@@ -115,8 +115,11 @@ def test_device_metrics_equal_scikit_learns_on_the_same_predictions(seed):
     metrics = _device_metrics(logits, labels, names)
     predictions = logits.argmax(dim=1).numpy()  # the first of tied classes, as the confusion matrix counts
     assert metrics["samples"] == 300
-    assert metrics["top1"] == pytest.approx(accuracy_score(labels.numpy(), predictions), abs=1e-7)
-    continuous = torch.randn(300, 7, generator=generator)  # top-k without ties, where every tie rule agrees
+    for k in (1, 3):  # ranked as the final evaluation ranks them (ties and all)
+        assert metrics[f"top{k}"] == utils.topk_accuracy(logits, labels, k)
+    continuous = torch.randn(300, 7, generator=generator)  # without ties, where every tie rule agrees
+    assert _device_metrics(continuous, labels, names)["top1"] == pytest.approx(
+        accuracy_score(labels.numpy(), continuous.argmax(dim=1).numpy()), abs=1e-7)
     assert _device_metrics(continuous, labels, names)["top3"] == pytest.approx(
         top_k_accuracy_score(labels.numpy(), continuous.numpy(), k=3, labels=range(7)), abs=1e-7)
     for average in ("micro", "macro", "weighted"):
