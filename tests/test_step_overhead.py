@@ -13,27 +13,27 @@ import model_builder
 import step_profile
 
 DEVICE = torch.device("cpu")
-CLASSES = 4
+CLASSES, SIZE = 4, 16
 
 
-def _loader(count: int = 40, batch_size: int = 12) -> data_setup.BatchLoader:
+def _loader(count: int = 30, batch_size: int = 12) -> data_setup.BatchLoader:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    data = data_setup.ImageTensors(images, torch.arange(count) % CLASSES, [str(i) for i in range(count)], 32)
-    return data_setup.BatchLoader(data, batch_size, [0.5] * 3, [0.25] * 3, DEVICE, data_setup.Augmentation(4, True))
+    images = torch.randint(0, 256, (count, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
+    data = data_setup.ImageTensors(images, torch.arange(count) % CLASSES, [str(i) for i in range(count)], SIZE)
+    return data_setup.BatchLoader(data, batch_size, [0.5] * 3, [0.25] * 3, DEVICE, data_setup.Augmentation(2, True))
 
 
 def _profile(method: str) -> step_profile.StepCounter:
-    """One epoch (4 steps, the last one smaller) of `method` with small literature models, counted."""
+    """One epoch (3 steps, the last one smaller) of `method` with small literature models, counted."""
     torch.manual_seed(0)
-    student = model_builder.build_model("resnet8", CLASSES, 32).to(DEVICE, memory_format=torch.channels_last)
-    teacher = model_builder.build_model("resnet8", CLASSES, 32).to(DEVICE, memory_format=torch.channels_last)
+    student, teacher = (model_builder.build_model("resnet8", CLASSES, SIZE).to(memory_format=torch.channels_last)
+                        for _ in range(2))
     loader = _loader()
     if method == "plain":
         criterion = engine.SupervisedCriterion()
     else:
         criterion = KD_engine.make_criterion(method, teacher, student, temperature=4.0, alpha=0.5,
-                                             dkd_warmup_steps=6, steps_per_epoch=len(loader))
+                                             dkd_warmup_steps=6, steps_per_epoch=len(loader), image_size=SIZE)
     trainable = getattr(criterion, "trainable", None)  # FitNets' regressors
     parameters = list(student.parameters()) + ([] if trainable is None else list(trainable.parameters()))
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, fused=True)
