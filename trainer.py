@@ -221,7 +221,8 @@ EpochLog = Callable[[dict[str, Any]], None]  # sees every epoch's record (see en
 
 def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None, Callable[[], None]]:
     """With --tensorboard (on rank 0), a callback writing one epoch's numbers under RUN/tensorboard/<model
-    folder> (loss parts, accuracy, F1, AUC, learning rate), and how to close it; else (None, a no-op)."""
+    folder> (loss parts, accuracy, precision / recall / F1, learning rate), and how to close it; else (None, a
+    no-op)."""
     if not context.config.tensorboard or not runtime.is_main_process():
         return None, lambda: None
     from torch.utils.tensorboard import SummaryWriter
