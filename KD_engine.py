@@ -101,7 +101,8 @@ def distillation_loss(
     Returns:
         {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
     """
-    ce = hard_loss(student_logits.float(), labels)
+    student_logits = student_logits.float()  # cast once, for both terms (under autocast they are bf16)
+    ce = hard_loss(student_logits, labels)
     kd = kd_loss(student_logits, teacher_logits, temperature)
     return {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
 
@@ -216,13 +217,14 @@ def _target_split(scaled_logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
     Removing the target column is the exact form of the paper's "subtract 1000 from the target
     logit", which stops masking once logits/T exceed 1000; log-sum-exps keep every term finite.
+    Columns are gathered at computed indices: a boolean mask would make the host wait for the device.
     """
     rows, classes = scaled_logits.shape
-    is_target = F.one_hot(labels, classes).bool()
+    others_index = torch.arange(classes - 1, device=labels.device).expand(rows, classes - 1)
+    others = scaled_logits.gather(1, others_index + (others_index >= labels[:, None]))  # skip the target column
     log_norm = scaled_logits.logsumexp(dim=1, keepdim=True)
-    others = scaled_logits[~is_target].view(rows, classes - 1)
     others_norm = others.logsumexp(dim=1, keepdim=True)
-    binary = torch.cat([scaled_logits[is_target].view(rows, 1), others_norm], dim=1) - log_norm
+    binary = torch.cat([scaled_logits.gather(1, labels[:, None]), others_norm], dim=1) - log_norm
     return binary, others - others_norm
 
 
@@ -304,17 +306,30 @@ class DKDCriterion(DistillationCriterion):
         self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        self._weights = self._step_weights(images.device)
+        outputs = super().__call__(student, images, labels, teacher_logits)
+        self._count_step()  # once the loss is computed: a step retried after a failed compile counts once
+        return outputs
+
+    @torch.compiler.disable
+    def _step_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - alpha) * the step's warm-up factor, and the factor: tensors a compiled step takes as inputs."""
+        warmup = dkd_warmup_factor(self.step + 1, self.warmup_steps)
+        return torch.full((), (1 - self.alpha) * warmup, device=device), torch.full((), warmup, device=device)
+
+    @torch.compiler.disable
+    def _count_step(self) -> None:
         self.step += 1
-        return super().__call__(student, images, labels, teacher_logits)
 
     def loss_parts(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        ce = self.hard_loss(student_logits.float(), labels)
+        student_logits = student_logits.float()  # cast once, for both terms
+        ce = self.hard_loss(student_logits, labels)
         tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, self.temperature)
-        warmup = dkd_warmup_factor(self.step, self.warmup_steps)
-        loss = self.alpha * ce + (1 - self.alpha) * warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
-        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_full((), warmup)}
+        weight, warmup = self._weights
+        loss = self.alpha * ce + weight * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
+        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": warmup}
 
 
 def reference_dkd_beta(teacher: str, student: str) -> float:

@@ -26,6 +26,7 @@ import engine
 import errors
 import model_builder
 import schema
+import snapshots
 import utils
 
 TRAIN_STATE = "train_state.pth"  # per model: everything needed to continue after its last finished epoch
@@ -50,24 +51,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def host_copy(value: Any, contiguous: bool = False) -> Any:
-    """A copy of checkpoint contents that later training cannot change: every tensor copied to the
-    CPU (in the contiguous layout with `contiguous`, else in its own), dicts, lists and tuples rebuilt
-    (other leaves, numbers and strings, are immutable). Always a copy, on the CPU too."""
-    if isinstance(value, torch.Tensor):
-        layout = torch.contiguous_format if contiguous else torch.preserve_format
-        return value.detach().to("cpu", memory_format=layout, copy=True)
-    if isinstance(value, dict):
-        return {key: host_copy(item, contiguous) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(item, contiguous) for item in value)
-    return value
+def host_copy(value: Any) -> Any:
+    """Checkpoint contents a background write can take while training goes on: dicts, lists and tuples
+    rebuilt (an epoch appended to the history later does not reach the file), tensors on a device
+    copied to the host, and tensors already on the host taken as they are, not copied a second time
+    (the trainer's host buffers, refilled only once the write is done: see `snapshots`)."""
+    return snapshots.map_tensors(value, lambda path, tensor: tensor.detach().cpu())
 
 
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's weights as contiguous CPU copies (what every checkpoint stores), whatever
+    """The plain model's weights as contiguous host copies (what every checkpoint stores), whatever
     the layout the model trains in."""
-    return host_copy(model_builder.unwrap(model).state_dict(), contiguous=True)
+    return snapshots.HostBuffers().fill(model_builder.unwrap(model).state_dict())
 
 
 def make_checkpoint(
@@ -268,19 +263,19 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def training_state(
     role: str, arch: str, weights: dict[str, torch.Tensor], best_weights: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None,
-    loader_generator: torch.Generator, result: engine.FitResult,
+    optimizer_state: dict[str, Any], scheduler: torch.optim.lr_scheduler.LRScheduler,
+    criterion_state: dict[str, Any] | None, loader_generator: torch.Generator, result: engine.FitResult,
 ) -> dict[str, Any]:
     """Everything a resumed run needs to continue after the epoch `result` ends with.
 
-    The best weights travel with the state rather than being read back from best_model.pth: a
-    kill between writing that file and this one would pair them with the wrong epoch. None means
-    the state's own weights are the best.
+    `optimizer_state` and `criterion_state` (the trainable part of a criterion, if any) are the
+    state dicts, in host copies. The best weights travel with the state rather than being read back
+    from best_model.pth: a kill between writing that file and this one would pair them with the
+    wrong epoch. None means the state's own weights are the best.
     """
     return {
         "role": role, "arch": arch, "model": weights, "best_model": best_weights,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "criterion": None if trainable is None else trainable.state_dict(),
+        "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "criterion": criterion_state,
         "loader_generator": loader_generator.get_state(), "rng": rng_states(),
         "history": result.history, "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
         "best_val_logits": result.best_val_outputs[0], "best_val_labels": result.best_val_outputs[1],
@@ -350,10 +345,11 @@ def _save_checkpoints(files: list[tuple[Path, dict[str, Any]]]) -> None:
 class BackgroundSaver:
     """Writes checkpoints on a background thread, so training does not wait for serialization and disk.
 
-    `save` copies the tensors to the CPU at once (cheap), then returns while one thread writes
-    the files atomically, in the given order. A new `save` first waits for the previous one;
-    `wait()` (and leaving a `with` block, also on an error or Ctrl-C) waits for the last one and
-    raises any error the writer met. A write cut short leaves the previous file in place.
+    `save` takes the checkpoints as `host_copy` gives them (device tensors copied to the host, host
+    tensors as they are), then returns while one thread writes the files atomically, in the given
+    order. A new `save` first waits for the previous one; `wait()` (and leaving a `with` block, also
+    on an error or Ctrl-C) waits for the last one and raises any error the writer met. A write cut
+    short leaves the previous file in place.
     """
 
     def __init__(self) -> None:
@@ -363,7 +359,9 @@ class BackgroundSaver:
         self._pending = None
 
     def save(self, files: dict[Path, dict[str, Any]]) -> None:
-        """Write `{path: checkpoint}` in the background, in order, each file atomically."""
+        """Write `{path: checkpoint}` in the background, in order, each file atomically. Tensors already
+        on the host are written as they are: leave them unchanged until `wait()` returns (the next
+        `save` waits first)."""
         self.wait()
         copies = [(Path(path), host_copy(checkpoint)) for path, checkpoint in files.items()]
         self._pending = self._executor.submit(_save_checkpoints, copies)

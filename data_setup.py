@@ -27,12 +27,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 
 import decoding
+import epoch_plan
 import errors
 import folders
 import schema
@@ -402,34 +402,6 @@ class Augmentation:
     trivialaugment: bool = False
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`. To a GPU through pinned memory without blocking: a copy from ordinary
-    memory makes the host wait for every queued kernel, once per batch."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Randomly shift each image of a batch by up to `pad` pixels, filling with zeros."""
-    if pad == 0:
-        return images
-    n, _, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    offsets = to_device(torch.randint(0, 2 * pad + 1, (2, n), generator=generator), images.device)
-    rows = offsets[0][:, None] + torch.arange(height, device=images.device)
-    cols = offsets[1][:, None] + torch.arange(width, device=images.device)
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    # Advanced indexing gathers (N, H, W, C); move channels back in front.
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the batch left to right."""
-    flip = to_device(torch.rand(images.shape[0], generator=generator) < 0.5, images.device)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-
 _TRIVIAL_AUGMENT = v2.TrivialAugmentWide()
 
 
@@ -454,42 +426,55 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 class InMemoryImages:
-    """Batches gathered from a decoded uint8 tensor kept on the training device."""
+    """A split's decoded uint8 images on the training device: as decoded for evaluation (a batch is a
+    slice), `padded_channels_last` for training (a batch is one `crop_and_flip` gather)."""
 
-    def __init__(self, images: torch.Tensor, device: torch.device) -> None:
-        self.images = images.to(device)
+    def __init__(self, images: torch.Tensor, device: torch.device, pad: int | None) -> None:
+        images = images.to(device)
+        self.images = images if pad is None else epoch_plan.padded_channels_last(images, pad)
 
-    def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        for index in index_batches:
-            yield self.images[to_device(index, self.images.device)]
+    def batches(self, bounds: list[tuple[int, int]], plan: epoch_plan.EpochPlan | None) -> Iterator[torch.Tensor]:
+        """uint8 batches: the positions `bounds` of the split (no plan) or of the epoch's plan, cropped and flipped."""
+        for start, stop in bounds:
+            yield self.images[start:stop] if plan is None else epoch_plan.crop_and_flip(
+                self.images, plan.samples[start:stop], plan.rows[start:stop], plan.cols[start:stop])
 
 
 class StreamingImages:
     """Batches decoded from disk (read by DataLoader worker processes), in exactly the given order."""
 
-    def __init__(self, data: ImageTensors, workers: int, device: torch.device) -> None:
+    def __init__(self, data: ImageTensors, workers: int, device: torch.device, pad: int | None) -> None:
         self.paths, self.image_size, self.decode_device = data.paths, data.image_size, data.decode_device
-        self.resize = data.resize
-        self.workers = workers
+        self.resize, self.workers, self.device, self.pad = data.resize, workers, device, pad
         # Decoded batches travel to a GPU faster from pinned memory (GPU-decoded ones are there already).
         self.pin_memory = device.type == "cuda" and not decoding.gpu_decoding(data.decode_device)
 
-    def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        yield from decoding.readable_batches(self.paths, self.image_size, self.workers, self.resize, self.decode_device,
-                                             pin_memory=self.pin_memory,
-                                             batch_sampler=[index.tolist() for index in index_batches])
+    def batches(self, bounds: list[tuple[int, int]], plan: epoch_plan.EpochPlan | None) -> Iterator[torch.Tensor]:
+        """As `InMemoryImages.batches`, each batch read from the files."""
+        order = list(range(len(self.paths))) if plan is None else plan.order.tolist()
+        reads = decoding.readable_batches(self.paths, self.image_size, self.workers, self.resize, self.decode_device,
+                                          pin_memory=self.pin_memory,
+                                          batch_sampler=[order[start:stop] for start, stop in bounds])
+        for (start, stop), images in zip(bounds, reads, strict=True):
+            images = images.to(self.device, non_blocking=True)
+            yield images if plan is None else epoch_plan.crop_and_flip(
+                epoch_plan.padded_channels_last(images, self.pad), torch.arange(stop - start, device=self.device),
+                plan.rows[start:stop], plan.cols[start:stop])
 
 
 class BatchLoader:
-    """Yield normalized float batches `(images, labels)` of a split.
+    """Yield normalized float batches `(images, labels)` of a split, in channels_last memory.
 
     Training loaders reshuffle and augment every epoch from their own seeded generator, so two
     loaders built with the same seed produce identical batches, whether the split sits in memory
-    or is streamed from disk. With `balanced`, a training epoch instead draws as many images as
-    the split holds, with replacement, each with probability inversely proportional to its
+    or is streamed from disk. An epoch's order, crop offsets and flips are drawn at its start and
+    reach the device in one copy (see `epoch_plan`); a batch is then one gather (crop and flip, see
+    `epoch_plan.crop_and_flip`) and its normalization. With `balanced`, a training epoch instead draws as many
+    images as the split holds, with replacement, each with probability inversely proportional to its
     class's count (so every class is drawn equally often on average). Evaluation loaders are
-    deterministic and unaugmented. When `teacher_logits` (one row per sample) is set, batches
-    are `(images, labels, teacher_logits)`.
+    deterministic and unaugmented. When `teacher_logits` (one row per sample) is set, batches are
+    `(images, labels, teacher_logits)`. With `drop_last` (set it before iterating), a training
+    epoch leaves out its last batch when that one is smaller than the others (unless it is the only one).
 
     With `shard=(rank, world)` (torchrun) a loader yields only its rank's part: for training,
     every `world`-th index of the shared permutation, padded so all ranks take the same number
@@ -521,16 +506,30 @@ class BatchLoader:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.labels = data.labels.to(self.device)
         self.teacher_logits: torch.Tensor | None = None
+        self.drop_last = False
         self.sample_weights = None
         if balanced:
             self.sample_weights = (1 / torch.bincount(data.labels).double())[data.labels]
+        pad = None if augmentation is None else augmentation.pad
         if data.images is not None:
-            self.source: InMemoryImages | StreamingImages = InMemoryImages(data.images, self.device)
+            self.source: InMemoryImages | StreamingImages = InMemoryImages(data.images, self.device, pad)
         else:
-            self.source = StreamingImages(data, workers, self.device)
+            self.source = StreamingImages(data, workers, self.device, pad)
+
+    def _shard_length(self) -> int:
+        return len(self._shard(torch.arange(len(self.data))))
 
     def __len__(self) -> int:
-        return (len(self._shard(torch.arange(len(self.data)))) + self.batch_size - 1) // self.batch_size
+        samples = self._shard_length()
+        if self.drop_last and self.augmentation is not None and samples > self.batch_size:
+            return samples // self.batch_size
+        return (samples + self.batch_size - 1) // self.batch_size
+
+    def _bounds(self, first: int = 0) -> list[tuple[int, int]]:
+        """(start, stop) of each of the epoch's batches, positions counted from `first`."""
+        samples = self._shard_length()
+        return [(first + start, first + min(start + self.batch_size, samples))
+                for start in range(0, len(self) * self.batch_size, self.batch_size)]
 
     def _shard(self, order: torch.Tensor) -> torch.Tensor:
         """This rank's part of an epoch's sample order."""
@@ -543,28 +542,27 @@ class BatchLoader:
         return order[self.rank * block : (self.rank + 1) * block]
 
     def _epoch_order(self) -> torch.Tensor:
-        """The sample indices of one epoch: shuffled (or class-balanced) for training, in order for evaluation."""
+        """The sample indices of one training epoch: shuffled (or class-balanced)."""
         n = len(self.data)
-        if self.augmentation is None:
-            return torch.arange(n)
         if self.sample_weights is not None:
             return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.generator)
         return torch.randperm(n, generator=self.generator)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        index_batches = list(self._shard(self._epoch_order()).split(self.batch_size))
-        for index, images in zip(index_batches, self.source.fetch(index_batches), strict=True):
-            images = images.to(self.device, non_blocking=True)
-            if self.augmentation is not None:
-                images = random_crop(images, self.augmentation.pad, self.generator)
-                if self.augmentation.hflip:
-                    images = random_hflip(images, self.generator)
-                if self.augmentation.trivialaugment:
-                    images = trivial_augment(images, self.generator)
-            images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-            index = to_device(index, self.device)
-            if self.teacher_logits is None:
-                yield images, self.labels[index]
-            else:
-                yield images, self.labels[index], self.teacher_logits[index]
+        if self.augmentation is None:  # the rank's contiguous block of the split (see `_shard`), in order
+            plan, labels, teacher = None, self.labels, self.teacher_logits
+            bounds = self._bounds(first=self.rank * -(-len(self.data) // self.world))
+        else:
+            plan = epoch_plan.draw(self._shard(self._epoch_order()), self.augmentation.pad, self.augmentation.hflip,
+                                   self.data.image_size, self.generator, self.device, self.labels, self.teacher_logits)
+            labels, teacher, bounds = plan.labels, plan.teacher_logits, self._bounds()
+        for (start, stop), images in zip(bounds, self.source.batches(bounds, plan), strict=True):
+            if plan is not None and self.augmentation.trivialaugment:
+                images = trivial_augment(images, self.generator)
+            batch = (self._normalize(images), labels[start:stop])
+            yield batch if teacher is None else (*batch, teacher[start:stop])
 
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels to normalized floats: (pixel - mean) / std (the subtraction in float32, as for
+        converted pixels), in the loader's memory format."""
+        return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)

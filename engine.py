@@ -7,7 +7,6 @@ where `extra` is whatever a batch carries after its labels (e.g. cached teacher 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,13 +14,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 import model_builder
 import runtime
+import snapshots
 import utils
 
 Batches = Iterable[tuple[torch.Tensor, ...]]  # (images, labels, *extra)
@@ -90,47 +89,64 @@ def train_one_epoch(
     """Train for one epoch and return its metrics.
 
     Raises NonFiniteLossError (with the first bad batch, counted from 1) when the loss of any
-    batch was NaN or infinite; the check runs on the device and is read once, at the end.
+    batch was NaN or infinite.
 
+    A step holds the model, the loss and the optimizer, and nothing that makes the host wait for
+    the device: each step's loss parts go into one row of a buffer made at the first step, and its
+    logits and labels are kept as they are. At the end the buffer and the metrics' counts (see
+    `utils.metric_counts`) are read in one copy; the non-finite check reads the loss column.
     Loss parts are averaged per sample over the whole epoch (not a mean of batch means);
-    classification metrics come from the training-mode logits of the augmented batches.
-    Running sums stay on the device, so the loop never waits for the host. Under torchrun each
-    rank trains on its shard and the epoch's sums and logits are combined over all ranks.
+    classification metrics come from the training-mode logits of the augmented batches. Under
+    torchrun each rank trains on its shard and the epoch's sums and counts are combined over all ranks.
 
     Returns:
-        {"loss": ..., <other loss parts>, "top1": ..., "top3": ..., "f1_macro": ..., ...}
+        {"loss": ..., <other loss parts>, "samples": ..., "top1": ..., "top3": ..., "f1_macro": ..., ...}
     """
     model.train()
-    sums: dict[str, torch.Tensor] = {}
+    parts: list[str] = []
+    rows = one = None
     all_logits, all_labels = [], []
-    # The index of the first batch with a non-finite loss, kept on the device (-1: none yet).
-    first_bad_batch = torch.tensor(-1, device=device)
-    for batch_index, (images, labels, *extra) in enumerate(_progress(data_loader, description)):
+    for step, (images, labels, *extra) in enumerate(_progress(data_loader, description)):
         with runtime.autocast(device, amp_dtype):
             outputs = criterion(model, images, labels, *extra)
-        bad = (first_bad_batch < 0) & ~torch.isfinite(outputs["loss"].detach())
-        first_bad_batch = torch.where(bad, batch_index, first_bad_batch)
+        loss = outputs["loss"]
+        if rows is None:  # made once: the loss parts' names are known from the first step
+            parts = [name for name in outputs if name != "logits"]
+            rows = torch.empty((len(data_loader), len(parts)), device=loss.device)
+            one = torch.ones_like(loss)  # the loss's gradient with respect to itself, not made anew every step
         optimizer.zero_grad(set_to_none=True)
-        outputs["loss"].backward()
+        loss.backward(one)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        batch_size = labels.shape[0]
-        for name, value in outputs.items():
-            if name != "logits":
-                sums[name] = sums.get(name, 0) + value.detach().float() * batch_size
-        all_logits.append(outputs["logits"].detach().float())
+        torch.stack([outputs[name].detach() for name in parts], out=rows[step])
+        all_logits.append(outputs["logits"].detach())
         all_labels.append(labels)
-    if dist.is_initialized():
-        # Every rank must stop together, or the others would wait forever in the next collective.
-        dist.all_reduce(first_bad_batch, op=dist.ReduceOp.MAX)
-    bad_batch = int(first_bad_batch.item())
-    if bad_batch >= 0:
-        raise NonFiniteLossError(bad_batch + 1)
-    logits, labels = runtime.gather_rows(torch.cat(all_logits)), runtime.gather_rows(torch.cat(all_labels))
-    metrics = {name: (runtime.sum_over_ranks(total) / len(labels)).item() for name, total in sums.items()}
-    metrics.update(utils.classification_metrics(logits, labels, class_names))
-    return metrics
+    batch_sizes = np.array([len(labels) for labels in all_labels])
+    return training_metrics(rows[: len(batch_sizes)], parts, batch_sizes, torch.cat(all_logits).float(),
+                            torch.cat(all_labels), class_names)
+
+
+def training_metrics(
+    rows: torch.Tensor, parts: list[str], batch_sizes: np.ndarray, logits: torch.Tensor, labels: torch.Tensor,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """The end of `train_one_epoch`: the epoch's loss parts (per sample) and metrics from its per-step rows
+    (`parts` in columns), batch sizes, logits and labels, read to the host in one copy."""
+    counts = runtime.sum_over_ranks(utils.metric_counts(logits, labels, len(class_names)))
+    host = torch.cat([rows.flatten().double(), counts]).cpu().numpy()
+    values = host[: rows.numel()].reshape(rows.shape).astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(values[:, parts.index("loss")]))
+    # Every rank must stop together, or the others would wait forever in the next collective.
+    first_bad = int(runtime.reduce_over_ranks(np.array([bad[0] if len(bad) else -1]), rows.device, "max")[0])
+    if first_bad >= 0:
+        raise NonFiniteLossError(first_bad + 1)
+    # Summed step by step in float32, as a running sum on the device would be (the same value, bit for bit).
+    sums = np.add.accumulate(values * batch_sizes[:, None].astype(np.float32), axis=0, dtype=np.float32)[-1]
+    sums = runtime.reduce_over_ranks(sums, rows.device, "sum")
+    metrics = utils.metrics_from_counts(host[rows.numel():], class_names)
+    means = {name: float(total / np.float32(metrics["samples"])) for name, total in zip(parts, sums, strict=True)}
+    return {**means, **metrics}
 
 
 @torch.inference_mode()
@@ -138,7 +154,7 @@ def predict(
     model: nn.Module, data_loader: Batches, device: torch.device, amp_dtype: torch.dtype | None = None,
     description: str = "eval",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on the CPU) and labels of every sample of a loader, in eval mode.
+    """Logits (float32) and labels of every sample of a loader, in eval mode, on the device they were computed on.
 
     Under torchrun each rank predicts its shard and the results are gathered in rank order.
     """
@@ -147,18 +163,27 @@ def predict(
     all_logits, all_labels = [], []
     for images, labels, *_ in _progress(data_loader, description):
         with runtime.autocast(device, amp_dtype):
-            all_logits.append(module(images).float())
+            all_logits.append(module(images))
         all_labels.append(labels)
-    return runtime.gather_rows(torch.cat(all_logits)).cpu(), runtime.gather_rows(torch.cat(all_labels)).cpu()
+    return runtime.gather_rows(torch.cat(all_logits).float()), runtime.gather_rows(torch.cat(all_labels))
 
 
 def metrics_from_logits(
     logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Cross-entropy loss plus every classification metric of a split."""
+    """Cross-entropy loss plus every classification metric of a split, AUC included (scikit-learn, on the host):
+    the final evaluation's."""
     metrics = {"loss": F.cross_entropy(logits, labels).item()}
     metrics.update(utils.classification_metrics(logits, labels, class_names))
     return metrics
+
+
+def epoch_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
+    """Cross-entropy loss, top-1, top-3 and precision / recall / F1 of a split, counted on the logits'
+    device and read in one copy: an epoch's validation (no AUC, see `utils.metrics_from_counts`)."""
+    loss = F.cross_entropy(logits, labels)
+    host = torch.cat([loss.double()[None], utils.metric_counts(logits, labels, len(class_names))]).cpu().numpy()
+    return {"loss": float(np.float32(host[0])), **utils.metrics_from_counts(host[1:], class_names)}
 
 
 def evaluate(
@@ -217,7 +242,7 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None, log: Callable[[str], None] = print,
     name: str = "model", on_epoch_end: Callable[[FitResult], None] | None = None,
     resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None, select_metric: str = "top1",
-    patience: int | None = None,
+    patience: int | None = None, weights: snapshots.WeightSnapshots | None = None,
 ) -> FitResult:
     """Train for `epochs` epochs, choose the best epoch on validation data, and restore it.
 
@@ -226,6 +251,9 @@ def fit(
     `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard); `on_epoch_end(result)` runs last in
     each epoch (to save the state a resumed run needs). At the end the best weights are loaded back into
     `model`: what the caller tests, saves or distills from is the selected model, not the last epoch.
+    The best weights are kept in host memory, in `weights` (a caller that saves checkpoints passes its
+    own, so each epoch's weights are copied to the host once; see `snapshots.WeightSnapshots`).
+    Validation metrics are counted on the device (`epoch_metrics`: no AUC, which the final evaluation gives).
 
     `resume=(result so far, best weights of the unwrapped model)` continues after `len(result.history)`
     finished epochs; the caller restores model, optimizer, scheduler, loader and RNG states beforehand. A
@@ -234,6 +262,9 @@ def fit(
     history, so a resumed run stops where an uninterrupted one would. A scheduler keeps its plan over `epochs`.
     """
     result, best_state = resume if resume is not None else (FitResult(), None)
+    weights = weights if weights is not None else snapshots.WeightSnapshots()
+    if best_state is not None:
+        weights.best = best_state
     best_val = result.history[result.best_epoch - 1]["val"] if result.best_epoch else None
     start = time.perf_counter() - result.train_seconds
     for epoch in range(len(result.history) + 1, epochs + 1):
@@ -246,7 +277,7 @@ def fit(
         train_metrics = _train_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler,
                                      amp_dtype, name, epoch, epochs, result.best_epoch)
         val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")
-        val_metrics = metrics_from_logits(val_logits, val_labels, class_names)
+        val_metrics = epoch_metrics(val_logits, val_labels, class_names)
         record = {"epoch": epoch, "lr": lr, "train": train_metrics, "val": val_metrics,
                   "seconds": time.perf_counter() - epoch_start}
         result.history.append(record)
@@ -255,8 +286,8 @@ def fit(
         improved = is_better(val_metrics, best_val, select_metric)
         if improved:
             best_val, result.best_epoch = val_metrics, epoch
-            result.best_val_outputs = (val_logits, val_labels)
-            best_state = copy.deepcopy(model_builder.unwrap(model).state_dict())
+            result.best_val_outputs = (val_logits.cpu(), val_labels.cpu())
+            weights.take_best(model)
             if on_best is not None:
                 on_best(epoch, result.history)
         result.train_seconds = time.perf_counter() - start
@@ -267,8 +298,8 @@ def fit(
         if runtime.is_main_process():
             line = utils.history_table([record], len(class_names)).strip()
             log(f"[{name}] {line}" + ("  *best" if improved else ""))
-    if best_state is not None:
-        model_builder.unwrap(model).load_state_dict(best_state)
+    if weights.best is not None:
+        model_builder.unwrap(model).load_state_dict(weights.best)
     return result
 
 

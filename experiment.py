@@ -94,7 +94,7 @@ MEMORY_BUDGET_MB = 4096  # decoded images above this many MiB are streamed from 
 WORKERS = min(4, os.cpu_count() or 1)  # decoding processes (first decode, and streaming)
 DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips decoding
 CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
-COMPILE = "auto"  # torch.compile the models: on, off, or auto (on for long CUDA runs; see runtime.resolve_compile)
+COMPILE = "auto"  # torch.compile each training step: on, off, or auto (long CUDA runs; see runtime.resolve_compile)
 TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
 EXPORT = "none"  # none, or onnx: write RUN/<model>/model.onnx, checked against PyTorch
 

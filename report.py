@@ -49,8 +49,8 @@ def evaluate_model(
     Every rank takes part in the evaluation; only rank 0 writes files.
     """
     class_names = context.data.class_names
-    outputs = {split: engine.predict(model, context.eval_loaders[split], context.device, context.amp_dtype,
-                                     f"{role} {split}")
+    outputs = {split: tuple(tensor.cpu() for tensor in engine.predict(
+                   model, context.eval_loaders[split], context.device, context.amp_dtype, f"{role} {split}"))
                for split in schema.SPLITS if not (split == "val" and fit.best_val_outputs is not None)}
     if fit.best_val_outputs is not None:
         # The selected weights are the best epoch's: its validation pass already holds these outputs.

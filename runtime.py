@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+import errors
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -71,6 +74,16 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def reduce_over_ranks(values: np.ndarray, device: torch.device, op: str = "sum") -> np.ndarray:
+    """Host values combined over all ranks by `op` ("sum" or "max"), through `device` (NCCL needs GPU
+    tensors); the values themselves in a single process."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.as_tensor(values, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
+
+
 def resolve_device(setting: str) -> torch.device:
     """'auto' picks CUDA when available, else the CPU; other values are used as given."""
     if setting == "auto":
@@ -81,18 +94,68 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
-# --compile auto turns torch.compile on for CUDA runs in which a model trains on at least this many
-# images (epochs x training images; 30 epochs of CIFAR-10's 45,000 are 1,350,000). An estimate, not yet
-# measured on a GPU: compiling costs about a minute per model, and fused kernels save a share of each step.
-COMPILE_AUTO_MIN_IMAGES = 1_000_000
+# --compile auto compiles a model's training step on CUDA when it takes at least this many optimizer steps.
+# CUDA graphs replay a whole step with one launch, so what compiling saves is about the host time of
+# launching the step's kernels one by one, about 2 ms a step (ResNet18 and its loss: 300 to 400 kernels), the
+# same at any batch size; compiling the step costs about a minute. 60 s / 2 ms = 30,000 steps. Both figures
+# are estimates, not yet measured on a GPU. On the CPU there are no CUDA graphs, compiling takes minutes on a
+# few cores and the step is compute-bound: auto leaves it off.
+COMPILE_AUTO_MIN_STEPS = 30_000
+COMPILE_AUTO_RULE = (f"on for CUDA runs of at least {COMPILE_AUTO_MIN_STEPS:,} optimizer steps per model "
+                     "(compiling costs about 60 s; CUDA graphs save about 2 ms of kernel launches per step: "
+                     "estimates, unmeasured on a GPU), off on the CPU")
 
 
-def resolve_compile(setting: str, device: torch.device, training_images: int) -> bool:
-    """Whether to torch.compile a model: 'on', 'off', or 'auto': on for CUDA runs long enough to pay for
-    compiling (COMPILE_AUTO_MIN_IMAGES), off on the CPU, where compiling takes minutes on a few cores."""
+def resolve_compile(setting: str, device: torch.device, steps: int) -> bool:
+    """Whether to compile a model's training step: 'on', 'off', or 'auto' (see COMPILE_AUTO_RULE) for a
+    model that trains for `steps` optimizer steps."""
     if setting in ("on", "off"):
         return setting == "on"
-    return torch.device(device).type == "cuda" and training_images >= COMPILE_AUTO_MIN_IMAGES
+    return torch.device(device).type == "cuda" and steps >= COMPILE_AUTO_MIN_STEPS
+
+
+class CompiledStep:
+    """A criterion whose call (the models' forward passes and the loss, whose backward autograd then
+    runs compiled too) goes through torch.compile: on CUDA with CUDA graphs (mode "reduce-overhead"),
+    elsewhere in the default mode; shapes are static (`dynamic=False`), so the loader must hand out
+    batches of one size. Other attributes are the criterion's.
+
+    Compiling happens at the first call. If compiling fails then or later, one line says so and the
+    step, and every later one, runs eagerly. CUDA graphs overwrite their outputs at the next replay:
+    the logits, which the epoch keeps, are copied out.
+    """
+
+    def __init__(self, criterion: Callable[..., dict[str, torch.Tensor]], device: torch.device,
+                 log: Callable[[str], None] = print) -> None:
+        self.criterion = criterion
+        self._graphs = torch.device(device).type == "cuda"
+
+        def step(model: nn.Module, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            return criterion(model, *batch)
+
+        self._compiled: Callable[..., dict[str, torch.Tensor]] | None = torch.compile(
+            step, mode="reduce-overhead" if self._graphs else None, dynamic=False)
+        self._log = log
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["criterion"], name)
+
+    def __call__(self, model: nn.Module, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._compiled is None:
+            return self.criterion(model, *batch)
+        try:
+            if self._graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            outputs = self._compiled(model, *batch)
+        except Exception as error:  # whatever compiling raises, the eager step can still run
+            self._compiled = None
+            if is_main_process():
+                self._log(f"torch.compile failed ({errors.one_line(error, brief=True)}); training continues without "
+                          "compiling")
+            return self.criterion(model, *batch)
+        if self._graphs:
+            outputs = {**outputs, "logits": outputs["logits"].detach().clone()}
+        return outputs
 
 
 def enable_autotuning(device: torch.device) -> None:

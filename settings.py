@@ -31,6 +31,7 @@ import errors
 import KD_engine
 import KD_features
 import model_builder
+import runtime
 from errors import SettingsError
 
 GROUPS = ("data", "models", "training", "distillation methods", "sweep", "speed", "output")
@@ -170,8 +171,9 @@ class Config:
     decode_cache: bool = flag("speed", "keep decoded images in a cache file for the next run")
     cache_teacher_logits: bool = flag("speed", "compute the teacher's logits once per image; only with a deterministic "
                                       "view (--crop-padding 0 --hflip off)")
-    compile: str = flag("speed", "torch.compile the models (auto: only on CUDA, for runs long enough to pay for "
-                        "compiling; --compile alone: on)", choices=("auto", "on", "off"), const="on")
+    compile: str = flag("speed", "torch.compile each model's training step, the model with its loss (on CUDA with "
+                        f"CUDA graphs; batches of one size: an epoch's smaller last batch is left out); auto: "
+                        f"{runtime.COMPILE_AUTO_RULE}; --compile alone: on", choices=("auto", "on", "off"), const="on")
     tensorboard: bool = flag("output", "write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")
     export: str = flag("output", "onnx: export every trained model to RUN/<model>/model.onnx (dynamic batch) and "
                        "check it", choices=("none", "onnx"))
@@ -210,8 +212,10 @@ EXAMPLES = """examples:
   your own photos (class folders in train/ and test/), starting from ImageNet weights at 224 px:
     python experiment.py --data-dir ~/photos --image-size 224 --teacher-weights DEFAULT --student-weights DEFAULT \\
         --teacher-lr 1e-4 --student-lr 5e-4 --teacher-epochs 15 --student-epochs 15 --patience 3
-  CIFAR-sized data (32 px) on a GPU:
-    python experiment.py --data-dir cifar10 --teacher-epochs 30 --student-epochs 30 --batch-size 256 --workers 8
+  CIFAR-sized data (32 px) on a GPU (batch 512, learning rates scaled linearly from the measured batch 256 with
+  2e-3; unmeasured on a GPU):
+    python experiment.py --data-dir cifar10 --teacher-epochs 30 --student-epochs 30 --batch-size 512 \\
+        --teacher-lr 4e-3 --student-lr 4e-3 --workers 8
   a quick check that everything runs:
     python experiment.py --teacher-epochs 1 --student-epochs 1
   repeat a run with one setting changed:

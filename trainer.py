@@ -27,6 +27,7 @@ import model_builder
 import runtime
 import schema
 import settings
+import snapshots
 from errors import SettingsError
 
 
@@ -151,20 +152,18 @@ def normalization(
 # ---------------------------------------------------------------- one model
 
 
-def place_model(context: Context, model: nn.Module, training_images: int = 0) -> nn.Module:
-    """A model on the run's device in channels_last, wrapped for torchrun's processes, and compiled
-    when --compile says so for a model that will train on `training_images` images."""
+def place_model(context: Context, model: nn.Module) -> nn.Module:
+    """A model on the run's device in channels_last, wrapped for torchrun's processes. (With --compile,
+    `train_model` compiles its training step, the model inside.)"""
     model = model.to(context.device, memory_format=torch.channels_last)
     if runtime.rank_and_world()[1] > 1:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    compile_model = runtime.resolve_compile(context.config.compile, context.device, training_images)
-    return torch.compile(model) if compile_model else model
+    return model
 
 
 def new_model(
     context: Context, arch: str, seed: int, pretrained: model_builder.Pretrained | None = None,
-    training_images: int = 0,
 ) -> nn.Module:
     """An untrained model on the run's device (seeded, so students of one seed start identical),
     starting from `pretrained` where its tensors fit (see `place_model`), with the head that suits
@@ -174,7 +173,7 @@ def new_model(
                                       model_builder.default_head(pretrained))
     if pretrained is not None:
         model_builder.load_pretrained(model, pretrained)
-    return place_model(context, model, training_images)
+    return place_model(context, model)
 
 
 def load_model(context: Context, checkpoint: dict[str, Any], path: str | Path | None = None) -> nn.Module:
@@ -273,7 +272,8 @@ def chain(*callbacks: EpochLog | None) -> EpochLog:
 
 def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None, Callable[[], None]]:
     """With --tensorboard (on rank 0), a callback writing one epoch's numbers under RUN/tensorboard/<model
-    folder> (loss parts, accuracy, F1, AUC, learning rate), and how to close it; else (None, a no-op)."""
+    folder> (loss parts, accuracy, precision / recall / F1, learning rate), and how to close it; else (None, a
+    no-op)."""
     if not context.config.tensorboard or not runtime.is_main_process():
         return None, lambda: None
     from torch.utils.tensorboard import SummaryWriter
@@ -295,16 +295,16 @@ def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None,
 def _restored(
     role: str, epochs: int, state_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, generator: torch.Generator,
-) -> tuple[tuple[engine.FitResult, dict[str, torch.Tensor]] | None, dict[str, torch.Tensor]]:
-    """An interrupted model's progress put back in place from `state_path`, and its best weights so far
-    ((None, {}) when there is no such file: training starts afresh)."""
+) -> tuple[engine.FitResult, dict[str, torch.Tensor]] | None:
+    """An interrupted model's progress and best weights so far, put back in place from `state_path`
+    (None when there is no such file: training starts afresh)."""
     if not state_path.is_file():
-        return None, {}
+        return None
     resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler, trainable,
                                           generator)
     if runtime.is_main_process():
         print(f"[{role}] resuming after epoch {len(resume[0].history)} of {epochs}")
-    return resume, resume[1]
+    return resume
 
 
 def train_model(
@@ -316,22 +316,28 @@ def train_model(
 
     `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
     `teacher_logits` (one row per training image) go to the criterion with each batch; `on_epoch(record)` sees
-    each validated epoch before its save (a sweep's pruner). After every epoch the whole training state goes to
+    each validated epoch before its save (a sweep's pruner). With --compile (see `runtime.resolve_compile`) the
+    training step is compiled and every batch has one size. After every epoch the whole training state goes to
     <folder>/train_state.pth; when it exists (an interrupted run), training continues after its last epoch.
     At the end best_model.pth gets the whole history (every epoch trained, not only those up to the best).
     """
-    model = new_model(context, arch, seed, context.initial_weights(role), epochs * len(context.data.train))
+    model = new_model(context, arch, seed, context.initial_weights(role))
     train_loader = context.train_loader(seed, teacher_logits)
+    compiled = runtime.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
+    train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
     optimizer = make_optimizer(context.config, model, lr, criterion)
     scheduler = make_scheduler(optimizer, lr, epochs * len(train_loader))
     trainable = getattr(criterion, "trainable", None)
     state_path, head = folder / checkpoints.TRAIN_STATE, checkpoints.head_of(model)
-    resume, best_weights = _restored(role, epochs, state_path, model, optimizer, scheduler, trainable,
-                                     train_loader.generator)
+    resume = _restored(role, epochs, state_path, model, optimizer, scheduler, trainable, train_loader.generator)
+    # The epoch's weights are copied to the host once, into buffers the previous epoch's files are written
+    # from: refilling them waits for that write.
+    weights = snapshots.WeightSnapshots(before_refill=context.saver.wait)
+    state_buffers = snapshots.HostBuffers()
 
-    def best_checkpoint(weights: dict[str, torch.Tensor], result: engine.FitResult) -> dict[str, Any]:
-        return checkpoints.make_checkpoint(context.description(), role, arch, weights, result.best_epoch,
+    def best_checkpoint(best_weights: dict[str, torch.Tensor], result: engine.FitResult) -> dict[str, Any]:
+        return checkpoints.make_checkpoint(context.description(), role, arch, best_weights, result.best_epoch,
                                            result.history, head)
 
     @checkpoints.finish_before_interrupt
@@ -339,25 +345,28 @@ def train_model(
         """best_model.pth when the epoch is the best so far, then the state to resume from."""
         if not runtime.is_main_process():
             return
+        context.saver.wait()
         epoch = len(result.history)
-        weights = checkpoints.model_weights(model)  # one copy serves the state and, at a best epoch, best_model.pth
+        best = result.best_epoch == epoch
+        latest = weights.best if best else weights.take(model)  # a best epoch's weights were taken by engine.fit
+        state = state_buffers.fill({"optimizer": optimizer.state_dict(),
+                                    "criterion": None if trainable is None else trainable.state_dict()})
         files = {}
-        if result.best_epoch == epoch:
-            files[folder / checkpoints.BEST_MODEL] = best_checkpoint(weights, result)
-            best_weights.clear()
-            best_weights.update(weights)
+        if best:
+            files[folder / checkpoints.BEST_MODEL] = best_checkpoint(latest, result)
         files[state_path] = checkpoints.training_state(
-            role, arch, weights, None if result.best_epoch == epoch else best_weights, optimizer, scheduler,
-            trainable, train_loader.generator, result)
+            role, arch, latest, None if best else weights.best, state["optimizer"], scheduler, state["criterion"],
+            train_loader.generator, result)
         context.save_epoch_files(files)
 
+    step = runtime.CompiledStep(criterion, context.device) if compiled else criterion
     log_epoch, close_log = tensorboard_logger(context, folder)
     try:
         result = engine.fit(
-            model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
+            model, train_loader, context.eval_loaders["val"], step, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
             on_epoch=chain(log_epoch, on_epoch), on_epoch_end=save_epoch, resume=resume,
-            select_metric=context.config.select_metric, patience=context.config.patience,
+            select_metric=context.config.select_metric, patience=context.config.patience, weights=weights,
         )
     finally:
         close_log()

@@ -109,7 +109,7 @@ def _nan_to_none(value: float) -> float | None:
 
 
 def _scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int, class_names: Sequence[str]):
-    """Precision / recall / F1 for each average; undefined values become None with a reason."""
+    """Precision / recall / F1 for each average, by scikit-learn; undefined values become None with a reason."""
     classes = list(range(num_classes))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -119,9 +119,19 @@ def _scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int, class
         micro = precision_recall_fscore_support(
             labels, predictions, labels=classes, average="micro", zero_division=np.nan
         )[:3]
+    predicted = np.bincount(predictions, minlength=num_classes)
     per_class = {"precision": precision, "recall": recall, "f1": f1}
-    absent = [class_names[c] for c in classes if support[c] == 0]
-    never_predicted = [class_names[c] for c in classes if not (predictions == c).any()]
+    return _averaged_scores(per_class, dict(zip(SCORE_NAMES, micro, strict=True)), support, predicted, class_names)
+
+
+def _averaged_scores(
+    per_class: dict[str, np.ndarray], micro: dict[str, float], support: np.ndarray, predicted: np.ndarray,
+    class_names: Sequence[str],
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Micro, macro and weighted precision / recall / F1 from per-class scores (NaN where undefined) and
+    the micro values; undefined averages become None, with the reason under the second dict."""
+    absent = [name for name, count in zip(class_names, support, strict=True) if count == 0]
+    never_predicted = [name for name, count in zip(class_names, predicted, strict=True) if count == 0]
     reasons = {
         "precision": f"precision undefined for classes never predicted: {never_predicted}",
         "recall": f"recall undefined for classes absent from the split: {absent}",
@@ -130,11 +140,11 @@ def _scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int, class
     }
     values: dict[str, float | None] = {}
     undefined: dict[str, str] = {}
-    for score, micro_value in zip(SCORE_NAMES, micro, strict=True):
+    present = support > 0
+    for score in SCORE_NAMES:
         scores = per_class[score]
-        values[f"{score}_micro"] = _nan_to_none(micro_value)
+        values[f"{score}_micro"] = _nan_to_none(micro[score])
         values[f"{score}_macro"] = None if np.isnan(scores).any() else float(scores.mean())
-        present = support > 0
         weighted_scores = scores[present]
         values[f"{score}_weighted"] = (
             None
@@ -145,6 +155,24 @@ def _scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int, class
             if values[f"{score}_{average}"] is None:
                 undefined[f"{score}_{average}"] = reasons[score]
     return values, undefined
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator as scikit-learn's precision_recall_fscore_support divides: NaN where 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator == 0, np.nan, numerator / np.where(denominator == 0, 1, denominator))
+
+
+def _confusion_scores(confusion: np.ndarray, class_names: Sequence[str]):
+    """`_scores` from a confusion matrix (rows: true class, columns: predicted), with scikit-learn's
+    formulas: precision tp / predicted, recall tp / true, F1 2 tp / (true + predicted)."""
+    true_positives, support, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    per_class = {"precision": _divide(true_positives, predicted), "recall": _divide(true_positives, support),
+                 "f1": _divide(2.0 * true_positives, (support + predicted).astype(np.float64))}
+    hits, total = np.array([true_positives.sum()]), np.array([confusion.sum()])
+    micro_f1 = _divide(2.0 * hits, (total + total).astype(np.float64))[0]
+    micro = {"precision": _divide(hits, total)[0], "recall": _divide(hits, total)[0], "f1": micro_f1}
+    return _averaged_scores(per_class, micro, support, predicted, class_names)
 
 
 def _auc(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]):
@@ -199,6 +227,35 @@ def most_predicted(logits: torch.Tensor, class_names: Sequence[str]) -> tuple[st
     counts = torch.bincount(logits.argmax(dim=1).cpu(), minlength=len(class_names))
     top = int(counts.argmax())
     return class_names[top], float(counts[top]) / max(len(logits), 1)
+
+
+def metric_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """What an epoch's metrics need, counted on the logits' device (float64, to be read in one copy):
+    the confusion matrix by bincount (rows: true class, columns: the predicted class, argmax's: the
+    first of tied highest logits), flattened, then the samples whose label is among the 1 and among
+    the 3 highest logits as `topk_accuracy` ranks them (k clipped to the number of classes)."""
+    confusion = torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes * num_classes)
+    hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1).sum()[None]
+            for k in (1, 3)]
+    return torch.cat([confusion, *hits]).double()
+
+
+def _fraction(count: float, total: float) -> float:
+    """count / total in float32, as `topk_accuracy` gives it (a float32 mean), so equal counts give equal values."""
+    return float(np.float32(count) / np.float32(total))
+
+
+def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Top-1, top-3 and precision / recall / F1 from `metric_counts` (read to the host), with the values
+    and conventions of `classification_metrics`: fractions in [0, 1], undefined values None with the
+    reason under `undefined`. No AUC: it needs every logit, and is computed for the final evaluation only."""
+    num_classes = len(class_names)
+    cells = num_classes * num_classes
+    confusion = counts[:cells].astype(np.int64).reshape(num_classes, num_classes)
+    samples = int(confusion.sum())
+    scores, undefined = _confusion_scores(confusion, class_names)
+    top1, top3 = (_fraction(hits, samples) for hits in counts[cells:])
+    return {"samples": samples, "top1": top1, "top3": top3, **scores, "undefined": undefined}
 
 
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -291,7 +348,8 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The keys `classification_metrics` gives; a training record's other keys are what its criterion reported.
+# The keys `classification_metrics` gives (an epoch's records lack AUC); a training record's other keys are what its
+# criterion reported.
 METRIC_KEYS = frozenset({"samples", "top1", "top3", "undefined", *METRIC_ROWS})
 
 
@@ -309,7 +367,7 @@ def history_table(history: list[dict[str, Any]], num_classes: int | None = None)
             f"top1={format_metric(train['top1'])}%{train_top3} "
             f"f1_macro={format_metric(train['f1_macro'])}  |  val loss={val['loss']:.4f} "
             f"top1={format_metric(val['top1'])}%{val_top3} "
-            f"f1_macro={format_metric(val['f1_macro'])} auc_macro={format_metric(val['auc_macro'])}  "
+            f"f1_macro={format_metric(val['f1_macro'])}  "
             f"({format_seconds(record['seconds'])})"
         )
     return "\n".join(lines) + "\n"

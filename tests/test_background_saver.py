@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import checkpoints
+import snapshots
 
 
 def _checkpoint() -> dict:
@@ -37,18 +38,44 @@ def test_background_file_equals_a_synchronous_save(tmp_path):
     assert _same(checkpoints.load_checkpoint(tmp_path / "background.pth"), _checkpoint())
 
 
-def test_training_after_save_does_not_reach_the_file(tmp_path, monkeypatch):
-    """The tensors are copied when `save` returns: changing them later (the next step) changes no file."""
-    release = threading.Event()
+def test_later_history_does_not_reach_the_file_and_host_tensors_are_not_copied_again(tmp_path, monkeypatch):
+    """`save` returns before the write; an epoch appended to the history meanwhile changes no file. Tensors
+    already on the host (the trainer's buffers, refilled only after `wait()`) are written as they are."""
+    release, written = threading.Event(), []
     original = torch.save
-    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (release.wait(5), original(*args, **kwargs)))
+
+    def slow_save(obj, *args, **kwargs):
+        release.wait(5)
+        written.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
     checkpoint = _checkpoint()
     with checkpoints.BackgroundSaver() as saver:
         saver.save({tmp_path / "state.pth": checkpoint})
-        checkpoint["weights"]["w"].add_(1)
         checkpoint["history"].append({"loss": 0.1})
         release.set()
     assert _same(checkpoints.load_checkpoint(tmp_path / "state.pth"), _checkpoint())
+    assert written[0]["weights"]["w"].data_ptr() == checkpoint["weights"]["w"].data_ptr(), "copied a second time"
+
+
+def test_weight_snapshots_reuse_their_buffers_keep_the_best_and_wait_before_refilling():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    events = []
+    weights = snapshots.WeightSnapshots(before_refill=lambda: events.append("waited"))
+    best = weights.take_best(model)
+    assert events == ["waited"] and all(v.is_contiguous() for v in best.values())
+    first_best = {k: v.clone() for k, v in best.items()}
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    latest = weights.take(model)
+    assert _same(weights.best, first_best), "a later epoch's copy must not overwrite the best weights"
+    assert torch.equal(latest["0.weight"], model[0].weight)
+    again = weights.take(model)  # the same buffers, refilled: no new host memory every epoch
+    assert again["0.weight"].data_ptr() == latest["0.weight"].data_ptr()
+    assert weights.take_best(model)["0.weight"].data_ptr() == latest["0.weight"].data_ptr()
+    assert weights.take(model)["0.weight"].data_ptr() == best["0.weight"].data_ptr()  # the old best's buffers
+    assert events == ["waited"] * 5
 
 
 def test_files_of_one_save_are_written_in_order_and_awaited_at_exit(tmp_path, monkeypatch):

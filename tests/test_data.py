@@ -99,16 +99,27 @@ def test_evaluation_loader_is_deterministic_and_normalized():
     assert torch.allclose(torch.cat([x for x, _ in batches]), expected, atol=1e-5)
 
 
-def test_random_crop_shifts_content_with_zero_fill():
-    images = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 3, 1, 1)
-    generator = torch.Generator().manual_seed(0)
-    cropped = data_setup.random_crop(images, 1, generator)
-    assert cropped.shape == images.shape
-    padded = torch.nn.functional.pad(images[0, 0], (1, 1, 1, 1))
+@pytest.mark.parametrize("hflip", [False, True])
+def test_crop_and_flip_shift_content_with_zero_fill_in_one_gather(hflip):
+    image = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4).repeat(1, 3, 1, 1)
+    data = data_setup.ImageTensors(image.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long),
+                                   [str(i) for i in range(64)], 4)
+    # mean 0 and std 1/255: the normalized batch holds the pixel values themselves
+    loader = data_setup.BatchLoader(data, 16, [0.0] * 3, [1 / 255] * 3, torch.device("cpu"),
+                                    data_setup.Augmentation(1, hflip), seed=0)
+    padded = torch.nn.functional.pad(image[0, 0], (1, 1, 1, 1))
     windows = {tuple(padded[r : r + 4, c : c + 4].flatten().tolist()) for r in range(3) for c in range(3)}
-    seen = {tuple(img[0].flatten().tolist()) for img in cropped}
-    assert seen <= windows and len(seen) > 1
-    assert torch.equal(data_setup.random_crop(images, 0, generator), images)
+    mirrored = {tuple(torch.tensor(w).view(4, 4).flip(1).flatten().tolist()) for w in windows}
+    seen = set()
+    for images, _ in loader:
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images[:, 0], images[:, 2])  # every channel cropped and flipped alike
+        seen |= {tuple(img[0].flatten().int().tolist()) for img in images}
+    assert seen <= windows | mirrored and len(seen) > 3
+    assert bool(seen & (mirrored - windows)) == hflip  # flipped windows appear only with hflip
+    unshifted = data_setup.BatchLoader(data, 16, [0.0] * 3, [1 / 255] * 3, torch.device("cpu"),
+                                       data_setup.Augmentation(0, False), seed=0)
+    assert all(torch.equal(images, image.float().expand_as(images)) for images, _ in unshifted)
 
 
 def test_decode_image_matches_training_decode(tiny_data):

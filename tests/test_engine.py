@@ -92,6 +92,14 @@ def test_evaluate_reports_cross_entropy_and_metrics():
     assert not model.training
 
 
+def test_epoch_metrics_are_the_final_evaluations_without_auc():
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 4, generator=generator), torch.randint(0, 4, (50,), generator=generator)
+    names = ["a", "b", "c", "d"]
+    epoch, final = engine.epoch_metrics(logits, labels, names), engine.metrics_from_logits(logits, labels, names)
+    assert epoch == {key: value for key, value in final.items() if not key.startswith("auc")}
+
+
 def test_resolve_amp_dtype(monkeypatch):
     cpu = torch.device("cpu")
     assert runtime.resolve_amp_dtype("fp32", cpu) is None

@@ -78,8 +78,8 @@ def test_results_and_history_have_every_metric(tiny_run):
     assert len(history["epochs"]) == 2
     for record in history["epochs"]:
         assert {"loss", "ce", "kd"} <= record["train"].keys()
-        for key in SPLIT_METRICS:
-            assert key in record["train"] and key in record["val"]
+        for key in SPLIT_METRICS:  # AUC needs every logit on the host: the final evaluation's alone
+            assert (key in record["train"] and key in record["val"]) == (not key.startswith("auc"))
     assert results["splits"]["test"]["top1"] == utils.read_json(tiny_run / "summary.json")["student_kd"]["test"]["top1"]
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,51 @@ def test_format_seconds():
     assert utils.format_seconds(4.24) == "4.2s"
     assert utils.format_seconds(125) == "2m05s"
     assert utils.format_seconds(3723) == "1h02m03s"
+
+
+def _device_metrics(logits, labels, names=NAMES):
+    return utils.metrics_from_counts(utils.metric_counts(logits, labels, len(names)).numpy(), names)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_device_metrics_equal_scikit_learns_on_the_same_predictions(seed):
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
+
+    generator = torch.Generator().manual_seed(seed)
+    names = [str(c) for c in range(7)]
+    logits = torch.randn(300, 7, generator=generator).bfloat16().float()  # bf16 steps: tied top logits occur
+    labels = torch.randint(0, 7, (300,), generator=generator)
+    metrics = _device_metrics(logits, labels, names)
+    predictions = logits.argmax(dim=1).numpy()  # the first of tied classes, as the confusion matrix counts
+    assert metrics["samples"] == 300
+    for k in (1, 3):  # ranked as the final evaluation ranks them (ties and all)
+        assert metrics[f"top{k}"] == utils.topk_accuracy(logits, labels, k)
+    continuous = torch.randn(300, 7, generator=generator)  # without ties, where every tie rule agrees
+    assert _device_metrics(continuous, labels, names)["top1"] == pytest.approx(
+        accuracy_score(labels.numpy(), continuous.argmax(dim=1).numpy()), abs=1e-7)
+    assert _device_metrics(continuous, labels, names)["top3"] == pytest.approx(
+        top_k_accuracy_score(labels.numpy(), continuous.numpy(), k=3, labels=range(7)), abs=1e-7)
+    for average in ("micro", "macro", "weighted"):
+        reference = precision_recall_fscore_support(labels.numpy(), predictions, labels=range(7), average=average,
+                                                    zero_division=np.nan)[:3]
+        for name, value in zip(("precision", "recall", "f1"), reference, strict=True):
+            assert metrics[f"{name}_{average}"] == value, (name, average)  # the same formulas, bit for bit
+    full = utils.classification_metrics(continuous, labels, names)
+    device = _device_metrics(continuous, labels, names)
+    assert {key: device[key] for key in device} == {key: full[key] for key in device}  # as the final evaluation's
+
+
+@pytest.mark.parametrize("predictions, labels", [
+    ([0, 1, 1, 2], [0, 0, 1, 1]),  # class c absent: recall and AUC-free reasons
+    ([0, 1, 1, 1], [0, 1, 2, 2]),  # class c never predicted
+    ([0, 0, 0, 0], [1, 1, 1, 1]),  # a and c absent, b and c never predicted
+])
+def test_device_metrics_keep_undefined_values_and_their_reasons(predictions, labels):
+    logits, labels = onehot_logits(predictions), torch.tensor(labels)
+    device, full = _device_metrics(logits, labels), utils.classification_metrics(logits, labels, NAMES)
+    for key, value in device.items():
+        if key != "undefined":
+            assert value == full[key], key
+    assert device["undefined"] == {key: reason for key, reason in full["undefined"].items()
+                                   if not key.startswith("auc")}
+    assert device["undefined"], "these cases have undefined values"

@@ -101,7 +101,7 @@ def test_every_flag_has_a_help_text_and_shows_its_default_once():
         assert text.count("(default:") == 1 and "(default: None)" not in text, (action.option_strings, text)
     help_text = " ".join(parser.format_help().split())
     assert "--output-dir OUTPUT_DIR run directory (default: runs/<timestamp>)" in help_text
-    for example in ("--teacher-weights DEFAULT", "--batch-size 256", "--teacher-epochs 1 --student-epochs 1",
+    for example in ("--teacher-weights DEFAULT", "--batch-size 512", "--teacher-epochs 1 --student-epochs 1",
                     "--config runs/<run>/config.json"):
         assert example in help_text
 

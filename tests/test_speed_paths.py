@@ -3,6 +3,7 @@ GPU JPEG decoding (run here with torchvision's CPU decoder in place of nvJPEG) w
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ from PIL import Image
 
 import data_setup
 import decoding
+import engine
+import epoch_plan
 import experiment
+import KD_engine
 import model_builder
 import runtime
 import settings
@@ -21,15 +25,67 @@ import settings
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.mark.parametrize("setting, device, images, expected", [
-    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_IMAGES, True),
-    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_IMAGES - 1, False),  # too short to pay for compiling
+@pytest.mark.parametrize("setting, device, steps, expected", [
+    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_STEPS, True),
+    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_STEPS - 1, False),  # too short to pay for compiling
     ("auto", CPU, 10**9, False),
     ("on", CPU, 0, True),
     ("off", CUDA, 10**9, False),
 ])
-def test_compile_rule(setting, device, images, expected):
-    assert runtime.resolve_compile(setting, device, images) is expected
+def test_compile_rule(setting, device, steps, expected):
+    assert runtime.resolve_compile(setting, device, steps) is expected
+
+
+def _dkd_epochs(step_of, epochs: int = 2) -> tuple[list[dict], KD_engine.DKDCriterion, torch.nn.Module]:
+    """`epochs` epochs of DKD with a tiny model (3 full batches an epoch: the partial one is dropped), the
+    criterion wrapped by `step_of`; the epochs' metrics, the criterion and the trained student."""
+    torch.manual_seed(0)
+    student, teacher = (torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                            torch.nn.Linear(8, 4)) for _ in range(2))
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = data_setup.ImageTensors(images, torch.arange(40) % 4, [str(i) for i in range(40)], 16)
+    loader = data_setup.BatchLoader(data, 12, [0.5] * 3, [0.25] * 3, CPU, data_setup.Augmentation(2, True))
+    loader.drop_last = True
+    criterion = KD_engine.make_criterion("dkd", teacher, student, temperature=4.0, alpha=0.5, dkd_warmup_steps=5,
+                                         steps_per_epoch=len(loader))
+    step, optimizer = step_of(criterion), torch.optim.SGD(student.parameters(), lr=0.1)
+    history = []
+    for epoch in range(1, epochs + 1):
+        step.set_epoch(epoch)
+        history.append(engine.train_one_epoch(student, loader, step, optimizer, list("abcd"), CPU))
+    return history, criterion, student
+
+
+def test_a_compiled_step_is_one_graph_for_every_step_and_epoch(monkeypatch):
+    """DKD's warm-up factor changes every step and the epoch's last batch would be smaller: neither may
+    compile the step anew (checked with TorchDynamo's graphs, without a code generator: backend eager)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, criterion, _ = _dkd_epochs(lambda criterion: runtime.CompiledStep(criterion, CPU), epochs=1)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 1 and criterion.step == 3
+    eager, _, _ = _dkd_epochs(lambda criterion: criterion, epochs=1)
+    assert compiled[0]["warmup"] == eager[0]["warmup"] == pytest.approx((1 + 2 + 3) / 3 / 5)
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_line(monkeypatch):
+    def failing_compile(function, **options):
+        def call(*args, **kwargs):
+            raise RuntimeError("simulated compiler failure.\nLong details that the line leaves out")
+        return call
+
+    eager, eager_criterion, eager_student = _dkd_epochs(lambda criterion: criterion)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    lines = []
+    fallen_back, criterion, student = _dkd_epochs(lambda criterion: runtime.CompiledStep(criterion, CPU,
+                                                                                           log=lines.append))
+    assert lines == ["torch.compile failed (RuntimeError: simulated compiler failure); training continues "
+                     "without compiling"]
+    assert fallen_back == eager and criterion.step == eager_criterion.step == 6  # the failed step counted once
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), eager_student.state_dict().values(),
+                                                 strict=True))
 
 
 def test_compile_flag_is_tri_state():
@@ -54,7 +110,7 @@ def test_gpu_decoding_only_for_cuda():
 
 def test_to_device_leaves_cpu_tensors_as_they_are():
     index = torch.arange(5)
-    assert data_setup.to_device(index, CPU) is index
+    assert epoch_plan.to_device(index, CPU) is index
 
 
 def test_a_teacher_stored_for_autocast_gives_the_same_logits_bit_for_bit():
