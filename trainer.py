@@ -24,8 +24,11 @@ import engine
 import KD_engine
 import model_builder
 import runtime
+import schedules
 import schema
 import settings
+import state_dicts
+import utils
 from errors import SettingsError
 
 
@@ -99,6 +102,8 @@ def check_initial_weights(
     for role, pretrained in weights.items():
         arch = config.teacher_model if role == "teacher" else config.student_model
         model = model_builder.build_on_meta(arch, num_classes, config.image_size)
+        if role == "teacher" and config.teacher_epochs == 0:
+            check_exact_fit(model, pretrained, arch, num_classes)
         try:
             record = model_builder.pretrained_fit(model, pretrained)[1]
         except model_builder.WeightsError as error:
@@ -107,6 +112,17 @@ def check_initial_weights(
             print(f"The {role} starts from {record['weights']}: {record['loaded_tensors']} of "
                   f"{record['model_tensors']} tensors loaded; re-initialized (no tensor of that shape in the file): "
                   f"{', '.join(record['reinitialized']) or 'none'}")
+
+
+def check_exact_fit(model: nn.Module, pretrained: model_builder.Pretrained, arch: str, num_classes: int) -> None:
+    """A teacher used as loaded (--teacher-epochs 0) needs every layer from its file: stop naming every one that
+    does not fit (the classifier of another class count, layers of another architecture)."""
+    own = model.state_dict()
+    found = state_dicts.mismatches(own, state_dicts.align(own, pretrained.state_dict))
+    if found:
+        shown = "; ".join(found[:8]) + (f"; and {len(found) - 8} more" if len(found) > 8 else "")
+        raise SettingsError(f"--teacher-epochs 0 uses the teacher as --teacher-weights {pretrained.source} gives it, "
+                            f"but {len(found)} of its tensors do not fit a {arch} for {num_classes} classes: {shown}.")
 
 
 def normalization(
@@ -154,6 +170,16 @@ def new_model(
     return place_model(context, model, training_images)
 
 
+def model_as_loaded(context: Context, role: str, arch: str, folder: Path) -> tuple[nn.Module, engine.FitResult]:
+    """A model that is not trained (the teacher with --teacher-epochs 0): its initial weights as they are, saved
+    as its best_model.pth of epoch 0, with an empty history."""
+    model = new_model(context, arch, context.config.seed, context.initial_weights(role))
+    if runtime.is_main_process():
+        checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
+            context.description(), role, arch, checkpoints.model_weights(model), 0, []))
+    return model, engine.FitResult()
+
+
 def load_model(context: Context, checkpoint: dict[str, Any]) -> nn.Module:
     """A trained model rebuilt from its checkpoint (`checkpoints.load_model`), placed as the run's models are."""
     return place_model(context, checkpoints.load_model(checkpoint))
@@ -172,16 +198,9 @@ def make_optimizer(
     fused = parameters[0].device.type in ("cpu", "cuda")
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum,
-                               nesterov=config.momentum > 0, weight_decay=config.weight_decay, fused=fused)
+                               nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay,
+                               fused=fused)
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay, fused=fused)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The one-cycle schedule over all `steps` optimizer steps of a model's training."""
-    # OneCycleLR divides by its phase lengths: very short runs (a few steps) need a longer warm-up share.
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=max(steps, 4), pct_start=0.25 if steps >= 8 else 0.5
-    )
 
 
 def supervised_criterion(context: Context, model: nn.Module, steps_per_epoch: int) -> engine.Criterion:
@@ -220,6 +239,34 @@ def student_criterion(
 EpochLog = Callable[[dict[str, Any]], None]  # sees every epoch's record (see engine.fit's on_epoch)
 
 
+def test_every_epoch(context: Context, model: nn.Module, role: str) -> EpochLog | None:
+    """With --eval-test-every-epoch, a callback adding the test split's top-1 to every epoch's record ("test"),
+    for figures comparable with papers' tables; None without it. It chooses nothing: selection stays on validation.
+    Every rank takes part (the test pass gathers over them)."""
+    if not context.config.eval_test_every_epoch:
+        return None
+
+    def record_test(record: dict[str, Any]) -> None:
+        logits, labels = engine.predict(model, context.eval_loaders["test"], context.device, context.amp_dtype,
+                                        f"{role} test")
+        record["test"] = {"top1": utils.topk_accuracy(logits, labels, 1)}
+
+    return record_test
+
+
+def each_epoch(*callbacks: EpochLog | None) -> EpochLog | None:
+    """One callback calling every given one in order (None when none is given)."""
+    chosen = [callback for callback in callbacks if callback is not None]
+    if not chosen:
+        return None
+
+    def call_each(record: dict[str, Any]) -> None:
+        for callback in chosen:
+            callback(record)
+
+    return call_each
+
+
 def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None, Callable[[], None]]:
     """With --tensorboard (on rank 0), a callback writing one epoch's numbers under RUN/tensorboard/<model
     folder> (loss parts, accuracy, F1, AUC, learning rate), and how to close it; else (None, a no-op)."""
@@ -246,7 +293,7 @@ def train_model(
     make_criterion: Callable[[nn.Module, int], engine.Criterion], folder: Path, seed: int,
     teacher_logits: torch.Tensor | None = None,
 ) -> tuple[nn.Module, engine.FitResult]:
-    """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
+    """Train one model with the run's schedule (`schedules`); the best-on-validation epoch is kept.
 
     `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
     `teacher_logits` (one row per training image) are handed to the criterion with each batch.
@@ -259,7 +306,9 @@ def train_model(
     if teacher_logits is not None:
         train_loader.teacher_logits = teacher_logits.to(context.device)
     optimizer = make_optimizer(context.config, model, lr, criterion)
-    scheduler = make_scheduler(optimizer, lr, epochs * len(train_loader))
+    config = context.config
+    scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,
+                                         settings.milestones(config), config.lr_decay, config.warmup_epochs)
     trainable = getattr(criterion, "trainable", None)
     state_path = folder / checkpoints.TRAIN_STATE
     resume, best_weights = None, {}
@@ -292,9 +341,9 @@ def train_model(
     try:
         result = engine.fit(
             model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
-            context.data.class_names, context.device, scheduler, context.amp_dtype, on_epoch=log_epoch, name=role,
-            on_epoch_end=save_epoch, resume=resume, select_metric=context.config.select_metric,
-            patience=context.config.patience,
+            context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
+            on_epoch=each_epoch(test_every_epoch(context, model, role), log_epoch), on_epoch_end=save_epoch,
+            resume=resume, select_metric=config.select_metric, patience=config.patience,
         )
     finally:
         close_log()
