@@ -77,11 +77,10 @@ class CifarSplits:
         return self.folder / self.layout.test
 
     def pool(self, split: str) -> tuple[list[str], list[int], torch.Tensor]:
-        """A split ("train" or "test") as names (file[index]), labels and images, in the files' order."""
+        """A split ("train" or "test") as names ("<folder>:train[<index>]"), labels and images, in the files' order."""
         images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images,
                                                                                          self.test_labels)
-        files = ",".join(self.layout.train if split == "train" else (self.layout.test,))
-        return [f"{self.folder / files}[{index}]" for index in range(len(labels))], labels.tolist(), images
+        return [f"{self.folder}:{split}[{index}]" for index in range(len(labels))], labels.tolist(), images
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -97,13 +96,14 @@ class _ArraysOnly(pickle.Unpickler):
 
 def find(data_dir: str | Path) -> tuple[Layout, Path] | None:
     """The CIFAR variant and folder `data_dir` holds: a `cifar-10-batches-py` / `cifar-100-python` folder
-    (by its name, or by the names of the files in it), or a folder holding one. None for anything else."""
+    (by its name, or by two or more of its file names, so a copy under another name works too), or a folder
+    holding one. None for anything else."""
     root = Path(data_dir)
     if not root.is_dir():
         return None
     for layout in LAYOUTS:
         files = {*layout.train, layout.test, layout.meta}
-        if root.name == layout.folder or any((root / name).is_file() for name in files):
+        if root.name == layout.folder or sum((root / name).is_file() for name in files) >= 2:
             return layout, root
     inside = [(layout, root / layout.folder) for layout in LAYOUTS if (root / layout.folder).is_dir()]
     if len(inside) > 1:

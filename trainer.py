@@ -239,7 +239,7 @@ def student_criterion(
 EpochLog = Callable[[dict[str, Any]], None]  # sees every epoch's record (see engine.fit's on_epoch)
 
 
-def test_every_epoch(context: Context, model: nn.Module, role: str) -> EpochLog | None:
+def epoch_test_recorder(context: Context, model: nn.Module, role: str) -> EpochLog | None:
     """With --eval-test-every-epoch, a callback adding the test split's top-1 to every epoch's record ("test"),
     for figures comparable with papers' tables; None without it. It chooses nothing: selection stays on validation.
     Every rank takes part (the test pass gathers over them)."""
@@ -342,7 +342,7 @@ def train_model(
         result = engine.fit(
             model, train_loader, context.eval_loaders["val"], criterion, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
-            on_epoch=each_epoch(test_every_epoch(context, model, role), log_epoch), on_epoch_end=save_epoch,
+            on_epoch=each_epoch(epoch_test_recorder(context, model, role), log_epoch), on_epoch_end=save_epoch,
             resume=resume, select_metric=config.select_metric, patience=config.patience,
         )
     finally:

@@ -88,8 +88,8 @@ def test_cifar_files_are_read_as_they_are(tmp_path):
     assert data.carving["layout"] == "torchvision's CIFAR-10 Python format"
     assert data.carving["test"].endswith("test_batch")
 
-    files = write_cifar(tmp_path / "c100" / "cifar-100-python", 100, ["b", "a"], 6, 2)
-    data = data_setup.load_splits(str(tmp_path / "c100" / "cifar-100-python"), None, None, None, 16, 0.25, 0)
+    write_cifar(tmp_path / "re-packed", 100, ["b", "a"], 6, 2)  # another folder name: known by its files
+    data = data_setup.load_splits(str(tmp_path / "re-packed"), None, None, None, 16, 0.25, 0)
     assert data.class_names == ["b", "a"] and (len(data.train), len(data.val), len(data.test)) == (9, 3, 4)
     assert data.test.images.shape == (4, 3, 16, 16), "resized to --image-size"
 
