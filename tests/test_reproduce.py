@@ -276,8 +276,10 @@ def test_a_published_teacher_is_used_as_loaded_and_test_figures_are_recorded(tmp
     model = model_builder.build_model("resnet8", 4, 32)
     model.load_state_dict(weights)
     with torch.no_grad():
-        direct = (model.eval()(images).argmax(1) == torch.tensor(test_labels)).float().mean().item()
-    assert teacher["test"]["top1"] == pytest.approx(direct, abs=1e-6)
+        right = model.eval()(images).argmax(1) == torch.tensor(test_labels)
+    assert teacher["test"]["top1"] == pytest.approx(right.float().mean().item(), abs=1e-6)
+    flags = utils.read_json(run / "teacher" / "results.json")["test_correct"]
+    assert flags == "".join("1" if flag else "0" for flag in right.tolist()), "the same images right and wrong"
 
     for role in (schema.BASELINE, "student_kd"):
         history = utils.read_json(run / role / "history.json")["epochs"]
