@@ -190,6 +190,9 @@ EXAMPLES = """examples:
         --teacher-lr 1e-4 --student-lr 5e-4 --teacher-epochs 15 --student-epochs 15 --patience 3
   CIFAR-sized data (32 px) on a GPU:
     python experiment.py --data-dir cifar10 --teacher-epochs 30 --student-epochs 30 --batch-size 256 --workers 8
+  a KD paper's CIFAR-100 recipe (see configs/) with the published teacher, used as it is:
+    python experiment.py --config configs/resnet56_resnet20.yaml --data-dir data/cifar-100-python \\
+        --teacher-weights cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth
   a quick check that everything runs:
     python experiment.py --teacher-epochs 1 --student-epochs 1
   repeat a run with one setting changed:
