@@ -13,7 +13,8 @@ Real folders are messy, so every file is checked before any training starts:
 A data root holds either train/ [val/] test/ split folders or only class folders (`folders`); in
 the second layout the test split is carved first, then validation from the rest (both stratified
 and seeded), and `--max-per-class` may cap the training split; `DatasetSplits.carving` records
-every carving. Training batches are augmented as whole tensors on the training device.
+every carving. A CIFAR-10 / CIFAR-100 folder in torchvision's Python format (`cifar_files`) gives
+its official train and test splits. Training batches are augmented as whole tensors on the device.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 
+import cifar_files
 import decoding
 import epoch_plan
 import errors
@@ -278,9 +280,10 @@ def load_splits(
     """Find, check and decode the train / val / test splits (carving val from train if absent).
 
     A data root of class folders only gives the training pool: the test split (`test_fraction`)
-    is carved from it first, then validation. `max_per_class` caps the training split (after
-    validation is carved; validation and test are kept whole). Every carving is stratified and
-    seeded by `seed`, and described in `DatasetSplits.carving`.
+    is carved from it first, then validation; a CIFAR folder gives its official train and test
+    splits. `max_per_class` caps the training split (after validation is carved; validation and
+    test are kept whole). Every carving is stratified and seeded by `seed`, and described in
+    `DatasetSplits.carving`.
 
     Splits whose decoded size exceeds `memory_budget_mb` in total are streamed from disk by
     `workers` processes instead of being decoded once into memory. Either way every image is
@@ -289,6 +292,45 @@ def load_splits(
     JPEGs are decoded on that GPU, for the first decode and for streaming (see `decoding.decoded_batches`).
     Folder problems raise errors.DataError before anything is decoded where possible, and always before training.
     """
+    found = cifar_files.find(data_dir) if data_dir is not None and train_dir is None and test_dir is None else None
+    if found is not None:
+        if val_dir is not None:
+            raise errors.DataError("--val-dir cannot be combined with CIFAR files: validation is carved from their "
+                                   "training batches (--val-fraction).")
+        cifar = cifar_files.read(*found, image_size, memory_budget_mb)
+        usable = {split: _UsableImages(*cifar.pool(split)) for split in ("train", "test")}
+        class_names, test_path, val_path = cifar.class_names, cifar.test_file, None
+        skipped, stream, cache_dir = [], False, None  # already in memory: nothing to skip, stream or cache
+    else:
+        usable, class_names, skipped, stream, test_path, val_path = _folder_pool(
+            data_dir, train_dir, val_dir, test_dir, image_size, memory_budget_mb, workers, cache_dir, resize,
+            decode_device)
+    carved = carve_training_pool(usable["train"].labels, class_names, seed,
+                                 test_fraction if test_path is None else None,
+                                 val_fraction if val_path is None else None, max_per_class)
+    # A split with its own folder is that folder whole; a carved one is its indices into train's.
+    tensors = {name: _split_tensors(usable[name] if name in usable else usable["train"], carved.get(name),
+                                    image_size, stream, workers, cache_dir, resize, decode_device)
+               for name in ("train", "val", "test")}
+    pool_size = len(usable["train"].labels)
+    del usable
+    carving = describe_carving(tensors, class_names, carved, pool_size, seed, test_path, val_path,
+                               test_fraction, val_fraction, max_per_class)
+    if found is not None:
+        carving["layout"] = f"torchvision's {found[0].name} Python format"
+    mean, std = channel_stats(tensors["train"], workers)
+    unique = {(item["path"], item["reason"]) for item in skipped}
+    skipped_files = [{"path": path, "reason": reason} for path, reason in sorted(unique)]
+    return DatasetSplits(tensors["train"], tensors["val"], tensors["test"], class_names, mean, std,
+                         carving["validation"], streamed=stream, skipped_files=skipped_files, carving=carving)
+
+
+def _folder_pool(
+    data_dir: str | None, train_dir: str | None, val_dir: str | None, test_dir: str | None, image_size: int,
+    memory_budget_mb: float, workers: int, cache_dir: Path | None, resize: str, decode_device: torch.device | None,
+) -> tuple[dict[str, _UsableImages], list[str], list[dict[str, str]], bool, Path | None, Path | None]:
+    """The usable images of each split folder (see `load_splits`), the class names, the skipped files, whether
+    the images are streamed, and the test and validation folders (None: carved)."""
     train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
     roots = {"train": train_path, **({"val": val_path} if val_path is not None else {}),
              **({"test": test_path} if test_path is not None else {})}
@@ -303,22 +345,7 @@ def load_splits(
                                                      decode_device)
         folders.require_every_class(split, scan, usable[split].labels, split_skipped)
         skipped += split_skipped
-    carved = carve_training_pool(usable["train"].labels, class_names, seed,
-                                 test_fraction if test_path is None else None,
-                                 val_fraction if val_path is None else None, max_per_class)
-    # A split with its own folder is that folder whole; a carved one is its indices into train's.
-    tensors = {name: _split_tensors(usable[name] if name in usable else usable["train"], carved.get(name),
-                                    image_size, stream, workers, cache_dir, resize, decode_device)
-               for name in ("train", "val", "test")}
-    pool_size = len(usable["train"].labels)
-    del usable
-    carving = describe_carving(tensors, class_names, carved, pool_size, seed, test_path, val_path,
-                               test_fraction, val_fraction, max_per_class)
-    mean, std = channel_stats(tensors["train"], workers)
-    unique = {(item["path"], item["reason"]) for item in skipped}
-    skipped_files = [{"path": path, "reason": reason} for path, reason in sorted(unique)]
-    return DatasetSplits(tensors["train"], tensors["val"], tensors["test"], class_names, mean, std,
-                         carving["validation"], streamed=stream, skipped_files=skipped_files, carving=carving)
+    return usable, class_names, skipped, stream, test_path, val_path
 
 
 def describe(data: DatasetSplits, normalization: str, class_weights: list[float] | None = None) -> schema.DatasetRecord:

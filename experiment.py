@@ -58,6 +58,11 @@ TEACHER_LR = 2e-3  # peak learning rate of the one-cycle schedule (try 0.05 with
 STUDENT_LR = 2e-3
 WEIGHT_DECAY = 0.05  # decoupled for adamw; try 5e-4 with sgd
 MOMENTUM = 0.9  # sgd only
+NESTEROV = True  # sgd: Nesterov momentum; False: classical momentum, as the KD references train
+LR_SCHEDULE = "onecycle"  # onecycle (per step), step (per epoch, at MILESTONES) or cosine (per epoch, down to 0)
+MILESTONES: str | None = None  # step: epochs after which the rate is multiplied by LR_DECAY, e.g. "150,180,210"
+LR_DECAY = 0.1  # step: the factor at each milestone
+WARMUP_EPOCHS = 0  # step and cosine: epochs of linear warm-up
 BATCH_SIZE = 32  # images per optimizer step (small data learns more per epoch from more steps)
 EVAL_BATCH_SIZE = 256  # images per evaluation forward pass (larger is faster; no gradients kept)
 IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
@@ -95,6 +100,7 @@ WORKERS = min(4, os.cpu_count() or 1)  # decoding processes (first decode, and s
 DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips decoding
 CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
 COMPILE = "auto"  # torch.compile each training step: on, off, or auto (long CUDA runs; see runtime.resolve_compile)
+EVAL_TEST_EVERY_EPOCH = False  # also record test top-1 after every epoch (papers' figures); selection stays on val
 TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
 EXPORT = "none"  # none, or onnx: write RUN/<model>/model.onnx, checked against PyTorch
 
@@ -272,7 +278,8 @@ def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int
 def obtain_teacher(
     context: trainer.Context, checkpoint: dict[str, Any] | None,
 ) -> tuple[nn.Module, schema.ModelRow]:
-    """The teacher (kept from an interrupted run, loaded from --teacher-checkpoint, or trained) and its row."""
+    """The teacher (kept from an interrupted run, loaded from --teacher-checkpoint or --teacher-weights, or trained)
+    and its row."""
     config, folder = context.config, context.run_dir / schema.TEACHER
     row = report.finished_row(folder, schema.TEACHER)
     if row is not None:
@@ -284,8 +291,12 @@ def obtain_teacher(
             print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {checkpoint['epoch']})")
         return teacher, replace(row, reused_from=str(config.teacher_checkpoint))
     arch = model_builder.architecture_name(config.teacher_model)
-    teacher, fit = trainer.train_model(context, schema.TEACHER, arch, config.teacher_epochs, config.teacher_lr,
-                                       functools.partial(trainer.supervised_criterion, context), folder, config.seed)
+    if config.teacher_epochs == 0:  # --teacher-weights as they are: evaluated and reported, never trained
+        teacher, fit = trainer.model_as_loaded(context, schema.TEACHER, arch, folder)
+    else:
+        teacher, fit = trainer.train_model(context, schema.TEACHER, arch, config.teacher_epochs, config.teacher_lr,
+                                           functools.partial(trainer.supervised_criterion, context), folder,
+                                           config.seed)
     return teacher, report.evaluate_model(context, schema.TEACHER, arch, teacher, fit, folder)
 
 
@@ -386,6 +397,7 @@ def summarize(
     named = {schema.model_name(role, seed, seeds): (row, folder)
              for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}
     named = {schema.TEACHER: (teacher_row, run_dir / schema.TEACHER), **named}
+    summary.label_test_figures()
     summary.warnings = significance.sanity_warnings(
         summary, {name: utils.read_json(folder / "history.json") for name, (_, folder) in named.items()},
         {name: row for name, (row, _) in named.items()}, config.select_metric)

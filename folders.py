@@ -43,7 +43,8 @@ def holds_only_class_folders(root: Path) -> bool:
         raise errors.DataError(f"Cannot read the data folder '{root}': {error.strerror or error}.") from None
     if not has_folders:
         raise errors.DataError(f"Data folder '{root}' holds neither train/ and test/ folders nor class folders "
-                        "(one sub-folder of images per class).")
+                               "(one sub-folder of images per class), nor torchvision's CIFAR-10 / CIFAR-100 Python "
+                               "files (cifar-10-batches-py/, cifar-100-python/).")
     return True
 
 

@@ -67,6 +67,9 @@ def evaluate_model(
     pretrained = context.initial_weights(role)
     if pretrained is not None:
         row.pretrained = model_builder.pretrained_fit(model, pretrained)[1]
+    tested = [epoch["test"]["top1"] for epoch in fit.history if "test" in epoch]  # --eval-test-every-epoch
+    if tested:
+        row.test_top1_last_epoch, row.test_top1_best_epoch_on_test = tested[-1], max(tested)
     if not runtime.is_main_process():
         return row
     context.saver.wait()  # best_model.pth is measured below, and the training state removed
@@ -238,6 +241,11 @@ def comparison_table(summary: schema.RunSummary) -> str:
     if distilled:
         zero_spread = any(models[role].gain_top1_test == "mcnemar_every_seed" for role in distilled)
         lines.append("significant: " + significance.rule(several, zero_spread))
+    tested = {role: row for role, row in models.items() if row.test_top1_last_epoch is not None}
+    if tested:
+        lines.append("test top-1 of the last epoch / of the best epoch " + schema.CHOSEN_ON_TEST + ": " + ", ".join(
+            f"{role} {utils.format_metric(row.test_top1_last_epoch)} / "
+            f"{utils.format_metric(row.test_top1_best_epoch_on_test)}" for role, row in tested.items()))
     if several:
         lines.append(f"seeds {', '.join(map(str, seeds))}: the teacher is trained once (seed {seeds[0]}); "
                      "per-model columns are the first seed's, mean+-std over all seeds (sample std)")
@@ -438,6 +446,14 @@ def _per_class_f1(results: dict[str, Any], students: list[str], class_names: lis
     return _png_data_uri(utils.figure_png(utils.per_class_f1_figure(per_class, class_names), dpi=100))
 
 
+def _test_figure_rows(summary: schema.RunSummary) -> list[list[str]]:
+    """Per model with --eval-test-every-epoch figures: its validation-selected test top-1, the last epoch's and
+    the best epoch's chosen on the test split."""
+    return [[role, utils.format_metric(row.test.get("top1")), utils.format_metric(row.test_top1_last_epoch),
+             utils.format_metric(row.test_top1_best_epoch_on_test)]
+            for role, row in summary.models.items() if row.test_top1_last_epoch is not None]
+
+
 def build_report(run_dir: str | Path) -> str:
     """A self-contained HTML report of a finished run, read from the files in its directory.
 
@@ -474,6 +490,7 @@ def build_report(run_dir: str | Path) -> str:
         seed_columns=SEED_COLUMNS, seed_rows=significance.seed_rows(summary) if len(summary.seeds) > 1 else [],
         exports=_exports(summary), curves=curves, confusions=confusions, per_class_f1=per_class_f1,
         data_rows=_data_rows(summary), sweep=None if summary.sweep is None else _sweep_view(summary.sweep),
+        test_figure_rows=_test_figure_rows(summary), chosen_on_test=schema.CHOSEN_ON_TEST,
         settings_rows=[(key, json.dumps(value)) for key, value in config.items() if key != "dataset"],
     )
 

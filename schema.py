@@ -24,6 +24,8 @@ ROLE_PATTERN = rf"{TEACHER}|{STUDENT_PREFIX}[a-z0-9_]+"  # a role: the teacher, 
 SEED_SEPARATOR = " seed "  # a model's name in a run of several seeds: "student_kd seed 2"
 SPLITS = ("train", "val", "test")
 TEST_KEYS = ("top1", "top3", "precision_macro", "recall_macro", "f1_macro", "auc_macro")  # summary's test metrics
+# How test_top1_best_epoch_on_test is labelled wherever it appears (--eval-test-every-epoch).
+CHOSEN_ON_TEST = "chosen on the test split, as the papers' tables report: optimistic"
 
 
 def distilled_role(method: str) -> str:
@@ -171,6 +173,8 @@ class ModelRow(Record):
     flops_per_image: int | None = None
     export: dict[str, Any] | None = None  # with --export onnx
     reused_from: str | None = None  # a teacher taken from --teacher-checkpoint
+    test_top1_last_epoch: float | None = None  # --eval-test-every-epoch: the last epoch's test top-1
+    test_top1_best_epoch_on_test: float | None = None  # ... and the best epoch's, CHOSEN_ON_TEST
     test_top1_by_seed: dict[str, float] | None = None  # several seeds
     test_top1_mean: float | None = None
     test_top1_std: float | None = None
@@ -304,7 +308,7 @@ class ModelResults(Record):
 
 
 RUN_FIELDS = ("kd_gain_top1", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
-              "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "sweep")
+              "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "sweep", "notes")
 
 
 @dataclass
@@ -324,12 +328,18 @@ class RunSummary(Record):
     wall_seconds_last_sitting: float | None = None  # wall_seconds covers every sitting of a resumed run
     sittings: int | None = None
     sweep: SweepRecord | None = None  # a run made by --sweep
+    notes: dict[str, str] | None = None  # what a field of the models' rows means, where it needs saying
 
     def check(self, where: str) -> None:
         """Every skipped file names its path and the reason it was skipped."""
         for index, entry in enumerate(self.skipped_files):
             if not {"path", "reason"} <= entry.keys():
                 raise ValueError(f"{where}.skipped_files[{index}] must hold the file's 'path' and the 'reason'")
+
+    def label_test_figures(self) -> None:
+        """Label test_top1_best_epoch_on_test in `notes` when some model has it (--eval-test-every-epoch)."""
+        if any(row.test_top1_best_epoch_on_test is not None for row in self.models.values()):
+            self.notes = {**(self.notes or {}), "test_top1_best_epoch_on_test": CHOSEN_ON_TEST}
 
     def to_dict(self) -> dict[str, Any]:
         run = super().to_dict()

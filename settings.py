@@ -32,6 +32,7 @@ import KD_engine
 import KD_features
 import model_builder
 import runtime
+import schedules
 from errors import SettingsError
 
 GROUPS = ("data", "models", "training", "distillation methods", "sweep", "speed", "output")
@@ -84,7 +85,8 @@ class Config:
         "normalized as the weights expect", unset="random initialization")
     student_weights: str | None = flag("models", "the same for every student (baseline and distilled alike)",
                                        unset="random initialization")
-    teacher_epochs: int = flag("training", "teacher's training epochs (its one-cycle schedule spans them all)")
+    teacher_epochs: int = flag("training", "teacher's training epochs (its schedule spans them all); 0 with "
+                               "--teacher-weights: the teacher as loaded, evaluated and never trained")
     student_epochs: int = flag("training", "each student's training epochs")
     patience: int | None = flag("training", "stop a model after this many epochs without a better validation "
                                 "--select-metric (0: off); the best epoch is still the one kept, and the one-cycle "
@@ -101,6 +103,16 @@ class Config:
     student_lr: float = flag("training", "students' peak learning rate")
     weight_decay: float = flag("training", "weight decay (decoupled for adamw)")
     momentum: float = flag("training", "sgd only")
+    nesterov: bool = flag("training", "sgd: Nesterov momentum (--no-nesterov: classical momentum, as the KD "
+                          "references train)")
+    lr_schedule: str = flag("training", "onecycle (per step); step: times --lr-decay after each of --milestones; "
+                            "cosine: down to 0 over the run (step and cosine change the rate per epoch, as the "
+                            "references do)", choices=schedules.SCHEDULES)
+    milestones: str | None = flag("training", "step: the epochs after which the rate decays, comma-separated (the "
+                                  "references: 150,180,210 of 240)", unset="none; step needs them")
+    lr_decay: float = flag("training", "step: the factor the rate is multiplied by at each milestone")
+    warmup_epochs: int = flag("training", "step and cosine: epochs of linear warm-up (epoch e of N trains at "
+                              "e / (N + 1) of the rate)")
     batch_size: int = flag("training", "images per optimizer step (per process under torchrun)")
     eval_batch_size: int = flag("training", "images per evaluation pass")
     image_size: int = flag("data", "images are resized to this many pixels square; above 64 px the models are "
@@ -174,6 +186,8 @@ class Config:
     compile: str = flag("speed", "torch.compile each model's training step, the model with its loss (on CUDA with "
                         f"CUDA graphs; batches of one size: an epoch's smaller last batch is left out); auto: "
                         f"{runtime.COMPILE_AUTO_RULE}; --compile alone: on", choices=("auto", "on", "off"), const="on")
+    eval_test_every_epoch: bool = flag("output", "also evaluate the test split after every epoch, for figures "
+                                       "comparable with papers' tables (the best epoch is still chosen on validation)")
     tensorboard: bool = flag("output", "write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")
     export: str = flag("output", "onnx: export every trained model to RUN/<model>/model.onnx (dynamic batch) and "
                        "check it", choices=("none", "onnx"))
@@ -216,6 +230,9 @@ EXAMPLES = """examples:
   2e-3; unmeasured on a GPU):
     python experiment.py --data-dir cifar10 --teacher-epochs 30 --student-epochs 30 --batch-size 512 \\
         --teacher-lr 4e-3 --student-lr 4e-3 --workers 8
+  a KD paper's CIFAR-100 recipe (see configs/) with the published teacher, used as it is:
+    python experiment.py --config configs/resnet56_resnet20.yaml --data-dir data/cifar-100-python \\
+        --teacher-weights cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth
   a quick check that everything runs:
     python experiment.py --teacher-epochs 1 --student-epochs 1
   repeat a run with one setting changed:
@@ -551,8 +568,10 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         (config.temperature > 0, f"--temperature must be > 0 (got {config.temperature})."),
         (0 <= config.alpha <= 1, f"--alpha must be between 0 and 1 (got {config.alpha})."),
         (config.student_epochs >= 1, f"--student-epochs must be at least 1 (got {config.student_epochs})."),
-        (config.teacher_epochs >= 1 or config.teacher_checkpoint is not None,
-         f"--teacher-epochs must be at least 1 (got {config.teacher_epochs})."),
+        (config.teacher_epochs >= 0, f"--teacher-epochs must be at least 0 (got {config.teacher_epochs})."),
+        (config.teacher_epochs > 0 or config.teacher_checkpoint is not None or config.teacher_weights is not None,
+         "--teacher-epochs 0 uses the teacher as --teacher-weights gives it: give --teacher-weights, or train the "
+         "teacher for at least 1 epoch."),
         (config.batch_size >= 1, f"--batch-size must be at least 1 (got {config.batch_size})."),
         (config.eval_batch_size >= 1, f"--eval-batch-size must be at least 1 (got {config.eval_batch_size})."),
         (smallest <= config.image_size <= largest,
@@ -561,6 +580,8 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         (config.student_lr > 0, f"--student-lr must be > 0 (got {config.student_lr})."),
         (config.weight_decay >= 0, f"--weight-decay must be >= 0 (got {config.weight_decay})."),
         (0 <= config.momentum < 1, f"--momentum must be in [0, 1) (got {config.momentum})."),
+        (config.lr_decay > 0, f"--lr-decay must be > 0 (got {config.lr_decay})."),
+        (config.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {config.warmup_epochs})."),
         (0 < config.val_fraction < 1, f"--val-fraction must be between 0 and 1 (got {config.val_fraction})."),
         (0 < config.test_fraction < 1, f"--test-fraction must be between 0 and 1 (got {config.test_fraction})."),
         (config.max_per_class is None or config.max_per_class >= 1,
@@ -573,6 +594,8 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         (config.trials >= 1, f"--trials must be at least 1 (got {config.trials})."),
         (config.sweep is not None or (config.study_storage is None and config.study_name is None),
          "--study-storage and --study-name name a sweep's study: give --sweep too."),
+        (config.sweep is None or not config.eval_test_every_epoch,
+         "--eval-test-every-epoch cannot go with --sweep: a sweep's trials must not see the test split."),
         (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),
          "--cache-teacher-logits needs a deterministic training view: add --crop-padding 0 --hflip off --augment basic "
          "(with random augmentation the teacher must see each new view)."),
@@ -595,11 +618,27 @@ def _require_packages(config: Config) -> None:
             raise SettingsError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
+def trained_epochs(config: Config) -> dict[str, int]:
+    """The epochs of every model the run trains, by who it is ("the teacher", "each student")."""
+    teacher_trains = config.teacher_checkpoint is None and config.teacher_epochs > 0
+    return {**({"the teacher": config.teacher_epochs} if teacher_trains else {}), "each student": config.student_epochs}
+
+
+def milestones(config: Config) -> list[int]:
+    """The step schedule's milestones (none for the other schedules), checked against every trained model's epochs."""
+    try:
+        return schedules.checked_milestones(config.lr_schedule, config.milestones, config.warmup_epochs,
+                                            trained_epochs(config))
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+
+
 def validate(config: Config) -> None:
     """Stop with one clear sentence on a setting that cannot work, before any training."""
     for holds, sentence in _range_checks(config):
         if not holds:
             raise SettingsError(sentence)
+    milestones(config)
     methods = kd_methods(config)
     seeds(config)
     if any(method in KD_features.FEATURE_METHODS for method in methods):

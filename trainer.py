@@ -25,9 +25,12 @@ import KD_engine
 import KD_features
 import model_builder
 import runtime
+import schedules
 import schema
 import settings
 import snapshots
+import state_dicts
+import utils
 from errors import SettingsError
 
 
@@ -121,6 +124,8 @@ def check_initial_weights(
         arch = config.teacher_model if role == "teacher" else config.student_model
         head = model_builder.default_head(pretrained)
         model = model_builder.build_on_meta(arch, num_classes, config.image_size, head)
+        if role == "teacher" and config.teacher_epochs == 0:
+            check_exact_fit(model, pretrained, arch, num_classes)
         try:
             record = model_builder.pretrained_fit(model, pretrained)[1]
         except model_builder.WeightsError as error:
@@ -129,6 +134,17 @@ def check_initial_weights(
             print(f"The {role} starts from {record['weights']}: {record['loaded_tensors']} of "
                   f"{record['model_tensors']} tensors loaded; re-initialized (no tensor of that shape in the file): "
                   f"{', '.join(record['reinitialized']) or 'none'}")
+
+
+def check_exact_fit(model: nn.Module, pretrained: model_builder.Pretrained, arch: str, num_classes: int) -> None:
+    """A teacher used as loaded (--teacher-epochs 0) needs every layer from its file: stop naming every one that
+    does not fit (the classifier of another class count, layers of another architecture)."""
+    own = model.state_dict()
+    found = state_dicts.mismatches(own, state_dicts.align(own, pretrained.state_dict))
+    if found:
+        shown = "; ".join(found[:8]) + (f"; and {len(found) - 8} more" if len(found) > 8 else "")
+        raise SettingsError(f"--teacher-epochs 0 uses the teacher as --teacher-weights {pretrained.source} gives it, "
+                            f"but {len(found)} of its tensors do not fit a {arch} for {num_classes} classes: {shown}.")
 
 
 def normalization(
@@ -176,6 +192,17 @@ def new_model(
     return place_model(context, model)
 
 
+def model_as_loaded(context: Context, role: str, arch: str, folder: Path) -> tuple[nn.Module, engine.FitResult]:
+    """A model that is not trained (the teacher with --teacher-epochs 0): its initial weights as they are, saved
+    as its best_model.pth of epoch 0, with an empty history."""
+    model = new_model(context, arch, context.config.seed, context.initial_weights(role))
+    if runtime.is_main_process():
+        checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
+            context.description(), role, arch, checkpoints.model_weights(model), 0, [],
+            checkpoints.head_of(model)))
+    return model, engine.FitResult()
+
+
 def load_model(context: Context, checkpoint: dict[str, Any], path: str | Path | None = None) -> nn.Module:
     """A trained model rebuilt from its checkpoint (`checkpoints.load_model`; `path`, the file it was read
     from, names it in errors), placed as the run's models are."""
@@ -195,16 +222,9 @@ def make_optimizer(
     fused = parameters[0].device.type in ("cpu", "cuda")
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum,
-                               nesterov=config.momentum > 0, weight_decay=config.weight_decay, fused=fused)
+                               nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay,
+                               fused=fused)
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay, fused=fused)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The one-cycle schedule over all `steps` optimizer steps of a model's training."""
-    # OneCycleLR divides by its phase lengths: very short runs (a few steps) need a longer warm-up share.
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=max(steps, 4), pct_start=0.25 if steps >= 8 else 0.5
-    )
 
 
 def supervised_criterion(context: Context, model: nn.Module, steps_per_epoch: int) -> engine.Criterion:
@@ -257,6 +277,21 @@ def distillation_teacher(context: Context, teacher: nn.Module) -> tuple[nn.Modul
 
 
 EpochLog = Callable[[dict[str, Any]], None]  # sees every epoch's record (see engine.fit's on_epoch)
+
+
+def epoch_test_recorder(context: Context, model: nn.Module, role: str) -> EpochLog | None:
+    """With --eval-test-every-epoch, a callback adding the test split's top-1 to every epoch's record ("test"),
+    for figures comparable with papers' tables; None without it. It chooses nothing: selection stays on validation.
+    Every rank takes part (the test pass gathers over them)."""
+    if not context.config.eval_test_every_epoch:
+        return None
+
+    def record_test(record: dict[str, Any]) -> None:
+        logits, labels = engine.predict(model, context.eval_loaders["test"], context.device, context.amp_dtype,
+                                        f"{role} test")
+        record["test"] = {"top1": utils.topk_accuracy(logits, labels, 1)}
+
+    return record_test
 
 
 def chain(*callbacks: EpochLog | None) -> EpochLog:
@@ -312,7 +347,7 @@ def train_model(
     engine.Criterion], folder: Path, seed: int, teacher_logits: torch.Tensor | None = None,
     on_epoch: EpochLog | None = None,
 ) -> tuple[nn.Module, engine.FitResult]:
-    """Train one model with a one-cycle schedule; the best-on-validation epoch is kept.
+    """Train one model with the run's schedule (`schedules`); the best-on-validation epoch is kept.
 
     `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
     `teacher_logits` (one row per training image) go to the criterion with each batch; `on_epoch(record)` sees
@@ -327,7 +362,9 @@ def train_model(
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
     optimizer = make_optimizer(context.config, model, lr, criterion)
-    scheduler = make_scheduler(optimizer, lr, epochs * len(train_loader))
+    config = context.config
+    scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,
+                                         settings.milestones(config), config.lr_decay, config.warmup_epochs)
     trainable = getattr(criterion, "trainable", None)
     state_path, head = folder / checkpoints.TRAIN_STATE, checkpoints.head_of(model)
     resume = _restored(role, epochs, state_path, model, optimizer, scheduler, trainable, train_loader.generator)
@@ -365,8 +402,9 @@ def train_model(
         result = engine.fit(
             model, train_loader, context.eval_loaders["val"], step, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
-            on_epoch=chain(log_epoch, on_epoch), on_epoch_end=save_epoch, resume=resume,
-            select_metric=context.config.select_metric, patience=context.config.patience, weights=weights,
+            on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch, on_epoch), on_epoch_end=save_epoch,
+            resume=resume, select_metric=context.config.select_metric, patience=context.config.patience,
+            weights=weights,
         )
     finally:
         close_log()

@@ -155,7 +155,7 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
     (["--cache-teacher-logits"], "--cache-teacher-logits needs a deterministic training view"),
     (["--image-size", "16"], "VGG16 cannot take 16x16 images"),
     (["--image-size", "4096"], "--image-size must be between 8 and 1024"),
-    (["--teacher-epochs", "0"], "--teacher-epochs must be at least 1"),
+    (["--teacher-epochs", "-1"], "--teacher-epochs must be at least 0"),
     (["--student-lr", "0"], "--student-lr must be > 0"),
     (["--teacher-lr", "-1"], "--teacher-lr must be > 0"),
     (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
