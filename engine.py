@@ -270,16 +270,10 @@ def fit(
     for epoch in range(len(result.history) + 1, epochs + 1):
         if _patience_ran_out(result, patience, epochs, name, select_metric, log):
             break
-        epoch_start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        if hasattr(criterion, "set_epoch"):
-            criterion.set_epoch(epoch)
-        train_metrics = _train_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler,
-                                     amp_dtype, name, epoch, epochs, result.best_epoch)
-        val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")
-        val_metrics = epoch_metrics(val_logits, val_labels, class_names)
-        record = {"epoch": epoch, "lr": lr, "train": train_metrics, "val": val_metrics,
-                  "seconds": time.perf_counter() - epoch_start}
+        record, val_logits, val_labels = _train_and_validate(
+            model, train_loader, val_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype, name,
+            epoch, epochs, result.best_epoch)
+        val_metrics = record["val"]
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -301,6 +295,25 @@ def fit(
     if weights.best is not None:
         model_builder.unwrap(model).load_state_dict(weights.best)
     return result
+
+
+def _train_and_validate(
+    model: nn.Module, train_loader: Batches, val_loader: Batches, criterion: Criterion,
+    optimizer: torch.optim.Optimizer, class_names: Sequence[str], device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None, amp_dtype: torch.dtype | None, name: str, epoch: int,
+    epochs: int, best_epoch: int,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """One epoch trained, then validated: its history record, and the validation logits and labels."""
+    epoch_start = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
+    if hasattr(criterion, "set_epoch"):
+        criterion.set_epoch(epoch)
+    train_metrics = _train_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler,
+                                 amp_dtype, name, epoch, epochs, best_epoch)
+    val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")
+    record = {"epoch": epoch, "lr": lr, "train": train_metrics,
+              "val": epoch_metrics(val_logits, val_labels, class_names), "seconds": time.perf_counter() - epoch_start}
+    return record, val_logits, val_labels
 
 
 def _patience_ran_out(

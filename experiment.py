@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import checkpoints
+import command_line
 import data_setup
 import deploy
 import engine
@@ -447,7 +448,7 @@ def layer_list(model: str, image_size: int) -> str:
 
 def run_command(argv: list[str] | None) -> None:
     """What the command line asks for: rebuild a report, list layers, resume a run or a sweep, or start one."""
-    parser, args, given = settings.parse_command_line(argv, default_config())
+    parser, args, given = command_line.parse_command_line(argv, default_config())
     report_only, resume = (None if path is None else os.path.expanduser(path)
                            for path in (args.pop("report_only"), args.pop("resume")))
     list_layers = args.pop("list_layers")
@@ -458,7 +459,7 @@ def run_command(argv: list[str] | None) -> None:
         print(layer_list(list_layers, args["image_size"]), end="")
     elif resume is not None:
         storage = args.pop("study_storage")  # a sweep's storage may be given again: its password is never saved
-        config = settings.resumed_config(resume, args, parser)
+        config = command_line.resumed_config(resume, args, parser)
         if config is not None:
             config = sweep.resumed_storage(config, storage)
             (run_sweep if config.sweep is not None else run_experiment)(config, resume=True, given=given)

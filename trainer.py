@@ -342,6 +342,37 @@ def _restored(
     return resume
 
 
+def _epoch_saver(
+    context: Context, role: str, arch: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, generator: torch.Generator,
+    weights: snapshots.WeightSnapshots, best_checkpoint: Callable[[dict[str, torch.Tensor], engine.FitResult],
+                                                                 dict[str, Any]], state_path: Path,
+) -> Callable[[engine.FitResult], None]:
+    """What `engine.fit` calls after each epoch: best_model.pth when the epoch is the best so far, then the state
+    to resume from, handed to the background writer from host buffers reused every epoch."""
+    state_buffers = snapshots.HostBuffers()
+
+    @checkpoints.finish_before_interrupt
+    def save_epoch(result: engine.FitResult) -> None:
+        if not runtime.is_main_process():
+            return
+        context.saver.wait()
+        epoch = len(result.history)
+        best = result.best_epoch == epoch
+        latest = weights.best if best else weights.take(model)  # a best epoch's weights were taken by engine.fit
+        state = state_buffers.fill({"optimizer": optimizer.state_dict(),
+                                    "criterion": None if trainable is None else trainable.state_dict()})
+        files = {}
+        if best:
+            files[state_path.with_name(checkpoints.BEST_MODEL)] = best_checkpoint(latest, result)
+        files[state_path] = checkpoints.training_state(
+            role, arch, latest, None if best else weights.best, state["optimizer"], scheduler, state["criterion"],
+            generator, result)
+        context.save_epoch_files(files)
+
+    return save_epoch
+
+
 def train_model(
     context: Context, role: str, arch: str, epochs: int, lr: float, make_criterion: Callable[[nn.Module, int],
     engine.Criterion], folder: Path, seed: int, teacher_logits: torch.Tensor | None = None,
@@ -371,31 +402,13 @@ def train_model(
     # The epoch's weights are copied to the host once, into buffers the previous epoch's files are written
     # from: refilling them waits for that write.
     weights = snapshots.WeightSnapshots(before_refill=context.saver.wait)
-    state_buffers = snapshots.HostBuffers()
 
     def best_checkpoint(best_weights: dict[str, torch.Tensor], result: engine.FitResult) -> dict[str, Any]:
         return checkpoints.make_checkpoint(context.description(), role, arch, best_weights, result.best_epoch,
                                            result.history, head)
 
-    @checkpoints.finish_before_interrupt
-    def save_epoch(result: engine.FitResult) -> None:
-        """best_model.pth when the epoch is the best so far, then the state to resume from."""
-        if not runtime.is_main_process():
-            return
-        context.saver.wait()
-        epoch = len(result.history)
-        best = result.best_epoch == epoch
-        latest = weights.best if best else weights.take(model)  # a best epoch's weights were taken by engine.fit
-        state = state_buffers.fill({"optimizer": optimizer.state_dict(),
-                                    "criterion": None if trainable is None else trainable.state_dict()})
-        files = {}
-        if best:
-            files[folder / checkpoints.BEST_MODEL] = best_checkpoint(latest, result)
-        files[state_path] = checkpoints.training_state(
-            role, arch, latest, None if best else weights.best, state["optimizer"], scheduler, state["criterion"],
-            train_loader.generator, result)
-        context.save_epoch_files(files)
-
+    save_epoch = _epoch_saver(context, role, arch, model, optimizer, scheduler, trainable, train_loader.generator,
+                              weights, best_checkpoint, state_path)
     step = runtime.CompiledStep(criterion, context.device) if compiled else criterion
     log_epoch, close_log = tensorboard_logger(context, folder)
     try:

@@ -6,11 +6,11 @@ import torch
 from conftest import TINY_FLAGS, assert_one_sentence_exit_2
 
 import checkpoints
+import command_line
 import experiment
 import report
 import runtime
 import schema
-import settings
 import utils
 
 MODEL_FILES = [
@@ -139,9 +139,9 @@ def test_constants_at_the_top_are_the_defaults(monkeypatch, tiny_data):
     monkeypatch.setattr(experiment, "DATA_DIR", str(tiny_data))
     monkeypatch.setattr(experiment, "STUDENT_EPOCHS", 5)
     monkeypatch.setattr(experiment, "T", 7.5)
-    args = settings.build_parser(experiment.default_config()).parse_args([])
+    args = command_line.build_parser(experiment.default_config()).parse_args([])
     assert args.data_dir == str(tiny_data) and args.student_epochs == 5 and args.temperature == 7.5
-    assert settings.build_parser(experiment.default_config()).parse_args(["--temperature", "2"]).temperature == 2.0
+    assert command_line.build_parser(experiment.default_config()).parse_args(["--temperature", "2"]).temperature == 2.0
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -19,6 +19,7 @@ from test_resume import start_run, stop_at
 from torchvision import models
 
 import checkpoints
+import command_line
 import data_setup
 import errors
 import experiment
@@ -92,7 +93,7 @@ def test_a_teacher_checkpoint_alone_decides_architecture_size_and_normalization(
 
 def default_config(**changes) -> settings.Config:
     """The settings of a plain `python experiment.py`, with `changes`."""
-    parser = settings.build_parser(experiment.default_config())
+    parser = command_line.build_parser(experiment.default_config())
     return replace(settings.Config(**{name: parser.get_default(name) for name in settings.Config.__dataclass_fields__}),
                    **changes)
 

@@ -7,6 +7,7 @@ import torch
 from conftest import assert_one_sentence_exit_2
 
 import checkpoints
+import cifar_networks
 import deploy
 import experiment
 import KD_features
@@ -69,7 +70,7 @@ def test_zoo_models_classify_and_name_their_stages(name):
 
 def test_the_name_clash_with_torchvision_goes_to_the_zoo():
     assert model_builder.architecture_name("VGG13") == "vgg13"
-    assert isinstance(model_builder.build_model("vgg13", 10, 32), model_builder.SmallVGG)
+    assert isinstance(model_builder.build_model("vgg13", 10, 32), cifar_networks.SmallVGG)
     assert model_builder.architecture_name("vgg13_bn") == "vgg13_bn"  # torchvision's, still reachable
     assert model_builder.architecture_name("VGG16") == "vgg16_bn"
     with pytest.raises(model_builder.UnknownModelError, match="resnet8x4"):

@@ -14,6 +14,7 @@ from conftest import ROOT, TINY_FLAGS, model_row, run_summary
 from torch import nn
 
 import checkpoints
+import command_line
 import deploy
 import engine
 import experiment
@@ -21,7 +22,6 @@ import model_builder
 import prediction_for_one
 import report
 import schema
-import settings
 import significance
 import utils
 
@@ -358,7 +358,7 @@ def test_flops_ratios_keep_their_significant_digits():
 
 def test_a_flag_typo_names_the_closest_flag_in_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
-        settings.parse_command_line(["--studnet-model", "resnet8"], experiment.default_config())
+        command_line.parse_command_line(["--studnet-model", "resnet8"], experiment.default_config())
     error = capsys.readouterr().err
     assert stop.value.code == 2
     assert error == ("experiment.py: error: unknown flag --studnet-model (did you mean --student-model?) "

@@ -16,6 +16,7 @@ from conftest import TINY_FLAGS, assert_one_sentence_exit_2
 from torchvision import models
 
 import checkpoints
+import command_line
 import experiment
 import model_builder
 import settings
@@ -192,6 +193,6 @@ def test_a_run_from_a_settings_file_with_pretrained_weights_and_budgets(tiny_dat
         assert row["epochs_trained"] == len(history)
         assert len(history) == (row["best_epoch"] + 1 if row["stopped_early"] else epochs), role
 
-    _, args, _ = settings.parse_command_line(["--config", str(run / "config.json")], experiment.default_config())
+    _, args, _ = command_line.parse_command_line(["--config", str(run / "config.json")], experiment.default_config())
     repeated = {key: args[key] for key in settings.Config.__dataclass_fields__}
     assert repeated == {**{key: config[key] for key in settings.Config.__dataclass_fields__}, "output_dir": None}

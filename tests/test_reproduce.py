@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT
 
 import checkpoints
+import command_line
 import data_setup
 import engine
 import experiment
@@ -192,7 +193,7 @@ def test_schedule_and_teacher_settings_that_cannot_work_are_refused(changes, exp
 
 def test_each_recipe_file_is_valid_settings():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        values = settings.config_file_settings(str(path))
+        values = command_line.config_file_settings(str(path))
         config = replace(experiment.default_config(), **values, teacher_weights="teacher.pth", data_dir="data")
         settings.validate(config)
         assert (config.lr_schedule, config.milestones, config.student_epochs) == ("step", "150,180,210", 240), path

@@ -8,6 +8,7 @@ import json
 import pytest
 from conftest import assert_one_sentence_exit_2
 
+import command_line
 import experiment
 import settings
 import utils
@@ -18,7 +19,7 @@ SETTINGS = {"teacher_epochs": 3, "student_lr": 1e-4, "decode_cache": False, "dat
 
 def settings_of(argv: list[str]) -> dict:
     """The Config fields the command line would run with."""
-    _, args, _ = settings.parse_command_line(argv, experiment.default_config())
+    _, args, _ = command_line.parse_command_line(argv, experiment.default_config())
     return {key: args[key] for key in settings.Config.__dataclass_fields__}
 
 
@@ -91,7 +92,7 @@ def test_a_missing_config_file_and_config_with_resume_are_refused(tmp_path, caps
 
 
 def test_every_flag_has_a_help_text_and_shows_its_default_once():
-    parser = settings.command_line_parser(experiment.default_config())
+    parser = command_line.command_line_parser(experiment.default_config())
     formatter = parser._get_formatter()
     flags = [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
     assert {action.dest for action in flags} >= set(settings.Config.__dataclass_fields__)
@@ -111,9 +112,9 @@ def test_resume_of_a_run_saved_before_a_setting_existed_uses_its_default(tiny_ru
     older = {key: value for key, value in saved.items() if key not in ("patience", "label_smoothing")}
     older["compile"] = False  # before --compile auto it was a switch
     utils.write_json(tmp_path / "config.json", older)
-    parser, args, _ = settings.parse_command_line([], experiment.default_config())
+    parser, args, _ = command_line.parse_command_line([], experiment.default_config())
     for key in ("report_only", "resume", "config"):
         args.pop(key)
-    config = settings.resumed_config(str(tmp_path), args, parser)
+    config = command_line.resumed_config(str(tmp_path), args, parser)
     assert config.patience is None and config.label_smoothing == 0.0 and config.compile == "off"
     assert config.output_dir == str(tmp_path) and config.teacher_epochs == saved["teacher_epochs"]

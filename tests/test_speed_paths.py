@@ -12,6 +12,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import command_line
 import data_setup
 import decoding
 import engine
@@ -20,7 +21,6 @@ import experiment
 import KD_engine
 import model_builder
 import runtime
-import settings
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -89,7 +89,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(monkeypatch):
 
 
 def test_compile_flag_is_tri_state():
-    parser = settings.build_parser(experiment.default_config())
+    parser = command_line.build_parser(experiment.default_config())
     assert parser.parse_args([]).compile == "auto"
     assert parser.parse_args(["--compile"]).compile == "on"
     assert parser.parse_args(["--compile", "off"]).compile == "off"

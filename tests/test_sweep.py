@@ -16,6 +16,7 @@ from conftest import ROOT
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 import checkpoints
+import command_line
 import experiment
 import settings
 import sweep
@@ -56,7 +57,7 @@ def test_spec_grammar_gives_typed_distributions():
 def test_a_settings_file_can_hold_the_sweep(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text("sweep: temperature=1:10:log,alpha=0.1:0.9\ntrials: 12\nstudy_name: kd-sweep\n")
-    _, args, given = settings.parse_command_line(["--config", str(path)], experiment.default_config())
+    _, args, given = command_line.parse_command_line(["--config", str(path)], experiment.default_config())
     assert (args["sweep"], args["trials"], args["study_name"]) == ("temperature=1:10:log,alpha=0.1:0.9", 12, "kd-sweep")
     assert {"sweep", "trials", "study_name"} <= given
 
