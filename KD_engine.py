@@ -347,9 +347,9 @@ class StandardizedDKDCriterion(DKDCriterion):
     ) -> dict[str, torch.Tensor]:
         ce = self.hard_loss(student_logits.float(), labels)
         tckd, nckd = dkd_terms(standardize(student_logits), standardize(teacher_logits), labels, self.temperature)
-        warmup = dkd_warmup_factor(self.step, self.warmup_steps)
-        loss = self.alpha * ce + (1 - self.alpha) * warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
-        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_full((), warmup)}
+        weight, warmup = self._weights  # this step's, as DKD's (the step is counted once the loss is computed)
+        loss = self.alpha * ce + weight * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
+        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": warmup}
 
 
 # ---------------------------------------------------------------- DIST and logit standardization

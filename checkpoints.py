@@ -282,6 +282,19 @@ def training_state(
     }
 
 
+def _parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor shaped as its parameter the parameter's memory layout. The state is
+    saved contiguous (`snapshots.HostBuffers`), and a channels_last weight updated with contiguous moments takes
+    other kernels, with other rounding: a resumed run would drift from an uninterrupted one."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == parameter.shape \
+                        and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def restore_training(
     state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, loader_generator: torch.Generator,
@@ -289,6 +302,7 @@ def restore_training(
     """Put a saved training state back in place; return what `engine.fit` needs to continue."""
     model_builder.unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    _parameter_layouts(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     if trainable is not None:
         trainable.load_state_dict(state["criterion"])

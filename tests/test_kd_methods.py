@@ -252,12 +252,14 @@ def test_dkd_warmup_steps_keep_the_papers_share_of_all_steps():
     assert KD_engine.dkd_warmup_steps(3, 40, warmup_epochs=0) == 0
 
 
-def test_dkd_criterion_warms_up_per_step_and_continues_after_an_epoch_change():
+@pytest.mark.parametrize("kind", [KD_engine.DKDCriterion, KD_engine.StandardizedDKDCriterion])
+def test_dkd_criterion_warms_up_per_step_and_continues_after_an_epoch_change(kind):
+    """DKD and dkd_ls ramp the same way: 1/warmup_steps at the first step (dkd_ls once lagged a step)."""
     torch.manual_seed(3)
     teacher, student = nn.Linear(5, 3), nn.Linear(5, 3)
     images, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
-    criterion = KD_engine.DKDCriterion(teacher, temperature=2.0, alpha=0.25, dkd_alpha=1.0, dkd_beta=8.0,
-                                       warmup_steps=4, steps_per_epoch=3)
+    criterion = kind(teacher, temperature=2.0, alpha=0.25, dkd_alpha=1.0, dkd_beta=8.0, warmup_steps=4,
+                     steps_per_epoch=3)
     assert criterion.trainable is None and not teacher.training
     factors = []
     for epoch in (1, 2):
@@ -268,15 +270,14 @@ def test_dkd_criterion_warms_up_per_step_and_continues_after_an_epoch_change():
             dkd = out["tckd"] + 8.0 * out["nckd"]
             assert out["loss"].item() == pytest.approx((0.25 * out["ce"] + 0.75 * factors[-1] * dkd).item(), rel=1e-6)
     assert factors == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # first step 1/warmup_steps, 1 from step warmup_steps on
-    resumed = KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4, steps_per_epoch=3)
+    resumed = kind(teacher, 2.0, 0.25, warmup_steps=4, steps_per_epoch=3)
     resumed.set_epoch(2)  # a resumed run starts at epoch 2: its ramp continues at step 4
     assert resumed(student, images, labels)["warmup"].item() == 1.0
     resumed.set_epoch(1)
     with torch.no_grad():
         cached = teacher(images)
     assert torch.equal(resumed(student, images, labels, cached)["loss"],
-                       KD_engine.DKDCriterion(teacher, 2.0, 0.25, warmup_steps=4,
-                                              steps_per_epoch=3)(student, images, labels)["loss"])
+                       kind(teacher, 2.0, 0.25, warmup_steps=4, steps_per_epoch=3)(student, images, labels)["loss"])
     with pytest.raises(ValueError, match="Epochs count from 1, got 0"):
         criterion.set_epoch(0)
 
