@@ -232,12 +232,13 @@ def test_vgg_above_64_px_gets_the_compact_head_unless_torchvisions_weights_load(
 def test_checkpoints_record_the_head_and_older_ones_rebuild_as_they_were(monkeypatch):
     built = []
     monkeypatch.setattr(model_builder, "build_model",
-                        lambda arch, classes, size, head="compact": built.append(head) or nn.Linear(1, 1))
-    weights = nn.Linear(1, 1).state_dict()
+                        lambda arch, classes, size, head="compact": built.append(head) or nn.Linear(1, 2))
+    weights = nn.Linear(1, 2).state_dict()
     for saved, expected in (({"head": "compact", "image_size": 128}, "compact"),
                             ({"image_size": 128}, "torchvision"),  # written before the choice was recorded
                             ({"image_size": 32}, "compact")):
-        checkpoints.load_model({"arch": "VGG16", "class_names": ["a", "b"], "state_dict": weights, **saved})
+        checkpoints.load_model({"arch": "VGG16", "class_names": ["a", "b"], "mean": [0.5] * 3, "std": [0.25] * 3,
+                                "state_dict": weights, **saved})
         assert built[-1] == expected
     assert checkpoints.make_checkpoint({"class_names": ["a"], "image_size": 8, "resize": "squash", "mean": [0] * 3,
                                         "std": [1] * 3, "config": {}}, "teacher", "vgg16_bn", {}, 1, [],

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -205,7 +206,8 @@ def test_a_resumed_training_continues_the_schedule(tiny_data, tmp_path, monkeypa
                      optimizer="sgd", lr_schedule="step", milestones="2,3", warmup_epochs=1, precision="fp32",
                      device="cpu", workers=0, student_epochs=4)
     device = torch.device("cpu")
-    context = experiment.make_context(config, experiment.load_data(config, device), device, None, tmp_path, {}, None)
+    context = experiment.make_context(config, experiment.load_data(config, device), device, None, tmp_path, {}, None,
+                                      time.perf_counter(), False)
     folder = tmp_path / schema.BASELINE
 
     def train() -> list[float]:
