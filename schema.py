@@ -203,8 +203,7 @@ class ModelRow(Record):
 
     # Fields a run writes together: a row holds all of a group or none of it.
     GROUPS = (("file_mb", "flops_per_image"), ("test_top1_by_seed", "test_top1_mean", "test_top1_std"),
-              ("mcnemar_p_by_seed", "gain_top1_by_seed", "gain_top1_mean", "gain_top1_std", "gain_top1_ci95",
-               "gain_top1_p"),
+              ("mcnemar_p_by_seed", "gain_top1_by_seed", "gain_top1_mean", "gain_top1_std", "gain_top1_p"),
               ("latency_ms", "latency_ms_iqr", "throughput_img_s", "throughput_img_s_iqr", "speedup_over_teacher"))
     PAIRS = ("latency_ms_iqr", "throughput_img_s_iqr", "gain_top1_ci95")  # [low, high]
 
@@ -223,6 +222,9 @@ class ModelRow(Record):
             if given and len(given) < len(group):
                 missing = [name for name in group if name not in given]
                 raise ValueError(f"{where} has '{given[0]}' without {', '.join(repr(name) for name in missing)}")
+        if self.gain_top1_by_seed is not None and self.gain_top1_ci95 is None \
+                and self.gain_top1_test != "mcnemar_every_seed":  # gains of no spread have no interval
+            raise ValueError(f"{where} has 'gain_top1_by_seed' without 'gain_top1_ci95'")
         if self.speedup_clear is not None and self.speedup_over_teacher is None:
             raise ValueError(f"{where} has 'speedup_clear' without 'speedup_over_teacher'")
 

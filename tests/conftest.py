@@ -22,8 +22,16 @@ sys.path.insert(0, str(ROOT))
 if "KD_CACHE_DIR" not in os.environ:
     os.environ["KD_CACHE_DIR"] = tempfile.mkdtemp(prefix="kd-test-cache-")
     atexit.register(shutil.rmtree, os.environ["KD_CACHE_DIR"], ignore_errors=True)
+# Under pytest-xdist (the README's `-n 2`) the workers share the machine's cores: one thread each, in the worker
+# and in the runs it starts, rather than every process's thread pool spinning for all the cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY_CLASSES = ("circle", "cross", "stripes")
+# Small networks of the KD literature, for end-to-end runs that test the pipeline rather than the default models
+# (VGG16 and ResNet18 cost a hundred times more per image; the tiny_run fixture keeps them).
+SMALL_MODELS = ["--teacher-model", "resnet14", "--student-model", "resnet8"]
 TINY_FLAGS = [
     "--teacher-epochs", "2", "--student-epochs", "2", "--batch-size", "8",
     "--image-size", "32", "--seed", "0", "--device", "cpu",

@@ -385,14 +385,15 @@ def log_entry(line: str) -> tuple[str, str]:
 
 
 def test_experiment_completes_on_the_hostile_folder_and_lists_what_it_skipped(hostile, tmp_path, capsys):
-    from conftest import TINY_FLAGS
+    from conftest import SMALL_MODELS, TINY_FLAGS
 
     import experiment
 
     root, good, bad = hostile
     run_dir = tmp_path / "run"
     code = experiment.main(["--data-dir", str(root), "--output-dir", str(run_dir), "--val-fraction", "0.25",
-                            *TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "1"])
+                            *TINY_FLAGS, *SMALL_MODELS, "--teacher-epochs", "1",
+                            "--student-epochs", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert f"Skipped {len(bad)} unreadable files" in out

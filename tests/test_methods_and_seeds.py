@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from conftest import TINY_FLAGS
+from conftest import SMALL_MODELS, TINY_FLAGS
 
 import checkpoints
 import experiment
@@ -16,7 +16,7 @@ import utils
 @pytest.fixture(scope="module")
 def methods_run(tiny_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("methods") / "run"
-    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "1"]
+    flags = [*TINY_FLAGS, *SMALL_MODELS, "--teacher-epochs", "1", "--student-epochs", "1"]
     code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
                             *flags, "--kd-methods", "kd,at", "--seeds", "3,4"])
     assert code == 0

@@ -49,8 +49,9 @@ def test_identical_gains_take_their_verdict_from_each_seeds_mcnemar_test():
     assert stats["gain_top1_test"] == "mcnemar_every_seed"
     assert stats["gain_significant"] is False and stats["gain_top1_p"] == 1.0
     assert "gain_top1_ci95" not in stats, "an interval of zero width would read as certainty"
-    sentence = significance.gain_sentence("student_kd", schema.ModelRow(**{**vars(rows[0]), **stats}),
-                                          baseline_rows[0], [0, 1])
+    row = schema.ModelRow(**{**vars(rows[0]), **stats})
+    assert schema.ModelRow.from_dict(row.to_dict(), "summary.json: student_kd") == row, "summary.json reads it back"
+    sentence = significance.gain_sentence("student_kd", row, baseline_rows[0], [0, 1])
     assert "a spread of zero that gives no interval" in sentence and "within noise (p = 1)" in sentence
     # The same number of images in every seed, each far beyond noise: significant by every seed's test.
     baseline, distilled = one_more_right(1_000, 40)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_sentence_exit_2
+from conftest import ROOT, SMALL_MODELS, assert_one_sentence_exit_2
 from torch import nn
 
 import checkpoints
@@ -62,10 +62,11 @@ def stop_at(process: subprocess.Popen, prefix: str, sig: int) -> str:
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
-    complete = start_run(tiny_data, tmp_path / "complete")
+    flags = [*RESUME_FLAGS, *SMALL_MODELS]
+    complete = start_run(tiny_data, tmp_path / "complete", flags)
     assert complete.wait(timeout=300) == 0, complete.stdout.read()
 
-    killed = start_run(tiny_data, tmp_path / "killed")
+    killed = start_run(tiny_data, tmp_path / "killed", flags)
     # Epoch 2's line is printed before epoch 2 is saved: the kill lands mid-model, after epoch 1's state.
     stop_at(killed, "[student_baseline] epoch   2", signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
