@@ -134,7 +134,7 @@ def run_experiment(
             students = train_students(context, teacher)
             if not runtime.is_main_process():
                 return None
-            summary = summarize(context, start, dataset, teacher_row, students)
+            summary = summarize(context, dataset, teacher_row, students)
             publish(context, summary)
             return summary
     except KeyboardInterrupt as stop:
@@ -165,7 +165,7 @@ def run_sweep(
                 if worker.reported():
                     return None
                 students = train_students(search.context, teacher, adopt_best_student(search.context, search.folder))
-                summary = summarize(search.context, start, dataset, teacher_row, students)
+                summary = summarize(search.context, dataset, teacher_row, students)
                 worker.complete(summary, search)
                 publish(search.context, summary)
                 return summary
@@ -252,8 +252,8 @@ def make_context(
                                                   device, workers=config.workers, shard=shard)
                     for split in schema.SPLITS}
     return trainer.Context(config, data, device, amp_dtype, run_dir, eval_loaders, checkpoints.BackgroundSaver(),
-                           pretrained, engine.hard_label_loss(config.label_smoothing, class_weights, device),
-                           checkpoints.Sittings(run_dir, start, resume))
+                           checkpoints.Sittings(run_dir, start, resume), pretrained,
+                           engine.hard_label_loss(config.label_smoothing, class_weights, device))
 
 
 def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int, resume: bool) -> None:
@@ -361,12 +361,11 @@ def adopt_best_student(context: trainer.Context, trial_folder: Path) -> Students
 
 
 def summarize(
-    context: trainer.Context, start: float, dataset: schema.DatasetRecord, teacher_row: schema.ModelRow,
-    students: Students,
+    context: trainer.Context, dataset: schema.DatasetRecord, teacher_row: schema.ModelRow, students: Students,
 ) -> schema.RunSummary:
     """Every model's row with its seed spread, gain verdict and deployment speed, and the run's warnings.
 
-    The wall time counts every sitting of a resumed run (`context.clock`; `start`: this sitting's start)."""
+    The wall time counts every sitting of a resumed run (`context.clock`)."""
     config, run_dir = context.config, context.run_dir
     seeds = settings.seeds(config)
     rows = {role: {seed: row for seed, (row, _) in by_seed.items()} for role, by_seed in students.items()}
@@ -387,7 +386,7 @@ def summarize(
             else deploy.speedup(speeds[schema.TEACHER], speeds[role])
         models[role] = replace(row, **speeds[role], **ratio)
     kd_role = schema.distilled_role("kd")
-    clock = context.clock or checkpoints.Sittings(run_dir, start, resume=False)
+    clock = context.clock
     summary = schema.RunSummary(
         models=models, seeds=seeds, skipped_files=context.data.skipped_files, dataset=dataset,
         device=str(context.device), precision=runtime.precision_name(context.amp_dtype),
@@ -409,8 +408,7 @@ def publish(context: trainer.Context, summary: schema.RunSummary) -> None:
     """Write summary.json, the comparison table and chart, the HTML report and the ledger row; print the tables."""
     run_dir = context.run_dir
     table = report.comparison_table(summary) + "\n" + report.deployment_table(summary)
-    if context.clock is not None:
-        context.clock.record()
+    context.clock.record()
     utils.write_json(run_dir / "summary.json", summary.to_dict())
     utils.write_text(run_dir / "comparison.txt", table)
     utils.plot_comparison({role: row.test for role, row in summary.models.items()},

@@ -45,9 +45,9 @@ class Context:
     run_dir: Path
     eval_loaders: dict[str, data_setup.BatchLoader]
     saver: checkpoints.BackgroundSaver  # writes the per-epoch checkpoints while training goes on
+    clock: checkpoints.Sittings  # the run's wall time over its sittings, recorded after every epoch
     pretrained: dict[str, model_builder.Pretrained] = field(default_factory=dict)  # see read_initial_weights
     hard_loss: engine.HardLoss = F.cross_entropy  # every model's hard-label term
-    clock: checkpoints.Sittings | None = None  # the run's wall time over its sittings, recorded after every epoch
 
     def train_loader(self, seed: int, teacher_logits: torch.Tensor | None = None) -> data_setup.BatchLoader:
         """A fresh training loader: the same seed gives every model the same batches; `teacher_logits`
@@ -68,8 +68,7 @@ class Context:
     def save_epoch_files(self, files: dict[Path, dict[str, Any]]) -> None:
         """Hand one epoch's checkpoints to the background writer, and record the run's wall time."""
         self.saver.save(files)
-        if self.clock is not None:
-            self.clock.record()
+        self.clock.record()
 
     def description(self) -> dict[str, Any]:
         """What a checkpoint of this run records beside its weights (see `checkpoints.make_checkpoint`)."""
