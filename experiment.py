@@ -311,10 +311,7 @@ def adopt_checkpoint(
     model = trainer.load_model(context, checkpoint, path)
     fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"],
                            train_seconds=train_seconds)
-    if runtime.is_main_process():
-        checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
-            context.description(), role, checkpoint["arch"], checkpoints.model_weights(model), fit.best_epoch,
-            fit.history, checkpoints.head_of(model)))
+    context.save_as_best(folder, role, checkpoint["arch"], model, fit)
     return model, report.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
 
 

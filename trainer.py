@@ -76,6 +76,13 @@ class Context:
                 "resize": self.config.resize, "mean": self.data.mean, "std": self.data.std,
                 "config": settings.saved_config(self.config)}
 
+    def save_as_best(self, folder: Path, role: str, arch: str, model: nn.Module, fit: engine.FitResult) -> None:
+        """Save `model` as `folder`'s best_model.pth, of epoch `fit.best_epoch` with `fit.history` (rank 0 only)."""
+        if runtime.is_main_process():
+            checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
+                self.description(), role, arch, checkpoints.model_weights(model), fit.best_epoch, fit.history,
+                checkpoints.head_of(model)))
+
     def initial_weights(self, role: str) -> model_builder.Pretrained | None:
         """The weights a model of this role starts from (the teacher's, or the students' shared ones), if any."""
         return self.pretrained.get("teacher" if role == schema.TEACHER else "student")
@@ -195,11 +202,9 @@ def model_as_loaded(context: Context, role: str, arch: str, folder: Path) -> tup
     """A model that is not trained (the teacher with --teacher-epochs 0): its initial weights as they are, saved
     as its best_model.pth of epoch 0, with an empty history."""
     model = new_model(context, arch, context.config.seed, context.initial_weights(role))
-    if runtime.is_main_process():
-        checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
-            context.description(), role, arch, checkpoints.model_weights(model), 0, [],
-            checkpoints.head_of(model)))
-    return model, engine.FitResult()
+    fit = engine.FitResult()
+    context.save_as_best(folder, role, arch, model, fit)
+    return model, fit
 
 
 def load_model(context: Context, checkpoint: dict[str, Any], path: str | Path | None = None) -> nn.Module:
