@@ -321,12 +321,18 @@ class DKDCriterion(DistillationCriterion):
     def _count_step(self) -> None:
         self.step += 1
 
+    def compared_logits(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits the DKD terms compare: the models' own (dkd_ls z-scores them)."""
+        return student_logits, teacher_logits
+
     def loss_parts(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         student_logits = student_logits.float()  # cast once, for both terms
         ce = self.hard_loss(student_logits, labels)
-        tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, self.temperature)
+        tckd, nckd = dkd_terms(*self.compared_logits(student_logits, teacher_logits), labels, self.temperature)
         weight, warmup = self._weights
         loss = self.alpha * ce + weight * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": warmup}
@@ -342,14 +348,10 @@ class StandardizedDKDCriterion(DKDCriterion):
     """dkd_ls: `DKDCriterion` with both models' logits z-scored (`standardize`) before the DKD terms; the CE
     term sees the raw logits. Give it the base temperature and the weights of `logit_weights`."""
 
-    def loss_parts(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        ce = self.hard_loss(student_logits.float(), labels)
-        tckd, nckd = dkd_terms(standardize(student_logits), standardize(teacher_logits), labels, self.temperature)
-        weight, warmup = self._weights  # this step's, as DKD's (the step is counted once the loss is computed)
-        loss = self.alpha * ce + weight * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
-        return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": warmup}
+    def compared_logits(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return standardize(student_logits), standardize(teacher_logits)
 
 
 # ---------------------------------------------------------------- DIST and logit standardization
