@@ -239,7 +239,7 @@ def comparison_table(summary: schema.RunSummary) -> str:
     distilled = [role for role in models if schema.is_distilled(role)]
     lines += [significance.gain_sentence(role, models[role], models[schema.BASELINE], seeds) for role in distilled]
     if distilled:
-        zero_spread = any(models[role].gain_top1_test == "mcnemar_every_seed" for role in distilled)
+        zero_spread = any(models[role].zero_spread for role in distilled)
         lines.append("significant: " + significance.rule(several, zero_spread))
     tested = {role: row for role, row in models.items() if row.test_top1_last_epoch is not None}
     if tested:

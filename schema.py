@@ -26,6 +26,8 @@ SPLITS = ("train", "val", "test")
 TEST_KEYS = ("top1", "top3", "precision_macro", "recall_macro", "f1_macro", "auc_macro")  # summary's test metrics
 # How test_top1_best_epoch_on_test is labelled wherever it appears (--eval-test-every-epoch).
 CHOSEN_ON_TEST = "chosen on the test split, as the papers' tables report: optimistic"
+# gain_top1_test when every seed gained the same: the verdict is each seed's McNemar test, and there is no interval.
+ZERO_SPREAD_TEST = "mcnemar_every_seed"
 
 
 def distilled_role(method: str) -> str:
@@ -207,6 +209,11 @@ class ModelRow(Record):
               ("latency_ms", "latency_ms_iqr", "throughput_img_s", "throughput_img_s_iqr", "speedup_over_teacher"))
     PAIRS = ("latency_ms_iqr", "throughput_img_s_iqr", "gain_top1_ci95")  # [low, high]
 
+    @property
+    def zero_spread(self) -> bool:
+        """Every seed gained the same (see ZERO_SPREAD_TEST)."""
+        return self.gain_top1_test == ZERO_SPREAD_TEST
+
     def check(self, where: str) -> None:
         """What the tables and the report compute with: a test top-1, a positive parameter count,
         intervals of two numbers, fields written together present together."""
@@ -222,8 +229,7 @@ class ModelRow(Record):
             if given and len(given) < len(group):
                 missing = [name for name in group if name not in given]
                 raise ValueError(f"{where} has '{given[0]}' without {', '.join(repr(name) for name in missing)}")
-        if self.gain_top1_by_seed is not None and self.gain_top1_ci95 is None \
-                and self.gain_top1_test != "mcnemar_every_seed":  # gains of no spread have no interval
+        if self.gain_top1_by_seed is not None and self.gain_top1_ci95 is None and not self.zero_spread:
             raise ValueError(f"{where} has 'gain_top1_by_seed' without 'gain_top1_ci95'")
         if self.speedup_clear is not None and self.speedup_over_teacher is None:
             raise ValueError(f"{where} has 'speedup_clear' without 'speedup_over_teacher'")

@@ -29,9 +29,9 @@ GAIN_TESTS = {
     "mcnemar": f"exact McNemar test of the paired test predictions, p < {SIGNIFICANCE_LEVEL:g}",
     "t": (f"the {100 * CONFIDENCE:g}% Student-t interval of the per-seed paired gains excludes zero "
           f"(t-test p < {SIGNIFICANCE_LEVEL:g})"),
-    "mcnemar_every_seed": ("every seed gained the same number of test images (zero spread, so no interval): "
-                           "the exact McNemar test of every seed's paired test predictions, "
-                           f"p < {SIGNIFICANCE_LEVEL:g} in each (p: the largest)"),
+    schema.ZERO_SPREAD_TEST: ("every seed gained the same number of test images (zero spread, so no interval): "
+                              "the exact McNemar test of every seed's paired test predictions, "
+                              f"p < {SIGNIFICANCE_LEVEL:g} in each (p: the largest)"),
 }
 METRIC_NAMES = {"top1": "top-1", "loss": "loss", "f1_macro": "macro F1"}  # the selection metrics in words
 
@@ -124,7 +124,7 @@ def gain_statistics(
     if max(gains.values()) - min(gains.values()) < SAME_GAIN:
         largest = max(mcnemar.values())
         stats.update(gain_top1_std=0.0, gain_top1_p=largest, gain_significant=largest < SIGNIFICANCE_LEVEL,
-                     gain_top1_test="mcnemar_every_seed")
+                     gain_top1_test=schema.ZERO_SPREAD_TEST)
         return stats
     interval = paired_gain_interval(list(gains.values()))
     low, high = interval["ci"]
@@ -158,7 +158,7 @@ def verdict(p: float, significant: bool | None = None) -> str:
 def rule(several_seeds: bool, zero_spread: bool = False) -> str:
     """What "significant" means in this run's verdicts (`zero_spread`: some student gained the same in every seed)."""
     if several_seeds:
-        return GAIN_TESTS["t"] + (f"; where {GAIN_TESTS['mcnemar_every_seed']}" if zero_spread else "")
+        return GAIN_TESTS["t"] + (f"; where {GAIN_TESTS[schema.ZERO_SPREAD_TEST]}" if zero_spread else "")
     return GAIN_TESTS["mcnemar"]
 
 
@@ -176,7 +176,7 @@ def gain_sentence(role: str, row: schema.ModelRow, baseline: schema.ModelRow, se
     sentence = f"Distillation ({schema.method_of(role)}) {change}" + (f" with seed {seeds[0]}" if several else "")
     if row.mcnemar_p is not None:
         sentence += f": {verdict(row.mcnemar_p)} by the exact McNemar test on the paired test predictions"
-    if several and row.gain_top1_test == "mcnemar_every_seed":
+    if several and row.zero_spread:
         sentence += (f"; every one of seeds {', '.join(map(str, seeds))} gained the same "
                      f"{100 * row.gain_top1_mean:+.2f} points, a spread of zero that gives no interval: by the McNemar "
                      "test of each seed it is "
