@@ -24,7 +24,7 @@ weight below is the reference's own for CIFAR, beside its CE weight (cited where
 
       loss = alpha * CE + (1 - alpha) * KD + beta * warmup * feature_loss
 
-  By default beta is the references' weight (`KD_features.FEATURE_WEIGHTS`, beside their CE weight
+  By default beta is the references' weight (`feature_methods.FEATURE_WEIGHTS`, beside their CE weight
   of 1) times alpha, so the feature : CE balance is theirs at any alpha, and alpha = 1 gives exactly
   their loss. Only ReviewKD warms up (mdistiller's 20 of 240 epochs, ramped per step as DKD's).
 
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
-import KD_features
+from methods import feature_methods
 
 METHODS = ("kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd")
 STANDARDIZED_METHODS = ("kd_ls", "dkd_ls", "dist_ls")  # logit standardization of kd, dkd, dist
@@ -160,11 +160,11 @@ class DistillationCriterion:
 
 
 class FeatureDistillationCriterion:
-    """Engine criterion: hard labels, Hinton KD and a feature loss (KD_features.FEATURE_METHODS) of its own weight.
+    """Engine criterion: hard labels, Hinton KD and a feature loss (feature_methods.FEATURE_METHODS) of its own weight.
 
         loss = alpha * CE + (1 - alpha) * T^2 * KL + beta * min(step / warmup_steps, 1) * feature_loss
 
-    A `KD_features.FeatureTerm` holds the hooks (`close()` takes them off, e.g. before exporting the
+    A `feature_methods.FeatureTerm` holds the hooks (`close()` takes them off, e.g. before exporting the
     student) and `trainable`, the method's part the caller adds to the optimizer. The teacher always
     runs (feature methods cannot use cached logits). The warm-up counts optimizer steps as
     `DKDCriterion` does (`set_epoch`); 0 `warmup_steps` (FitNets, AT) means none.
@@ -181,7 +181,7 @@ class FeatureDistillationCriterion:
         if not 0 <= alpha <= 1 or beta < 0:
             raise ValueError(f"alpha must lie in [0, 1] and beta be >= 0, got alpha {alpha} and beta {beta}.")
         self.teacher = freeze(teacher)
-        self.term = KD_features.FeatureTerm(teacher, student, method, pairs, image_size)
+        self.term = feature_methods.FeatureTerm(teacher, student, method, pairs, image_size)
         self.trainable = self.term.trainable
         self.part = FEATURE_PARTS[method]
         self.temperature, self.alpha, self.beta, self.hard_loss = temperature, alpha, beta, hard_loss
@@ -447,7 +447,7 @@ def make_criterion(
     """The distillation criterion for a method of `METHODS`.
 
     The feature methods put hooks on `student`; their `pairs` default to
-    `KD_features.default_feature_layers`, their `beta` to `KD_features.feature_weight`'s default, and
+    `feature_methods.default_feature_layers`, their `beta` to `feature_methods.feature_weight`'s default, and
     `image_size` sizes their dry run. "dkd" and "dkd_ls" ramp their term over `dkd_warmup_steps`
     optimizer steps, "reviewkd" over `reviewkd_warmup_steps` (see `dkd_warmup_steps`), of
     `steps_per_epoch` an epoch. The logit-standardized methods use `ls_temperature` instead of
@@ -458,10 +458,10 @@ def make_criterion(
         raise ValueError(f"Unknown distillation method '{method}'; known methods: {', '.join(METHODS)}.")
     if method == "kd":
         return DistillationCriterion(teacher, temperature, alpha, hard_loss)
-    if method in KD_features.FEATURE_METHODS:
-        pairs = KD_features.default_feature_layers(method, teacher, student) if pairs is None else pairs
+    if method in feature_methods.FEATURE_METHODS:
+        pairs = feature_methods.default_feature_layers(method, teacher, student) if pairs is None else pairs
         return FeatureDistillationCriterion(
-            teacher, student, method, pairs, temperature, alpha, KD_features.feature_weight(method, alpha, beta),
+            teacher, student, method, pairs, temperature, alpha, feature_methods.feature_weight(method, alpha, beta),
             image_size=image_size, hard_loss=hard_loss, steps_per_epoch=steps_per_epoch,
             warmup_steps=reviewkd_warmup_steps if method == "reviewkd" else 0)
     weights = logit_weights(method, dkd_alpha, dkd_beta, dist_weight, ls_weight)
@@ -517,7 +517,7 @@ def knowledge_distillation_train(
     teacher_model.to(device)
     student_model.to(device).train()
     total, samples = torch.zeros((), device=device), 0
-    with KD_features.eval_mode(teacher_model):
+    with feature_methods.eval_mode(teacher_model):
         for images, labels, *_ in trainloader:
             images, labels = images.to(device), labels.to(device)
             teacher_logits = teacher_forward(teacher_model, images)

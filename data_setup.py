@@ -32,13 +32,9 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 
-import cifar_files
-import decoding
-import epoch_plan
-import errors
-import folders
-import schema
 import utils
+from core import errors, records
+from data import cifar_files, decoding, epoch_plan, folders
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd_pipeline"))
 DIGITS_FOLDER_NAME = "sklearn_digits_v1"
@@ -348,11 +344,13 @@ def _folder_pool(
     return usable, class_names, skipped, stream, test_path, val_path
 
 
-def describe(data: DatasetSplits, normalization: str, class_weights: list[float] | None = None) -> schema.DatasetRecord:
+def describe(
+    data: DatasetSplits, normalization: str, class_weights: list[float] | None = None,
+) -> records.DatasetRecord:
     """The record of a run's data for config.json and summary.json (`normalization`: where mean and std come from)."""
-    return schema.DatasetRecord(
+    return records.DatasetRecord(
         class_names=data.class_names,
-        sizes={split: len(getattr(data, split)) for split in schema.SPLITS},
+        sizes={split: len(getattr(data, split)) for split in records.SPLITS},
         images_per_class={split: {"min": min(counts.values()), "max": max(counts.values())}
                           for split, counts in data.carving["class_counts"].items()},
         validation=data.val_source, carving=data.carving, mean=data.mean, std=data.std, normalization=normalization,

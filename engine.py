@@ -19,9 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import model_builder
-import runtime
-import snapshots
 import utils
+from core import compute, host_weights
 
 Batches = Iterable[tuple[torch.Tensor, ...]]  # (images, labels, *extra)
 Criterion = Callable[..., dict[str, torch.Tensor]]
@@ -71,7 +70,7 @@ class SupervisedCriterion:
 
 def _progress(batches: Batches, description: str) -> Iterable:
     # disable=None hides the bar when output is not a terminal (logs, CI); only rank 0 shows one.
-    return tqdm(batches, desc=description, leave=False, disable=None if runtime.is_main_process() else True,
+    return tqdm(batches, desc=description, leave=False, disable=None if compute.is_main_process() else True,
                 dynamic_ncols=True)
 
 
@@ -107,7 +106,7 @@ def train_one_epoch(
     rows = one = None
     all_logits, all_labels = [], []
     for step, (images, labels, *extra) in enumerate(_progress(data_loader, description)):
-        with runtime.autocast(device, amp_dtype):
+        with compute.autocast(device, amp_dtype):
             outputs = criterion(model, images, labels, *extra)
         loss = outputs["loss"]
         if rows is None:  # made once: the loss parts' names are known from the first step
@@ -133,17 +132,17 @@ def training_metrics(
 ) -> dict[str, Any]:
     """The end of `train_one_epoch`: the epoch's loss parts (per sample) and metrics from its per-step rows
     (`parts` in columns), batch sizes, logits and labels, read to the host in one copy."""
-    counts = runtime.sum_over_ranks(utils.metric_counts(logits, labels, len(class_names)))
+    counts = compute.sum_over_ranks(utils.metric_counts(logits, labels, len(class_names)))
     host = torch.cat([rows.flatten().double(), counts]).cpu().numpy()
     values = host[: rows.numel()].reshape(rows.shape).astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(values[:, parts.index("loss")]))
     # Every rank must stop together, or the others would wait forever in the next collective.
-    first_bad = int(runtime.reduce_over_ranks(np.array([bad[0] if len(bad) else -1]), rows.device, "max")[0])
+    first_bad = int(compute.reduce_over_ranks(np.array([bad[0] if len(bad) else -1]), rows.device, "max")[0])
     if first_bad >= 0:
         raise NonFiniteLossError(first_bad + 1)
     # Summed step by step in float32, as a running sum on the device would be (the same value, bit for bit).
     sums = np.add.accumulate(values * batch_sizes[:, None].astype(np.float32), axis=0, dtype=np.float32)[-1]
-    sums = runtime.reduce_over_ranks(sums, rows.device, "sum")
+    sums = compute.reduce_over_ranks(sums, rows.device, "sum")
     metrics = utils.metrics_from_counts(host[rows.numel():], class_names)
     means = {name: float(total / np.float32(metrics["samples"])) for name, total in zip(parts, sums, strict=True)}
     return {**means, **metrics}
@@ -162,10 +161,10 @@ def predict(
     module = model_builder.unwrap(model, keep_compiled=True).eval()
     all_logits, all_labels = [], []
     for images, labels, *_ in _progress(data_loader, description):
-        with runtime.autocast(device, amp_dtype):
+        with compute.autocast(device, amp_dtype):
             all_logits.append(module(images))
         all_labels.append(labels)
-    return runtime.gather_rows(torch.cat(all_logits).float()), runtime.gather_rows(torch.cat(all_labels))
+    return compute.gather_rows(torch.cat(all_logits).float()), compute.gather_rows(torch.cat(all_labels))
 
 
 def metrics_from_logits(
@@ -242,7 +241,7 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None, log: Callable[[str], None] = print,
     name: str = "model", on_epoch_end: Callable[[FitResult], None] | None = None,
     resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None, select_metric: str = "top1",
-    patience: int | None = None, weights: snapshots.WeightSnapshots | None = None,
+    patience: int | None = None, weights: host_weights.WeightSnapshots | None = None,
 ) -> FitResult:
     """Train for `epochs` epochs, choose the best epoch on validation data, and restore it.
 
@@ -252,7 +251,7 @@ def fit(
     each epoch (to save the state a resumed run needs). At the end the best weights are loaded back into
     `model`: what the caller tests, saves or distills from is the selected model, not the last epoch.
     The best weights are kept in host memory, in `weights` (a caller that saves checkpoints passes its
-    own, so each epoch's weights are copied to the host once; see `snapshots.WeightSnapshots`).
+    own, so each epoch's weights are copied to the host once; see `host_weights.WeightSnapshots`).
     Validation metrics are counted on the device (`epoch_metrics`: no AUC, which the final evaluation gives).
 
     `resume=(result so far, best weights of the unwrapped model)` continues after `len(result.history)`
@@ -262,7 +261,7 @@ def fit(
     history, so a resumed run stops where an uninterrupted one would. A scheduler keeps its plan over `epochs`.
     """
     result, best_state = resume if resume is not None else (FitResult(), None)
-    weights = weights if weights is not None else snapshots.WeightSnapshots()
+    weights = weights if weights is not None else host_weights.WeightSnapshots()
     if best_state is not None:
         weights.best = best_state
     best_val = result.history[result.best_epoch - 1]["val"] if result.best_epoch else None
@@ -289,7 +288,7 @@ def fit(
             on_epoch_end(result)
         # Logged once on_epoch_end has handed the epoch to the checkpoint writer: unless the process is
         # killed outright, an epoch shown as done is on disk when the run ends, and a resume will not repeat it.
-        if runtime.is_main_process():
+        if compute.is_main_process():
             line = utils.history_table([record], len(class_names)).strip()
             log(f"[{name}] {line}" + ("  *best" if improved else ""))
     if weights.best is not None:
@@ -323,7 +322,7 @@ def _patience_ran_out(
     if not (patience and result.best_epoch and result.epochs_without_improvement() >= patience):
         return False
     result.stopped_early = True
-    if runtime.is_main_process():
+    if compute.is_main_process():
         log(f"[{name}] stopped early after epoch {len(result.history)} of {epochs}: validation {select_metric} has "
             f"not improved for {patience} epoch{'s' if patience > 1 else ''} (best epoch {result.best_epoch})")
     return True

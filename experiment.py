@@ -21,21 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-import checkpoints
-import command_line
 import data_setup
-import deploy
 import engine
-import errors
 import model_builder
-import report
-import runtime
-import schema
-import settings
-import significance
-import sweep
-import trainer
 import utils
+from config import command_line, settings
+from core import compute, errors, records
+from results import deploy, report, significance
+from sweep import search
+from training import checkpoints, model_run
 
 # ---------------------------------------------------------------- settings (edit, or pass flags)
 DATA_DIR: str | None = None  # a folder holding train/ [val/] test/; None: the bundled digits
@@ -81,9 +75,9 @@ LS_TEMPERATURE = 2.0  # kd_ls / dkd_ls / dist_ls: base temperature after the z-s
 LS_WEIGHT = 9.0  # kd_ls / dkd_ls / dist_ls: multiplier of the distillation weights (logit-standardization-KD's)
 REVIEWKD_WARMUP_EPOCHS: int | None = None  # reviewkd: linear warm-up epochs; None: mdistiller's share (20 of 240)
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
-SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep.py)
+SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep/search.py)
 TRIALS = 20  # trials of a sweep, over all its workers
-STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/sweep.db
+STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/search.db
 STUDY_NAME: str | None = None  # the study's name in STUDY_STORAGE; None: the run directory's name
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
 TEST_FRACTION = 0.2  # of all images, carved (stratified) first when the data folder holds only class folders
@@ -100,7 +94,7 @@ MEMORY_BUDGET_MB = 4096  # decoded images above this many MiB are streamed from 
 WORKERS = min(4, os.cpu_count() or 1)  # decoding processes (first decode, and streaming)
 DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips decoding
 CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
-COMPILE = "auto"  # torch.compile each training step: on, off, or auto (long CUDA runs; see runtime.resolve_compile)
+COMPILE = "auto"  # torch.compile each training step: on, off, or auto (long CUDA runs; see compute.resolve_compile)
 EVAL_TEST_EVERY_EPOCH = False  # also record test top-1 after every epoch (papers' figures); selection stays on val
 TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
 EXPORT = "none"  # none, or onnx: write RUN/<model>/model.onnx, checked against PyTorch
@@ -116,7 +110,7 @@ def default_config() -> settings.Config:
 
 def run_experiment(
     config: settings.Config, resume: bool = False, given: set[str] | None = None,
-) -> schema.RunSummary | None:
+) -> records.RunSummary | None:
     """The whole pipeline: data, teacher, baseline student, distilled students, reports.
 
     With `resume`, `config.output_dir` is an interrupted run: finished models are kept and the
@@ -132,62 +126,63 @@ def run_experiment(
         with context.saver:  # every checkpoint is on disk before the run ends, however it ends
             teacher, teacher_row = obtain_teacher(context, teacher_checkpoint)
             students = train_students(context, teacher)
-            if not runtime.is_main_process():
+            if not compute.is_main_process():
                 return None
             summary = summarize(context, dataset, teacher_row, students)
             publish(context, summary)
             return summary
     except KeyboardInterrupt as stop:
-        if runtime.is_main_process():
+        if compute.is_main_process():
             context.clock.record()  # the stopped sitting counts up to now
         raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
 
 
 def run_sweep(
     config: settings.Config, resume: bool = False, given: set[str] | None = None,
-) -> schema.RunSummary | None:
+) -> records.RunSummary | None:
     """--sweep: the teacher once, one distilled student per trial judged on the validation split, then the
     best trial's student tested against a baseline trained with its settings and seed, reported as a run is.
 
     Workers given the same --study-storage and --output-dir share the study and the run directory (see
-    sweep.py); the first to find every trial finished writes the report and returns the summary (the others None).
+    sweep/search.py); the first to find every trial finished writes the report and returns the summary (the others
+    None).
     """
     start = time.perf_counter()
     config, teacher_checkpoint = checked_settings(config, given)
-    config, plan = sweep.prepare(config)
-    context, dataset = prepare_run(config, teacher_checkpoint, start, resume or sweep.joins_run(config, plan))
+    config, plan = search.prepare(config)
+    context, dataset = prepare_run(config, teacher_checkpoint, start, resume or search.joins_run(config, plan))
     try:
-        with context.saver, sweep.Worker(context, plan, dataset) as worker:
+        with context.saver, search.Worker(context, plan, dataset) as worker:
             teacher, teacher_row = worker.once("teacher", functools.partial(obtain_teacher, context,
                                                                              teacher_checkpoint))
-            search = worker.run_trials(teacher)
+            best = worker.run_trials(teacher)
             with worker.exclusive("report"):
                 if worker.reported():
                     return None
-                students = train_students(search.context, teacher, adopt_best_student(search.context, search.folder))
-                summary = summarize(search.context, dataset, teacher_row, students)
-                worker.complete(summary, search)
-                publish(search.context, summary)
+                students = train_students(best.context, teacher, adopt_best_student(best.context, best.folder))
+                summary = summarize(best.context, dataset, teacher_row, students)
+                worker.complete(summary, best)
+                publish(best.context, summary)
                 return summary
     except KeyboardInterrupt as stop:
-        if runtime.is_main_process():
+        if compute.is_main_process():
             context.clock.record()  # the stopped sitting counts up to now
         raise checkpoints.Interrupted(context.run_dir, checkpoints.stop_signal(stop)) from None
 
 
 def prepare_run(
     config: settings.Config, teacher_checkpoint: dict[str, Any] | None, start: float, resume: bool,
-) -> tuple[trainer.Context, schema.DatasetRecord]:
+) -> tuple[model_run.Context, records.DatasetRecord]:
     """Everything before the first model: initial weights, processes, data (checked), the run directory and
     config.json (`start`: when this sitting began). Returns the run's context and its data's record."""
-    pretrained = trainer.read_initial_weights(config)
+    pretrained = model_run.read_initial_weights(config)
     settings.check_output_dir(config, resume)
     device, amp_dtype, world = start_processes(config)
     data = load_data(config, device)
-    trainer.check_initial_weights(config, pretrained, len(data.class_names))
+    model_run.check_initial_weights(config, pretrained, len(data.class_names))
     if teacher_checkpoint is not None:
         checkpoints.check_teacher_fits(config.teacher_checkpoint, teacher_checkpoint, data.class_names)
-    normalization = trainer.normalization(data, teacher_checkpoint, pretrained)
+    normalization = model_run.normalization(data, teacher_checkpoint, pretrained)
     class_weights = engine.class_weights(data.train.labels, len(data.class_names)) \
         if config.class_weights == "balanced" else None
     context = make_context(config, data, device, amp_dtype, report.make_run_dir(config.output_dir), pretrained,
@@ -210,7 +205,7 @@ def checked_settings(
     if config.teacher_checkpoint is not None:
         teacher_checkpoint = checkpoints.read_teacher_checkpoint(config.teacher_checkpoint)
         config = settings.adopt_teacher_checkpoint(config, teacher_checkpoint, given)
-        if runtime.is_main_process():
+        if compute.is_main_process():
             print(settings.adopted_settings(config, teacher_checkpoint))
     settings.validate(config)
     return config, teacher_checkpoint
@@ -219,15 +214,15 @@ def checked_settings(
 def start_processes(config: settings.Config) -> tuple[torch.device, torch.dtype | None, int]:
     """The run's device and precision, and its number of processes (joining torchrun's group)."""
     try:
-        device = runtime.resolve_device(config.device)
+        device = compute.resolve_device(config.device)
     except (RuntimeError, ValueError) as error:
         raise errors.SettingsError(f"--device {config.device!r} is not usable: {error}") from None
-    _, world, local_rank = runtime.init_distributed()
+    _, world, local_rank = compute.init_distributed()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    runtime.enable_autotuning(device)
-    return device, runtime.resolve_amp_dtype(config.precision, device), world
+    compute.enable_autotuning(device)
+    return device, compute.resolve_amp_dtype(config.precision, device), world
 
 
 def load_data(config: settings.Config, device: torch.device) -> data_setup.DatasetSplits:
@@ -244,24 +239,24 @@ def make_context(
     config: settings.Config, data: data_setup.DatasetSplits, device: torch.device, amp_dtype: torch.dtype | None,
     run_dir: Path, pretrained: dict[str, model_builder.Pretrained], class_weights: list[float] | None,
     start: float, resume: bool,
-) -> trainer.Context:
+) -> model_run.Context:
     """What every model of the run shares, with an evaluation loader per split, and the clock of the run's
     sittings (this one began at `start`; `resume`: earlier ones count too)."""
-    shard = runtime.rank_and_world()
+    shard = compute.rank_and_world()
     eval_loaders = {split: data_setup.BatchLoader(getattr(data, split), config.eval_batch_size, data.mean, data.std,
                                                   device, workers=config.workers, shard=shard)
-                    for split in schema.SPLITS}
-    return trainer.Context(config, data, device, amp_dtype, run_dir, eval_loaders, checkpoints.BackgroundSaver(),
+                    for split in records.SPLITS}
+    return model_run.Context(config, data, device, amp_dtype, run_dir, eval_loaders, checkpoints.BackgroundSaver(),
                            checkpoints.Sittings(run_dir, start, resume), pretrained,
                            engine.hard_label_loss(config.label_smoothing, class_weights, device))
 
 
-def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int, resume: bool) -> None:
+def announce(context: model_run.Context, dataset: records.DatasetRecord, world: int, resume: bool) -> None:
     """Write config.json (a new run), say what the run is about to do, and list the skipped files."""
-    if not runtime.is_main_process():
+    if not compute.is_main_process():
         return
     config, data, run_dir = context.config, context.data, context.run_dir
-    precision = runtime.precision_name(context.amp_dtype)
+    precision = compute.precision_name(context.amp_dtype)
     if not resume:
         resolved = {"device": str(context.device), "precision": precision, "processes": world,
                     "feature_weights": settings.feature_weights(config), "dkd_beta": settings.dkd_beta(config),
@@ -277,75 +272,75 @@ def announce(context: trainer.Context, dataset: schema.DatasetRecord, world: int
 
 
 def obtain_teacher(
-    context: trainer.Context, checkpoint: dict[str, Any] | None,
-) -> tuple[nn.Module, schema.ModelRow]:
+    context: model_run.Context, checkpoint: dict[str, Any] | None,
+) -> tuple[nn.Module, records.ModelRow]:
     """The teacher (kept from an interrupted run, loaded from --teacher-checkpoint or --teacher-weights, or trained)
     and its row."""
-    config, folder = context.config, context.run_dir / schema.TEACHER
-    row = report.finished_row(folder, schema.TEACHER)
+    config, folder = context.config, context.run_dir / records.TEACHER
+    row = report.finished_row(folder, records.TEACHER)
     if row is not None:
         path = folder / checkpoints.BEST_MODEL
-        return trainer.load_model(context, checkpoints.read_state(path), path), row
+        return model_run.load_model(context, checkpoints.read_state(path), path), row
     if checkpoint is not None:
-        teacher, row = adopt_checkpoint(context, schema.TEACHER, checkpoint, folder, config.teacher_checkpoint)
-        if runtime.is_main_process():
+        teacher, row = adopt_checkpoint(context, records.TEACHER, checkpoint, folder, config.teacher_checkpoint)
+        if compute.is_main_process():
             print(f"[teacher] reused from {config.teacher_checkpoint} (epoch {checkpoint['epoch']})")
         return teacher, replace(row, reused_from=str(config.teacher_checkpoint))
     arch = model_builder.architecture_name(config.teacher_model)
     if config.teacher_epochs == 0:  # --teacher-weights as they are: evaluated and reported, never trained
-        teacher, fit = trainer.model_as_loaded(context, schema.TEACHER, arch, folder)
+        teacher, fit = model_run.model_as_loaded(context, records.TEACHER, arch, folder)
     else:
-        teacher, fit = trainer.train_model(context, schema.TEACHER, arch, config.teacher_epochs, config.teacher_lr,
-                                           functools.partial(trainer.supervised_criterion, context), folder,
+        teacher, fit = model_run.train_model(context, records.TEACHER, arch, config.teacher_epochs, config.teacher_lr,
+                                           functools.partial(model_run.supervised_criterion, context), folder,
                                            config.seed)
-    return teacher, report.evaluate_model(context, schema.TEACHER, arch, teacher, fit, folder)
+    return teacher, report.evaluate_model(context, records.TEACHER, arch, teacher, fit, folder)
 
 
 def adopt_checkpoint(
-    context: trainer.Context, role: str, checkpoint: dict[str, Any], folder: Path, path: str | Path | None = None,
+    context: model_run.Context, role: str, checkpoint: dict[str, Any], folder: Path, path: str | Path | None = None,
     train_seconds: float = 0.0,
-) -> tuple[nn.Module, schema.ModelRow]:
+) -> tuple[nn.Module, records.ModelRow]:
     """A model trained elsewhere (a reused teacher, a sweep's best trial; `path`: its file, named in errors) as
     this run's `role`: its checkpoint saved in `folder` with this run's description, then evaluated and reported
     as a trained model is."""
-    model = trainer.load_model(context, checkpoint, path)
+    model = model_run.load_model(context, checkpoint, path)
     fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"],
                            train_seconds=train_seconds)
     context.save_as_best(folder, role, checkpoint["arch"], model, fit)
     return model, report.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
 
 
-Students = dict[str, dict[int, tuple[schema.ModelRow, Path]]]  # role -> seed -> (its row, its folder)
+Students = dict[str, dict[int, tuple[records.ModelRow, Path]]]  # role -> seed -> (its row, its folder)
 
 
-def train_students(context: trainer.Context, teacher: nn.Module, kept: Students | None = None) -> Students:
+def train_students(context: model_run.Context, teacher: nn.Module, kept: Students | None = None) -> Students:
     """Every student of the run, per seed: trained and reported, kept from an interrupted run, or in `kept`."""
     config = context.config
     arch = model_builder.architecture_name(config.student_model)
-    frozen_teacher, teacher_logits = trainer.distillation_teacher(context, teacher)
+    frozen_teacher, teacher_logits = model_run.distillation_teacher(context, teacher)
     pairs, seeds = settings.feature_pairs(config), settings.seeds(config)
     students: Students = {role: dict((kept or {}).get(role, {}))
-                          for role in schema.student_roles(settings.kd_methods(config))}
+                          for role in records.student_roles(settings.kd_methods(config))}
     for seed in seeds:
         for role in students:
             if seed in students[role]:
                 continue
-            folder = schema.model_folder(context.run_dir, role, seed, seeds)
-            name = schema.model_name(role, seed, seeds)
+            folder = records.model_folder(context.run_dir, role, seed, seeds)
+            name = records.model_name(role, seed, seeds)
             row = report.finished_row(folder, name)
             if row is None:
-                criterion, cached = trainer.student_criterion(context, role, frozen_teacher, pairs, teacher_logits)
-                student, fit = trainer.train_model(context, name, arch, config.student_epochs, config.student_lr,
+                criterion, cached = model_run.student_criterion(context, role, frozen_teacher, pairs, teacher_logits)
+                student, fit = model_run.train_model(context, name, arch, config.student_epochs, config.student_lr,
                                                    criterion, folder, seed, cached)
                 row = report.evaluate_model(context, name, arch, student, fit, folder)
             students[role][seed] = (row, folder)
     return students
 
 
-def adopt_best_student(context: trainer.Context, trial_folder: Path) -> Students:
+def adopt_best_student(context: model_run.Context, trial_folder: Path) -> Students:
     """A sweep's best trial's student (trained on `trial_folder`) as the first seed's distilled student of the
     run: tested once, now, and reported as a trained student is."""
-    role = schema.distilled_role(settings.kd_methods(context.config)[0])
+    role = records.distilled_role(settings.kd_methods(context.config)[0])
     seed = settings.seeds(context.config)[0]
     folder = context.run_dir / role
     row = report.finished_row(folder, role)
@@ -358,8 +353,8 @@ def adopt_best_student(context: trainer.Context, trial_folder: Path) -> Students
 
 
 def summarize(
-    context: trainer.Context, dataset: schema.DatasetRecord, teacher_row: schema.ModelRow, students: Students,
-) -> schema.RunSummary:
+    context: model_run.Context, dataset: records.DatasetRecord, teacher_row: records.ModelRow, students: Students,
+) -> records.RunSummary:
     """Every model's row with its seed spread, gain verdict and deployment speed, and the run's warnings.
 
     The wall time counts every sitting of a resumed run (`context.clock`)."""
@@ -368,32 +363,33 @@ def summarize(
     rows = {role: {seed: row for seed, (row, _) in by_seed.items()} for role, by_seed in students.items()}
     correct = {role: {seed: report.read_test_correct(folder) for seed, (_, folder) in by_seed.items()}
                for role, by_seed in students.items()}
-    models = {schema.TEACHER: replace(teacher_row, **significance.teacher_against_baseline(
-        report.read_test_correct(run_dir / schema.TEACHER), rows[schema.BASELINE], correct[schema.BASELINE],
+    models = {records.TEACHER: replace(teacher_row, **significance.teacher_against_baseline(
+        report.read_test_correct(run_dir / records.TEACHER), rows[records.BASELINE], correct[records.BASELINE],
         teacher_row.test["top1"]))}
     peer = deploy.peer_flops(config.student_model, len(dataset.class_names), config.image_size)
     for role, by_seed in rows.items():
-        statistics = {} if role == schema.BASELINE else significance.gain_statistics(
-            by_seed, rows[schema.BASELINE], correct[role], correct[schema.BASELINE])
+        statistics = {} if role == records.BASELINE else significance.gain_statistics(
+            by_seed, rows[records.BASELINE], correct[role], correct[records.BASELINE])
         models[role] = replace(by_seed[seeds[0]], **significance.top1_spread(by_seed), **statistics, flops_peer=peer)
-    folders = {schema.TEACHER: run_dir / schema.TEACHER, **{role: students[role][seeds[0]][1] for role in students}}
+    folders = {records.TEACHER: run_dir / records.TEACHER, **{role: students[role][seeds[0]][1] for role in students}}
     speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype)
     for role, row in models.items():
-        ratio = {"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0} if role == schema.TEACHER \
-            else deploy.speedup(speeds[schema.TEACHER], speeds[role])
+        ratio = {"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0} if role == records.TEACHER \
+            else deploy.speedup(speeds[records.TEACHER], speeds[role])
         models[role] = replace(row, **speeds[role], **ratio)
-    kd_role = schema.distilled_role("kd")
+    kd_role = records.distilled_role("kd")
     clock = context.clock
-    summary = schema.RunSummary(
+    summary = records.RunSummary(
         models=models, seeds=seeds, skipped_files=context.data.skipped_files, dataset=dataset,
-        device=str(context.device), precision=runtime.precision_name(context.amp_dtype),
+        device=str(context.device), precision=compute.precision_name(context.amp_dtype),
         wall_seconds=round(clock.total(), 2), wall_seconds_last_sitting=round(clock.last(), 2),
         sittings=clock.count(), finished_at=datetime.now().isoformat(timespec="seconds"),
-        kd_gain_top1=models[kd_role].test["top1"] - models[schema.BASELINE].test["top1"] if kd_role in models else None,
+        kd_gain_top1=(models[kd_role].test["top1"] - models[records.BASELINE].test["top1"]
+                      if kd_role in models else None),
     )
-    named = {schema.model_name(role, seed, seeds): (row, folder)
+    named = {records.model_name(role, seed, seeds): (row, folder)
              for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}
-    named = {schema.TEACHER: (teacher_row, run_dir / schema.TEACHER), **named}
+    named = {records.TEACHER: (teacher_row, run_dir / records.TEACHER), **named}
     summary.label_test_figures()
     summary.warnings = significance.sanity_warnings(
         summary, {name: utils.read_json(folder / "history.json") for name, (_, folder) in named.items()},
@@ -401,7 +397,7 @@ def summarize(
     return summary
 
 
-def publish(context: trainer.Context, summary: schema.RunSummary) -> None:
+def publish(context: model_run.Context, summary: records.RunSummary) -> None:
     """Write summary.json, the comparison table and chart, the HTML report and the ledger row; print the tables."""
     run_dir = context.run_dir
     table = report.comparison_table(summary) + "\n" + report.deployment_table(summary)
@@ -456,7 +452,7 @@ def run_command(argv: list[str] | None) -> None:
         storage = args.pop("study_storage")  # a sweep's storage may be given again: its password is never saved
         config = command_line.resumed_config(resume, args, parser)
         if config is not None:
-            config = sweep.resumed_storage(config, storage)
+            config = search.resumed_storage(config, storage)
             (run_sweep if config.sweep is not None else run_experiment)(config, resume=True, given=given)
     else:
         config = settings.Config(**args)
@@ -480,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except checkpoints.Interrupted as interrupted:
-        if runtime.is_main_process():
+        if compute.is_main_process():
             print(f"\nInterrupted ({signal.Signals(interrupted.signum).name}). Every finished epoch is saved; "
                   f"continue with: python experiment.py --resume {interrupted.run_dir}", file=sys.stderr)
         return 128 + interrupted.signum

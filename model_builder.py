@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torchvision import models
 
-import errors
-import state_dicts
-from cifar_networks import ZOO
+from core import errors
+from nets import foreign_formats
+from nets.cifar_networks import ZOO
 
 SMALL_IMAGE_MAX = 64  # pixels; up to this size torchvision's ResNets and VGGs get small-image variants
 HEADS = ("compact", "torchvision")  # a VGG's classifier: global pooling + one linear layer, or torchvision's 4096-wide
@@ -188,13 +188,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     A plain state dict, or a checkpoint holding one under "state_dict" (as this project's best_model.pth),
     "model" (mdistiller's and RepDistiller's published teachers, torchdistill's), "net" or "model_state_dict";
-    DataParallel's "module." prefix is taken off (see `state_dicts`).
+    DataParallel's "module." prefix is taken off (see `foreign_formats`).
     """
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged or foreign file is the user's to replace
         raise WeightsError(f"Cannot read weights file '{path}': {errors.one_line(error, brief=True)}") from None
-    content, extra = state_dicts.unpack(content)
+    content, extra = foreign_formats.unpack(content)
     tensors_only = isinstance(content, dict) and all(isinstance(value, torch.Tensor) for value in content.values())
     if not (content and tensors_only):
         raise WeightsError(f"'{path}' does not hold a state dict (a mapping of layer names to tensors).")
@@ -233,17 +233,17 @@ def read_pretrained(arch: str, setting: str) -> Pretrained:
 
 def pretrained_fit(model: nn.Module, pretrained: Pretrained) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors of `pretrained` that fit `model` (same name, or place when the file names the layers otherwise:
-    `state_dicts.align`; and the same shape), and a record for the console and
+    `foreign_formats.align`; and the same shape), and a record for the console and
     summary.json naming the model's layers none fits (e.g. a classifier for another class count, the
     small-image stem), in model order. Works on a model built on the meta device."""
     own = unwrap(model).state_dict()
-    fitting = {name: tensor for name, tensor in state_dicts.align(own, pretrained.state_dict).items()
+    fitting = {name: tensor for name, tensor in foreign_formats.align(own, pretrained.state_dict).items()
                if name in own and own[name].shape == tensor.shape}
     if not {name for name, _ in unwrap(model).named_parameters()} & fitting.keys():
         raise WeightsError(f"No tensor of {pretrained.source} fits {type(unwrap(model)).__name__}: "
                            "the weights are for another architecture.")
     reinitialized = dict.fromkeys(name.rpartition(".")[0] or name for name in own
-                                  if name not in fitting and not state_dicts.is_counter(name))
+                                  if name not in fitting and not foreign_formats.is_counter(name))
     return fitting, {"weights": pretrained.source, "file": pretrained.file, "loaded_tensors": len(fitting),
                      "model_tensors": len(own), "reinitialized": list(reinitialized)}
 

@@ -22,12 +22,11 @@ from typing import Any, Callable
 
 import torch
 
-import checkpoints
-import decoding
-import deploy
-import errors
-import folders
 import utils
+from core import errors
+from data import decoding, folders
+from results import deploy
+from training import checkpoints
 
 
 class PredictionError(Exception):

@@ -39,12 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_setup  # noqa: E402
-import decoding  # noqa: E402
 import engine  # noqa: E402
-import folders  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
-import runtime  # noqa: E402
+from core import compute  # noqa: E402
+from data import decoding, folders  # noqa: E402
 
 TEMPERATURE, ALPHA = 4.0, 0.5
 CUDA_BATCHES = (256, 512)  # raw-limit batch sizes on CUDA (the CPU uses --batch-size)
@@ -74,7 +73,7 @@ def subset_paths(train_dir: Path, count: int) -> tuple[list[str], list[int], lis
 
 def variants(device: torch.device) -> list[tuple[torch.dtype | None, bool]]:
     """(autocast dtype, channels_last) pairs worth trying on this device."""
-    amp_dtype = runtime.resolve_amp_dtype("auto", device)  # the pipeline's own choice of where bf16 pays
+    amp_dtype = compute.resolve_amp_dtype("auto", device)  # the pipeline's own choice of where bf16 pays
     precisions = [None] if amp_dtype is None else [None, amp_dtype]
     return [(dtype, channels_last) for dtype in precisions for channels_last in (False, True)]
 
@@ -133,7 +132,7 @@ def raw_limit(
         labels = torch.randint(0, classes, (batch,), device=device)
 
         def step(model=model, images=images, labels=labels, optimizer=optimizer, dtype=dtype) -> None:
-            with runtime.autocast(device, dtype):
+            with compute.autocast(device, dtype):
                 loss = F.cross_entropy(model(images).float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,7 +155,7 @@ def our_epochs(args, paths, labels, classes, device) -> tuple[float, float]:
     images = decoding.decode_cached(paths, args.image_size, os.cpu_count() or 1, None, decode_device=device)
     split = data_setup.ImageTensors(images, torch.tensor(labels), paths, args.image_size)
     mean, std = data_setup.channel_stats(split, 0)
-    amp = runtime.resolve_amp_dtype("auto", device)
+    amp = compute.resolve_amp_dtype("auto", device)
     augmentation = data_setup.Augmentation(pad=4, hflip=True)
     speeds = []
     for distill in (False, True):
@@ -166,7 +165,7 @@ def our_epochs(args, paths, labels, classes, device) -> tuple[float, float]:
         criterion: engine.Criterion = engine.SupervisedCriterion()
         if distill:
             teacher = model_builder.build_model(args.teacher, len(classes), args.image_size).eval()
-            teacher = runtime.store_for_autocast(teacher.to(device, memory_format=torch.channels_last), amp)
+            teacher = compute.store_for_autocast(teacher.to(device, memory_format=torch.channels_last), amp)
             criterion = KD_engine.DistillationCriterion(teacher, TEMPERATURE, ALPHA)
         # As experiment.make_optimizer: one fused kernel per step.
         optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, fused=True)
@@ -238,7 +237,7 @@ def strong_reference_epoch(args, train_dir: Path, paths, classes, device) -> flo
     student = model_builder.build_model(args.student, len(classes), args.image_size)
     student = student.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
-    bf16 = runtime.resolve_amp_dtype("auto", device) is not None
+    bf16 = compute.resolve_amp_dtype("auto", device) is not None
 
     def run(batches) -> None:
         for images, labels in batches:
@@ -275,8 +274,8 @@ def main() -> None:
     parser.add_argument("--student", default="ResNet18")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = runtime.resolve_device(args.device)
-    runtime.enable_autotuning(device)
+    device = compute.resolve_device(args.device)
+    compute.enable_autotuning(device)
     cuda = device.type == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 64)
     count = args.images or (640 if args.quick else 2560) * (8 if cuda else 1)
@@ -288,7 +287,7 @@ def main() -> None:
     paths, labels = paths[:count], labels[:count]
     print(f"data: {len(paths)} images of {train_dir}, {args.image_size}px, batch {args.batch_size}, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"native bf16: {runtime.cpu_has_native_bf16()}" + (f", {torch.cuda.get_device_name(device)}" if cuda else ""))
+          f"native bf16: {compute.cpu_has_native_bf16()}" + (f", {torch.cuda.get_device_name(device)}" if cuda else ""))
     print(f"raw limit (synthetic tensors, forward + backward + step, {steps} timed steps after a stable warm-up):")
     teacher_flops = training_flops_per_image(args.teacher, len(classes), args.image_size)
     student_flops = training_flops_per_image(args.student, len(classes), args.image_size)

@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
-import KD_features  # noqa: E402
 import model_builder  # noqa: E402
-import settings  # noqa: E402
+from config import settings  # noqa: E402
+from methods import feature_methods  # noqa: E402
 
 TARGET = 1e-4
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"  # the references' CIFAR pair for ReviewKD and the LS DKD config
@@ -259,7 +259,7 @@ def reviewkd_row(args: argparse.Namespace) -> tuple:
     reference = ref_review_term(reference_abfs(criterion.trainable), student_feats, teacher_feats)
     ours_value = float(out["loss"].detach() - out["ce"].detach())  # alpha 1: CE + beta * HCL, beta = 5 x 1
     # The gradient: our ABFs and HCL, on the very features the transcription is given.
-    ours = criterion.beta * KD_features.hcl_loss(criterion.trainable(student_feats), teacher_feats)
+    ours = criterion.beta * feature_methods.hcl_loss(criterion.trainable(student_feats), teacher_feats)
     gradient = compare(ours, reference, student_feats)[3]
     criterion.close()
     return ours_value, reference.item(), ours_value / reference.item(), gradient

@@ -40,14 +40,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import checkpoints  # noqa: E402
 import data_setup  # noqa: E402
 import engine  # noqa: E402
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
-import KD_features  # noqa: E402
 import model_builder  # noqa: E402
-import runtime  # noqa: E402
+from core import compute  # noqa: E402
+from methods import feature_methods  # noqa: E402
+from training import checkpoints  # noqa: E402
 
 TEACHER, STUDENT, IMAGE_SIZE = "vgg16_bn", "resnet18", 32
 TARGET = (0.5, 2.0)  # ours / reference
@@ -158,7 +158,7 @@ def our_terms(method: str, teacher: nn.Module, student: nn.Module, images: torch
     torch.manual_seed(seed)
     criterion = KD_engine.make_criterion(
         method, teacher, student, temperature=experiment.T, alpha=experiment.ALPHA, beta=experiment.BETA,
-        pairs=KD_features.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
+        pairs=feature_methods.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
         image_size=IMAGE_SIZE)
     out = criterion(student, images, labels)
     criterion.close()
@@ -200,7 +200,7 @@ def trained_teacher(args: argparse.Namespace, data: data_setup.DatasetSplits,
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=experiment.TEACHER_LR,
                                                     total_steps=args.teacher_epochs * len(loader), pct_start=0.25)
     fit = engine.fit(teacher, loader, val_loader, engine.SupervisedCriterion(), optimizer, args.teacher_epochs,
-                     data.class_names, device, scheduler, runtime.resolve_amp_dtype("auto", device),
+                     data.class_names, device, scheduler, compute.resolve_amp_dtype("auto", device),
                      log=lambda line: None, name="teacher")
     top1 = fit.history[fit.best_epoch - 1]["val"]["top1"]
     return teacher, f"VGG16 trained {args.teacher_epochs} epochs here (validation top-1 {100 * top1:.2f}%)"
@@ -237,7 +237,7 @@ def main() -> None:
               f"{'|grad CE|':>11}{'|grad feat|':>13}{'ratio':>9}")
     print(header + "\n" + "-" * len(header))
     ratios = {}
-    for method in KD_features.FEATURE_METHODS:
+    for method in feature_methods.FEATURE_METHODS:
         student.load_state_dict(initial)
         terms, criterion = our_terms(method, teacher, student, images, labels, args.seed)
         ours = strength(terms, student)

@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import deploy  # noqa: E402
 import model_builder  # noqa: E402
-import runtime  # noqa: E402
+from core import compute  # noqa: E402
+from results import deploy  # noqa: E402
 
 MODELS = ("VGG16", "resnet8x4", "resnet20", "ResNet18", "mobilenet_v3_small")
 HOG = "while True: pass"
@@ -38,7 +38,7 @@ HOG = "while True: pass"
 def relative_spreads(repeats: int, image_size: int) -> dict[tuple[str, str], list[float]]:
     """(q3 - q1) / median of every model's latency and throughput, once per repeat."""
     device = torch.device("cpu")
-    amp_dtype = runtime.resolve_amp_dtype("auto", device)
+    amp_dtype = compute.resolve_amp_dtype("auto", device)
     models = {name: model_builder.build_model(name, 10, image_size).eval().to(memory_format=torch.channels_last)
               for name in MODELS}
     spreads: dict[tuple[str, str], list[float]] = {}

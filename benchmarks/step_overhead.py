@@ -33,13 +33,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import checkpoints  # noqa: E402
+import step_profile  # noqa: E402
+
 import data_setup  # noqa: E402
 import engine  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
-import snapshots  # noqa: E402
-import step_profile  # noqa: E402
+from core import host_weights  # noqa: E402
+from training import checkpoints  # noqa: E402
 
 CLASSES, IMAGE_SIZE = 10, 32
 EPOCH_IMAGES, EPOCH_BATCH = 45_000, 512  # CIFAR-10's training split after validation, at the GPU batch
@@ -109,7 +110,7 @@ def epoch_host_work(classes: int, repeats: int) -> tuple[float, float]:
     model(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)).sum().backward()
     optimizer.step()  # the AdamW state exists from the first step on
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=100)
-    weights, state_buffers = snapshots.WeightSnapshots(), snapshots.HostBuffers()
+    weights, state_buffers = host_weights.WeightSnapshots(), host_weights.HostBuffers()
     result = engine.FitResult(history=[{"epoch": 1}], best_epoch=1,
                               best_val_outputs=(torch.randn(5000, classes), torch.zeros(5000, dtype=torch.long)))
 

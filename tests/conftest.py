@@ -84,26 +84,26 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 
 def model_row(top1: float, **fields):
-    """A summary.json row (schema.ModelRow) with test top-1 `top1`; the other fields as given, or plausible."""
-    import schema
+    """A summary.json row (records.ModelRow) with test top-1 `top1`; the other fields as given, or plausible."""
+    from core import records
 
     values = {"arch": "resnet8", "params": 1000, "size_mb": 0.1, "best_epoch": 1, "epochs_trained": 1,
               "stopped_early": False, "train_seconds": 1.0, "test": {"top1": top1}}
-    return schema.ModelRow(**{**values, **fields})
+    return records.ModelRow(**{**values, **fields})
 
 
 def run_summary(models: dict, sizes: dict | None = None, images_per_class: dict | None = None, seeds=(0,)):
-    """A summary.json record (schema.RunSummary) of `models` ({role: ModelRow}) on data of these split sizes."""
-    import schema
+    """A summary.json record (records.RunSummary) of `models` ({role: ModelRow}) on data of these split sizes."""
+    from core import records
 
     sizes = sizes or {"train": 800, "val": 100, "test": 100}
     images_per_class = images_per_class or {split: {"min": size // 10, "max": size // 10}
                                             for split, size in sizes.items()}
-    dataset = schema.DatasetRecord(class_names=[str(index) for index in range(10)], sizes=sizes,
+    dataset = records.DatasetRecord(class_names=[str(index) for index in range(10)], sizes=sizes,
                                    images_per_class=images_per_class, validation="carved", carving={},
                                    mean=[0.5] * 3, std=[0.25] * 3, normalization="the training split's own",
                                    storage="decoded once into memory")
-    return schema.RunSummary(models=models, seeds=list(seeds), skipped_files=[], dataset=dataset, device="cpu",
+    return records.RunSummary(models=models, seeds=list(seeds), skipped_files=[], dataset=dataset, device="cpu",
                              precision="fp32", wall_seconds=1.0, finished_at="2026-11-30T12:00:00")
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoints
-import snapshots
+from core import host_weights
+from training import checkpoints
 
 
 def _checkpoint() -> dict:
@@ -62,7 +62,7 @@ def test_later_history_does_not_reach_the_file_and_host_tensors_are_not_copied_a
 def test_weight_snapshots_reuse_their_buffers_keep_the_best_and_wait_before_refilling():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
     events = []
-    weights = snapshots.WeightSnapshots(before_refill=lambda: events.append("waited"))
+    weights = host_weights.WeightSnapshots(before_refill=lambda: events.append("waited"))
     best = weights.take_best(model)
     assert events == ["waited"] and all(v.is_contiguous() for v in best.values())
     first_best = {k: v.clone() for k, v in best.items()}

@@ -8,8 +8,8 @@ import torch
 from conftest import make_image_folder
 
 import data_setup
-import decoding
-import errors
+from core import errors
+from data import decoding
 
 
 def test_stratified_split_is_disjoint_and_keeps_class_shares():

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import ROOT, make_image_folder
 
-import deploy
 import model_builder
 import prediction_for_one
 import utils
+from results import deploy
 
 
 def test_onnx_export_parity_on_a_tiny_model(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import engine
-import runtime
+from core import compute
 
 NAMES = ["a", "b"]
 
@@ -102,16 +102,16 @@ def test_epoch_metrics_are_the_final_evaluations_without_auc():
 
 def test_resolve_amp_dtype(monkeypatch):
     cpu = torch.device("cpu")
-    assert runtime.resolve_amp_dtype("fp32", cpu) is None
-    assert runtime.resolve_amp_dtype("bf16", cpu) is torch.bfloat16
+    assert compute.resolve_amp_dtype("fp32", cpu) is None
+    assert compute.resolve_amp_dtype("bf16", cpu) is torch.bfloat16
     # auto: bf16 exactly on processors that compute it natively (AVX512-BF16 or AMX), read here from the flags.
     flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split() if Path("/proc/cpuinfo").is_file() else []
     native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert runtime.resolve_amp_dtype("auto", cpu) in (None, torch.bfloat16)
-    assert runtime.resolve_amp_dtype("auto", cpu) is (torch.bfloat16 if native else None)
+    assert compute.resolve_amp_dtype("auto", cpu) in (None, torch.bfloat16)
+    assert compute.resolve_amp_dtype("auto", cpu) is (torch.bfloat16 if native else None)
     for has_bf16, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda has_bf16=has_bf16: has_bf16)
-        assert runtime.resolve_amp_dtype("auto", cpu) is expected
+        monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert compute.resolve_amp_dtype("auto", cpu) is expected
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            runtime.resolve_device("cuda")
+            compute.resolve_device("cuda")

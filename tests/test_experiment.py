@@ -5,13 +5,12 @@ import pytest
 import torch
 from conftest import TINY_FLAGS, assert_one_sentence_exit_2
 
-import checkpoints
-import command_line
 import experiment
-import report
-import runtime
-import schema
 import utils
+from config import command_line
+from core import compute, records
+from results import report
+from training import checkpoints
 
 MODEL_FILES = [
     "best_model.pth", "history.json", "results.json", "training_metrics.txt", "detailed_metrics.txt",
@@ -42,7 +41,7 @@ def test_summary_fields(tiny_run):
         row = summary[role]
         assert {"params", "size_mb", "best_epoch", "train_seconds", "test"} <= row.keys()
         assert row["params"] > 1_000_000 and row["size_mb"] > 1 and 1 <= row["best_epoch"] <= 2
-        for key in schema.TEST_KEYS:
+        for key in records.TEST_KEYS:
             value = row["test"][key]
             assert value is None or 0.0 <= value <= 1.0, (role, key, value)
     assert summary["teacher"]["arch"] == "vgg16_bn" and summary["student_kd"]["arch"] == "resnet18"
@@ -107,7 +106,7 @@ def test_best_checkpoint_reproduces_reported_test_metrics(tiny_run):
     splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"])
     loader = data_setup.BatchLoader(splits.test, config["eval_batch_size"], checkpoint["mean"], checkpoint["std"],
                                     torch.device("cpu"))
-    amp = runtime.resolve_amp_dtype(config["precision"], torch.device("cpu"))
+    amp = compute.resolve_amp_dtype(config["precision"], torch.device("cpu"))
     metrics = engine.evaluate(model, loader, checkpoint["class_names"], torch.device("cpu"), amp)
     results = utils.read_json(tiny_run / "student_baseline" / "results.json")
     assert metrics["top1"] == results["splits"]["test"]["top1"]

@@ -18,17 +18,15 @@ from conftest import ROOT, assert_one_sentence_exit_2, make_image_folder
 from test_resume import start_run, stop_at
 from torchvision import models
 
-import checkpoints
-import command_line
 import data_setup
-import errors
 import experiment
 import model_builder
 import prediction_for_one
-import report
-import schema
-import settings
 import utils
+from config import command_line, settings
+from core import errors, records
+from results import report
+from training import checkpoints
 
 ONE_EPOCH = ["--teacher-epochs", "1", "--student-epochs", "1", "--batch-size", "8", "--seed", "0", "--device", "cpu",
              "--val-fraction", "0.25"]
@@ -152,7 +150,7 @@ def test_ledger_records_what_was_run(tiny_run):
     assert float(row["teacher_lr"]) == experiment.TEACHER_LR and float(row["student_lr"]) == experiment.STUDENT_LR
     config = settings.Config(**{key: value for key, value in utils.read_json(tiny_run / "config.json").items()
                                   if key in settings.Config.__dataclass_fields__})
-    summary = schema.RunSummary.from_dict(utils.read_json(tiny_run / "summary.json"))
+    summary = records.RunSummary.from_dict(utils.read_json(tiny_run / "summary.json"))
     reused = report.ledger_row(replace(config, teacher_checkpoint="t.pth", kd_methods="kd"), summary, tiny_run)
     assert reused["teacher_checkpoint"] == "t.pth" and reused["teacher_epochs"] == "" and reused["teacher_lr"] == ""
     assert reused["distilled_top1"] == f"kd={summary.models['student_kd'].test['top1']:.6f}"

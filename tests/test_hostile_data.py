@@ -18,11 +18,11 @@ import torch
 from conftest import ROOT, assert_one_sentence_exit_2
 from PIL import Image
 
-import checkpoints
 import data_setup
-import decoding
-import errors
 import prediction_for_one
+from core import errors
+from data import decoding
+from training import checkpoints
 
 SIZE = 8  # decoded image size: small, the content checks use uniform images
 CLASSES = ("red circle", "blå", "plain")  # a space and a non-ASCII letter
@@ -460,7 +460,7 @@ def test_num_classes_must_count_the_class_names(small_model_files, capsys):
 def test_an_exported_model_whose_metadata_cannot_be_used_is_one_sentence(small_model_files, capsys):
     import onnx
 
-    import deploy
+    from results import deploy
 
     description, model, folder = small_model_files
     metadata = {key: description[key] for key in ("arch", "class_names", "image_size", "resize", "mean", "std")}
@@ -521,7 +521,7 @@ def test_a_weights_file_with_an_unusable_normalization_is_refused(small_model_fi
 
 
 def test_a_file_name_holding_a_newline_cannot_fake_lines_of_the_skipped_files_log(tmp_path, capsys):
-    import report
+    from results import report
 
     faked = "photo.jpg: not a readable image\n/data/cat/secret.jpg"
     skipped = [{"path": str(tmp_path / faked), "reason": "not a readable image (unknown format)"},

@@ -10,8 +10,8 @@ from torch import nn
 
 import engine
 import KD_engine
-import KD_features
 import model_builder
+from methods import feature_methods
 
 
 def tiny_convnet(width: int, classes: int = 3) -> nn.Sequential:
@@ -23,9 +23,9 @@ def tiny_convnet(width: int, classes: int = 3) -> nn.Sequential:
     )
 
 
-def known_regressor(weight: float, bias: float, mean: float, var: float) -> KD_features.HintRegressor:
+def known_regressor(weight: float, bias: float, mean: float, var: float) -> feature_methods.HintRegressor:
     """A 1-channel, same-size regressor: 1x1 conv (weight, bias), then BN in eval mode with these statistics."""
-    regressor = KD_features.HintRegressor((1, 1, 1, 2), (1, 1, 1, 2))
+    regressor = feature_methods.HintRegressor((1, 1, 1, 2), (1, 1, 1, 2))
     with torch.no_grad():
         regressor[0].weight.fill_(weight)
         regressor[0].bias.fill_(bias)
@@ -42,12 +42,12 @@ def test_fitnet_hint_loss_through_a_known_regressor():
     # Student map [1, -2]: conv -> [2.5, -3.5]; BN (mean 0.5, var 4) -> [1, -2]; ReLU -> [1, 0].
     student = torch.tensor([[[[1.0, -2.0]]]])
     teacher = torch.tensor([[[[0.5, 1.0]]]])
-    regressors = KD_features.HintRegressors([])
+    regressors = feature_methods.HintRegressors([])
     regressors.regressors.append(known_regressor(2.0, 0.5, 0.5, 4.0))
     expected = ((1 - 0.5) ** 2 + (0 - 1.0) ** 2) / 2  # MSE, a mean over the map's elements
-    assert KD_features.fitnet_loss([student], [teacher], regressors).item() == pytest.approx(expected, rel=1e-6)
+    assert feature_methods.fitnet_loss([student], [teacher], regressors).item() == pytest.approx(expected, rel=1e-6)
     regressors.regressors.append(known_regressor(2.0, 0.5, 0.5, 4.0))
-    loss = KD_features.fitnet_loss([student, student], [teacher, teacher + 1], regressors)
+    loss = feature_methods.fitnet_loss([student, student], [teacher, teacher + 1], regressors)
     assert loss.item() == pytest.approx(expected + ((1 - 1.5) ** 2 + (0 - 2.0) ** 2) / 2, rel=1e-6), "summed over pairs"
 
 
@@ -55,7 +55,7 @@ def test_fitnet_hint_loss_through_a_known_regressor():
     (8, 8, nn.Conv2d, (1, 1)), (8, 4, nn.Conv2d, (3, 3)), (4, 8, nn.ConvTranspose2d, (4, 4)), (6, 4, nn.Conv2d, (3, 3)),
 ])
 def test_hint_regressor_reaches_the_teacher_shape_as_the_references(student_size, teacher_size, conv, kernel):
-    regressor = KD_features.HintRegressor((2, 5, student_size, student_size), (2, 7, teacher_size, teacher_size))
+    regressor = feature_methods.HintRegressor((2, 5, student_size, student_size), (2, 7, teacher_size, teacher_size))
     assert [type(layer) for layer in regressor] == [conv, nn.BatchNorm2d, nn.ReLU]
     assert regressor[0].kernel_size == kernel
     assert regressor(torch.randn(2, 5, student_size, student_size)).shape == (2, 7, teacher_size, teacher_size)
@@ -63,7 +63,7 @@ def test_hint_regressor_reaches_the_teacher_shape_as_the_references(student_size
 
 def test_hint_regressor_refuses_a_student_map_it_cannot_grow():
     with pytest.raises(ValueError, match="student map of 3x3 onto a teacher map of 8x8"):
-        KD_features.HintRegressor((1, 4, 3, 3), (1, 4, 8, 8))
+        feature_methods.HintRegressor((1, 4, 3, 3), (1, 4, 8, 8))
 
 
 def hand_attention(channels):
@@ -80,12 +80,12 @@ def test_attention_transfer_matches_hand_computation():
     a_s = hand_attention([[1.0, 2.0], [3.0, 0.0]])  # [5, 2] / sqrt(29)
     a_t = hand_attention([[0.0, 1.0], [1.0, 1.0]])  # [0.5, 1] / sqrt(1.25)
     expected = sum((s - t) ** 2 for s, t in zip(a_s, a_t, strict=True)) / 2  # a mean over the 2 positions
-    assert KD_features.at_loss([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
-    assert KD_features.at_loss([student], [student * 3]).item() == pytest.approx(0.0, abs=1e-7)
+    assert feature_methods.at_loss([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
+    assert feature_methods.at_loss([student], [student * 3]).item() == pytest.approx(0.0, abs=1e-7)
     # Pairs are summed: a second pair (a 2x1 map of one channel: attention [0.6, 0.8] vs [1, 0]).
     second_student, second_teacher = torch.tensor([[[[3.0], [4.0]]]]).sqrt(), torch.tensor([[[[1.0], [0.0]]]])
     second = ((0.6 - 1.0) ** 2 + (0.8 - 0.0) ** 2) / 2
-    both = KD_features.at_loss([student, second_student], [teacher, second_teacher])
+    both = feature_methods.at_loss([student, second_student], [teacher, second_teacher])
     assert both.item() == pytest.approx(expected + second, rel=1e-6)
 
 
@@ -93,24 +93,24 @@ def test_attention_transfer_batch_mean_and_spatial_mismatch():
     torch.manual_seed(2)
     student = torch.randn(3, 4, 8, 8)
     teacher = F.avg_pool2d(student, 2)  # 4x4: the student's map is pooled to it
-    assert KD_features.at_loss([student], [teacher]).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_methods.at_loss([student], [teacher]).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.randn(3, 6, 4, 4)  # channel counts may differ
-    per_sample = [KD_features.at_loss([student[i : i + 1]], [other[i : i + 1]]).item() for i in range(3)]
-    assert KD_features.at_loss([student], [other]).item() == pytest.approx(sum(per_sample) / 3, rel=1e-5)
+    per_sample = [feature_methods.at_loss([student[i : i + 1]], [other[i : i + 1]]).item() for i in range(3)]
+    assert feature_methods.at_loss([student], [other]).item() == pytest.approx(sum(per_sample) / 3, rel=1e-5)
 
 
 # ---------------------------------------------------------------- the new weights
 
 
 def test_feature_weights_default_to_the_references_balance():
-    assert KD_features.feature_weight("fitnet", 0.5, None) == 50.0
-    assert KD_features.feature_weight("at", 0.5, None) == 500.0
-    assert (KD_features.feature_weight("fitnet", 1.0, None) == 100.0
-            and KD_features.feature_weight("at", 1.0, None) == 1000.0)
-    assert KD_features.feature_weight("at", 0.5, 3.0) == 3.0
-    assert KD_features.feature_weight("at", 0.0, 3.0) == 3.0
+    assert feature_methods.feature_weight("fitnet", 0.5, None) == 50.0
+    assert feature_methods.feature_weight("at", 0.5, None) == 500.0
+    assert (feature_methods.feature_weight("fitnet", 1.0, None) == 100.0
+            and feature_methods.feature_weight("at", 1.0, None) == 1000.0)
+    assert feature_methods.feature_weight("at", 0.5, 3.0) == 3.0
+    assert feature_methods.feature_weight("at", 0.0, 3.0) == 3.0
     with pytest.raises(ValueError, match="at alpha 0 needs an explicit --beta"):
-        KD_features.feature_weight("fitnet", 0.0, None)
+        feature_methods.feature_weight("fitnet", 0.0, None)
 
 
 @pytest.mark.parametrize("method, alpha, weight",
@@ -142,11 +142,11 @@ def test_feature_criterion_combines_its_terms_at_the_default_weights(method, alp
 
 def test_feature_hooks_name_a_missing_layer():
     with pytest.raises(ValueError, match=r"'features\.99'.*include: 0, 1, 2"):
-        KD_features.FeatureHooks(tiny_convnet(4), ["2", "features.99"])
+        feature_methods.FeatureHooks(tiny_convnet(4), ["2", "features.99"])
     vgg_like = nn.Sequential()
     vgg_like.add_module("features", tiny_convnet(4))
     with pytest.raises(ValueError, match=r"'features\.22'.*features\.2"):
-        KD_features.FeatureHooks(vgg_like, ["features.22"])
+        feature_methods.FeatureHooks(vgg_like, ["features.22"])
 
 
 def test_feature_hooks_look_through_wrappers_and_can_be_removed():
@@ -160,7 +160,7 @@ def test_feature_hooks_look_through_wrappers_and_can_be_removed():
         def forward(self, x):
             return self.module(x)
 
-    hooks = KD_features.FeatureHooks(torch.compile(Wrapper(model)), ["2", "4"])
+    hooks = feature_methods.FeatureHooks(torch.compile(Wrapper(model)), ["2", "4"])
     model(torch.zeros(1, 3, 6, 6))
     assert [f.shape[1:] for f in hooks.take()] == [(4, 6, 6), (8, 3, 3)]
     with pytest.raises(RuntimeError, match="'2'"):
@@ -171,16 +171,16 @@ def test_feature_hooks_look_through_wrappers_and_can_be_removed():
 
 
 def test_parse_feature_layers():
-    assert KD_features.parse_feature_layers("features.22:layer3, features.32:layer4") == [
+    assert feature_methods.parse_feature_layers("features.22:layer3, features.32:layer4") == [
         ("features.22", "layer3"), ("features.32", "layer4")]
     for bad in ("features.22", "a:b:c", "a:b,", ":layer3", "a:b,,c:d"):
         with pytest.raises(ValueError, match="teacher_layer:student_layer"):
-            KD_features.parse_feature_layers(bad)
+            feature_methods.parse_feature_layers(bad)
 
 
 def test_a_model_without_known_stages_asks_for_feature_layers():
     with pytest.raises(ValueError, match="--feature-layers"):
-        KD_features.default_feature_layers("at", model_builder.build_model("VGG16", 10, 32), tiny_convnet(4))
+        feature_methods.default_feature_layers("at", model_builder.build_model("VGG16", 10, 32), tiny_convnet(4))
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +191,8 @@ def real_models():
 
 def test_default_vgg_to_resnet_pairs_follow_the_references(real_models):
     teacher, student = real_models
-    assert KD_features.default_feature_layers("fitnet", teacher, student) == [("features.22", "layer2")]
-    assert KD_features.default_feature_layers("at", teacher, student) == [
+    assert feature_methods.default_feature_layers("fitnet", teacher, student) == [("features.22", "layer2")]
+    assert feature_methods.default_feature_layers("at", teacher, student) == [
         ("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3"), ("features.42", "layer4")]
 
 
@@ -348,8 +348,8 @@ def test_make_criterion_trains_the_real_small_models(method, real_models):
                 "reviewkd": {"ce", "kd", "hcl", "warmup"}}
     assert out.keys() == {"loss", "logits"} | expected[method]
     assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd"))
-    assert hasattr(criterion, "set_epoch") == (method in ("dkd", "dkd_ls", *KD_features.FEATURE_METHODS))
-    if method in KD_features.FEATURE_METHODS:
+    assert hasattr(criterion, "set_epoch") == (method in ("dkd", "dkd_ls", *feature_methods.FEATURE_METHODS))
+    if method in feature_methods.FEATURE_METHODS:
         criterion.close()
 
 
@@ -379,7 +379,7 @@ def test_knowledge_distillation_train_returns_the_epoch_mean(teacher_percentage)
 
     student.train()
     with torch.no_grad():
-        with KD_features.eval_mode(teacher):
+        with feature_methods.eval_mode(teacher):
             teacher_logits = [teacher(images) for images, _ in loader]
         batch_losses = []
         for (images, labels), t_logits in zip(loader, teacher_logits, strict=True):

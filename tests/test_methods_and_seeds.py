@@ -7,10 +7,10 @@ import statistics
 import pytest
 from conftest import SMALL_MODELS, TINY_FLAGS
 
-import checkpoints
 import experiment
-import significance
 import utils
+from results import significance
+from training import checkpoints
 
 
 @pytest.fixture(scope="module")

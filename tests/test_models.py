@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import assert_one_sentence_exit_2
 
-import checkpoints
-import cifar_networks
-import deploy
 import experiment
-import KD_features
 import model_builder
+from methods import feature_methods
+from nets import cifar_networks
+from results import deploy
+from training import checkpoints
 
 # Parameters at 100 classes of RepDistiller's CIFAR definitions (models/__init__.py model_dict), counted by
 # building them; the CRD paper's tables round them (resnet8x4 1.2M, wrn_40_2 2.2M, vgg13 9.4M, ...).
@@ -58,7 +58,7 @@ def test_zoo_models_classify_and_name_their_stages(name):
     torch.manual_seed(0)
     model = model_builder.build_model(name, 10, 32).eval()
     stages = model_builder.feature_stages(model)
-    hooks = KD_features.FeatureHooks(model, stages)
+    hooks = feature_methods.FeatureHooks(model, stages)
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))
     maps = hooks.take()
@@ -112,9 +112,9 @@ def test_default_pairs_of_the_literature_pairs_exist_and_fit(teacher_name, stude
         student = model_builder.build_model(student_name, 100, 32)
     fitnet, at = LITERATURE_PAIRS[teacher_name, student_name]
     for method, expected in (("fitnet", fitnet), ("at", at), ("reviewkd", at + [("avgpool", "avgpool")])):
-        pairs = KD_features.default_feature_layers(method, teacher, student)
+        pairs = feature_methods.default_feature_layers(method, teacher, student)
         assert pairs == expected
-        KD_features.check_feature_pairs(method, teacher, student, pairs, 32)
+        feature_methods.check_feature_pairs(method, teacher, student, pairs, 32)
 
 
 def test_a_zoo_checkpoint_is_rebuilt_by_its_arch_and_exports_to_onnx(tmp_path):

@@ -14,10 +14,10 @@ from torch import nn
 
 import experiment
 import KD_engine
-import KD_features
 import model_builder
-import settings
 import utils
+from config import settings
+from methods import feature_methods
 
 STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, -1.0, 0.0]])
 TEACHER = torch.tensor([[3.0, 0.0, -2.0], [0.0, 1.0, 2.0], [0.5, 0.5, -0.5]])
@@ -149,11 +149,11 @@ def test_hcl_loss_weighs_the_pooled_levels_as_the_reference():
                + 0.25 * F.mse_loss(student.mean((2, 3)), teacher.mean((2, 3)))) / 1.75
     pooled_student, pooled_teacher = torch.randn(2, 5, 1, 1), torch.randn(2, 5, 1, 1)
     expected = by_hand + F.mse_loss(pooled_student, pooled_teacher)  # a 1x1 map: the plain MSE alone
-    loss = KD_features.hcl_loss([student, pooled_student], [teacher, pooled_teacher])
+    loss = feature_methods.hcl_loss([student, pooled_student], [teacher, pooled_teacher])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def identity_abf(abf: KD_features.ABF) -> KD_features.ABF:
+def identity_abf(abf: feature_methods.ABF) -> feature_methods.ABF:
     """One-channel ABF whose convolutions and BNs pass values through and whose attention is 1/2 and 1/2."""
     with torch.no_grad():
         abf.reduce[0].weight.fill_(1.0)
@@ -168,7 +168,7 @@ def identity_abf(abf: KD_features.ABF) -> KD_features.ABF:
 
 
 def test_review_fusion_fuses_the_deeper_level_by_hand():
-    fusion = KD_features.ReviewFusion([((2, 1, 2, 2), (2, 1, 2, 2)), ((2, 1, 1, 1), (2, 1, 1, 1))])
+    fusion = feature_methods.ReviewFusion([((2, 1, 2, 2), (2, 1, 2, 2)), ((2, 1, 1, 1), (2, 1, 1, 1))])
     assert [abf.attention is None for abf in fusion.abfs] == [False, True], "the deepest level fuses with none"
     for abf in fusion.abfs:
         identity_abf(abf)
@@ -176,7 +176,7 @@ def test_review_fusion_fuses_the_deeper_level_by_hand():
     outputs = fusion([shallow, deep])
     assert outputs[1].tolist() == [[[[10.0]]]]
     assert outputs[0].tolist() == [[[[5.5, 6.0], [6.5, 7.0]]]], "half its map, half the upsampled deeper map"
-    wider = KD_features.ReviewFusion([((2, 8, 16, 16), (2, 12, 8, 8)), ((2, 600, 1, 1), (2, 700, 1, 1))])
+    wider = feature_methods.ReviewFusion([((2, 8, 16, 16), (2, 12, 8, 8)), ((2, 600, 1, 1), (2, 700, 1, 1))])
     assert wider.abfs[0].reduce[0].out_channels == 512, "mdistiller's width: min(512, the pooled channels)"
     assert [o.shape[1:] for o in wider([torch.randn(2, 8, 16, 16), torch.randn(2, 600, 1, 1)])] == [
         (12, 8, 8), (700, 1, 1)], "each output has the teacher's channels and size"
@@ -192,11 +192,11 @@ def test_reviewkd_takes_the_teachers_maps_before_their_last_relu():
     torch.manual_seed(1)
     teacher = model_builder.build_model("resnet14", 3, 16).eval()
     vgg, wrn = model_builder.build_model("vgg8", 3, 32), model_builder.build_model("wrn_16_1", 3, 32)
-    assert KD_features.pre_activation_layers(teacher, ["layer1", "layer2", "avgpool"], 16) == {
+    assert feature_methods.pre_activation_layers(teacher, ["layer1", "layer2", "avgpool"], 16) == {
         "layer1": "layer1.1.relu", "layer2": "layer2.1.relu"}
-    assert KD_features.pre_activation_layers(vgg, ["features.2", "avgpool"], 32) == {"features.2": "features.2"}
-    assert KD_features.pre_activation_layers(wrn, ["block1", "block2"], 32) == {}, "WRN's blocks end in an addition"
-    term = KD_features.FeatureTerm(teacher, model_builder.build_model("resnet8", 3, 16), "reviewkd",
+    assert feature_methods.pre_activation_layers(vgg, ["features.2", "avgpool"], 32) == {"features.2": "features.2"}
+    assert feature_methods.pre_activation_layers(wrn, ["block1", "block2"], 32) == {}, "WRN's blocks end in an addition"
+    term = feature_methods.FeatureTerm(teacher, model_builder.build_model("resnet8", 3, 16), "reviewkd",
                                    [("layer1", "layer1"), ("layer2", "layer2"), ("avgpool", "avgpool")], 16)
     images = torch.randn(2, 3, 16, 16)
     stage_input = {}

@@ -12,12 +12,12 @@ import torch
 from conftest import TINY_CLASSES, make_image_folder
 from PIL import Image
 
-import checkpoints
 import data_setup
-import decoding
-import errors
 import experiment
 import utils
+from core import errors
+from data import decoding
+from training import checkpoints
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -13,17 +13,15 @@ import torch
 from conftest import ROOT, TINY_FLAGS, model_row, run_summary
 from torch import nn
 
-import checkpoints
-import command_line
-import deploy
 import engine
 import experiment
 import model_builder
 import prediction_for_one
-import report
-import schema
-import significance
 import utils
+from config import command_line
+from core import records
+from results import deploy, report, significance
+from training import checkpoints
 
 # ---------------------------------------------------------------- 19.1: zero spread is no certainty
 
@@ -49,8 +47,8 @@ def test_identical_gains_take_their_verdict_from_each_seeds_mcnemar_test():
     assert stats["gain_top1_test"] == "mcnemar_every_seed"
     assert stats["gain_significant"] is False and stats["gain_top1_p"] == 1.0
     assert "gain_top1_ci95" not in stats, "an interval of zero width would read as certainty"
-    row = schema.ModelRow(**{**vars(rows[0]), **stats})
-    assert schema.ModelRow.from_dict(row.to_dict(), "summary.json: student_kd") == row, "summary.json reads it back"
+    row = records.ModelRow(**{**vars(rows[0]), **stats})
+    assert records.ModelRow.from_dict(row.to_dict(), "summary.json: student_kd") == row, "summary.json reads it back"
     sentence = significance.gain_sentence("student_kd", row, baseline_rows[0], [0, 1])
     assert "a spread of zero that gives no interval" in sentence and "within noise (p = 1)" in sentence
     # The same number of images in every seed, each far beyond noise: significant by every seed's test.
@@ -64,7 +62,7 @@ def test_identical_gains_take_their_verdict_from_each_seeds_mcnemar_test():
 # ---------------------------------------------------------------- 23.1: models that answer one class
 
 
-def collapsed_run(share: float = 1.0, top1: float = 0.4575) -> tuple[schema.RunSummary, dict]:
+def collapsed_run(share: float = 1.0, top1: float = 0.4575) -> tuple[records.RunSummary, dict]:
     """Two classes ('ants' 70, 'bees' 83 test images); the distilled student answers 'ants' for `share` of them."""
     models = {"teacher": model_row(0.85, test_top_class="bees", test_top_class_share=0.55),
               "student_baseline": model_row(0.8, test_top_class="bees", test_top_class_share=0.5),
@@ -196,7 +194,7 @@ def test_a_student_costlier_than_torchvisions_model_of_its_size_is_named():
 # ---------------------------------------------------------------- 23.3: every seed shown, losses named
 
 
-def three_seed_summary() -> schema.RunSummary:
+def three_seed_summary() -> records.RunSummary:
     summary = run_summary({
         "teacher": model_row(0.9),
         "student_baseline": model_row(0.8, test_top1_by_seed={"0": 0.8, "1": 0.79, "2": 0.81}),
@@ -334,7 +332,7 @@ def test_wall_time_counts_every_sitting(tmp_path):
 
 
 def test_a_cpu_run_does_not_import_what_warns_of_a_missing_cuda_runtime():
-    code = ("import sys, torch, deploy; from torch import nn; "
+    code = ("import sys, torch; from results import deploy; from torch import nn; "
             "deploy.measure_speeds({'m': nn.Conv2d(3, 2, 3)}, 8, torch.device('cpu'), None, batch=2, rounds=1, "
             "min_run_time=0.001); print('torch.utils.cpp_extension' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

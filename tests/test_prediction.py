@@ -13,9 +13,9 @@ import torch
 from conftest import ROOT, assert_one_sentence_exit_2
 from PIL import Image
 
-import checkpoints
-import decoding
 import prediction_for_one
+from data import decoding
+from training import checkpoints
 
 
 def _images(tiny_data: Path, count: int = 3) -> list[str]:

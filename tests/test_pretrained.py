@@ -15,12 +15,11 @@ import torch
 from conftest import TINY_FLAGS, assert_one_sentence_exit_2
 from torchvision import models
 
-import checkpoints
-import command_line
 import experiment
 import model_builder
-import settings
 import utils
+from config import command_line, settings
+from training import checkpoints
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

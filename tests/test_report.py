@@ -12,9 +12,9 @@ import pytest
 from conftest import assert_one_sentence_exit_2
 
 import experiment
-import report
-import schema
 import utils
+from core import records
+from results import report
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr", "embed", "param", "track"}
 
@@ -75,7 +75,7 @@ def test_report_has_every_model_row_with_summary_numbers(tiny_run, report_page):
         for key in utils.shown_metrics(len(summary["dataset"]["class_names"])):  # 3 classes: no top-3
             assert f"<td>{utils.format_metric(summary[role]['test'][key])}</td>" in row.group(1), (role, key)
         assert f"<td>{summary[role]['params']:,}</td>" in row.group(1)
-    for sentence in report.reading_of_result(schema.RunSummary.from_dict(summary)):
+    for sentence in report.reading_of_result(records.RunSummary.from_dict(summary)):
         assert str(markupsafe.escape(sentence)) in text  # escaped as the template engine escapes every value
     assert "circle, cross, stripes" in text
 

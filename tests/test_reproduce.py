@@ -17,18 +17,15 @@ import pytest
 import torch
 from conftest import ROOT
 
-import checkpoints
-import command_line
 import data_setup
 import engine
 import experiment
 import model_builder
-import schedules
-import schema
-import settings
-import trainer
 import utils
-from errors import SettingsError
+from config import command_line, settings
+from core import records, schedules
+from core.errors import SettingsError
+from training import checkpoints, model_run
 
 SMALL = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--batch-size", "8", "--image-size", "32",
          "--seed", "0", "--device", "cpu", "--precision", "fp32", "--workers", "0"]
@@ -208,12 +205,12 @@ def test_a_resumed_training_continues_the_schedule(tiny_data, tmp_path, monkeypa
     device = torch.device("cpu")
     context = experiment.make_context(config, experiment.load_data(config, device), device, None, tmp_path, {}, None,
                                       time.perf_counter(), False)
-    folder = tmp_path / schema.BASELINE
+    folder = tmp_path / records.BASELINE
 
     def train() -> list[float]:
         context.saver = checkpoints.BackgroundSaver()
         with context.saver:
-            _, fit = trainer.train_model(context, schema.BASELINE, "resnet8", 4, 0.05,
+            _, fit = model_run.train_model(context, records.BASELINE, "resnet8", 4, 0.05,
                                          lambda model, steps: engine.SupervisedCriterion(), folder, seed=0)
         return [epoch["lr"] for epoch in fit.history]
 
@@ -266,7 +263,7 @@ def test_a_published_teacher_is_used_as_loaded_and_test_figures_are_recorded(tmp
         "--eval-test-every-epoch"])
     assert code == 0
     summary = utils.read_json(run / "summary.json")
-    teacher = summary[schema.TEACHER]
+    teacher = summary[records.TEACHER]
     assert teacher["epochs_trained"] == 0 and utils.read_json(run / "teacher" / "history.json")["epochs"] == []
     saved = checkpoints.load_checkpoint(run / "teacher" / checkpoints.BEST_MODEL)["state_dict"]
     assert all(torch.equal(saved[name], value) for name, value in weights.items()), "the file's weights, untrained"
@@ -284,16 +281,16 @@ def test_a_published_teacher_is_used_as_loaded_and_test_figures_are_recorded(tmp
     flags = utils.read_json(run / "teacher" / "results.json")["test_correct"]
     assert flags == "".join("1" if flag else "0" for flag in right.tolist()), "the same images right and wrong"
 
-    for role in (schema.BASELINE, "student_kd"):
+    for role in (records.BASELINE, "student_kd"):
         history = utils.read_json(run / role / "history.json")["epochs"]
         assert [epoch["lr"] for epoch in history] == pytest.approx([0.05, 0.005])
         tested = [epoch["test"]["top1"] for epoch in history]
         assert summary[role]["test_top1_last_epoch"] == tested[-1]
         assert summary[role]["test_top1_best_epoch_on_test"] == max(tested)
         assert summary[role]["test"]["top1"] == tested[summary[role]["best_epoch"] - 1], "selected on validation"
-    assert summary["notes"] == {"test_top1_best_epoch_on_test": schema.CHOSEN_ON_TEST}
-    assert schema.CHOSEN_ON_TEST.replace("'", "&#39;") in (run / "report.html").read_text()
-    assert schema.CHOSEN_ON_TEST in (run / "comparison.txt").read_text()
+    assert summary["notes"] == {"test_top1_best_epoch_on_test": records.CHOSEN_ON_TEST}
+    assert records.CHOSEN_ON_TEST.replace("'", "&#39;") in (run / "report.html").read_text()
+    assert records.CHOSEN_ON_TEST in (run / "comparison.txt").read_text()
 
 
 def test_a_teacher_file_that_does_not_fit_names_its_layers(tmp_path, capsys):

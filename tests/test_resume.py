@@ -17,11 +17,11 @@ import torch
 from conftest import ROOT, SMALL_MODELS, assert_one_sentence_exit_2
 from torch import nn
 
-import checkpoints
 import engine
 import experiment
-import report
 import utils
+from results import report
+from training import checkpoints
 
 RESUME_FLAGS = [
     "--val-fraction", "0.25", "--teacher-epochs", "2", "--student-epochs", "4", "--batch-size", "8",

@@ -8,10 +8,9 @@ import json
 import pytest
 from conftest import assert_one_sentence_exit_2
 
-import command_line
 import experiment
-import settings
 import utils
+from config import command_line, settings
 
 SETTINGS = {"teacher_epochs": 3, "student_lr": 1e-4, "decode_cache": False, "data_dir": None, "seeds": "0,1",
             "select_metric": "f1_macro", "patience": 2}

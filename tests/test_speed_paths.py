@@ -12,28 +12,27 @@ import torch
 import torchvision
 from PIL import Image
 
-import command_line
 import data_setup
-import decoding
 import engine
-import epoch_plan
 import experiment
 import KD_engine
 import model_builder
-import runtime
+from config import command_line
+from core import compute
+from data import decoding, epoch_plan
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.mark.parametrize("setting, device, steps, expected", [
-    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_STEPS, True),
-    ("auto", CUDA, runtime.COMPILE_AUTO_MIN_STEPS - 1, False),  # too short to pay for compiling
+    ("auto", CUDA, compute.COMPILE_AUTO_MIN_STEPS, True),
+    ("auto", CUDA, compute.COMPILE_AUTO_MIN_STEPS - 1, False),  # too short to pay for compiling
     ("auto", CPU, 10**9, False),
     ("on", CPU, 0, True),
     ("off", CUDA, 10**9, False),
 ])
 def test_compile_rule(setting, device, steps, expected):
-    assert runtime.resolve_compile(setting, device, steps) is expected
+    assert compute.resolve_compile(setting, device, steps) is expected
 
 
 def _dkd_epochs(step_of, epochs: int = 2) -> tuple[list[dict], KD_engine.DKDCriterion, torch.nn.Module]:
@@ -63,7 +62,7 @@ def test_a_compiled_step_is_one_graph_for_every_step_and_epoch(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled, criterion, _ = _dkd_epochs(lambda criterion: runtime.CompiledStep(criterion, CPU), epochs=1)
+    compiled, criterion, _ = _dkd_epochs(lambda criterion: compute.CompiledStep(criterion, CPU), epochs=1)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs == 1 and criterion.step == 3
     eager, _, _ = _dkd_epochs(lambda criterion: criterion, epochs=1)
@@ -79,7 +78,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(monkeypatch):
     eager, eager_criterion, eager_student = _dkd_epochs(lambda criterion: criterion)
     monkeypatch.setattr(torch, "compile", failing_compile)
     lines = []
-    fallen_back, criterion, student = _dkd_epochs(lambda criterion: runtime.CompiledStep(criterion, CPU,
+    fallen_back, criterion, student = _dkd_epochs(lambda criterion: compute.CompiledStep(criterion, CPU,
                                                                                            log=lines.append))
     assert lines == ["torch.compile failed (RuntimeError: simulated compiler failure); training continues "
                      "without compiling"]
@@ -97,9 +96,9 @@ def test_compile_flag_is_tri_state():
 
 def test_cudnn_autotuning_only_for_cuda(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    runtime.enable_autotuning(CPU)
+    compute.enable_autotuning(CPU)
     assert torch.backends.cudnn.benchmark is False
-    runtime.enable_autotuning(CUDA)
+    compute.enable_autotuning(CUDA)
     assert torch.backends.cudnn.benchmark is True
 
 
@@ -123,15 +122,15 @@ def test_a_teacher_stored_for_autocast_gives_the_same_logits_bit_for_bit():
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
 
     def logits() -> torch.Tensor:
-        with torch.inference_mode(), runtime.autocast(CPU, torch.bfloat16):
+        with torch.inference_mode(), compute.autocast(CPU, torch.bfloat16):
             return teacher(images)
 
     before = logits()
-    runtime.store_for_autocast(teacher, torch.bfloat16)
+    compute.store_for_autocast(teacher, torch.bfloat16)
     assert teacher.features[0].weight.dtype == torch.bfloat16 and teacher.features[1].weight.dtype == torch.float32
     assert torch.equal(logits(), before)
     fp32_teacher = model_builder.build_model("VGG16", 3, 32)
-    assert runtime.store_for_autocast(fp32_teacher, None).features[0].weight.dtype == torch.float32
+    assert compute.store_for_autocast(fp32_teacher, None).features[0].weight.dtype == torch.float32
 
 
 def _photo(size: tuple[int, int], seed: int) -> np.ndarray:

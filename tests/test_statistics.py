@@ -10,11 +10,9 @@ import torch
 from conftest import model_row, run_summary
 from torch import nn
 
-import deploy
-import errors
-import report
-import significance
 import utils
+from core import errors
+from results import deploy, report, significance
 
 
 def paired(baseline_only: int, candidate_only: int, both: int = 5, neither: int = 3) -> tuple[np.ndarray, np.ndarray]:

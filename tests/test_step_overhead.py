@@ -10,7 +10,7 @@ import data_setup
 import engine
 import KD_engine
 import model_builder
-import step_profile
+from benchmarks import step_profile
 
 DEVICE = torch.device("cpu")
 CLASSES, SIZE = 4, 16

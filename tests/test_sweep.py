@@ -15,14 +15,12 @@ import pytest
 from conftest import ROOT
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-import checkpoints
-import command_line
 import experiment
-import settings
-import sweep
-import sweep_space
 import utils
-from errors import SettingsError
+from config import command_line, settings
+from core.errors import SettingsError
+from sweep import search, search_space
+from training import checkpoints
 
 SWEEP_FLAGS = [
     "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1", "--student-epochs", "1",
@@ -42,7 +40,7 @@ def journal_study(path: Path, name: str) -> optuna.Study:
 
 
 def test_spec_grammar_gives_typed_distributions():
-    space = sweep_space.parse_spec("temperature=1:10:log, alpha=0.1:0.9,batch-size=16:64,student_epochs=1|2,"
+    space = search_space.parse_spec("temperature=1:10:log, alpha=0.1:0.9,batch-size=16:64,student_epochs=1|2,"
                                    "method=kd|dkd")
     assert space["temperature"] == FloatDistribution(1.0, 10.0, log=True)
     assert space["alpha"] == FloatDistribution(0.1, 0.9)
@@ -50,12 +48,12 @@ def test_spec_grammar_gives_typed_distributions():
     assert space["student_epochs"] == CategoricalDistribution((1, 2))
     assert all(type(choice) is int for choice in space["student_epochs"].choices)
     assert space["method"] == CategoricalDistribution(("kd", "dkd"))
-    config = sweep_space.trial_config(experiment.default_config(), {"alpha": 0.3, "method": "dkd", "batch_size": 20})
+    config = search_space.trial_config(experiment.default_config(), {"alpha": 0.3, "method": "dkd", "batch_size": 20})
     assert (config.alpha, config.kd_methods, config.batch_size) == (0.3, "dkd", 20)
 
 
 def test_a_settings_file_can_hold_the_sweep(tmp_path):
-    path = tmp_path / "sweep.yaml"
+    path = tmp_path / "search.yaml"
     path.write_text("sweep: temperature=1:10:log,alpha=0.1:0.9\ntrials: 12\nstudy_name: kd-sweep\n")
     _, args, given = command_line.parse_command_line(["--config", str(path)], experiment.default_config())
     assert (args["sweep"], args["trials"], args["study_name"]) == ("temperature=1:10:log,alpha=0.1:0.9", 12, "kd-sweep")
@@ -63,7 +61,7 @@ def test_a_settings_file_can_hold_the_sweep(tmp_path):
 
 
 def test_searchable_settings_come_from_the_config_types(monkeypatch):
-    names = sweep_space.searchable_settings()
+    names = search_space.searchable_settings()
     for name in ("temperature", "alpha", "beta", "dkd_alpha", "dkd_beta", "student_lr", "weight_decay",
                  "label_smoothing", "dkd_warmup_epochs"):
         assert name in names
@@ -72,8 +70,8 @@ def test_searchable_settings_come_from_the_config_types(monkeypatch):
     # A setting a new method adds is searchable without touching the sweep.
     monkeypatch.setitem(settings.FIELDS, "new_method_weight", settings.Flag("distillation methods", "a new weight"))
     monkeypatch.setitem(settings.TYPES, "new_method_weight", float)
-    assert "new_method_weight" in sweep_space.searchable_settings()
-    assert sweep_space.parse_spec("new_method_weight=1:2")["new_method_weight"] == FloatDistribution(1.0, 2.0)
+    assert "new_method_weight" in search_space.searchable_settings()
+    assert search_space.parse_spec("new_method_weight=1:2")["new_method_weight"] == FloatDistribution(1.0, 2.0)
 
 
 @pytest.mark.parametrize(("url", "shown"), [
@@ -81,7 +79,7 @@ def test_searchable_settings_come_from_the_config_types(monkeypatch):
     (f"mysql+pymysql://kd:{PASSWORD}@db/kd?charset=utf8&password={PASSWORD}",
      "mysql+pymysql://kd:***@db/kd?charset=utf8&password=***"),
     ("postgresql://kd@db/kd", "postgresql://kd@db/kd"),
-    ("sqlite:////abs/sweep.db", "sqlite:////abs/sweep.db"),
+    ("sqlite:////abs/search.db", "sqlite:////abs/search.db"),
     ("/shared/sweeps/kd.journal", "/shared/sweeps/kd.journal"),
 ])
 def test_a_storage_password_is_hidden(url, shown):
@@ -94,25 +92,25 @@ def sweep_record(trials: list[tuple[dict, float]], spec: str = "temperature=1:10
 
     from optuna.distributions import distribution_to_json
 
-    import schema
+    from core import records
 
-    space = {name: json.loads(distribution_to_json(dist)) for name, dist in sweep_space.parse_spec(spec).items()}
-    records = [schema.SweepTrial(number=n, state="complete", params=params, epochs=1, value=value, curve=[value])
-               for n, (params, value) in enumerate(trials)]
-    best = max(records, key=lambda trial: trial.value)
-    return schema.SweepRecord(spec=spec, metric="top1", direction="maximize", storage="s", study_name="s",
-                              trials_requested=len(records), distributions=space,
-                              best_trial=best.number, best_params=best.params, best_value=best.value, trials=records)
+    space = {name: json.loads(distribution_to_json(dist)) for name, dist in search_space.parse_spec(spec).items()}
+    done = [records.SweepTrial(number=n, state="complete", params=params, epochs=1, value=value, curve=[value])
+            for n, (params, value) in enumerate(trials)]
+    best = max(done, key=lambda trial: trial.value)
+    return records.SweepRecord(spec=spec, metric="top1", direction="maximize", storage="s", study_name="s",
+                               trials_requested=len(done), distributions=space,
+                               best_trial=best.number, best_params=best.params, best_value=best.value, trials=done)
 
 
 def test_sweep_warnings_name_flat_validation_and_a_best_value_at_the_edge():
-    import sweep_report
+    from sweep import findings
 
     flat = sweep_record([({"temperature": 4.0, "alpha": 0.5}, 0.9), ({"temperature": 2.0, "alpha": 0.3}, 0.9)])
-    warnings = sweep_report.sanity_warnings(flat)
+    warnings = findings.sanity_warnings(flat)
     assert len(warnings) == 1 and "Every finished trial of the sweep scored the same validation top1" in warnings[0]
     edge = sweep_record([({"temperature": 9.9, "alpha": 0.5}, 0.95), ({"temperature": 2.0, "alpha": 0.3}, 0.9)])
-    warnings = sweep_report.sanity_warnings(edge)
+    warnings = findings.sanity_warnings(edge)
     assert len(warnings) == 1 and "temperature (9.9) lies at the high end of its range (1 to 10)" in warnings[0]
 
 
@@ -155,16 +153,16 @@ def test_bad_input_is_one_sentence_exit_2_and_no_run_directory(flags, message, c
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for a trial outside optimize
 def test_a_silent_journal_trial_is_failed_and_queued_again(tmp_path, monkeypatch):
-    storage = sweep.HeartbeatJournalStorage(str(tmp_path / "study.journal"), sweep.retry_callback())
+    storage = search.HeartbeatJournalStorage(str(tmp_path / "study.journal"), search.retry_callback())
     study = optuna.create_study(storage=storage, study_name="beats")
     trial = study.ask({"alpha": FloatDistribution(0.1, 0.9)})
     trial.report(0.5, 1)
     study_id = storage.get_study_id_from_name("beats")
     storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
-    with sweep_space.quiet_optuna():
+    with search_space.quiet_optuna():
         optuna.storages.fail_stale_trials(study)
         assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # heard from within the grace period
-        later = time.time() + sweep.GRACE_SECONDS + 1
+        later = time.time() + search.GRACE_SECONDS + 1
         monkeypatch.setattr(time, "time", lambda: later)
         optuna.storages.fail_stale_trials(study)
     failed, queued = journal_study(tmp_path / "study.journal", "beats").trials
@@ -204,8 +202,9 @@ def password_sweep(tiny_data, tmp_path_factory):
     url = f"postgresql://kd:{PASSWORD}@db.example/kd"
     guards = []
     patch = pytest.MonkeyPatch()
-    patch.setattr(sweep, "connect", lambda given: sweep.HeartbeatJournalStorage(str(journal), sweep.retry_callback()))
-    make_context, run_trials = experiment.make_context, sweep.Worker.run_trials
+    patch.setattr(search, "connect",
+                  lambda given: search.HeartbeatJournalStorage(str(journal), search.retry_callback()))
+    make_context, run_trials = experiment.make_context, search.Worker.run_trials
 
     def guarded_context(*args, **kwargs):
         context = make_context(*args, **kwargs)
@@ -221,7 +220,7 @@ def password_sweep(tiny_data, tmp_path_factory):
             SplitGuard.trials_running = False
 
     patch.setattr(experiment, "make_context", guarded_context)
-    patch.setattr(sweep.Worker, "run_trials", guarded_trials)
+    patch.setattr(search.Worker, "run_trials", guarded_trials)
     capture = root / "console.txt"
     with open(capture, "w") as out, pytest.MonkeyPatch.context() as streams:
         streams.setattr(sys, "stdout", out)
@@ -306,7 +305,8 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tiny_data, tmp_path
 
 
 SAVE_HOOK = """
-import os, signal, checkpoints
+import os, signal
+from training import checkpoints
 save = checkpoints.BackgroundSaver.save
 def hooked(self, files):
     save(self, files)
@@ -355,8 +355,8 @@ def test_a_resume_needs_a_hidden_password_again():
     saved = settings.Config(**{**vars(experiment.default_config()), "sweep": "alpha=0.1:0.9", "output_dir": "run",
                                "study_storage": "postgresql://kd:***@db/kd", "study_name": "s"})
     with pytest.raises(SettingsError, match="had a password"):
-        sweep.resumed_storage(saved, None)
-    given = sweep.resumed_storage(saved, f"postgresql://kd:{PASSWORD}@db/kd")
+        search.resumed_storage(saved, None)
+    given = search.resumed_storage(saved, f"postgresql://kd:{PASSWORD}@db/kd")
     assert given.study_storage == f"postgresql://kd:{PASSWORD}@db/kd"
     with pytest.raises(SettingsError, match="only to give its sweep's storage again"):
-        sweep.resumed_storage(saved, "postgresql://other:x@db/kd")
+        search.resumed_storage(saved, "postgresql://other:x@db/kd")

@@ -38,17 +38,14 @@ from optuna.storages._heartbeat import BaseHeartbeat  # Optuna's heartbeat proto
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-import checkpoints
 import engine
-import errors
 import model_builder
-import schema
-import settings
-import sweep_report
-import sweep_space
-import trainer
 import utils
-from errors import SettingsError
+from config import settings
+from core import errors, records
+from core.errors import SettingsError
+from sweep import findings, search_space
+from training import checkpoints, model_run
 
 TRIALS_DIR = "trials"  # RUN/trials/: each trial's student, the workers' locks, the study's run id
 SQLITE_FILE = "sweep.db"  # the study of a sweep without --study-storage, in its run directory
@@ -86,8 +83,8 @@ def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SettingsError("A sweep runs one process per worker: start several workers (see the README's sweeps) "
                             "instead of torchrun.")
-    space = sweep_space.parse_spec(config.sweep)
-    sweep_space.check_ranges(config, space)
+    space = search_space.parse_spec(config.sweep)
+    search_space.check_ranges(config, space)
     name = config.study_name
     if name is not None and not re.fullmatch(r"[\w.-]+", name):
         raise SettingsError(f"--study-name must be letters, digits, '.', '_' or '-' (got {name!r}).")
@@ -104,7 +101,7 @@ def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
 
 def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
     """What queues a stopped trial again: the same settings, its reported epochs kept, at most MAX_RETRIES times."""
-    with sweep_space.quiet_optuna():
+    with search_space.quiet_optuna():
         return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
 
 
@@ -154,7 +151,7 @@ def connect(url: str) -> optuna.storages.BaseStorage:
     SettingsError, with the password hidden, when it cannot be opened (no server, no driver, no folder).
     """
     try:
-        with sweep_space.quiet_optuna():
+        with search_space.quiet_optuna():
             if "://" in url:
                 return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                                                   heartbeat_stale_trial_callback=retry_callback())
@@ -249,7 +246,7 @@ class Search:
     study: optuna.Study
     best: FrozenTrial
     folder: Path
-    context: trainer.Context
+    context: model_run.Context
 
 
 def metric_value(metrics: dict[str, Any], metric: str) -> float:
@@ -262,7 +259,7 @@ class Worker:
     """This process's part in a sweep: the study, the locks it shares with the other workers in RUN/trials/,
     and the trials it runs."""
 
-    def __init__(self, context: trainer.Context, plan: Plan, dataset: schema.DatasetRecord) -> None:
+    def __init__(self, context: model_run.Context, plan: Plan, dataset: records.DatasetRecord) -> None:
         self.context, self.plan, self.dataset = context, plan, dataset
         self.folder = context.run_dir / TRIALS_DIR
         self.study_name = plan.study_name or context.run_dir.name
@@ -280,7 +277,7 @@ class Worker:
         self.storage_shown = self.plan.storage_shown or f"sqlite:///{self.context.run_dir / SQLITE_FILE}"
         # Epochs are the pruner's steps: none is judged before the one after the first quarter, the one-cycle warm-up.
         warmup = math.ceil(self.context.config.student_epochs / 4) + 1
-        with sweep_space.quiet_optuna():
+        with search_space.quiet_optuna():
             self.study = optuna.create_study(
                 storage=self.storage, study_name=self.study_name, direction=self.plan.direction, load_if_exists=True,
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
@@ -289,7 +286,7 @@ class Worker:
             if self.plan.storage is None:
                 self._queue_again(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         self.study.sampler = self._sampler()
-        print(f"Sweep: {sweep_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
+        print(f"Sweep: {search_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
               f"{self.plan.metric} ({self.plan.direction}); study '{self.study_name}' in {self.storage_shown}")
         return self
 
@@ -326,7 +323,7 @@ class Worker:
         seed = None
         if self.plan.storage is None:
             seed = int(np.random.SeedSequence([self.context.config.seed, len(self.study.trials)]).generate_state(1)[0])
-        with sweep_space.quiet_optuna():
+        with search_space.quiet_optuna():
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, self.plan.trials // 3)),
                                               multivariate=True, constant_liar=True)
 
@@ -350,19 +347,19 @@ class Worker:
     def run_trials(self, teacher: nn.Module) -> Search:
         """Run trials until the study holds --trials finished ones (complete or pruned), with the other workers;
         then wait for the others' last trials, and return the search's outcome."""
-        frozen_teacher, teacher_logits = trainer.distillation_teacher(self.context, teacher)
+        frozen_teacher, teacher_logits = model_run.distillation_teacher(self.context, teacher)
         budget, waiting = FileLock(self.folder / "budget.lock"), False  # held for moments: nothing to say
         while True:
             budget.acquire()
             try:
-                with sweep_space.quiet_optuna():
+                with search_space.quiet_optuna():
                     optuna.storages.fail_stale_trials(self.study)  # killed workers' trials: failed and queued again
                 finished, running = self._counts()
                 if finished >= self.plan.trials:
                     break
                 if finished + running < self.plan.trials:
                     # The lock is released inside, once the trial exists: no two workers take the last place.
-                    with sweep_space.quiet_optuna():
+                    with search_space.quiet_optuna():
                         self.study.optimize(lambda trial: self._objective(trial, budget.release, frozen_teacher,
                                                                           teacher_logits),
                                             n_trials=1, callbacks=[self._progress])
@@ -383,7 +380,7 @@ class Worker:
         return (sum(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states),
                 states.count(TrialState.RUNNING))
 
-    def trial_context(self, config: settings.Config, test: bool) -> trainer.Context:
+    def trial_context(self, config: settings.Config, test: bool) -> model_run.Context:
         """The run's context with a trial's settings; without a test loader unless `test` (trials never get one)."""
         weights = self.dataset.class_weights
         hard_loss = engine.hard_label_loss(config.label_smoothing, None if weights is None else list(weights.values()),
@@ -404,13 +401,13 @@ class Worker:
     ) -> float:
         """Train one distilled student with the trial's settings; its best epoch's validation metric."""
         started()  # the trial is in the study: the other workers count it
-        config = sweep_space.trial_config(self.context.config, sweep_space.suggest(trial, self.plan.space))
+        config = search_space.trial_config(self.context.config, search_space.suggest(trial, self.plan.space))
         context, folder = self.trial_context(config, test=False), self.trial_folder(self.frozen(trial))
-        role = schema.distilled_role(settings.kd_methods(config)[0])
-        criterion, cached = trainer.student_criterion(context, role, teacher, settings.feature_pairs(config),
+        role = records.distilled_role(settings.kd_methods(config)[0])
+        criterion, cached = model_run.student_criterion(context, role, teacher, settings.feature_pairs(config),
                                                       teacher_logits)
         try:
-            fit = trainer.train_model(
+            fit = model_run.train_model(
                 context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
                 config.student_epochs, config.student_lr, criterion, folder, config.seed, cached,
                 on_epoch=self._reporter(trial, config.student_epochs))[1]
@@ -432,7 +429,7 @@ class Worker:
         trial.set_user_attr("seconds", round(sum(epoch["seconds"] for epoch in fit.history), 2))
         return metric_value(best, self.plan.metric)
 
-    def _reporter(self, trial: optuna.Trial, epochs: int) -> trainer.EpochLog:
+    def _reporter(self, trial: optuna.Trial, epochs: int) -> model_run.EpochLog:
         """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned)
         before its last epoch (stopping it then would save nothing)."""
 
@@ -446,7 +443,7 @@ class Worker:
 
     def _progress(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """The console's line for a trial that ended."""
-        record, best = sweep_report.trial_record(trial), self._best()
+        record, best = findings.trial_record(trial), self._best()
         if trial.state == TrialState.COMPLETE:
             outcome = f"validation {self.plan.metric} {record.value:.4f}"
         elif trial.state == TrialState.PRUNED:
@@ -456,7 +453,7 @@ class Worker:
             outcome = "failed"
         took = "" if record.seconds is None else f", {utils.format_seconds(record.seconds)}"
         best_text = "" if best is None else f"; best so far: trial {best.number} ({best.value:.4f})"
-        print(f"[sweep] trial {trial.number} {record.state}: {outcome} | {sweep_report.params_text(record.params)} | "
+        print(f"[sweep] trial {trial.number} {record.state}: {outcome} | {findings.params_text(record.params)} | "
               f"{record.epochs} epoch{'s' if record.epochs != 1 else ''}{took} | {self._counts()[0]} of "
               f"{self.plan.trials} trials finished{best_text}", flush=True)
 
@@ -475,9 +472,9 @@ class Worker:
         if best is None:
             raise SettingsError(f"No trial of the sweep finished training ({self._counts()[0]} were stopped): lower "
                                 "--student-lr or narrow the ranges.")
-        context = self.trial_context(sweep_space.trial_config(self.context.config, best.params), test=True)
+        context = self.trial_context(search_space.trial_config(self.context.config, best.params), test=True)
         print(f"[sweep] best: trial {best.number}, validation {self.plan.metric} {best.value:.4f}: "
-              f"{sweep_report.params_text(best.params)}")
+              f"{findings.params_text(best.params)}")
         return Search(self.study, best, self.trial_folder(best), context)
 
     def reported(self) -> bool:
@@ -487,8 +484,8 @@ class Worker:
         print(f"The sweep is finished: another worker wrote its report, {self.context.run_dir / 'report.html'}")
         return True
 
-    def complete(self, summary: schema.RunSummary, search: Search) -> None:
+    def complete(self, summary: records.RunSummary, search: Search) -> None:
         """The summary of the best trial's run gains the sweep's record and its sanity warnings."""
-        summary.sweep = sweep_report.record(search.study, search.best, self.plan.space, self.plan.trials,
+        summary.sweep = findings.record(search.study, search.best, self.plan.space, self.plan.trials,
                                             self.plan.metric, self.storage_shown, self.study_name, self.plan.spec)
-        summary.warnings += sweep_report.sanity_warnings(summary.sweep)
+        summary.warnings += findings.sanity_warnings(summary.sweep)

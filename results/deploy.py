@@ -16,11 +16,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import checkpoints
 import model_builder
-import runtime
-import schema
 import utils
+from core import compute, records
+from training import checkpoints
 
 ONNX_METADATA_KEY = "kd_pipeline"  # JSON: arch, class names, image size, normalization
 ONNX_TOLERANCE = 1e-4  # largest allowed |logit difference| between ONNX Runtime and PyTorch
@@ -131,7 +130,7 @@ def measure_speeds(
     many threads as the run.
     """
     def forward(module: nn.Module, images: torch.Tensor) -> None:
-        with torch.inference_mode(), runtime.autocast(device, amp_dtype):
+        with torch.inference_mode(), compute.autocast(device, amp_dtype):
             module(images)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -203,7 +202,7 @@ def speedup(teacher: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
             "throughput_speedup_over_teacher": throughput, "throughput_speedup_clear": throughput_clear}
 
 
-def speedup_cell(row: schema.ModelRow, kind: str, teacher: schema.ModelRow | None = None) -> str:
+def speedup_cell(row: records.ModelRow, kind: str, teacher: records.ModelRow | None = None) -> str:
     """A model's speed-up of one kind ("latency", "throughput") for tables: '2.10x', 'unclear' (the two
     interquartile ranges overlap), 'noisy' (its or the teacher's measurement stayed noisy: no speed-up
     claimed) or 'n/a'."""
@@ -216,7 +215,7 @@ def speedup_cell(row: schema.ModelRow, kind: str, teacher: schema.ModelRow | Non
     return f"{ratio:.2f}x" if getattr(row, clear_field) is not False else "unclear"
 
 
-def speed_clause(student: schema.ModelRow, teacher: schema.ModelRow, kind: str) -> str | None:
+def speed_clause(student: records.ModelRow, teacher: records.ModelRow, kind: str) -> str | None:
     """What one kind of measured speed-up says about the student against the teacher, in words (None when
     the summary has no such measurement)."""
     (ratio_field, clear_field, noisy_field), measure, figure, unit = SPEED_KINDS[kind]

@@ -21,14 +21,13 @@ from typing import Any, Mapping
 import torch
 
 import data_setup
-import decoding
 import engine
 import KD_engine
-import KD_features
 import model_builder
-import runtime
-import schedules
-from errors import SettingsError
+from core import compute, schedules
+from core.errors import SettingsError
+from data import decoding
+from methods import feature_methods
 
 GROUPS = ("data", "models", "training", "distillation methods", "sweep", "speed", "output")
 
@@ -50,7 +49,7 @@ def flag(group: str, help: str, **details: Any) -> Any:
     return field(metadata={"flag": Flag(group, help, **details)})
 
 
-FEATURE_WEIGHTS_TEXT = ", ".join(f"{method} {weight:g}" for method, weight in KD_features.FEATURE_WEIGHTS.items())
+FEATURE_WEIGHTS_TEXT = ", ".join(f"{method} {weight:g}" for method, weight in feature_methods.FEATURE_WEIGHTS.items())
 DKD_BETAS_TEXT = ", ".join(f"{teacher}->{student} {beta:g}"
                            for (teacher, student), beta in KD_engine.DKD_REFERENCE_BETAS.items())
 
@@ -180,7 +179,7 @@ class Config:
                                       "view (--crop-padding 0 --hflip off)")
     compile: str = flag("speed", "torch.compile each model's training step, the model with its loss (on CUDA with "
                         f"CUDA graphs; batches of one size: an epoch's smaller last batch is left out); auto: "
-                        f"{runtime.COMPILE_AUTO_RULE}; --compile alone: on", choices=("auto", "on", "off"), const="on")
+                        f"{compute.COMPILE_AUTO_RULE}; --compile alone: on", choices=("auto", "on", "off"), const="on")
     eval_test_every_epoch: bool = flag("output", "also evaluate the test split after every epoch, for figures "
                                        "comparable with papers' tables (the best epoch is still chosen on validation)")
     tensorboard: bool = flag("output", "write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")
@@ -286,7 +285,7 @@ def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
     """Each feature method's layer pairs (teacher, student), checked on the meta device: the
     layers exist, and the method can distill their maps at the run's image size."""
     pairs: dict[str, list[tuple[str, str]]] = {}
-    methods = [method for method in kd_methods(config) if method in KD_features.FEATURE_METHODS]
+    methods = [method for method in kd_methods(config) if method in feature_methods.FEATURE_METHODS]
     if not methods:
         return pairs  # no models to build for the check
     try:
@@ -294,9 +293,9 @@ def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
         student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
         with torch.device("meta"):
             for method in methods:
-                pairs[method] = (KD_features.parse_feature_layers(config.feature_layers) if config.feature_layers
-                                 else KD_features.default_feature_layers(method, teacher, student))
-                KD_features.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
+                pairs[method] = (feature_methods.parse_feature_layers(config.feature_layers) if config.feature_layers
+                                 else feature_methods.default_feature_layers(method, teacher, student))
+                feature_methods.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
     except ValueError as error:
         raise SettingsError(f"--feature-layers: {error}") from None
     return pairs
@@ -305,8 +304,8 @@ def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
 def feature_weights(config: Config) -> dict[str, float]:
     """The weight of each feature method's term (--beta, or the references' balance)."""
     try:
-        return {method: KD_features.feature_weight(method, config.alpha, config.beta)
-                for method in kd_methods(config) if method in KD_features.FEATURE_METHODS}
+        return {method: feature_methods.feature_weight(method, config.alpha, config.beta)
+                for method in kd_methods(config) if method in feature_methods.FEATURE_METHODS}
     except ValueError as error:
         raise SettingsError(str(error)) from None
 
@@ -326,7 +325,7 @@ def logit_weights(config: Config) -> dict[str, dict[str, float]]:
     """The weights of each logit method's terms beside alpha * CE (see KD_engine.logit_weights)."""
     return {method: KD_engine.logit_weights(method, config.dkd_alpha, dkd_beta(config), config.dist_weight,
                                             config.ls_weight)
-            for method in kd_methods(config) if method not in KD_features.FEATURE_METHODS}
+            for method in kd_methods(config) if method not in feature_methods.FEATURE_METHODS}
 
 
 def _range_checks(config: Config) -> list[tuple[bool, str]]:
@@ -409,7 +408,7 @@ def validate(config: Config) -> None:
     milestones(config)
     methods = kd_methods(config)
     seeds(config)
-    if any(method in KD_features.FEATURE_METHODS for method in methods):
+    if any(method in feature_methods.FEATURE_METHODS for method in methods):
         if config.beta is not None and config.beta < 0:
             raise SettingsError(f"--beta must be >= 0 (got {config.beta}).")
         feature_weights(config)

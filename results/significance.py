@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-import schema
 import utils
+from core import records
 
 SIGNIFICANCE_LEVEL = 0.05  # a gain is "significant" when its test gives p below this
 CONFIDENCE = 1 - SIGNIFICANCE_LEVEL  # the interval of the per-seed gains excludes zero exactly when p < the level
@@ -29,7 +29,7 @@ GAIN_TESTS = {
     "mcnemar": f"exact McNemar test of the paired test predictions, p < {SIGNIFICANCE_LEVEL:g}",
     "t": (f"the {100 * CONFIDENCE:g}% Student-t interval of the per-seed paired gains excludes zero "
           f"(t-test p < {SIGNIFICANCE_LEVEL:g})"),
-    schema.ZERO_SPREAD_TEST: ("every seed gained the same number of test images (zero spread, so no interval): "
+    records.ZERO_SPREAD_TEST: ("every seed gained the same number of test images (zero spread, so no interval): "
                               "the exact McNemar test of every seed's paired test predictions, "
                               f"p < {SIGNIFICANCE_LEVEL:g} in each (p: the largest)"),
 }
@@ -86,7 +86,7 @@ def paired_gain_interval(gains: Sequence[float], confidence: float = CONFIDENCE)
             "p": 1.0 if math.isnan(p) else p}
 
 
-def top1_spread(rows: dict[int, schema.ModelRow]) -> dict[str, Any]:
+def top1_spread(rows: dict[int, records.ModelRow]) -> dict[str, Any]:
     """Test top-1 per seed, its mean and sample standard deviation (several seeds; empty for one)."""
     if len(rows) < 2:
         return {}
@@ -96,7 +96,7 @@ def top1_spread(rows: dict[int, schema.ModelRow]) -> dict[str, Any]:
 
 
 def gain_statistics(
-    rows: dict[int, schema.ModelRow], baseline_rows: dict[int, schema.ModelRow],
+    rows: dict[int, records.ModelRow], baseline_rows: dict[int, records.ModelRow],
     correct: dict[int, np.ndarray], baseline_correct: dict[int, np.ndarray],
 ) -> dict[str, Any]:
     """The verdict on a distilled student's gain over the baseline of the same seed.
@@ -124,7 +124,7 @@ def gain_statistics(
     if max(gains.values()) - min(gains.values()) < SAME_GAIN:
         largest = max(mcnemar.values())
         stats.update(gain_top1_std=0.0, gain_top1_p=largest, gain_significant=largest < SIGNIFICANCE_LEVEL,
-                     gain_top1_test=schema.ZERO_SPREAD_TEST)
+                     gain_top1_test=records.ZERO_SPREAD_TEST)
         return stats
     interval = paired_gain_interval(list(gains.values()))
     low, high = interval["ci"]
@@ -134,7 +134,7 @@ def gain_statistics(
 
 
 def teacher_against_baseline(
-    teacher_correct: np.ndarray, baseline_rows: dict[int, schema.ModelRow],
+    teacher_correct: np.ndarray, baseline_rows: dict[int, records.ModelRow],
     baseline_correct: dict[int, np.ndarray], teacher_top1: float,
 ) -> dict[str, Any]:
     """The teacher against the baseline student of every seed on the same test images: its top-1 minus
@@ -158,11 +158,11 @@ def verdict(p: float, significant: bool | None = None) -> str:
 def rule(several_seeds: bool, zero_spread: bool = False) -> str:
     """What "significant" means in this run's verdicts (`zero_spread`: some student gained the same in every seed)."""
     if several_seeds:
-        return GAIN_TESTS["t"] + (f"; where {GAIN_TESTS[schema.ZERO_SPREAD_TEST]}" if zero_spread else "")
+        return GAIN_TESTS["t"] + (f"; where {GAIN_TESTS[records.ZERO_SPREAD_TEST]}" if zero_spread else "")
     return GAIN_TESTS["mcnemar"]
 
 
-def gain_sentence(role: str, row: schema.ModelRow, baseline: schema.ModelRow, seeds: list[int]) -> str:
+def gain_sentence(role: str, row: records.ModelRow, baseline: records.ModelRow, seeds: list[int]) -> str:
     """One distilled student's gain over the baseline of its seed with its verdicts: the sentence
     the console and the report both state."""
     several = len(seeds) > 1
@@ -173,7 +173,7 @@ def gain_sentence(role: str, row: schema.ModelRow, baseline: schema.ModelRow, se
         change = f"cost {-gain:.2f} points of test top-1 against the baseline student"
     else:
         change = "left test top-1 as the baseline student has it"
-    sentence = f"Distillation ({schema.method_of(role)}) {change}" + (f" with seed {seeds[0]}" if several else "")
+    sentence = f"Distillation ({records.method_of(role)}) {change}" + (f" with seed {seeds[0]}" if several else "")
     if row.mcnemar_p is not None:
         sentence += f": {verdict(row.mcnemar_p)} by the exact McNemar test on the paired test predictions"
     if several and row.zero_spread:
@@ -196,13 +196,13 @@ def seed_verdict(gain: float, p: float) -> str:
     return f"significant {'gain' if gain > 0 else 'loss'} (p = {p:.3g})"
 
 
-def seed_results(summary: schema.RunSummary) -> list[tuple[str, str, float, float | None, float | None]]:
+def seed_results(summary: records.RunSummary) -> list[tuple[str, str, float, float | None, float | None]]:
     """Every student's (role, seed, test top-1, gain over the baseline of that seed, McNemar p of the two) for
     every seed, in training order; the gain and p are None for the baseline."""
-    first, baseline = str(summary.seeds[0]), summary.models[schema.BASELINE]
+    first, baseline = str(summary.seeds[0]), summary.models[records.BASELINE]
     results = []
     for role, row in summary.models.items():
-        if role == schema.TEACHER:
+        if role == records.TEACHER:
             continue
         top1 = row.test_top1_by_seed or {first: row.test["top1"]}
         gains = row.gain_top1_by_seed or ({first: row.test["top1"] - baseline.test["top1"]}
@@ -212,7 +212,7 @@ def seed_results(summary: schema.RunSummary) -> list[tuple[str, str, float, floa
     return results
 
 
-def seed_rows(summary: schema.RunSummary) -> list[list[str]]:
+def seed_rows(summary: records.RunSummary) -> list[list[str]]:
     """`seed_results` as table cells: role, seed, top-1 %, gain in points, the seed's verdict."""
     return [[role, seed, utils.format_metric(top1), "" if gain is None else f"{100 * gain:+.2f}",
              "" if p is None else seed_verdict(gain, p)] for role, seed, top1, gain, p in seed_results(summary)]
@@ -234,7 +234,7 @@ def near_chance(top1: float, samples: int, chance: float) -> tuple[bool, float]:
     return top1 < chance + NEAR_CHANCE_GAP * (1 - chance) or p >= SIGNIFICANCE_LEVEL, p
 
 
-def test_share(dataset: schema.DatasetRecord, class_name: str) -> float:
+def test_share(dataset: records.DatasetRecord, class_name: str) -> float:
     """The share of the test split's images in one class (the largest class's share when the record
     does not count them per class)."""
     counts = (dataset.carving.get("class_counts") or {}).get("test") or {}
@@ -243,19 +243,19 @@ def test_share(dataset: schema.DatasetRecord, class_name: str) -> float:
     return dataset.images_per_class["test"]["max"] / dataset.sizes["test"]
 
 
-def single_class(row: schema.ModelRow, dataset: schema.DatasetRecord) -> bool:
+def single_class(row: records.ModelRow, dataset: records.DatasetRecord) -> bool:
     """Whether a model answers one class for (nearly) every test image: at least SINGLE_CLASS_SHARE of
     them, more than that class's own share of the test split."""
     share = row.test_top_class_share
     return share is not None and share >= SINGLE_CLASS_SHARE and share > test_share(dataset, row.test_top_class)
 
 
-def chance_level(dataset: schema.DatasetRecord) -> float:
+def chance_level(dataset: records.DatasetRecord) -> float:
     """What always answering the test split's most frequent class scores."""
     return dataset.images_per_class["test"]["max"] / dataset.sizes["test"]
 
 
-def failure(row: schema.ModelRow, dataset: schema.DatasetRecord) -> str | None:
+def failure(row: records.ModelRow, dataset: records.DatasetRecord) -> str | None:
     """Why a model is no working classifier, in words ('answers ... for ... of the test images', 'is at or
     near chance ...'), or None. The report's headline and the warnings use it alike."""
     if single_class(row, dataset):
@@ -270,11 +270,11 @@ def failure(row: schema.ModelRow, dataset: schema.DatasetRecord) -> str | None:
     return None
 
 
-def _model_warnings(summary: schema.RunSummary, rows: dict[str, schema.ModelRow]) -> list[str]:
+def _model_warnings(summary: records.RunSummary, rows: dict[str, records.ModelRow]) -> list[str]:
     """Models that have not learned the task: the teacher at chance, and any model (each seed's) that
     answers one class for nearly every test image or, for a student, scores at or near chance."""
     found = []
-    teacher = summary.models[schema.TEACHER]
+    teacher = summary.models[records.TEACHER]
     chance, samples = chance_level(summary.dataset), summary.dataset.sizes["test"]
     at_chance, p = near_chance(teacher.test["top1"], samples, chance)
     if at_chance:
@@ -284,7 +284,7 @@ def _model_warnings(summary: schema.RunSummary, rows: dict[str, schema.ModelRow]
             f"against chance on {samples} test images: p = {p:.3g}); students distilled from it learn from "
             "near-random targets.")
     for name, row in rows.items():
-        teacher_told = schema.role_of(name) == schema.TEACHER and not single_class(row, summary.dataset)
+        teacher_told = records.role_of(name) == records.TEACHER and not single_class(row, summary.dataset)
         reason = None if teacher_told else failure(row, summary.dataset)  # the teacher's chance is told above
         if reason is not None:
             found.append(f"{name} {reason}: it has not learned to tell the classes apart, so its accuracy, gain and "
@@ -292,9 +292,9 @@ def _model_warnings(summary: schema.RunSummary, rows: dict[str, schema.ModelRow]
     return found
 
 
-def _teacher_worse(summary: schema.RunSummary) -> list[str]:
+def _teacher_worse(summary: records.RunSummary) -> list[str]:
     """The teacher scoring significantly below the baseline student of some seed on the same test images."""
-    teacher = summary.models[schema.TEACHER]
+    teacher = summary.models[records.TEACHER]
     gaps, p_values = teacher.vs_baseline_top1_by_seed or {}, teacher.vs_baseline_mcnemar_p_by_seed or {}
     worse = [(seed, gap, p_values[seed]) for seed, gap in gaps.items()
              if gap < 0 and p_values[seed] < SIGNIFICANCE_LEVEL]
@@ -307,7 +307,7 @@ def _teacher_worse(summary: schema.RunSummary) -> list[str]:
             "knows, so train it longer or choose a stronger one."]
 
 
-def _validation_advice(dataset: schema.DatasetRecord, needed: float) -> str:
+def _validation_advice(dataset: records.DatasetRecord, needed: float) -> str:
     """What would give validation more than `needed` times its images: a --val-fraction, or more images in val/."""
     size, fraction = dataset.sizes["val"], dataset.carving.get("val_fraction")
     want = math.floor(needed * size) + 1
@@ -322,7 +322,7 @@ def _validation_advice(dataset: schema.DatasetRecord, needed: float) -> str:
 
 
 def _validation_warnings(
-    summary: schema.RunSummary, histories: dict[str, dict[str, Any]], select_metric: str,
+    summary: records.RunSummary, histories: dict[str, dict[str, Any]], select_metric: str,
 ) -> list[str]:
     """A validation split too small to choose epochs by, and models whose validation metric never changed."""
     found = []
@@ -346,7 +346,7 @@ def _validation_warnings(
             f"Validation {METRIC_NAMES[watched]} never changed over the epochs of {', '.join(flat)}: the kept epoch "
             f"was chosen {chosen}; the validation split is too small or the model did not learn.")
     first = [name for name, history in histories.items()
-             if schema.is_distilled(schema.role_of(name))
+             if records.is_distilled(records.role_of(name))
              and len(history["epochs"]) > 1 and history["best_epoch"] == 1]
     if first:
         found.append(
@@ -355,9 +355,9 @@ def _validation_warnings(
     return found
 
 
-def _loss_warnings(summary: schema.RunSummary) -> list[str]:
+def _loss_warnings(summary: records.RunSummary) -> list[str]:
     """Every seed in which distillation cost the student significantly (McNemar on that seed's test images)."""
-    losses = [f"{schema.model_name(role, int(seed), summary.seeds)} ({100 * gain:+.2f} points, McNemar p = {p:.3g})"
+    losses = [f"{records.model_name(role, int(seed), summary.seeds)} ({100 * gain:+.2f} points, McNemar p = {p:.3g})"
               for role, seed, _, gain, p in seed_results(summary)
               if gain is not None and p is not None and gain < 0 and p < SIGNIFICANCE_LEVEL]
     if not losses:
@@ -365,9 +365,9 @@ def _loss_warnings(summary: schema.RunSummary) -> list[str]:
     return [f"Distillation made the student significantly worse than the baseline of its seed: {', '.join(losses)}."]
 
 
-def _cost_warnings(summary: schema.RunSummary) -> list[str]:
+def _cost_warnings(summary: records.RunSummary) -> list[str]:
     """A student costlier than torchvision's model of about its size at the run's image size."""
-    peer = summary.models[schema.BASELINE].flops_peer
+    peer = summary.models[records.BASELINE].flops_peer
     return [] if peer is None else [peer_sentence(peer)]
 
 
@@ -382,8 +382,8 @@ def peer_sentence(peer: dict[str, Any]) -> str:
 
 
 def sanity_warnings(
-    summary: schema.RunSummary, histories: dict[str, dict[str, Any]],
-    rows: dict[str, schema.ModelRow] | None = None, select_metric: str = "top1",
+    summary: records.RunSummary, histories: dict[str, dict[str, Any]],
+    rows: dict[str, records.ModelRow] | None = None, select_metric: str = "top1",
 ) -> list[str]:
     """Sentences on what makes a run's result untrustworthy, from its summary and its models' histories.
 

@@ -20,30 +20,26 @@ import numpy as np
 import torch
 from torch import nn
 
-import checkpoints
-import deploy
 import engine
-import errors
 import KD_engine
 import model_builder
-import runtime
-import schema
-import settings
-import significance
-import sweep_report
-import trainer
 import utils
+from config import settings
+from core import compute, errors, records
+from results import deploy, significance
+from sweep import findings
+from training import checkpoints, model_run
 
 RESULTS = "results.json"  # per model; written last, its presence marks the model as finished for --resume
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
 # ---------------------------------------------------------------- one model's folder
 
 
 def evaluate_model(
-    context: trainer.Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult, folder: Path,
-) -> schema.ModelRow:
+    context: model_run.Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult, folder: Path,
+) -> records.ModelRow:
     """Evaluate the selected model on every split and write its folder of metrics, plots and reports.
 
     Every rank takes part in the evaluation; only rank 0 writes files.
@@ -51,17 +47,17 @@ def evaluate_model(
     class_names = context.data.class_names
     outputs = {split: tuple(tensor.cpu() for tensor in engine.predict(
                    model, context.eval_loaders[split], context.device, context.amp_dtype, f"{role} {split}"))
-               for split in schema.SPLITS if not (split == "val" and fit.best_val_outputs is not None)}
+               for split in records.SPLITS if not (split == "val" and fit.best_val_outputs is not None)}
     if fit.best_val_outputs is not None:
         # The selected weights are the best epoch's: its validation pass already holds these outputs.
         outputs["val"] = fit.best_val_outputs
-    outputs = {split: outputs[split] for split in schema.SPLITS}
-    results = {split: engine.metrics_from_logits(*outputs[split], class_names) for split in schema.SPLITS}
+    outputs = {split: outputs[split] for split in records.SPLITS}
+    results = {split: engine.metrics_from_logits(*outputs[split], class_names) for split in records.SPLITS}
     top_class, top_share = utils.most_predicted(outputs["test"][0], class_names)
-    row = schema.ModelRow(
+    row = records.ModelRow(
         arch=arch, **deploy.describe(model), best_epoch=fit.best_epoch, epochs_trained=len(fit.history),
         stopped_early=fit.stopped_early, train_seconds=round(fit.train_seconds, 2),
-        test={key: results["test"][key] for key in schema.TEST_KEYS}, test_top_class=top_class,
+        test={key: results["test"][key] for key in records.TEST_KEYS}, test_top_class=top_class,
         test_top_class_share=top_share,
     )
     pretrained = context.initial_weights(role)
@@ -70,7 +66,7 @@ def evaluate_model(
     tested = [epoch["test"]["top1"] for epoch in fit.history if "test" in epoch]  # --eval-test-every-epoch
     if tested:
         row.test_top1_last_epoch, row.test_top1_best_epoch_on_test = tested[-1], max(tested)
-    if not runtime.is_main_process():
+    if not compute.is_main_process():
         return row
     context.saver.wait()  # best_model.pth is measured below, and the training state removed
     figures = deploy.file_figures(model, folder / checkpoints.BEST_MODEL, context.config.image_size)
@@ -88,7 +84,7 @@ def evaluate_model(
 
 
 def write_model_folder(
-    context: trainer.Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult, folder: Path,
+    context: model_run.Context, role: str, arch: str, model: nn.Module, fit: engine.FitResult, folder: Path,
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], results: dict[str, dict[str, Any]],
 ) -> None:
     """A model's reports: per split its classification report and confusion matrix; its history,
@@ -118,7 +114,7 @@ def write_model_folder(
     utils.plot_topk(results, title, folder / "top1_top3_comparison.png", len(class_names))
 
 
-def export_model(context: trainer.Context, role: str, arch: str, model: nn.Module, folder: Path) -> dict[str, Any]:
+def export_model(context: model_run.Context, role: str, arch: str, model: nn.Module, folder: Path) -> dict[str, Any]:
     """Write <model folder>/model.onnx and check it against PyTorch on real validation images."""
     path = folder / "model.onnx"
     metadata = {"arch": arch, "class_names": context.data.class_names, "image_size": context.config.image_size,
@@ -136,7 +132,7 @@ def export_sentence(export: dict[str, Any]) -> str:
             f"{export['tolerance']:.0e}): {verdict}")
 
 
-def finished_row(folder: Path, name: str) -> schema.ModelRow | None:
+def finished_row(folder: Path, name: str) -> records.ModelRow | None:
     """The summary row of a model an interrupted run already finished, or None: also when its results.json
     is empty or cannot be read (as a power cut while it was written can leave it), and that model is then
     trained again (continuing from its training state, if one is left)."""
@@ -145,13 +141,13 @@ def finished_row(folder: Path, name: str) -> schema.ModelRow | None:
         return None
     try:
         results = _run_file(path)
-        row = schema.ModelRow.from_dict({key: value for key, value in results.items()
+        row = records.ModelRow.from_dict({key: value for key, value in results.items()
                                          if key not in ("model", "test_correct", "splits")}, str(path))
     except ValueError as error:
-        if runtime.is_main_process():
+        if compute.is_main_process():
             print(f"[{name}] not finished: {error}; training it again")
         return None
-    if runtime.is_main_process():
+    if compute.is_main_process():
         (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
         print(f"[{name}] finished before the interruption: kept as it was")
     return row
@@ -171,8 +167,8 @@ def read_test_correct(folder: Path) -> np.ndarray:
 
 def make_run_dir(output_dir: str | None) -> Path:
     """The run directory: as given, or a new runs/<timestamp> folder (rank 0 decides for all)."""
-    if not runtime.is_main_process():
-        return Path(runtime.broadcast_object(None))
+    if not compute.is_main_process():
+        return Path(compute.broadcast_object(None))
     if output_dir is not None:
         path = Path(output_dir)
     else:
@@ -183,11 +179,11 @@ def make_run_dir(output_dir: str | None) -> Path:
             suffix += 1
             path = Path("runs") / f"{stamp}-{suffix}"
     path.mkdir(parents=True, exist_ok=True)
-    return Path(runtime.broadcast_object(str(path)))
+    return Path(compute.broadcast_object(str(path)))
 
 
 def write_run_config(run_dir: Path, config: settings.Config, resolved: dict[str, Any],
-                     dataset: schema.DatasetRecord) -> None:
+                     dataset: records.DatasetRecord) -> None:
     """RUN/config.json: every setting, what the run resolved (device, precision, ...) and its data."""
     utils.write_json(run_dir / "config.json",
                      {**settings.saved_config(config), "resolved": resolved, "dataset": dataset.to_dict()})
@@ -210,7 +206,7 @@ def write_skipped_files(run_dir: Path, skipped: list[dict[str, str]]) -> None:
 # ---------------------------------------------------------------- comparison tables
 
 
-def comparison_table(summary: schema.RunSummary) -> str:
+def comparison_table(summary: records.RunSummary) -> str:
     """The final table: one row per model with size, training time and test metrics (of the first seed),
     then, over several seeds, mean +- std of test top-1 and of the gain over the baseline; below it every
     distilled student's gain with its verdict (significant or within noise), and with several seeds
@@ -236,14 +232,14 @@ def comparison_table(summary: schema.RunSummary) -> str:
                       "" if interval is None else f"[{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]"]
         rows.append(cells)
     lines = [utils.text_table(header, rows, left=2).rstrip("\n")]
-    distilled = [role for role in models if schema.is_distilled(role)]
-    lines += [significance.gain_sentence(role, models[role], models[schema.BASELINE], seeds) for role in distilled]
+    distilled = [role for role in models if records.is_distilled(role)]
+    lines += [significance.gain_sentence(role, models[role], models[records.BASELINE], seeds) for role in distilled]
     if distilled:
         zero_spread = any(models[role].zero_spread for role in distilled)
         lines.append("significant: " + significance.rule(several, zero_spread))
     tested = {role: row for role, row in models.items() if row.test_top1_last_epoch is not None}
     if tested:
-        lines.append("test top-1 of the last epoch / of the best epoch " + schema.CHOSEN_ON_TEST + ": " + ", ".join(
+        lines.append("test top-1 of the last epoch / of the best epoch " + records.CHOSEN_ON_TEST + ": " + ", ".join(
             f"{role} {utils.format_metric(row.test_top1_last_epoch)} / "
             f"{utils.format_metric(row.test_top1_best_epoch_on_test)}" for role, row in tested.items()))
     if several:
@@ -257,7 +253,7 @@ def comparison_table(summary: schema.RunSummary) -> str:
 SEED_COLUMNS = ["model", "seed", "top1", "gain", "verdict"]
 
 
-def deployment_table(summary: schema.RunSummary) -> str:
+def deployment_table(summary: records.RunSummary) -> str:
     """Size and speed of every model on this run's device, and each one's two speed-ups over the teacher,
     batch-1 latency and batch throughput, each with its own verdict (deploy.speedup_cell)."""
     header = ["model", "params", "file MB", "GFLOPs/img", "latency ms", "latency IQR", "speed-up",
@@ -266,7 +262,7 @@ def deployment_table(summary: schema.RunSummary) -> str:
     def interval(low_high: list[float], digits: int) -> str:
         return "-".join(f"{value:.{digits}f}" for value in low_high)
 
-    rows, marked, teacher = [], {}, summary.models[schema.TEACHER]
+    rows, marked, teacher = [], {}, summary.models[records.TEACHER]
     for role, row in summary.models.items():
         cells = {kind: deploy.speedup_cell(row, kind, teacher) for kind in deploy.SPEED_KINDS}
         for kind, cell in cells.items():
@@ -290,19 +286,20 @@ def deployment_table(summary: schema.RunSummary) -> str:
             + "".join(note + "\n" for note in notes))
 
 
-def reading_of_result(summary: schema.RunSummary) -> list[str]:
+def reading_of_result(summary: records.RunSummary) -> list[str]:
     """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers.
 
     A distilled student that has not learned the task (significance.failure) is said to be so, not praised."""
     sentences = []
     models = summary.models
-    teacher, baseline = models.get(schema.TEACHER), models.get(schema.BASELINE)
-    distilled_roles = [role for role in models if schema.is_distilled(role)]
+    teacher, baseline = models.get(records.TEACHER), models.get(records.BASELINE)
+    distilled_roles = [role for role in models if records.is_distilled(role)]
     distilled = models[distilled_roles[0]] if distilled_roles else None
     student = distilled or baseline  # every student has the same architecture
     failed = None if distilled is None else significance.failure(distilled, summary.dataset)
     if teacher and distilled and failed:
-        sentences.append(f"The distilled student ({schema.method_of(distilled_roles[0])}) {failed}: it has not learned "
+        method = records.method_of(distilled_roles[0])
+        sentences.append(f"The distilled student ({method}) {failed}: it has not learned "
                          "to tell the classes apart, so its accuracy and its gain are no result (see the warnings).")
     elif teacher and distilled:
         kept = distilled.test["top1"] / teacher.test["top1"] if teacher.test["top1"] else None
@@ -347,11 +344,13 @@ MODEL_COLUMNS = ["model", "architecture", *METRIC_COLUMNS.values(), "parameters"
                  "gain over baseline", "best epoch"]
 
 
-def _model_cells(role: str, row: schema.ModelRow, baseline: schema.ModelRow | None,
-                 metrics: tuple[str, ...] = tuple(METRIC_COLUMNS), teacher: schema.ModelRow | None = None) -> list[str]:
+def _model_cells(
+    role: str, row: records.ModelRow, baseline: records.ModelRow | None,
+    metrics: tuple[str, ...] = tuple(METRIC_COLUMNS), teacher: records.ModelRow | None = None,
+) -> list[str]:
     """One model's cells in the report's table of models (`metrics`: the test metrics shown)."""
     gain = "—"
-    if schema.is_distilled(role) and baseline is not None:
+    if records.is_distilled(role) and baseline is not None:
         gain = f"{100 * (row.test['top1'] - baseline.test['top1']):+.2f}"
         if row.mcnemar_p is not None:
             gain += f", {significance.verdict(row.mcnemar_p)}"
@@ -370,22 +369,22 @@ def _model_cells(role: str, row: schema.ModelRow, baseline: schema.ModelRow | No
             str(row.best_epoch)]
 
 
-def _models_table(summary: schema.RunSummary) -> tuple[list[str], list[list[str]]]:
+def _models_table(summary: records.RunSummary) -> tuple[list[str], list[list[str]]]:
     """The report's table of models: its columns (top-3 only where it says something) and one row per model."""
     metrics = utils.shown_metrics(len(summary.dataset.class_names))
     hidden = {label for key, label in METRIC_COLUMNS.items() if key not in metrics}
-    baseline = summary.models.get(schema.BASELINE)
+    baseline = summary.models.get(records.BASELINE)
     return ([column for column in MODEL_COLUMNS if column not in hidden],
-            [_model_cells(role, row, baseline, metrics, summary.models.get(schema.TEACHER))
+            [_model_cells(role, row, baseline, metrics, summary.models.get(records.TEACHER))
              for role, row in summary.models.items()])
 
 
-def _exports(summary: schema.RunSummary) -> list[str]:
+def _exports(summary: records.RunSummary) -> list[str]:
     """One sentence per ONNX export (--export onnx): the file written and its check against PyTorch."""
     return [f"{role}: {export_sentence(row.export)}." for role, row in summary.models.items() if row.export]
 
 
-def wall_time(summary: schema.RunSummary) -> str:
+def wall_time(summary: records.RunSummary) -> str:
     """The run's wall time; over several sittings (--resume) the total and the last sitting's."""
     total = utils.format_seconds(summary.wall_seconds)
     if not summary.sittings or summary.sittings < 2 or summary.wall_seconds_last_sitting is None:
@@ -394,7 +393,7 @@ def wall_time(summary: schema.RunSummary) -> str:
     return f"{total} in {summary.sittings} sittings (the last {last})"
 
 
-def _data_rows(summary: schema.RunSummary) -> list[tuple[str, str]]:
+def _data_rows(summary: records.RunSummary) -> list[tuple[str, str]]:
     """The report's table of the data: classes, split sizes, how validation and test were obtained, skipped files."""
     dataset, skipped = summary.dataset, summary.skipped_files
     rows = [(f"classes ({len(dataset.class_names)})", ", ".join(dataset.class_names))]
@@ -407,7 +406,7 @@ def _data_rows(summary: schema.RunSummary) -> list[tuple[str, str]]:
     return rows
 
 
-def _run_file(path: Path, record: type[schema.Record] | None = None) -> Any:
+def _run_file(path: Path, record: type[records.Record] | None = None) -> Any:
     """A JSON file of the run (a mapping), checked against its record type when given: ValueError naming
     the file, and the field, when it cannot be read or does not fit. The JSON as read is returned."""
     try:
@@ -446,7 +445,7 @@ def _per_class_f1(results: dict[str, Any], students: list[str], class_names: lis
     return _png_data_uri(utils.figure_png(utils.per_class_f1_figure(per_class, class_names), dpi=100))
 
 
-def _test_figure_rows(summary: schema.RunSummary) -> list[list[str]]:
+def _test_figure_rows(summary: records.RunSummary) -> list[list[str]]:
     """Per model with --eval-test-every-epoch figures: its validation-selected test top-1, the last epoch's and
     the best epoch's chosen on the test split."""
     return [[role, utils.format_metric(row.test.get("top1")), utils.format_metric(row.test_top1_last_epoch),
@@ -457,21 +456,21 @@ def _test_figure_rows(summary: schema.RunSummary) -> list[list[str]]:
 def build_report(run_dir: str | Path) -> str:
     """A self-contained HTML report of a finished run, read from the files in its directory.
 
-    Every file is read through its record type (summary.json: schema.RunSummary; each model's
-    history.json and results.json: schema.ModelHistory, schema.ModelResults): one that is missing,
+    Every file is read through its record type (summary.json: records.RunSummary; each model's
+    history.json and results.json: records.ModelHistory, records.ModelResults): one that is missing,
     damaged or whose fields have the wrong types raises ValueError naming the file and the field.
     """
     run_dir = Path(run_dir)
-    summary = schema.RunSummary.from_dict(_run_file(run_dir / "summary.json"), str(run_dir / "summary.json"))
+    summary = records.RunSummary.from_dict(_run_file(run_dir / "summary.json"), str(run_dir / "summary.json"))
     config = _run_file(run_dir / "config.json")
     roles = list(summary.models)
-    results = {role: _run_file(run_dir / role / RESULTS, schema.ModelResults) for role in roles}
-    histories = {role: _run_file(run_dir / role / "history.json", schema.ModelHistory)["epochs"] for role in roles}
+    results = {role: _run_file(run_dir / role / RESULTS, records.ModelResults) for role in roles}
+    histories = {role: _run_file(run_dir / role / "history.json", records.ModelHistory)["epochs"] for role in roles}
     curves = [{"label": label, "src": _png_data_uri(utils.figure_png(utils.curves_figure(histories, key, key), 100))}
               for key, label in (("loss", "loss (train: training objective, val: CE)"), ("top1", "top-1 accuracy"))]
     confusions = [{"label": role, "src": _png_data_uri(_run_bytes(run_dir / role / "confusion_matrix_test.png"))}
                   for role in roles]
-    students = [role for role in roles if role.startswith(schema.STUDENT_PREFIX)]
+    students = [role for role in roles if role.startswith(records.STUDENT_PREFIX)]
     per_class_f1 = _per_class_f1(results, students, summary.dataset.class_names, run_dir)
     metric = significance.METRIC_NAMES.get(config.get("select_metric", "top1"), config.get("select_metric"))
     models_note = (f"Best epoch chosen on validation {metric} (--select-metric); test metrics of those weights. "
@@ -490,14 +489,14 @@ def build_report(run_dir: str | Path) -> str:
         seed_columns=SEED_COLUMNS, seed_rows=significance.seed_rows(summary) if len(summary.seeds) > 1 else [],
         exports=_exports(summary), curves=curves, confusions=confusions, per_class_f1=per_class_f1,
         data_rows=_data_rows(summary), sweep=None if summary.sweep is None else _sweep_view(summary.sweep),
-        test_figure_rows=_test_figure_rows(summary), chosen_on_test=schema.CHOSEN_ON_TEST,
+        test_figure_rows=_test_figure_rows(summary), chosen_on_test=records.CHOSEN_ON_TEST,
         settings_rows=[(key, json.dumps(value)) for key, value in config.items() if key != "dataset"],
     )
 
 
-def _sweep_view(sweep: schema.SweepRecord) -> dict[str, Any]:
-    """The report's Sweep section (see sweep_report.section), its figures as data URIs."""
-    view = sweep_report.section(sweep)
+def _sweep_view(sweep: records.SweepRecord) -> dict[str, Any]:
+    """The report's Sweep section (see findings.section), its figures as data URIs."""
+    view = findings.section(sweep)
     view["figures"] = [{"label": label, "src": _png_data_uri(png)} for label, png in view["figures"]]
     return view
 
@@ -511,7 +510,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 # ---------------------------------------------------------------- the ledger of runs
 
-LEDGER_ROLES = (schema.TEACHER, schema.BASELINE, schema.distilled_role("kd"))  # each has its own top-1 column
+LEDGER_ROLES = (records.TEACHER, records.BASELINE, records.distilled_role("kd"))  # each has its own top-1 column
 LEDGER_COLUMNS = [
     "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
     "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
@@ -520,11 +519,11 @@ LEDGER_COLUMNS = [
 ]
 
 
-def ledger_row(config: settings.Config, summary: schema.RunSummary, run_dir: Path) -> dict[str, Any]:
+def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Path) -> dict[str, Any]:
     """One line of the runs ledger: what was run, with which key settings, and how it scored."""
     dataset = "bundled digits" if settings.is_bundled(config) else (config.data_dir or config.train_dir)
     models = summary.models
-    distilled = [role for role in models if schema.is_distilled(role)]
+    distilled = [role for role in models if records.is_distilled(role)]
     return {
         "finished_at": summary.finished_at, "run_dir": str(run_dir), "dataset": dataset,
         **{key: getattr(config, key) for key in ("teacher_model", "student_model", "student_epochs", "optimizer",
@@ -536,7 +535,7 @@ def ledger_row(config: settings.Config, summary: schema.RunSummary, run_dir: Pat
         "teacher_lr": "" if config.teacher_checkpoint else config.teacher_lr,
         "kd_methods": ",".join(settings.kd_methods(config)), "seeds": ",".join(map(str, settings.seeds(config))),
         **{f"{role}_top1": round(models[role].test["top1"], 6) if role in models else None for role in LEDGER_ROLES},
-        "distilled_top1": " ".join(f"{schema.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
+        "distilled_top1": " ".join(f"{records.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
         "kd_gain_top1": None if summary.kd_gain_top1 is None else round(summary.kd_gain_top1, 6),
         "wall_seconds": summary.wall_seconds,  # every sitting of a resumed run
         "wall_seconds_last_sitting": (summary.wall_seconds if summary.wall_seconds_last_sitting is None

@@ -21,8 +21,8 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 import KD_engine
-import settings
-from errors import SettingsError
+from config import settings
+from core.errors import SettingsError
 
 METHOD = "method"  # the spec's name for the distillation method: one a trial, in place of --kd-methods
 SEARCHABLE_GROUPS = ("training", "distillation methods")  # Config groups of the student's training settings

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-import errors
+from core import errors
 
 # torchvision's ImageFolder extensions, plus GIF (its first frame is used).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")

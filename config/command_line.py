@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-import errors
-from errors import SettingsError
-from settings import FIELDS, GROUPS, Config, nullable, value_type
+from config.settings import FIELDS, GROUPS, Config, nullable, value_type
+from core import errors
+from core.errors import SettingsError
 
 # ---------------------------------------------------------------- the command line
 

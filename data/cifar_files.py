@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import decoding
-import errors
+from core import errors
+from data import decoding
 
 SIDE = 32  # pixels: every CIFAR image is 32 x 32
 ROW = 3 * SIDE * SIDE

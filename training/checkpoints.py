@@ -21,13 +21,11 @@ import torch
 from torch import nn
 from torchvision import models
 
-import decoding
 import engine
-import errors
 import model_builder
-import schema
-import snapshots
 import utils
+from core import errors, host_weights, records
+from data import decoding
 
 TRAIN_STATE = "train_state.pth"  # per model: everything needed to continue after its last finished epoch
 BEST_MODEL = "best_model.pth"  # per model: the weights of its best epoch, with their description
@@ -55,14 +53,14 @@ def host_copy(value: Any) -> Any:
     """Checkpoint contents a background write can take while training goes on: dicts, lists and tuples
     rebuilt (an epoch appended to the history later does not reach the file), tensors on a device
     copied to the host, and tensors already on the host taken as they are, not copied a second time
-    (the trainer's host buffers, refilled only once the write is done: see `snapshots`)."""
-    return snapshots.map_tensors(value, lambda path, tensor: tensor.detach().cpu())
+    (the trainer's host buffers, refilled only once the write is done: see `host_weights`)."""
+    return host_weights.map_tensors(value, lambda path, tensor: tensor.detach().cpu())
 
 
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's weights as contiguous host copies (what every checkpoint stores), whatever
     the layout the model trains in."""
-    return snapshots.HostBuffers().fill(model_builder.unwrap(model).state_dict())
+    return host_weights.HostBuffers().fill(model_builder.unwrap(model).state_dict())
 
 
 def make_checkpoint(
@@ -96,9 +94,9 @@ def _are_numbers(value: Any, count: int) -> bool:
 
 
 def _is_history(value: Any) -> bool:
-    """A list of epochs as history.json holds them (schema.EpochRecord)."""
+    """A list of epochs as history.json holds them (records.EpochRecord)."""
     try:
-        schema.ModelHistory.from_dict({"best_epoch": 0, "epochs": value})
+        records.ModelHistory.from_dict({"best_epoch": 0, "epochs": value})
     except ValueError:
         return False
     return True
@@ -284,7 +282,7 @@ def training_state(
 
 def _parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Give each optimizer state tensor shaped as its parameter the parameter's memory layout. The state is
-    saved contiguous (`snapshots.HostBuffers`), and a channels_last weight updated with contiguous moments takes
+    saved contiguous (`host_weights.HostBuffers`), and a channels_last weight updated with contiguous moments takes
     other kernels, with other rounding: a resumed run would drift from an uninterrupted one."""
     for group in optimizer.param_groups:
         for parameter in group["params"]:

@@ -18,20 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoints
 import data_setup
 import engine
 import KD_engine
-import KD_features
 import model_builder
-import runtime
-import schedules
-import schema
-import settings
-import snapshots
-import state_dicts
 import utils
-from errors import SettingsError
+from config import settings
+from core import compute, host_weights, records, schedules
+from core.errors import SettingsError
+from methods import feature_methods
+from nets import foreign_formats
+from training import checkpoints
 
 
 @dataclass
@@ -58,7 +55,7 @@ class Context:
         config = self.config
         loader = data_setup.BatchLoader(
             self.data.train, config.batch_size, self.data.mean, self.data.std, self.device,
-            settings.augmentation(config), seed=seed, workers=config.workers, shard=runtime.rank_and_world(),
+            settings.augmentation(config), seed=seed, workers=config.workers, shard=compute.rank_and_world(),
             balanced=config.balanced_sampler,
         )
         if teacher_logits is not None:
@@ -78,14 +75,14 @@ class Context:
 
     def save_as_best(self, folder: Path, role: str, arch: str, model: nn.Module, fit: engine.FitResult) -> None:
         """Save `model` as `folder`'s best_model.pth, of epoch `fit.best_epoch` with `fit.history` (rank 0 only)."""
-        if runtime.is_main_process():
+        if compute.is_main_process():
             checkpoints.save_checkpoint(folder / checkpoints.BEST_MODEL, checkpoints.make_checkpoint(
                 self.description(), role, arch, checkpoints.model_weights(model), fit.best_epoch, fit.history,
                 checkpoints.head_of(model)))
 
     def initial_weights(self, role: str) -> model_builder.Pretrained | None:
         """The weights a model of this role starts from (the teacher's, or the students' shared ones), if any."""
-        return self.pretrained.get("teacher" if role == schema.TEACHER else "student")
+        return self.pretrained.get("teacher" if role == records.TEACHER else "student")
 
 
 def seed_everything(seed: int) -> None:
@@ -136,7 +133,7 @@ def check_initial_weights(
             record = model_builder.pretrained_fit(model, pretrained)[1]
         except model_builder.WeightsError as error:
             raise SettingsError(f"--{role}-weights: {error}") from None
-        if runtime.is_main_process():
+        if compute.is_main_process():
             print(f"The {role} starts from {record['weights']}: {record['loaded_tensors']} of "
                   f"{record['model_tensors']} tensors loaded; re-initialized (no tensor of that shape in the file): "
                   f"{', '.join(record['reinitialized']) or 'none'}")
@@ -146,7 +143,7 @@ def check_exact_fit(model: nn.Module, pretrained: model_builder.Pretrained, arch
     """A teacher used as loaded (--teacher-epochs 0) needs every layer from its file: stop naming every one that
     does not fit (the classifier of another class count, layers of another architecture)."""
     own = model.state_dict()
-    found = state_dicts.mismatches(own, state_dicts.align(own, pretrained.state_dict))
+    found = foreign_formats.mismatches(own, foreign_formats.align(own, pretrained.state_dict))
     if found:
         shown = "; ".join(found[:8]) + (f"; and {len(found) - 8} more" if len(found) > 8 else "")
         raise SettingsError(f"--teacher-epochs 0 uses the teacher as --teacher-weights {pretrained.source} gives it, "
@@ -178,7 +175,7 @@ def place_model(context: Context, model: nn.Module) -> nn.Module:
     """A model on the run's device in channels_last, wrapped for torchrun's processes. (With --compile,
     `train_model` compiles its training step, the model inside.)"""
     model = model.to(context.device, memory_format=torch.channels_last)
-    if runtime.rank_and_world()[1] > 1:
+    if compute.rank_and_world()[1] > 1:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return model
@@ -260,10 +257,10 @@ def student_criterion(
 ) -> tuple[Callable[[nn.Module, int], engine.Criterion], torch.Tensor | None]:
     """How to make a student role's criterion (see `train_model`), and the cached teacher logits it can
     use: none for the baseline, nor for feature methods, which run the teacher for its features."""
-    if role == schema.BASELINE:
+    if role == records.BASELINE:
         return functools.partial(supervised_criterion, context), None
-    method = schema.method_of(role)
-    cached = None if method in KD_features.FEATURE_METHODS else teacher_logits
+    method = records.method_of(role)
+    cached = None if method in feature_methods.FEATURE_METHODS else teacher_logits
     return functools.partial(distillation_criterion, context, method, teacher, pairs), cached
 
 
@@ -276,7 +273,7 @@ def distillation_teacher(context: Context, teacher: nn.Module) -> tuple[nn.Modul
         teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], context.device, context.amp_dtype,
                                            "teacher logits")
     # The teacher is frozen on every rank; without its DDP wrapper, its forward needs no other rank.
-    return runtime.store_for_autocast(model_builder.unwrap(teacher, keep_compiled=True), context.amp_dtype), \
+    return compute.store_for_autocast(model_builder.unwrap(teacher, keep_compiled=True), context.amp_dtype), \
         teacher_logits
 
 
@@ -313,7 +310,7 @@ def tensorboard_logger(context: Context, folder: Path) -> tuple[EpochLog | None,
     """With --tensorboard (on rank 0), a callback writing one epoch's numbers under RUN/tensorboard/<model
     folder> (loss parts, accuracy, precision / recall / F1, learning rate), and how to close it; else (None, a
     no-op)."""
-    if not context.config.tensorboard or not runtime.is_main_process():
+    if not context.config.tensorboard or not compute.is_main_process():
         return None, lambda: None
     from torch.utils.tensorboard import SummaryWriter
 
@@ -341,7 +338,7 @@ def _restored(
         return None
     resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler, trainable,
                                           generator)
-    if runtime.is_main_process():
+    if compute.is_main_process():
         print(f"[{role}] resuming after epoch {len(resume[0].history)} of {epochs}")
     return resume
 
@@ -349,16 +346,16 @@ def _restored(
 def _epoch_saver(
     context: Context, role: str, arch: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, generator: torch.Generator,
-    weights: snapshots.WeightSnapshots, best_checkpoint: Callable[[dict[str, torch.Tensor], engine.FitResult],
+    weights: host_weights.WeightSnapshots, best_checkpoint: Callable[[dict[str, torch.Tensor], engine.FitResult],
                                                                  dict[str, Any]], state_path: Path,
 ) -> Callable[[engine.FitResult], None]:
     """What `engine.fit` calls after each epoch: best_model.pth when the epoch is the best so far, then the state
     to resume from, handed to the background writer from host buffers reused every epoch."""
-    state_buffers = snapshots.HostBuffers()
+    state_buffers = host_weights.HostBuffers()
 
     @checkpoints.finish_before_interrupt
     def save_epoch(result: engine.FitResult) -> None:
-        if not runtime.is_main_process():
+        if not compute.is_main_process():
             return
         context.saver.wait()
         epoch = len(result.history)
@@ -386,14 +383,14 @@ def train_model(
 
     `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
     `teacher_logits` (one row per training image) go to the criterion with each batch; `on_epoch(record)` sees
-    each validated epoch before its save (a sweep's pruner). With --compile (see `runtime.resolve_compile`) the
+    each validated epoch before its save (a sweep's pruner). With --compile (see `compute.resolve_compile`) the
     training step is compiled and every batch has one size. After every epoch the whole training state goes to
     <folder>/train_state.pth; when it exists (an interrupted run), training continues after its last epoch.
     At the end best_model.pth gets the whole history (every epoch trained, not only those up to the best).
     """
     model = new_model(context, arch, seed, context.initial_weights(role))
     train_loader = context.train_loader(seed, teacher_logits)
-    compiled = runtime.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
+    compiled = compute.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
     optimizer = make_optimizer(context.config, model, lr, criterion)
@@ -405,7 +402,7 @@ def train_model(
     resume = _restored(role, epochs, state_path, model, optimizer, scheduler, trainable, train_loader.generator)
     # The epoch's weights are copied to the host once, into buffers the previous epoch's files are written
     # from: refilling them waits for that write.
-    weights = snapshots.WeightSnapshots(before_refill=context.saver.wait)
+    weights = host_weights.WeightSnapshots(before_refill=context.saver.wait)
 
     def best_checkpoint(best_weights: dict[str, torch.Tensor], result: engine.FitResult) -> dict[str, Any]:
         return checkpoints.make_checkpoint(context.description(), role, arch, best_weights, result.best_epoch,
@@ -413,7 +410,7 @@ def train_model(
 
     save_epoch = _epoch_saver(context, role, arch, model, optimizer, scheduler, trainable, train_loader.generator,
                               weights, best_checkpoint, state_path)
-    step = runtime.CompiledStep(criterion, context.device) if compiled else criterion
+    step = compute.CompiledStep(criterion, context.device) if compiled else criterion
     log_epoch, close_log = tensorboard_logger(context, folder)
     try:
         result = engine.fit(
@@ -427,7 +424,7 @@ def train_model(
         close_log()
         if hasattr(criterion, "close"):
             criterion.close()  # its hooks must not outlive training (export, reports)
-    if runtime.is_main_process() and 0 < result.best_epoch < len(result.history):
+    if compute.is_main_process() and 0 < result.best_epoch < len(result.history):
         # Written at its epoch, best_model.pth holds the history up to it; a reused teacher shows every epoch.
         context.saver.save({folder / checkpoints.BEST_MODEL: best_checkpoint(checkpoints.model_weights(model), result)})
     return model, result

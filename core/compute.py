@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import errors
+from core import errors
 
 
 def init_distributed() -> tuple[int, int, int]:

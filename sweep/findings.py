@@ -13,9 +13,9 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, distribution_to_json, json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
 
-import schema
-import sweep_space
 import utils
+from core import records
+from sweep import search_space
 
 FEW_TRIALS = 10  # fewer finished trials than this make the contour and fANOVA's importances rough
 EDGE_SHARE = 0.02  # a best value this close to an end of its range (as a share of the range) lies "at the edge"
@@ -33,12 +33,12 @@ def params_text(params: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- the record
 
 
-def trial_record(trial: FrozenTrial) -> schema.SweepTrial:
+def trial_record(trial: FrozenTrial) -> records.SweepTrial:
     """One trial of the study as summary.json records it."""
     seconds = trial.user_attrs.get("seconds")
     if seconds is None and trial.datetime_start is not None and trial.datetime_complete is not None:
         seconds = round((trial.datetime_complete - trial.datetime_start).total_seconds(), 2)
-    return schema.SweepTrial(
+    return records.SweepTrial(
         number=trial.number, state=trial.state.name.lower(), params=dict(trial.params),
         epochs=len(trial.intermediate_values), value=trial.value if trial.state == TrialState.COMPLETE else None,
         curve=[trial.intermediate_values[step] for step in sorted(trial.intermediate_values)], seconds=seconds,
@@ -48,9 +48,9 @@ def trial_record(trial: FrozenTrial) -> schema.SweepTrial:
 def record(
     study: optuna.Study, best: FrozenTrial, space: dict[str, Any], requested: int, metric: str, storage: str,
     study_name: str, spec: str,
-) -> schema.SweepRecord:
+) -> records.SweepRecord:
     """summary.json's `sweep`: what was searched and how, the best trial, and every trial of the study."""
-    return schema.SweepRecord(
+    return records.SweepRecord(
         spec=spec, metric=metric, direction=study.direction.name.lower(), storage=storage, study_name=study_name,
         trials_requested=requested,
         distributions={name: json.loads(distribution_to_json(dist)) for name, dist in space.items()},
@@ -58,19 +58,19 @@ def record(
         trials=[trial_record(trial) for trial in study.get_trials(deepcopy=False)])
 
 
-def _distributions(sweep: schema.SweepRecord) -> dict[str, BaseDistribution]:
+def _distributions(sweep: records.SweepRecord) -> dict[str, BaseDistribution]:
     """The searched settings' Optuna distributions, from the record."""
     return {name: json_to_distribution(json.dumps(form)) for name, form in sweep.distributions.items()}
 
 
-def _states(sweep: schema.SweepRecord) -> dict[str, int]:
+def _states(sweep: records.SweepRecord) -> dict[str, int]:
     counts: dict[str, int] = {}
     for trial in sweep.trials:
         counts[trial.state] = counts.get(trial.state, 0) + 1
     return counts
 
 
-def sanity_warnings(sweep: schema.SweepRecord) -> list[str]:
+def sanity_warnings(sweep: records.SweepRecord) -> list[str]:
     """Sentences on what makes a sweep's choice untrustworthy: validation that cannot tell the trials apart, and
     a best value at the end of its range (better ones may lie beyond)."""
     found = []
@@ -96,7 +96,7 @@ def sanity_warnings(sweep: schema.SweepRecord) -> list[str]:
 # ---------------------------------------------------------------- the report's section
 
 
-def _study_of(sweep: schema.SweepRecord) -> optuna.Study:
+def _study_of(sweep: records.SweepRecord) -> optuna.Study:
     """An in-memory study holding the record's finished trials, for Optuna's figures."""
     distributions = _distributions(sweep)
     study = optuna.create_study(direction=sweep.direction)
@@ -115,18 +115,18 @@ def _figure_png(axes: Any) -> bytes:
     return utils.figure_png(figure, dpi=100)
 
 
-def figures(sweep: schema.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
+def figures(sweep: records.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
     """The Sweep section's pictures, (caption, PNG): optimization history, the score over the two most important
     settings, the settings' importances, each trial's validation curve; and notes on figures left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     # Optuna's figures switch matplotlib to its ggplot style for good: the context puts the style back after them.
-    with sweep_space.quiet_optuna(), matplotlib.rc_context():
+    with search_space.quiet_optuna(), matplotlib.rc_context():
         return _figures(sweep)
 
 
-def _figures(sweep: schema.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
+def _figures(sweep: records.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
     from optuna.visualization import matplotlib as plots
 
     study, target = _study_of(sweep), f"validation {sweep.metric}"
@@ -159,7 +159,7 @@ def _figures(sweep: schema.SweepRecord) -> tuple[list[tuple[str, bytes]], list[s
     return pictures, notes
 
 
-def section(sweep: schema.SweepRecord) -> dict[str, Any]:
+def section(sweep: records.SweepRecord) -> dict[str, Any]:
     """What the report's Sweep section shows, from summary.json's record: a lead sentence, the figures
     (caption, PNG bytes), notes, and the trials table (columns, rows)."""
     states = ", ".join(f"{count} {state}" for state, count in _states(sweep).items())

@@ -21,8 +21,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-import errors
 import utils
+from core import errors
 
 DECODE_WORKERS_THRESHOLD = 2000  # images; below this, worker start-up costs more than it saves
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
