@@ -18,7 +18,8 @@ from typing import Any
 # Keys whose values depend on where and when a run sat, not on what it computed.
 VOLATILE = {"output_dir", "run_dir", "train_seconds", "wall_seconds", "finished_at", "seconds", "latency_ms",
             "latency_ms_iqr", "throughput_img_s", "throughput_img_s_iqr", "speedup_over_teacher", "speedup_clear",
-            "reused_from", "file", "onnx"}
+            "reused_from", "file", "onnx", "throughput_speedup_over_teacher", "latency_noisy", "throughput_noisy",
+            "wall_seconds_last_sitting"}
 
 
 def stable(value: Any) -> Any:
