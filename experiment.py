@@ -77,7 +77,7 @@ REVIEWKD_WARMUP_EPOCHS: int | None = None  # reviewkd: linear warm-up epochs; No
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
 SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep/search.py)
 TRIALS = 20  # trials of a sweep, over all its workers
-STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/search.db
+STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/sweep.db
 STUDY_NAME: str | None = None  # the study's name in STUDY_STORAGE; None: the run directory's name
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
 TEST_FRACTION = 0.2  # of all images, carved (stratified) first when the data folder holds only class folders

@@ -53,7 +53,7 @@ def test_spec_grammar_gives_typed_distributions():
 
 
 def test_a_settings_file_can_hold_the_sweep(tmp_path):
-    path = tmp_path / "search.yaml"
+    path = tmp_path / "sweep.yaml"
     path.write_text("sweep: temperature=1:10:log,alpha=0.1:0.9\ntrials: 12\nstudy_name: kd-sweep\n")
     _, args, given = command_line.parse_command_line(["--config", str(path)], experiment.default_config())
     assert (args["sweep"], args["trials"], args["study_name"]) == ("temperature=1:10:log,alpha=0.1:0.9", 12, "kd-sweep")
@@ -79,7 +79,7 @@ def test_searchable_settings_come_from_the_config_types(monkeypatch):
     (f"mysql+pymysql://kd:{PASSWORD}@db/kd?charset=utf8&password={PASSWORD}",
      "mysql+pymysql://kd:***@db/kd?charset=utf8&password=***"),
     ("postgresql://kd@db/kd", "postgresql://kd@db/kd"),
-    ("sqlite:////abs/search.db", "sqlite:////abs/search.db"),
+    ("sqlite:////abs/sweep.db", "sqlite:////abs/sweep.db"),
     ("/shared/sweeps/kd.journal", "/shared/sweeps/kd.journal"),
 ])
 def test_a_storage_password_is_hidden(url, shown):
