@@ -23,7 +23,6 @@ import utils
 from core import compute, host_weights
 
 Batches = Iterable[tuple[torch.Tensor, ...]]  # (images, labels, *extra)
-Criterion = Callable[..., dict[str, torch.Tensor]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,7 +55,25 @@ def hard_label_loss(
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
 
-class SupervisedCriterion:
+class Criterion:
+    """What the loop optimizes: `criterion(model, images, labels, *extra)` gives {"loss": ..., "logits": ...,
+    <named loss parts>}. `trainable` is what the optimizer trains beside the model (a distillation method's
+    regressors, ...) or None; `set_epoch(epoch)` is called before each epoch (from 1); `close()` once training ends."""
+
+    trainable: nn.Module | None = None
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 *extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Told which epoch (from 1) is about to run."""
+
+    def close(self) -> None:
+        """Release what the criterion holds on models (hooks)."""
+
+
+class SupervisedCriterion(Criterion):
     """Cross-entropy on the hard labels (plain training); `hard_loss` may smooth or weight it."""
 
     def __init__(self, hard_loss: HardLoss = F.cross_entropy) -> None:
@@ -305,8 +322,7 @@ def _train_and_validate(
     """One epoch trained, then validated: its history record, and the validation logits and labels."""
     epoch_start = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
-    if hasattr(criterion, "set_epoch"):
-        criterion.set_epoch(epoch)
+    criterion.set_epoch(epoch)
     train_metrics = _train_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler,
                                  amp_dtype, name, epoch, epochs, best_epoch)
     val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")

@@ -64,16 +64,9 @@ IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
 T = 4.0  # distillation temperature
 ALPHA = 0.5  # weight of the hard-label CE term; (1 - ALPHA) weighs the distillation term
 KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), fitnet, dkd, at, dist, kd_ls, dkd_ls,
-# dist_ls, reviewkd
-BETA: float | None = None  # fitnet / at / reviewkd: feature term's weight; None: the references' weight times ALPHA
-FEATURE_LAYERS: str | None = None  # feature methods: "teacher_layer:student_layer,..."; None: the references' pairs
-DKD_ALPHA = 1.0  # dkd: weight of the target-class term (the paper's value)
-DKD_BETA: float | None = None  # dkd: non-target weight; None: mdistiller's CIFAR-100 value for the pair, else 8
-DKD_WARMUP_EPOCHS: int | None = None  # dkd: linear warm-up over this many epochs; None: the paper's share (20 of 240)
-DIST_WEIGHT = 2.0  # dist: DIST term's weight beside a CE weight of 1 (DIST_KD's CIFAR config dist_cifar.yaml)
-LS_TEMPERATURE = 2.0  # kd_ls / dkd_ls / dist_ls: base temperature after the z-score (logit-standardization-KD's)
-LS_WEIGHT = 9.0  # kd_ls / dkd_ls / dist_ls: multiplier of the distillation weights (logit-standardization-KD's)
-REVIEWKD_WARMUP_EPOCHS: int | None = None  # reviewkd: linear warm-up epochs; None: mdistiller's share (20 of 240)
+# dist_ls, reviewkd (python experiment.py --help lists them all)
+# Each method's own settings (--dkd-beta, --beta, ...) default to its reference's values, declared in its file in
+# methods/; a constant named after the flag (DKD_BETA = 6.0) here overrides that default.
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
 SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep/search.py)
 TRIALS = 20  # trials of a sweep, over all its workers
@@ -259,8 +252,7 @@ def announce(context: model_run.Context, dataset: records.DatasetRecord, world: 
     precision = compute.precision_name(context.amp_dtype)
     if not resume:
         resolved = {"device": str(context.device), "precision": precision, "processes": world,
-                    "feature_weights": settings.feature_weights(config), "dkd_beta": settings.dkd_beta(config),
-                    "logit_weights": settings.logit_weights(config)}
+                    **settings.method_weights(config)}
         report.write_run_config(run_dir, config, resolved, dataset)
     print(f"{'Resuming the run in' if resume else 'Run directory:'} {run_dir}  |  device {context.device}, "
           f"{precision}, {world} process{'es' if world > 1 else ''}  |  {len(data.class_names)} classes, "
@@ -318,7 +310,7 @@ def train_students(context: model_run.Context, teacher: nn.Module, kept: Student
     config = context.config
     arch = model_builder.architecture_name(config.student_model)
     frozen_teacher, teacher_logits = model_run.distillation_teacher(context, teacher)
-    pairs, seeds = settings.feature_pairs(config), settings.seeds(config)
+    seeds = settings.seeds(config)
     students: Students = {role: dict((kept or {}).get(role, {}))
                           for role in records.student_roles(settings.kd_methods(config))}
     for seed in seeds:
@@ -329,7 +321,7 @@ def train_students(context: model_run.Context, teacher: nn.Module, kept: Student
             name = records.model_name(role, seed, seeds)
             row = report.finished_row(folder, name)
             if row is None:
-                criterion, cached = model_run.student_criterion(context, role, frozen_teacher, pairs, teacher_logits)
+                criterion, cached = model_run.student_criterion(context, role, frozen_teacher, teacher_logits)
                 student, fit = model_run.train_model(context, name, arch, config.student_epochs, config.student_lr,
                                                    criterion, folder, seed, cached)
                 row = report.evaluate_model(context, name, arch, student, fit, folder)

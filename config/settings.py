@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
 import data_setup
 import engine
@@ -27,7 +28,8 @@ import model_builder
 from core import compute, schedules
 from core.errors import SettingsError
 from data import decoding
-from methods import feature_methods
+from methods import feature_maps
+from methods.base import Setting
 
 GROUPS = ("data", "models", "training", "distillation methods", "sweep", "speed", "output")
 
@@ -49,14 +51,11 @@ def flag(group: str, help: str, **details: Any) -> Any:
     return field(metadata={"flag": Flag(group, help, **details)})
 
 
-FEATURE_WEIGHTS_TEXT = ", ".join(f"{method} {weight:g}" for method, weight in feature_methods.FEATURE_WEIGHTS.items())
-DKD_BETAS_TEXT = ", ".join(f"{teacher}->{student} {beta:g}"
-                           for (teacher, student), beta in KD_engine.DKD_REFERENCE_BETAS.items())
 
 
 @dataclass
-class Config:
-    """Every setting of a run; saved in config.json and in every checkpoint."""
+class RunSettings:
+    """The settings every run has; `Config` adds each distillation method's own (see `method_settings`)."""
 
     data_dir: str | None = flag("data", "folder holding train/ [val/] test/ class folders, or only class folders "
                                 "(test and validation are then carved)", unset="the bundled digits")
@@ -115,33 +114,8 @@ class Config:
     temperature: float = flag("training", "distillation temperature T of kd, dkd, dist and the feature methods' KD "
                               "term (4 in the references' CIFAR configs, DIST_KD's too)", constant="T")
     alpha: float = flag("training", "weight of the hard-label CE term (1 - alpha weighs the KD term)")
-    kd_methods: str = flag("distillation methods", f"comma-separated, one student each: {', '.join(KD_engine.METHODS)}")
-    beta: float | None = flag("distillation methods", "fitnet/at/reviewkd: weight of the feature term, beside "
-                              "alpha*CE + (1-alpha)*KD",
-                              unset=f"the references' weight beside a CE weight of 1 ({FEATURE_WEIGHTS_TEXT}: "
-                              "RepDistiller's scripts, mdistiller's CIFAR-100 configs) times --alpha")
-    feature_layers: str | None = flag("distillation methods", "fitnet/at/reviewkd: teacher_layer:student_layer pairs, "
-                                      "comma-separated, shallowest first (reviewkd: its last pair is the deepest "
-                                      "level, e.g. avgpool:avgpool; see --list-layers)",
-                                      unset="the references' pairs for the two models")
-    dkd_alpha: float = flag("distillation methods", "dkd/dkd_ls: weight of the target-class term (the paper's 1)")
-    dkd_beta: float | None = flag("distillation methods", "dkd/dkd_ls: weight of the non-target-class term",
-                                  unset=f"the value of mdistiller's CIFAR-100 config for the teacher/student pair "
-                                  f"({DKD_BETAS_TEXT}), {KD_engine.DKD_DEFAULT_BETA:g} for any other pair")
-    dkd_warmup_epochs: int | None = flag("distillation methods", "dkd/dkd_ls: epochs of linear warm-up of the DKD "
-                                         "term, ramped per optimizer step",
-                                         unset="the paper's 20 of 240 epochs, as a share of all steps")
-    dist_weight: float = flag("distillation methods", "dist: weight of the DIST term in alpha*CE + "
-                              "(1-alpha)*weight*DIST (DIST_KD's CIFAR config dist_cifar.yaml: CE 1, DIST 2, tau 4)")
-    ls_temperature: float = flag("distillation methods", "kd_ls/dkd_ls/dist_ls: the base temperature dividing the "
-                                 "z-scored logits (logit-standardization-KD's --base-temp 2)")
-    ls_weight: float = flag("distillation methods", "kd_ls/dkd_ls/dist_ls: multiplier of the base method's "
-                            "distillation weights (logit-standardization-KD's --kd-weight 9): dkd_ls 9x "
-                            "--dkd-alpha and --dkd-beta, dist_ls 9x --dist-weight (no published setting), kd_ls "
-                            "9 / 0.1 = 90 (the reference's KD keeps CE weight 0.1)")
-    reviewkd_warmup_epochs: int | None = flag("distillation methods", "reviewkd: epochs of linear warm-up of the "
-                                              "ReviewKD term, ramped per optimizer step",
-                                              unset="mdistiller's 20 of 240 epochs, as a share of all steps")
+    kd_methods: str = flag("distillation methods",
+                           f"comma-separated, one student each: {', '.join(KD_engine.method_names())}")
     seeds: str | None = flag("distillation methods", "comma-separated seeds: every student is trained once per seed",
                              unset="--seed alone")
     sweep: str | None = flag("sweep", "search settings of the distilled student with Optuna, on the validation split: "
@@ -188,10 +162,28 @@ class Config:
 
     @classmethod
     def from_constants(cls, constants: Mapping[str, Any]) -> Config:
-        """The Config of `constants` (experiment.py's module namespace): each field from its constant."""
-        return cls(**{name: constants[constant_name(name)] for name in FIELDS})
+        """The Config of `constants` (experiment.py's module namespace): each field from its constant; a method's
+        setting without a constant takes the default its method's file declares."""
+        return Config(**{name: constants[constant_name(name)] if constant_name(name) in constants
+                         else METHOD_SETTINGS[name].default for name in FIELDS})
 
 
+def method_settings() -> dict[str, Setting]:
+    """Every registered method's own settings by field name (methods that share one declare the same object)."""
+    declared: dict[str, Setting] = {}
+    for name in KD_engine.method_names():
+        for field_name, setting in KD_engine.method_class(name).settings.items():
+            if declared.setdefault(field_name, setting) is not setting:
+                raise ValueError(f"Two methods declare different settings called '{field_name}'.")
+    return declared
+
+
+METHOD_SETTINGS = method_settings()
+Config = dataclasses.make_dataclass("Config", [
+    (name, setting.type, flag("distillation methods", setting.help, unset=setting.unset))
+    for name, setting in METHOD_SETTINGS.items()], bases=(RunSettings,))
+Config.__doc__ = "Every setting of a run; saved in config.json and in every checkpoint."
+Config.__module__ = __name__
 FIELDS: dict[str, Flag] = {spec.name: spec.metadata["flag"] for spec in dataclasses.fields(Config)}
 TYPES: dict[str, Any] = typing.get_type_hints(Config)
 PATH_SETTINGS = ("data_dir", "train_dir", "val_dir", "test_dir", "output_dir", "teacher_checkpoint",
@@ -260,10 +252,11 @@ def augmentation(config: Config) -> data_setup.Augmentation:
 
 def kd_methods(config: Config) -> list[str]:
     """The distillation methods asked for, in order, each known and named once."""
+    known = KD_engine.method_names()
     methods = [method.strip().lower() for method in config.kd_methods.split(",") if method.strip()]
-    unknown = [method for method in methods if method not in KD_engine.METHODS]
+    unknown = [method for method in methods if method not in known]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise SettingsError(f"--kd-methods must list distinct methods of {', '.join(KD_engine.METHODS)} "
+        raise SettingsError(f"--kd-methods must list distinct methods of {', '.join(known)} "
                             f"(got '{config.kd_methods}').")
     return methods
 
@@ -281,51 +274,46 @@ def seeds(config: Config) -> list[int]:
     return values
 
 
-def feature_pairs(config: Config) -> dict[str, list[tuple[str, str]]]:
-    """Each feature method's layer pairs (teacher, student), checked on the meta device: the
-    layers exist, and the method can distill their maps at the run's image size."""
-    pairs: dict[str, list[tuple[str, str]]] = {}
-    methods = [method for method in kd_methods(config) if method in feature_methods.FEATURE_METHODS]
-    if not methods:
-        return pairs  # no models to build for the check
+def layer_pairs(config: Config) -> list[tuple[str, str]] | None:
+    """--feature-layers as (teacher layer, student layer) pairs; None: each feature method's own."""
+    if config.feature_layers is None:
+        return None
     try:
-        teacher = model_builder.build_on_meta(config.teacher_model, 10, config.image_size)
-        student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
-        with torch.device("meta"):
-            for method in methods:
-                pairs[method] = (feature_methods.parse_feature_layers(config.feature_layers) if config.feature_layers
-                                 else feature_methods.default_feature_layers(method, teacher, student))
-                feature_methods.check_feature_pairs(method, teacher, student, pairs[method], config.image_size)
+        return feature_maps.parse_feature_layers(config.feature_layers)
     except ValueError as error:
         raise SettingsError(f"--feature-layers: {error}") from None
-    return pairs
 
 
-def feature_weights(config: Config) -> dict[str, float]:
-    """The weight of each feature method's term (--beta, or the references' balance)."""
+def method_setup(config: Config, steps_per_epoch: int = 1, hard_loss: engine.HardLoss = F.cross_entropy,
+                 ) -> KD_engine.Setup:
+    """What every distillation method of the run is told (see `methods.base.Setup`)."""
     try:
-        return {method: feature_methods.feature_weight(method, config.alpha, config.beta)
-                for method in kd_methods(config) if method in feature_methods.FEATURE_METHODS}
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
-
-
-def dkd_beta(config: Config) -> float:
-    """DKD's NCKD weight: --dkd-beta, or mdistiller's value for the teacher / student pair."""
-    if config.dkd_beta is not None:
-        return config.dkd_beta
-    try:
-        names = [model_builder.architecture_name(name) for name in (config.teacher_model, config.student_model)]
+        archs = [model_builder.architecture_name(name) for name in (config.teacher_model, config.student_model)]
     except model_builder.UnknownModelError:
-        return KD_engine.DKD_DEFAULT_BETA  # validate() names the unknown model
-    return KD_engine.reference_dkd_beta(*names)
+        archs = [config.teacher_model, config.student_model]  # validate() names the unknown model
+    return KD_engine.Setup(config, *archs, image_size=config.image_size, epochs=config.student_epochs,
+                           steps_per_epoch=steps_per_epoch, hard_loss=hard_loss, layer_pairs=layer_pairs(config))
 
 
-def logit_weights(config: Config) -> dict[str, dict[str, float]]:
-    """The weights of each logit method's terms beside alpha * CE (see KD_engine.logit_weights)."""
-    return {method: KD_engine.logit_weights(method, config.dkd_alpha, dkd_beta(config), config.dist_weight,
-                                            config.ls_weight)
-            for method in kd_methods(config) if method not in feature_methods.FEATURE_METHODS}
+def method_weights(config: Config) -> dict[str, Any]:
+    """The weights each distillation method of the run resolved (per teacher / student pair where its reference
+    has them), as config.json's `resolved` records them; each method is built once on the meta device, which
+    also checks that it can distill these two models at this image size (layers, map shapes)."""
+    teacher = model_builder.build_on_meta(config.teacher_model, 10, config.image_size)
+    student = model_builder.build_on_meta(config.student_model, 10, config.image_size)
+    setup, weights = method_setup(config), {}
+    for name in kd_methods(config):
+        method_class = KD_engine.method_class(name)
+        try:
+            with torch.device("meta"):
+                method = method_class(teacher, student, setup)
+        except ValueError as error:
+            raise SettingsError(f"{'--feature-layers: ' if method_class.uses_features else name + ': '}{error}") \
+                from None
+        method.close()
+        for key, value in method.weights().items():
+            weights[key] = {**weights[key], **value} if isinstance(value, dict) and key in weights else value
+    return weights
 
 
 def _range_checks(config: Config) -> list[tuple[bool, str]]:
@@ -406,23 +394,9 @@ def validate(config: Config) -> None:
         if not holds:
             raise SettingsError(sentence)
     milestones(config)
-    methods = kd_methods(config)
     seeds(config)
-    if any(method in feature_methods.FEATURE_METHODS for method in methods):
-        if config.beta is not None and config.beta < 0:
-            raise SettingsError(f"--beta must be >= 0 (got {config.beta}).")
-        feature_weights(config)
-        feature_pairs(config)
-    method_checks = [
-        ({"dkd", "dkd_ls"}, min(config.dkd_alpha, dkd_beta(config), config.dkd_warmup_epochs or 0) >= 0,
-         "--dkd-alpha, --dkd-beta and --dkd-warmup-epochs must be >= 0."),
-        ({"dist", "dist_ls"}, config.dist_weight >= 0, f"--dist-weight must be >= 0 (got {config.dist_weight})."),
-        (set(KD_engine.STANDARDIZED_METHODS), config.ls_temperature > 0 and config.ls_weight >= 0,
-         "--ls-temperature must be > 0 and --ls-weight >= 0."),
-        ({"reviewkd"}, (config.reviewkd_warmup_epochs or 0) >= 0, "--reviewkd-warmup-epochs must be >= 0."),
-    ]
-    for users, holds, sentence in method_checks:
-        if users & set(methods) and not holds:
+    for name in kd_methods(config):
+        for sentence in KD_engine.method_class(name).check(config):
             raise SettingsError(sentence)
     _require_packages(config)
     for name in (config.teacher_model, config.student_model):
@@ -430,6 +404,7 @@ def validate(config: Config) -> None:
             model_builder.check_input_size(name, config.image_size)
         except ValueError as error:
             raise SettingsError(str(error)) from None
+    method_weights(config)
 
 
 def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: set[str] | None) -> Config:

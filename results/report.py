@@ -107,7 +107,7 @@ def write_model_folder(
     utils.write_text(folder / "model_summary.txt", str(stats) + "\n")
     if fit.history:
         utils.save_figure(utils.curves_figure({role: fit.history}, "loss", "loss", f"{role}: loss",
-                                              KD_engine.LOSS_PARTS), folder / "loss_curve.png")
+                                              KD_engine.loss_parts()), folder / "loss_curve.png")
         utils.save_figure(utils.curves_figure({role: fit.history}, "top1", "top1", f"{role}: top-1 accuracy"),
                           folder / "accuracy_curve.png")
     title = f"{role}: top-1 and top-3 accuracy" if utils.shows_top_k(len(class_names)) else f"{role}: top-1 accuracy"

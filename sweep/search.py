@@ -404,8 +404,7 @@ class Worker:
         config = search_space.trial_config(self.context.config, search_space.suggest(trial, self.plan.space))
         context, folder = self.trial_context(config, test=False), self.trial_folder(self.frozen(trial))
         role = records.distilled_role(settings.kd_methods(config)[0])
-        criterion, cached = model_run.student_criterion(context, role, teacher, settings.feature_pairs(config),
-                                                      teacher_logits)
+        criterion, cached = model_run.student_criterion(context, role, teacher, teacher_logits)
         try:
             fit = model_run.train_model(
                 context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),

@@ -5,7 +5,7 @@ A spec is comma-separated `name=range` items: `low:high` (uniform), `low:high:lo
 numeric setting of the distilled student's training can be searched: the numeric Config fields of the
 "training" and "distillation methods" groups (read from settings.py's types, so settings added later
 are searchable too), except the teacher's and those named in NOT_SEARCHABLE; and `method`, over
-KD_engine.METHODS.
+KD_engine.method_names().
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def searchable_settings() -> list[str]:
 def _value(text: str, kind: type, where: str) -> Any:
     """One bound or choice of a spec item, as its setting's type."""
     if kind is str:
-        if text not in KD_engine.METHODS:
-            raise SettingsError(f"{where}: '{text}' is not a method (one of {', '.join(KD_engine.METHODS)}).")
+        if text not in KD_engine.method_names():
+            raise SettingsError(f"{where}: '{text}' is not a method (one of {', '.join(KD_engine.method_names())}).")
         return text
     try:
         value = kind(text)
@@ -102,7 +102,7 @@ def distribution(name: str, text: str) -> BaseDistribution:
 def parse_spec(spec: str) -> dict[str, BaseDistribution]:
     """The search space of a --sweep spec: comma-separated name=low:high, name=low:high:log or name=a|b|c.
 
-    Integer settings get integer ranges and choices; the method's choices are names of KD_engine.METHODS.
+    Integer settings get integer ranges and choices; the method's choices are names of KD_engine.method_names().
     """
     space: dict[str, BaseDistribution] = {}
     for item in spec.split(","):

@@ -26,7 +26,6 @@ import utils
 from config import settings
 from core import compute, host_weights, records, schedules
 from core.errors import SettingsError
-from methods import feature_methods
 from nets import foreign_formats
 from training import checkpoints
 
@@ -216,7 +215,7 @@ def make_optimizer(
     """The optimizer for the model's parameters and the criterion's own trainable part, if any
     (e.g. FitNets' regressor); a teacher's parameters never reach one."""
     parameters = list(model.parameters())
-    if getattr(criterion, "trainable", None) is not None:
+    if criterion.trainable is not None:
         parameters += list(criterion.trainable.parameters())
     # One fused kernel per step rather than a chain of element-wise passes over every weight (about half
     # the optimizer's time on the CPU); offered on CPU and CUDA.
@@ -234,34 +233,23 @@ def supervised_criterion(context: Context, model: nn.Module, steps_per_epoch: in
 
 
 def distillation_criterion(
-    context: Context, method: str, teacher: nn.Module, pairs: dict[str, list[tuple[str, str]]], student: nn.Module,
-    steps_per_epoch: int,
+    context: Context, method: str, teacher: nn.Module, student: nn.Module, steps_per_epoch: int,
 ) -> engine.Criterion:
-    """The loss of one distillation method, from the run's settings (`pairs`: each feature method's layers)."""
-    config = context.config
-    warmup_epochs = {"dkd": config.dkd_warmup_epochs, "reviewkd": config.reviewkd_warmup_epochs}
-    warmup_steps = {name: KD_engine.dkd_warmup_steps(config.student_epochs, steps_per_epoch, epochs)
-                    for name, epochs in warmup_epochs.items()}
-    return KD_engine.make_criterion(
-        method, teacher, student, temperature=config.temperature, alpha=config.alpha, beta=config.beta,
-        pairs=pairs.get(method), dkd_alpha=config.dkd_alpha, dkd_beta=settings.dkd_beta(config),
-        dkd_warmup_steps=warmup_steps["dkd"], steps_per_epoch=steps_per_epoch, dist_weight=config.dist_weight,
-        ls_temperature=config.ls_temperature, ls_weight=config.ls_weight,
-        reviewkd_warmup_steps=warmup_steps["reviewkd"], image_size=config.image_size, hard_loss=context.hard_loss,
-    )
+    """The distillation step of one method, from the run's settings."""
+    setup = settings.method_setup(context.config, steps_per_epoch, context.hard_loss)
+    return KD_engine.make_criterion(method, teacher, student, setup)
 
 
 def student_criterion(
-    context: Context, role: str, teacher: nn.Module, pairs: dict[str, list[tuple[str, str]]],
-    teacher_logits: torch.Tensor | None,
+    context: Context, role: str, teacher: nn.Module, teacher_logits: torch.Tensor | None,
 ) -> tuple[Callable[[nn.Module, int], engine.Criterion], torch.Tensor | None]:
     """How to make a student role's criterion (see `train_model`), and the cached teacher logits it can
-    use: none for the baseline, nor for feature methods, which run the teacher for its features."""
+    use: none for the baseline, nor for methods that need the teacher's feature maps (the teacher runs)."""
     if role == records.BASELINE:
         return functools.partial(supervised_criterion, context), None
     method = records.method_of(role)
-    cached = None if method in feature_methods.FEATURE_METHODS else teacher_logits
-    return functools.partial(distillation_criterion, context, method, teacher, pairs), cached
+    cached = None if KD_engine.method_class(method).uses_features else teacher_logits
+    return functools.partial(distillation_criterion, context, method, teacher), cached
 
 
 def distillation_teacher(context: Context, teacher: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
@@ -397,7 +385,7 @@ def train_model(
     config = context.config
     scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,
                                          settings.milestones(config), config.lr_decay, config.warmup_epochs)
-    trainable = getattr(criterion, "trainable", None)
+    trainable = criterion.trainable
     state_path, head = folder / checkpoints.TRAIN_STATE, checkpoints.head_of(model)
     resume = _restored(role, epochs, state_path, model, optimizer, scheduler, trainable, train_loader.generator)
     # The epoch's weights are copied to the host once, into buffers the previous epoch's files are written
@@ -422,8 +410,7 @@ def train_model(
         )
     finally:
         close_log()
-        if hasattr(criterion, "close"):
-            criterion.close()  # its hooks must not outlive training (export, reports)
+        criterion.close()  # its hooks must not outlive training (export, reports)
     if compute.is_main_process() and 0 < result.best_epoch < len(result.history):
         # Written at its epoch, best_model.pth holds the history up to it; a reused teacher shows every epoch.
         context.saver.save({folder / checkpoints.BEST_MODEL: best_checkpoint(checkpoints.model_weights(model), result)})

@@ -1,0 +1,154 @@
+"""What every distillation method declares, and the registry that finds a method by name.
+
+A method is one class in one file of this package, registered with `@register`:
+
+- `name`, `citation` and `parts` (the loss parts it reports beside "loss" and "ce", with their plot labels);
+- `settings`: the settings it adds to the run (each a flag and a Config field; see `Setting`), and `reads`, the
+  run-wide ones it uses (temperature, alpha, ...);
+- `uses_features` and `teacher_layers`: the teacher's feature maps it needs beside the logits (none for logit
+  methods); a method that needs none can use teacher logits cached per image;
+- `trainable`: what it trains with the student (FitNets' regressors, ...), or None;
+- `loss(student_logits, teacher, labels)`: the loss and its parts, the hard-label CE term included;
+- `weights()`: the weights it resolved for this run (per teacher/student pair where its reference has them),
+  written to config.json.
+
+The run builds one instance per student (`create`), given the teacher, the student and a `Setup`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from engine import HardLoss
+
+WARMUP_SHARE = 20 / 240  # DKD's CIFAR warm-up, 20 of 240 epochs (also mdistiller's ReviewKD's)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A method's own setting: a Config field with its flag (`--dkd-beta`) and experiment.py constant (`DKD_BETA`).
+
+    `type` is the field's type (float, int | None, ...); `default` is used when experiment.py
+    has no constant of that name; `check(value)` says whether a value is allowed (None counts as unset).
+    """
+
+    type: Any
+    default: Any
+    help: str
+    unset: str | None = None
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # the allowed range in words, for the error: "must be >= 0"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a method is told about the run, in one object.
+
+    `config` is the run's settings (config.settings.Config: every flag by name); `teacher_arch` and
+    `student_arch` are canonical architecture names (for per-pair reference weights); `steps_per_epoch`
+    and `epochs` size warm-ups; `image_size` sizes dry runs; `hard_loss` is the CE term every method uses.
+    """
+
+    config: Any
+    teacher_arch: str
+    student_arch: str
+    image_size: int = 32
+    epochs: int = 1
+    steps_per_epoch: int = 1
+    hard_loss: HardLoss = nn.functional.cross_entropy
+    layer_pairs: Sequence[tuple[str, str]] | None = None  # feature methods: checked (teacher, student) layer pairs
+
+
+@dataclass
+class TeacherOutputs:
+    """What the teacher's forward gave: its logits and the hooked feature maps, by layer name."""
+
+    logits: torch.Tensor
+    features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base of every distillation method (see the module's docstring). Subclasses set the class attributes and
+    `loss`; feature methods also `teacher_layers` and `trainable`."""
+
+    name: ClassVar[str]
+    citation: ClassVar[str]
+    parts: ClassVar[dict[str, str]] = {}
+    settings: ClassVar[dict[str, Setting]] = {}
+    reads: ClassVar[tuple[str, ...]] = ("temperature", "alpha")
+    min_classes: ClassVar[int] = 2
+    uses_features: ClassVar[bool] = False  # whether it needs teacher feature maps (then no cached teacher logits)
+
+    trainable: nn.Module | None = None
+    # The teacher layers whose maps it needs, each with whether the layer's input (the map before it: a
+    # pre-activation) rather than its output is taken; set by the instance, empty for logit methods.
+    teacher_layers: Mapping[str, bool] = {}
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, setup: Setup) -> None:
+        self.setup = setup
+        self.config = setup.config
+        self.hard_loss = setup.hard_loss
+
+    @classmethod
+    def check(cls, config: Any) -> list[str]:
+        """Sentences naming what in `config` this method cannot work with (its settings' ranges, ...)."""
+        return [f"--{name.replace('_', '-')} {setting.rule} (got {getattr(config, name)})."
+                for name, setting in cls.settings.items()
+                if setting.check is not None and getattr(config, name) is not None
+                and not setting.check(getattr(config, name))]
+
+    def weights(self) -> dict[str, Any]:
+        """The weights this student's loss uses, as config.json's `resolved` records them (merged over methods)."""
+        return {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Told before each epoch (from 1): a method that warms up counts its steps from here."""
+
+    def loss(self, student_logits: torch.Tensor, teacher: TeacherOutputs, labels: torch.Tensor,
+             ) -> dict[str, torch.Tensor]:
+        """{"loss": the total, "ce": the hard-label term, <its parts>}."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Take off any hooks the method put on the student."""
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Class decorator: make `method` available by its `name` (in --kd-methods, --sweep and --help)."""
+    if method.name in REGISTRY and REGISTRY[method.name] is not method:
+        raise ValueError(f"Two distillation methods are named '{method.name}'.")
+    REGISTRY[method.name] = method
+    return method
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method called `name`."""
+    if name not in REGISTRY:
+        raise ValueError(f"Unknown distillation method '{name}'; known methods: {', '.join(REGISTRY)}.")
+    return REGISTRY[name]
+
+
+def warmup_steps(epochs: int, steps_per_epoch: int, warmup_epochs: int | None = None) -> int:
+    """Optimizer steps of a linear warm-up: `warmup_epochs` epochs when given (0: none), else the DKD paper's
+    share (WARMUP_SHARE) of all the run's steps, at least one."""
+    if warmup_epochs is not None:
+        return warmup_epochs * steps_per_epoch
+    return max(1, round(epochs * steps_per_epoch * WARMUP_SHARE))
+
+
+def warmup_factor(step: int, steps: int) -> float:
+    """min(step / steps, 1), optimizer steps counted from 1; 1 when `steps` is 0."""
+    return 1.0 if steps == 0 else min(step / steps, 1.0)
+
+
+def non_negative(value: Any) -> bool:
+    """A setting's check: the value is >= 0."""
+    return value >= 0

@@ -1,0 +1,20 @@
+"""DIST on standardized logits (logit standardization, Sun et al. 2024, applied to DIST; no published setting:
+the reference's rule for DKD, ls_weight times DIST's weight, at the base temperature)."""
+
+from __future__ import annotations
+
+from methods import dist, kd_ls
+from methods.base import register
+
+
+@register
+class DISTLS(dist.DIST):
+    """DIST with both models' logits z-scored before the term."""
+
+    name = "dist_ls"
+    citation = "Sun et al., CVPR 2024 (no published DIST setting)"
+    settings = {**dist.SETTINGS, **kd_ls.SETTINGS}
+    standardized = True
+
+    def term_weight(self) -> float:
+        return self.config.ls_weight * self.config.dist_weight

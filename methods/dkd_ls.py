@@ -1,0 +1,30 @@
+"""DKD on standardized logits (logit standardization, Sun et al., CVPR 2024): the DKD terms compare both models'
+z-scored logits at the base temperature, with the reference's weights, ls_weight times dkd_alpha and dkd_beta."""
+
+from __future__ import annotations
+
+import torch
+
+from methods import dkd, kd_ls
+from methods.base import register
+
+
+@register
+class DKDLS(dkd.DKD):
+    """`DKD` with both models' logits z-scored (`kd_ls.standardize`) before the DKD terms; CE sees the raw logits."""
+
+    name = "dkd_ls"
+    citation = "Sun et al., CVPR 2024; logit-standardization-KD mdistiller/distillers/DKD.py"
+    settings = {**dkd.SETTINGS, **kd_ls.SETTINGS}
+
+    @property
+    def scale(self) -> float:  # type: ignore[override]
+        return self.config.ls_weight
+
+    def term_temperature(self) -> float:
+        return self.config.ls_temperature
+
+    def compared_logits(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kd_ls.standardize(student_logits), kd_ls.standardize(teacher_logits)

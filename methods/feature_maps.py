@@ -1,0 +1,298 @@
+"""Feature distillation's shared pieces: hooks on named layers, dry runs that size the hooked maps, the
+layer pairs, and `FeatureMethod`, the base of the methods that distill feature maps (fitnet, at, reviewkd).
+
+A feature method's loss is its own term beside Hinton's KD mix:
+
+    loss = alpha * CE + (1 - alpha) * KD + beta * warmup * feature_loss
+
+By default beta is the reference's weight (`reference_weight`, beside its CE weight of 1) times alpha, so the
+feature : CE balance is the reference's at any alpha, and alpha = 1 gives exactly its loss.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import model_builder
+from methods.base import Method, Setting, Setup, TeacherOutputs, warmup_factor, warmup_steps
+from methods.kd import distillation_loss
+
+SETTINGS = {
+    "beta": Setting(float | None, None, "fitnet/at/reviewkd: weight of the feature term, beside alpha*CE + "
+                    "(1-alpha)*KD", unset="the reference's weight beside a CE weight of 1 (fitnet 100, at 1000, "
+                    "reviewkd 5: RepDistiller's scripts, mdistiller's CIFAR-100 configs) times --alpha",
+                    check=lambda value: value >= 0, rule="must be >= 0"),
+    "feature_layers": Setting(str | None, None, "fitnet/at/reviewkd: teacher_layer:student_layer pairs, "
+                              "comma-separated, shallowest first (reviewkd: its last pair is the deepest level, e.g. "
+                              "avgpool:avgpool; see --list-layers)", unset="the references' pairs for the two models"),
+}
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration, then every submodule's own training flag back (modes may be mixed)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class FeatureHooks:
+    """Forward hooks keeping the latest output of named submodules of a model.
+
+    Names are those of `named_modules()` of the plain model ("layer3", "features.22"); a
+    DistributedDataParallel or torch.compile wrapper is looked through. A module called more
+    than once per forward keeps its last output, and a hooked output must not be modified in
+    place later in the forward (hook a block's output, not a layer an in-place add follows).
+    For the names in `before`, the module's input is kept instead, as a copy (so an in-place
+    ReLU cannot change it).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], before: Collection[str] = ()) -> None:
+        plain = model_builder.unwrap(model)
+        modules = dict(plain.named_modules())
+        for name in names:
+            if name not in modules:
+                available = [n for n in modules if n]
+                near = difflib.get_close_matches(name, available, n=6, cutoff=0.5) or available[:8]
+                raise ValueError(f"{type(plain).__name__} has no layer '{name}'; "
+                                 f"layers include: {', '.join(near)} (see model.named_modules()).")
+        self.names = list(names)
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [modules[name].register_forward_pre_hook(self._input_keeper(name)) if name in before
+                         else modules[name].register_forward_hook(self._keeper(name))
+                         for name in dict.fromkeys(names)]
+
+    def _keeper(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.outputs[name] = output
+        return keep
+
+    def _input_keeper(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def keep(module: nn.Module, inputs: tuple) -> None:
+            self.outputs[name] = inputs[0].clone()
+        return keep
+
+    def take(self) -> list[torch.Tensor]:
+        """The hooked outputs of the last forward, in the order of `names`, then forgets them
+        (so a later call can never be handed an earlier forward's features)."""
+        for name in self.names:
+            if name not in self.outputs:
+                raise RuntimeError(f"Layer '{name}' gave no output: run the hooked model before taking its features.")
+        features = [self.outputs[name] for name in self.names]
+        self.outputs.clear()
+        return features
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.outputs.clear()
+
+
+def dry_run(model: nn.Module, image_size: int) -> None:
+    """One run of the model on two zero images of `image_size` pixels, in eval and inference mode (no
+    running statistic moves; works on the meta device), for hooks to see every layer's output."""
+    plain = model_builder.unwrap(model)
+    parameter = next(plain.parameters())
+    probe = torch.zeros(2, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
+    with eval_mode(plain), torch.inference_mode():
+        plain(probe)
+
+
+def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int) -> list[torch.Size]:
+    """The shapes of the hooked layers' outputs, from a `dry_run`; each must be an (N, C, H, W) map."""
+    dry_run(model, image_size)
+    shapes = [feature.shape for feature in hooks.take()]
+    for name, shape in zip(hooks.names, shapes, strict=True):
+        if len(shape) != 4:
+            raise ValueError(f"Feature distillation needs (N, C, H, W) maps; layer '{name}' gives shape "
+                             f"{tuple(shape)}.")
+    return shapes
+
+
+def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: int) -> dict[str, str]:
+    """For each named layer whose output is the output of a ReLU module (the layer itself, or the last
+    ReLU to run inside it, as at the end of a ResNet block), the name of that ReLU: its input is the
+    layer's map before the activation (mdistiller's `preact_feats`). Found by one `dry_run`; a layer
+    whose output comes from anything else (an addition, a BN) is left out."""
+    layer_hooks = FeatureHooks(model, names)  # first: it names a missing layer
+    modules = dict(model_builder.unwrap(model).named_modules())
+    inside = {name: [sub for sub, module in modules.items() if isinstance(module, nn.ReLU)
+                     and (sub == name or sub.startswith(name + "."))] for name in names}
+    relus = sorted({sub for subs in inside.values() for sub in subs})
+    relu_hooks = FeatureHooks(model, relus)
+    try:
+        dry_run(model, image_size)
+        relu_outputs = dict(zip(relus, relu_hooks.take(), strict=True))
+        layer_outputs = dict(zip(names, layer_hooks.take(), strict=True))
+    finally:
+        relu_hooks.remove()
+        layer_hooks.remove()
+    return {name: sub for name, subs in inside.items() for sub in subs if relu_outputs[sub] is layer_outputs[name]}
+
+
+def parse_feature_layers(text: str) -> list[tuple[str, str]]:
+    """Parse "teacher_layer:student_layer,teacher_layer:student_layer" into pairs."""
+    pairs = []
+    for item in text.split(","):
+        parts = [part.strip() for part in item.split(":")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"Bad feature-layer pair '{item.strip()}' in '{text}': expected "
+                             "teacher_layer:student_layer, pairs separated by commas (e.g. features.22:layer3).")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def match_spatial(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (N, C, H, W) maps brought to the smaller height and width by adaptive average pooling."""
+    size = (min(first.shape[-2], second.shape[-2]), min(first.shape[-1], second.shape[-1]))
+    return tuple(x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size) for x in (first, second))
+
+
+def stage_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
+    """The models' stage outputs paired in order, without the stem (`model_builder.feature_stages`), as many
+    pairs as the shallower model has stages."""
+    teacher_stages, student_stages = model_builder.feature_stages(teacher), model_builder.feature_stages(student)
+    return list(zip(teacher_stages[1:], student_stages[1:], strict=False))
+
+
+class FeatureMethod(Method):
+    """A method that distills feature maps of (teacher layer, student layer) pairs.
+
+    Hooks go on the student's layers at construction (`close()` takes them off); the distillation step hooks
+    the teacher's (`teacher_layers`). One dry run of both models on zero images checks that every hooked
+    map is (N, C, H, W) and sizes `trainable` (`make_trainable`): None, or the method's trainable part on the
+    student's device in float32 and channels_last, which the optimizer trains with the student. Under torchrun
+    its gradients are averaged across ranks. `warmup_epochs` names the setting of a warm-up, if the method has one.
+    """
+
+    uses_features = True
+    reference_weight: ClassVar[float]
+    part: ClassVar[str]
+    warmup_setting: ClassVar[str | None] = None
+    pre_activation: ClassVar[bool] = False  # compare with the teacher's maps before their final ReLU
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, setup: Setup) -> None:
+        super().__init__(teacher, student, setup)
+        self.pairs = list(setup.layer_pairs) if setup.layer_pairs is not None else self.default_pairs(teacher, student)
+        if not self.pairs:
+            raise ValueError("Feature distillation needs at least one (teacher_layer, student_layer) pair.")
+        teacher_maps = self.teacher_maps(teacher, setup, self.pairs)
+        self.teacher_names = [name for name, _ in teacher_maps]
+        self.teacher_layers = teacher_layers = dict(teacher_maps)
+        self.beta = self.term_weight(self.config.alpha, self.config.beta)
+        self.warmup_steps = 0 if self.warmup_setting is None else warmup_steps(
+            setup.epochs, setup.steps_per_epoch, getattr(self.config, self.warmup_setting))
+        self.steps_per_epoch, self.step = setup.steps_per_epoch, 0
+        self.student_hooks = FeatureHooks(student, [s for _, s in self.pairs])
+        try:
+            shapes = list(zip(feature_shapes(student, self.student_hooks, setup.image_size),
+                              teacher_shapes(teacher, teacher_layers, setup.image_size), strict=True))
+            self.trainable = self.make_trainable(shapes)
+        except ValueError:
+            self.close()
+            raise
+        self._trainable = self.trainable
+        if self.trainable is not None:
+            self._trainable = placed_trainable(self.trainable, student)
+
+    @classmethod
+    def default_pairs(cls, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
+        """The (teacher layer, student layer) pairs the reference distills."""
+        return stage_pairs(teacher, student)
+
+    @classmethod
+    def teacher_maps(
+        cls, teacher: nn.Module, setup: Setup, pairs: Sequence[tuple[str, str]],
+    ) -> list[tuple[str, bool]]:
+        """Per pair, the teacher layer hooked and whether its input is taken: with `pre_activation`, a layer whose
+        output comes from a ReLU is read as that ReLU's input (`pre_activation_layers`)."""
+        layers = [t for t, _ in pairs]
+        before = pre_activation_layers(teacher, layers, setup.image_size) if cls.pre_activation else {}
+        return [(before.get(layer, layer), layer in before) for layer in layers]
+
+    @classmethod
+    def term_weight(cls, alpha: float, beta: float | None) -> float:
+        """The feature term's weight: `beta` when given, else the reference's weight times alpha."""
+        if beta is not None:
+            return beta
+        if alpha == 0:
+            raise ValueError(f"{cls.name} at alpha 0 needs an explicit --beta: its default weight keeps the "
+                             f"references' {cls.reference_weight:g} : 1 balance of feature and CE terms, which has "
+                             "no meaning without a CE term.")
+        return cls.reference_weight * alpha
+
+    @classmethod
+    def check(cls, config: Any) -> list[str]:
+        problems = super().check(config)
+        if not problems:
+            try:
+                cls.term_weight(config.alpha, config.beta)
+            except ValueError as error:
+                problems.append(str(error))
+        return problems
+
+    def make_trainable(self, shapes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> nn.Module | None:
+        """What the method trains with the student, from the pairs' (student shape, teacher shape)."""
+        return None
+
+    def weights(self) -> dict:
+        return {"feature_weights": {self.name: self.beta}}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.step = (epoch - 1) * self.steps_per_epoch
+
+    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
+                     ) -> torch.Tensor:
+        """The method's loss between the student's hooked maps and the teacher's."""
+        raise NotImplementedError
+
+    def loss(self, student_logits: torch.Tensor, teacher: TeacherOutputs, labels: torch.Tensor,
+             ) -> dict[str, torch.Tensor]:
+        self.step += 1
+        feature = self.feature_loss(self.student_hooks.take(), [teacher.features[name] for name in self.teacher_names])
+        config = self.config
+        parts = distillation_loss(student_logits, teacher.logits, labels, config.temperature, config.alpha,
+                                  self.hard_loss)
+        warmup = warmup_factor(self.step, self.warmup_steps)
+        parts["loss"] = parts["loss"] + self.beta * warmup * feature
+        if self.warmup_steps:
+            parts["warmup"] = feature.new_full((), warmup)
+        return {**parts, self.part: feature}
+
+    def close(self) -> None:
+        self.student_hooks.remove()
+
+
+def teacher_shapes(teacher: nn.Module, names: dict[str, bool], image_size: int) -> list[torch.Size]:
+    """The shapes of the teacher's maps at `names` (each taken before the layer where its flag says so)."""
+    hooks = FeatureHooks(teacher, list(names), {name for name, before in names.items() if before})
+    try:
+        return feature_shapes(teacher, hooks, image_size)
+    finally:
+        hooks.remove()
+
+
+def placed_trainable(trainable: nn.Module, student: nn.Module) -> nn.Module:
+    """A method's trainable part on the student's device in channels_last (whose gradients then match DDP's
+    buckets), wrapped in DDP under torchrun; `trainable` itself stays the plain module, so its state_dict keys do
+    not depend on the world size."""
+    student_device = next(model_builder.unwrap(student).parameters()).device
+    trainable.to(student_device, memory_format=torch.channels_last)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Ranks see different shards; DDP starts the part equal and averages its gradients.
+        return nn.parallel.DistributedDataParallel(trainable)
+    return trainable
