@@ -11,9 +11,11 @@ docs/methods.md.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Callable
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import engine
@@ -95,15 +97,34 @@ class DistillationStep(engine.Criterion):
         self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        self.method.begin_step(images.device)
         teacher = self.teacher_outputs(images, teacher_logits)
         student_logits = student(images)
-        return {**self.method.loss(student_logits, teacher, labels), "logits": student_logits}
+        outputs = {**self.method.loss(student_logits, teacher, labels), "logits": student_logits}
+        self.method.end_step()
+        return outputs
 
     def close(self) -> None:
         """Take the method's hooks off the student and this step's off the teacher."""
         self.method.close()
         if self.teacher_hooks is not None:
             self.teacher_hooks.remove()
+
+
+def library_setup(
+    teacher_arch: str = "", student_arch: str = "", *, image_size: int = 32, epochs: int = 1, steps_per_epoch: int = 1,
+    hard_loss: engine.HardLoss = F.cross_entropy, layer_pairs: list[tuple[str, str]] | None = None, **settings: Any,
+) -> Setup:
+    """A `Setup` for a method used outside a run (your own loop, a benchmark): temperature 4, alpha 0.5 and every
+    registered method's own settings at their defaults, overridden by `settings` (dkd_beta=2.0, ...)."""
+    values = {"temperature": 4.0, "alpha": 0.5}
+    for method in base.REGISTRY.values():
+        values.update({name: setting.default for name, setting in method.settings.items()})
+    unknown = set(settings) - set(values)
+    if unknown:
+        raise ValueError(f"Unknown method settings: {', '.join(sorted(unknown))}.")
+    return Setup(SimpleNamespace(**{**values, **settings}), teacher_arch, student_arch, image_size=image_size,
+                 epochs=epochs, steps_per_epoch=steps_per_epoch, hard_loss=hard_loss, layer_pairs=layer_pairs)
 
 
 def make_criterion(name: str, teacher: nn.Module, student: nn.Module, setup: Setup) -> DistillationStep:

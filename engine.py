@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-import model_builder
 import utils
 from core import compute, host_weights
 
@@ -175,7 +174,7 @@ def predict(
     Under torchrun each rank predicts its shard and the results are gathered in rank order.
     """
     # Not the DDP forward: shards may differ in length, and evaluation needs no gradient sync.
-    module = model_builder.unwrap(model, keep_compiled=True).eval()
+    module = compute.unwrap(model, keep_compiled=True).eval()
     all_logits, all_labels = [], []
     for images, labels, *_ in _progress(data_loader, description):
         with compute.autocast(device, amp_dtype):
@@ -309,7 +308,7 @@ def fit(
             line = utils.history_table([record], len(class_names)).strip()
             log(f"[{name}] {line}" + ("  *best" if improved else ""))
     if weights.best is not None:
-        model_builder.unwrap(model).load_state_dict(weights.best)
+        compute.unwrap(model).load_state_dict(weights.best)
     return result
 
 

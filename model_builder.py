@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from core import errors
+from core import compute, errors
 from nets import foreign_formats
 from nets.cifar_networks import ZOO
 
@@ -236,11 +236,11 @@ def pretrained_fit(model: nn.Module, pretrained: Pretrained) -> tuple[dict[str, 
     `foreign_formats.align`; and the same shape), and a record for the console and
     summary.json naming the model's layers none fits (e.g. a classifier for another class count, the
     small-image stem), in model order. Works on a model built on the meta device."""
-    own = unwrap(model).state_dict()
+    own = compute.unwrap(model).state_dict()
     fitting = {name: tensor for name, tensor in foreign_formats.align(own, pretrained.state_dict).items()
                if name in own and own[name].shape == tensor.shape}
-    if not {name for name, _ in unwrap(model).named_parameters()} & fitting.keys():
-        raise WeightsError(f"No tensor of {pretrained.source} fits {type(unwrap(model)).__name__}: "
+    if not {name for name, _ in compute.unwrap(model).named_parameters()} & fitting.keys():
+        raise WeightsError(f"No tensor of {pretrained.source} fits {type(compute.unwrap(model)).__name__}: "
                            "the weights are for another architecture.")
     reinitialized = dict.fromkeys(name.rpartition(".")[0] or name for name in own
                                   if name not in fitting and not foreign_formats.is_counter(name))
@@ -252,19 +252,8 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained) -> dict[str, Any]:
     """Copy the fitting tensors of `pretrained` into `model`; the layers they do not fit keep their fresh
     initialization. Returns `pretrained_fit`'s record."""
     fitting, record = pretrained_fit(model, pretrained)
-    unwrap(model).load_state_dict(fitting, strict=False)
+    compute.unwrap(model).load_state_dict(fitting, strict=False)
     return record
-
-
-def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
-    """The plain module behind a DistributedDataParallel and a torch.compile wrapper.
-
-    With `keep_compiled`, only the DDP wrapper is taken off (its forward involves no other rank, so
-    ranks may call it a different number of times), and a compiled model stays compiled unless it
-    wraps DDP itself.
-    """
-    module = getattr(model, "module", model)
-    return module if keep_compiled else getattr(module, "_orig_mod", module)
 
 
 @contextmanager
@@ -320,7 +309,7 @@ def feature_stages(model: nn.Module) -> list[str]:
     Networks of `ZOO` name their own; torchvision's ResNets give the stem's ReLU and layer1-4, its
     VGGs the ReLU before each max-pool. Raises ValueError for any other model.
     """
-    plain = unwrap(model)
+    plain = compute.unwrap(model)
     if hasattr(plain, "feature_stages"):
         return list(plain.feature_stages)
     if isinstance(plain, models.ResNet):
@@ -336,10 +325,10 @@ def pooled_feature(model: nn.Module) -> str:
     """Name of the layer giving the pooled feature map before the classifier (mdistiller's `pooled_feat`,
     ReviewKD's deepest level): "avgpool" in the zoo and torchvision's ResNets and VGGs. Raises ValueError
     for a model without one."""
-    if POOLED_FEATURE in dict(unwrap(model).named_modules()):
+    if POOLED_FEATURE in dict(compute.unwrap(model).named_modules()):
         return POOLED_FEATURE
-    raise ValueError(f"{type(unwrap(model)).__name__} has no '{POOLED_FEATURE}' layer for ReviewKD's pooled feature; "
-                     "name its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
+    raise ValueError(f"{type(compute.unwrap(model)).__name__} has no '{POOLED_FEATURE}' layer for ReviewKD's pooled "
+                     "feature; name its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
 
 
 def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -354,7 +343,7 @@ def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tupl
                 shapes[name] = (type(module).__name__, tuple(output.shape[1:]))
         return keep
 
-    plain = unwrap(model)
+    plain = compute.unwrap(model)
     parameter = next(plain.parameters())
     handles = [module.register_forward_hook(keeper(name)) for name, module in plain.named_modules() if name]
     try:

@@ -18,14 +18,18 @@ from typing import Any
 # Keys whose values depend on where and when a run sat, not on what it computed.
 VOLATILE = {"output_dir", "run_dir", "train_seconds", "wall_seconds", "finished_at", "seconds", "latency_ms",
             "latency_ms_iqr", "throughput_img_s", "throughput_img_s_iqr", "speedup_over_teacher", "speedup_clear",
-            "reused_from", "file", "onnx", "throughput_speedup_over_teacher", "latency_noisy", "throughput_noisy",
-            "wall_seconds_last_sitting"}
+            "reused_from", "file", "onnx", "wall_seconds_last_sitting"}
+
+
+def volatile(key: str) -> bool:
+    """Whether a key's value depends on where and when a run sat (speeds and their verdicts included)."""
+    return key in VOLATILE or key.startswith(("throughput_", "latency_"))
 
 
 def stable(value: Any) -> Any:
     """`value` without its volatile keys, at every depth."""
     if isinstance(value, dict):
-        return {key: stable(item) for key, item in value.items() if key not in VOLATILE}
+        return {key: stable(item) for key, item in value.items() if not volatile(key)}
     if isinstance(value, list):
         return [stable(item) for item in value]
     return value

@@ -207,3 +207,14 @@ def store_for_autocast(frozen: nn.Module, amp_dtype: torch.dtype | None) -> nn.M
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 module.to(amp_dtype)
     return frozen
+
+
+def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
+    """The plain module behind a DistributedDataParallel and a torch.compile wrapper.
+
+    With `keep_compiled`, only the DDP wrapper is taken off (its forward involves no other rank, so
+    ranks may call it a different number of times), and a compiled model stays compiled unless it
+    wraps DDP itself.
+    """
+    module = getattr(model, "module", model)
+    return module if keep_compiled else getattr(module, "_orig_mod", module)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import model_builder
+from core import compute
 
 Path = tuple[Any, ...]  # where a tensor sits in a nested structure of dicts, lists and tuples
 
@@ -78,9 +78,9 @@ class WeightSnapshots:
         self._latest_buffers, self._best_buffers = HostBuffers(), HostBuffers()
 
     def take(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Copy the plain model's weights (see `model_builder.unwrap`) into the latest buffers."""
+        """Copy the plain model's weights (see `compute.unwrap`) into the latest buffers."""
         self._before_refill()
-        self.latest = self._latest_buffers.fill(model_builder.unwrap(model).state_dict())
+        self.latest = self._latest_buffers.fill(compute.unwrap(model).state_dict())
         return self.latest
 
     def take_best(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -109,6 +109,13 @@ class Method:
     def set_epoch(self, epoch: int) -> None:
         """Told before each epoch (from 1): a method that warms up counts its steps from here."""
 
+    def begin_step(self, device: torch.device) -> None:
+        """Told before each step's forward passes (a compiled step keeps this out of its graph where the method
+        marks it `torch.compiler.disable`, so the step stays one graph)."""
+
+    def end_step(self) -> None:
+        """Told after each step's loss."""
+
     def loss(self, student_logits: torch.Tensor, teacher: TeacherOutputs, labels: torch.Tensor,
              ) -> dict[str, torch.Tensor]:
         """{"loss": the total, "ce": the hard-label term, <its parts>}."""

@@ -122,14 +122,15 @@ class DKD(Method):
         self.step = (epoch - 1) * self.steps_per_epoch
 
     @torch.compiler.disable
-    def _step_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def begin_step(self, device: torch.device) -> None:
         """(1 - alpha) * the step's warm-up factor, and the factor: tensors a compiled step takes as inputs."""
         warmup = warmup_factor(self.step + 1, self.warmup_steps)
         alpha = self.config.alpha
-        return torch.full((), (1 - alpha) * warmup, device=device), torch.full((), warmup, device=device)
+        self._weights = torch.full((), (1 - alpha) * warmup, device=device), torch.full((), warmup, device=device)
 
     @torch.compiler.disable
-    def _count_step(self) -> None:
+    def end_step(self) -> None:
+        """Counted once the loss is computed: a step retried after a failed compile counts once."""
         self.step += 1
 
     def compared_logits(
@@ -140,10 +141,9 @@ class DKD(Method):
 
     def loss(self, student_logits: torch.Tensor, teacher: TeacherOutputs, labels: torch.Tensor,
              ) -> dict[str, torch.Tensor]:
-        weight, warmup = self._step_weights(student_logits.device)
+        weight, warmup = self._weights
         student_logits = student_logits.float()  # cast once, for both terms
         ce = self.hard_loss(student_logits, labels)
         tckd, nckd = dkd_terms(*self.compared_logits(student_logits, teacher.logits), labels, self.temperature)
         loss = self.config.alpha * ce + weight * (self.term_weights["tckd"] * tckd + self.term_weights["nckd"] * nckd)
-        self._count_step()  # once the loss is computed: a step retried after a failed compile counts once
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": warmup}

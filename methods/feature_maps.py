@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import model_builder
+from core import compute
 from methods.base import Method, Setting, Setup, TeacherOutputs, warmup_factor, warmup_steps
 from methods.kd import distillation_loss
 
@@ -60,7 +61,7 @@ class FeatureHooks:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], before: Collection[str] = ()) -> None:
-        plain = model_builder.unwrap(model)
+        plain = compute.unwrap(model)
         modules = dict(plain.named_modules())
         for name in names:
             if name not in modules:
@@ -105,7 +106,7 @@ class FeatureHooks:
 def dry_run(model: nn.Module, image_size: int) -> None:
     """One run of the model on two zero images of `image_size` pixels, in eval and inference mode (no
     running statistic moves; works on the meta device), for hooks to see every layer's output."""
-    plain = model_builder.unwrap(model)
+    plain = compute.unwrap(model)
     parameter = next(plain.parameters())
     probe = torch.zeros(2, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
     with eval_mode(plain), torch.inference_mode():
@@ -129,7 +130,7 @@ def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: in
     layer's map before the activation (mdistiller's `preact_feats`). Found by one `dry_run`; a layer
     whose output comes from anything else (an addition, a BN) is left out."""
     layer_hooks = FeatureHooks(model, names)  # first: it names a missing layer
-    modules = dict(model_builder.unwrap(model).named_modules())
+    modules = dict(compute.unwrap(model).named_modules())
     inside = {name: [sub for sub, module in modules.items() if isinstance(module, nn.ReLU)
                      and (sub == name or sub.startswith(name + "."))] for name in names}
     relus = sorted({sub for subs in inside.values() for sub in subs})
@@ -290,7 +291,7 @@ def placed_trainable(trainable: nn.Module, student: nn.Module) -> nn.Module:
     """A method's trainable part on the student's device in channels_last (whose gradients then match DDP's
     buckets), wrapped in DDP under torchrun; `trainable` itself stays the plain module, so its state_dict keys do
     not depend on the world size."""
-    student_device = next(model_builder.unwrap(student).parameters()).device
+    student_device = next(compute.unwrap(student).parameters()).device
     trainable.to(student_device, memory_format=torch.channels_last)
     if dist.is_initialized() and dist.get_world_size() > 1:
         # Ranks see different shards; DDP starts the part equal and averages its gradients.

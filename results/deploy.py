@@ -57,13 +57,13 @@ def model_size_mb(model: nn.Module) -> float:
 
 def describe(model: nn.Module) -> dict[str, float]:
     """Parameter count and size of a model, for summaries."""
-    plain = model_builder.unwrap(model)
+    plain = compute.unwrap(model)
     return {"params": count_parameters(plain), "size_mb": round(model_size_mb(plain), 3)}
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
     """An fp32 CPU copy of the plain model in eval mode (the model itself is left untouched)."""
-    return copy.deepcopy(model_builder.unwrap(model)).cpu().float().eval()
+    return copy.deepcopy(compute.unwrap(model)).cpu().float().eval()
 
 
 def flops_per_image(model: nn.Module, image_size: int) -> int:
@@ -137,7 +137,7 @@ def measure_speeds(
 
     calls = {}
     for name, model in models.items():
-        module = model_builder.unwrap(model, keep_compiled=True).eval()
+        module = compute.unwrap(model, keep_compiled=True).eval()
         for size in (1, batch):
             images = torch.randn(size, 3, image_size, image_size, device=device)
             calls[name, size] = functools.partial(forward, module, images.contiguous(memory_format=torch.channels_last))

@@ -102,7 +102,7 @@ def write_model_folder(
                      f"{config.select_metric}\n" + utils.history_table(fit.history, len(class_names)))
     utils.write_text(folder / "detailed_metrics.txt",
                      f"{role} ({arch}) at its best epoch {fit.best_epoch}\n\n" + utils.metrics_table(results))
-    stats = torchinfo_summary(model_builder.unwrap(model), input_size=(1, 3, config.image_size, config.image_size),
+    stats = torchinfo_summary(compute.unwrap(model), input_size=(1, 3, config.image_size, config.image_size),
                               device=context.device, mode="eval", verbose=0)
     utils.write_text(folder / "model_summary.txt", str(stats) + "\n")
     if fit.history:

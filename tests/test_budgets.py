@@ -11,6 +11,7 @@ from test_engine import NAMES, EpochCountingOptimizer, ScriptedModel
 
 import engine
 import KD_engine
+from methods import kd
 
 TRAIN = [(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 0]))]
 LABELS = torch.tensor([0, 1])
@@ -117,14 +118,13 @@ def test_balanced_class_weights_against_the_hand_computed_loss():
 def test_distillation_smooths_and_weighs_only_its_ce_term():
     teacher_logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 1.5, 0.0], [0.5, 0.0, 0.0]])
     hard_loss = engine.hard_label_loss(label_smoothing=0.2, weights=[1.0, 2.0, 0.5])
-    parts = KD_engine.distillation_loss(LOGITS, teacher_logits, TARGETS, temperature=4.0, alpha=0.3,
-                                        hard_loss=hard_loss)
-    plain = KD_engine.distillation_loss(LOGITS, teacher_logits, TARGETS, temperature=4.0, alpha=0.3)
+    parts = kd.distillation_loss(LOGITS, teacher_logits, TARGETS, temperature=4.0, alpha=0.3, hard_loss=hard_loss)
+    plain = kd.distillation_loss(LOGITS, teacher_logits, TARGETS, temperature=4.0, alpha=0.3)
     assert parts["kd"].item() == pytest.approx(plain["kd"].item(), rel=1e-7)
     expected_ce = F.cross_entropy(LOGITS, TARGETS, weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.2)
     assert parts["ce"].item() == pytest.approx(expected_ce.item(), rel=1e-6)
     assert parts["loss"].item() == pytest.approx(0.3 * parts["ce"].item() + 0.7 * parts["kd"].item(), rel=1e-6)
-    criterion = KD_engine.make_criterion("dkd", torch.nn.Identity(), torch.nn.Identity(), temperature=4.0, alpha=0.3,
-                                         hard_loss=hard_loss)
+    setup = KD_engine.library_setup(alpha=0.3, hard_loss=hard_loss)
+    criterion = KD_engine.make_criterion("dkd", torch.nn.Identity(), torch.nn.Identity(), setup)
     assert (criterion(torch.nn.Identity(), LOGITS, TARGETS, teacher_logits)["ce"].item()
             == pytest.approx(expected_ce.item(), rel=1e-6))

@@ -7,8 +7,9 @@ import torch
 from conftest import assert_one_sentence_exit_2
 
 import experiment
+import KD_engine
 import model_builder
-from methods import feature_methods
+from methods import feature_maps
 from nets import cifar_networks
 from results import deploy
 from training import checkpoints
@@ -58,7 +59,7 @@ def test_zoo_models_classify_and_name_their_stages(name):
     torch.manual_seed(0)
     model = model_builder.build_model(name, 10, 32).eval()
     stages = model_builder.feature_stages(model)
-    hooks = feature_methods.FeatureHooks(model, stages)
+    hooks = feature_maps.FeatureHooks(model, stages)
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))
     maps = hooks.take()
@@ -112,9 +113,10 @@ def test_default_pairs_of_the_literature_pairs_exist_and_fit(teacher_name, stude
         student = model_builder.build_model(student_name, 100, 32)
     fitnet, at = LITERATURE_PAIRS[teacher_name, student_name]
     for method, expected in (("fitnet", fitnet), ("at", at), ("reviewkd", at + [("avgpool", "avgpool")])):
-        pairs = feature_methods.default_feature_layers(method, teacher, student)
-        assert pairs == expected
-        feature_methods.check_feature_pairs(method, teacher, student, pairs, 32)
+        method_class = KD_engine.method_class(method)
+        assert method_class.default_pairs(teacher, student) == expected
+        with torch.device("meta"):  # the method builds on these models (hooks, trainable part) without a complaint
+            method_class(teacher, student, KD_engine.library_setup(teacher_name, student_name)).close()
 
 
 def test_a_zoo_checkpoint_is_rebuilt_by_its_arch_and_exports_to_onnx(tmp_path):

@@ -35,7 +35,7 @@ def test_compile_rule(setting, device, steps, expected):
     assert compute.resolve_compile(setting, device, steps) is expected
 
 
-def _dkd_epochs(step_of, epochs: int = 2) -> tuple[list[dict], KD_engine.DKDCriterion, torch.nn.Module]:
+def _dkd_epochs(step_of, epochs: int = 2) -> tuple[list[dict], KD_engine.DistillationStep, torch.nn.Module]:
     """`epochs` epochs of DKD with a tiny model (3 full batches an epoch: the partial one is dropped), the
     criterion wrapped by `step_of`; the epochs' metrics, the criterion and the trained student."""
     torch.manual_seed(0)
@@ -46,8 +46,8 @@ def _dkd_epochs(step_of, epochs: int = 2) -> tuple[list[dict], KD_engine.DKDCrit
     data = data_setup.ImageTensors(images, torch.arange(40) % 4, [str(i) for i in range(40)], 16)
     loader = data_setup.BatchLoader(data, 12, [0.5] * 3, [0.25] * 3, CPU, data_setup.Augmentation(2, True))
     loader.drop_last = True
-    criterion = KD_engine.make_criterion("dkd", teacher, student, temperature=4.0, alpha=0.5, dkd_warmup_steps=5,
-                                         steps_per_epoch=len(loader))
+    setup = KD_engine.library_setup(steps_per_epoch=len(loader), dkd_warmup_epochs=2)  # 6 steps
+    criterion = KD_engine.make_criterion("dkd", teacher, student, setup)
     step, optimizer = step_of(criterion), torch.optim.SGD(student.parameters(), lr=0.1)
     history = []
     for epoch in range(1, epochs + 1):
@@ -64,9 +64,9 @@ def test_a_compiled_step_is_one_graph_for_every_step_and_epoch(monkeypatch):
     torch._dynamo.utils.counters.clear()
     compiled, criterion, _ = _dkd_epochs(lambda criterion: compute.CompiledStep(criterion, CPU), epochs=1)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs == 1 and criterion.step == 3
+    assert graphs == 1 and criterion.method.step == 3
     eager, _, _ = _dkd_epochs(lambda criterion: criterion, epochs=1)
-    assert compiled[0]["warmup"] == eager[0]["warmup"] == pytest.approx((1 + 2 + 3) / 3 / 5)
+    assert compiled[0]["warmup"] == eager[0]["warmup"] == pytest.approx((1 + 2 + 3) / 3 / 6)
 
 
 def test_a_failed_compile_falls_back_to_eager_with_one_line(monkeypatch):
@@ -82,7 +82,8 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(monkeypatch):
                                                                                            log=lines.append))
     assert lines == ["torch.compile failed (RuntimeError: simulated compiler failure); training continues "
                      "without compiling"]
-    assert fallen_back == eager and criterion.step == eager_criterion.step == 6  # the failed step counted once
+    # The failed step counted once.
+    assert fallen_back == eager and criterion.method.step == eager_criterion.method.step == 6
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), eager_student.state_dict().values(),
                                                  strict=True))
 

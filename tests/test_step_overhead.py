@@ -32,9 +32,9 @@ def _profile(method: str) -> step_profile.StepCounter:
     if method == "plain":
         criterion = engine.SupervisedCriterion()
     else:
-        criterion = KD_engine.make_criterion(method, teacher, student, temperature=4.0, alpha=0.5,
-                                             dkd_warmup_steps=6, steps_per_epoch=len(loader), image_size=SIZE)
-    trainable = getattr(criterion, "trainable", None)  # FitNets' regressors
+        setup = KD_engine.library_setup(image_size=SIZE, steps_per_epoch=len(loader), dkd_warmup_epochs=2)
+        criterion = KD_engine.make_criterion(method, teacher, student, setup)
+    trainable = criterion.trainable  # FitNets' regressors
     parameters = list(student.parameters()) + ([] if trainable is None else list(trainable.parameters()))
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=len(loader))
@@ -44,7 +44,7 @@ def _profile(method: str) -> step_profile.StepCounter:
     return counter
 
 
-@pytest.mark.parametrize("method", ["plain", *KD_engine.METHODS])
+@pytest.mark.parametrize("method", ["plain", *KD_engine.method_names()])
 def test_no_step_makes_the_host_wait_and_the_epoch_is_read_once(method):
     counter = _profile(method)
     steps = range(len(_loader()))

@@ -24,7 +24,7 @@ from torchvision import models
 import engine
 import model_builder
 import utils
-from core import errors, host_weights, records
+from core import compute, errors, host_weights, records
 from data import decoding
 
 TRAIN_STATE = "train_state.pth"  # per model: everything needed to continue after its last finished epoch
@@ -60,7 +60,7 @@ def host_copy(value: Any) -> Any:
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's weights as contiguous host copies (what every checkpoint stores), whatever
     the layout the model trains in."""
-    return host_weights.HostBuffers().fill(model_builder.unwrap(model).state_dict())
+    return host_weights.HostBuffers().fill(compute.unwrap(model).state_dict())
 
 
 def make_checkpoint(
@@ -169,7 +169,7 @@ def check_outputs(path: str | Path | None, description: dict[str, Any], outputs:
 def head_of(model: nn.Module) -> str:
     """The head a model was built with (what its checkpoint records): "torchvision" for a VGG with
     torchvision's fully connected classifier, else "compact" (`model_builder.build_model`)."""
-    plain = model_builder.unwrap(model)
+    plain = compute.unwrap(model)
     fully_connected = isinstance(plain, models.VGG) and isinstance(plain.classifier[0], nn.Linear)
     return "torchvision" if fully_connected else "compact"
 
@@ -298,7 +298,7 @@ def restore_training(
     scheduler: torch.optim.lr_scheduler.LRScheduler, trainable: nn.Module | None, loader_generator: torch.Generator,
 ) -> tuple[engine.FitResult, dict[str, torch.Tensor]]:
     """Put a saved training state back in place; return what `engine.fit` needs to continue."""
-    model_builder.unwrap(model).load_state_dict(state["model"])
+    compute.unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _parameter_layouts(optimizer)
     scheduler.load_state_dict(state["scheduler"])

@@ -261,7 +261,7 @@ def distillation_teacher(context: Context, teacher: nn.Module) -> tuple[nn.Modul
         teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], context.device, context.amp_dtype,
                                            "teacher logits")
     # The teacher is frozen on every rank; without its DDP wrapper, its forward needs no other rank.
-    return compute.store_for_autocast(model_builder.unwrap(teacher, keep_compiled=True), context.amp_dtype), \
+    return compute.store_for_autocast(compute.unwrap(teacher, keep_compiled=True), context.amp_dtype), \
         teacher_logits
 
 
