@@ -325,9 +325,10 @@ def pooled_feature(model: nn.Module) -> str:
     """Name of the layer giving the pooled feature map before the classifier (mdistiller's `pooled_feat`,
     ReviewKD's deepest level): "avgpool" in the zoo and torchvision's ResNets and VGGs. Raises ValueError
     for a model without one."""
-    if POOLED_FEATURE in dict(compute.unwrap(model).named_modules()):
+    plain = compute.unwrap(model)
+    if POOLED_FEATURE in dict(plain.named_modules()):
         return POOLED_FEATURE
-    raise ValueError(f"{type(compute.unwrap(model)).__name__} has no '{POOLED_FEATURE}' layer for ReviewKD's pooled "
+    raise ValueError(f"{type(plain).__name__} has no '{POOLED_FEATURE}' layer for ReviewKD's pooled "
                      "feature; name its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
 
 
