@@ -328,8 +328,8 @@ def pooled_feature(model: nn.Module) -> str:
     plain = compute.unwrap(model)
     if POOLED_FEATURE in dict(plain.named_modules()):
         return POOLED_FEATURE
-    raise ValueError(f"{type(plain).__name__} has no '{POOLED_FEATURE}' layer for ReviewKD's pooled "
-                     "feature; name its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
+    raise ValueError(f"{type(plain).__name__} has no '{POOLED_FEATURE}' layer for ReviewKD's pooled feature; name "
+                     "its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
 
 
 def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
