@@ -199,6 +199,17 @@ def test_the_guide_documents_every_kind_of_command() -> None:
     assert len(COMMANDS) >= 40
 
 
+def test_help_points_to_every_guide_page_and_its_examples_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    named = set(re.findall(r"docs/[\w-]+\.md", command_line.EXAMPLES))
+    assert named == {page.relative_to(ROOT).as_posix() for page in PAGES[1:]}
+    examples = commands_in(command_line.EXAMPLES, "--help")
+    assert len(examples) >= 6
+    for command in examples:
+        check_experiment(stand_in_config(list(command.argv), tmp_path), monkeypatch)
+
+
 def test_commands_are_read_as_a_shell_would() -> None:
     text = ('ARGS="--config c.yaml \\\n  --device cuda"\n'
             "python experiment.py $ARGS --seed 1   # a comment\n"
