@@ -168,10 +168,8 @@ def format_predictions(predictions: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Classify the given images and folders; exit 0 when all were classified, 1 when some could
-    not be read or a folder holds no image (the others are still classified; each problem is named
-    on stderr), 2 for a bad model file or setting."""
+def command_line_parser() -> argparse.ArgumentParser:
+    """The flags of prediction_for_one.py: a model file, the images, and how to show their classes."""
     parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).")
     parser.add_argument("--model", "--model_path", dest="model", required=True,
                         help="path to a best_model.pth or model.onnx")
@@ -183,7 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="write one row per image to FILE (path, top classes, probabilities, or why it could not "
                              "be read); the console then shows a summary unless --json is given")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Classify the given images and folders; exit 0 when all were classified, 1 when some could
+    not be read or a folder holds no image (the others are still classified; each problem is named
+    on stderr), 2 for a bad model file or setting."""
+    args = command_line_parser().parse_args(argv)
     # The shell leaves '~' alone in --model=~/x; expand it as a user expects.
     args.model, args.images = os.path.expanduser(args.model), [os.path.expanduser(image) for image in args.images]
     if args.top_k < 1:

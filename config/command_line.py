@@ -37,8 +37,24 @@ EXAMPLES = """examples:
     python experiment.py --teacher-epochs 1 --student-epochs 1
   repeat a run with one setting changed:
     python experiment.py --config runs/<run>/config.json --alpha 0.7
-  find the temperature and alpha that distil best (judged on validation; see the README's sweeps):
+  find the temperature and alpha that distil best (judged on validation; see docs/sweeps.md):
     python experiment.py --sweep "temperature=1:10:log,alpha=0.1:0.9" --trials 20
+
+the guide (docs/ in the repository; README.md lists the pages):
+  docs/settings.md                every flag, its constant, settings files
+  docs/your-data.md               folder layouts, photos, CIFAR files, unreadable images
+  docs/models.md                  networks by name, students for photos, pretrained weights
+  docs/training.md                model selection, schedules, seeds and the verdict, --resume
+  docs/methods.md                 the distillation methods and their reference weights
+  docs/distillation-results.md    what each method bought on a CIFAR-10 subset
+  docs/sweeps.md                  --sweep, and several workers on one study
+  docs/reproducing-papers.md      the references' recipes and published numbers
+  docs/output.md                  the run directory, report, warnings and ledger
+  docs/performance.md             what makes training fast, and measured speeds
+  docs/scaling-out.md             torchrun on several GPUs or machines
+  docs/deploying.md               size, speed, ONNX export, prediction_for_one.py
+  docs/code-layout.md             where each part of the code lives
+  docs/tests.md                   what the tests check
 """
 # What leaving out an action flag means, as --help shows it (settings say so in their Flag).
 ACTIONS_UNSET = {"config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",

@@ -25,7 +25,7 @@ ONNX_METADATA_KEY = "kd_pipeline"  # JSON: arch, class names, image size, normal
 ONNX_TOLERANCE = 1e-4  # largest allowed |logit difference| between ONNX Runtime and PyTorch
 # A speed measurement whose interquartile range is wider than this share of its median is taken again, and
 # marked noisy (no speed-up claimed from it) if it stays so: set from measurements on a quiet and a busy machine
-# (README, "Deploying the student").
+# (docs/deploying.md).
 NOISY_SPREAD = 0.25
 MEASURE_PASSES = 3  # a noisy measurement is taken up to this many times in all
 THROUGHPUT_BATCH = 64  # images per forward pass when throughput is measured

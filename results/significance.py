@@ -378,7 +378,7 @@ def peer_sentence(peer: dict[str, Any]) -> str:
             f"{peer['peer_params'] / 1e6:.2f}M parameters) needs there ({peer['peer_flops_per_image'] / 1e9:.3g}): "
             "the KD literature's small-image networks do not shrink the image in their stem, so their cost grows with "
             "its square; above 64 px a torchvision student (mobilenet_v3_small, shufflenet_v2_x1_0, resnet18, ...) "
-            "is the cheaper choice (README, 'Which student for photos').")
+            "is the cheaper choice (docs/models.md, 'Which student for photos').")
 
 
 def sanity_warnings(

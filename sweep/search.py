@@ -81,7 +81,7 @@ def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
     unreachable storage stops the run with one sentence (SettingsError).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SettingsError("A sweep runs one process per worker: start several workers (see the README's sweeps) "
+        raise SettingsError("A sweep runs one process per worker: start several workers (see docs/sweeps.md) "
                             "instead of torchrun.")
     space = search_space.parse_spec(config.sweep)
     search_space.check_ranges(config, space)
@@ -270,7 +270,7 @@ class Worker:
     def __enter__(self) -> Worker:
         self.folder.mkdir(exist_ok=True)
         if self.storage is None:
-            # RUN/sweep.db serves one worker (see the README): any trial it lists as running was left by a killed one.
+            # RUN/sweep.db serves one worker (docs/sweeps.md): any trial it lists as running was left by a killed one.
             if not self._alone.acquire(block=False):
                 raise SettingsError(f"Another process is running the sweep in '{self.context.run_dir}'.")
             self.storage = connect(f"sqlite:///{(self.context.run_dir / SQLITE_FILE).resolve()}")

@@ -220,7 +220,7 @@ def test_signals_inherited_as_ignored_stay_ignored_during_saves(tiny_data, tmp_p
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
-def test_readme_speaks_of_data_a_user_has():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "shared/datasets" not in readme and "/tmp/cifar150" not in readme
-    assert "CIFAR-10 as an ImageFolder tree" in readme and "torchvision.datasets import CIFAR10" in readme
+def test_the_guide_speaks_of_data_a_user_has():
+    guide = "\n".join(page.read_text(encoding="utf-8") for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    assert "shared/datasets" not in guide and "/tmp/cifar150" not in guide
+    assert "CIFAR-10 as an ImageFolder tree" in guide and "torchvision.datasets import CIFAR10" in guide

@@ -93,7 +93,7 @@ def test_flops_per_image_match_hand_counts():
     assert resnet8 == 12_501_632
     assert deploy.flops_per_image(model_builder.build_model("resnet8", 10, 32), 32) == 2 * resnet8
     # The small-image VGG16: configuration D's 13 convolutions, max-pooled from 32 px down to 2 px, then
-    # global pooling and a 512 -> 10 linear layer: 0.626 GFLOPs, the figure the README gives.
+    # global pooling and a 512 -> 10 linear layer: 0.626 GFLOPs, the figure docs/models.md gives.
     vgg16 = (conv_macs(32, 64, 3) + conv_macs(32, 64, 64) + conv_macs(16, 128, 64) + conv_macs(16, 128, 128)
              + conv_macs(8, 256, 128) + 2 * conv_macs(8, 256, 256) + conv_macs(4, 512, 256) + 2 * conv_macs(4, 512, 512)
              + 3 * conv_macs(2, 512, 512) + 512 * 10)
