@@ -7,7 +7,7 @@
    and 512, with cuDNN autotuning); warm-up runs until the step time is stable, then at least 50
    steps are timed on CUDA (synchronized). The best variant counts;
 2. our plain student epoch through engine.train_one_epoch;
-3. our distillation epoch through KD_engine.DistillationCriterion and the same loop;
+3. our distillation epoch through KD_engine's kd step and the same loop;
 4. a weak reference distillation epoch written as typical public KD code: torchvision
    ImageFolder, PIL transforms, a DataLoader with 2 workers, fp32, a per-batch teacher forward
    and per-batch `.item()` bookkeeping;
@@ -166,7 +166,8 @@ def our_epochs(args, paths, labels, classes, device) -> tuple[float, float]:
         if distill:
             teacher = model_builder.build_model(args.teacher, len(classes), args.image_size).eval()
             teacher = compute.store_for_autocast(teacher.to(device, memory_format=torch.channels_last), amp)
-            criterion = KD_engine.DistillationCriterion(teacher, TEMPERATURE, ALPHA)
+            criterion = KD_engine.make_criterion("kd", teacher, student, KD_engine.library_setup(
+                temperature=TEMPERATURE, alpha=ALPHA))
         # As experiment.make_optimizer: one fused kernel per step.
         optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, fused=True)
         loader = data_setup.BatchLoader(split, args.batch_size, mean, std, device, augmentation, seed=0)

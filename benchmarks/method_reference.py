@@ -3,7 +3,7 @@
     python benchmarks/method_reference.py [--seed N] [--batch-size N] [--classes N]
 
 On the same tensors, each method's distillation term is computed twice: by this project's criterion
-(KD_engine.make_criterion with the project's defaults, experiment.py's constants) and by a
+(KD_engine.make_criterion with the project's defaults, experiment.default_config()) and by a
 transcription, written out below and sharing no code with KD_engine or KD_features, of its
 reference's formula and CIFAR weights. Both are taken beside a CE weight of 1 (ours: (loss -
 ALPHA * CE) / ALPHA; the reference's: its distillation term over its own CE weight), after the
@@ -46,7 +46,7 @@ import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
 from config import settings  # noqa: E402
-from methods import feature_methods  # noqa: E402
+from methods import reviewkd  # noqa: E402
 
 TARGET = 1e-4
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"  # the references' CIFAR pair for ReviewKD and the LS DKD config
@@ -222,16 +222,14 @@ def logit_rows(args: argparse.Namespace) -> dict[str, tuple]:
     z_t = 3 * torch.randn(args.batch_size, args.classes, generator=generator) + 8 * F.one_hot(target, args.classes)
     z_s = torch.randn(args.batch_size, args.classes, generator=generator).requires_grad_()
     reference = reference_logit_terms(z_s, z_t, target)
+    # The project's defaults for the LS reference's DKD pair (its dkd_beta: 8).
     pair = dataclasses.replace(experiment.default_config(), teacher_model=TEACHER, student_model=STUDENT)
-    dkd_beta = settings.dkd_beta(pair)  # the default's value for the LS reference's DKD pair: 8
+    setup, alpha = settings.method_setup(pair), pair.alpha
     rows = {}
     for method in reference:
-        criterion = KD_engine.make_criterion(
-            method, nn.Identity(), nn.Identity(), temperature=experiment.T, alpha=experiment.ALPHA,
-            dkd_alpha=experiment.DKD_ALPHA, dkd_beta=dkd_beta, dist_weight=experiment.DIST_WEIGHT,
-            ls_temperature=experiment.LS_TEMPERATURE, ls_weight=experiment.LS_WEIGHT)
+        criterion = KD_engine.make_criterion(method, nn.Identity(), nn.Identity(), setup)
         out = criterion(nn.Identity(), z_s, target, z_t)
-        ours = (out["loss"] - criterion.alpha * out["ce"]) / criterion.alpha
+        ours = (out["loss"] - alpha * out["ce"]) / alpha
         rows[method] = compare(ours, reference[method], z_s)
     return rows
 
@@ -241,7 +239,8 @@ def reviewkd_row(args: argparse.Namespace) -> tuple:
     torch.manual_seed(args.seed)
     teacher = model_builder.build_model(TEACHER, args.classes, 32)
     student = model_builder.build_model(STUDENT, args.classes, 32).train()
-    criterion = KD_engine.make_criterion("reviewkd", teacher, student, temperature=experiment.T, alpha=1.0)
+    config = dataclasses.replace(experiment.default_config(), teacher_model=TEACHER, student_model=STUDENT, alpha=1.0)
+    criterion = KD_engine.make_criterion("reviewkd", teacher, student, settings.method_setup(config))
     stages = ["layer1", "layer2", "layer3"]
     last_blocks = {stage: f"{stage}.{len(getattr(teacher, stage)) - 1}" for stage in stages}
     student_kept, student_handles = captured(student, [*stages, "avgpool"])
@@ -259,7 +258,7 @@ def reviewkd_row(args: argparse.Namespace) -> tuple:
     reference = ref_review_term(reference_abfs(criterion.trainable), student_feats, teacher_feats)
     ours_value = float(out["loss"].detach() - out["ce"].detach())  # alpha 1: CE + beta * HCL, beta = 5 x 1
     # The gradient: our ABFs and HCL, on the very features the transcription is given.
-    ours = criterion.beta * feature_methods.hcl_loss(criterion.trainable(student_feats), teacher_feats)
+    ours = criterion.method.beta * reviewkd.hcl_loss(criterion.trainable(student_feats), teacher_feats)
     gradient = compare(ours, reference, student_feats)[3]
     criterion.close()
     return ours_value, reference.item(), ours_value / reference.item(), gradient

@@ -28,6 +28,7 @@ Target: each of ours within 0.5x-2x of its reference. The last line is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -45,8 +46,8 @@ import engine  # noqa: E402
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
+from config import settings  # noqa: E402
 from core import compute  # noqa: E402
-from methods import feature_methods  # noqa: E402
 from training import checkpoints  # noqa: E402
 
 TEACHER, STUDENT, IMAGE_SIZE = "vgg16_bn", "resnet18", 32
@@ -153,16 +154,14 @@ def reference_terms(teacher: nn.Module, student: nn.Module, images: torch.Tensor
 
 
 def our_terms(method: str, teacher: nn.Module, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-              seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], KD_engine.FeatureDistillationCriterion]:
+              seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], KD_engine.DistillationStep]:
     """(ALPHA * CE, BETA * feature) of our criterion with the project's defaults, and the criterion."""
     torch.manual_seed(seed)
-    criterion = KD_engine.make_criterion(
-        method, teacher, student, temperature=experiment.T, alpha=experiment.ALPHA, beta=experiment.BETA,
-        pairs=feature_methods.parse_feature_layers(experiment.FEATURE_LAYERS) if experiment.FEATURE_LAYERS else None,
-        image_size=IMAGE_SIZE)
+    config = dataclasses.replace(experiment.default_config(), image_size=IMAGE_SIZE)
+    criterion = KD_engine.make_criterion(method, teacher, student, settings.method_setup(config))
     out = criterion(student, images, labels)
     criterion.close()
-    return (criterion.alpha * out["ce"], criterion.beta * out[criterion.part]), criterion
+    return (config.alpha * out["ce"], criterion.method.beta * out[criterion.method.part]), criterion
 
 
 def gradient_norm(term: torch.Tensor, parameters: list[nn.Parameter]) -> float:
@@ -231,23 +230,24 @@ def main() -> None:
 
     print(f"Teacher: {described}. Student: ResNet18 at initialization, train mode. One batch of {len(labels)} "
           f"training images of the bundled digits at {IMAGE_SIZE} px, fp32.")
-    print(f"Ours: loss = ALPHA*CE + (1-ALPHA)*KD + BETA*feature with ALPHA={experiment.ALPHA}, BETA={experiment.BETA} "
+    print(f"Ours: loss = ALPHA*CE + (1-ALPHA)*KD + BETA*feature with ALPHA={experiment.ALPHA}, "
+          f"BETA={experiment.default_config().beta} "
           "(None: the references' weight times ALPHA). Reference: CE + weight * feature.\n")
     header = (f"{'method':<9}{'':<11}{'layers (teacher:student)':<92}{'CE w':>6}{'feat w':>8}"
               f"{'|grad CE|':>11}{'|grad feat|':>13}{'ratio':>9}")
     print(header + "\n" + "-" * len(header))
     ratios = {}
-    for method in feature_methods.FEATURE_METHODS:
+    for method in ("fitnet", "at", "reviewkd"):
         student.load_state_dict(initial)
         terms, criterion = our_terms(method, teacher, student, images, labels, args.seed)
         ours = strength(terms, student)
-        layers = ",".join(f"{t}:{s}" for t, s in criterion.term.pairs)
+        layers = ",".join(f"{t}:{s}" for t, s in criterion.method.pairs)
         student.load_state_dict(initial)
         review_abfs = reference_abfs(criterion.trainable) if method == "reviewkd" else None
         reference = strength(reference_terms(teacher, student, images, labels, args.seed, review_abfs)[method],
                              student)
         for who, (weights, layer_text, (ce, feature, ratio)) in (
-            ("ours", ((criterion.alpha, criterion.beta), layers, ours)),
+            ("ours", ((experiment.ALPHA, criterion.method.beta), layers, ours)),
             ("reference", ((REFERENCE_CE_WEIGHT, REFERENCE_WEIGHTS[method]), reference_layers(method), reference)),
         ):
             print(f"{method:<9}{who:<11}{layer_text:<92}{weights[0]:>6g}{weights[1]:>8g}{ce:>11.4f}{feature:>13.4f}"

@@ -65,12 +65,12 @@ def step_counts(method: str, steps: int, batch_size: int) -> tuple[list[int], li
     if method == "plain":
         criterion = engine.SupervisedCriterion()
     else:
-        criterion = KD_engine.make_criterion(method, teacher, student, temperature=4.0, alpha=0.5,
-                                             dkd_warmup_steps=steps // 2, steps_per_epoch=len(loader))
+        # DKD's warm-up spans the epoch, so its factor changes every step.
+        criterion = KD_engine.make_criterion(method, teacher, student, KD_engine.library_setup(
+            steps_per_epoch=len(loader), dkd_warmup_epochs=1))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=len(loader))
-    if hasattr(criterion, "set_epoch"):
-        criterion.set_epoch(1)
+    criterion.set_epoch(1)
     with step_profile.counting([student, teacher], optimizer) as counter:
         engine.train_one_epoch(student, step_profile.CountedSteps(loader, counter), criterion, optimizer,
                                [str(c) for c in range(CLASSES)], DEVICE, scheduler)
