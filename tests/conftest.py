@@ -142,3 +142,93 @@ def hand_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     rows = list(zip(student.tolist(), teacher.tolist(), strict=True))
     total = sum(hand_kl(hand_softmax(t_row, temperature), hand_softmax(s_row, temperature)) for s_row, t_row in rows)
     return temperature**2 * total / len(rows)
+
+
+def hand_dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
+             ) -> tuple[float, float]:
+    """DKD's TCKD and NCKD by plain Python: T^2 * batch-mean KL(teacher || student) of each split."""
+    tckd = nckd = 0.0
+    for s_row, t_row, label in zip(student.tolist(), teacher.tolist(), labels.tolist(), strict=True):
+        p_s, p_t = hand_softmax(s_row, temperature), hand_softmax(t_row, temperature)
+        tckd += hand_kl([p_t[label], 1 - p_t[label]], [p_s[label], 1 - p_s[label]])
+        others = [i for i in range(len(s_row)) if i != label]
+        nckd += hand_kl(hand_softmax([t_row[i] for i in others], temperature),
+                        hand_softmax([s_row[i] for i in others], temperature))
+    scale = temperature**2 / len(labels)
+    return tckd * scale, nckd * scale
+
+
+def hand_pearson(first: list[float], second: list[float]) -> float:
+    """Pearson correlation with DIST_KD's eps in the denominator, by plain Python."""
+    mean_first, mean_second = sum(first) / len(first), sum(second) / len(second)
+    first, second = [v - mean_first for v in first], [v - mean_second for v in second]
+    norms = math.sqrt(sum(v * v for v in first)) * math.sqrt(sum(v * v for v in second))
+    return sum(a * b for a, b in zip(first, second, strict=True)) / (norms + 1e-8)
+
+
+def hand_dist(student: list[list[float]], teacher: list[list[float]], temperature: float) -> float:
+    """DIST_KD's DIST with beta = gamma = 1: T^2 * (1 - mean row correlation + 1 - mean column correlation)."""
+    p_s = [hand_softmax(row, temperature) for row in student]
+    p_t = [hand_softmax(row, temperature) for row in teacher]
+    inter = 1 - sum(hand_pearson(s, t) for s, t in zip(p_s, p_t, strict=True)) / len(p_s)
+    columns = range(len(p_s[0]))
+    intra = 1 - sum(hand_pearson([row[c] for row in p_s], [row[c] for row in p_t]) for c in columns) / len(columns)
+    return temperature**2 * (inter + intra)
+
+
+def hand_standardize(rows: list[list[float]]) -> list[list[float]]:
+    """The logit-standardization reference's normalize(): (x - mean) / (1e-7 + unbiased std), per row."""
+    out = []
+    for row in rows:
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        out.append([(v - mean) / (1e-7 + std) for v in row])
+    return out
+
+
+# Three samples of three classes, for the relation (DIST) and standardized methods' hand computations.
+STUDENT3 = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, -1.0, 0.0]])
+TEACHER3 = torch.tensor([[3.0, 0.0, -2.0], [0.0, 1.0, 2.0], [0.5, 0.5, -0.5]])
+LABELS3 = torch.tensor([0, 2, 1])
+
+
+def method_setup(teacher_arch: str = "vgg16_bn", student_arch: str = "resnet18", *, image_size: int = 32,
+                 epochs: int = 1, steps_per_epoch: int = 1, layer_pairs=None, **settings):
+    """A methods.base.Setup whose config is experiment's defaults with `settings` (temperature=..., ...) replaced."""
+    import dataclasses
+
+    import experiment
+    from methods import base
+
+    config = dataclasses.replace(experiment.default_config(), **settings)
+    return base.Setup(config, teacher_arch, student_arch, image_size=image_size, epochs=epochs,
+                      steps_per_epoch=steps_per_epoch, layer_pairs=layer_pairs)
+
+
+def logit_method_outputs(name: str, **settings) -> dict[str, torch.Tensor]:
+    """A logit method's step on STUDENT3 / TEACHER3 / LABELS3 (the teacher's logits given as cached), T 4 and
+    alpha 0.5 unless `settings` say otherwise."""
+    import KD_engine
+
+    setup = method_setup(**{"temperature": 4.0, "alpha": 0.5, **settings})
+    criterion = KD_engine.make_criterion(name, torch.nn.Identity(), torch.nn.Identity(), setup)
+    return criterion(torch.nn.Identity(), STUDENT3, LABELS3, TEACHER3)
+
+
+def tiny_convnet(width: int, classes: int = 3) -> torch.nn.Sequential:
+    """conv (index 0) -> BN -> ReLU (2) -> strided conv (3) -> ReLU (4) -> pooled linear head."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+    )
+
+
+@pytest.fixture(scope="module")
+def real_models():
+    """The default teacher and student (VGG16, ResNet18) for 10 classes at 32 px."""
+    import model_builder
+
+    torch.manual_seed(0)
+    return model_builder.build_model("VGG16", 10, 32), model_builder.build_model("ResNet18", 10, 32)

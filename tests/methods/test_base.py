@@ -1,0 +1,11 @@
+"""What every method shares (methods/base.py): the linear warm-up's length and factor."""
+
+from methods import base
+
+
+def test_warmup_steps_keep_the_papers_share_of_all_steps():
+    assert base.warmup_steps(240, 10) == 200  # the paper: 20 of 240 epochs
+    assert base.warmup_steps(3, 40) == 10  # a 3-epoch run warms up over its first 10 steps
+    assert base.warmup_steps(1, 2) == 1
+    assert base.warmup_steps(3, 40, warmup_epochs=2) == 80
+    assert base.warmup_steps(3, 40, warmup_epochs=0) == 0

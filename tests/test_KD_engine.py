@@ -1,0 +1,164 @@
+"""The distillation step (KD_engine.DistillationStep): a frozen teacher, cached logits, every registered method on
+the real small models; the registry; and the library function knowledge_distillation_train."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import hand_kd, method_setup, tiny_convnet
+from torch import nn
+
+import engine
+import KD_engine
+import model_builder
+from core import compute
+from methods import base, feature_maps
+
+METHOD_NAMES = {"kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd"}
+
+
+class TinyNet(nn.Module):
+    """A convolution, batch norm and a linear head: enough to see running statistics move."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5))
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_distillation_step_leaves_teacher_untouched():
+    torch.manual_seed(0)
+    teacher, student = TinyNet(), TinyNet()
+    teacher.train()  # the step must switch it to eval mode itself
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    criterion = KD_engine.make_criterion("kd", teacher, student, method_setup(temperature=4.0, alpha=0.5))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    batches = [(torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))) for _ in range(3)]
+    student_before = [p.clone() for p in student.parameters()]
+    metrics = engine.train_one_epoch(student, batches, criterion, optimizer, ["a", "b", "c"], torch.device("cpu"))
+    assert not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"teacher's {key} changed"
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters(), strict=True))
+    assert {"loss", "ce", "kd", "top1"} <= metrics.keys()
+    assert metrics["loss"] == pytest.approx(0.5 * metrics["ce"] + 0.5 * metrics["kd"], rel=1e-5)
+
+
+def test_cached_teacher_logits_give_the_same_loss_without_running_the_teacher():
+    torch.manual_seed(1)
+    teacher, student = TinyNet(), TinyNet()
+    criterion = KD_engine.make_criterion("kd", teacher, student, method_setup(temperature=2.0, alpha=0.4))
+    student.eval()  # no dropout: both calls must see the same student
+    images, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        cached = teacher(images)
+    live = criterion(student, images, labels)
+    teacher.forward = lambda x: (_ for _ in ()).throw(AssertionError("teacher ran"))
+    replayed = criterion(student, images, labels, cached)
+    for key in ("loss", "ce", "kd"):
+        assert torch.equal(live[key], replayed[key])
+
+
+def test_every_method_is_registered_by_name():
+    assert set(KD_engine.method_names()) == METHOD_NAMES
+    assert all(KD_engine.method_class(name).name == name for name in METHOD_NAMES)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_NAMES))
+def test_make_criterion_trains_the_real_small_models(method, real_models):
+    teacher, student = real_models
+    student.train()
+    student.zero_grad(set_to_none=True)
+    setup = method_setup(*(model_builder.architecture_name(name) for name in ("VGG16", "ResNet18")), epochs=3,
+                         steps_per_epoch=2, temperature=4.0, alpha=0.5)
+    criterion = KD_engine.make_criterion(method, teacher, student, setup)
+    out = criterion(student, torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["logits"].shape == (2, 10)
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"},
+                "dkd": {"ce", "tckd", "nckd", "warmup"}, "dist": {"ce", "dist"}, "kd_ls": {"ce", "kd"},
+                "dkd_ls": {"ce", "tckd", "nckd", "warmup"}, "dist_ls": {"ce", "dist"},
+                "reviewkd": {"ce", "kd", "hcl", "warmup"}}
+    assert out.keys() == {"loss", "logits"} | expected[method]
+    assert expected[method] - {"warmup"} <= KD_engine.loss_parts().keys(), "the loss plot labels every part"
+    assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd"))
+    counts_steps = type(criterion.method).set_epoch is not base.Method.set_epoch
+    assert counts_steps == (method in ("dkd", "dkd_ls", "fitnet", "at", "reviewkd"))
+    criterion.close()
+
+
+def test_make_criterion_names_the_known_methods():
+    with pytest.raises(ValueError, match="Unknown distillation method 'crd'; known methods: ") as raised:
+        KD_engine.make_criterion("crd", nn.Linear(2, 2), nn.Linear(2, 2), method_setup())
+    assert set(str(raised.value).split(": ", 1)[1].rstrip(".").split(", ")) == METHOD_NAMES
+
+
+# ---------------------------------------------------------------- knowledge_distillation_train
+
+
+def tiny_loader(batch_size: int = 3):
+    generator = torch.Generator().manual_seed(5)
+    images, labels = torch.randn(7, 3, 4, 4, generator=generator), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, 7, batch_size)]
+
+
+@pytest.mark.parametrize("teacher_percentage", [0.0, 0.7])
+def test_knowledge_distillation_train_returns_the_epoch_mean(teacher_percentage):
+    torch.manual_seed(6)
+    teacher, student = tiny_convnet(6), tiny_convnet(4)
+    teacher.train()
+    teacher[1].eval()  # a mixed mode that must come back as it was
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loader = tiny_loader()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+
+    student.train()
+    with torch.no_grad():
+        with feature_maps.eval_mode(teacher):
+            teacher_logits = [teacher(images) for images, _ in loader]
+        batch_losses = []
+        for (images, labels), t_logits in zip(loader, teacher_logits, strict=True):
+            logits = student(images)
+            batch_losses.append((1 - teacher_percentage) * F.cross_entropy(logits, labels)
+                                + teacher_percentage * hand_kd(logits, t_logits, 2.0))
+    sizes = [len(labels) for _, labels in loader]
+    expected = sum(loss.item() * n for loss, n in zip(batch_losses, sizes, strict=True)) / 7
+    assert expected != pytest.approx(sum(loss.item() for loss in batch_losses) / 3, rel=1e-4)
+
+    value = KD_engine.knowledge_distillation_train(teacher, student, loader, nn.CrossEntropyLoss(), optimizer,
+                                                   teacher_percentage=teacher_percentage, temperature=2.0, device="cpu")
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert teacher.training and not teacher[1].training and teacher[2].training
+    assert all(p.requires_grad and p.grad is None for p in teacher.parameters())
+    for key, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, teacher_before[key]), f"teacher's {key} changed"
+
+
+def test_knowledge_distillation_train_picks_a_device_when_given_none():
+    torch.manual_seed(9)
+    teacher, student = tiny_convnet(6), tiny_convnet(4)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)  # the student stays as it was: both calls agree
+    picked = KD_engine.knowledge_distillation_train(teacher, student, tiny_loader(), nn.CrossEntropyLoss(), optimizer,
+                                                    device=None)
+    auto = compute.resolve_device("auto")
+    assert all(p.device.type == auto.type for p in [*teacher.parameters(), *student.parameters()])
+    named = KD_engine.knowledge_distillation_train(teacher, student, tiny_loader(), nn.CrossEntropyLoss(), optimizer,
+                                                   device=auto)
+    assert picked == pytest.approx(named, rel=1e-6) and picked > 0
+
+
+def test_knowledge_distillation_train_rejects_bad_settings():
+    teacher, student = tiny_convnet(4), tiny_convnet(4)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    for settings, message in (({"teacher_percentage": 1.5}, r"teacher_percentage must lie in \[0, 1\], got 1.5"),
+                              ({"teacher_percentage": -0.1}, r"teacher_percentage must lie in \[0, 1\], got -0.1"),
+                              ({"temperature": 0.0}, "temperature must be > 0, got 0.0")):
+        with pytest.raises(ValueError, match=message):
+            KD_engine.knowledge_distillation_train(teacher, student, tiny_loader(), nn.CrossEntropyLoss(), optimizer,
+                                                   device="cpu", **settings)
