@@ -29,7 +29,7 @@ LOSS_PARTS_BASE = {"loss": "total", "ce": "CE"}
 
 
 def method_names() -> list[str]:
-    """The registered methods' names, in the order they were registered."""
+    """The registered methods' names, in the literature's order (year of publication, then name)."""
     return list(base.REGISTRY)
 
 

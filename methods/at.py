@@ -36,6 +36,7 @@ class AT(FeatureMethod):
     """Attention transfer over the stage pairs."""
 
     name = "at"
+    year = 2017
     citation = "Zagoruyko & Komodakis, ICLR 2017; RepDistiller distiller_zoo/AT.py, mdistiller distillers/AT.py"
     parts = {"at": "attention transfer"}
     settings = SETTINGS

@@ -78,6 +78,7 @@ class Method:
 
     name: ClassVar[str]
     citation: ClassVar[str]
+    year: ClassVar[int]  # of publication: methods are listed in the literature's order
     parts: ClassVar[dict[str, str]] = {}
     settings: ClassVar[dict[str, Setting]] = {}
     reads: ClassVar[tuple[str, ...]] = ("temperature", "alpha")
@@ -90,6 +91,9 @@ class Method:
     teacher_layers: Mapping[str, bool] = {}
 
     def __init__(self, teacher: nn.Module, student: nn.Module, setup: Setup) -> None:
+        problems = self.check(setup.config)
+        if problems:
+            raise ValueError(problems[0])
         self.setup = setup
         self.config = setup.config
         self.hard_loss = setup.hard_loss
@@ -125,7 +129,7 @@ class Method:
         """Take off any hooks the method put on the student."""
 
 
-REGISTRY: dict[str, type[Method]] = {}
+REGISTRY: dict[str, type[Method]] = {}  # by name, in the literature's order (year, then name)
 
 
 def register(method: type[Method]) -> type[Method]:
@@ -133,6 +137,9 @@ def register(method: type[Method]) -> type[Method]:
     if method.name in REGISTRY and REGISTRY[method.name] is not method:
         raise ValueError(f"Two distillation methods are named '{method.name}'.")
     REGISTRY[method.name] = method
+    listed = sorted(REGISTRY.values(), key=lambda known: (known.year, known.name))
+    REGISTRY.clear()
+    REGISTRY.update((known.name, known) for known in listed)
     return method
 
 

@@ -48,6 +48,7 @@ class DIST(LogitTerm):
     """DIST at DIST_KD's CIFAR weights."""
 
     name = "dist"
+    year = 2022
     citation = "Huang et al., NeurIPS 2022; hunto/DIST_KD classification/lib/models/losses/dist_kd.py"
     parts = {"dist": "DIST (inter + intra)"}
     settings = SETTINGS

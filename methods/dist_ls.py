@@ -12,6 +12,7 @@ class DISTLS(dist.DIST):
     """DIST with both models' logits z-scored before the term."""
 
     name = "dist_ls"
+    year = 2024
     citation = "Sun et al., CVPR 2024 (no published DIST setting)"
     settings = {**dist.SETTINGS, **kd_ls.SETTINGS}
     standardized = True

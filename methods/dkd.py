@@ -93,6 +93,7 @@ class DKD(Method):
     """
 
     name = "dkd"
+    year = 2022
     citation = "Zhao et al., CVPR 2022; mdistiller mdistiller/distillers/DKD.py"
     parts = {"tckd": "DKD target-class", "nckd": "DKD non-target"}
     settings = SETTINGS

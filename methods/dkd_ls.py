@@ -14,6 +14,7 @@ class DKDLS(dkd.DKD):
     """`DKD` with both models' logits z-scored (`kd_ls.standardize`) before the DKD terms; CE sees the raw logits."""
 
     name = "dkd_ls"
+    year = 2024
     citation = "Sun et al., CVPR 2024; logit-standardization-KD mdistiller/distillers/DKD.py"
     settings = {**dkd.SETTINGS, **kd_ls.SETTINGS}
 

@@ -68,6 +68,7 @@ class FitNet(FeatureMethod):
     """FitNets' hint loss through a trained regressor."""
 
     name = "fitnet"
+    year = 2014
     citation = "Romero et al., ICLR 2015; RepDistiller distiller_zoo/FitNet.py, mdistiller distillers/FitNet.py"
     parts = {"feature": "FitNets feature MSE"}
     settings = SETTINGS

@@ -44,6 +44,7 @@ class KD(Method):
     """Hinton KD: alpha * CE + (1 - alpha) * T^2 * KL."""
 
     name = "kd"
+    year = 2015
     citation = "Hinton et al. 2015, arXiv:1503.02531"
     parts = {"kd": "KD (T²·KL)"}
     min_classes = 2

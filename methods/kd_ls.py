@@ -68,6 +68,7 @@ class KDLS(LogitTerm):
     """KD on standardized logits, at the reference's weights."""
 
     name = "kd_ls"
+    year = 2024
     citation = "Sun et al., CVPR 2024; logit-standardization-KD tools/train.py, mdistiller/distillers/KD.py"
     parts = {"kd": "KD (T²·KL)"}
     settings = SETTINGS

@@ -98,6 +98,7 @@ class ReviewKD(FeatureMethod):
     """ReviewKD's fusion and hierarchical context loss, warmed up per step."""
 
     name = "reviewkd"
+    year = 2021
     citation = "Chen et al., CVPR 2021; mdistiller distillers/ReviewKD.py, dvlab-research/ReviewKD"
     parts = {"hcl": "ReviewKD HCL"}
     settings = {**SETTINGS, "reviewkd_warmup_epochs": Setting(

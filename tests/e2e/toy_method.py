@@ -12,6 +12,7 @@ class ProbabilityL1(Method):
     """alpha * CE + (1 - alpha) * toy_weight * mean |softmax(s / T) - softmax(t / T)|."""
 
     name = "toy_l1"
+    year = 2026
     citation = "a test's own toy"
     parts = {"l1": "toy L1"}
     settings = {"toy_weight": Setting(float, 1.0, "toy_l1: weight of the L1 term", check=lambda value: value >= 0,

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import KD_engine
 from methods import at
 
 
@@ -45,3 +47,9 @@ def test_attention_transfer_batch_mean_and_spatial_mismatch():
 def test_default_vgg_to_resnet_pairs_are_the_stage_outputs(real_models):
     assert at.AT.default_pairs(*real_models) == [
         ("features.12", "layer1"), ("features.22", "layer2"), ("features.32", "layer3"), ("features.42", "layer4")]
+
+
+def test_a_method_refuses_settings_its_checks_refuse_when_built():
+    teacher, student = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+    with pytest.raises(ValueError, match=r"^--beta must be >= 0 \(got -1.0\)\.$"):
+        KD_engine.make_criterion("at", teacher, student, KD_engine.library_setup(beta=-1.0))
