@@ -27,7 +27,7 @@ import model_builder
 import utils
 from config import command_line, settings
 from core import compute, errors, records
-from results import deploy, report, significance
+from results import deploy, evaluation, ledger, report, significance
 from sweep import search
 from training import checkpoints, model_run
 
@@ -185,7 +185,7 @@ def prepare_run(
     normalization = model_run.normalization(data, teacher_checkpoint, pretrained)
     class_weights = engine.class_weights(data.train.labels, len(data.class_names)) \
         if config.class_weights == "balanced" else None
-    context = make_context(config, data, device, amp_dtype, report.make_run_dir(config.output_dir), pretrained,
+    context = make_context(config, data, device, amp_dtype, evaluation.make_run_dir(config.output_dir), pretrained,
                            class_weights, start, resume)
     dataset = data_setup.describe(data, normalization, class_weights)
     announce(context, dataset, world, resume)
@@ -261,11 +261,11 @@ def announce(context: model_run.Context, dataset: records.DatasetRecord, world: 
         resolved = {"device": str(context.device), "precision": precision, "processes": world,
                     "feature_weights": settings.feature_weights(config), "dkd_beta": settings.dkd_beta(config),
                     "logit_weights": settings.logit_weights(config)}
-        report.write_run_config(run_dir, config, resolved, dataset)
+        evaluation.write_run_config(run_dir, config, resolved, dataset)
     print(f"{'Resuming the run in' if resume else 'Run directory:'} {run_dir}  |  device {context.device}, "
           f"{precision}, {world} process{'es' if world > 1 else ''}  |  {len(data.class_names)} classes, "
           f"train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
-    report.write_skipped_files(run_dir, data.skipped_files)
+    evaluation.write_skipped_files(run_dir, data.skipped_files)
     peer = deploy.peer_flops(config.student_model, len(data.class_names), config.image_size)
     if peer is not None:
         print(f"note: {significance.peer_sentence(peer)}")
@@ -277,7 +277,7 @@ def obtain_teacher(
     """The teacher (kept from an interrupted run, loaded from --teacher-checkpoint or --teacher-weights, or trained)
     and its row."""
     config, folder = context.config, context.run_dir / records.TEACHER
-    row = report.finished_row(folder, records.TEACHER)
+    row = evaluation.finished_row(folder, records.TEACHER)
     if row is not None:
         path = folder / checkpoints.BEST_MODEL
         return model_run.load_model(context, checkpoints.read_state(path), path), row
@@ -293,7 +293,7 @@ def obtain_teacher(
         teacher, fit = model_run.train_model(context, records.TEACHER, arch, config.teacher_epochs, config.teacher_lr,
                                            functools.partial(model_run.supervised_criterion, context), folder,
                                            config.seed)
-    return teacher, report.evaluate_model(context, records.TEACHER, arch, teacher, fit, folder)
+    return teacher, evaluation.evaluate_model(context, records.TEACHER, arch, teacher, fit, folder)
 
 
 def adopt_checkpoint(
@@ -307,7 +307,7 @@ def adopt_checkpoint(
     fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"],
                            train_seconds=train_seconds)
     context.save_as_best(folder, role, checkpoint["arch"], model, fit)
-    return model, report.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
+    return model, evaluation.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
 
 
 Students = dict[str, dict[int, tuple[records.ModelRow, Path]]]  # role -> seed -> (its row, its folder)
@@ -327,12 +327,12 @@ def train_students(context: model_run.Context, teacher: nn.Module, kept: Student
                 continue
             folder = records.model_folder(context.run_dir, role, seed, seeds)
             name = records.model_name(role, seed, seeds)
-            row = report.finished_row(folder, name)
+            row = evaluation.finished_row(folder, name)
             if row is None:
                 criterion, cached = model_run.student_criterion(context, role, frozen_teacher, pairs, teacher_logits)
                 student, fit = model_run.train_model(context, name, arch, config.student_epochs, config.student_lr,
                                                    criterion, folder, seed, cached)
-                row = report.evaluate_model(context, name, arch, student, fit, folder)
+                row = evaluation.evaluate_model(context, name, arch, student, fit, folder)
             students[role][seed] = (row, folder)
     return students
 
@@ -343,7 +343,7 @@ def adopt_best_student(context: model_run.Context, trial_folder: Path) -> Studen
     role = records.distilled_role(settings.kd_methods(context.config)[0])
     seed = settings.seeds(context.config)[0]
     folder = context.run_dir / role
-    row = report.finished_row(folder, role)
+    row = evaluation.finished_row(folder, role)
     if row is None:
         path = trial_folder / checkpoints.BEST_MODEL
         checkpoint = checkpoints.read_state(path)
@@ -361,10 +361,10 @@ def summarize(
     config, run_dir = context.config, context.run_dir
     seeds = settings.seeds(config)
     rows = {role: {seed: row for seed, (row, _) in by_seed.items()} for role, by_seed in students.items()}
-    correct = {role: {seed: report.read_test_correct(folder) for seed, (_, folder) in by_seed.items()}
+    correct = {role: {seed: evaluation.read_test_correct(folder) for seed, (_, folder) in by_seed.items()}
                for role, by_seed in students.items()}
     models = {records.TEACHER: replace(teacher_row, **significance.teacher_against_baseline(
-        report.read_test_correct(run_dir / records.TEACHER), rows[records.BASELINE], correct[records.BASELINE],
+        evaluation.read_test_correct(run_dir / records.TEACHER), rows[records.BASELINE], correct[records.BASELINE],
         teacher_row.test["top1"]))}
     peer = deploy.peer_flops(config.student_model, len(dataset.class_names), config.image_size)
     for role, by_seed in rows.items():
@@ -408,11 +408,11 @@ def publish(context: model_run.Context, summary: records.RunSummary) -> None:
                           {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png",
                           len(summary.dataset.class_names))
     html = report.write_report(run_dir)
-    ledger = run_dir.parent / "experiments.csv"
-    report.append_ledger(ledger, report.ledger_row(context.config, summary, run_dir))
+    ledger_path = run_dir.parent / "experiments.csv"
+    ledger.append_ledger(ledger_path, ledger.ledger_row(context.config, summary, run_dir))
     warnings = "".join(f"warning: {warning}\n" for warning in summary.warnings)
     print("\n" + table + warnings + f"Wall time {report.wall_time(summary)}. Results in {run_dir}, "
-          f"report {html}, ledger {ledger}")
+          f"report {html}, ledger {ledger_path}")
 
 
 # ---------------------------------------------------------------- entry points

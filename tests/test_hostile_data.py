@@ -521,12 +521,12 @@ def test_a_weights_file_with_an_unusable_normalization_is_refused(small_model_fi
 
 
 def test_a_file_name_holding_a_newline_cannot_fake_lines_of_the_skipped_files_log(tmp_path, capsys):
-    from results import report
+    from results import evaluation
 
     faked = "photo.jpg: not a readable image\n/data/cat/secret.jpg"
     skipped = [{"path": str(tmp_path / faked), "reason": "not a readable image (unknown format)"},
                {"path": str(tmp_path / "it's \"quoted\" ø.png"), "reason": "truncated image\n(line two)"}]
-    report.write_skipped_files(tmp_path, skipped)
+    evaluation.write_skipped_files(tmp_path, skipped)
     lines = (tmp_path / "skipped_files.log").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2
     for line, entry in zip(lines, skipped, strict=True):
