@@ -153,15 +153,15 @@ def run_sweep(
     context, dataset = prepare_run(config, teacher_checkpoint, start, resume or search.joins_run(config, plan))
     try:
         with context.saver, search.Worker(context, plan, dataset) as worker:
-            teacher, teacher_row = worker.once("teacher", functools.partial(obtain_teacher, context,
-                                                                             teacher_checkpoint))
+            teacher, teacher_row = worker.study.once("teacher", functools.partial(obtain_teacher, context,
+                                                                                   teacher_checkpoint))
             best = worker.run_trials(teacher)
-            with worker.exclusive("report"):
-                if worker.reported():
+            with worker.study.exclusive("report"):
+                if worker.outcome.reported():
                     return None
                 students = train_students(best.context, teacher, adopt_best_student(best.context, best.folder))
                 summary = summarize(best.context, dataset, teacher_row, students)
-                worker.complete(summary, best)
+                worker.outcome.complete(summary, best)
                 publish(best.context, summary)
                 return summary
     except KeyboardInterrupt as stop:
