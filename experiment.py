@@ -227,12 +227,13 @@ def start_processes(config: settings.Config) -> tuple[torch.device, torch.dtype 
 
 def load_data(config: settings.Config, device: torch.device) -> data_setup.DatasetSplits:
     """The run's train / val / test splits, checked and decoded."""
-    return data_setup.load_splits(
-        config.data_dir, config.train_dir, config.val_dir, config.test_dir,
-        config.image_size, config.val_fraction, config.seed, config.memory_budget_mb, config.workers,
-        data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None, resize=config.resize,
-        test_fraction=config.test_fraction, max_per_class=config.max_per_class, decode_device=device,
-    )
+    return data_setup.load_splits(data_setup.DataDescription(
+        data_dir=config.data_dir, train_dir=config.train_dir, val_dir=config.val_dir, test_dir=config.test_dir,
+        image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed,
+        test_fraction=config.test_fraction, max_per_class=config.max_per_class, resize=config.resize,
+        memory_budget_mb=config.memory_budget_mb, workers=config.workers,
+        cache_dir=data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None, decode_device=device,
+    ))
 
 
 def make_context(

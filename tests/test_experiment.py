@@ -103,7 +103,9 @@ def test_best_checkpoint_reproduces_reported_test_metrics(tiny_run):
     model = model_builder.build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["image_size"])
     model.load_state_dict(checkpoint["state_dict"])
     model = model.to(memory_format=torch.channels_last)
-    splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"])
+    splits = data_setup.load_splits(data_setup.DataDescription(data_dir=config["data_dir"], image_size=32,
+                                                               val_fraction=config["val_fraction"],
+                                                               seed=config["seed"]))
     loader = data_setup.BatchLoader(splits.test, config["eval_batch_size"], checkpoint["mean"], checkpoint["std"],
                                     torch.device("cpu"))
     amp = compute.resolve_amp_dtype(config["precision"], torch.device("cpu"))

@@ -178,7 +178,7 @@ def test_every_class_difference_between_splits_in_one_message(tmp_path):
     for path in (root / "val" / "stripes").iterdir():
         path.unlink()
     with pytest.raises(errors.DataError) as error:
-        data_setup.load_splits(str(root), None, None, None, 16, 0.3, seed=0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(root), image_size=16, val_fraction=0.3, seed=0))
     message = str(error.value)
     assert "'cross' is in train and val but missing from test" in message
     assert "'hexagon' is in val but missing from train and test" in message

@@ -178,8 +178,8 @@ def test_non_finite_loss_stops_naming_model_epoch_and_batch():
     saved = []
     with pytest.raises(engine.NonFiniteLossError, match=r"student_kd: .* epoch 2, batch 3; .*epoch 1, is kept"):
         engine.fit(model, batches, batches, NaNAtBatch(epoch=2, batch=3), torch.optim.SGD(model.parameters(), lr=0.1),
-                   3, ["a", "b", "c"], torch.device("cpu"), on_best=lambda epoch, history: saved.append(epoch),
-                   log=lambda line: None, name="student_kd")
+                   3, ["a", "b", "c"], torch.device("cpu"), name="student_kd",
+                   hooks=engine.FitHooks(on_best=lambda epoch, history: saved.append(epoch), log=lambda line: None))
     assert saved == [1]
 
 

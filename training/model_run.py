@@ -416,9 +416,10 @@ def train_model(
         result = engine.fit(
             model, train_loader, context.eval_loaders["val"], step, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
-            on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch, on_epoch), on_epoch_end=save_epoch,
-            resume=resume, select_metric=context.config.select_metric, patience=context.config.patience,
-            weights=weights,
+            hooks=engine.FitHooks(on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch, on_epoch),
+                                  on_epoch_end=save_epoch),
+            selection=engine.Selection(context.config.select_metric, context.config.patience),
+            resume=resume, weights=weights,
         )
     finally:
         close_log()
