@@ -182,7 +182,8 @@ def prepare_run(
     model_run.check_initial_weights(config, pretrained, len(data.class_names))
     if teacher_checkpoint is not None:
         checkpoints.check_teacher_fits(config.teacher_checkpoint, teacher_checkpoint, data.class_names)
-    normalization = model_run.normalization(data, teacher_checkpoint, pretrained)
+    data.mean, data.std, normalization = model_builder.input_normalization(teacher_checkpoint, pretrained,
+                                                                           (data.mean, data.std))
     class_weights = engine.class_weights(data.train.labels, len(data.class_names)) \
         if config.class_weights == "balanced" else None
     context = make_context(config, data, device, amp_dtype, evaluation.make_run_dir(config.output_dir), pretrained,
