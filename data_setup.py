@@ -97,15 +97,10 @@ def bundled_digits_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     targets = digits.target
     indices = np.arange(len(targets))
     train_frac, val_frac, test_frac = DIGITS_SPLIT_FRACTIONS
-    train_idx, rest_idx = train_test_split(
-        indices, test_size=val_frac + test_frac, stratify=targets, random_state=DIGITS_SPLIT_SEED
-    )
-    val_idx, test_idx = train_test_split(
-        rest_idx,
-        test_size=test_frac / (val_frac + test_frac),
-        stratify=targets[rest_idx],
-        random_state=DIGITS_SPLIT_SEED,
-    )
+    train_idx, rest_idx = train_test_split(indices, test_size=val_frac + test_frac, stratify=targets,
+                                           random_state=DIGITS_SPLIT_SEED)
+    val_idx, test_idx = train_test_split(rest_idx, test_size=test_frac / (val_frac + test_frac),
+                                         stratify=targets[rest_idx], random_state=DIGITS_SPLIT_SEED)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
     staging.chmod(utils.FOLDER_MODE)  # mkdtemp's private 0700 would survive the rename
@@ -227,9 +222,8 @@ def _check_folder(
 
 
 def _split_tensors(
-    usable: _UsableImages, indices: Sequence[int] | None, image_size: int,
-    stream: bool, workers: int, cache_dir: Path | None, resize: str = "squash",
-    decode_device: torch.device | None = None,
+    usable: _UsableImages, indices: Sequence[int] | None, image_size: int, stream: bool, workers: int,
+    cache_dir: Path | None, resize: str = "squash", decode_device: torch.device | None = None,
 ) -> ImageTensors:
     chosen = range(len(usable.paths)) if indices is None else indices
     paths = [usable.paths[i] for i in chosen]
@@ -267,54 +261,64 @@ def channel_stats(split: ImageTensors, workers: int) -> tuple[list[float], list[
     return mean.tolist(), std.tolist()
 
 
-def load_splits(
-    data_dir: str | None, train_dir: str | None, val_dir: str | None, test_dir: str | None, image_size: int,
-    val_fraction: float, seed: int, memory_budget_mb: float = float("inf"), workers: int = 0,
-    cache_dir: Path | None = None, *, resize: str = "squash", test_fraction: float = 0.2,
-    max_per_class: int | None = None, decode_device: torch.device | None = None,
-) -> DatasetSplits:
-    """Find, check and decode the train / val / test splits (carving val from train if absent).
+@dataclass(frozen=True, kw_only=True)
+class DataDescription:
+    """Which images a run learns from and how they become its splits (see `load_splits`)."""
 
-    A data root of class folders only gives the training pool: the test split (`test_fraction`)
-    is carved from it first, then validation; a CIFAR folder gives its official train and test
-    splits. `max_per_class` caps the training split (after validation is carved; validation and
-    test are kept whole). Every carving is stratified and seeded by `seed`, and described in
-    `DatasetSplits.carving`.
+    image_size: int  # pixels a side, every image fitted to the square by `resize`
+    val_fraction: float  # of the training pool, carved as validation when there is no validation folder
+    seed: int  # seeds every carving
+    data_dir: str | None = None  # a data root (split folders, class folders or CIFAR files); all None: the digits
+    train_dir: str | None = None
+    val_dir: str | None = None
+    test_dir: str | None = None
+    test_fraction: float = 0.2  # of a root of class folders only, carved as the test split
+    max_per_class: int | None = None  # caps the training split's images per class
+    resize: str = "squash"
+    memory_budget_mb: float = float("inf")  # decoded splits larger than this are streamed from disk
+    workers: int = 0  # decoding processes
+    cache_dir: Path | None = None  # where decoded images are kept between runs (None: not kept)
+    decode_device: torch.device | None = None  # a CUDA device decodes JPEGs on its GPU
 
-    Splits whose decoded size exceeds `memory_budget_mb` in total are streamed from disk by
-    `workers` processes instead of being decoded once into memory. Either way every image is
-    decoded once up front (fitted to the square by `resize`), and unreadable files are left out
-    (listed in `skipped_files`), so a streamed epoch never meets one. With a CUDA `decode_device`
-    JPEGs are decoded on that GPU, for the first decode and for streaming (see `decoding.decoded_batches`).
-    Folder problems raise errors.DataError before anything is decoded where possible, and always before training.
+
+def load_splits(data: DataDescription) -> DatasetSplits:
+    """Find, check and decode the train / val / test splits `data` describes (carving val from train if absent).
+
+    A data root of class folders only gives the training pool: the test split is carved from it first, then
+    validation; a CIFAR folder gives its official train and test splits. `max_per_class` caps the training split
+    after validation is carved (validation and test are kept whole). Every carving is stratified and seeded, and
+    described in `DatasetSplits.carving`. Splits whose decoded size exceeds the memory budget are streamed from
+    disk by worker processes instead of being decoded once into memory. Either way every image is decoded once up
+    front, and unreadable files are left out (listed in `skipped_files`), so a streamed epoch never meets one; a
+    CUDA `decode_device` decodes JPEGs on its GPU (see `decoding.decoded_batches`). Folder problems raise
+    errors.DataError before anything is decoded where possible, and always before training.
     """
-    found = cifar_files.find(data_dir) if data_dir is not None and train_dir is None and test_dir is None else None
+    from_root = data.data_dir is not None and data.train_dir is None and data.test_dir is None
+    found = cifar_files.find(data.data_dir) if from_root else None
     if found is not None:
-        if val_dir is not None:
+        if data.val_dir is not None:
             raise errors.DataError("--val-dir cannot be combined with CIFAR files: validation is carved from their "
                                    "training batches (--val-fraction).")
-        cifar = cifar_files.read(*found, image_size, memory_budget_mb)
+        cifar = cifar_files.read(*found, data.image_size, data.memory_budget_mb)
         usable = {split: _UsableImages(*cifar.pool(split)) for split in ("train", "test")}
         class_names, test_path, val_path = cifar.class_names, cifar.test_file, None
         skipped, stream, cache_dir = [], False, None  # already in memory: nothing to skip, stream or cache
     else:
-        usable, class_names, skipped, stream, test_path, val_path = _folder_pool(
-            data_dir, train_dir, val_dir, test_dir, image_size, memory_budget_mb, workers, cache_dir, resize,
-            decode_device)
-    carved = carve_training_pool(usable["train"].labels, class_names, seed,
-                                 test_fraction if test_path is None else None,
-                                 val_fraction if val_path is None else None, max_per_class)
+        usable, class_names, skipped, stream, test_path, val_path = _folder_pool(data)
+        cache_dir = data.cache_dir
+    carved = carve_training_pool(usable["train"].labels, class_names, data.seed,
+                                 data.test_fraction if test_path is None else None,
+                                 data.val_fraction if val_path is None else None, data.max_per_class)
     # A split with its own folder is that folder whole; a carved one is its indices into train's.
     tensors = {name: _split_tensors(usable[name] if name in usable else usable["train"], carved.get(name),
-                                    image_size, stream, workers, cache_dir, resize, decode_device)
+                                    data.image_size, stream, data.workers, cache_dir, data.resize, data.decode_device)
                for name in ("train", "val", "test")}
     pool_size = len(usable["train"].labels)
     del usable
-    carving = describe_carving(tensors, class_names, carved, pool_size, seed, test_path, val_path,
-                               test_fraction, val_fraction, max_per_class)
+    carving = describe_carving(tensors, class_names, carved, pool_size, test_path, val_path, data)
     if found is not None:
         carving["layout"] = f"torchvision's {found[0].name} Python format"
-    mean, std = channel_stats(tensors["train"], workers)
+    mean, std = channel_stats(tensors["train"], data.workers)
     unique = {(item["path"], item["reason"]) for item in skipped}
     skipped_files = [{"path": path, "reason": reason} for path, reason in sorted(unique)]
     return DatasetSplits(tensors["train"], tensors["val"], tensors["test"], class_names, mean, std,
@@ -322,23 +326,22 @@ def load_splits(
 
 
 def _folder_pool(
-    data_dir: str | None, train_dir: str | None, val_dir: str | None, test_dir: str | None, image_size: int,
-    memory_budget_mb: float, workers: int, cache_dir: Path | None, resize: str, decode_device: torch.device | None,
+    data: DataDescription,
 ) -> tuple[dict[str, _UsableImages], list[str], list[dict[str, str]], bool, Path | None, Path | None]:
     """The usable images of each split folder (see `load_splits`), the class names, the skipped files, whether
     the images are streamed, and the test and validation folders (None: carved)."""
-    train_path, val_path, test_path = resolve_split_dirs(data_dir, train_dir, val_dir, test_dir)
+    train_path, val_path, test_path = resolve_split_dirs(data.data_dir, data.train_dir, data.val_dir, data.test_dir)
     roots = {"train": train_path, **({"val": val_path} if val_path is not None else {}),
              **({"test": test_path} if test_path is not None else {})}
     scans = {split: folders.image_folder(root, split) for split, root in roots.items()}
     class_names = folders.check_classes(scans)  # cheap: before any decoding
     total_images = sum(len(scan.samples) for scan in scans.values())
-    stream = total_images * 3 * image_size**2 / 2**20 > memory_budget_mb
+    stream = total_images * 3 * data.image_size**2 / 2**20 > data.memory_budget_mb
     usable: dict[str, _UsableImages] = {}
     skipped: list[dict[str, str]] = []
     for split, scan in scans.items():
-        usable[split], split_skipped = _check_folder(scan, image_size, stream, workers, cache_dir, resize,
-                                                     decode_device)
+        usable[split], split_skipped = _check_folder(scan, data.image_size, stream, data.workers, data.cache_dir,
+                                                     data.resize, data.decode_device)
         folders.require_every_class(split, scan, usable[split].labels, split_skipped)
         skipped += split_skipped
     return usable, class_names, skipped, stream, test_path, val_path
@@ -390,27 +393,26 @@ def _share(fraction: float) -> str:
 
 def describe_carving(
     tensors: dict[str, ImageTensors], class_names: Sequence[str], carved: dict[str, np.ndarray | None],
-    pool_size: int, seed: int, test_path: Path | None, val_path: Path | None,
-    test_fraction: float, val_fraction: float, max_per_class: int | None,
+    pool_size: int, test_path: Path | None, val_path: Path | None, data: DataDescription,
 ) -> dict[str, Any]:
     """How each split was obtained, in words and numbers (for config.json and the report)."""
     subset = None
-    if max_per_class is not None:
+    if data.max_per_class is not None:
         uncapped = pool_size - sum(len(carved[key]) for key in ("test", "val") if key in carved)
-        subset = (f"at most {max_per_class} images per class (stratified, seed {seed}): "
+        subset = (f"at most {data.max_per_class} images per class (stratified, seed {data.seed}): "
                   f"{len(tensors['train'])} of {uncapped} training images")
     rest = "train" if test_path is not None else "the images left after the test split"
     return {
         "layout": "class folders only" if test_path is None else "split folders",
-        "test": (f"carved from all images ({_share(test_fraction)}, stratified, seed {seed})"
+        "test": (f"carved from all images ({_share(data.test_fraction)}, stratified, seed {data.seed})"
                  if test_path is None else str(test_path)),
-        "validation": (f"carved from {rest} ({_share(val_fraction)}, stratified, seed {seed})"
+        "validation": (f"carved from {rest} ({_share(data.val_fraction)}, stratified, seed {data.seed})"
                        if val_path is None else str(val_path)),
         "train_subset": subset,
-        "seed": seed,
-        "test_fraction": test_fraction if test_path is None else None,
-        "val_fraction": val_fraction if val_path is None else None,
-        "max_per_class": max_per_class,
+        "seed": data.seed,
+        "test_fraction": data.test_fraction if test_path is None else None,
+        "val_fraction": data.val_fraction if val_path is None else None,
+        "max_per_class": data.max_per_class,
         "class_counts": {split: dict(zip(class_names, np.bincount(tensors[split].labels.numpy(),
                                                                   minlength=len(class_names)).tolist(), strict=True))
                          for split in ("train", "val", "test")},

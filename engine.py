@@ -249,33 +249,53 @@ class FitResult:
         return len(self.history) - self.best_epoch
 
 
+def _ignore(*args: Any) -> None:
+    """A hook nobody asked for."""
+
+
+@dataclass
+class FitHooks:
+    """What `fit` tells its caller, and when (each hook optional)."""
+
+    on_epoch: Callable[[dict[str, Any]], None] = _ignore  # every epoch's record (e.g. for TensorBoard, a pruner)
+    on_best: Callable[[int, list[dict[str, Any]]], None] = _ignore  # (epoch, history) when an epoch beats the best
+    on_epoch_end: Callable[[FitResult], None] = _ignore  # last in each epoch (to save what a resumed run needs)
+    log: Callable[[str], None] = print  # the epoch's line, on rank 0
+
+
+@dataclass
+class Selection:
+    """How `fit` chooses the best epoch and when it stops early."""
+
+    metric: str = "top1"  # the validation metric (see `is_better`)
+    patience: int | None = None  # epochs in a row without improving after which training stops (None or 0: off)
+
+
 def fit(
     model: nn.Module, train_loader: Batches, val_loader: Batches, criterion: Criterion,
     optimizer: torch.optim.Optimizer, epochs: int, class_names: Sequence[str], device: torch.device,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, amp_dtype: torch.dtype | None = None,
-    on_best: Callable[[int, list[dict[str, Any]]], None] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None, log: Callable[[str], None] = print,
-    name: str = "model", on_epoch_end: Callable[[FitResult], None] | None = None,
-    resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None, select_metric: str = "top1",
-    patience: int | None = None, weights: host_weights.WeightSnapshots | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, amp_dtype: torch.dtype | None = None, *,
+    name: str = "model", hooks: FitHooks | None = None, selection: Selection | None = None,
+    resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None,
+    weights: host_weights.WeightSnapshots | None = None,
 ) -> FitResult:
     """Train for `epochs` epochs, choose the best epoch on validation data, and restore it.
 
     After every epoch the model is evaluated on the validation loader; when it beats the best so far by
-    `select_metric` (see `is_better`) its weights are kept and `on_best(epoch, history)` is called;
-    `on_epoch(record)` sees every epoch's record (e.g. for TensorBoard); `on_epoch_end(result)` runs last in
-    each epoch (to save the state a resumed run needs). At the end the best weights are loaded back into
-    `model`: what the caller tests, saves or distills from is the selected model, not the last epoch.
+    `selection.metric` (see `is_better`) its weights are kept and `hooks.on_best` is called (`FitHooks`: the
+    others). At the end the best weights are loaded back into `model`: what the caller tests, saves or distills
+    from is the selected model, not the last epoch.
     The best weights are kept in host memory, in `weights` (a caller that saves checkpoints passes its
     own, so each epoch's weights are copied to the host once; see `host_weights.WeightSnapshots`).
     Validation metrics are counted on the device (`epoch_metrics`: no AUC, which the final evaluation gives).
 
     `resume=(result so far, best weights of the unwrapped model)` continues after `len(result.history)`
     finished epochs; the caller restores model, optimizer, scheduler, loader and RNG states beforehand. A
-    criterion with `set_epoch(epoch)` is told each epoch (from 1) before it starts. With `patience` (None or
-    0: off), training stops once `patience` epochs in a row have not improved on the best, counted from the
+    criterion with `set_epoch(epoch)` is told each epoch (from 1) before it starts. With `selection.patience`,
+    training stops once that many epochs in a row have not improved on the best, counted from the
     history, so a resumed run stops where an uninterrupted one would. A scheduler keeps its plan over `epochs`.
     """
+    hooks, selection = hooks or FitHooks(), selection or Selection()
     result, best_state = resume if resume is not None else (FitResult(), None)
     weights = weights if weights is not None else host_weights.WeightSnapshots()
     if best_state is not None:
@@ -283,30 +303,26 @@ def fit(
     best_val = result.history[result.best_epoch - 1]["val"] if result.best_epoch else None
     start = time.perf_counter() - result.train_seconds
     for epoch in range(len(result.history) + 1, epochs + 1):
-        if _patience_ran_out(result, patience, epochs, name, select_metric, log):
+        if _patience_ran_out(result, selection, epochs, name, hooks.log):
             break
         record, val_logits, val_labels = _train_and_validate(
             model, train_loader, val_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype, name,
             epoch, epochs, result.best_epoch)
-        val_metrics = record["val"]
         result.history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        improved = is_better(val_metrics, best_val, select_metric)
+        hooks.on_epoch(record)
+        improved = is_better(record["val"], best_val, selection.metric)
         if improved:
-            best_val, result.best_epoch = val_metrics, epoch
+            best_val, result.best_epoch = record["val"], epoch
             result.best_val_outputs = (val_logits.cpu(), val_labels.cpu())
             weights.take_best(model)
-            if on_best is not None:
-                on_best(epoch, result.history)
+            hooks.on_best(epoch, result.history)
         result.train_seconds = time.perf_counter() - start
-        if on_epoch_end is not None:
-            on_epoch_end(result)
+        hooks.on_epoch_end(result)
         # Logged once on_epoch_end has handed the epoch to the checkpoint writer: unless the process is
         # killed outright, an epoch shown as done is on disk when the run ends, and a resume will not repeat it.
         if compute.is_main_process():
             line = utils.history_table([record], len(class_names)).strip()
-            log(f"[{name}] {line}" + ("  *best" if improved else ""))
+            hooks.log(f"[{name}] {line}" + ("  *best" if improved else ""))
     if weights.best is not None:
         compute.unwrap(model).load_state_dict(weights.best)
     return result
@@ -331,14 +347,15 @@ def _train_and_validate(
 
 
 def _patience_ran_out(
-    result: FitResult, patience: int | None, epochs: int, name: str, select_metric: str, log: Callable[[str], None],
+    result: FitResult, selection: Selection, epochs: int, name: str, log: Callable[[str], None],
 ) -> bool:
     """Whether early stopping ends training now (marking the result so, and saying why)."""
+    patience = selection.patience
     if not (patience and result.best_epoch and result.epochs_without_improvement() >= patience):
         return False
     result.stopped_early = True
     if compute.is_main_process():
-        log(f"[{name}] stopped early after epoch {len(result.history)} of {epochs}: validation {select_metric} has "
+        log(f"[{name}] stopped early after epoch {len(result.history)} of {epochs}: validation {selection.metric} has "
             f"not improved for {patience} epoch{'s' if patience > 1 else ''} (best epoch {result.best_epoch})")
     return True
 

@@ -27,7 +27,7 @@ import model_builder
 import utils
 from config import command_line, settings
 from core import compute, errors, records
-from results import deploy, report, significance
+from results import deploy, evaluation, ledger, report, significance
 from sweep import search
 from training import checkpoints, model_run
 
@@ -146,15 +146,15 @@ def run_sweep(
     context, dataset = prepare_run(config, teacher_checkpoint, start, resume or search.joins_run(config, plan))
     try:
         with context.saver, search.Worker(context, plan, dataset) as worker:
-            teacher, teacher_row = worker.once("teacher", functools.partial(obtain_teacher, context,
-                                                                             teacher_checkpoint))
+            teacher, teacher_row = worker.study.once("teacher", functools.partial(obtain_teacher, context,
+                                                                                   teacher_checkpoint))
             best = worker.run_trials(teacher)
-            with worker.exclusive("report"):
-                if worker.reported():
+            with worker.study.exclusive("report"):
+                if worker.outcome.reported():
                     return None
                 students = train_students(best.context, teacher, adopt_best_student(best.context, best.folder))
                 summary = summarize(best.context, dataset, teacher_row, students)
-                worker.complete(summary, best)
+                worker.outcome.complete(summary, best)
                 publish(best.context, summary)
                 return summary
     except KeyboardInterrupt as stop:
@@ -175,10 +175,11 @@ def prepare_run(
     model_run.check_initial_weights(config, pretrained, len(data.class_names))
     if teacher_checkpoint is not None:
         checkpoints.check_teacher_fits(config.teacher_checkpoint, teacher_checkpoint, data.class_names)
-    normalization = model_run.normalization(data, teacher_checkpoint, pretrained)
+    data.mean, data.std, normalization = model_builder.input_normalization(teacher_checkpoint, pretrained,
+                                                                           (data.mean, data.std))
     class_weights = engine.class_weights(data.train.labels, len(data.class_names)) \
         if config.class_weights == "balanced" else None
-    context = make_context(config, data, device, amp_dtype, report.make_run_dir(config.output_dir), pretrained,
+    context = make_context(config, data, device, amp_dtype, evaluation.make_run_dir(config.output_dir), pretrained,
                            class_weights, start, resume)
     dataset = data_setup.describe(data, normalization, class_weights)
     announce(context, dataset, world, resume)
@@ -220,12 +221,13 @@ def start_processes(config: settings.Config) -> tuple[torch.device, torch.dtype 
 
 def load_data(config: settings.Config, device: torch.device) -> data_setup.DatasetSplits:
     """The run's train / val / test splits, checked and decoded."""
-    return data_setup.load_splits(
-        config.data_dir, config.train_dir, config.val_dir, config.test_dir,
-        config.image_size, config.val_fraction, config.seed, config.memory_budget_mb, config.workers,
-        data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None, resize=config.resize,
-        test_fraction=config.test_fraction, max_per_class=config.max_per_class, decode_device=device,
-    )
+    return data_setup.load_splits(data_setup.DataDescription(
+        data_dir=config.data_dir, train_dir=config.train_dir, val_dir=config.val_dir, test_dir=config.test_dir,
+        image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed,
+        test_fraction=config.test_fraction, max_per_class=config.max_per_class, resize=config.resize,
+        memory_budget_mb=config.memory_budget_mb, workers=config.workers,
+        cache_dir=data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None, decode_device=device,
+    ))
 
 
 def make_context(
@@ -253,11 +255,11 @@ def announce(context: model_run.Context, dataset: records.DatasetRecord, world: 
     if not resume:
         resolved = {"device": str(context.device), "precision": precision, "processes": world,
                     **settings.method_weights(config)}
-        report.write_run_config(run_dir, config, resolved, dataset)
+        evaluation.write_run_config(run_dir, config, resolved, dataset)
     print(f"{'Resuming the run in' if resume else 'Run directory:'} {run_dir}  |  device {context.device}, "
           f"{precision}, {world} process{'es' if world > 1 else ''}  |  {len(data.class_names)} classes, "
           f"train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
-    report.write_skipped_files(run_dir, data.skipped_files)
+    evaluation.write_skipped_files(run_dir, data.skipped_files)
     peer = deploy.peer_flops(config.student_model, len(data.class_names), config.image_size)
     if peer is not None:
         print(f"note: {significance.peer_sentence(peer)}")
@@ -269,7 +271,7 @@ def obtain_teacher(
     """The teacher (kept from an interrupted run, loaded from --teacher-checkpoint or --teacher-weights, or trained)
     and its row."""
     config, folder = context.config, context.run_dir / records.TEACHER
-    row = report.finished_row(folder, records.TEACHER)
+    row = evaluation.finished_row(folder, records.TEACHER)
     if row is not None:
         path = folder / checkpoints.BEST_MODEL
         return model_run.load_model(context, checkpoints.read_state(path), path), row
@@ -285,7 +287,7 @@ def obtain_teacher(
         teacher, fit = model_run.train_model(context, records.TEACHER, arch, config.teacher_epochs, config.teacher_lr,
                                            functools.partial(model_run.supervised_criterion, context), folder,
                                            config.seed)
-    return teacher, report.evaluate_model(context, records.TEACHER, arch, teacher, fit, folder)
+    return teacher, evaluation.evaluate_model(context, records.TEACHER, arch, teacher, fit, folder)
 
 
 def adopt_checkpoint(
@@ -299,7 +301,7 @@ def adopt_checkpoint(
     fit = engine.FitResult(history=checkpoint.get("history", []), best_epoch=checkpoint["epoch"],
                            train_seconds=train_seconds)
     context.save_as_best(folder, role, checkpoint["arch"], model, fit)
-    return model, report.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
+    return model, evaluation.evaluate_model(context, role, checkpoint["arch"], model, fit, folder)
 
 
 Students = dict[str, dict[int, tuple[records.ModelRow, Path]]]  # role -> seed -> (its row, its folder)
@@ -319,12 +321,12 @@ def train_students(context: model_run.Context, teacher: nn.Module, kept: Student
                 continue
             folder = records.model_folder(context.run_dir, role, seed, seeds)
             name = records.model_name(role, seed, seeds)
-            row = report.finished_row(folder, name)
+            row = evaluation.finished_row(folder, name)
             if row is None:
                 criterion, cached = model_run.student_criterion(context, role, frozen_teacher, teacher_logits)
                 student, fit = model_run.train_model(context, name, arch, config.student_epochs, config.student_lr,
                                                    criterion, folder, seed, cached)
-                row = report.evaluate_model(context, name, arch, student, fit, folder)
+                row = evaluation.evaluate_model(context, name, arch, student, fit, folder)
             students[role][seed] = (row, folder)
     return students
 
@@ -335,7 +337,7 @@ def adopt_best_student(context: model_run.Context, trial_folder: Path) -> Studen
     role = records.distilled_role(settings.kd_methods(context.config)[0])
     seed = settings.seeds(context.config)[0]
     folder = context.run_dir / role
-    row = report.finished_row(folder, role)
+    row = evaluation.finished_row(folder, role)
     if row is None:
         path = trial_folder / checkpoints.BEST_MODEL
         checkpoint = checkpoints.read_state(path)
@@ -353,10 +355,10 @@ def summarize(
     config, run_dir = context.config, context.run_dir
     seeds = settings.seeds(config)
     rows = {role: {seed: row for seed, (row, _) in by_seed.items()} for role, by_seed in students.items()}
-    correct = {role: {seed: report.read_test_correct(folder) for seed, (_, folder) in by_seed.items()}
+    correct = {role: {seed: evaluation.read_test_correct(folder) for seed, (_, folder) in by_seed.items()}
                for role, by_seed in students.items()}
     models = {records.TEACHER: replace(teacher_row, **significance.teacher_against_baseline(
-        report.read_test_correct(run_dir / records.TEACHER), rows[records.BASELINE], correct[records.BASELINE],
+        evaluation.read_test_correct(run_dir / records.TEACHER), rows[records.BASELINE], correct[records.BASELINE],
         teacher_row.test["top1"]))}
     peer = deploy.peer_flops(config.student_model, len(dataset.class_names), config.image_size)
     for role, by_seed in rows.items():
@@ -400,11 +402,11 @@ def publish(context: model_run.Context, summary: records.RunSummary) -> None:
                           {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png",
                           len(summary.dataset.class_names))
     html = report.write_report(run_dir)
-    ledger = run_dir.parent / "experiments.csv"
-    report.append_ledger(ledger, report.ledger_row(context.config, summary, run_dir))
+    ledger_path = run_dir.parent / "experiments.csv"
+    ledger.append_ledger(ledger_path, ledger.ledger_row(context.config, summary, run_dir))
     warnings = "".join(f"warning: {warning}\n" for warning in summary.warnings)
     print("\n" + table + warnings + f"Wall time {report.wall_time(summary)}. Results in {run_dir}, "
-          f"report {html}, ledger {ledger}")
+          f"report {html}, ledger {ledger_path}")
 
 
 # ---------------------------------------------------------------- entry points

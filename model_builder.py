@@ -256,6 +256,75 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained) -> dict[str, Any]:
     return record
 
 
+# ---------------------------------------------------------------- a run's initial weights, by role
+
+
+def read_initial_weights(requested: dict[str, tuple[str, str]]) -> dict[str, Pretrained]:
+    """The initial weights of each role ("teacher" / "student") given them (`requested`: role -> (architecture,
+    weights name or file)), read before any work; when several fail (offline, files missing), one WeightsError
+    names them all."""
+    weights, problems = {}, []
+    for role, (arch, setting) in requested.items():
+        try:
+            weights[role] = read_pretrained(arch, setting)
+        except WeightsError as error:
+            problems.append(f"--{role}-weights {setting}: {error}")
+    if problems:
+        raise WeightsError(" And ".join(problems))
+    return weights
+
+
+def check_initial_weights(
+    weights: dict[str, Pretrained], archs: dict[str, str], num_classes: int, image_size: int,
+    used_as_loaded: tuple[str, ...] = (),
+) -> dict[str, dict[str, Any]]:
+    """Each role's `pretrained_fit` record on its model (`archs`: role -> architecture); WeightsError when the
+    weights fit no layer of it, or leave any layer of a role `used_as_loaded` (a teacher not trained further)."""
+    fits = {}
+    for role, pretrained in weights.items():
+        model = build_on_meta(archs[role], num_classes, image_size, default_head(pretrained))
+        if role in used_as_loaded:
+            check_exact_fit(model, pretrained, archs[role], num_classes)
+        try:
+            fits[role] = pretrained_fit(model, pretrained)[1]
+        except WeightsError as error:
+            raise WeightsError(f"--{role}-weights: {error}") from None
+    return fits
+
+
+def fit_sentence(role: str, record: dict[str, Any]) -> str:
+    """What a role's initial weights loaded and left re-initialized (`pretrained_fit`'s record), for the console."""
+    return (f"The {role} starts from {record['weights']}: {record['loaded_tensors']} of {record['model_tensors']} "
+            "tensors loaded; re-initialized (no tensor of that shape in the file): "
+            f"{', '.join(record['reinitialized']) or 'none'}")
+
+
+def check_exact_fit(model: nn.Module, pretrained: Pretrained, arch: str, num_classes: int) -> None:
+    """A teacher used as loaded (--teacher-epochs 0) needs every layer from its file: WeightsError naming every
+    one that does not fit (the classifier of another class count, layers of another architecture)."""
+    own = model.state_dict()
+    found = foreign_formats.mismatches(own, foreign_formats.align(own, pretrained.state_dict))
+    if found:
+        shown = "; ".join(found[:8]) + (f"; and {len(found) - 8} more" if len(found) > 8 else "")
+        raise WeightsError(f"--teacher-epochs 0 uses the teacher as --teacher-weights {pretrained.source} gives it, "
+                           f"but {len(found)} of its tensors do not fit a {arch} for {num_classes} classes: {shown}.")
+
+
+def input_normalization(
+    teacher_checkpoint: dict[str, Any] | None, weights: dict[str, Pretrained], own: tuple[list[float], list[float]],
+) -> tuple[list[float], list[float], str]:
+    """The inputs' mean and std every model of a run shares, and where they come from: a reused teacher's own (it
+    expects its training's inputs), else what initial weights expect (the teacher's before the students'), else
+    `own` (the training split's)."""
+    if teacher_checkpoint is not None:
+        return teacher_checkpoint["mean"], teacher_checkpoint["std"], "the teacher checkpoint's"
+    for role in ("teacher", "student"):
+        pretrained = weights.get(role)
+        if pretrained is not None and pretrained.mean is not None:
+            return pretrained.mean, pretrained.std, f"{role} weights {pretrained.source}"
+    return *own, "the training split's own"
+
+
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Register every new parameter and buffer on the meta device: nothing is allocated or initialized.

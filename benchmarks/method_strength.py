@@ -200,7 +200,7 @@ def trained_teacher(args: argparse.Namespace, data: data_setup.DatasetSplits,
                                                     total_steps=args.teacher_epochs * len(loader), pct_start=0.25)
     fit = engine.fit(teacher, loader, val_loader, engine.SupervisedCriterion(), optimizer, args.teacher_epochs,
                      data.class_names, device, scheduler, compute.resolve_amp_dtype("auto", device),
-                     log=lambda line: None, name="teacher")
+                     hooks=engine.FitHooks(log=lambda line: None), name="teacher")
     top1 = fit.history[fit.best_epoch - 1]["val"]["top1"]
     return teacher, f"VGG16 trained {args.teacher_epochs} epochs here (validation top-1 {100 * top1:.2f}%)"
 
@@ -215,8 +215,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device("cpu")
-    data = data_setup.load_splits(None, None, None, None, IMAGE_SIZE, experiment.VAL_FRACTION, args.seed,
-                                  cache_dir=data_setup.DEFAULT_CACHE_DIR)
+    data = data_setup.load_splits(data_setup.DataDescription(image_size=IMAGE_SIZE,
+                                                             val_fraction=experiment.VAL_FRACTION, seed=args.seed,
+                                                             cache_dir=data_setup.DEFAULT_CACHE_DIR))
     teacher, described = trained_teacher(args, data, device)
     teacher = KD_engine.freeze(teacher.to(memory_format=torch.contiguous_format).float())
     batch_loader = data_setup.BatchLoader(data.train, args.batch_size, data.mean, data.std, device,

@@ -255,63 +255,74 @@ def metric_value(metrics: dict[str, Any], metric: str) -> float:
     return 0.0 if value is None else float(value)
 
 
-class Worker:
-    """This process's part in a sweep: the study, the locks it shares with the other workers in RUN/trials/,
-    and the trials it runs."""
+class SweepStudy:
+    """The study a worker shares with the others: its storage (RUN/sweep.db, which one worker holds alone, or the
+    shared one), its checks (this sweep's, kept with this run directory), the trials a killed worker left, queued
+    again, and the file locks in RUN/trials/ through which the workers take turns."""
 
-    def __init__(self, context: model_run.Context, plan: Plan, dataset: records.DatasetRecord) -> None:
-        self.context, self.plan, self.dataset = context, plan, dataset
-        self.folder = context.run_dir / TRIALS_DIR
-        self.study_name = plan.study_name or context.run_dir.name
-        self._alone = FileLock(self.folder / "sqlite.lock")
-        self._retry = retry_callback()
+    def __init__(self, run_dir: Path, plan: Plan, seed: int, student_epochs: int) -> None:
+        self.run_dir, self.plan, self.seed, self.student_epochs = run_dir, plan, seed, student_epochs
+        self.folder = run_dir / TRIALS_DIR
+        self.name = plan.study_name or run_dir.name
+        self.retry = retry_callback()
         self.storage: optuna.storages.BaseStorage | None = plan.storage
+        self._alone = FileLock(self.folder / "sqlite.lock")
 
-    def __enter__(self) -> Worker:
+    def __enter__(self) -> SweepStudy:
         self.folder.mkdir(exist_ok=True)
         if self.storage is None:
             # RUN/sweep.db serves one worker (docs/sweeps.md): any trial it lists as running was left by a killed one.
             if not self._alone.acquire(block=False):
-                raise SettingsError(f"Another process is running the sweep in '{self.context.run_dir}'.")
-            self.storage = connect(f"sqlite:///{(self.context.run_dir / SQLITE_FILE).resolve()}")
-        self.storage_shown = self.plan.storage_shown or f"sqlite:///{self.context.run_dir / SQLITE_FILE}"
+                raise SettingsError(f"Another process is running the sweep in '{self.run_dir}'.")
+            self.storage = connect(f"sqlite:///{(self.run_dir / SQLITE_FILE).resolve()}")
+        self.storage_shown = self.plan.storage_shown or f"sqlite:///{self.run_dir / SQLITE_FILE}"
         # Epochs are the pruner's steps: none is judged before the one after the first quarter, the one-cycle warm-up.
-        warmup = math.ceil(self.context.config.student_epochs / 4) + 1
+        warmup = math.ceil(self.student_epochs / 4) + 1
         with search_space.quiet_optuna():
-            self.study = optuna.create_study(
-                storage=self.storage, study_name=self.study_name, direction=self.plan.direction, load_if_exists=True,
+            self.optuna = optuna.create_study(
+                storage=self.storage, study_name=self.name, direction=self.plan.direction, load_if_exists=True,
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
-        with FileLock(self.folder / "budget.lock"):
-            self._check_study()
+        with self.budget_lock():
+            self._check()
             if self.plan.storage is None:
-                self._queue_again(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        self.study.sampler = self._sampler()
+                self._queue_again(self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        self.optuna.sampler = self._sampler()
         print(f"Sweep: {search_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
-              f"{self.plan.metric} ({self.plan.direction}); study '{self.study_name}' in {self.storage_shown}")
+              f"{self.plan.metric} ({self.plan.direction}); study '{self.name}' in {self.storage_shown}")
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._alone.release()
 
+    def budget_lock(self) -> FileLock:
+        """RUN/trials/budget.lock, under which a trial is counted against --trials (held for moments: nothing said)."""
+        return FileLock(self.folder / "budget.lock")
+
     def exclusive(self, name: str) -> FileLock:
         """RUN/trials/<name>.lock, held by one worker of the sweep at a time."""
         return FileLock(self.folder / f"{name}.lock", f"[sweep] waiting for another worker ({name})")
 
-    def _check_study(self) -> None:
+    def once(self, name: str, step: Callable[[], Any]) -> Any:
+        """`step()` done by one worker at a time: the first to lock `name` does the work, and the others, who
+        wait for it, find it done (a worker killed meanwhile lets the next one continue it)."""
+        with self.exclusive(name):
+            return step()
+
+    def _check(self) -> None:
         """The study must be this sweep's (its spec and metric), kept with this run directory (its run id)."""
         identity, id_file = {"spec": self.plan.spec, "metric": self.plan.metric}, self.folder / "study_run_id"
-        saved = self.study.user_attrs.get("sweep")
+        saved = self.optuna.user_attrs.get("sweep")
         if saved is not None and saved != identity:
-            raise SettingsError(f"Study '{self.study_name}' in {self.storage_shown} belongs to another sweep (spec "
+            raise SettingsError(f"Study '{self.name}' in {self.storage_shown} belongs to another sweep (spec "
                                 f"{saved['spec']}, metric {saved['metric']}): give another --study-name.")
-        run_id = self.study.user_attrs.get("run_id")
+        run_id = self.optuna.user_attrs.get("run_id")
         if run_id is None:
             run_id = id_file.read_text() if id_file.is_file() else uuid.uuid4().hex
             utils.write_text(id_file, run_id)
-            self.study.set_user_attr("sweep", identity)
-            self.study.set_user_attr("run_id", run_id)
+            self.optuna.set_user_attr("sweep", identity)
+            self.optuna.set_user_attr("run_id", run_id)
         elif not id_file.is_file() or id_file.read_text() != run_id:
-            raise SettingsError(f"Study '{self.study_name}' keeps its trials in another run directory: every worker of "
+            raise SettingsError(f"Study '{self.name}' keeps its trials in another run directory: every worker of "
                                 "a study is given the same --output-dir, on a filesystem all of them mount.")
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
@@ -322,89 +333,73 @@ class Worker:
         """
         seed = None
         if self.plan.storage is None:
-            seed = int(np.random.SeedSequence([self.context.config.seed, len(self.study.trials)]).generate_state(1)[0])
+            seed = int(np.random.SeedSequence([self.seed, len(self.optuna.trials)]).generate_state(1)[0])
         with search_space.quiet_optuna():
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, self.plan.trials // 3)),
                                               multivariate=True, constant_liar=True)
 
     def _queue_again(self, trials: list[FrozenTrial]) -> None:
         """Fail these running trials (their worker is gone) and queue each again, to go on from its last saved epoch."""
-        study_id = self.storage.get_study_id_from_name(self.study_name)
+        study_id = self.storage.get_study_id_from_name(self.name)
         for trial in trials:
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                self._retry(self.study, trial)
+                self.retry(self.optuna, trial)
                 print(f"[sweep] trial {trial.number} was interrupted: queued again")
 
-    def once(self, name: str, step: Callable[[], Any]) -> Any:
-        """`step()` done by one worker at a time: the first to lock `name` does the work, and the others, who
-        wait for it, find it done (a worker killed meanwhile lets the next one continue it)."""
-        with self.exclusive(name):
-            return step()
-
-    # ---------------------------------------------------------------- trials
-
-    def run_trials(self, teacher: nn.Module) -> Search:
-        """Run trials until the study holds --trials finished ones (complete or pruned), with the other workers;
-        then wait for the others' last trials, and return the search's outcome."""
-        frozen_teacher, teacher_logits = model_run.distillation_teacher(self.context, teacher)
-        budget, waiting = FileLock(self.folder / "budget.lock"), False  # held for moments: nothing to say
-        while True:
-            budget.acquire()
-            try:
-                with search_space.quiet_optuna():
-                    optuna.storages.fail_stale_trials(self.study)  # killed workers' trials: failed and queued again
-                finished, running = self._counts()
-                if finished >= self.plan.trials:
-                    break
-                if finished + running < self.plan.trials:
-                    # The lock is released inside, once the trial exists: no two workers take the last place.
-                    with search_space.quiet_optuna():
-                        self.study.optimize(lambda trial: self._objective(trial, budget.release, frozen_teacher,
-                                                                          teacher_logits),
-                                            n_trials=1, callbacks=[self._progress])
-                    waiting = False
-                    continue
-            finally:
-                budget.release()
-            if not waiting:
-                print(f"[sweep] the last trials run on other workers: waiting for them ({finished} of "
-                      f"{self.plan.trials} finished)", flush=True)
-                waiting = True
-            time.sleep(POLL_SECONDS)
-        return self._outcome()
-
-    def _counts(self) -> tuple[int, int]:
+    def counts(self) -> tuple[int, int]:
         """The study's finished (complete or pruned) and running trials."""
-        states = [trial.state for trial in self.study.get_trials(deepcopy=False)]
+        states = [trial.state for trial in self.optuna.get_trials(deepcopy=False)]
         return (sum(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states),
                 states.count(TrialState.RUNNING))
 
-    def trial_context(self, config: settings.Config, test: bool) -> model_run.Context:
-        """The run's context with a trial's settings; without a test loader unless `test` (trials never get one)."""
-        weights = self.dataset.class_weights
-        hard_loss = engine.hard_label_loss(config.label_smoothing, None if weights is None else list(weights.values()),
-                                           self.context.device)
-        loaders = {split: loader for split, loader in self.context.eval_loaders.items() if test or split != "test"}
-        return replace(self.context, config=config, hard_loss=hard_loss, eval_loaders=loaders)
+    def best(self) -> FrozenTrial | None:
+        """The complete trial with the best validation metric; ties go to the lower validation loss, then the
+        earlier trial (as a model's best epoch is chosen)."""
+        complete = [trial for trial in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if "val" in trial.user_attrs]
+        if not complete:
+            return None
+        return max(complete, key=lambda trial: engine.selection_key(trial.user_attrs["val"], self.plan.metric))
 
     def frozen(self, trial: optuna.Trial) -> FrozenTrial:
         """A running trial's record in the study (with its system attributes)."""
-        return self.study.get_trials(deepcopy=False)[trial.number]
+        return self.optuna.get_trials(deepcopy=False)[trial.number]
 
     def trial_folder(self, trial: FrozenTrial) -> Path:
         """Where a trial trains its student: RUN/trials/<n>, n its first try's number (a retry continues there)."""
         return self.folder / str(trial.system_attrs.get("failed_trial", trial.number))
 
-    def _objective(
-        self, trial: optuna.Trial, started: Callable[[], None], teacher: nn.Module, teacher_logits: Any,
-    ) -> float:
+
+def trial_context(
+    context: model_run.Context, dataset: records.DatasetRecord, config: settings.Config, test: bool,
+) -> model_run.Context:
+    """The run's context with a trial's settings; without a test loader unless `test` (trials never get one)."""
+    weights = dataset.class_weights
+    hard_loss = engine.hard_label_loss(config.label_smoothing, None if weights is None else list(weights.values()),
+                                       context.device)
+    loaders = {split: loader for split, loader in context.eval_loaders.items() if test or split != "test"}
+    return replace(context, config=config, hard_loss=hard_loss, eval_loaders=loaders)
+
+
+class Objective:
+    """One trial's work: a distilled student trained with the settings the trial draws, never seeing the test
+    split, each epoch reported to the pruner; the trial's value is its best epoch's validation metric."""
+
+    def __init__(
+        self, sweep: SweepStudy, context: model_run.Context, dataset: records.DatasetRecord, teacher: nn.Module,
+    ) -> None:
+        self.sweep, self.context, self.dataset = sweep, context, dataset
+        self.teacher, self.teacher_logits = model_run.distillation_teacher(context, teacher)
+
+    def __call__(self, trial: optuna.Trial, started: Callable[[], None]) -> float:
         """Train one distilled student with the trial's settings; its best epoch's validation metric."""
         started()  # the trial is in the study: the other workers count it
-        config = search_space.trial_config(self.context.config, search_space.suggest(trial, self.plan.space))
-        context, folder = self.trial_context(config, test=False), self.trial_folder(self.frozen(trial))
+        config = search_space.trial_config(self.context.config, search_space.suggest(trial, self.sweep.plan.space))
+        context = trial_context(self.context, self.dataset, config, test=False)
+        folder = self.sweep.trial_folder(self.sweep.frozen(trial))
         role = records.distilled_role(settings.kd_methods(config)[0])
-        criterion, cached = model_run.student_criterion(context, role, teacher, teacher_logits)
+        criterion, cached = model_run.student_criterion(context, role, self.teacher, self.teacher_logits)
         try:
             fit = model_run.train_model(
                 context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
@@ -412,7 +407,7 @@ class Worker:
                 on_epoch=self._reporter(trial, config.student_epochs))[1]
         except KeyboardInterrupt:
             context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
-            self._retry(self.study, self.frozen(trial))
+            self.sweep.retry(self.sweep.optuna, self.sweep.frozen(trial))
             raise
         except (optuna.TrialPruned, engine.NonFiniteLossError) as stop:
             context.saver.wait()
@@ -426,7 +421,7 @@ class Worker:
         best = fit.history[fit.best_epoch - 1]["val"]
         trial.set_user_attr("val", {key: best[key] for key in engine.SELECT_METRICS})
         trial.set_user_attr("seconds", round(sum(epoch["seconds"] for epoch in fit.history), 2))
-        return metric_value(best, self.plan.metric)
+        return metric_value(best, self.sweep.plan.metric)
 
     def _reporter(self, trial: optuna.Trial, epochs: int) -> model_run.EpochLog:
         """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned)
@@ -434,47 +429,47 @@ class Worker:
 
         @checkpoints.finish_before_interrupt  # a stop signal waits for the storage's write to finish
         def report(record: dict[str, Any]) -> None:
-            trial.report(metric_value(record["val"], self.plan.metric), record["epoch"])
+            trial.report(metric_value(record["val"], self.sweep.plan.metric), record["epoch"])
             if record["epoch"] < epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
         return report
 
-    def _progress(self, study: optuna.Study, trial: FrozenTrial) -> None:
+
+class Outcome:
+    """What the sweep tells: a console line per ended trial, the best trial as the search's outcome, and the
+    sweep's record in the run's summary."""
+
+    def __init__(self, sweep: SweepStudy, context: model_run.Context, dataset: records.DatasetRecord) -> None:
+        self.sweep, self.context, self.dataset = sweep, context, dataset
+
+    def progress(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """The console's line for a trial that ended."""
-        record, best = findings.trial_record(trial), self._best()
+        plan, record, best = self.sweep.plan, findings.trial_record(trial), self.sweep.best()
         if trial.state == TrialState.COMPLETE:
-            outcome = f"validation {self.plan.metric} {record.value:.4f}"
+            outcome = f"validation {plan.metric} {record.value:.4f}"
         elif trial.state == TrialState.PRUNED:
-            outcome = record.note or (f"stopped after epoch {record.epochs}, validation {self.plan.metric} "
+            outcome = record.note or (f"stopped after epoch {record.epochs}, validation {plan.metric} "
                                       f"{record.curve[-1]:.4f} worse than the median")
         else:
             outcome = "failed"
         took = "" if record.seconds is None else f", {utils.format_seconds(record.seconds)}"
         best_text = "" if best is None else f"; best so far: trial {best.number} ({best.value:.4f})"
         print(f"[sweep] trial {trial.number} {record.state}: {outcome} | {findings.params_text(record.params)} | "
-              f"{record.epochs} epoch{'s' if record.epochs != 1 else ''}{took} | {self._counts()[0]} of "
-              f"{self.plan.trials} trials finished{best_text}", flush=True)
+              f"{record.epochs} epoch{'s' if record.epochs != 1 else ''}{took} | {self.sweep.counts()[0]} of "
+              f"{plan.trials} trials finished{best_text}", flush=True)
 
-    def _best(self) -> FrozenTrial | None:
-        """The complete trial with the best validation metric; ties go to the lower validation loss, then the
-        earlier trial (as a model's best epoch is chosen)."""
-        complete = [trial for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if "val" in trial.user_attrs]
-        if not complete:
-            return None
-        return max(complete, key=lambda trial: engine.selection_key(trial.user_attrs["val"], self.plan.metric))
-
-    def _outcome(self) -> Search:
+    def search(self) -> Search:
         """The best trial, its student's folder and the run's context with its settings."""
-        best = self._best()
+        best = self.sweep.best()
         if best is None:
-            raise SettingsError(f"No trial of the sweep finished training ({self._counts()[0]} were stopped): lower "
-                                "--student-lr or narrow the ranges.")
-        context = self.trial_context(search_space.trial_config(self.context.config, best.params), test=True)
-        print(f"[sweep] best: trial {best.number}, validation {self.plan.metric} {best.value:.4f}: "
+            raise SettingsError(f"No trial of the sweep finished training ({self.sweep.counts()[0]} were stopped): "
+                                "lower --student-lr or narrow the ranges.")
+        config = search_space.trial_config(self.context.config, best.params)
+        context = trial_context(self.context, self.dataset, config, test=True)
+        print(f"[sweep] best: trial {best.number}, validation {self.sweep.plan.metric} {best.value:.4f}: "
               f"{findings.params_text(best.params)}")
-        return Search(self.study, best, self.trial_folder(best), context)
+        return Search(self.sweep.optuna, best, self.sweep.trial_folder(best), context)
 
     def reported(self) -> bool:
         """Whether another worker has written the sweep's report already (then said so)."""
@@ -485,6 +480,53 @@ class Worker:
 
     def complete(self, summary: records.RunSummary, search: Search) -> None:
         """The summary of the best trial's run gains the sweep's record and its sanity warnings."""
-        summary.sweep = findings.record(search.study, search.best, self.plan.space, self.plan.trials,
-                                            self.plan.metric, self.storage_shown, self.study_name, self.plan.spec)
+        plan = self.sweep.plan
+        summary.sweep = findings.record(search.study, search.best, plan.space, plan.trials, plan.metric,
+                                        self.sweep.storage_shown, self.sweep.name, plan.spec)
         summary.warnings += findings.sanity_warnings(summary.sweep)
+
+
+class Worker:
+    """This process's part in a sweep: the study it opens (`study`), the trials it runs with the other workers
+    until the study holds --trials finished ones, and what it tells of them (`outcome`)."""
+
+    def __init__(self, context: model_run.Context, plan: Plan, dataset: records.DatasetRecord) -> None:
+        self.context, self.dataset = context, dataset
+        self.study = SweepStudy(context.run_dir, plan, context.config.seed, context.config.student_epochs)
+        self.outcome = Outcome(self.study, context, dataset)
+
+    def __enter__(self) -> Worker:
+        self.study.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.study.__exit__(*exc_info)
+
+    def run_trials(self, teacher: nn.Module) -> Search:
+        """Run trials until the study holds --trials finished ones (complete or pruned), with the other workers;
+        then wait for the others' last trials, and return the search's outcome."""
+        objective, trials = Objective(self.study, self.context, self.dataset, teacher), self.study.plan.trials
+        budget, waiting = self.study.budget_lock(), False
+        while True:
+            budget.acquire()
+            try:
+                with search_space.quiet_optuna():
+                    optuna.storages.fail_stale_trials(self.study.optuna)  # killed workers' trials: queued again
+                finished, running = self.study.counts()
+                if finished >= trials:
+                    break
+                if finished + running < trials:
+                    # The lock is released inside, once the trial exists: no two workers take the last place.
+                    with search_space.quiet_optuna():
+                        self.study.optuna.optimize(lambda trial: objective(trial, budget.release), n_trials=1,
+                                                   callbacks=[self.outcome.progress])
+                    waiting = False
+                    continue
+            finally:
+                budget.release()
+            if not waiting:
+                print(f"[sweep] the last trials run on other workers: waiting for them ({finished} of {trials} "
+                      "finished)", flush=True)
+                waiting = True
+            time.sleep(POLL_SECONDS)
+        return self.outcome.search()

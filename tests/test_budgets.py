@@ -35,13 +35,14 @@ class ScriptedValidation:
 
 
 def run_fit(val_epochs: list[torch.Tensor], epochs: int, resume=None,
-            **options) -> tuple[engine.FitResult, ScriptedModel]:
+            **selection) -> tuple[engine.FitResult, ScriptedModel]:
     model = ScriptedModel()
     optimizer = EpochCountingOptimizer(model.parameters(), 1)
     if resume is not None:
         optimizer.steps = len(resume[0].history)
     result = engine.fit(model, TRAIN, ScriptedValidation(val_epochs), engine.SupervisedCriterion(), optimizer, epochs,
-                        NAMES, torch.device("cpu"), log=lambda line: None, resume=resume, **options)
+                        NAMES, torch.device("cpu"), hooks=engine.FitHooks(log=lambda line: None), resume=resume,
+                        selection=engine.Selection(**selection))
     return result, model
 
 
@@ -69,7 +70,7 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_would():
 
 @pytest.mark.parametrize("metric, best_epoch", [("top1", 1), ("loss", 2), ("f1_macro", 1)])
 def test_select_metric_picks_its_epoch(metric, best_epoch):
-    result, _ = run_fit([WEAK_BUT_RIGHT, CONFIDENT_ONE_WRONG], 2, select_metric=metric)
+    result, _ = run_fit([WEAK_BUT_RIGHT, CONFIDENT_ONE_WRONG], 2, metric=metric)
     first, second = (record["val"] for record in result.history)
     assert first["top1"] == 1.0 and second["top1"] == 0.5 and second["loss"] < first["loss"]
     assert second["f1_macro"] < first["f1_macro"]

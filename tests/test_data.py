@@ -1,5 +1,6 @@
 """Splits, the bundled dataset and the in-memory batch loader."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,8 @@ def test_bundled_digits_tree():
 
 
 def test_load_splits_carves_disjoint_validation(tiny_data):
-    splits = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=0)
+    splits = data_setup.load_splits(data_setup.DataDescription(data_dir=str(tiny_data), image_size=16,
+                                                               val_fraction=0.25, seed=0))
     assert splits.class_names == ["circle", "cross", "stripes"]
     assert len(splits.train) == 27 and len(splits.val) == 9 and len(splits.test) == 15
     assert set(splits.train.paths).isdisjoint(splits.val.paths)
@@ -57,15 +59,17 @@ def test_class_mismatch_names_the_classes(tmp_path):
     (root / "test" / "cross").rename(root / "test" / "plus")
     with pytest.raises(errors.DataError,
                        match=r"'cross' is in train but missing from test; 'plus' is in test but missing from train"):
-        data_setup.load_splits(str(root), None, None, None, 16, 0.3, seed=0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(root), image_size=16, val_fraction=0.3, seed=0))
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(errors.DataError, match="does not exist"):
-        data_setup.load_splits(str(tmp_path / "nowhere"), None, None, None, 16, 0.2, 0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(tmp_path / "nowhere"), image_size=16,
+                                                          val_fraction=0.2, seed=0))
     make_image_folder(tmp_path, {"train": 3})
     with pytest.raises(errors.DataError, match="has train/ but no test/"):
-        data_setup.load_splits(str(tmp_path), None, None, None, 16, 0.2, 0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(tmp_path), image_size=16, val_fraction=0.2,
+                                                          seed=0))
 
 
 def _tensors(n=10, size=8, labels=None):
@@ -123,7 +127,8 @@ def test_crop_and_flip_shift_content_with_zero_fill_in_one_gather(hflip):
 
 
 def test_decode_image_matches_training_decode(tiny_data):
-    splits = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=0)
+    splits = data_setup.load_splits(data_setup.DataDescription(data_dir=str(tiny_data), image_size=16,
+                                                               val_fraction=0.25, seed=0))
     path = splits.test.paths[4]
     assert torch.equal(decoding.decode_image(path, 16), splits.test.images[4])
     assert Path(path).parent.name == splits.class_names[int(splits.test.labels[4])]
@@ -133,11 +138,11 @@ def test_streamed_cached_and_in_memory_batches_are_identical(tiny_data, tmp_path
     """Over the memory budget the split is streamed by worker processes; from a decode cache file
     it is read back without decoding. Neither may change a single batch, with any augmentation
     (TrivialAugmentWide included) or sampler."""
-    common = (str(tiny_data), None, None, None, 16, 0.25, 0)
-    in_memory = data_setup.load_splits(*common, memory_budget_mb=float("inf"))
-    streamed = data_setup.load_splits(*common, memory_budget_mb=0, workers=2)
-    data_setup.load_splits(*common, cache_dir=tmp_path)  # writes the cache files
-    cached = data_setup.load_splits(*common, cache_dir=tmp_path)  # reads them
+    common = data_setup.DataDescription(data_dir=str(tiny_data), image_size=16, val_fraction=0.25, seed=0)
+    in_memory = data_setup.load_splits(replace(common, memory_budget_mb=float("inf")))
+    streamed = data_setup.load_splits(replace(common, memory_budget_mb=0, workers=2))
+    data_setup.load_splits(replace(common, cache_dir=tmp_path))  # writes the cache files
+    cached = data_setup.load_splits(replace(common, cache_dir=tmp_path))  # reads them
     assert len(list((tmp_path / "decoded").glob("*.pt"))) == 3
     assert not in_memory.streamed and streamed.streamed and streamed.train.images is None
     assert in_memory.mean == pytest.approx(streamed.mean) and in_memory.std == pytest.approx(streamed.std)

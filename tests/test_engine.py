@@ -55,7 +55,8 @@ def test_best_epoch_is_chosen_on_validation_and_restored():
     saved = []
     result = engine.fit(
         model, train, ValLoader(), engine.SupervisedCriterion(), EpochCountingOptimizer(model.parameters(), 1),
-        3, NAMES, torch.device("cpu"), on_best=lambda epoch, history: saved.append(epoch), log=lambda _: None,
+        3, NAMES, torch.device("cpu"),
+        hooks=engine.FitHooks(on_best=lambda epoch, history: saved.append(epoch), log=lambda _: None),
     )
     assert result.best_epoch == 2
     assert saved == [1, 2]

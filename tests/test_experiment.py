@@ -9,7 +9,7 @@ import experiment
 import utils
 from config import command_line
 from core import compute, records
-from results import report
+from results import ledger
 from training import checkpoints
 
 MODEL_FILES = [
@@ -26,7 +26,7 @@ SPLIT_METRICS = ["loss", "top1", "top3"] + [
 def test_run_directory_holds_every_file(tiny_run):
     for name in ("config.json", "summary.json", "comparison.png", "comparison.txt"):
         assert (tiny_run / name).is_file(), name
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         for name in MODEL_FILES:
             path = tiny_run / role / name
             assert path.is_file() and path.stat().st_size > 0, f"{role}/{name}"
@@ -37,7 +37,7 @@ def test_run_directory_holds_every_file(tiny_run):
 
 def test_summary_fields(tiny_run):
     summary = utils.read_json(tiny_run / "summary.json")
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         row = summary[role]
         assert {"params", "size_mb", "best_epoch", "train_seconds", "test"} <= row.keys()
         assert row["params"] > 1_000_000 and row["size_mb"] > 1 and 1 <= row["best_epoch"] <= 2
@@ -45,7 +45,7 @@ def test_summary_fields(tiny_run):
             value = row["test"][key]
             assert value is None or 0.0 <= value <= 1.0, (role, key, value)
     assert summary["teacher"]["arch"] == "vgg16_bn" and summary["student_kd"]["arch"] == "resnet18"
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         row = summary[role]
         assert row["latency_ms"] > 0 and row["throughput_img_s"] > 0 and row["file_mb"] > 1
         assert row["latency_ms_iqr"][0] <= row["latency_ms"] <= row["latency_ms_iqr"][1]
@@ -84,7 +84,7 @@ def test_results_and_history_have_every_metric(tiny_run):
 
 def test_checkpoint_describes_itself_and_holds_the_best_epoch(tiny_run):
     summary = utils.read_json(tiny_run / "summary.json")
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         checkpoint = checkpoints.load_checkpoint(tiny_run / role / "best_model.pth")
         assert checkpoint["class_names"] == ["circle", "cross", "stripes"]
         assert checkpoint["image_size"] == 32 and len(checkpoint["mean"]) == 3 and len(checkpoint["std"]) == 3
@@ -103,7 +103,9 @@ def test_best_checkpoint_reproduces_reported_test_metrics(tiny_run):
     model = model_builder.build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["image_size"])
     model.load_state_dict(checkpoint["state_dict"])
     model = model.to(memory_format=torch.channels_last)
-    splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"])
+    splits = data_setup.load_splits(data_setup.DataDescription(data_dir=config["data_dir"], image_size=32,
+                                                               val_fraction=config["val_fraction"],
+                                                               seed=config["seed"]))
     loader = data_setup.BatchLoader(splits.test, config["eval_batch_size"], checkpoint["mean"], checkpoint["std"],
                                     torch.device("cpu"))
     amp = compute.resolve_amp_dtype(config["precision"], torch.device("cpu"))

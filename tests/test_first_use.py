@@ -25,7 +25,7 @@ import prediction_for_one
 import utils
 from config import command_line, settings
 from core import errors, records
-from results import report
+from results import ledger
 from training import checkpoints
 
 ONE_EPOCH = ["--teacher-epochs", "1", "--student-epochs", "1", "--batch-size", "8", "--seed", "0", "--device", "cpu",
@@ -144,14 +144,14 @@ def test_tilde_means_the_home_folder_in_every_path_setting(tiny_run, tiny_data, 
 
 
 def test_ledger_records_what_was_run(tiny_run):
-    with open(tiny_run.parent / "experiments.csv", newline="", encoding="utf-8") as ledger:
-        row = next(csv.DictReader(ledger))
+    with open(tiny_run.parent / "experiments.csv", newline="", encoding="utf-8") as ledger_file:
+        row = next(csv.DictReader(ledger_file))
     assert row["kd_methods"] == "kd" and row["optimizer"] == "adamw" and row["teacher_checkpoint"] == ""
     assert float(row["teacher_lr"]) == experiment.TEACHER_LR and float(row["student_lr"]) == experiment.STUDENT_LR
     config = settings.Config(**{key: value for key, value in utils.read_json(tiny_run / "config.json").items()
                                   if key in settings.Config.__dataclass_fields__})
     summary = records.RunSummary.from_dict(utils.read_json(tiny_run / "summary.json"))
-    reused = report.ledger_row(replace(config, teacher_checkpoint="t.pth", kd_methods="kd"), summary, tiny_run)
+    reused = ledger.ledger_row(replace(config, teacher_checkpoint="t.pth", kd_methods="kd"), summary, tiny_run)
     assert reused["teacher_checkpoint"] == "t.pth" and reused["teacher_epochs"] == "" and reused["teacher_lr"] == ""
     assert reused["distilled_top1"] == f"kd={summary.models['student_kd'].test['top1']:.6f}"
 
@@ -160,14 +160,14 @@ def test_an_older_ledger_is_migrated_without_losing_rows(tmp_path):
     path = tmp_path / "experiments.csv"
     old_columns = ["finished_at", "run_dir", "teacher_epochs", "kd_gain_top1", "retired_column"]
     path.write_text(",".join(old_columns) + "\n2026-01-01T00:00:00,runs/old,6,0.01,kept\n", encoding="utf-8")
-    report.append_ledger(path, {"run_dir": "runs/new", "kd_methods": "kd,dkd", "teacher_checkpoint": "t.pth"})
-    report.append_ledger(path, {"run_dir": "runs/newer", "kd_methods": "at"})
-    with open(path, newline="", encoding="utf-8") as ledger:
-        rows = list(csv.DictReader(ledger))
+    ledger.append_ledger(path, {"run_dir": "runs/new", "kd_methods": "kd,dkd", "teacher_checkpoint": "t.pth"})
+    ledger.append_ledger(path, {"run_dir": "runs/newer", "kd_methods": "at"})
+    with open(path, newline="", encoding="utf-8") as ledger_file:
+        rows = list(csv.DictReader(ledger_file))
     assert [row["run_dir"] for row in rows] == ["runs/old", "runs/new", "runs/newer"]
     assert rows[0]["teacher_epochs"] == "6" and rows[0]["retired_column"] == "kept" and rows[0]["kd_methods"] == ""
     assert rows[1]["kd_methods"] == "kd,dkd" and rows[1]["teacher_checkpoint"] == "t.pth"
-    assert set(report.LEDGER_COLUMNS) <= set(rows[0])
+    assert set(ledger.LEDGER_COLUMNS) <= set(rows[0])
 
 
 def test_every_class_difference_between_splits_in_one_message(tmp_path):
@@ -178,7 +178,7 @@ def test_every_class_difference_between_splits_in_one_message(tmp_path):
     for path in (root / "val" / "stripes").iterdir():
         path.unlink()
     with pytest.raises(errors.DataError) as error:
-        data_setup.load_splits(str(root), None, None, None, 16, 0.3, seed=0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(root), image_size=16, val_fraction=0.3, seed=0))
     message = str(error.value)
     assert "'cross' is in train and val but missing from test" in message
     assert "'hexagon' is in val but missing from train and test" in message

@@ -139,7 +139,8 @@ def hostile(tmp_path_factory):
 
 
 def _load(root: Path, **options) -> data_setup.DatasetSplits:
-    return data_setup.load_splits(str(root), None, None, None, SIZE, 0.25, seed=0, **options)
+    return data_setup.load_splits(data_setup.DataDescription(data_dir=str(root), image_size=SIZE, val_fraction=0.25,
+                                                             seed=0, **options))
 
 
 def _check_splits(splits: data_setup.DatasetSplits, good: dict, bad: dict) -> None:
@@ -247,7 +248,9 @@ def test_missing_split_folder(tmp_path):
     with pytest.raises(errors.DataError, match=r"^Data folder '.*' has train/ but no test/: .*\.$"):
         _load(tmp_path)
     with pytest.raises(errors.DataError, match=r"^The test folder '.*nowhere' does not exist\.$"):
-        data_setup.load_splits(None, str(tmp_path / "train"), None, str(tmp_path / "nowhere"), SIZE, 0.25, seed=0)
+        data_setup.load_splits(data_setup.DataDescription(train_dir=str(tmp_path / "train"),
+                                                          test_dir=str(tmp_path / "nowhere"), image_size=SIZE,
+                                                          val_fraction=0.25, seed=0))
 
 
 def test_split_folder_without_class_folders(tmp_path):
@@ -287,7 +290,8 @@ def test_too_few_images_to_carve_validation_names_the_class_and_fraction(tmp_pat
         _load(tmp_path)
     enough = _small_tree(tmp_path / "enough", {"train": 4, "test": 2})
     with pytest.raises(errors.DataError, match=r"5% of 8 images is 1, fewer than the 2 classes"):
-        data_setup.load_splits(str(enough), None, None, None, SIZE, 0.05, 0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(enough), image_size=SIZE, val_fraction=0.05,
+                                                          seed=0))
 
 
 # ---------------------------------------------------------------- prediction_for_one.py
@@ -521,12 +525,12 @@ def test_a_weights_file_with_an_unusable_normalization_is_refused(small_model_fi
 
 
 def test_a_file_name_holding_a_newline_cannot_fake_lines_of_the_skipped_files_log(tmp_path, capsys):
-    from results import report
+    from results import evaluation
 
     faked = "photo.jpg: not a readable image\n/data/cat/secret.jpg"
     skipped = [{"path": str(tmp_path / faked), "reason": "not a readable image (unknown format)"},
                {"path": str(tmp_path / "it's \"quoted\" ø.png"), "reason": "truncated image\n(line two)"}]
-    report.write_skipped_files(tmp_path, skipped)
+    evaluation.write_skipped_files(tmp_path, skipped)
     lines = (tmp_path / "skipped_files.log").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2
     for line, entry in zip(lines, skipped, strict=True):

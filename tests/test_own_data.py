@@ -4,6 +4,7 @@ photos (center-crop), TrivialAugmentWide and the class-balanced sampler."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ def split_paths(splits: data_setup.DatasetSplits) -> dict[str, set[str]]:
 
 def test_class_folders_only_carve_a_stratified_test_split_then_validation(tmp_path):
     root = class_folders_only(tmp_path / "photos", 10)
-    splits = data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=0, test_fraction=0.2)
+    described = data_setup.DataDescription(data_dir=str(root), image_size=16, val_fraction=0.25, seed=0,
+                                           test_fraction=0.2)
+    splits = data_setup.load_splits(described)
     paths = split_paths(splits)
     assert splits.class_names == list(TINY_CLASSES)
     # 20% of 30 images (2 a class) for test, then 25% of the other 24 (2 a class) for validation
@@ -51,15 +54,16 @@ def test_class_folders_only_carve_a_stratified_test_split_then_validation(tmp_pa
     assert carving["class_counts"]["test"] == {name: 2 for name in TINY_CLASSES}
     assert "carved from all images (20%, stratified, seed 0)" == carving["test"]
     # The same files and settings give the same splits (a resumed run sees the same data); another seed others.
-    assert split_paths(data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=0,
-                                              test_fraction=0.2)) == paths
-    other = split_paths(data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=1, test_fraction=0.2))
+    assert split_paths(data_setup.load_splits(described)) == paths
+    other = split_paths(data_setup.load_splits(replace(described, seed=1)))
     assert other["test"] != paths["test"]
 
 
 def test_max_per_class_caps_only_the_training_split(tiny_data):
-    whole = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=0)
-    capped = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=0, max_per_class=4)
+    whole = data_setup.load_splits(data_setup.DataDescription(data_dir=str(tiny_data), image_size=16, val_fraction=0.25,
+                                                              seed=0))
+    capped = data_setup.load_splits(data_setup.DataDescription(data_dir=str(tiny_data), image_size=16,
+                                                               val_fraction=0.25, seed=0, max_per_class=4))
     assert capped.train.labels.bincount().tolist() == [4, 4, 4]
     assert set(capped.train.paths) < set(whole.train.paths)  # a subset of the same training split
     assert capped.val.paths == whole.val.paths and capped.test.paths == whole.test.paths
@@ -69,7 +73,8 @@ def test_max_per_class_caps_only_the_training_split(tiny_data):
     assert capped.carving["max_per_class"] == 4
     assert capped.carving["train_subset"] == "at most 4 images per class (stratified, seed 0): 12 of 27 training images"
     assert capped.carving["class_counts"]["train"] == {name: 4 for name in TINY_CLASSES}
-    other_seed = data_setup.load_splits(str(tiny_data), None, None, None, 16, 0.25, seed=5, max_per_class=4)
+    other_seed = data_setup.load_splits(data_setup.DataDescription(data_dir=str(tiny_data), image_size=16,
+                                                                   val_fraction=0.25, seed=5, max_per_class=4))
     assert set(other_seed.train.paths) != set(capped.train.paths)
     assert data_setup.stratified_subset([0, 0, 1], 5, seed=0).tolist() == [0, 1, 2]  # fewer than the cap: all kept
 
@@ -84,13 +89,14 @@ def test_ambiguous_layouts_are_refused_in_one_sentence(tmp_path, folders, messag
         make_image_folder(tmp_path, {folder: 2})
     (tmp_path / "notes.txt").write_text("a file beside the folders")
     with pytest.raises(errors.DataError, match=message):
-        data_setup.load_splits(str(tmp_path), None, None, None, 16, 0.25, seed=0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(tmp_path), image_size=16, val_fraction=0.25,
+                                                          seed=0))
 
 
 def test_too_few_images_to_carve_the_test_split(tmp_path):
     root = class_folders_only(tmp_path, 1)
     with pytest.raises(errors.DataError, match="Too few images to carve a stratified 20% test split"):
-        data_setup.load_splits(str(root), None, None, None, 16, 0.25, seed=0)
+        data_setup.load_splits(data_setup.DataDescription(data_dir=str(root), image_size=16, val_fraction=0.25, seed=0))
 
 
 def bands(path: Path, size: tuple[int, int], vertical: bool) -> Path:
@@ -140,7 +146,8 @@ def test_load_splits_decodes_with_the_resize_mode(tmp_path):
             (root / split / name).mkdir(parents=True)
             for i in range(count):
                 bands(root / split / name / f"{i}.png", (40, 20) if name == "wide" else (20, 40), name == "wide")
-    splits = data_setup.load_splits(str(root), None, None, None, 8, 0.5, seed=0, resize="center-crop")
+    splits = data_setup.load_splits(data_setup.DataDescription(data_dir=str(root), image_size=8, val_fraction=0.5,
+                                                               seed=0, resize="center-crop"))
     assert all(colours(image) == {GREEN} for image in splits.train.images)
     assert splits.train.resize == "center-crop"
 
@@ -219,7 +226,9 @@ def test_class_folders_only_end_to_end_records_every_carving(tmp_path):
     checkpoint = checkpoints.load_checkpoint(run_dir / "student_kd" / "best_model.pth")
     assert checkpoint["resize"] == "center-crop"
     # the recorded settings rebuild the same splits
-    splits = data_setup.load_splits(config["data_dir"], None, None, None, 32, config["val_fraction"], config["seed"],
-                                    test_fraction=config["test_fraction"], max_per_class=config["max_per_class"])
+    splits = data_setup.load_splits(data_setup.DataDescription(data_dir=config["data_dir"], image_size=32,
+                                                               val_fraction=config["val_fraction"], seed=config["seed"],
+                                                               test_fraction=config["test_fraction"],
+                                                               max_per_class=config["max_per_class"]))
     assert {name: len(getattr(splits, name)) for name in ("train", "val", "test")} == config["dataset"]["sizes"]
     assert splits.carving["class_counts"] == carving["class_counts"]

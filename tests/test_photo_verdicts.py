@@ -20,7 +20,7 @@ import prediction_for_one
 import utils
 from config import command_line
 from core import records
-from results import deploy, report, significance
+from results import deploy, ledger, report, significance
 from training import checkpoints
 
 # ---------------------------------------------------------------- 19.1: zero spread is no certainty
@@ -324,7 +324,7 @@ def test_wall_time_counts_every_sitting(tmp_path):
     summary = run_summary({"teacher": model_row(0.9)})
     summary.wall_seconds, summary.wall_seconds_last_sitting, summary.sittings = 74.2, 22.4, 2
     assert report.wall_time(summary) == "1m14s in 2 sittings (the last 22.4s)"
-    row = report.ledger_row(experiment.default_config(), summary, tmp_path)
+    row = ledger.ledger_row(experiment.default_config(), summary, tmp_path)
     assert (row["wall_seconds"], row["wall_seconds_last_sitting"]) == (74.2, 22.4)
 
 

@@ -14,7 +14,7 @@ from conftest import assert_one_sentence_exit_2
 import experiment
 import utils
 from core import records
-from results import report
+from results import ledger, report
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr", "embed", "param", "track"}
 
@@ -69,7 +69,7 @@ def test_report_is_valid_self_contained_html(report_page):
 def test_report_has_every_model_row_with_summary_numbers(tiny_run, report_page):
     text, _ = report_page
     summary = utils.read_json(tiny_run / "summary.json")
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         row = re.search(rf"<tr><td class=\"name\">{role}</td>(.*?)</tr>", text)
         assert row, role
         for key in utils.shown_metrics(len(summary["dataset"]["class_names"])):  # 3 classes: no top-3
@@ -93,8 +93,8 @@ def test_report_only_needs_a_finished_run(tmp_path, capsys):
 
 
 def test_ledger_gets_one_row_per_run(tiny_run):
-    with open(tiny_run.parent / "experiments.csv", newline="", encoding="utf-8") as ledger:
-        rows = list(csv.DictReader(ledger))
+    with open(tiny_run.parent / "experiments.csv", newline="", encoding="utf-8") as ledger_file:
+        rows = list(csv.DictReader(ledger_file))
     summary = utils.read_json(tiny_run / "summary.json")
     assert len(rows) == 1
     assert rows[0]["run_dir"] == str(tiny_run)
@@ -108,9 +108,9 @@ def test_concurrent_ledger_appends_keep_whole_rows(tmp_path):
 
     path = tmp_path / "experiments.csv"
     with Pool(4) as pool:
-        pool.starmap(report.append_ledger, [(path, {"run_dir": f"run{i}", "alpha": i}) for i in range(40)])
-    with open(path, newline="", encoding="utf-8") as ledger:
-        rows = list(csv.DictReader(ledger))
+        pool.starmap(ledger.append_ledger, [(path, {"run_dir": f"run{i}", "alpha": i}) for i in range(40)])
+    with open(path, newline="", encoding="utf-8") as ledger_file:
+        rows = list(csv.DictReader(ledger_file))
     assert sorted(r["run_dir"] for r in rows) == sorted(f"run{i}" for i in range(40))
     assert path.read_text().count("finished_at") == 1  # one header
 
@@ -118,7 +118,7 @@ def test_concurrent_ledger_appends_keep_whole_rows(tmp_path):
 def test_tensorboard_scalars_for_every_model(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         events = EventAccumulator(str(tiny_run / "tensorboard" / role))
         events.Reload()
         tags = set(events.Tags()["scalars"])
@@ -147,7 +147,7 @@ def report_files(run: Path, copy: Path) -> Path:
     copy.mkdir()
     for name in ("summary.json", "config.json"):
         shutil.copy(run / name, copy / name)
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         (copy / role).mkdir()
         for name in (report.RESULTS, "history.json", "confusion_matrix_test.png"):
             shutil.copy(run / role / name, copy / role / name)
@@ -176,7 +176,7 @@ def test_every_text_of_the_files_arrives_escaped(tiny_run, tmp_path, capsys):
 
     edit_json(run / "summary.json", summary_with_scripts)
     edit_json(run / "config.json", lambda config: config.update(teacher_model=SCRIPT.format("setting")))
-    for role in report.LEDGER_ROLES:  # the per-class scores follow the renamed class
+    for role in ledger.LEDGER_ROLES:  # the per-class scores follow the renamed class
         edit_json(run / role / report.RESULTS,
                   lambda results: results["splits"]["test"]["per_class"].update(
                       {hostile: results["splits"]["test"]["per_class"].pop("circle")}))

@@ -73,7 +73,8 @@ def write_cifar(folder: Path, variant: int, class_names: list[str], train_per_cl
 def test_cifar_files_are_read_as_they_are(tmp_path):
     names = ["truck", "airplane", "cat"]  # not sorted: the metadata's order is the class order
     files = write_cifar(tmp_path / "cifar-10-batches-py", 10, names, 4, 3)
-    data = data_setup.load_splits(str(tmp_path), None, None, None, 32, 0.25, 0)  # the folder holding one
+    data = data_setup.load_splits(data_setup.DataDescription(data_dir=str(tmp_path), image_size=32, val_fraction=0.25,
+                                                             seed=0))  # the folder holding one
     assert data.class_names == names
     assert (len(data.train), len(data.val), len(data.test)) == (45, 15, 9)
     assert data.carving["class_counts"]["val"] == {"truck": 5, "airplane": 5, "cat": 5}
@@ -88,7 +89,8 @@ def test_cifar_files_are_read_as_they_are(tmp_path):
     assert data.carving["test"].endswith("test_batch")
 
     write_cifar(tmp_path / "re-packed", 100, ["b", "a"], 6, 2)  # another folder name: known by its files
-    data = data_setup.load_splits(str(tmp_path / "re-packed"), None, None, None, 16, 0.25, 0)
+    data = data_setup.load_splits(data_setup.DataDescription(data_dir=str(tmp_path / "re-packed"), image_size=16,
+                                                             val_fraction=0.25, seed=0))
     assert data.class_names == ["b", "a"] and (len(data.train), len(data.val), len(data.test)) == (9, 3, 4)
     assert data.test.images.shape == (4, 3, 16, 16), "resized to --image-size"
 

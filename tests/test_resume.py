@@ -20,7 +20,7 @@ from torch import nn
 import engine
 import experiment
 import utils
-from results import report
+from results import ledger, report
 from training import checkpoints
 
 RESUME_FLAGS = [
@@ -83,7 +83,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     assert f"[student_baseline] resuming after epoch {saved_epochs} of 4" in resumed.stdout
     expected = utils.read_json(tmp_path / "complete" / "summary.json")
     actual = utils.read_json(run / "summary.json")
-    for role in report.LEDGER_ROLES:
+    for role in ledger.LEDGER_ROLES:
         assert actual[role]["test"] == expected[role]["test"], role
         assert actual[role]["best_epoch"] == expected[role]["best_epoch"], role
         assert actual[role]["latency_ms"] > 0, "finished models are reloaded and measured with the others"
@@ -92,8 +92,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     # Wall time: every sitting counts, the last one on its own beside it (summary, ledger).
     assert (actual["sittings"], expected["sittings"]) == (2, 1)
     assert actual["wall_seconds"] > actual["wall_seconds_last_sitting"] > 0
-    with open(tmp_path / "experiments.csv", encoding="utf-8", newline="") as ledger:
-        row = next(r for r in csv.DictReader(ledger) if r["run_dir"] == str(run))
+    with open(tmp_path / "experiments.csv", encoding="utf-8", newline="") as ledger_file:
+        row = next(r for r in csv.DictReader(ledger_file) if r["run_dir"] == str(run))
     assert float(row["wall_seconds"]) > float(row["wall_seconds_last_sitting"])
 
     def history(path):
@@ -178,8 +178,8 @@ def test_non_finite_loss_stops_naming_model_epoch_and_batch():
     saved = []
     with pytest.raises(engine.NonFiniteLossError, match=r"student_kd: .* epoch 2, batch 3; .*epoch 1, is kept"):
         engine.fit(model, batches, batches, NaNAtBatch(epoch=2, batch=3), torch.optim.SGD(model.parameters(), lr=0.1),
-                   3, ["a", "b", "c"], torch.device("cpu"), on_best=lambda epoch, history: saved.append(epoch),
-                   log=lambda line: None, name="student_kd")
+                   3, ["a", "b", "c"], torch.device("cpu"), name="student_kd",
+                   hooks=engine.FitHooks(on_best=lambda epoch, history: saved.append(epoch), log=lambda line: None))
     assert saved == [1]
 
 

@@ -4,6 +4,7 @@ GPU JPEG decoding (run here with torchvision's CPU decoder in place of nvJPEG) w
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,10 +232,10 @@ def test_gpu_decoded_streaming_and_in_memory_batches_are_identical(tmp_path, mon
             for i in range(count):
                 Image.fromarray(_photo((20 + i, 20), i + 7 * (label == "b"))).save(folder / f"{i}.jpg")
     monkeypatch.setattr(decoding, "gpu_decoding", lambda device: device is not None)
-    common = (str(tmp_path / "data"), None, None, None, 16, 0.25, 0)
-    in_memory = data_setup.load_splits(*common, cache_dir=tmp_path / "cache", decode_device=CPU)
-    streamed = data_setup.load_splits(*common, memory_budget_mb=0, workers=2, decode_device=CPU)
-    pillow = data_setup.load_splits(*common, cache_dir=tmp_path / "cache")
+    common = data_setup.DataDescription(data_dir=str(tmp_path / "data"), image_size=16, val_fraction=0.25, seed=0)
+    in_memory = data_setup.load_splits(replace(common, cache_dir=tmp_path / "cache", decode_device=CPU))
+    streamed = data_setup.load_splits(replace(common, memory_budget_mb=0, workers=2, decode_device=CPU))
+    pillow = data_setup.load_splits(replace(common, cache_dir=tmp_path / "cache"))
     assert streamed.streamed and streamed.train.images is None and streamed.train.decode_device == CPU
     assert in_memory.mean == pytest.approx(streamed.mean)
     assert not torch.equal(in_memory.train.images, pillow.train.images)  # another decoder, another cache file

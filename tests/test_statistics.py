@@ -12,7 +12,7 @@ from torch import nn
 
 import utils
 from core import errors
-from results import deploy, report, significance
+from results import deploy, evaluation, report, significance
 
 
 def paired(baseline_only: int, candidate_only: int, both: int = 5, neither: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -321,7 +321,7 @@ def test_tables_state_verdicts_and_unclear_speedups():
 
 def test_per_image_results_are_read_back_for_mcnemar(tmp_path):
     utils.write_json(tmp_path / report.RESULTS, {"model": "student_kd", "test_correct": "0110"})
-    assert report.read_test_correct(tmp_path).tolist() == [False, True, True, False]
+    assert evaluation.read_test_correct(tmp_path).tolist() == [False, True, True, False]
     utils.write_json(tmp_path / report.RESULTS, {"model": "student_kd"})  # finished by an earlier version
     with pytest.raises(errors.SettingsError, match="delete it to train that model again"):
-        report.read_test_correct(tmp_path)
+        evaluation.read_test_correct(tmp_path)

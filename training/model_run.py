@@ -26,7 +26,6 @@ import utils
 from config import settings
 from core import compute, host_weights, records, schedules
 from core.errors import SettingsError
-from nets import foreign_formats
 from training import checkpoints
 
 
@@ -95,26 +94,19 @@ def seed_everything(seed: int) -> None:
 
 
 def read_initial_weights(config: settings.Config) -> dict[str, model_builder.Pretrained]:
-    """--teacher-weights and --student-weights, read before any work ("teacher" / "student"; absent: random start).
-
-    A torchvision name is read from the torch hub cache, downloaded there first when missing and possible.
-    When both settings fail (offline, both files missing), one error names both.
-    """
-    weights, problems = {}, []
-    for role, setting, arch in (("teacher", config.teacher_weights, config.teacher_model),
-                                ("student", config.student_weights, config.student_model)):
-        if setting is not None:
-            try:
-                weights[role] = model_builder.read_pretrained(arch, setting)
-            except model_builder.WeightsError as error:
-                problems.append(f"--{role}-weights {setting}: {error}")
-                continue
-            pretrained = weights[role]
-            if pretrained.mean is not None:  # e.g. a run's checkpoint as weights: the run uses its normalization
-                checkpoints.check_description(pretrained.file, {"mean": pretrained.mean, "std": pretrained.std},
-                                              required=())
-    if problems:
-        raise SettingsError(" And ".join(problems))
+    """--teacher-weights and --student-weights, read before any work ("teacher" / "student"; absent: random start);
+    SettingsError naming every one that cannot be read, or whose normalization is unusable."""
+    requested = {role: (arch, setting) for role, arch, setting in (
+        ("teacher", config.teacher_model, config.teacher_weights),
+        ("student", config.student_model, config.student_weights)) if setting is not None}
+    try:
+        weights = model_builder.read_initial_weights(requested)
+    except model_builder.WeightsError as error:
+        raise SettingsError(str(error)) from None
+    for pretrained in weights.values():
+        if pretrained.mean is not None:  # e.g. a run's checkpoint as weights: the run uses its normalization
+            checkpoints.check_description(pretrained.file, {"mean": pretrained.mean, "std": pretrained.std},
+                                          required=())
     return weights
 
 
@@ -122,49 +114,15 @@ def check_initial_weights(
     config: settings.Config, weights: dict[str, model_builder.Pretrained], num_classes: int,
 ) -> None:
     """Stop when initial weights fit no layer of their model; say which layers they leave re-initialized."""
-    for role, pretrained in weights.items():
-        arch = config.teacher_model if role == "teacher" else config.student_model
-        head = model_builder.default_head(pretrained)
-        model = model_builder.build_on_meta(arch, num_classes, config.image_size, head)
-        if role == "teacher" and config.teacher_epochs == 0:
-            check_exact_fit(model, pretrained, arch, num_classes)
-        try:
-            record = model_builder.pretrained_fit(model, pretrained)[1]
-        except model_builder.WeightsError as error:
-            raise SettingsError(f"--{role}-weights: {error}") from None
-        if compute.is_main_process():
-            print(f"The {role} starts from {record['weights']}: {record['loaded_tensors']} of "
-                  f"{record['model_tensors']} tensors loaded; re-initialized (no tensor of that shape in the file): "
-                  f"{', '.join(record['reinitialized']) or 'none'}")
-
-
-def check_exact_fit(model: nn.Module, pretrained: model_builder.Pretrained, arch: str, num_classes: int) -> None:
-    """A teacher used as loaded (--teacher-epochs 0) needs every layer from its file: stop naming every one that
-    does not fit (the classifier of another class count, layers of another architecture)."""
-    own = model.state_dict()
-    found = foreign_formats.mismatches(own, foreign_formats.align(own, pretrained.state_dict))
-    if found:
-        shown = "; ".join(found[:8]) + (f"; and {len(found) - 8} more" if len(found) > 8 else "")
-        raise SettingsError(f"--teacher-epochs 0 uses the teacher as --teacher-weights {pretrained.source} gives it, "
-                            f"but {len(found)} of its tensors do not fit a {arch} for {num_classes} classes: {shown}.")
-
-
-def normalization(
-    data: data_setup.DatasetSplits, teacher_checkpoint: dict[str, Any] | None,
-    weights: dict[str, model_builder.Pretrained],
-) -> str:
-    """Set the inputs' mean and std every model of the run shares, and say where they come from: a
-    reused teacher's own (it expects its training's inputs), else what initial weights expect (the
-    teacher's before the students'), else the training split's."""
-    if teacher_checkpoint is not None:
-        data.mean, data.std = teacher_checkpoint["mean"], teacher_checkpoint["std"]
-        return "the teacher checkpoint's"
-    for role in ("teacher", "student"):
-        pretrained = weights.get(role)
-        if pretrained is not None and pretrained.mean is not None:
-            data.mean, data.std = pretrained.mean, pretrained.std
-            return f"{role} weights {pretrained.source}"
-    return "the training split's own"
+    archs = {"teacher": config.teacher_model, "student": config.student_model}
+    try:
+        fits = model_builder.check_initial_weights(weights, archs, num_classes, config.image_size,
+                                                   ("teacher",) if config.teacher_epochs == 0 else ())
+    except model_builder.WeightsError as error:
+        raise SettingsError(str(error)) from None
+    if compute.is_main_process():
+        for role, record in fits.items():
+            print(model_builder.fit_sentence(role, record))
 
 
 # ---------------------------------------------------------------- one model
@@ -404,9 +362,10 @@ def train_model(
         result = engine.fit(
             model, train_loader, context.eval_loaders["val"], step, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
-            on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch, on_epoch), on_epoch_end=save_epoch,
-            resume=resume, select_metric=context.config.select_metric, patience=context.config.patience,
-            weights=weights,
+            hooks=engine.FitHooks(on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch, on_epoch),
+                                  on_epoch_end=save_epoch),
+            selection=engine.Selection(context.config.select_metric, context.config.patience),
+            resume=resume, weights=weights,
         )
     finally:
         close_log()

@@ -90,7 +90,7 @@ def test_a_three_epoch_run_warms_up_and_records_the_mean_factor():
     criterion = KD_engine.make_criterion("dkd", teacher, student, setup)
     assert criterion.method.warmup_steps == 3
     result = engine.fit(student, batches, batches[:2], criterion, torch.optim.SGD(student.parameters(), lr=0.01), 3,
-                        ["a", "b", "c"], torch.device("cpu"), log=lambda line: None)
+                        ["a", "b", "c"], torch.device("cpu"), hooks=engine.FitHooks(log=lambda line: None))
     means = [record["train"]["warmup"] for record in result.history]
     assert means[0] == pytest.approx((1 / 3 + 2 / 3 + 10) / 12) and means[1:] == [1.0, 1.0]
 

@@ -1,0 +1,94 @@
+"""The ledger of runs: one CSV row per finished run (what was run, with which key settings, how it scored),
+appended under a lock so runs finishing at once never lose a row.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import utils
+from config import settings
+from core import records
+
+LEDGER_ROLES = (records.TEACHER, records.BASELINE, records.distilled_role("kd"))  # each has its own top-1 column
+LEDGER_COLUMNS = [
+    "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
+    "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
+    "image_size", "seed", "seeds", *(f"{role}_top1" for role in LEDGER_ROLES), "distilled_top1", "kd_gain_top1",
+    "wall_seconds", "wall_seconds_last_sitting", "sweep",
+]
+
+
+def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Path) -> dict[str, Any]:
+    """One line of the runs ledger: what was run, with which key settings, and how it scored."""
+    dataset = "bundled digits" if settings.is_bundled(config) else (config.data_dir or config.train_dir)
+    models = summary.models
+    distilled = [role for role in models if records.is_distilled(role)]
+    return {
+        "finished_at": summary.finished_at, "run_dir": str(run_dir), "dataset": dataset,
+        **{key: getattr(config, key) for key in ("teacher_model", "student_model", "student_epochs", "optimizer",
+                                                  "student_lr", "temperature", "alpha", "batch_size", "image_size",
+                                                  "seed")},
+        # A reused teacher was not trained in this run: its checkpoint stands where its training settings would.
+        "teacher_checkpoint": config.teacher_checkpoint or "",
+        "teacher_epochs": "" if config.teacher_checkpoint else config.teacher_epochs,
+        "teacher_lr": "" if config.teacher_checkpoint else config.teacher_lr,
+        "kd_methods": ",".join(settings.kd_methods(config)), "seeds": ",".join(map(str, settings.seeds(config))),
+        **{f"{role}_top1": round(models[role].test["top1"], 6) if role in models else None for role in LEDGER_ROLES},
+        "distilled_top1": " ".join(f"{records.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
+        "kd_gain_top1": None if summary.kd_gain_top1 is None else round(summary.kd_gain_top1, 6),
+        "wall_seconds": summary.wall_seconds,  # every sitting of a resumed run
+        "wall_seconds_last_sitting": (summary.wall_seconds if summary.wall_seconds_last_sitting is None
+                                      else summary.wall_seconds_last_sitting),
+        # A sweep's row: the settings above are its best trial's.
+        "sweep": "" if summary.sweep is None else (f"{summary.sweep.spec}; {len(summary.sweep.trials)} trials, best "
+                                                   f"{summary.sweep.best_trial}"),
+    }
+
+
+def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row to a CSV ledger, writing the header first when the file is new.
+
+    A ledger written by an older version, with fewer columns, is migrated: its header gains the
+    missing columns (its own columns, even unknown ones, keep their values), rewritten atomically.
+    An exclusive lock on a companion `.lock` file makes runs finishing at once append whole rows,
+    one after the other, and never lose one to a migration.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            header: list[str] = []
+            if path.is_file() and path.stat().st_size:
+                with open(path, encoding="utf-8", newline="") as ledger:
+                    header = next(csv.reader(ledger), [])
+            columns = header + [column for column in LEDGER_COLUMNS if column not in header]
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+            if header and columns == header:
+                writer.writerow({k: row.get(k, "") for k in columns})
+                _append_durably(path, buffer.getvalue())
+                return
+            rows = []
+            if header:
+                with open(path, encoding="utf-8", newline="") as ledger:
+                    rows = list(csv.DictReader(ledger))
+            writer.writeheader()
+            writer.writerows(rows + [{k: row.get(k, "") for k in columns}])
+            utils.write_text(path, buffer.getvalue())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _append_durably(path: Path, text: str) -> None:
+    """Append text to a file and wait until it is on disk."""
+    with open(path, "a", encoding="utf-8", newline="") as ledger:
+        ledger.write(text)
+        ledger.flush()
+        os.fsync(ledger.fileno())
