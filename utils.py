@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+import unicodedata
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,28 @@ from sklearn.preprocessing import label_binarize
 
 AVERAGES = ("micro", "macro", "weighted")
 SCORE_NAMES = ("precision", "recall", "f1")
+
+
+# ---------------------------------------------------------------- text from files, shown to people
+
+# The first characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@")  # tab and carriage return, also on the list, are escaped first
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` safe for a terminal or a text file: control and format characters (escape sequences, newlines,
+    direction overrides) shown as Python escapes, and at most `limit` characters kept."""
+    text = text if limit is None else text[: limit + 1]  # escapes only lengthen it: never walk a megabyte of text
+    shown = "".join(character.encode("unicode_escape").decode("ascii")
+                    if unicodedata.category(character).startswith("C") else character for character in text)
+    return shown if limit is None or len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def spreadsheet_cell(text: str) -> str:
+    """`text` for a CSV cell a spreadsheet will not run: printable, and a leading formula character quoted with
+    an apostrophe, as spreadsheets themselves do."""
+    text = printable(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 # ---------------------------------------------------------------- atomic files
