@@ -123,3 +123,25 @@ def test_a_file_over_the_memory_budget_is_not_read(tmp_path):
         cifar_files.read(cifar_files.CIFAR10, folder, 32, memory_budget_mb=0.01)
     with pytest.raises(errors.DataError, match=r"images at 64 px take \d+ MiB, over --memory-budget-mb 0.1"):
         cifar_files.read(cifar_files.CIFAR10, folder, 64, memory_budget_mb=0.1)  # 12 images a file: 0.14 MiB
+
+
+@pytest.mark.parametrize("module, name", [("builtins", "eval"), ("builtins", "getattr"), ("numpy", "load"),
+                                          ("numpy", "frombuffer"), ("_codecs", "decode"), ("__builtin__", "open")])
+def test_only_the_listed_callables_are_admitted(tmp_path, module, name):
+    """Neighbours of the admitted names, in the same modules, are refused when named, before anything is called."""
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10, ["a", "b", "c"], 4, 3)
+    (folder / "data_batch_3").write_bytes(f"\x80\x02}}X\x04\x00\x00\x00datac{module}\n{name}\ns.".encode("latin1"))
+    with pytest.raises(errors.DataError, match=f"data_batch_3': UnpicklingError: it asks for {module}.{name}, which"):
+        cifar_files.read(cifar_files.CIFAR10, folder)
+
+
+@pytest.mark.parametrize("bad_label", [3, -1])
+def test_labels_outside_the_class_list_are_refused(tmp_path, bad_label):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10, ["a", "b", "c"], 4, 3)
+    data = np.zeros((2, 3072), np.uint8)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": data, "labels": [0, bad_label]}))
+    with pytest.raises(errors.DataError, match="test_batch' is not in torchvision's format: its labels are not all "
+                                               "class indices 0 to 2"):
+        cifar_files.read(cifar_files.CIFAR10, folder)
