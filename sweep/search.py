@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +41,7 @@ import engine
 import model_builder
 import utils
 from config import settings
-from core import errors, records
+from core import errors, records, secrets
 from core.errors import SettingsError
 from sweep import findings, search_space
 from training import checkpoints, model_run
@@ -136,13 +135,7 @@ class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
 
 def _scrubbed(text: str, url: str) -> str:
     """An error message about `url` with every form of its password hidden."""
-    parts = urllib.parse.urlsplit(url)
-    secrets = [parts.password or ""] + [value for key, value in urllib.parse.parse_qsl(parts.query)
-                                        if key.lower() in ("password", "passwd")]
-    text = text.replace(url, settings.without_password(url))
-    for secret in filter(None, secrets):
-        text = text.replace(secret, settings.HIDDEN).replace(urllib.parse.unquote(secret), settings.HIDDEN)
-    return re.sub(r"\s*\(Background on this error at: \S+\)", "", text)
+    return re.sub(r"\s*\(Background on this error at: \S+\)", "", secrets.scrubbed(text, url))
 
 
 def connect(url: str) -> optuna.storages.BaseStorage:
