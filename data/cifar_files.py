@@ -28,7 +28,7 @@ import torch
 
 import utils
 from core import errors
-from data import decoding, pickle_limits
+from data import decoding, folders, pickle_limits
 
 SIDE = 32  # pixels: every CIFAR image is 32 x 32
 ROW = 3 * SIDE * SIDE
@@ -175,10 +175,12 @@ def _read_batch(path: Path, layout: Layout, num_classes: int,
 
 def _class_names(path: Path, layout: Layout) -> list[str]:
     names = _field(_load(path, layout), layout.class_names, path, layout)
-    if not (isinstance(names, list) and names and all(isinstance(name, (str, bytes)) for name in names)):
+    if isinstance(names, list) and all(isinstance(name, bytes) for name in names):
+        names = [name.decode("utf-8", errors="replace") for name in names]
+    if not folders.are_class_names(names):
         raise errors.DataError(f"The {layout.name} file '{path}' does not list class names under "
-                               f"'{layout.class_names}'.")
-    return [name.decode("utf-8") if isinstance(name, bytes) else name for name in names]
+                               f"'{layout.class_names}' ({folders.CLASS_NAMES_RULE}).")
+    return names
 
 
 def _check_classes(layout: Layout, folder: Path, class_names: list[str], labels: dict[str, np.ndarray]) -> None:
