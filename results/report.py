@@ -566,7 +566,7 @@ def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
             columns = header + [column for column in LEDGER_COLUMNS if column not in header]
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-            if header and columns == header:
+            if header and columns == header and _ends_whole(path):  # else rewritten whole, below
                 writer.writerow({k: row.get(k, "") for k in columns})
                 _append_durably(path, buffer.getvalue())
                 return
@@ -579,6 +579,14 @@ def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
             utils.write_text(path, buffer.getvalue())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ends_whole(path: Path) -> bool:
+    """Whether a ledger's last row is whole: a crash during an append can leave half a row without its newline,
+    which the next row appended would fuse with (then the ledger is rewritten, the fragment a row of its own)."""
+    with open(path, "rb") as ledger:
+        ledger.seek(-1, os.SEEK_END)
+        return ledger.read(1) == b"\n"
 
 
 def _append_durably(path: Path, text: str) -> None:
