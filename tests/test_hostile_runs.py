@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,17 @@ def test_the_test_split_with_a_sweep_is_refused():
     config = replace(experiment.default_config(), sweep=SPEC, eval_test_every_epoch=True)
     with pytest.raises(SettingsError, match="--eval-test-every-epoch cannot go with --sweep"):
         settings.validate(config)
+
+
+def test_a_torn_summary_is_rebuilt_by_resume_with_one_ledger_row(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "torn"
+    flags = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1", "--student-epochs",
+             "1", "--batch-size", "16", "--image-size", "16", "--precision", "fp32", "--device", "cpu"]
+    assert experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), *flags]) == 0
+    whole = (run_dir / "summary.json").read_bytes()
+    (run_dir / "summary.json").write_bytes(whole[: len(whole) // 2])  # a crash while it was written
+    assert experiment.main(["--resume", str(run_dir)]) == 0
+    assert "damaged summary.json: resuming writes it again" in capsys.readouterr().out
+    assert utils.read_json(run_dir / "summary.json").keys() == json.loads(whole).keys()
+    rows = list(csv.DictReader(io.StringIO((run_dir.parent / "experiments.csv").read_text())))
+    assert [row["run_dir"] for row in rows] == [str(run_dir)]
