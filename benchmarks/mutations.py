@@ -96,6 +96,10 @@ MUTATIONS = [
              "largest = max(mcnemar.values())", "largest = min(mcnemar.values())", ("tests/test_zero_spread.py",)),
     Mutation("ledger: a torn row appended to", "results/report.py", " and _ends_whole(path)", "",
              (RUNS, "-k", "ledger")),
+    Mutation("resume: a torn summary.json counts as finished", "config/command_line.py",
+             '            json.loads((path / "summary.json").read_text(encoding="utf-8"))\n', "", (RUNS, "-k", "torn")),
+    Mutation("ledger: a rebuilt run's second row appended", "results/report.py", " and not _holds_run(path, row)", "",
+             (RUNS, "-k", "torn")),
 ]
 
 
