@@ -120,8 +120,10 @@ def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool,
         done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:g} s"
+    if done.returncode < 0:  # a crash (an unbounded pickle overflows the C stack) fails as surely
+        return False, f"crashed (signal {-done.returncode})"
     lines = (done.stdout + done.stderr).strip().splitlines() or [f"exit {done.returncode}"]
-    return done.returncode == 0, lines[-1]
+    return done.returncode == 0, lines[-1][:150]
 
 
 def try_mutation(mutation: Mutation, timeout: float) -> tuple[bool, str]:
