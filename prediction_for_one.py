@@ -144,27 +144,29 @@ def predict_images(
 
 def predictions_csv(predictions: list[dict[str, Any]], k: int) -> str:
     """CSV text, one row per image: its path, the top `k` classes with probabilities, and the
-    reason it could not be read (empty when it was classified)."""
+    reason it could not be read (empty when it was classified); text cells as `utils.spreadsheet_cell`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", *[f"{column}_{rank}" for rank in range(1, k + 1) for column in ("class", "probability")],
                      "error"])
     for prediction in predictions:
-        cells = [cell for entry in prediction.get("top", []) for cell in (entry["class"], entry["probability"])]
-        writer.writerow([prediction["image"], *cells, *[""] * (2 * k - len(cells)), prediction.get("error", "")])
+        cells = [cell for entry in prediction.get("top", [])
+                 for cell in (utils.spreadsheet_cell(entry["class"]), entry["probability"])]
+        writer.writerow([utils.spreadsheet_cell(prediction["image"]), *cells, *[""] * (2 * k - len(cells)),
+                         utils.spreadsheet_cell(prediction.get("error", ""))])
     return buffer.getvalue()
 
 
 def format_predictions(predictions: list[dict[str, Any]]) -> str:
-    """Readable text: each image followed by its top classes and probabilities."""
+    """Readable text: each image followed by its top classes and probabilities (names and paths `printable`)."""
     lines = []
     for prediction in predictions:
-        lines.append(prediction["image"])
+        lines.append(utils.printable(prediction["image"]))
         if "error" in prediction:
-            lines.append(f"  error: {prediction['error']}")
+            lines.append(f"  error: {utils.printable(prediction['error'])}")
             continue
         for rank, entry in enumerate(prediction["top"], start=1):
-            lines.append(f"  {rank}. {entry['class']:<20} {100 * entry['probability']:6.2f}%")
+            lines.append(f"  {rank}. {utils.printable(entry['class']):<20} {100 * entry['probability']:6.2f}%")
     return "\n".join(lines)
 
 
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     for sentence in empty_folders:
         print(f"error: {sentence}.", file=sys.stderr)
     for prediction in failed:
-        print(f"error: '{prediction['image']}': {prediction['error']}", file=sys.stderr)
+        print(f"error: '{utils.printable(prediction['image'])}': {utils.printable(prediction['error'])}",
+              file=sys.stderr)
     if failed and len(failed) < len(predictions):
         print(f"{len(failed)} of {len(predictions)} images could not be read; the others were classified.",
               file=sys.stderr)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+import unicodedata
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,28 @@ from sklearn.preprocessing import label_binarize
 
 AVERAGES = ("micro", "macro", "weighted")
 SCORE_NAMES = ("precision", "recall", "f1")
+
+
+# ---------------------------------------------------------------- text from files, shown to people
+
+# The first characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@")  # tab and carriage return, also on the list, are escaped first
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` safe for a terminal or a text file: control and format characters (escape sequences, newlines,
+    direction overrides) shown as Python escapes, and at most `limit` characters kept."""
+    text = text if limit is None else text[: limit + 1]  # escapes only lengthen it: never walk a megabyte of text
+    shown = "".join(character.encode("unicode_escape").decode("ascii")
+                    if unicodedata.category(character).startswith("C") else character for character in text)
+    return shown if limit is None or len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def spreadsheet_cell(text: str) -> str:
+    """`text` for a CSV cell a spreadsheet will not run: printable, and a leading formula character quoted with
+    an apostrophe, as spreadsheets themselves do."""
+    text = printable(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 # ---------------------------------------------------------------- atomic files
@@ -273,7 +296,7 @@ def report_text(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequenc
             labels.cpu().numpy(),
             logits.argmax(dim=1).cpu().numpy(),
             labels=list(range(len(class_names))),
-            target_names=list(class_names),
+            target_names=[printable(name) for name in class_names],  # a text file, read in a terminal
             digits=4,
             zero_division=np.nan,
         )
@@ -376,12 +399,14 @@ def history_table(history: list[dict[str, Any]], num_classes: int | None = None)
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
     """A plain-text table whose columns are as wide as their widest cell, two spaces apart.
 
-    The first `left` columns (names) are left-aligned, the others (numbers) right-aligned.
+    The first `left` columns (names) are left-aligned, the others (numbers) right-aligned; every cell is
+    `printable` (a class name from a file cannot move the cursor or start a line).
     """
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    header, rows = [printable(str(cell)) for cell in header], [[printable(str(cell)) for cell in row] for row in rows]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(str(cell).ljust(width) if index < left else str(cell).rjust(width)
+        return "  ".join(cell.ljust(width) if index < left else cell.rjust(width)
                          for index, (cell, width) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return "\n".join([line(header), "-" * (sum(widths) + 2 * (len(widths) - 1)), *map(line, rows)]) + "\n"

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import types
 import typing
-import urllib.parse
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,7 +24,7 @@ import data_setup
 import engine
 import KD_engine
 import model_builder
-from core import compute, schedules
+from core import compute, schedules, secrets
 from core.errors import SettingsError
 from data import decoding
 from methods import feature_maps
@@ -211,22 +210,12 @@ def saved_config(config: Config) -> dict[str, Any]:
     return {**asdict(config), "study_storage": without_password(config.study_storage)}
 
 
-HIDDEN = "***"  # what a password becomes in everything written
+HIDDEN = secrets.HIDDEN
 
 
 def without_password(url: str | None) -> str | None:
-    """A storage URL with its password (user:password@..., or a password=... query item) replaced by ***."""
-    if url is None or "://" not in url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc and ":" in netloc.rpartition("@")[0]:
-        user = netloc.rpartition("@")[0].split(":", 1)[0]
-        netloc = f"{user}:{HIDDEN}@{netloc.rpartition('@')[2]}"
-    query = "&".join(f"{item.partition('=')[0]}={HIDDEN}" if item.partition("=")[0].lower() in ("password", "passwd")
-                     else item for item in parts.query.split("&") if item)
-    # Replaced in the text rather than rebuilt: urlunsplit would turn sqlite:////abs.db into sqlite://abs.db.
-    return url.replace(parts.netloc, netloc, 1).replace("?" + parts.query, "?" + query, 1)
+    """A storage URL with its password (user:password@..., or a password-like query item) replaced by ***."""
+    return secrets.masked_url(url)
 
 
 # ---------------------------------------------------------------- checks and what settings imply

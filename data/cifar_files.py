@@ -11,11 +11,13 @@ The files are recognized by their names and checked by that layout, never by che
 copy is as good as the original). A pickle can name any Python callable to run while it loads, so
 the files are read by an unpickler that admits only a few harmless builtins and numpy's array
 classes: a crafted file is refused before it runs anything, the promise `weights_only` gives for
-checkpoints. Every problem is one `errors.DataError` sentence.
+checkpoints. What those may allocate is bounded before they allocate it (`pickle_limits`), and a file larger
+than the memory budget is not read. Every problem is one `errors.DataError` sentence.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import utils
 from core import errors
-from data import decoding
+from data import decoding, folders, pickle_limits
 
 SIDE = 32  # pixels: every CIFAR image is 32 x 32
 ROW = 3 * SIDE * SIDE
@@ -58,6 +61,11 @@ ADMITTED = {
     *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
     *((module, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset", "bytearray")),
 }
+# The admitted callables that could be asked to allocate without limit, replaced by their guarded forms.
+GUARDED = {"ndarray": lambda _: pickle_limits.NdarrayName(), "_reconstruct": pickle_limits.reconstruct,
+           "_frombuffer": pickle_limits.frombuffer, "dtype": pickle_limits.dtype,
+           "bytearray": pickle_limits.from_text, "encode": pickle_limits.from_text}
+SHOWN_KEYS = 5  # of a file's dict, in a message about a missing entry
 
 
 @dataclass
@@ -88,10 +96,12 @@ class _ArraysOnly(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in ADMITTED:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no CIFAR file holds; nothing was run")
+            raise pickle.UnpicklingError(f"it asks for {utils.printable(f'{module}.{name}', 80)}, which no CIFAR "
+                                         "file holds; nothing was run")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
             module = "numpy._core." + module.removeprefix("numpy.core.")  # numpy 2's name, without its warning
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        return GUARDED[name](found) if name in GUARDED else found
 
 
 def find(data_dir: str | Path) -> tuple[Layout, Path] | None:
@@ -112,11 +122,16 @@ def find(data_dir: str | Path) -> tuple[Layout, Path] | None:
     return inside[0] if inside else None
 
 
-def _load(path: Path, layout: Layout) -> dict[str, Any]:
-    """One CIFAR file's dict, its keys as text (Python 2's files give bytes under some readings)."""
+def _load(path: Path, layout: Layout, memory_budget_mb: float = float("inf")) -> dict[str, Any]:
+    """One CIFAR file's dict, its keys as text (Python 2's files give bytes under some readings): a file over the
+    memory budget is not read, and one whose objects nest too deep is refused before any is built."""
+    if path.stat().st_size / 2**20 > memory_budget_mb:
+        raise errors.DataError(f"The {layout.name} file '{path}' is larger than --memory-budget-mb "
+                               f"{memory_budget_mb:g}: raise the budget or check the file.")
     try:
-        with open(path, "rb") as file:
-            content = _ArraysOnly(file, encoding="latin1").load()
+        raw = path.read_bytes()
+        pickle_limits.deepest_nesting(raw)
+        content = _ArraysOnly(io.BytesIO(raw), encoding="latin1").load()
     except Exception as error:  # damaged, truncated or crafted: all the user's file to replace
         raise errors.DataError(f"Cannot read the {layout.name} file '{path}': "
                                f"{errors.one_line(error, brief=True)}.") from None
@@ -128,14 +143,17 @@ def _load(path: Path, layout: Layout) -> dict[str, Any]:
 
 def _field(content: dict[str, Any], key: str, path: Path, layout: Layout) -> Any:
     if key not in content:
+        held = [utils.printable(str(name), 40) for name in list(content)[:SHOWN_KEYS]]
+        more = f" and {len(content) - SHOWN_KEYS:,} more" if len(content) > SHOWN_KEYS else ""
         raise errors.DataError(f"The {layout.name} file '{path}' has no '{key}' entry (it holds "
-                               f"{', '.join(map(str, content)) or 'nothing'}).")
+                               f"{', '.join(held) or 'nothing'}{more}).")
     return content[key]
 
 
-def _read_batch(path: Path, layout: Layout, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(path: Path, layout: Layout, num_classes: int,
+                memory_budget_mb: float = float("inf")) -> tuple[np.ndarray, np.ndarray]:
     """A batch file's images as (N, 3, 32, 32) uint8 and its labels, checked against the documented layout."""
-    content = _load(path, layout)
+    content = _load(path, layout, memory_budget_mb)
     data, labels = _field(content, "data", path, layout), _field(content, layout.labels, path, layout)
     problem = None
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == ROW):
@@ -157,10 +175,12 @@ def _read_batch(path: Path, layout: Layout, num_classes: int) -> tuple[np.ndarra
 
 def _class_names(path: Path, layout: Layout) -> list[str]:
     names = _field(_load(path, layout), layout.class_names, path, layout)
-    if not (isinstance(names, list) and names and all(isinstance(name, (str, bytes)) for name in names)):
+    if isinstance(names, list) and all(isinstance(name, bytes) for name in names):
+        names = [name.decode("utf-8", errors="replace") for name in names]
+    if not folders.are_class_names(names):
         raise errors.DataError(f"The {layout.name} file '{path}' does not list class names under "
-                               f"'{layout.class_names}'.")
-    return [name.decode("utf-8") if isinstance(name, bytes) else name for name in names]
+                               f"'{layout.class_names}' ({folders.CLASS_NAMES_RULE}).")
+    return names
 
 
 def _check_classes(layout: Layout, folder: Path, class_names: list[str], labels: dict[str, np.ndarray]) -> None:
@@ -171,6 +191,14 @@ def _check_classes(layout: Layout, folder: Path, class_names: list[str], labels:
         if empty:
             raise errors.DataError(f"The {layout.name} folder '{folder}' has no {split} images of "
                                    f"class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))}.")
+
+
+def _check_budget(layout: Layout, image_count: int, image_size: int, memory_budget_mb: float) -> None:
+    """Refuse images over the memory budget: they cannot be streamed from disk as image files can."""
+    needed = image_count * 3 * image_size**2 / 2**20
+    if needed > memory_budget_mb:
+        raise errors.DataError(f"{layout.name}'s images at {image_size} px take {needed:,.0f} MiB, over "
+                               f"--memory-budget-mb {memory_budget_mb:g}: raise the budget or lower --image-size.")
 
 
 def _at_size(images: np.ndarray, image_size: int) -> torch.Tensor:
@@ -190,13 +218,12 @@ def read(layout: Layout, folder: Path, image_size: int = SIDE,
         raise errors.DataError(f"The {layout.name} folder '{folder}' lacks {', '.join(missing)}: torchvision's "
                                f"{layout.name} Python format holds {expected}.")
     class_names = _class_names(folder / layout.meta, layout)
-    train = [_read_batch(folder / name, layout, len(class_names)) for name in layout.train]
-    test_images, test_labels = _read_batch(folder / layout.test, layout, len(class_names))
-    train_images, train_labels = np.concatenate([images for images, _ in train]), np.concatenate([y for _, y in train])
+    batches: list[tuple[np.ndarray, np.ndarray]] = []
+    for name in (*layout.train, layout.test):  # the budget is checked before each file and before any copy
+        batches.append(_read_batch(folder / name, layout, len(class_names), memory_budget_mb))
+        _check_budget(layout, sum(len(labels) for _, labels in batches), image_size, memory_budget_mb)
+    test_images, test_labels = batches.pop()
+    train_images, train_labels = np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
     _check_classes(layout, folder, class_names, {"training": train_labels, "test": test_labels})
-    needed = (len(train_images) + len(test_images)) * 3 * image_size**2 / 2**20
-    if needed > memory_budget_mb:  # they cannot be streamed from disk as image files can
-        raise errors.DataError(f"{layout.name}'s images at {image_size} px take {needed:,.0f} MiB, over "
-                               f"--memory-budget-mb {memory_budget_mb:g}: raise the budget or lower --image-size.")
     return CifarSplits(layout, folder, class_names, _at_size(train_images, image_size), torch.from_numpy(train_labels),
                        _at_size(np.array(test_images), image_size), torch.from_numpy(test_labels))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -20,6 +20,16 @@ from core import errors
 # torchvision's ImageFolder extensions, plus GIF (its first frame is used).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_FOLDERS = ("train", "val", "test")
+MAX_CLASS_NAME = 255  # characters: a class is a folder's name, which filesystems keep under 256 bytes
+CLASS_NAMES_RULE = f"a non-empty list of distinct, non-empty class names of at most {MAX_CLASS_NAME} characters"
+
+
+def are_class_names(value: Any) -> bool:
+    """Whether `value` can name a classifier's classes (CLASS_NAMES_RULE): read from a file, it is checked, since
+    every prediction and report shows one and a name must say which class it is."""
+    return (isinstance(value, list) and len(value) > 0 and len(set(map(repr, value))) == len(value)
+            and all(isinstance(name, str) and 0 < len(name.strip()) and len(name) <= MAX_CLASS_NAME
+                    for name in value))
 
 
 def holds_only_class_folders(root: Path) -> bool:

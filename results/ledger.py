@@ -57,7 +57,8 @@ def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
     A ledger written by an older version, with fewer columns, is migrated: its header gains the
     missing columns (its own columns, even unknown ones, keep their values), rewritten atomically.
     An exclusive lock on a companion `.lock` file makes runs finishing at once append whole rows,
-    one after the other, and never lose one to a migration.
+    one after the other, and never lose one to a migration. A run has one row: a resumed run that
+    published before (its summary.json was damaged) replaces its row.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,19 +72,34 @@ def append_ledger(path: str | Path, row: dict[str, Any]) -> None:
             columns = header + [column for column in LEDGER_COLUMNS if column not in header]
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-            if header and columns == header:
+            if header and columns == header and _ends_whole(path) and not _holds_run(path, row):  # else rewritten
                 writer.writerow({k: row.get(k, "") for k in columns})
                 _append_durably(path, buffer.getvalue())
                 return
             rows = []
             if header:
-                with open(path, encoding="utf-8", newline="") as ledger:
-                    rows = list(csv.DictReader(ledger))
+                with open(path, encoding="utf-8", newline="") as ledger:  # a rebuilt run's older row gives way
+                    rows = [old for old in csv.DictReader(ledger) if old.get("run_dir") != row.get("run_dir")]
             writer.writeheader()
             writer.writerows(rows + [{k: row.get(k, "") for k in columns}])
             utils.write_text(path, buffer.getvalue())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _holds_run(path: Path, row: dict[str, Any]) -> bool:
+    """Whether the ledger has a row of `row`'s run directory already (a run whose summary.json was rebuilt):
+    a run has one row."""
+    with open(path, encoding="utf-8", newline="") as ledger:
+        return any(old.get("run_dir") == row.get("run_dir") for old in csv.DictReader(ledger))
+
+
+def _ends_whole(path: Path) -> bool:
+    """Whether a ledger's last row is whole: a crash during an append can leave half a row without its newline,
+    which the next row appended would fuse with (then the ledger is rewritten, the fragment a row of its own)."""
+    with open(path, "rb") as ledger:
+        ledger.seek(-1, os.SEEK_END)
+        return ledger.read(1) == b"\n"
 
 
 def _append_durably(path: Path, text: str) -> None:

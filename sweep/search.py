@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +41,7 @@ import engine
 import model_builder
 import utils
 from config import settings
-from core import errors, records
+from core import errors, records, secrets
 from core.errors import SettingsError
 from sweep import findings, search_space
 from training import checkpoints, model_run
@@ -86,8 +85,9 @@ def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
     space = search_space.parse_spec(config.sweep)
     search_space.check_ranges(config, space)
     name = config.study_name
-    if name is not None and not re.fullmatch(r"[\w.-]+", name):
-        raise SettingsError(f"--study-name must be letters, digits, '.', '_' or '-' (got {name!r}).")
+    if name is not None and not re.fullmatch(r"\w[\w.-]*", name):  # never '..', '.' or a hidden folder's name
+        raise SettingsError(f"--study-name must be letters, digits, '.', '_' or '-', starting with a letter or digit "
+                            f"(got {utils.printable(name, 60)!r}).")
     storage = None
     if config.study_storage is not None:
         if name is None:
@@ -95,8 +95,32 @@ def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
         config = replace(config, output_dir=config.output_dir or str(Path("runs") / name))
         storage = connect(config.study_storage)
     direction = "minimize" if config.select_metric == "loss" else "maximize"
-    return config, Plan(config.sweep, space, config.trials, config.select_metric, direction, storage,
-                        settings.without_password(config.study_storage), name)
+    plan = Plan(config.sweep, space, config.trials, config.select_metric, direction, storage,
+                settings.without_password(config.study_storage), name)
+    if storage is not None and name is not None:  # a study refused now leaves no run directory behind
+        check_study_fits(study_attrs(storage, name), plan, Path(config.output_dir or ""), name)
+    return config, plan
+
+
+def study_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any]:
+    """The user attributes of the study `name` in `storage` (none when it does not exist yet)."""
+    try:
+        return storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    except KeyError:
+        return {}
+
+
+def check_study_fits(attrs: dict[str, Any], plan: Plan, run_dir: Path, name: str, shown: str | None = None) -> None:
+    """Refuse a study (its user attributes `attrs`) kept for another sweep (spec, metric), or whose trials are kept
+    in another run directory than `run_dir` (its run id in RUN/trials/study_run_id)."""
+    saved, shown = attrs.get("sweep"), shown or plan.storage_shown
+    if saved is not None and saved != {"spec": plan.spec, "metric": plan.metric}:
+        raise SettingsError(f"Study '{name}' in {shown} belongs to another sweep (spec {saved['spec']}, metric "
+                            f"{saved['metric']}): give another --study-name.")
+    run_id, id_file = attrs.get("run_id"), run_dir / TRIALS_DIR / "study_run_id"
+    if run_id is not None and (not id_file.is_file() or id_file.read_text() != run_id):
+        raise SettingsError(f"Study '{name}' keeps its trials in another run directory: every worker of a study is "
+                            "given the same --output-dir, on a filesystem all of them mount.")
 
 
 def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
@@ -136,13 +160,7 @@ class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
 
 def _scrubbed(text: str, url: str) -> str:
     """An error message about `url` with every form of its password hidden."""
-    parts = urllib.parse.urlsplit(url)
-    secrets = [parts.password or ""] + [value for key, value in urllib.parse.parse_qsl(parts.query)
-                                        if key.lower() in ("password", "passwd")]
-    text = text.replace(url, settings.without_password(url))
-    for secret in filter(None, secrets):
-        text = text.replace(secret, settings.HIDDEN).replace(urllib.parse.unquote(secret), settings.HIDDEN)
-    return re.sub(r"\s*\(Background on this error at: \S+\)", "", text)
+    return re.sub(r"\s*\(Background on this error at: \S+\)", "", secrets.scrubbed(text, url))
 
 
 def connect(url: str) -> optuna.storages.BaseStorage:
@@ -310,20 +328,13 @@ class SweepStudy:
 
     def _check(self) -> None:
         """The study must be this sweep's (its spec and metric), kept with this run directory (its run id)."""
-        identity, id_file = {"spec": self.plan.spec, "metric": self.plan.metric}, self.folder / "study_run_id"
-        saved = self.optuna.user_attrs.get("sweep")
-        if saved is not None and saved != identity:
-            raise SettingsError(f"Study '{self.name}' in {self.storage_shown} belongs to another sweep (spec "
-                                f"{saved['spec']}, metric {saved['metric']}): give another --study-name.")
-        run_id = self.optuna.user_attrs.get("run_id")
-        if run_id is None:
+        check_study_fits(self.optuna.user_attrs, self.plan, self.run_dir, self.name, self.storage_shown)
+        if self.optuna.user_attrs.get("run_id") is None:
+            id_file = self.folder / "study_run_id"
             run_id = id_file.read_text() if id_file.is_file() else uuid.uuid4().hex
             utils.write_text(id_file, run_id)
-            self.optuna.set_user_attr("sweep", identity)
+            self.optuna.set_user_attr("sweep", {"spec": self.plan.spec, "metric": self.plan.metric})
             self.optuna.set_user_attr("run_id", run_id)
-        elif not id_file.is_file() or id_file.read_text() != run_id:
-            raise SettingsError(f"Study '{self.name}' keeps its trials in another run directory: every worker of "
-                                "a study is given the same --output-dir, on a filesystem all of them mount.")
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         """TPE, drawing jointly (temperature and alpha interact), its first third of the trials (3 to 10) at random.

@@ -424,7 +424,7 @@ BAD_DESCRIPTIONS = {
     "a std of zero": ({"std": [0.0, 0.25, 0.25]}, "its 'std' must be a list of 3 finite positive numbers"),
     "an infinite mean": ({"mean": [float("inf"), 0.5, 0.5]}, "its 'mean' must be a list of 3 finite numbers"),
     "class names that are not text": ({"class_names": [1, 2, 3]}, "its 'class_names' must be a non-empty list of "
-                                                                  "class names, not [1, 2, 3]"),
+                                                                  "distinct, non-empty class names"),
 }
 
 

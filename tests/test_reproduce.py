@@ -24,7 +24,8 @@ import model_builder
 import utils
 from config import command_line, settings
 from core import records, schedules
-from core.errors import SettingsError
+from core.errors import DataError, SettingsError
+from data import cifar_files
 from training import checkpoints, model_run
 
 SMALL = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--batch-size", "8", "--image-size", "32",
@@ -141,10 +142,15 @@ def test_bad_cifar_files_are_one_sentence_and_leave_no_run_directory(tmp_path, c
     assert not (tmp_path / "data" / "marker").exists(), "the crafted pickle ran nothing"
 
 
-def test_the_crafted_pickle_does_run_code_when_loaded_plainly(tmp_path):
-    """What the refusal above protects from: the same bytes, loaded by an ordinary unpickler, run the command."""
-    pickle.loads(crafted_pickle(tmp_path / "marker"))
-    assert (tmp_path / "marker").exists()
+def test_the_crafted_pickle_does_run_code_when_loaded_plainly(tmp_path, monkeypatch):
+    """What the refusal above protects from: the same folder, read by our reader with `os.system` on its list of
+    admitted callables, runs the command; so the list, and nothing else, is what refuses it."""
+    write_cifar(tmp_path / "data" / "cifar-10-batches-py", 10, ["a", "b", "c"], 4, 3)
+    damage(tmp_path / "data", "crafted")
+    monkeypatch.setattr(cifar_files, "ADMITTED", {*cifar_files.ADMITTED, (os.system.__module__, "system")})
+    with pytest.raises(DataError):  # the command's exit status is no CIFAR data
+        cifar_files.read(cifar_files.CIFAR10, tmp_path / "data" / "cifar-10-batches-py")
+    assert (tmp_path / "data" / "marker").exists()
 
 
 # ---------------------------------------------------------------- schedules

@@ -20,7 +20,7 @@ import utils
 from config import command_line, settings
 from core.errors import SettingsError
 from sweep import search, search_space
-from training import checkpoints
+from training import checkpoints, model_run
 
 SWEEP_FLAGS = [
     "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1", "--student-epochs", "1",
@@ -219,8 +219,15 @@ def password_sweep(tiny_data, tmp_path_factory):
         finally:
             SplitGuard.trials_running = False
 
+    trained_with, train_model = [], model_run.train_model
+
+    def spied_training(context, name, *args, **kwargs):
+        trained_with.append((name, sorted(context.eval_loaders)))  # the splits each model's training could read
+        return train_model(context, name, *args, **kwargs)
+
     patch.setattr(experiment, "make_context", guarded_context)
     patch.setattr(search.Worker, "run_trials", guarded_trials)
+    patch.setattr(model_run, "train_model", spied_training)
     capture = root / "console.txt"
     with open(capture, "w") as out, pytest.MonkeyPatch.context() as streams:
         streams.setattr(sys, "stdout", out)
@@ -229,7 +236,8 @@ def password_sweep(tiny_data, tmp_path_factory):
                                 "--trials", "2", "--study-storage", url, "--study-name", "swept"])
     patch.undo()
     assert code == 0, capture.read_text()
-    return {"root": root, "run_dir": run_dir, "journal": journal, "guards": guards, "console": capture.read_text()}
+    return {"root": root, "run_dir": run_dir, "journal": journal, "guards": guards, "console": capture.read_text(),
+            "trained_with": trained_with}
 
 
 def test_sweep_finishes_and_its_study_holds_the_trials(password_sweep):
@@ -256,6 +264,8 @@ def test_sweep_finishes_and_its_study_holds_the_trials(password_sweep):
 def test_the_objective_never_reads_the_test_split(password_sweep):
     guard, = password_sweep["guards"]
     assert guard.reads_after_trials >= 1  # the final test of the best student, after the trials
+    trials = [splits for name, splits in password_sweep["trained_with"] if name.startswith("trial")]
+    assert trials == [["train", "val"]] * 2, password_sweep["trained_with"]
 
 
 def test_the_report_has_a_sweep_section_rebuilt_from_the_summary(password_sweep):
@@ -306,7 +316,7 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tiny_data, tmp_path
 
 SAVE_HOOK = """
 import os, signal
-from training import checkpoints
+from training import checkpoints, model_run
 save = checkpoints.BackgroundSaver.save
 def hooked(self, files):
     save(self, files)

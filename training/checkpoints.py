@@ -25,7 +25,7 @@ import engine
 import model_builder
 import utils
 from core import compute, errors, host_weights, records
-from data import decoding
+from data import decoding, folders
 
 TRAIN_STATE = "train_state.pth"  # per model: everything needed to continue after its last finished epoch
 BEST_MODEL = "best_model.pth"  # per model: the weights of its best epoch, with their description
@@ -103,19 +103,19 @@ def _is_history(value: Any) -> bool:
 
 
 SMALLEST_IMAGE, LARGEST_IMAGE = decoding.IMAGE_SIZES
+SMALLEST_STD = 1e-3  # of pixels scaled to [0, 1]: below it normalization sends every logit past float range
 # Every field a model file's description may hold: (whether a value is usable, what it must be).
 DESCRIPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "arch": (lambda value: isinstance(value, str) and value != "", "a model name"),
-    "class_names": (lambda value: isinstance(value, list) and len(value) > 0
-                    and all(isinstance(name, str) for name in value), "a non-empty list of class names"),
+    "class_names": (folders.are_class_names, folders.CLASS_NAMES_RULE),
     "num_classes": (_is_integer, "an integer"),
     "image_size": (lambda value: _is_integer(value) and SMALLEST_IMAGE <= value <= LARGEST_IMAGE,
                    f"an integer from {SMALLEST_IMAGE} to {LARGEST_IMAGE} (pixels)"),
     "resize": (lambda value: isinstance(value, str) and value in decoding.RESIZE_MODES,
                f"one of {', '.join(decoding.RESIZE_MODES)}"),
     "mean": (lambda value: _are_numbers(value, 3), "a list of 3 finite numbers, one per colour channel"),
-    "std": (lambda value: _are_numbers(value, 3) and min(value) > 0,
-            "a list of 3 finite positive numbers, one per colour channel"),
+    "std": (lambda value: _are_numbers(value, 3) and min(value) >= SMALLEST_STD,
+            f"a list of 3 finite positive numbers (at least {SMALLEST_STD:g}), one per colour channel"),
     "head": (lambda value: isinstance(value, str) and value in model_builder.HEADS,
              f"one of {', '.join(model_builder.HEADS)}"),
     "epoch": (lambda value: _is_integer(value) and value >= 0, "a whole number of epochs"),
