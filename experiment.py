@@ -252,6 +252,11 @@ def announce(context: model_run.Context, dataset: records.DatasetRecord, world: 
         return
     config, data, run_dir = context.config, context.data, context.run_dir
     precision = compute.precision_name(context.amp_dtype)
+    orphans = utils.remove_orphans(run_dir) if resume else []
+    if orphans:
+        print(f"Removed {len(orphans)} unfinished temporary file{'s' if len(orphans) > 1 else ''} that the "
+              f"interruption left ({', '.join(str(path.relative_to(run_dir)) for path in orphans[:3])}"
+              f"{', ...' if len(orphans) > 3 else ''}).")
     if not resume:
         resolved = {"device": str(context.device), "precision": precision, "processes": world,
                     **settings.method_weights(config)}

@@ -117,6 +117,24 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def holds_json(path: str | Path) -> bool:
+    """Whether a file exists and is whole JSON (a crash while it was written can leave it cut)."""
+    try:
+        read_json(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Remove the temporary files `atomic_path` left below `folder` when a process was killed mid-write (the
+    file each was for is untouched: it is replaced only by the final rename); returns them."""
+    orphans = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    for path in orphans:
+        path.unlink()
+    return orphans
+
+
 # ---------------------------------------------------------------- metrics
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+import utils
 from config.settings import FIELDS, GROUPS, Config, nullable, value_type
 from core import errors
 from core.errors import SettingsError
@@ -255,13 +256,11 @@ def resumed_config(run_dir: str, args: dict[str, Any], parser: argparse.Argument
     path = Path(run_dir)
     if not (path / "config.json").is_file():
         raise SettingsError(f"--resume '{run_dir}' is not a run directory (it has no config.json).")
-    if (path / "summary.json").is_file():
-        try:
-            json.loads((path / "summary.json").read_text(encoding="utf-8"))
-            print(f"Run '{run_dir}' has already finished: nothing to resume.")
-            return None
-        except ValueError:  # cut short by a crash while it was written: the resumed run writes it again
-            print(f"Run '{run_dir}' has a damaged summary.json: resuming writes it again.")
+    if utils.holds_json(path / "summary.json"):
+        print(f"Run '{run_dir}' has already finished: nothing to resume.")
+        return None
+    if (path / "summary.json").is_file():  # cut short by a crash while it was written: the resumed run writes it again
+        print(f"Run '{run_dir}' has a damaged summary.json: resuming writes it again.")
     saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
     settings = check_settings({key: saved[key] for key in FIELDS if key in saved}, source=str(path / "config.json"))
     return Config(**{**{key: settings.get(key, parser.get_default(key)) for key in FIELDS}, "output_dir": str(path)})

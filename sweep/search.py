@@ -484,7 +484,7 @@ class Outcome:
 
     def reported(self) -> bool:
         """Whether another worker has written the sweep's report already (then said so)."""
-        if not (self.context.run_dir / "summary.json").is_file():
+        if not utils.holds_json(self.context.run_dir / "summary.json"):  # a torn one is written again
             return False
         print(f"The sweep is finished: another worker wrote its report, {self.context.run_dir / 'report.html'}")
         return True

@@ -281,6 +281,8 @@ def _restored(
     """An interrupted model's progress and best weights so far, put back in place from `state_path`
     (None when there is no such file: training starts afresh)."""
     if not state_path.is_file():
+        if state_path.parent.is_dir() and compute.is_main_process():  # it started before, and saved no epoch
+            print(f"[{role}] no epoch of it was saved before the interruption: training it from epoch 1")
         return None
     resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler, trainable,
                                           generator)
