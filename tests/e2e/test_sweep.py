@@ -1,5 +1,5 @@
-"""Hyper-parameter sweeps (--sweep): the spec, a whole sweep, workers sharing a study, killed and stopped
-workers, bad input, and a storage password kept out of everything written."""
+"""Sweeps through whole runs: the study's trials, shared studies and workers, retried trials, and passwords that
+reach no written file."""
 
 from __future__ import annotations
 
@@ -7,169 +7,71 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
-from conftest import ROOT
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from conftest import PASSWORD, ROOT, SECRET, SPEC, SWEEP_FLAGS, assert_one_sentence_exit_2, journal_study
 
 import experiment
 import utils
-from config import command_line, settings
-from core.errors import SettingsError
-from sweep import search, search_space
+from core import secrets
+from sweep import search
 from training import checkpoints, model_run
 
-SWEEP_FLAGS = [
-    "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1", "--student-epochs", "1",
-    "--batch-size", "16", "--image-size", "16", "--precision", "fp32", "--val-fraction", "0.25", "--device", "cpu",
-    "--seed", "0", "--sweep", "temperature=1:10:log,alpha=0.1:0.9",
-]
-PASSWORD = "hunter2-sweep"
+pytestmark = pytest.mark.e2e
 
 
-def journal_study(path: Path, name: str) -> optuna.Study:
-    """A study kept in a journal file, opened as a reader would."""
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    return optuna.load_study(study_name=name, storage=storage)
+def shared_study(journal: Path, name: str, **attrs: Any) -> None:
+    """A study named `name` in the journal file, with these user attributes (what a worker records)."""
+    storage = search.HeartbeatJournalStorage(str(journal), search.retry_callback())
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
 
 
-# ---------------------------------------------------------------- the spec
+def sweep_main(tiny_data: Path, run_dir: Path, journal: Path, name: str) -> int:
+    return experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), *SWEEP_FLAGS, "--trials", "1",
+                            "--study-storage", str(journal), "--study-name", name])
 
 
-def test_spec_grammar_gives_typed_distributions():
-    space = search_space.parse_spec("temperature=1:10:log, alpha=0.1:0.9,batch-size=16:64,student_epochs=1|2,"
-                                   "method=kd|dkd")
-    assert space["temperature"] == FloatDistribution(1.0, 10.0, log=True)
-    assert space["alpha"] == FloatDistribution(0.1, 0.9)
-    assert space["batch_size"] == IntDistribution(16, 64)
-    assert space["student_epochs"] == CategoricalDistribution((1, 2))
-    assert all(type(choice) is int for choice in space["student_epochs"].choices)
-    assert space["method"] == CategoricalDistribution(("kd", "dkd"))
-    config = search_space.trial_config(experiment.default_config(), {"alpha": 0.3, "method": "dkd", "batch_size": 20})
-    assert (config.alpha, config.kd_methods, config.batch_size) == (0.3, "dkd", 20)
-
-
-def test_a_settings_file_can_hold_the_sweep(tmp_path):
-    path = tmp_path / "sweep.yaml"
-    path.write_text("sweep: temperature=1:10:log,alpha=0.1:0.9\ntrials: 12\nstudy_name: kd-sweep\n")
-    _, args, given = command_line.parse_command_line(["--config", str(path)], experiment.default_config())
-    assert (args["sweep"], args["trials"], args["study_name"]) == ("temperature=1:10:log,alpha=0.1:0.9", 12, "kd-sweep")
-    assert {"sweep", "trials", "study_name"} <= given
-
-
-def test_searchable_settings_come_from_the_config_types(monkeypatch):
-    names = search_space.searchable_settings()
-    for name in ("temperature", "alpha", "beta", "dkd_alpha", "dkd_beta", "student_lr", "weight_decay",
-                 "label_smoothing", "dkd_warmup_epochs"):
-        assert name in names
-    for name in ("teacher_lr", "teacher_epochs", "seed", "image_size", "val_fraction", "workers", "kd_methods"):
-        assert name not in names
-    # A setting a new method adds is searchable without touching the sweep.
-    monkeypatch.setitem(settings.FIELDS, "new_method_weight", settings.Flag("distillation methods", "a new weight"))
-    monkeypatch.setitem(settings.TYPES, "new_method_weight", float)
-    assert "new_method_weight" in search_space.searchable_settings()
-    assert search_space.parse_spec("new_method_weight=1:2")["new_method_weight"] == FloatDistribution(1.0, 2.0)
-
-
-@pytest.mark.parametrize(("url", "shown"), [
-    (f"postgresql://kd:{PASSWORD}@db.example:5432/kd", "postgresql://kd:***@db.example:5432/kd"),
-    (f"mysql+pymysql://kd:{PASSWORD}@db/kd?charset=utf8&password={PASSWORD}",
-     "mysql+pymysql://kd:***@db/kd?charset=utf8&password=***"),
-    ("postgresql://kd@db/kd", "postgresql://kd@db/kd"),
-    ("sqlite:////abs/sweep.db", "sqlite:////abs/sweep.db"),
-    ("/shared/sweeps/kd.journal", "/shared/sweeps/kd.journal"),
+@pytest.mark.parametrize("attrs, expected", [
+    ({"sweep": {"spec": "alpha=0.1:0.9", "metric": "top1"}}, "belongs to another sweep (spec alpha=0.1:0.9"),
+    ({"sweep": {"spec": SPEC, "metric": "top1"}, "run_id": "elsewhere"},
+     "keeps its trials in another run directory"),
 ])
-def test_a_storage_password_is_hidden(url, shown):
-    assert settings.without_password(url) == shown
+def test_a_refused_study_leaves_no_run_directory(tiny_data, tmp_path, capsys, attrs, expected):
+    journal = tmp_path / "study.journal"
+    shared_study(journal, "taken", **attrs)
+    code = sweep_main(tiny_data, tmp_path / "run", journal, "taken")
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "Study 'taken'", expected)
+    assert not (tmp_path / "run").exists(), "a retry with another --study-name starts clean"
 
 
-def sweep_record(trials: list[tuple[dict, float]], spec: str = "temperature=1:10:log,alpha=0.1:0.9"):
-    """A summary.json sweep record of complete trials ((params, value) each), the first best."""
-    import json
-
-    from optuna.distributions import distribution_to_json
-
-    from core import records
-
-    space = {name: json.loads(distribution_to_json(dist)) for name, dist in search_space.parse_spec(spec).items()}
-    done = [records.SweepTrial(number=n, state="complete", params=params, epochs=1, value=value, curve=[value])
-            for n, (params, value) in enumerate(trials)]
-    best = max(done, key=lambda trial: trial.value)
-    return records.SweepRecord(spec=spec, metric="top1", direction="maximize", storage="s", study_name="s",
-                               trials_requested=len(done), distributions=space,
-                               best_trial=best.number, best_params=best.params, best_value=best.value, trials=done)
-
-
-def test_sweep_warnings_name_flat_validation_and_a_best_value_at_the_edge():
-    from sweep import findings
-
-    flat = sweep_record([({"temperature": 4.0, "alpha": 0.5}, 0.9), ({"temperature": 2.0, "alpha": 0.3}, 0.9)])
-    warnings = findings.sanity_warnings(flat)
-    assert len(warnings) == 1 and "Every finished trial of the sweep scored the same validation top1" in warnings[0]
-    edge = sweep_record([({"temperature": 9.9, "alpha": 0.5}, 0.95), ({"temperature": 2.0, "alpha": 0.3}, 0.9)])
-    warnings = findings.sanity_warnings(edge)
-    assert len(warnings) == 1 and "temperature (9.9) lies at the high end of its range (1 to 10)" in warnings[0]
-
-
-BAD_INPUTS = [
-    (["--sweep", "temperature=1:10:cubic"], "is not a range"),
-    (["--sweep", "temperature"], "is not name=range"),
-    (["--sweep", "temperature=1:10,temperature=2:3"], "names temperature twice"),
-    (["--sweep", "temprature=1:10"], "the closest searchable one is 'temperature'"),
-    (["--sweep", "optimizer=adamw|sgd"], "optimizer is not a numeric setting"),
-    (["--sweep", "teacher_lr=0.01:0.1"], "the teacher is trained once"),
-    (["--sweep", "seed=0:5"], "draws the data splits"),
-    (["--sweep", "alpha=0.9:0.1"], "the range is empty"),
-    (["--sweep", "batch_size=8.5:16"], "is not an integer"),
-    (["--sweep", "temperature=0:10:log"], "a log range must start above 0"),
-    (["--sweep", "alpha=0.5:2"], "--alpha must be between 0 and 1 (got 2.0)"),
-    (["--sweep", "method=kd|nope"], "'nope' is not a method"),
-    (["--sweep", "alpha=0.1:0.9", "--kd-methods", "kd,dkd"], "give one method in --kd-methods"),
-    (["--sweep", "alpha=0.1:0.9", "--trials", "0"], "--trials must be at least 1"),
-    (["--study-storage", "x.journal", "--study-name", "s"], "give --sweep too"),
-    (["--sweep", "alpha=0.1:0.9", "--study-storage", "x.journal"], "--study-storage needs --study-name"),
-    (["--sweep", "alpha=0.1:0.9", "--study-storage", "sqlite:////no/such/folder/s.db", "--study-name", "s"],
-     "Cannot open the study storage sqlite:////no/such/folder/s.db"),
-    (["--sweep", "alpha=0.1:0.9", "--study-storage", "/no/such/folder/s.journal", "--study-name", "s"],
-     "Cannot open the study storage /no/such/folder/s.journal"),
-    (["--sweep", "alpha=0.1:0.9", "--study-storage", f"postgresql://kd:{PASSWORD}@127.0.0.1:1/kd",
-      "--study-name", "s"], "Cannot open the study storage postgresql://kd:***@127.0.0.1:1/kd"),
-]
-
-
-@pytest.mark.parametrize(("flags", "message"), BAD_INPUTS)
-def test_bad_input_is_one_sentence_exit_2_and_no_run_directory(flags, message, capsys, tmp_path, tiny_data):
+def test_a_shared_run_directory_with_other_settings_is_refused(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--device", "cpu", *flags])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err, err
-    assert err.count("\n") == 1 and "Traceback" not in err and PASSWORD not in err
-    assert not run_dir.exists()
+    run_dir.mkdir()
+    utils.write_json(run_dir / "config.json", {"teacher_lr": 123.0, "seed": 0})
+    code = sweep_main(tiny_data, run_dir, tmp_path / "study.journal", "shared")
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, "holds a run with other settings (teacher_lr)")
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for a trial outside optimize
-def test_a_silent_journal_trial_is_failed_and_queued_again(tmp_path, monkeypatch):
-    storage = search.HeartbeatJournalStorage(str(tmp_path / "study.journal"), search.retry_callback())
-    study = optuna.create_study(storage=storage, study_name="beats")
-    trial = study.ask({"alpha": FloatDistribution(0.1, 0.9)})
-    trial.report(0.5, 1)
-    study_id = storage.get_study_id_from_name("beats")
-    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
-    with search_space.quiet_optuna():
-        optuna.storages.fail_stale_trials(study)
-        assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # heard from within the grace period
-        later = time.time() + search.GRACE_SECONDS + 1
-        monkeypatch.setattr(time, "time", lambda: later)
-        optuna.storages.fail_stale_trials(study)
-    failed, queued = journal_study(tmp_path / "study.journal", "beats").trials
-    assert failed.state == optuna.trial.TrialState.FAIL
-    assert queued.state == optuna.trial.TrialState.WAITING
-    assert queued.system_attrs["failed_trial"] == 0 and queued.params == failed.params
-    assert queued.intermediate_values == {1: 0.5}
+def test_a_percent_encoded_password_key_reaches_no_written_file(tiny_data, tmp_path, capsys):
+    """A real sweep on an SQLite storage (which ignores the query items): the secret is in no file and not on the
+    console."""
+    url = f"sqlite:///{tmp_path / 'study.db'}?pass%77ord={SECRET}&SSLPassword={SECRET}2"
+    run_dir = tmp_path / "runs" / "secret"
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), *SWEEP_FLAGS,
+                            "--trials", "1", "--study-storage", url, "--study-name", "secret"])
+    console = capsys.readouterr()
+    assert code == 0, console.err
+    assert SECRET not in console.out + console.err
+    written = [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "study.db"]
+    assert len(written) > 10 and (run_dir / "student_kd" / "best_model.pth") in written
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert secrets.masked_url(url) in (run_dir / "config.json").read_text()
 
 
 # ---------------------------------------------------------------- a whole sweep
@@ -359,14 +261,3 @@ def test_killed_and_stopped_trials_are_retried_and_the_study_finishes(tiny_data,
         ("complete", None), ("fail", None), ("fail", 1), ("complete", 1)]
     assert trials[3]["params"] == trials[1]["params"] and trials[3]["epochs"] == 2
     assert not (run_dir / "trials" / "1" / "train_state.pth").exists()
-
-
-def test_a_resume_needs_a_hidden_password_again():
-    saved = settings.Config(**{**vars(experiment.default_config()), "sweep": "alpha=0.1:0.9", "output_dir": "run",
-                               "study_storage": "postgresql://kd:***@db/kd", "study_name": "s"})
-    with pytest.raises(SettingsError, match="had a password"):
-        search.resumed_storage(saved, None)
-    given = search.resumed_storage(saved, f"postgresql://kd:{PASSWORD}@db/kd")
-    assert given.study_storage == f"postgresql://kd:{PASSWORD}@db/kd"
-    with pytest.raises(SettingsError, match="only to give its sweep's storage again"):
-        search.resumed_storage(saved, "postgresql://other:x@db/kd")

@@ -1,18 +1,22 @@
-"""Export to ONNX with its parity check, prediction through the ONNX file, and torchrun."""
+"""Deployment through whole runs: ONNX exports of a finished run, torchrun against one process, and what a CPU
+run imports."""
 
-import json
+from __future__ import annotations
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, collapsed_run, make_image_folder
 
 import model_builder
-import prediction_for_one
 import utils
-from results import deploy
+from results import deploy, significance
+from training import checkpoints
+
+pytestmark = pytest.mark.e2e
 
 
 def test_onnx_export_parity_on_a_tiny_model(tmp_path):
@@ -35,18 +39,6 @@ def test_run_exports_every_model_and_records_the_check(tiny_run):
         assert (tiny_run / export["onnx"]).is_file() and export["onnx"] == f"{role}/model.onnx"
         assert export["passed"] and export["max_abs_diff"] <= export["tolerance"] == 1e-4
         assert export["checked_images"] > 0
-
-
-def test_prediction_through_onnx_matches_the_checkpoint(tiny_run, tiny_data, capsys):
-    images = [str(p) for p in sorted((tiny_data / "test").rglob("*.png"))[::4]]
-    outputs = []
-    for model in ("best_model.pth", "model.onnx"):
-        assert prediction_for_one.main(["--model", str(tiny_run / "student_kd" / model), "--json", *images]) == 0
-        outputs.append(json.loads(capsys.readouterr().out))
-    for from_checkpoint, from_onnx in zip(*outputs, strict=True):
-        assert [e["class"] for e in from_checkpoint["top"]] == [e["class"] for e in from_onnx["top"]]
-        for a, b in zip(from_checkpoint["top"], from_onnx["top"], strict=True):
-            assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
 
 
 def _run(args, env_extra=None):
@@ -85,3 +77,41 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         print(role, ddp_summary[role]["test"]["top1"], single_summary[role]["test"]["top1"])
         assert abs(ddp_summary[role]["test"]["top1"] - single_summary[role]["test"]["top1"]) <= 3 / 30 + 1e-6, role
         assert ddp_summary[role]["test"]["top1"] >= 0.6, role
+
+
+def test_a_zoo_checkpoint_is_rebuilt_by_its_arch_and_exports_to_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = model_builder.build_model("shufflenetv2", 3, 32).eval()
+    checkpoint = {"arch": "shufflenetv2", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32,
+                  "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1, "state_dict": model.state_dict()}
+    checkpoints.save_checkpoint(tmp_path / "best_model.pth", checkpoint)
+    rebuilt = checkpoints.load_model(checkpoints.load_checkpoint(tmp_path / "best_model.pth"))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
+    deploy.export_onnx(model, tmp_path / "model.onnx", 32, {"class_names": ["a", "b", "c"]})
+    assert deploy.onnx_parity(model, tmp_path / "model.onnx", images) <= 1e-4
+
+
+def test_a_student_costlier_than_torchvisions_model_of_its_size_is_named():
+    peer = deploy.peer_flops("resnet8x4", 2, 128)
+    assert peer["peer"] == "shufflenet_v2_x1_0"
+    assert peer["flops_per_image"] > 5e9 > 1e8 > peer["peer_flops_per_image"]
+    assert deploy.peer_flops("resnet8x4", 2, 64) is None, "up to 64 px the literature's networks are the fair choice"
+    assert deploy.peer_flops("mobilenet_v3_small", 2, 128) is None
+    summary, histories = collapsed_run(share=0.6, top1=0.8)
+    summary.models["student_baseline"].flops_peer = peer
+    warning = significance.sanity_warnings(summary, histories)[0]
+    assert warning.startswith("At 128 px the student resnet8x4 needs 5.67 GFLOPs an image, more than torchvision's "
+                              "shufflenet_v2_x1_0 of about its size")
+
+
+# ---------------------------------------------------------------- 23.9: small things
+
+
+def test_a_cpu_run_does_not_import_what_warns_of_a_missing_cuda_runtime():
+    code = ("import sys, torch; from results import deploy; from torch import nn; "
+            "deploy.measure_speeds({'m': nn.Conv2d(3, 2, 3)}, 8, torch.device('cpu'), None, batch=2, rounds=1, "
+            "min_run_time=0.001); print('torch.utils.cpp_extension' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr

@@ -1,4 +1,7 @@
-"""prediction_for_one.py on a checkpoint produced by the tiny end-to-end run, on files and folders."""
+"""prediction_for_one on the models of a finished run: text, JSON and CSV output, bad images, missing or foreign
+model files, and ONNX exports."""
+
+from __future__ import annotations
 
 import csv
 import json
@@ -7,15 +10,43 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_sentence_exit_2
-from PIL import Image
+from conftest import ROOT, _bad_images, assert_one_sentence_exit_2
 
 import prediction_for_one
 from data import decoding
 from training import checkpoints
+
+pytestmark = pytest.mark.e2e
+
+
+def test_prediction_through_onnx_matches_the_checkpoint(tiny_run, tiny_data, capsys):
+    images = [str(p) for p in sorted((tiny_data / "test").rglob("*.png"))[::4]]
+    outputs = []
+    for model in ("best_model.pth", "model.onnx"):
+        assert prediction_for_one.main(["--model", str(tiny_run / "student_kd" / model), "--json", *images]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    for from_checkpoint, from_onnx in zip(*outputs, strict=True):
+        assert [e["class"] for e in from_checkpoint["top"]] == [e["class"] for e in from_onnx["top"]]
+        for a, b in zip(from_checkpoint["top"], from_onnx["top"], strict=True):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+def test_mixed_batch_predicts_the_good_images_and_reports_the_bad(checkpoint, good_images, tmp_path):
+    bad = _bad_images(tmp_path / "bad ø")
+    images = [good_images[0], *bad, good_images[1]]
+    result = subprocess.run([sys.executable, str(ROOT / "prediction_for_one.py"), "--model", str(checkpoint),
+                             "--json", *images], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    predictions = json.loads(result.stdout)
+    assert [p["image"] for p in predictions] == images
+    assert "top" in predictions[0] and "top" in predictions[-1]
+    for prediction in predictions[1:-1]:
+        assert bad[prediction["image"]] in prediction["error"]
+    for image in bad:
+        assert image in result.stderr
+    assert f"{len(bad)} of {len(images)} images could not be read" in result.stderr
 
 
 def _images(tiny_data: Path, count: int = 3) -> list[str]:
@@ -116,17 +147,3 @@ def test_folder_without_images_is_one_sentence(tiny_run, tmp_path, capsys):
     assert code == 1 and captured.out == ""
     assert captured.err.count("\n") == 1
     assert captured.err.startswith(f"error: folder '{tmp_path / 'empty'}' holds no image files (searched recursively")
-
-
-def test_prediction_fits_images_to_the_square_as_the_checkpoint_says(tmp_path):
-    """A wide image, red | green | blue: center-crop sees only its green middle, squash all three."""
-    pixels = np.zeros((20, 40, 3), np.uint8)
-    pixels[:, :10, 0] = pixels[:, 10:30, 1] = pixels[:, 30:, 2] = 255
-    Image.fromarray(pixels).save(tmp_path / "wide.png")
-    description = {"class_names": ["red", "green", "blue"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
-    mean_colour = lambda images: 10 * images.mean(dim=(2, 3))  # noqa: E731  (logits: each channel's mean)
-    cropped, = prediction_for_one.predict_images(mean_colour, {**description, "resize": "center-crop"},
-                                                 [str(tmp_path / "wide.png")], 3)
-    squashed, = prediction_for_one.predict_images(mean_colour, description, [str(tmp_path / "wide.png")], 3)
-    assert cropped["top"][0] == {"class": "green", "probability": pytest.approx(1, abs=1e-3)}
-    assert squashed["top"][0]["class"] == "green" and squashed["top"][0]["probability"] < 0.9
