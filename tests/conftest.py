@@ -1,20 +1,35 @@
 """Shared fixtures and helpers: a private dataset cache, tiny image folders, one finished tiny run, the check
-of a user error's one sentence, and hand-computed distillation terms."""
+of a user error's one sentence, and hand-computed distillation terms; and the helpers that tests in more than
+one file use (the hostile folder and small model files, pretrained-weights files offline, sweep flags and
+storage passwords, summaries of collapsed runs). hostile_images.py and cifar_batches.py make the image and
+CIFAR files."""
 
 from __future__ import annotations
 
+import ast
 import atexit
+import io
 import math
 import os
 import shutil
 import sys
 import tempfile
+import tokenize
+import urllib.error
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
+from hostile_images import BIG, CLASSES, _jpeg_bytes, _noise, _png_bytes, _write_good
 from PIL import Image
+from torchvision import models
+
+import experiment
+from config import command_line, settings
+from core import records
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -232,3 +247,250 @@ def real_models():
 
     torch.manual_seed(0)
     return model_builder.build_model("VGG16", 10, 32), model_builder.build_model("ResNet18", 10, 32)
+
+
+def _same(first, second) -> bool:
+    if isinstance(first, torch.Tensor):
+        return isinstance(second, torch.Tensor) and torch.equal(first, second)
+    if isinstance(first, dict):
+        return first.keys() == second.keys() and all(_same(first[k], second[k]) for k in first)
+    if isinstance(first, (list, tuple)):
+        return type(first) is type(second) and len(first) == len(second) and all(map(_same, first, second))
+    return first == second
+
+
+ONE_EPOCH = ["--teacher-epochs", "1", "--student-epochs", "1", "--batch-size", "8", "--seed", "0", "--device", "cpu",
+             "--val-fraction", "0.25"]
+
+
+def default_config(**changes) -> settings.Config:
+    """The settings of a plain `python experiment.py`, with `changes`."""
+    parser = command_line.build_parser(experiment.default_config())
+    return replace(settings.Config(**{name: parser.get_default(name) for name in settings.Config.__dataclass_fields__}),
+                   **changes)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A train/ and test/ tree with good images in every colour mode plus every kind of bad file.
+
+    Returns (root, {good path: (expected RGB, tolerance)}, {bad path: expected reason fragment}).
+    """
+    root = tmp_path_factory.mktemp("hostile ø")
+    good: dict[str, tuple] = {}
+    bad: dict[str, str] = {}
+    for label, name in enumerate(sorted(CLASSES)):
+        _write_good(root / "train" / name, label, 13, 0, good)  # every kind once
+        _write_good(root / "test" / name, label, 4, 5, good)
+    big = root / "train" / "plain" / "big 41 MP ü.jpg"
+    Image.new("RGB", BIG, (10, 200, 30)).save(big, "JPEG", quality=90)
+    good[str(big)] = ((10, 200, 30), 6)
+
+    def junk(relative: str, content: bytes, reason: str | None) -> None:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        if reason is not None:
+            bad[str(path)] = reason
+
+    noisy_jpeg, noisy_png = _jpeg_bytes(_noise()), _png_bytes(_noise(seed=1))
+    junk("train/red circle/corrupt.png", np.random.default_rng(3).bytes(300), "not a readable image")
+    junk("train/red circle/empty.jpg", b"", "empty file")
+    junk("train/blå/truncated.jpg", noisy_jpeg[: len(noisy_jpeg) // 2], "truncated")
+    junk("train/blå/truncated half.png", noisy_png[: len(noisy_png) // 2], "")
+    junk("train/plain/notes.jpg", b"shopping list: milk, eggs\n" * 20, "not a readable image")
+    junk("train/plain/README.txt", b"these are my photos\n", "not an image file")
+    junk("train/README.txt", b"dataset readme\n", "not inside a class folder")
+    junk("train/plain/.DS_Store", b"\0\0\0\1Bud1" * 10, None)  # hidden: ignored silently
+    junk("train/plain/._00 rgb.png", b"\0\5\26\7AppleDouble", None)
+    junk("train/.DS_Store", b"\0\0\0\1Bud1", None)
+    junk("train/.ipynb_checkpoints/00.png", _png_bytes(_noise((4, 4))), None)  # hidden folder: no class
+    junk("test/plain/bad.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "")
+    junk("test/notes.md", b"# notes\n", "not inside a class folder")
+    junk("test/.DS_Store", b"\0", None)
+    link = root / "test" / "blå" / "broken link.png"
+    link.symlink_to(root / "nowhere.png")
+    bad[str(link)] = "does not exist"
+    return root, good, bad
+
+
+# ---------------------------------------------------------------- prediction_for_one.py
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small untrained model in the self-describing checkpoint format (quicker than a training run)."""
+    import model_builder
+
+    classes = ["circle", "cross", "stripes"]
+    model = model_builder.build_model("mobilenet_v3_small", len(classes), 32)
+    path = tmp_path_factory.mktemp("model") / "best_model.pth"
+    torch.save({"arch": "mobilenet_v3_small", "num_classes": len(classes), "class_names": classes,
+                "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_images(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("good images")
+    paths = [folder / "one.png", folder / "two ø.jpg"]
+    _noise(seed=5).save(paths[0])
+    _noise(seed=6).save(paths[1])
+    return [str(path) for path in paths]
+
+
+def _bad_images(folder: Path) -> dict[str, str]:
+    """Bad image arguments and the reason each must be reported with."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "text.jpg").write_text("not a picture")
+    (folder / "empty.png").write_bytes(b"")
+    noisy = _jpeg_bytes(_noise())
+    (folder / "truncated.jpg").write_bytes(noisy[: len(noisy) // 2])
+    return {str(folder / "missing.png"): "does not exist",
+            str(folder / "text.jpg"): "not a readable image", str(folder / "empty.png"): "empty file",
+            str(folder / "truncated.jpg"): "truncated"}
+
+
+def log_entry(line: str) -> tuple[str, str]:
+    """A line of skipped_files.log read back: the file name (a Python string literal) and the reason after it."""
+    literal = next(tokenize.generate_tokens(io.StringIO(line).readline))
+    return ast.literal_eval(literal.string), line[literal.end[1]:].removeprefix(": ")
+
+
+# ---------------------------------------------------------------- a model file's description
+
+# A change to a usable description, and what the one sentence about it must say.
+BAD_DESCRIPTIONS = {
+    "fewer class names than outputs": ({"class_names": ["circle", "cross"]},
+                                       "its 'class_names' holds 2 names, but"),
+    "a mean of two values": ({"mean": [0.5, 0.5]},
+                             "its 'mean' must be a list of 3 finite numbers, one per colour channel, not [0.5, 0.5]"),
+    "the image size as text": ({"image_size": "8"}, "its 'image_size' must be an integer from 8 to 1024 (pixels), "
+                                                    "not '8'"),
+    "an image size beyond the range": ({"image_size": 4096}, "its 'image_size' must be an integer from 8 to 1024"),
+    "an unknown resize mode": ({"resize": "stretch"}, "its 'resize' must be one of squash, center-crop, not 'stretch'"),
+    "a std of zero": ({"std": [0.0, 0.25, 0.25]}, "its 'std' must be a list of 3 finite positive numbers"),
+    "an infinite mean": ({"mean": [float("inf"), 0.5, 0.5]}, "its 'mean' must be a list of 3 finite numbers"),
+    "class names that are not text": ({"class_names": [1, 2, 3]}, "its 'class_names' must be a non-empty list of "
+                                                                  "distinct, non-empty class names"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_model_files(tmp_path_factory) -> tuple[dict, torch.nn.Module, Path]:
+    """A usable description of a tiny 3-class classifier, the classifier, and a folder holding one image."""
+    import model_builder
+
+    torch.manual_seed(0)
+    model = model_builder.build_model("resnet8", 3, 32).eval()
+    description = {"arch": "resnet8", "num_classes": 3, "class_names": ["circle", "cross", "stripes"],
+                   "image_size": 32, "resize": "squash", "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1,
+                   "history": [], "state_dict": model.state_dict()}
+    folder = tmp_path_factory.mktemp("model files")
+    _noise(seed=7).save(folder / "image.png")
+    return description, model, folder
+
+
+def class_folders_only(root: Path, per_class: int, seed: int = 0) -> Path:
+    """root/<class>/<n>.png with no train/ or test/ folder (the split name "" puts classes at the root)."""
+    return make_image_folder(root, {"": per_class}, seed=seed)
+
+
+# ---------------------------------------------------------------- 23.1: models that answer one class
+
+
+def collapsed_run(share: float = 1.0, top1: float = 0.4575) -> tuple[records.RunSummary, dict]:
+    """Two classes ('ants' 70, 'bees' 83 test images); the distilled student answers 'ants' for `share` of them."""
+    models = {"teacher": model_row(0.85, test_top_class="bees", test_top_class_share=0.55),
+              "student_baseline": model_row(0.8, test_top_class="bees", test_top_class_share=0.5),
+              "student_kd": model_row(top1, test_top_class="ants", test_top_class_share=share, mcnemar_p=1.0,
+                                      gain_significant=False)}
+    summary = run_summary(models, sizes={"train": 220, "val": 60, "test": 153},
+                          images_per_class={"train": {"min": 100, "max": 120}, "val": {"min": 28, "max": 32},
+                                            "test": {"min": 70, "max": 83}})
+    summary.dataset.class_names = ["ants", "bees"]
+    summary.dataset.carving = {"class_counts": {"test": {"ants": 70, "bees": 83}}}
+    histories = {role: {"best_epoch": 2, "epochs": [{"val": {"top1": 0.5, "f1_macro": 0.4}},
+                                                     {"val": {"top1": 0.6, "f1_macro": 0.5}}]}
+                 for role in models}
+    return summary, histories
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> list[str]:
+    """An empty torch hub cache in `tmp_path`, and a network that refuses every download (the URLs tried are listed)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    tried = []
+
+    def refuse(url, *args, **kwargs):
+        tried.append(url)
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    return tried
+
+
+def hub_file(weights: models.WeightsEnum) -> Path:
+    """The path torch.hub uses for `weights`: $TORCH_HOME/hub/checkpoints/<the URL's file name>."""
+    return Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+def fabricate(path: Path, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, path)
+    return state_dict
+
+
+def imagenet_resnet18() -> dict[str, torch.Tensor]:
+    """A state dict shaped as torchvision's ImageNet ResNet18 weights (1000 classes, 7x7 stem), random values."""
+    torch.manual_seed(1)
+    return models.resnet18(num_classes=1000).state_dict()
+
+
+def optimizer(lr: float = 0.05) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+
+
+RESUME_FLAGS = [
+    "--val-fraction", "0.25", "--teacher-epochs", "2", "--student-epochs", "4", "--batch-size", "8",
+    "--image-size", "32", "--seed", "0", "--device", "cpu",
+]
+
+
+SECRET = "s3cret-Value"
+
+
+def settings_of(argv: list[str]) -> dict:
+    """The Config fields the command line would run with."""
+    _, args, _ = command_line.parse_command_line(argv, experiment.default_config())
+    return {key: args[key] for key in settings.Config.__dataclass_fields__}
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def speed_row(latency: float, iqr: list[float]) -> dict:
+    return {"latency_ms": latency, "latency_ms_iqr": iqr, "throughput_img_s": 1000 / latency,
+            "throughput_img_s_iqr": [1000 / iqr[1], 1000 / iqr[0]]}
+
+
+SWEEP_FLAGS = [
+    "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1", "--student-epochs", "1",
+    "--batch-size", "16", "--image-size", "16", "--precision", "fp32", "--val-fraction", "0.25", "--device", "cpu",
+    "--seed", "0", "--sweep", "temperature=1:10:log,alpha=0.1:0.9",
+]
+SPEC = SWEEP_FLAGS[SWEEP_FLAGS.index("--sweep") + 1]
+
+
+PASSWORD = "hunter2-sweep"
+
+
+def journal_study(path: Path, name: str) -> optuna.Study:
+    """A study kept in a journal file, opened as a reader would."""
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=name, storage=storage)

@@ -11,8 +11,7 @@ for, so flag names, choices, value types, ranges and combinations are still chec
 - a --config file: the repository's own (configs/...), a settings file the docs spell out in a block opening
   with `# NAME.yaml`, or else an empty one (a run's config.json that exists only after that run);
 - a sweep's --study-storage is not opened; --resume and --report-only RUN folders are not read;
-- data folders and weights files are not opened (no check before the run's data loading reads them).
-"""
+- data folders and weights files are not opened (no check before the run's data loading reads them)."""
 
 from __future__ import annotations
 
@@ -30,17 +29,44 @@ from config import command_line, settings
 from sweep import search
 from training import checkpoints
 
+
+def test_the_guide_speaks_of_data_a_user_has():
+    guide = "\n".join(page.read_text(encoding="utf-8") for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    assert "shared/datasets" not in guide and "/tmp/cifar150" not in guide
+    assert "CIFAR-10 as an ImageFolder tree" in guide and "torchvision.datasets import CIFAR10" in guide
+
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 SCRIPTS = ("experiment.py", "prediction_for_one.py")
+
+
 README_MAX_LINES = 250
+
+
 # Values for shell variables a block uses without defining them (loop variables, the shell's own).
 SHELL_VALUES = {"gpu": "0", "PWD": "/tmp", "class": "cat"}
+
+
 FENCE = re.compile(r"^\s*(```|~~~)")
+
+
 ASSIGNMENT = re.compile(r"^\s*([A-Za-z_]\w*)=(\"[^\"]*\"|'[^']*'|\S*)\s*$")
+
+
 VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
 PLACEHOLDER = re.compile(r"<([A-Za-z_][\w-]*)>")
+
+
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 

@@ -1,13 +1,115 @@
-"""The newer methods (dist, dkd_ls, reviewkd) through the whole pipeline on tiny data: they train at the weights
-config.json records (each epoch's loss is its parts so weighted), and their reported accuracy is their predictions'."""
+"""Every method through the whole pipeline on tiny data: a folder for each method and seed, the summary's mean
+and spread over seeds, the literature's networks, and the newer methods (dist, dkd_ls, reviewkd), which train at
+the weights config.json records (each epoch's loss is its parts so weighted) and report their predictions' top-1."""
+
+from __future__ import annotations
+
+import statistics
 
 import pytest
-from conftest import TINY_FLAGS
+from conftest import SMALL_MODELS, TINY_FLAGS
 
 import experiment
 import utils
+from results import significance
+from training import checkpoints
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def methods_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("methods") / "run"
+    flags = [*TINY_FLAGS, *SMALL_MODELS, "--teacher-epochs", "1", "--student-epochs", "1"]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *flags, "--kd-methods", "kd,at", "--seeds", "3,4"])
+    assert code == 0
+    return run_dir
+
+
+def test_every_method_and_seed_has_its_folder(methods_run):
+    assert not (methods_run / "teacher" / "seed_4").exists(), "the teacher is trained once"
+    for role in ("student_baseline", "student_kd", "student_at"):
+        for folder in (methods_run / role, methods_run / role / "seed_4"):
+            for name in ("best_model.pth", "results.json", "history.json", "confusion_matrix_test.png"):
+                assert (folder / name).is_file(), folder / name
+            assert checkpoints.load_checkpoint(folder / "best_model.pth")["config"]["kd_methods"] == "kd,at"
+    assert not list(methods_run.glob("student_fitnet*")) and not list(methods_run.glob("student_dkd*"))
+
+
+def test_summary_reports_mean_and_std_over_seeds(methods_run):
+    summary = utils.read_json(methods_run / "summary.json")
+    assert summary["seeds"] == [3, 4]
+    top1 = {role: [utils.read_json(folder / "results.json")["test"]["top1"]
+                   for folder in (methods_run / role, methods_run / role / "seed_4")]
+            for role in ("student_baseline", "student_kd", "student_at")}
+    for role, values in top1.items():
+        row = summary[role]
+        assert row["test"]["top1"] == values[0], "the per-model row is the first seed's"
+        assert row["test_top1_by_seed"] == {"3": values[0], "4": values[1]}
+        assert row["test_top1_mean"] == pytest.approx(statistics.mean(values))
+        assert row["test_top1_std"] == pytest.approx(statistics.stdev(values))
+        if role == "student_baseline":
+            assert "gain_top1_mean" not in row and "mcnemar_p" not in row
+            continue
+        gains = [value - base for value, base in zip(values, top1["student_baseline"], strict=True)]
+        assert row["gain_top1_mean"] == pytest.approx(statistics.mean(gains))
+        assert row["gain_top1_std"] == pytest.approx(statistics.stdev(gains))
+        if row["gain_top1_test"] == "mcnemar_every_seed":  # the same gain in both seeds: no spread, no interval
+            assert gains[0] == pytest.approx(gains[1]) and "gain_top1_ci95" not in row
+            assert row["gain_significant"] == (row["gain_top1_p"] < significance.SIGNIFICANCE_LEVEL)
+        else:
+            interval = significance.paired_gain_interval(gains)
+            assert (row["gain_top1_ci95"] == pytest.approx(interval["ci"])
+                    and row["gain_top1_p"] == pytest.approx(interval["p"]))
+            assert row["gain_significant"] == (interval["ci"][0] > 0 or interval["ci"][1] < 0)
+        # McNemar per seed, from the per-image correctness each model's results.json keeps
+        p_by_seed = {}
+        for seed, suffix in (("3", ()), ("4", ("seed_4",))):
+            correct = [significance.parse_correct_flags(
+                           utils.read_json(methods_run.joinpath(name, *suffix, "results.json"))["test_correct"])
+                       for name in ("student_baseline", role)]
+            assert len(correct[0]) == summary["dataset"]["sizes"]["test"]
+            p_by_seed[seed] = significance.mcnemar_exact(*correct)["p"]
+        assert row["mcnemar_p_by_seed"] == p_by_seed and row["mcnemar_p"] == p_by_seed["3"]
+    assert "test_top1_mean" not in summary["teacher"]
+    assert isinstance(summary["warnings"], list)
+    assert summary["kd_gain_top1"] == pytest.approx(top1["student_kd"][0] - top1["student_baseline"][0])
+    table = (methods_run / "comparison.txt").read_text()
+    assert ("top1 mean+-std" in table and "student_at" in table and "Distillation (at)" in table
+            and "gain 95% interval" in table)
+    assert "significant: the 95% Student-t interval of the per-seed paired gains excludes zero" in table
+    assert table.count("by the exact McNemar test on the paired test predictions; ") == 2
+    assert "Every seed (gain: over the baseline of the same seed" in table
+    report = (methods_run / "report.html").read_text()
+    assert "student_at" in report
+
+
+def test_feature_method_logs_its_feature_term(methods_run):
+    history = utils.read_json(methods_run / "student_at" / "history.json")["epochs"]
+    assert {"ce", "kd", "at"} <= history[0]["train"].keys()
+    config = utils.read_json(methods_run / "config.json")
+    assert config["beta"] is None and config["resolved"]["feature_weights"] == {"at": 500.0}
+
+
+def test_literature_networks_distill_end_to_end(tiny_data, tmp_path):
+    run_dir = tmp_path / "zoo"
+    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "2", "--teacher-model", "resnet20",
+             "--student-model", "resnet8", "--kd-methods", "fitnet,dkd", "--alpha", "1"]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *flags])
+    assert code == 0
+    summary = utils.read_json(run_dir / "summary.json")
+    assert summary["teacher"]["arch"] == "resnet20" and summary["student_fitnet"]["arch"] == "resnet8"
+    assert summary["student_fitnet"]["params"] < summary["teacher"]["params"]
+    assert summary["student_fitnet"]["flops_per_image"] < summary["teacher"]["flops_per_image"]
+    assert utils.read_json(run_dir / "config.json")["resolved"]["feature_weights"] == {"fitnet": 100.0}
+    fitnet = utils.read_json(run_dir / "student_fitnet" / "history.json")["epochs"]
+    assert all(e["train"]["loss"] == pytest.approx(e["train"]["ce"] + 100 * e["train"]["feature"], rel=1e-5)
+               for e in fitnet)
+    dkd = utils.read_json(run_dir / "student_dkd" / "history.json")["epochs"]
+    assert all(0 < e["train"]["warmup"] <= 1 for e in dkd)
+    assert "warmup=" in (run_dir / "student_dkd" / "training_metrics.txt").read_text()
 
 
 def test_new_methods_run_end_to_end(tiny_data, tmp_path):

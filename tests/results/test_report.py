@@ -1,0 +1,101 @@
+"""The comparison tables (results.report): column widths, verdicts, top-k and FLOPs ratios."""
+
+from __future__ import annotations
+
+from conftest import collapsed_run, model_row, run_summary, speed_row
+
+import utils
+from results import report
+
+
+def test_top_k_is_hidden_where_it_cannot_miss():
+    summary, _ = collapsed_run(share=0.6, top1=0.8)  # two classes: top-3 is 100% by definition
+    header = report.comparison_table(summary).splitlines()[0].split()
+    assert "top1" in header and "top3" not in header
+    assert "top-3 %" not in report._models_table(summary)[0]
+    record = {"epoch": 1, "lr": 0.1, "seconds": 1.0, "train": {"loss": 0.5, "top1": 0.5, "top3": 1.0, "f1_macro": 0.5},
+              "val": {"loss": 0.5, "top1": 0.5, "top3": 1.0, "f1_macro": 0.5, "auc_macro": 0.5}}
+    assert "top3" not in utils.history_table([record], 2) and "top3" in utils.history_table([record], 10)
+
+
+def test_flops_ratios_keep_their_significant_digits():
+    summary = run_summary({"teacher": model_row(0.9, flops_per_image=30_900_000_000),
+                           "student_baseline": model_row(0.8, flops_per_image=59_000_000)})
+    assert ("The student needs 0.00191x the teacher's FLOPs per image (0.059 vs 30.9 GFLOPs)."
+            in report.reading_of_result(summary))
+
+
+# ---------------------------------------------------------------- printed tables
+
+LONG_NAMES = {"teacher": "efficientnet_b0", "student_baseline": "mobilenet_v3_small",
+              "student_fitnet": "mobilenet_v3_small", "student_fitnet seed_2": "mobilenet_v3_small"}
+
+
+def long_name_summary():
+    """A run's summary with long model and architecture names, and a speed-up the spread cannot support."""
+    models = {}
+    latencies = {"teacher": (12.5, [12.0, 13.0]), "student_baseline": (5.0, [4.9, 5.1]),
+                 "student_fitnet": (6.0, [5.9, 6.1]), "student_fitnet seed_2": (12.4, [12.2, 12.6])}
+    for index, (role, arch) in enumerate(LONG_NAMES.items()):
+        latency, iqr = latencies[role]
+        models[role] = model_row(
+            0.9 - index / 100, arch=arch, params=5_288_548 - index * 1_000_000, size_mb=20.2, best_epoch=12,
+            train_seconds=3725.0, test={"top1": 0.9 - index / 100, "top3": 0.99, "f1_macro": 0.9, "auc_macro": 0.99},
+            mcnemar_p=0.5, gain_significant=False, file_mb=20.3, flops_per_image=401_000_000,
+            **speed_row(latency, iqr), speedup_over_teacher=round(12.5 / latency, 3),
+            speedup_clear=role != "student_fitnet seed_2",  # its spread overlaps the teacher's
+        )
+    return run_summary(models)
+
+
+def assert_cells_under_their_headers(table: str, columns: dict[str, tuple[str, callable]], roles: list[str]) -> None:
+    """Every row's cell sits under its column's header: left-aligned names start with their header,
+    right-aligned numbers end with it."""
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("model "))
+    for role in roles:
+        line = next(line for line in lines if line.startswith(role + " "))
+        for label, (align, cell) in columns.items():
+            start = header.index(label)
+            value = cell(role)
+            if align == "left":
+                assert line[start:start + len(value)] == value, (role, label, line)
+            else:
+                end = start + len(label)
+                assert line[end - len(value):end] == value and line[end:end + 1] in ("", " "), (role, label, line)
+
+
+def test_tables_size_their_columns_from_long_names():
+    summary = long_name_summary()
+    roles = list(LONG_NAMES)
+    def row(role: str) -> dict:
+        return summary.models[role].to_dict()
+
+    comparison = report.comparison_table(summary)
+    assert_cells_under_their_headers(comparison, {
+        "model": ("left", lambda role: role), "arch": ("left", lambda role: row(role)["arch"]),
+        "params": ("right", lambda role: f"{row(role)['params']:,}"),
+        "best ep": ("right", lambda role: str(row(role)["best_epoch"])),
+        "top1": ("right", lambda role: utils.format_metric(row(role)["test"]["top1"])),
+        "auc_macro": ("right", lambda role: utils.format_metric(row(role)["test"]["auc_macro"])),
+    }, roles)
+    deployment = report.deployment_table(summary)
+    assert_cells_under_their_headers(deployment, {
+        "model": ("left", lambda role: role), "params": ("right", lambda role: f"{row(role)['params']:,}"),
+        "GFLOPs/img": ("right", lambda role: f"{row(role)['flops_per_image'] / 1e9:.3f}"),
+        "latency ms": ("right", lambda role: f"{row(role)['latency_ms']:.2f}"),
+        "img/s @64": ("right", lambda role: f"{row(role)['throughput_img_s']:.1f}"),
+    }, roles)
+
+
+def test_tables_state_verdicts_and_unclear_speedups():
+    summary = long_name_summary()
+    comparison = report.comparison_table(summary)
+    assert ("Distillation (fitnet) cost 1.00 points of test top-1 against the baseline student: within noise "
+            "(p = 0.5) by the exact McNemar test on the paired test predictions." in comparison)
+    assert "significant: exact McNemar test of the paired test predictions, p < 0.05" in comparison
+    deployment = report.deployment_table(summary)
+    line = next(line for line in deployment.splitlines() if line.startswith("student_fitnet seed_2 "))
+    assert line.split()[7] == "unclear"  # the batch-1 latency speed-up
+    assert next(line for line in deployment.splitlines() if line.startswith("student_fitnet ")).split()[6] == "2.08x"
+    assert "median ratios: student_fitnet seed_2 batch-1 latency 1.01x" in deployment

@@ -1,0 +1,60 @@
+"""The sweep's search (sweep.search): silent journal trials, storage passwords on resume and in errors."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import pytest
+from conftest import PASSWORD, SECRET, journal_study
+from optuna.distributions import FloatDistribution
+
+import experiment
+from config import settings
+from core.errors import SettingsError
+from sweep import search, search_space
+
+
+def test_an_error_quoting_the_url_shows_no_form_of_the_secret(monkeypatch):
+    """A driver's message may quote the URL, or the secret as written or decoded: each is hidden."""
+    url = f"postgresql://kd:{SECRET}%21@db/kd?sslpassword={SECRET}%2B1"
+
+    def refuse(given, **kwargs):
+        raise ValueError(f"cannot use {given}: password {SECRET}! or {SECRET}+1 refused")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refuse)
+    with pytest.raises(SettingsError) as refused:
+        search.connect(url)
+    assert SECRET not in str(refused.value) and "***" in str(refused.value), refused.value
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for a trial outside optimize
+def test_a_silent_journal_trial_is_failed_and_queued_again(tmp_path, monkeypatch):
+    storage = search.HeartbeatJournalStorage(str(tmp_path / "study.journal"), search.retry_callback())
+    study = optuna.create_study(storage=storage, study_name="beats")
+    trial = study.ask({"alpha": FloatDistribution(0.1, 0.9)})
+    trial.report(0.5, 1)
+    study_id = storage.get_study_id_from_name("beats")
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    with search_space.quiet_optuna():
+        optuna.storages.fail_stale_trials(study)
+        assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # heard from within the grace period
+        later = time.time() + search.GRACE_SECONDS + 1
+        monkeypatch.setattr(time, "time", lambda: later)
+        optuna.storages.fail_stale_trials(study)
+    failed, queued = journal_study(tmp_path / "study.journal", "beats").trials
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert queued.state == optuna.trial.TrialState.WAITING
+    assert queued.system_attrs["failed_trial"] == 0 and queued.params == failed.params
+    assert queued.intermediate_values == {1: 0.5}
+
+
+def test_a_resume_needs_a_hidden_password_again():
+    saved = settings.Config(**{**vars(experiment.default_config()), "sweep": "alpha=0.1:0.9", "output_dir": "run",
+                               "study_storage": "postgresql://kd:***@db/kd", "study_name": "s"})
+    with pytest.raises(SettingsError, match="had a password"):
+        search.resumed_storage(saved, None)
+    given = search.resumed_storage(saved, f"postgresql://kd:{PASSWORD}@db/kd")
+    assert given.study_storage == f"postgresql://kd:{PASSWORD}@db/kd"
+    with pytest.raises(SettingsError, match="only to give its sweep's storage again"):
+        search.resumed_storage(saved, "postgresql://other:x@db/kd")

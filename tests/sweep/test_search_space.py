@@ -1,0 +1,38 @@
+"""The sweep's search space (sweep.search_space): the spec grammar and the searchable settings."""
+
+from __future__ import annotations
+
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+import experiment
+from config import settings
+from sweep import search_space
+
+# ---------------------------------------------------------------- the spec
+
+
+def test_spec_grammar_gives_typed_distributions():
+    space = search_space.parse_spec("temperature=1:10:log, alpha=0.1:0.9,batch-size=16:64,student_epochs=1|2,"
+                                   "method=kd|dkd")
+    assert space["temperature"] == FloatDistribution(1.0, 10.0, log=True)
+    assert space["alpha"] == FloatDistribution(0.1, 0.9)
+    assert space["batch_size"] == IntDistribution(16, 64)
+    assert space["student_epochs"] == CategoricalDistribution((1, 2))
+    assert all(type(choice) is int for choice in space["student_epochs"].choices)
+    assert space["method"] == CategoricalDistribution(("kd", "dkd"))
+    config = search_space.trial_config(experiment.default_config(), {"alpha": 0.3, "method": "dkd", "batch_size": 20})
+    assert (config.alpha, config.kd_methods, config.batch_size) == (0.3, "dkd", 20)
+
+
+def test_searchable_settings_come_from_the_config_types(monkeypatch):
+    names = search_space.searchable_settings()
+    for name in ("temperature", "alpha", "beta", "dkd_alpha", "dkd_beta", "student_lr", "weight_decay",
+                 "label_smoothing", "dkd_warmup_epochs"):
+        assert name in names
+    for name in ("teacher_lr", "teacher_epochs", "seed", "image_size", "val_fraction", "workers", "kd_methods"):
+        assert name not in names
+    # A setting a new method adds is searchable without touching the sweep.
+    monkeypatch.setitem(settings.FIELDS, "new_method_weight", settings.Flag("distillation methods", "a new weight"))
+    monkeypatch.setitem(settings.TYPES, "new_method_weight", float)
+    assert "new_method_weight" in search_space.searchable_settings()
+    assert search_space.parse_spec("new_method_weight=1:2")["new_method_weight"] == FloatDistribution(1.0, 2.0)
