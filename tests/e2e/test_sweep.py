@@ -97,15 +97,13 @@ class SplitGuard:
 
 @pytest.fixture(scope="module")
 def password_sweep(tiny_data, tmp_path_factory):
-    """A finished 2-trial sweep whose study storage URL holds a password (the study itself in a journal file),
-    the test split's loader guarded while its trials run; with its console output and the guard."""
+    """A finished 2-trial sweep whose study storage URL holds a password (a real SQLite storage, which ignores the
+    query item), the test split's loader guarded while its trials run; with its console output and the guard."""
     root = tmp_path_factory.mktemp("sweep")
-    run_dir, journal = root / "runs" / "swept", root / "study.journal"
-    url = f"postgresql://kd:{PASSWORD}@db.example/kd"
+    run_dir, storage = root / "runs" / "swept", f"sqlite:///{root / 'study.db'}"
+    url = f"{storage}?password={PASSWORD}"
     guards = []
     patch = pytest.MonkeyPatch()
-    patch.setattr(search, "connect",
-                  lambda given: search.HeartbeatJournalStorage(str(journal), search.retry_callback()))
     make_context, run_trials = experiment.make_context, search.Worker.run_trials
 
     def guarded_context(*args, **kwargs):
@@ -138,13 +136,13 @@ def password_sweep(tiny_data, tmp_path_factory):
                                 "--trials", "2", "--study-storage", url, "--study-name", "swept"])
     patch.undo()
     assert code == 0, capture.read_text()
-    return {"root": root, "run_dir": run_dir, "journal": journal, "guards": guards, "console": capture.read_text(),
+    return {"root": root, "run_dir": run_dir, "storage": storage, "guards": guards, "console": capture.read_text(),
             "trained_with": trained_with}
 
 
 def test_sweep_finishes_and_its_study_holds_the_trials(password_sweep):
     run_dir = password_sweep["run_dir"]
-    study = journal_study(password_sweep["journal"], "swept")
+    study = optuna.load_study(study_name="swept", storage=password_sweep["storage"])
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     record = utils.read_json(run_dir / "summary.json")["sweep"]
     assert record["metric"] == "top1" and record["trials_requested"] == 2
@@ -182,12 +180,13 @@ def test_the_report_has_a_sweep_section_rebuilt_from_the_summary(password_sweep)
 
 def test_the_storage_password_reaches_no_written_file(password_sweep):
     assert PASSWORD not in password_sweep["console"]
-    files = [path for path in password_sweep["root"].rglob("*") if path.is_file()]
-    assert len(files) > 20
+    # Every file the run wrote, checkpoints and the report included (the storage's own database aside).
+    files = [path for path in password_sweep["root"].rglob("*") if path.is_file() and path.name != "study.db"]
+    assert len(files) > 20 and password_sweep["run_dir"] / "student_kd" / "best_model.pth" in files
     for path in files:
         assert PASSWORD.encode() not in path.read_bytes(), path
     config = utils.read_json(password_sweep["run_dir"] / "config.json")
-    assert config["study_storage"] == "postgresql://kd:***@db.example/kd"
+    assert config["study_storage"] == f"{password_sweep['storage']}?password=***"
 
 
 # ---------------------------------------------------------------- workers
