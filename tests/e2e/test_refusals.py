@@ -151,7 +151,9 @@ for case, folder, run in json.loads(sys.argv[1]):
     with contextlib.redirect_stderr(err):
         code = experiment.main(['--data-dir', folder, '--output-dir', run, *sys.argv[2:]])
     found[case] = [code, err.getvalue()]
-found['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM is this program's own peak: ru_maxrss would also count the parent's size at the fork (kept over exec).
+status = open('/proc/self/status').read().splitlines()
+found['peak_rss_mb'] = int(next(line for line in status if line.startswith('VmHWM')).split()[1]) / 1024
 print(json.dumps(found))
 """
 
