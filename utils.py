@@ -138,11 +138,20 @@ def remove_orphans(folder: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- metrics
 
 
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """The one prediction rule of the project: the highest logit, ties to the lowest class index (torch.argmax)."""
+    return logits.argmax(dim=1)
+
+
+def ranked_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest classes of each row (k clipped to the class count), ties in class order, so the first is
+    `predicted_classes`' (topk's order among tied values is unspecified and differs from argmax's)."""
+    return logits.sort(dim=1, descending=True, stable=True).indices[:, : min(k, logits.shape[1])]
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of samples whose label is among the k highest logits (k clipped to the class count)."""
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item()
+    """Fraction of samples whose label is among the k highest logits, ranked as `ranked_classes` ranks them."""
+    return (ranked_classes(logits, k) == labels[:, None]).any(dim=1).float().mean().item()
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -247,7 +256,7 @@ def classification_metrics(
     logits = logits.float().cpu()
     labels = labels.cpu()
     num_classes = len(class_names)
-    predictions = logits.argmax(dim=1).numpy()
+    predictions = predicted_classes(logits).numpy()
     label_array = labels.numpy()
     probabilities = torch.softmax(logits, dim=1).numpy()
     metrics: dict[str, Any] = {
@@ -265,19 +274,17 @@ def classification_metrics(
 
 def most_predicted(logits: torch.Tensor, class_names: Sequence[str]) -> tuple[str, float]:
     """The class a model predicts most often on a split, and the share of the split's samples it is predicted for."""
-    counts = torch.bincount(logits.argmax(dim=1).cpu(), minlength=len(class_names))
+    counts = torch.bincount(predicted_classes(logits).cpu(), minlength=len(class_names))
     top = int(counts.argmax())
     return class_names[top], float(counts[top]) / max(len(logits), 1)
 
 
 def metric_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """What an epoch's metrics need, counted on the logits' device (float64, to be read in one copy):
-    the confusion matrix by bincount (rows: true class, columns: the predicted class, argmax's: the
-    first of tied highest logits), flattened, then the samples whose label is among the 1 and among
-    the 3 highest logits as `topk_accuracy` ranks them (k clipped to the number of classes)."""
-    confusion = torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes * num_classes)
-    hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1).sum()[None]
-            for k in (1, 3)]
+    the confusion matrix by bincount (rows: true class, columns: `predicted_classes`), flattened, then the
+    samples whose label is among the 1 and the 3 highest logits as `ranked_classes` ranks them."""
+    confusion = torch.bincount(labels * num_classes + predicted_classes(logits), minlength=num_classes * num_classes)
+    hits = [(ranked_classes(logits, k) == labels[:, None]).any(dim=1).sum()[None] for k in (1, 3)]
     return torch.cat([confusion, *hits]).double()
 
 
@@ -302,7 +309,7 @@ def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """Confusion matrix (rows: true class, columns: predicted class)."""
     return confusion_matrix(
-        labels.cpu().numpy(), logits.argmax(dim=1).cpu().numpy(), labels=list(range(num_classes))
+        labels.cpu().numpy(), predicted_classes(logits).cpu().numpy(), labels=list(range(num_classes))
     )
 
 
@@ -312,7 +319,7 @@ def report_text(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequenc
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         return classification_report(
             labels.cpu().numpy(),
-            logits.argmax(dim=1).cpu().numpy(),
+            predicted_classes(logits).cpu().numpy(),
             labels=list(range(len(class_names))),
             target_names=[printable(name) for name in class_names],  # a text file, read in a terminal
             digits=4,
@@ -327,7 +334,7 @@ def per_class_scores(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         report = classification_report(
-            labels.cpu().numpy(), logits.argmax(dim=1).cpu().numpy(), labels=list(range(len(class_names))),
+            labels.cpu().numpy(), predicted_classes(logits).cpu().numpy(), labels=list(range(len(class_names))),
             target_names=list(class_names), zero_division=np.nan, output_dict=True,
         )
     return {

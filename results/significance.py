@@ -41,7 +41,7 @@ METRIC_NAMES = {"top1": "top-1", "loss": "loss", "f1_macro": "macro F1"}  # the 
 
 def correct_flags(logits: torch.Tensor, labels: torch.Tensor) -> str:
     """Per-sample top-1 correctness in sample order, one character each ('1' right, '0' wrong): compact in JSON."""
-    return "".join("1" if right else "0" for right in (logits.argmax(dim=1) == labels).tolist())
+    return "".join("1" if right else "0" for right in (utils.predicted_classes(logits) == labels).tolist())
 
 
 def parse_correct_flags(flags: str) -> np.ndarray:

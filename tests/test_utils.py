@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tied_logits
 
 import utils
 
@@ -214,3 +214,18 @@ def test_remove_orphans_takes_only_what_atomic_writes_left(tmp_path):
         path.write_text("x")
     assert utils.remove_orphans(tmp_path) == [orphan]
     assert not orphan.exists() and all(path.exists() for path in kept)
+
+
+def test_one_prediction_rule_decides_top1_top3_and_the_per_class_scores_when_logits_tie():
+    logits, labels = tied_logits()
+    tied_rows = (logits == logits.max(dim=1, keepdim=True).values).sum(dim=1) > 1
+    assert tied_rows.sum() >= 50  # the ties are real
+    predicted = utils.predicted_classes(logits)
+    assert torch.equal(predicted, logits.argmax(dim=1))  # ties go to the lowest index
+    correct = int((predicted == labels).sum())
+    metrics = utils.classification_metrics(logits, labels, [str(c) for c in range(10)])
+    assert round(metrics["top1"] * len(labels)) == correct
+    counted = utils.metrics_from_counts(utils.metric_counts(logits, labels, 10).numpy(), [str(c) for c in range(10)])
+    assert round(counted["top1"] * len(labels)) == correct
+    assert torch.equal(utils.ranked_classes(logits, 3)[:, 0], predicted)
+    assert utils.ranked_classes(torch.zeros(2, 10), 3).tolist() == [[0, 1, 2], [0, 1, 2]]

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import collapsed_run, model_row, run_summary
+from conftest import collapsed_run, model_row, run_summary, tied_logits
 
+import utils
 from core import records
 from results import report, significance
 
@@ -323,3 +324,9 @@ def test_the_zero_spread_verdict_takes_the_largest_mcnemar_p():
     assert p[0] < significance.SIGNIFICANCE_LEVEL < p[1]
     assert stats["gain_top1_test"] == records.ZERO_SPREAD_TEST
     assert stats["gain_top1_p"] == p[1] and stats["gain_significant"] is False
+
+
+def test_the_verdicts_flags_count_what_the_tables_top1_counts_when_logits_tie():
+    logits, labels = tied_logits(seed=1)
+    flags = significance.parse_correct_flags(significance.correct_flags(logits, labels))
+    assert round(utils.topk_accuracy(logits, labels, 1) * len(labels)) == int(flags.sum())
