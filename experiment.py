@@ -172,6 +172,7 @@ def prepare_run(
     settings.check_output_dir(config, resume)
     device, amp_dtype, world = start_processes(config)
     data = load_data(config, device)
+    settings.check_classes(config, len(data.class_names))
     model_run.check_initial_weights(config, pretrained, len(data.class_names))
     if teacher_checkpoint is not None:
         checkpoints.check_teacher_fits(config.teacher_checkpoint, teacher_checkpoint, data.class_names)

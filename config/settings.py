@@ -396,6 +396,13 @@ def validate(config: Config) -> None:
     method_weights(config)
 
 
+def check_classes(config: Config, num_classes: int) -> None:
+    """Stop with one sentence, before any training, where a chosen method cannot learn from the data's classes."""
+    for name in kd_methods(config):
+        for sentence in KD_engine.method_class(name).check_classes(num_classes):
+            raise SettingsError(sentence)
+
+
 def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: set[str] | None) -> Config:
     """The teacher's architecture, image size and resize mode come from its checkpoint (normalization
     too, see `trainer.normalization`); a setting the user gave (`given`; None: every setting) that
