@@ -173,7 +173,8 @@ def format_predictions(predictions: list[dict[str, Any]]) -> str:
 
 def command_line_parser() -> argparse.ArgumentParser:
     """The flags of prediction_for_one.py: a model file, the images, and how to show their classes."""
-    parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).")
+    parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).",
+                                     allow_abbrev=False)  # --top must not silently mean --top-k
     parser.add_argument("--model", "--model_path", dest="model", required=True,
                         help="path to a best_model.pth or model.onnx")
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for them")

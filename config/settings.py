@@ -245,7 +245,8 @@ def kd_methods(config: Config) -> list[str]:
     methods = [method.strip().lower() for method in config.kd_methods.split(",") if method.strip()]
     unknown = [method for method in methods if method not in known]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise SettingsError(f"--kd-methods must list distinct methods of {', '.join(known)} "
+        named = f": '{unknown[0]}' is not a method; it" if unknown else ""
+        raise SettingsError(f"--kd-methods{named} must list distinct methods of {', '.join(known)} "
                             f"(got '{config.kd_methods}').")
     return methods
 
@@ -297,8 +298,8 @@ def method_weights(config: Config) -> dict[str, Any]:
             with torch.device("meta"):
                 method = method_class(teacher, student, setup)
         except ValueError as error:
-            raise SettingsError(f"{'--feature-layers: ' if method_class.uses_features else name + ': '}{error}") \
-                from None
+            given_layers = " --feature-layers" if method_class.uses_features and config.feature_layers else ""
+            raise SettingsError(f"--kd-methods {name}{given_layers}: {error}") from None
         method.close()
         for key, value in method.weights().items():
             weights[key] = {**weights[key], **value} if isinstance(value, dict) and key in weights else value

@@ -184,3 +184,9 @@ def test_the_prediction_script_breaks_ties_as_the_reported_figures_do(small_mode
     predicted = prediction_for_one.predict_images(tied, {**usable, "class_names": names},
                                                   [str(folder / "image.png")], 3)
     assert [entry["class"] for entry in predicted[0]["top"]] == names[:3]
+
+
+def test_a_prefix_of_a_prediction_flag_is_not_taken_for_it(capsys):
+    with pytest.raises(SystemExit):
+        prediction_for_one.command_line_parser().parse_args(["--model", "m.pth", "--top", "2", "image.png"])
+    assert "unrecognized arguments: --top" in capsys.readouterr().err
