@@ -58,7 +58,9 @@ def comparison_table(summary: records.RunSummary) -> str:
         rows.append(cells)
     lines = [utils.text_table(header, rows, left=2).rstrip("\n")]
     distilled = [role for role in models if records.is_distilled(role)]
-    lines += [significance.gain_sentence(role, models[role], models[records.BASELINE], seeds) for role in distilled]
+    lines += [significance.gain_sentence(role, models[role], models[records.BASELINE], seeds,
+                                         significance.collapsed_seeds(models[role], models[records.BASELINE],
+                                                                      summary.dataset)) for role in distilled]
     if distilled:
         zero_spread = any(models[role].zero_spread for role in distilled)
         lines.append("significant: " + significance.rule(several, zero_spread))
@@ -112,45 +114,58 @@ def deployment_table(summary: records.RunSummary) -> str:
 
 
 def reading_of_result(summary: records.RunSummary) -> list[str]:
-    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers.
-
-    A distilled student that has not learned the task (significance.failure) is said to be so, not praised."""
-    sentences = []
+    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers:
+    the verdicts first, then a student costlier than its teacher, then what the student keeps (with chance where
+    it is near). A distilled student that has not learned the task (significance.failure) is said to be so."""
     models = summary.models
     teacher, baseline = models.get(records.TEACHER), models.get(records.BASELINE)
     distilled_roles = [role for role in models if records.is_distilled(role)]
     distilled = models[distilled_roles[0]] if distilled_roles else None
     student = distilled or baseline  # every student has the same architecture
-    failed = None if distilled is None else significance.failure(distilled, summary.dataset)
-    if teacher and distilled and failed:
-        method = records.method_of(distilled_roles[0])
-        sentences.append(f"The distilled student ({method}) {failed}: it has not learned "
-                         "to tell the classes apart, so its accuracy and its gain are no result (see the warnings).")
-    elif teacher and distilled:
-        kept = distilled.test["top1"] / teacher.test["top1"] if teacher.test["top1"] else None
-        sentences.append(
-            f"The distilled student keeps {utils.format_metric(kept)}% of the teacher's test top-1 "
-            f"({utils.format_metric(distilled.test['top1'])}% vs {utils.format_metric(teacher.test['top1'])}%) "
-            f"with {100 * distilled.params / teacher.params:.0f}% of its parameters.")
-        if distilled.test["top1"] > teacher.test["top1"]:
-            sentences.append("The student outscored its teacher on the test split: the teacher was not the "
-                             "stronger model here, so the soft targets carried little extra knowledge.")
-    if teacher and student and student.flops_per_image is not None and teacher.flops_per_image:
+    sentences = [] if not baseline else [
+        significance.gain_sentence(role, models[role], baseline, summary.seeds,
+                                   significance.collapsed_seeds(models[role], baseline, summary.dataset))
+        for role in distilled_roles]
+    kept = _kept_sentences(summary, teacher, distilled, distilled_roles)
+    if distilled and significance.failure(distilled, summary.dataset):
+        sentences = kept + sentences  # a verdict on a student that learned nothing is no result: that leads
+        kept = []
+    costlier = significance.costlier_sentence(student, teacher) if teacher and student else None
+    sentences += ([costlier] if costlier else []) + kept
+    if teacher and student and student.flops_per_image is not None and teacher.flops_per_image and not costlier:
         ratio = student.flops_per_image / teacher.flops_per_image
-        cost = (f"{ratio:.3g}x the teacher's FLOPs per image ({student.flops_per_image / 1e9:.3g} vs "
-                f"{teacher.flops_per_image / 1e9:.3g} GFLOPs)")
-        sentences.append(f"The student is not cheaper than its teacher: it needs {cost}." if ratio >= 1
-                         else f"The student needs {cost}.")
+        sentences.append(f"The student needs {ratio:.3g}x the teacher's FLOPs per image "
+                         f"({student.flops_per_image / 1e9:.3g} vs {teacher.flops_per_image / 1e9:.3g} GFLOPs).")
     clauses = [] if not (teacher and student) else [clause for kind in deploy.SPEED_KINDS
                                                     if (clause := deploy.speed_clause(student, teacher, kind))]
     if clauses:
         sentences.append(f"Measured on {summary.device} against the teacher, the student: {'; '.join(clauses)}.")
-    if baseline:
-        sentences += [significance.gain_sentence(role, models[role], baseline, summary.seeds)
-                      for role in distilled_roles]
     samples = summary.dataset.sizes.get("test")
     if baseline and distilled_roles and samples:
         sentences.append(f"One test image is {100 / samples:.2f} points here.")
+    return sentences
+
+
+def _kept_sentences(summary: records.RunSummary, teacher: records.ModelRow | None,
+                    distilled: records.ModelRow | None, roles: list[str]) -> list[str]:
+    """What the distilled student keeps of the teacher's top-1 (chance named where the student is near it), or
+    that it has not learned the task."""
+    if not (teacher and distilled):
+        return []
+    failed = significance.failure(distilled, summary.dataset)
+    if failed:
+        return [f"The distilled student ({records.method_of(roles[0])}) {failed}: it has not learned "
+                "to tell the classes apart, so its accuracy and its gain are no result (see the warnings)."]
+    chance, top1 = significance.chance_level(summary.dataset), distilled.test["top1"]
+    near = top1 < chance + significance.CHANCE_SHOWN_GAP * (1 - chance)
+    kept = top1 / teacher.test["top1"] if teacher.test["top1"] else None
+    sentences = [f"The distilled student keeps {utils.format_metric(kept)}% of the teacher's test top-1 "
+                 f"({utils.format_metric(top1)}% vs {utils.format_metric(teacher.test['top1'])}%"
+                 + (f", where always answering the most frequent class scores {utils.format_metric(chance)}%"
+                    if near else "") + f") with {100 * distilled.params / teacher.params:.0f}% of its parameters."]
+    if top1 > teacher.test["top1"]:
+        sentences.append("The student outscored its teacher on the test split: the teacher was not the "
+                         "stronger model here, so the soft targets carried little extra knowledge.")
     return sentences
 
 
