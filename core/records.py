@@ -168,6 +168,9 @@ class ModelRow(Record):
     stopped_early: bool
     train_seconds: float
     test: dict[str, float | None]
+    # "test" is the model as saved and deployed (fp32); a run under autocast also gives its test metrics so,
+    # with "precision" naming it
+    test_autocast: dict[str, Any] | None = None
     test_top_class: str | None = None  # the class the model predicts most often on the test split
     test_top_class_share: float | None = None  # the share of test images it predicts that class for
     pretrained: dict[str, Any] | None = None  # with --teacher-weights / --student-weights

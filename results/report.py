@@ -23,9 +23,13 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 def export_sentence(export: dict[str, Any]) -> str:
     """What an ONNX export wrote and how its check went, for the console and the report."""
     verdict = "passed" if export["passed"] else "FAILED"
+    # Exports of earlier versions were checked on validation images and compared logits only.
+    split = export.get("checked_split", "validation")
+    predictions = "" if "differing_predictions" not in export else (
+        f", and {export['differing_predictions']} of its predictions differ")
     return (f"exported {export['onnx']}: ONNX Runtime's logits differ from PyTorch's by at most "
-            f"{export['max_abs_diff']:.2g} on {export['checked_images']} validation images (tolerance "
-            f"{export['tolerance']:.0e}): {verdict}")
+            f"{export['max_abs_diff']:.2g} on {export['checked_images']} {split} images (tolerance "
+            f"{export['tolerance']:.0e}){predictions}: {verdict}")
 
 
 # ---------------------------------------------------------------- comparison tables
@@ -64,6 +68,9 @@ def comparison_table(summary: records.RunSummary) -> str:
     if distilled:
         zero_spread = any(models[role].zero_spread for role in distilled)
         lines.append("significant: " + significance.rule(several, zero_spread))
+    note = precision_note(models)
+    if note:
+        lines.append(note)
     tested = {role: row for role, row in models.items() if row.test_top1_last_epoch is not None}
     if tested:
         lines.append("test top-1 of the last epoch / of the best epoch " + records.CHOSEN_ON_TEST + ": " + ", ".join(
@@ -75,6 +82,18 @@ def comparison_table(summary: records.RunSummary) -> str:
         lines.append("\nEvery seed (gain: over the baseline of the same seed; verdict: exact McNemar test of the "
                      "two):\n" + utils.text_table(SEED_COLUMNS, significance.seed_rows(summary), left=2).rstrip("\n"))
     return "\n".join(lines) + "\n"
+
+
+def precision_note(models: dict[str, records.ModelRow]) -> str | None:
+    """Where models were trained and first evaluated under autocast: that the test figures are those of the
+    saved fp32 weights, with each model's test top-1 under the autocast beside (None for fp32 runs)."""
+    under = {role: row.test_autocast for role, row in models.items() if row.test_autocast}
+    if not under:
+        return None
+    precision = next(iter(under.values()))["precision"]
+    return (f"Test figures: the saved fp32 weights, as prediction_for_one.py and the ONNX file run them; test top-1 "
+            f"under the run's {precision} autocast: " + ", ".join(
+                f"{role} {utils.format_metric(test['top1'])}" for role, test in under.items()))
 
 
 SEED_COLUMNS = ["model", "seed", "top1", "gain", "verdict"]
@@ -319,6 +338,9 @@ def build_report(run_dir: str | Path) -> str:
                    "median throughput over the teacher's, each 'unclear' where the two interquartile ranges overlap "
                    f"and 'noisy' where a measurement's range stayed wider than {100 * deploy.NOISY_SPREAD:g}% of its "
                    f"median. Gain verdict: {significance.rule(False)} (first seed).")
+    note = precision_note(summary.models)
+    if note:
+        models_note += f" {note}."
     columns, model_rows = _models_table(summary)
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined)

@@ -133,3 +133,20 @@ def test_speedup_is_clear_only_when_the_spreads_do_not_overlap():
     overlapping = deploy.speedup(teacher, speed_row(10.5, [10.8, 12.0]))
     assert overlapping == {"speedup_over_teacher": round(10 / 10.5, 3), "speedup_clear": False,
                            "throughput_speedup_over_teacher": round(10 / 10.5, 3), "throughput_speedup_clear": False}
+
+
+def test_the_onnx_check_counts_images_over_batches_and_compares_predictions(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, 0.0, 100.0]))  # class 2 everywhere, far from any other
+    batches = [torch.randn(5, 3, 2, 2), torch.randn(2, 3, 2, 2)]
+    check = deploy.export_checked(model, tmp_path / "m.onnx", 2, {"role": "student_kd"}, batches)
+    assert check["checked_images"] == 7 and check["differing_predictions"] == 0 and check["passed"]
+    assert check["checked_split"] == "test"
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, 100.0, 0.0]))  # the model no longer predicts as its export does
+    parity = deploy.onnx_parity(model, tmp_path / "m.onnx", batches)
+    assert parity["differing_predictions"] == 7 and parity["checked_images"] == 7
+    assert "7 of its predictions differ" in report.export_sentence(
+        {"onnx": "m.onnx", **check, **parity, "passed": False})
