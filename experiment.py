@@ -372,11 +372,9 @@ def summarize(
             by_seed, rows[records.BASELINE], correct[role], correct[records.BASELINE])
         models[role] = replace(by_seed[seeds[0]], **significance.top1_spread(by_seed), **statistics, flops_peer=peer)
     folders = {records.TEACHER: run_dir / records.TEACHER, **{role: students[role][seeds[0]][1] for role in students}}
-    speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype)
-    for role, row in models.items():
-        ratio = {"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0} if role == records.TEACHER \
-            else deploy.speedup(speeds[records.TEACHER], speeds[role])
-        models[role] = replace(row, **speeds[role], **ratio)
+    speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype,
+                                         records.TEACHER)
+    models = {role: replace(row, **speeds[role]) for role, row in models.items()}
     kd_role = records.distilled_role("kd")
     clock = context.clock
     summary = records.RunSummary(

@@ -204,13 +204,17 @@ class ModelRow(Record):
     throughput_speedup_over_teacher: float | None = None  # batch throughput: the model's median over the teacher's
     throughput_speedup_clear: bool | None = None
     throughput_noisy: bool | None = None
+    speedup_over_teacher_iqr: list[float] | None = None  # interquartile ranges of the per-round speed-ups
+    throughput_speedup_over_teacher_iqr: list[float] | None = None
+    speeds_apart: str | None = None  # identical architectures measured apart: every speed-up marked noisy
     flops_peer: dict[str, Any] | None = None  # a student costlier than torchvision's model of its size (deploy)
 
     # Fields a run writes together: a row holds all of a group or none of it.
     GROUPS = (("file_mb", "flops_per_image"), ("test_top1_by_seed", "test_top1_mean", "test_top1_std"),
               ("mcnemar_p_by_seed", "gain_top1_by_seed", "gain_top1_mean", "gain_top1_std", "gain_top1_p"),
               ("latency_ms", "latency_ms_iqr", "throughput_img_s", "throughput_img_s_iqr", "speedup_over_teacher"))
-    PAIRS = ("latency_ms_iqr", "throughput_img_s_iqr", "gain_top1_ci95")  # [low, high]
+    PAIRS = ("latency_ms_iqr", "throughput_img_s_iqr", "gain_top1_ci95", "speedup_over_teacher_iqr",
+             "throughput_speedup_over_teacher_iqr")  # [low, high]
 
     @property
     def zero_spread(self) -> bool:

@@ -118,16 +118,18 @@ def deployment_table(summary: records.RunSummary) -> str:
         rows.append([role, f"{row.params:,}", f"{row.file_mb:.1f}", f"{row.flops_per_image / 1e9:.3g}",
                      f"{row.latency_ms:.2f}", interval(row.latency_ms_iqr, 2), cells["latency"],
                      f"{row.throughput_img_s:.1f}", interval(row.throughput_img_s_iqr, 1), cells["throughput"]])
-    notes = ["medians and interquartile ranges over interleaved rounds; speed-ups: the teacher's median batch-1 "
-             f"latency / the model's, and the model's median batch-{deploy.THROUGHPUT_BATCH} throughput / the "
-             "teacher's"]
+    notes = ["each model timed against the teacher in alternating rounds; speed-ups: the median over rounds of the "
+             f"teacher's batch-1 time / the model's (latency) and of batch-{deploy.THROUGHPUT_BATCH} (throughput)"]
     if "unclear" in marked:
-        notes.append("unclear: the model's and the teacher's interquartile ranges overlap, so this measurement cannot "
+        notes.append("unclear: the interquartile range of the per-round ratios holds 1, so this measurement cannot "
                      f"tell which is faster (median ratios: {', '.join(marked['unclear'])})")
-    if "noisy" in marked:
-        notes.append(f"noisy: a measurement's interquartile range stayed wider than {100 * deploy.NOISY_SPREAD:g}% of "
-                     f"its median in {deploy.MEASURE_PASSES} tries (a busy machine): no speed-up is claimed from it "
-                     f"(median ratios: {', '.join(marked['noisy'])})")
+    if teacher.speeds_apart:
+        notes.append(f"noisy: {teacher.speeds_apart}, so the machine's load changed while it measured: no speed-up "
+                     "of this table is claimed")
+    elif "noisy" in marked:
+        notes.append(f"noisy: the interquartile range of the per-round ratios stayed wider than "
+                     f"{100 * deploy.NOISY_SPREAD:g}% of their median in {deploy.MEASURE_PASSES} tries (a busy "
+                     f"machine): no speed-up is claimed from it (median ratios: {', '.join(marked['noisy'])})")
     return (f"Deployment on {summary.device} ({summary.precision}):\n" + utils.text_table(header, rows)
             + "".join(note + "\n" for note in notes))
 
@@ -219,7 +221,7 @@ def _model_cells(
             return "—"
         return f"{median:.{digits}f}" + ("" if iqr is None else " ({:.{d}f}–{:.{d}f})".format(*iqr, d=digits))
 
-    speedups = [{"n/a": "—", "unclear": "unclear (IQRs overlap)", "noisy": "noisy (no claim)"}.get(cell, cell)
+    speedups = [{"n/a": "—", "unclear": "unclear (ratios hold 1)", "noisy": "noisy (no claim)"}.get(cell, cell)
                 .replace("x", "×") for cell in (deploy.speedup_cell(row, kind, teacher) for kind in deploy.SPEED_KINDS)]
     flops = "—" if row.flops_per_image is None else f"{row.flops_per_image / 1e9:.3g}"
     return [role, row.arch, *(utils.format_metric(row.test.get(k)) for k in metrics),
@@ -333,11 +335,11 @@ def build_report(run_dir: str | Path) -> str:
     per_class_f1 = _per_class_f1(results, students, summary.dataset.class_names, run_dir)
     metric = significance.METRIC_NAMES.get(config.get("select_metric", "top1"), config.get("select_metric"))
     models_note = (f"Best epoch chosen on validation {metric} (--select-metric); test metrics of those weights. "
-                   f"Latency (batch 1) and throughput (batch {deploy.THROUGHPUT_BATCH}) measured with the other models "
-                   "in interleaved rounds; speed-ups: the teacher's median latency over the model's, and the model's "
-                   "median throughput over the teacher's, each 'unclear' where the two interquartile ranges overlap "
-                   f"and 'noisy' where a measurement's range stayed wider than {100 * deploy.NOISY_SPREAD:g}% of its "
-                   f"median. Gain verdict: {significance.rule(False)} (first seed).")
+                   f"Latency (batch 1) and throughput (batch {deploy.THROUGHPUT_BATCH}) measured against the teacher "
+                   "in alternating rounds; speed-ups: the median over rounds of the teacher's time over the model's, "
+                   "each 'unclear' where the interquartile range of the per-round ratios holds 1 and 'noisy' where it "
+                   f"stayed wider than {100 * deploy.NOISY_SPREAD:g}% of their median or identical architectures "
+                   f"measured apart. Gain verdict: {significance.rule(False)} (first seed).")
     note = precision_note(summary.models)
     if note:
         models_note += f" {note}."

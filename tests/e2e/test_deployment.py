@@ -112,7 +112,7 @@ def test_a_student_costlier_than_torchvisions_model_of_its_size_is_named():
 
 def test_a_cpu_run_does_not_import_what_warns_of_a_missing_cuda_runtime():
     code = ("import sys, torch; from results import deploy; from torch import nn; "
-            "deploy.measure_speeds({'m': nn.Conv2d(3, 2, 3)}, 8, torch.device('cpu'), None, batch=2, rounds=1, "
+            "deploy.measure_speeds({'m': nn.Conv2d(3, 2, 3)}, 8, torch.device('cpu'), None, 'm', batch=2, rounds=1, "
             "min_run_time=0.001); print('torch.utils.cpp_extension' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr
