@@ -375,15 +375,13 @@ def summarize(
     speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype,
                                          records.TEACHER)
     models = {role: replace(row, **speeds[role]) for role, row in models.items()}
-    kd_role = records.distilled_role("kd")
     clock = context.clock
     summary = records.RunSummary(
         models=models, seeds=seeds, skipped_files=context.data.skipped_files, dataset=dataset,
         device=str(context.device), precision=compute.precision_name(context.amp_dtype),
         wall_seconds=round(clock.total(), 2), wall_seconds_last_sitting=round(clock.last(), 2),
         sittings=clock.count(), finished_at=datetime.now().isoformat(timespec="seconds"),
-        kd_gain_top1=(models[kd_role].test["top1"] - models[records.BASELINE].test["top1"]
-                      if kd_role in models else None),
+        **significance.headline_gain(models),
     )
     named = {records.model_name(role, seed, seeds): (row, folder)
              for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}

@@ -322,7 +322,8 @@ class ModelResults(Record):
     splits: dict[str, SplitResults]
 
 
-RUN_FIELDS = ("kd_gain_top1", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
+RUN_FIELDS = ("kd_gain_top1", "kd_gain_significant", "kd_gain_top1_std", "kd_gain_top1_ci95", "kd_gain_top1_by_seed",
+              "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
               "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "sweep", "notes")
 
 
@@ -339,14 +340,24 @@ class RunSummary(Record):
     wall_seconds: float
     finished_at: str
     warnings: list[str] = field(default_factory=list)
+    # The headline gain of plain KD, pooled over seeds (the mean gain and its verdict; an earlier version wrote
+    # the first seed's gain alone), then its spread, interval and per-seed gains
     kd_gain_top1: float | None = None
+    kd_gain_significant: bool | None = None
+    kd_gain_top1_std: float | None = None
+    kd_gain_top1_ci95: list[float] | None = None
+    kd_gain_top1_by_seed: dict[str, float] | None = None
     wall_seconds_last_sitting: float | None = None  # wall_seconds covers every sitting of a resumed run
     sittings: int | None = None
     sweep: SweepRecord | None = None  # a run made by --sweep
     notes: dict[str, str] | None = None  # what a field of the models' rows means, where it needs saying
 
     def check(self, where: str) -> None:
-        """Every skipped file names its path and the reason it was skipped."""
+        """Every skipped file names its path and the reason it was skipped; the headline gain's interval is
+        [low, high]."""
+        interval = self.kd_gain_top1_ci95
+        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
+            raise ValueError(f"{where}.kd_gain_top1_ci95 must be [low, high] (got {interval!r:.60})")
         for index, entry in enumerate(self.skipped_files):
             if not {"path", "reason"} <= entry.keys():
                 raise ValueError(f"{where}.skipped_files[{index}] must hold the file's 'path' and the 'reason'")

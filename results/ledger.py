@@ -14,6 +14,7 @@ from typing import Any
 import utils
 from config import settings
 from core import records
+from results import significance
 
 LEDGER_ROLES = (records.TEACHER, records.BASELINE, records.distilled_role("kd"))  # each has its own top-1 column
 LEDGER_COLUMNS = [
@@ -26,12 +27,11 @@ LEDGER_COLUMNS = [
 
 def _kd_gain(summary: records.RunSummary) -> dict[str, Any]:
     """KD's gain over the baseline and its verdict: over several seeds the pooled ones (the mean gain, the
-    interval's verdict), as the console and the report lead with them; else the one seed's."""
-    kd = summary.models.get(records.distilled_role("kd"))
-    if kd is None or summary.kd_gain_top1 is None:
+    interval's verdict), as summary.json, the console and the report lead with them; else the one seed's."""
+    headline = significance.headline_gain(summary.models)
+    if not headline:
         return {"kd_gain_top1": None, "kd_gain_significant": None}
-    gain = kd.gain_top1_mean if kd.gain_top1_mean is not None else summary.kd_gain_top1
-    return {"kd_gain_top1": round(gain, 6), "kd_gain_significant": kd.gain_significant}
+    return {"kd_gain_top1": round(headline["kd_gain_top1"], 6), "kd_gain_significant": headline["kd_gain_significant"]}
 
 
 def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Path) -> dict[str, Any]:
