@@ -457,6 +457,9 @@ def figure_png(figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
+LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}  # never over a curve
+
+
 def save_figure(figure, path: str | Path) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     png = figure_png(figure)
@@ -472,11 +475,9 @@ def curves_figure(
     histories: dict[str, list[dict[str, Any]]], key: str, ylabel: str, title: str = "",
     part_labels: dict[str, str] | None = None,
 ):
-    """Train (dashed) and validation (solid) curves of one metric over epochs, one colour a model.
-
-    With `part_labels` (the training objective's parts, name -> label), a single model's training
-    loss is drawn part by part. Losses are drawn on a log scale.
-    """
+    """Train (dashed) and validation (solid) curves of one metric over epochs, one colour and marker a model.
+    With `part_labels` (the objective's parts, name -> label) a single model's training loss is drawn part by
+    part. Losses are drawn on a log scale; the legend sits beside the axes."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -488,10 +489,12 @@ def curves_figure(
         series = [(key, f"{prefix}train {key}", f"C{index}")]
         if key == "loss" and len(histories) == 1 and len(parts) > 1:
             series = [(part, f"train {part_labels[part]}", f"C{number + 1}") for number, part in enumerate(parts)]
+        # Coinciding curves (models that learned alike) stay visible: later ones thinner, with hollow markers.
+        style = {"marker": "osD^v<>p"[index % 8], "markersize": 3 + 2 / (index + 1),
+                 "fillstyle": "none" if index else "full", "linewidth": 2.4 / (index + 1) ** 0.5}
         for part, label, color in series:
-            axis.plot(epochs, _values(history, "train", part), "--", color=color, marker="o", markersize=3, label=label)
-        axis.plot(epochs, _values(history, "val", key), "-", color=f"C{index}", marker="o", markersize=3,
-                  label=f"{prefix}val {key}")
+            axis.plot(epochs, _values(history, "train", part), "--", color=color, label=label, **style)
+        axis.plot(epochs, _values(history, "val", key), "-", color=f"C{index}", label=f"{prefix}val {key}", **style)
     if key == "loss":
         axis.set_yscale("log")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -500,15 +503,14 @@ def curves_figure(
     if title:
         axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2 if len(histories) > 1 else 1)
+    axis.legend(fontsize=7, **LEGEND_OUTSIDE)
     return figure
 
 
 def plot_topk(results: dict[str, dict[str, Any]], title: str, path: str | Path, num_classes: int | None = None) -> None:
     """Grouped bars of top-1 and top-3 accuracy per split (top-1 alone where top-3 says nothing: `shows_top_k`)."""
     plt = _pyplot()
-    splits = list(results)
-    x = np.arange(len(splits))
+    splits, x = list(results), np.arange(len(results))
     figure, axis = plt.subplots(figsize=(6, 4))
     keys = ((-0.2, "top1"), (0.2, "top3")) if shows_top_k(num_classes) else ((0.0, "top1"),)
     for offset, key in keys:
@@ -519,7 +521,7 @@ def plot_topk(results: dict[str, dict[str, Any]], title: str, path: str | Path, 
     axis.set_ylabel("accuracy (%)")
     axis.set_ylim(0, 105)
     axis.set_title(title)
-    axis.legend(loc="lower right")
+    axis.legend(**LEGEND_OUTSIDE)
     save_figure(figure, path)
 
 
@@ -575,8 +577,7 @@ def plot_comparison(
     size_axis.set_title("Model size")
     size_axis.set_ylim(0, max(params.values()) / 1e6 * 1.3)
     size_axis.tick_params(axis="x", rotation=35)
-    for label in size_axis.get_xticklabels():
-        label.set_horizontalalignment("right")
+    plt.setp(size_axis.get_xticklabels(), horizontalalignment="right")
     save_figure(figure, path)
 
 
@@ -592,8 +593,7 @@ def per_class_f1_figure(per_class: dict[str, dict[str, dict[str, Any]]], class_n
                  width=width, label=role)
     axis.set_xticks(x, class_names, rotation=45 if len(class_names) > 12 else 0, fontsize=8)
     axis.set_ylabel("test F1 (%)")
-    low = min((100 * s[c]["f1"] for s in per_class.values() for c in class_names if s[c]["f1"] is not None), default=0)
-    axis.set_ylim(max(0, low - 5), 100.5)
+    axis.set_ylim(0, 100.5)  # from 0: a zoomed axis multiplies the look of a difference
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, **LEGEND_OUTSIDE)
     return figure

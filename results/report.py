@@ -266,10 +266,13 @@ def wall_time(summary: records.RunSummary) -> str:
 
 
 def _data_rows(summary: records.RunSummary) -> list[tuple[str, str]]:
-    """The report's table of the data: classes, split sizes, how validation and test were obtained, skipped files."""
+    """The report's table of the data: classes, split sizes with each class's count, how validation and test were
+    obtained, skipped files."""
     dataset, skipped = summary.dataset, summary.skipped_files
     rows = [(f"classes ({len(dataset.class_names)})", ", ".join(dataset.class_names))]
-    rows += [(f"{split} images", str(size)) for split, size in dataset.sizes.items()]
+    counts = dataset.carving.get("class_counts") or {}
+    rows += [(f"{split} images", str(size) + ("" if not counts.get(split) else " ({})".format(", ".join(
+        f"{name} {count}" for name, count in counts[split].items())))) for split, size in dataset.sizes.items()]
     rows.append(("validation", dataset.validation))
     carved = (("test", "test"), ("train_subset", "training subset"))
     rows += [(label, str(dataset.carving[key])) for key, label in carved if dataset.carving.get(key)]

@@ -142,3 +142,11 @@ def test_summary_json_gives_the_pooled_gain_first_and_an_earlier_one_still_loads
     assert records.RunSummary.from_dict({**earlier, "kd_gain_top1": 0.1046}).kd_gain_significant is None
     with pytest.raises(ValueError, match="kd_gain_top1_ci95 must be"):
         records.RunSummary.from_dict({**written, "kd_gain_top1_ci95": [0.781, -0.687]})
+
+
+def test_the_data_table_gives_each_splits_count_per_class():
+    summary, _ = collapsed_run()
+    summary.dataset.carving = {"class_counts": {"train": {"ants": 100, "bees": 120}, "test": {"ants": 70, "bees": 83}}}
+    rows = dict(report._data_rows(summary))
+    assert rows["train images"] == "220 (ants 100, bees 120)" and rows["test images"] == "153 (ants 70, bees 83)"
+    assert rows["val images"] == "60"  # an earlier summary without the split's counts
