@@ -220,8 +220,8 @@ def headline_gain(models: dict[str, records.ModelRow]) -> dict[str, Any]:
     """summary.json's headline gain of plain KD over the baseline, pooled first: `kd_gain_top1` (over several
     seeds the mean of the per-seed gains) and `kd_gain_significant` (the pooled verdict), then the spread and
     interval of the gains and the per-seed gains. Empty without a plain KD student."""
-    kd, baseline = models.get(records.distilled_role("kd")), models[records.BASELINE]
-    if kd is None:
+    kd, baseline = models.get(records.distilled_role("kd")), models.get(records.BASELINE)
+    if kd is None or baseline is None:
         return {}
     pooled = kd.gain_top1_mean is not None
     return {"kd_gain_top1": kd.gain_top1_mean if pooled else kd.test["top1"] - baseline.test["top1"],
