@@ -172,6 +172,7 @@ def prepare_run(
     settings.check_output_dir(config, resume)
     device, amp_dtype, world = start_processes(config)
     data = load_data(config, device)
+    settings.check_classes(config, len(data.class_names))
     model_run.check_initial_weights(config, pretrained, len(data.class_names))
     if teacher_checkpoint is not None:
         checkpoints.check_teacher_fits(config.teacher_checkpoint, teacher_checkpoint, data.class_names)
@@ -371,20 +372,16 @@ def summarize(
             by_seed, rows[records.BASELINE], correct[role], correct[records.BASELINE])
         models[role] = replace(by_seed[seeds[0]], **significance.top1_spread(by_seed), **statistics, flops_peer=peer)
     folders = {records.TEACHER: run_dir / records.TEACHER, **{role: students[role][seeds[0]][1] for role in students}}
-    speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype)
-    for role, row in models.items():
-        ratio = {"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0} if role == records.TEACHER \
-            else deploy.speedup(speeds[records.TEACHER], speeds[role])
-        models[role] = replace(row, **speeds[role], **ratio)
-    kd_role = records.distilled_role("kd")
+    speeds = deploy.measure_saved_models(folders, config.image_size, context.device, context.amp_dtype,
+                                         records.TEACHER)
+    models = {role: replace(row, **speeds[role]) for role, row in models.items()}
     clock = context.clock
     summary = records.RunSummary(
         models=models, seeds=seeds, skipped_files=context.data.skipped_files, dataset=dataset,
         device=str(context.device), precision=compute.precision_name(context.amp_dtype),
         wall_seconds=round(clock.total(), 2), wall_seconds_last_sitting=round(clock.last(), 2),
         sittings=clock.count(), finished_at=datetime.now().isoformat(timespec="seconds"),
-        kd_gain_top1=(models[kd_role].test["top1"] - models[records.BASELINE].test["top1"]
-                      if kd_role in models else None),
+        **significance.headline_gain(models),
     )
     named = {records.model_name(role, seed, seeds): (row, folder)
              for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}

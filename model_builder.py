@@ -356,19 +356,44 @@ def build_on_meta(name: str, num_classes: int, image_size: int, head: str = "com
         return build_model(name, num_classes, image_size, head)
 
 
-def check_input_size(name: str, image_size: int) -> None:
-    """Raise ValueError when a model cannot take images of this size (checked on the meta device).
+MIN_FEATURE_MAP = 2  # the last feature map's side, at least: at 1x1 no spatial structure is left to learn from
 
-    Any failure of the trial forward pass counts (shape errors, a model's own assertion on the
-    input size, ...), so an unsuitable size is refused in one sentence before any work.
-    """
-    model = build_on_meta(name, 2, image_size).eval()
+
+def last_feature_map(model: nn.Module, image_size: int) -> tuple[int, int] | None:
+    """Height and width of the map the model's last convolution gives at this size (the map its classifier
+    pools; squeeze-and-excitation's convolutions on pooled maps come earlier), found on the meta device. None
+    for a model without convolutions."""
+    sides: list[tuple[int, int]] = []
+
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(module, nn.Conv2d):
+            sides.append(tuple(output.shape[-2:]))
+
+    hook = nn.modules.module.register_module_forward_hook(record)
     try:
         with torch.device("meta"):
             model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        hook.remove()
+    return sides[-1] if sides else None
+
+
+def check_input_size(name: str, image_size: int) -> None:
+    """Raise ValueError when a model cannot take images of this size (checked on the meta device): its trial
+    forward pass fails (shape errors, a model's own assertion on the input size, ...), or its last feature map is
+    smaller than MIN_FEATURE_MAP on a side, so an unsuitable size is refused in one sentence before any work.
+    """
+    model = build_on_meta(name, 2, image_size).eval()
+    try:
+        side = last_feature_map(model, image_size)
     except Exception as error:  # any failure means the model cannot run at this size
         raise ValueError(f"{name} cannot take {image_size}x{image_size} images ({errors.one_line(error)}); "
                          "choose another --image-size or model.") from None
+    if side is not None and min(side) < MIN_FEATURE_MAP:
+        raise ValueError(f"{name} shrinks {image_size}x{image_size} images to a {side[0]}x{side[1]} last feature "
+                         f"map (at least {MIN_FEATURE_MAP}x{MIN_FEATURE_MAP} is needed to learn anything spatial); "
+                         "choose a larger --image-size, or a network of the KD literature such as resnet8x4, which "
+                         "keeps small images.")
 
 
 def feature_stages(model: nn.Module) -> list[str]:

@@ -133,9 +133,10 @@ def predict_images(
             images = (torch.stack(pixels).float() / 255 - mean) / std
             logits = classify(images).float()
             checkpoints.check_outputs(model_path, description, logits.shape[-1])
-            top = torch.softmax(logits, dim=1).topk(k, dim=1)
+            ranked = utils.ranked_classes(logits, k)  # the reported figures' rule, ties included
+            probabilities = torch.softmax(logits, dim=1).gather(1, ranked)
             readable = [entry for entry in entries if "error" not in entry]
-            for entry, values, indices in zip(readable, top.values.tolist(), top.indices.tolist(), strict=True):
+            for entry, values, indices in zip(readable, probabilities.tolist(), ranked.tolist(), strict=True):
                 entry["top"] = [{"class": class_names[i], "probability": round(p, 6)}
                                 for p, i in zip(values, indices, strict=True)]
         predictions += entries
@@ -172,7 +173,8 @@ def format_predictions(predictions: list[dict[str, Any]]) -> str:
 
 def command_line_parser() -> argparse.ArgumentParser:
     """The flags of prediction_for_one.py: a model file, the images, and how to show their classes."""
-    parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).")
+    parser = argparse.ArgumentParser(description="Classify images with a trained checkpoint (best_model.pth).",
+                                     allow_abbrev=False)  # --top must not silently mean --top-k
     parser.add_argument("--model", "--model_path", dest="model", required=True,
                         help="path to a best_model.pth or model.onnx")
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for them")

@@ -138,11 +138,20 @@ def remove_orphans(folder: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- metrics
 
 
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """The one prediction rule of the project: the highest logit, ties to the lowest class index (torch.argmax)."""
+    return logits.argmax(dim=1)
+
+
+def ranked_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest classes of each row (k clipped to the class count), ties in class order, so the first is
+    `predicted_classes`' (topk's order among tied values is unspecified and differs from argmax's)."""
+    return logits.sort(dim=1, descending=True, stable=True).indices[:, : min(k, logits.shape[1])]
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of samples whose label is among the k highest logits (k clipped to the class count)."""
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item()
+    """Fraction of samples whose label is among the k highest logits, ranked as `ranked_classes` ranks them."""
+    return (ranked_classes(logits, k) == labels[:, None]).any(dim=1).float().mean().item()
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -247,7 +256,7 @@ def classification_metrics(
     logits = logits.float().cpu()
     labels = labels.cpu()
     num_classes = len(class_names)
-    predictions = logits.argmax(dim=1).numpy()
+    predictions = predicted_classes(logits).numpy()
     label_array = labels.numpy()
     probabilities = torch.softmax(logits, dim=1).numpy()
     metrics: dict[str, Any] = {
@@ -265,19 +274,17 @@ def classification_metrics(
 
 def most_predicted(logits: torch.Tensor, class_names: Sequence[str]) -> tuple[str, float]:
     """The class a model predicts most often on a split, and the share of the split's samples it is predicted for."""
-    counts = torch.bincount(logits.argmax(dim=1).cpu(), minlength=len(class_names))
+    counts = torch.bincount(predicted_classes(logits).cpu(), minlength=len(class_names))
     top = int(counts.argmax())
     return class_names[top], float(counts[top]) / max(len(logits), 1)
 
 
 def metric_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """What an epoch's metrics need, counted on the logits' device (float64, to be read in one copy):
-    the confusion matrix by bincount (rows: true class, columns: the predicted class, argmax's: the
-    first of tied highest logits), flattened, then the samples whose label is among the 1 and among
-    the 3 highest logits as `topk_accuracy` ranks them (k clipped to the number of classes)."""
-    confusion = torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes * num_classes)
-    hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1).sum()[None]
-            for k in (1, 3)]
+    the confusion matrix by bincount (rows: true class, columns: `predicted_classes`), flattened, then the
+    samples whose label is among the 1 and the 3 highest logits as `ranked_classes` ranks them."""
+    confusion = torch.bincount(labels * num_classes + predicted_classes(logits), minlength=num_classes * num_classes)
+    hits = [(ranked_classes(logits, k) == labels[:, None]).any(dim=1).sum()[None] for k in (1, 3)]
     return torch.cat([confusion, *hits]).double()
 
 
@@ -302,7 +309,7 @@ def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """Confusion matrix (rows: true class, columns: predicted class)."""
     return confusion_matrix(
-        labels.cpu().numpy(), logits.argmax(dim=1).cpu().numpy(), labels=list(range(num_classes))
+        labels.cpu().numpy(), predicted_classes(logits).cpu().numpy(), labels=list(range(num_classes))
     )
 
 
@@ -312,7 +319,7 @@ def report_text(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequenc
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         return classification_report(
             labels.cpu().numpy(),
-            logits.argmax(dim=1).cpu().numpy(),
+            predicted_classes(logits).cpu().numpy(),
             labels=list(range(len(class_names))),
             target_names=[printable(name) for name in class_names],  # a text file, read in a terminal
             digits=4,
@@ -327,7 +334,7 @@ def per_class_scores(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         report = classification_report(
-            labels.cpu().numpy(), logits.argmax(dim=1).cpu().numpy(), labels=list(range(len(class_names))),
+            labels.cpu().numpy(), predicted_classes(logits).cpu().numpy(), labels=list(range(len(class_names))),
             target_names=list(class_names), zero_division=np.nan, output_dict=True,
         )
     return {
@@ -450,6 +457,9 @@ def figure_png(figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
+LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}  # never over a curve
+
+
 def save_figure(figure, path: str | Path) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     png = figure_png(figure)
@@ -465,11 +475,9 @@ def curves_figure(
     histories: dict[str, list[dict[str, Any]]], key: str, ylabel: str, title: str = "",
     part_labels: dict[str, str] | None = None,
 ):
-    """Train (dashed) and validation (solid) curves of one metric over epochs, one colour a model.
-
-    With `part_labels` (the training objective's parts, name -> label), a single model's training
-    loss is drawn part by part. Losses are drawn on a log scale.
-    """
+    """Train (dashed) and validation (solid) curves of one metric over epochs, one colour and marker a model.
+    With `part_labels` (the objective's parts, name -> label) a single model's training loss is drawn part by
+    part. Losses are drawn on a log scale; the legend sits beside the axes."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -481,10 +489,12 @@ def curves_figure(
         series = [(key, f"{prefix}train {key}", f"C{index}")]
         if key == "loss" and len(histories) == 1 and len(parts) > 1:
             series = [(part, f"train {part_labels[part]}", f"C{number + 1}") for number, part in enumerate(parts)]
+        # Coinciding curves (models that learned alike) stay visible: later ones thinner, with hollow markers.
+        style = {"marker": "osD^v<>p"[index % 8], "markersize": 3 + 2 / (index + 1),
+                 "fillstyle": "none" if index else "full", "linewidth": 2.4 / (index + 1) ** 0.5}
         for part, label, color in series:
-            axis.plot(epochs, _values(history, "train", part), "--", color=color, marker="o", markersize=3, label=label)
-        axis.plot(epochs, _values(history, "val", key), "-", color=f"C{index}", marker="o", markersize=3,
-                  label=f"{prefix}val {key}")
+            axis.plot(epochs, _values(history, "train", part), "--", color=color, label=label, **style)
+        axis.plot(epochs, _values(history, "val", key), "-", color=f"C{index}", label=f"{prefix}val {key}", **style)
     if key == "loss":
         axis.set_yscale("log")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -493,15 +503,14 @@ def curves_figure(
     if title:
         axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2 if len(histories) > 1 else 1)
+    axis.legend(fontsize=7, **LEGEND_OUTSIDE)
     return figure
 
 
 def plot_topk(results: dict[str, dict[str, Any]], title: str, path: str | Path, num_classes: int | None = None) -> None:
     """Grouped bars of top-1 and top-3 accuracy per split (top-1 alone where top-3 says nothing: `shows_top_k`)."""
     plt = _pyplot()
-    splits = list(results)
-    x = np.arange(len(splits))
+    splits, x = list(results), np.arange(len(results))
     figure, axis = plt.subplots(figsize=(6, 4))
     keys = ((-0.2, "top1"), (0.2, "top3")) if shows_top_k(num_classes) else ((0.0, "top1"),)
     for offset, key in keys:
@@ -512,7 +521,7 @@ def plot_topk(results: dict[str, dict[str, Any]], title: str, path: str | Path, 
     axis.set_ylabel("accuracy (%)")
     axis.set_ylim(0, 105)
     axis.set_title(title)
-    axis.legend(loc="lower right")
+    axis.legend(**LEGEND_OUTSIDE)
     save_figure(figure, path)
 
 
@@ -568,8 +577,7 @@ def plot_comparison(
     size_axis.set_title("Model size")
     size_axis.set_ylim(0, max(params.values()) / 1e6 * 1.3)
     size_axis.tick_params(axis="x", rotation=35)
-    for label in size_axis.get_xticklabels():
-        label.set_horizontalalignment("right")
+    plt.setp(size_axis.get_xticklabels(), horizontalalignment="right")
     save_figure(figure, path)
 
 
@@ -585,8 +593,7 @@ def per_class_f1_figure(per_class: dict[str, dict[str, dict[str, Any]]], class_n
                  width=width, label=role)
     axis.set_xticks(x, class_names, rotation=45 if len(class_names) > 12 else 0, fontsize=8)
     axis.set_ylabel("test F1 (%)")
-    low = min((100 * s[c]["f1"] for s in per_class.values() for c in class_names if s[c]["f1"] is not None), default=0)
-    axis.set_ylim(max(0, low - 5), 100.5)
+    axis.set_ylim(0, 100.5)  # from 0: a zoomed axis multiplies the look of a difference
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, **LEGEND_OUTSIDE)
     return figure

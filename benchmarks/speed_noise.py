@@ -4,9 +4,10 @@ not a test): the figures behind deploy.NOISY_SPREAD.
     python benchmarks/speed_noise.py [--repeats N] [--image-size PX] [--hog]
 
 It builds the models of typical runs (untrained: speed does not depend on the weights) and measures
-them `--repeats` times with `deploy.measure_speeds` in one pass (no re-measuring), as a run does.
-Per model and kind (batch-1 latency, batch-64 throughput) it prints the relative spread of every
-repeat, (q3 - q1) / median of the timed blocks, and their median and largest. `--hog` first starts
+them `--repeats` times against the first (as teacher) with `deploy.measure_speeds` in one pass (no
+re-measuring), as a run does. Per student and kind (batch-1 latency, batch-64 throughput) it prints the
+relative spread of its speed-up every repeat, (q3 - q1) / median of the per-round ratios, and their median
+and largest. `--hog` first starts
 a second process that keeps one core busy, as another job would; the load average is printed beside.
 
 The last line is `SPREAD hog=<on|off> load=<1-minute load average> latency_median=<x> latency_max=<y>
@@ -36,18 +37,19 @@ HOG = "while True: pass"
 
 
 def relative_spreads(repeats: int, image_size: int) -> dict[tuple[str, str], list[float]]:
-    """(q3 - q1) / median of every model's latency and throughput, once per repeat."""
+    """(q3 - q1) / median of every student's per-round speed-ups (latency, throughput), once per repeat."""
     device = torch.device("cpu")
     amp_dtype = compute.resolve_amp_dtype("auto", device)
     models = {name: model_builder.build_model(name, 10, image_size).eval().to(memory_format=torch.channels_last)
               for name in MODELS}
     spreads: dict[tuple[str, str], list[float]] = {}
     for repeat in range(repeats):
-        speeds = deploy.measure_speeds(models, image_size, device, amp_dtype, passes=1)
+        speeds = deploy.measure_speeds(models, image_size, device, amp_dtype, MODELS[0], passes=1)
         for name, speed in speeds.items():
-            for kind, key in (("latency", "latency_ms"), ("throughput", "throughput_img_s")):
-                low, high = speed[f"{key}_iqr"]
-                spreads.setdefault((name, kind), []).append((high - low) / speed[key])
+            for kind, ((key, _, _), *_) in deploy.SPEED_KINDS.items():
+                if name != MODELS[0]:
+                    low, high = speed[f"{key}_iqr"]
+                    spreads.setdefault((name, kind), []).append((high - low) / speed[key])
         print(f"repeat {repeat + 1}/{repeats} done (load average {os.getloadavg()[0]:.2f})", flush=True)
     return spreads
 

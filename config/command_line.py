@@ -79,7 +79,8 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.flags: list[str] = []  # before the parser's own --help is added
-        super().__init__(*args, **kwargs)
+        # No prefix matching: --student-epoch must not silently mean --student-epochs (error() names the flag).
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         action = super().add_argument(*args, **kwargs)

@@ -245,7 +245,8 @@ def kd_methods(config: Config) -> list[str]:
     methods = [method.strip().lower() for method in config.kd_methods.split(",") if method.strip()]
     unknown = [method for method in methods if method not in known]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise SettingsError(f"--kd-methods must list distinct methods of {', '.join(known)} "
+        named = f": '{unknown[0]}' is not a method; it" if unknown else ""
+        raise SettingsError(f"--kd-methods{named} must list distinct methods of {', '.join(known)} "
                             f"(got '{config.kd_methods}').")
     return methods
 
@@ -297,8 +298,8 @@ def method_weights(config: Config) -> dict[str, Any]:
             with torch.device("meta"):
                 method = method_class(teacher, student, setup)
         except ValueError as error:
-            raise SettingsError(f"{'--feature-layers: ' if method_class.uses_features else name + ': '}{error}") \
-                from None
+            given_layers = " --feature-layers" if method_class.uses_features and config.feature_layers else ""
+            raise SettingsError(f"--kd-methods {name}{given_layers}: {error}") from None
         method.close()
         for key, value in method.weights().items():
             weights[key] = {**weights[key], **value} if isinstance(value, dict) and key in weights else value
@@ -394,6 +395,13 @@ def validate(config: Config) -> None:
         except ValueError as error:
             raise SettingsError(str(error)) from None
     method_weights(config)
+
+
+def check_classes(config: Config, num_classes: int) -> None:
+    """Stop with one sentence, before any training, where a chosen method cannot learn from the data's classes."""
+    for name in kd_methods(config):
+        for sentence in KD_engine.method_class(name).check_classes(num_classes):
+            raise SettingsError(sentence)
 
 
 def adopt_teacher_checkpoint(config: Config, checkpoint: dict[str, Any], given: set[str] | None) -> Config:

@@ -168,6 +168,9 @@ class ModelRow(Record):
     stopped_early: bool
     train_seconds: float
     test: dict[str, float | None]
+    # "test" is the model as saved and deployed (fp32); a run under autocast also gives its test metrics so,
+    # with "precision" naming it
+    test_autocast: dict[str, Any] | None = None
     test_top_class: str | None = None  # the class the model predicts most often on the test split
     test_top_class_share: float | None = None  # the share of test images it predicts that class for
     pretrained: dict[str, Any] | None = None  # with --teacher-weights / --student-weights
@@ -201,13 +204,17 @@ class ModelRow(Record):
     throughput_speedup_over_teacher: float | None = None  # batch throughput: the model's median over the teacher's
     throughput_speedup_clear: bool | None = None
     throughput_noisy: bool | None = None
+    speedup_over_teacher_iqr: list[float] | None = None  # interquartile ranges of the per-round speed-ups
+    throughput_speedup_over_teacher_iqr: list[float] | None = None
+    speeds_apart: str | None = None  # identical architectures measured apart: every speed-up marked noisy
     flops_peer: dict[str, Any] | None = None  # a student costlier than torchvision's model of its size (deploy)
 
     # Fields a run writes together: a row holds all of a group or none of it.
     GROUPS = (("file_mb", "flops_per_image"), ("test_top1_by_seed", "test_top1_mean", "test_top1_std"),
               ("mcnemar_p_by_seed", "gain_top1_by_seed", "gain_top1_mean", "gain_top1_std", "gain_top1_p"),
               ("latency_ms", "latency_ms_iqr", "throughput_img_s", "throughput_img_s_iqr", "speedup_over_teacher"))
-    PAIRS = ("latency_ms_iqr", "throughput_img_s_iqr", "gain_top1_ci95")  # [low, high]
+    PAIRS = ("latency_ms_iqr", "throughput_img_s_iqr", "gain_top1_ci95", "speedup_over_teacher_iqr",
+             "throughput_speedup_over_teacher_iqr")  # [low, high]
 
     @property
     def zero_spread(self) -> bool:
@@ -315,7 +322,8 @@ class ModelResults(Record):
     splits: dict[str, SplitResults]
 
 
-RUN_FIELDS = ("kd_gain_top1", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
+RUN_FIELDS = ("kd_gain_top1", "kd_gain_significant", "kd_gain_top1_std", "kd_gain_top1_ci95", "kd_gain_top1_by_seed",
+              "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
               "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "sweep", "notes")
 
 
@@ -332,14 +340,24 @@ class RunSummary(Record):
     wall_seconds: float
     finished_at: str
     warnings: list[str] = field(default_factory=list)
+    # The headline gain of plain KD, pooled over seeds (the mean gain and its verdict; an earlier version wrote
+    # the first seed's gain alone), then its spread, interval and per-seed gains
     kd_gain_top1: float | None = None
+    kd_gain_significant: bool | None = None
+    kd_gain_top1_std: float | None = None
+    kd_gain_top1_ci95: list[float] | None = None
+    kd_gain_top1_by_seed: dict[str, float] | None = None
     wall_seconds_last_sitting: float | None = None  # wall_seconds covers every sitting of a resumed run
     sittings: int | None = None
     sweep: SweepRecord | None = None  # a run made by --sweep
     notes: dict[str, str] | None = None  # what a field of the models' rows means, where it needs saying
 
     def check(self, where: str) -> None:
-        """Every skipped file names its path and the reason it was skipped."""
+        """Every skipped file names its path and the reason it was skipped; the headline gain's interval is
+        [low, high]."""
+        interval = self.kd_gain_top1_ci95
+        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
+            raise ValueError(f"{where}.kd_gain_top1_ci95 must be [low, high] (got {interval!r:.60})")
         for index, entry in enumerate(self.skipped_files):
             if not {"path", "reason"} <= entry.keys():
                 raise ValueError(f"{where}.skipped_files[{index}] must hold the file's 'path' and the 'reason'")

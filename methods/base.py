@@ -83,6 +83,7 @@ class Method:
     settings: ClassVar[dict[str, Setting]] = {}
     reads: ClassVar[tuple[str, ...]] = ("temperature", "alpha")
     min_classes: ClassVar[int] = 2
+    few_classes: ClassVar[str] = ""  # why it needs `min_classes`, when more than 2: said where it refuses a run
     uses_features: ClassVar[bool] = False  # whether it needs teacher feature maps (then no cached teacher logits)
 
     trainable: nn.Module | None = None
@@ -105,6 +106,15 @@ class Method:
                 for name, setting in cls.settings.items()
                 if setting.check is not None and getattr(config, name) is not None
                 and not setting.check(getattr(config, name))]
+
+    @classmethod
+    def check_classes(cls, num_classes: int) -> list[str]:
+        """A sentence naming this method and why it cannot learn from `num_classes` classes; none when it can."""
+        if num_classes >= cls.min_classes:
+            return []
+        why = f" ({cls.few_classes})" if cls.few_classes else ""
+        return [f"--kd-methods {cls.name} needs at least {cls.min_classes} classes{why}, but the data has "
+                f"{num_classes}: leave it out of --kd-methods."]
 
     def weights(self) -> dict[str, Any]:
         """The weights this student's loss uses, as config.json's `resolved` records them (merged over methods)."""

@@ -52,6 +52,9 @@ class DIST(LogitTerm):
     citation = "Huang et al., NeurIPS 2022; hunto/DIST_KD classification/lib/models/losses/dist_kd.py"
     parts = {"dist": "DIST (inter + intra)"}
     settings = SETTINGS
+    min_classes = 3
+    few_classes = ("with 2 classes the per-image correlation of two probabilities that sum to 1 is only a sign "
+                   "(+1 or -1), so the inter-class relation carries no more than the argmax")
     part = "dist"
 
     def term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -97,6 +97,8 @@ class DKD(Method):
     citation = "Zhao et al., CVPR 2022; mdistiller mdistiller/distillers/DKD.py"
     parts = {"tckd": "DKD target-class", "nckd": "DKD non-target"}
     settings = SETTINGS
+    min_classes = 3
+    few_classes = "with 2 classes there is one non-target class, so the non-target term NCKD is always zero"
     scale = 1.0  # the multiplier of dkd_alpha and dkd_beta (logit standardization's weight)
 
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, setup: Setup) -> None:

@@ -9,7 +9,7 @@ import json
 import math
 import timeit
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -107,27 +107,38 @@ def block_times(run: Callable[[], None], min_run_time: float, min_blocks: int = 
     return times
 
 
-def spread(seconds: list[float]) -> dict[str, Any]:
-    """Median and interquartile range [q1, q3] of timed seconds, and whether the range is wide against the
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median and interquartile range [q1, q3] of measured values, and whether the range is wide against the
     median (`noisy`: wider than NOISY_SPREAD of it)."""
-    q1, median, q3 = np.percentile(seconds, [25, 50, 75])
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
     return {"median": float(median), "iqr": [float(q1), float(q3)], "noisy": bool(q3 - q1 > NOISY_SPREAD * median)}
+
+
+def _ratio_fields(kind: str, ratios: list[float]) -> dict[str, Any]:
+    """A model's speed-up of one kind from its per-round ratios to the teacher: their median, interquartile
+    range, whether it is noisy (`spread`) and, if not, whether it is clear (the range excludes 1)."""
+    ratio_field, clear_field, noisy_field = SPEED_KINDS[kind][0]
+    judged = spread(ratios)
+    low, high = judged["iqr"]
+    return {ratio_field: round(judged["median"], 3), f"{ratio_field}_iqr": [round(low, 3), round(high, 3)],
+            noisy_field: judged["noisy"], clear_field: not judged["noisy"] and (low > 1 or high < 1)}
 
 
 def measure_speeds(
     models: dict[str, nn.Module], image_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    batch: int = THROUGHPUT_BATCH, rounds: int = 3, min_run_time: float = 0.05, passes: int = MEASURE_PASSES,
+    teacher: str, batch: int = THROUGHPUT_BATCH, rounds: int = 3, min_run_time: float = 0.05,
+    passes: int = MEASURE_PASSES,
 ) -> dict[str, dict[str, Any]]:
-    """Deployment speed of several models on this device, measured interleaved.
+    """Deployment speed of several models on this device, each measured against `teacher` in alternating rounds.
 
-    In each of `rounds` rounds every model in turn is timed (`block_times`) at batch 1 and at batch
-    `batch`, so a slow moment of the machine hits all of them rather than one. Per model: batch-1
-    latency in ms and batch-`batch` throughput in images/s, each as the median and the
-    interquartile range [q1, q3] of the timed blocks of all rounds. A measurement whose range is
-    wide against its median (`spread`) is taken again, in up to `passes` passes in all (the models
-    still noisy, interleaved as before); one still noisy after them is marked `latency_noisy` /
-    `throughput_noisy`. Inputs are random (speed does not depend on them); the measurement uses as
-    many threads as the run.
+    In each of `rounds` rounds, for every other model and each batch size (1 and `batch`), the teacher
+    and then the model are timed (`block_times`), and the ratio of their median times is that round's
+    speed-up, so a slow moment of the machine weighs on both sides of a ratio. Per model: batch-1
+    latency in ms and batch-`batch` throughput in images/s (median and interquartile range of all its
+    timed blocks), and per kind the speed-up as the median of its per-round ratios with their range
+    (`_ratio_fields`). A speed-up whose range is wide against its median is measured again, in up to
+    `passes` passes in all; one still wide is marked noisy. Inputs are random (speed does not depend on
+    them); the measurement uses as many threads as the run.
     """
     def forward(module: nn.Module, images: torch.Tensor) -> None:
         with torch.inference_mode(), compute.autocast(device, amp_dtype):
@@ -141,71 +152,79 @@ def measure_speeds(
         for size in (1, batch):
             images = torch.randn(size, 3, image_size, image_size, device=device)
             calls[name, size] = functools.partial(forward, module, images.contiguous(memory_format=torch.channels_last))
-    spreads: dict[tuple[str, int], dict[str, Any]] = {}
-    pending = list(calls)
+    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
+    ratios: dict[tuple[str, int], list[float]] = {}
+    # The teacher alone is timed against itself, so that it has figures too.
+    pending = [(name, size) for name in models if name != teacher for size in (1, batch)] or \
+        [(teacher, 1), (teacher, batch)]
     for _ in range(passes):
-        seconds: dict[tuple[str, int], list[float]] = {key: [] for key in pending}
+        ratios.update({key: [] for key in pending})
         for _ in range(rounds):
-            for key in pending:
-                seconds[key] += block_times(calls[key], min_run_time)
-        spreads.update({key: spread(times) for key, times in seconds.items()})
-        pending = [key for key in pending if spreads[key]["noisy"]]
+            for name, size in pending:
+                reference = block_times(calls[teacher, size], min_run_time)
+                own = block_times(calls[name, size], min_run_time)
+                seconds[teacher, size] += reference
+                seconds[name, size] += own
+                ratios[name, size].append(float(np.median(reference) / np.median(own)))
+        pending = [key for key in pending if spread(ratios[key])["noisy"]]
         if not pending:
             break
     speeds = {}
     for name in models:
-        latency, throughput = spreads[name, 1], spreads[name, batch]
+        latency, throughput = spread(seconds[name, 1]), spread(seconds[name, batch])
         speeds[name] = {
             "latency_ms": round(1000 * latency["median"], 3),
             "latency_ms_iqr": [round(1000 * value, 3) for value in latency["iqr"]],
             "throughput_img_s": round(batch / throughput["median"], 1),
             "throughput_img_s_iqr": [round(batch / value, 1) for value in throughput["iqr"][::-1]],
-            "latency_noisy": latency["noisy"], "throughput_noisy": throughput["noisy"],
+            **({"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0, "latency_noisy": False,
+                "throughput_noisy": False} if name == teacher else
+               {**_ratio_fields("latency", ratios[name, 1]), **_ratio_fields("throughput", ratios[name, batch])}),
         }
     return speeds
 
 
+def identical_apart(speeds: dict[str, dict[str, Any]], archs: dict[str, str]) -> str | None:
+    """Models of one architecture (`archs`: name to architecture, the teacher's speed-up being 1) whose median
+    speed-ups of one kind differ by more than NOISY_SPREAD: the machine's load changed between them, and no
+    speed-up of the table can be trusted. Says which, in words; None when none do."""
+    for (ratio_field, _, _), measure, _, _ in SPEED_KINDS.values():
+        for arch in sorted(set(archs.values())):
+            same = {name: speeds[name][ratio_field] for name in archs if archs[name] == arch}
+            if len(same) > 1 and max(same.values()) > (1 + NOISY_SPREAD) * min(same.values()):
+                return (f"{' and '.join(same)} (all {arch}) measured {measure} speed-ups of "
+                        f"{' and '.join(f'{ratio:.2f}x' for ratio in same.values())}")
+    return None
+
+
+def mark_table_noisy(speeds: dict[str, dict[str, Any]], archs: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """`speeds` with every speed-up of every model marked noisy and `speeds_apart` set where `identical_apart`
+    finds identical architectures measured apart; else as they were."""
+    apart = identical_apart(speeds, archs)
+    if apart is None:
+        return speeds
+    return {name: {**speed, "latency_noisy": True, "throughput_noisy": True, "speedup_clear": False,
+                   "throughput_speedup_clear": False, "speeds_apart": apart} for name, speed in speeds.items()}
+
+
 def measure_saved_models(
-    folders: dict[str, Path], image_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+    folders: dict[str, Path], image_size: int, device: torch.device, amp_dtype: torch.dtype | None, teacher: str,
 ) -> dict[str, dict[str, Any]]:
-    """`measure_speeds` of the models saved as best_model.pth in `folders` ({name: folder}), so that a
-    resumed run measures them all too; in channels_last on `device`, as they trained."""
-    paths = {name: folder / checkpoints.BEST_MODEL for name, folder in folders.items()}
-    models = {name: checkpoints.load_model(checkpoints.read_state(path), path)
-              .to(device, memory_format=torch.channels_last) for name, path in paths.items()}
-    return measure_speeds(models, image_size, device, amp_dtype)
-
-
-def _ratio(teacher: tuple[float, list[float], bool], model: tuple[float, list[float], bool], faster: str) -> tuple:
-    """A speed-up from one kind of figure (median, IQR, noisy) of the teacher and the model, and whether it
-    is clear: neither measurement noisy and their interquartile ranges apart. `faster` says which way the
-    figure runs ("lower" for latency, "higher" for throughput)."""
-    ratio = teacher[0] / model[0] if faster == "lower" else model[0] / teacher[0]
-    (low, high), (teacher_low, teacher_high) = model[1], teacher[1]
-    apart = high < teacher_low or teacher_high < low
-    return round(ratio, 3), apart and not (teacher[2] or model[2])
-
-
-def speedup(teacher: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    """A model's two speed-ups over the teacher, each with its own verdict: batch-1 latency
-    (`speedup_over_teacher`, the teacher's median latency over the model's) and batch throughput
-    (`throughput_speedup_over_teacher`, the model's median images/s over the teacher's). A speed-up is
-    clear (`speedup_clear`, `throughput_speedup_clear`) when neither measurement is noisy and their
-    interquartile ranges do not overlap."""
-    def figures(speed: dict[str, Any], kind: str, unit: str) -> tuple[float, list[float], bool]:
-        return speed[f"{kind}_{unit}"], speed[f"{kind}_{unit}_iqr"], bool(speed.get(f"{kind}_noisy"))
-
-    latency, latency_clear = _ratio(figures(teacher, "latency", "ms"), figures(model, "latency", "ms"), "lower")
-    throughput, throughput_clear = _ratio(figures(teacher, "throughput", "img_s"),
-                                          figures(model, "throughput", "img_s"), "higher")
-    return {"speedup_over_teacher": latency, "speedup_clear": latency_clear,
-            "throughput_speedup_over_teacher": throughput, "throughput_speedup_clear": throughput_clear}
+    """`measure_speeds` against `teacher` of the models saved as best_model.pth in `folders` ({name: folder}), so
+    that a resumed run measures them all too; in channels_last on `device`, as they trained; the table marked
+    noisy where identical architectures measured apart (`mark_table_noisy`)."""
+    states = {name: (checkpoints.read_state(folder / checkpoints.BEST_MODEL), folder / checkpoints.BEST_MODEL)
+              for name, folder in folders.items()}
+    models = {name: checkpoints.load_model(state, path).to(device, memory_format=torch.channels_last)
+              for name, (state, path) in states.items()}
+    speeds = measure_speeds(models, image_size, device, amp_dtype, teacher)
+    return mark_table_noisy(speeds, {name: state["arch"] for name, (state, _) in states.items()})
 
 
 def speedup_cell(row: records.ModelRow, kind: str, teacher: records.ModelRow | None = None) -> str:
-    """A model's speed-up of one kind ("latency", "throughput") for tables: '2.10x', 'unclear' (the two
-    interquartile ranges overlap), 'noisy' (its or the teacher's measurement stayed noisy: no speed-up
-    claimed) or 'n/a'."""
+    """A model's speed-up of one kind ("latency", "throughput") for tables: '2.10x', 'unclear' (the range of its
+    per-round ratios holds 1), 'noisy' (that range stayed wide, or identical architectures measured apart: no
+    speed-up claimed) or 'n/a'."""
     ratio_field, clear_field, noisy_field = SPEED_KINDS[kind][0]
     ratio = getattr(row, ratio_field)
     if ratio is None:
@@ -223,12 +242,17 @@ def speed_clause(student: records.ModelRow, teacher: records.ModelRow, kind: str
     if ratio is None:
         return None
     figures = f"{getattr(student, figure):g} against {getattr(teacher, figure):g} {unit}"
+    if student.speeds_apart:
+        return (f"no {measure} speed-up is claimed ({figures}): {student.speeds_apart}, so the machine's load "
+                "changed while it measured")
     if getattr(student, noisy_field) or getattr(teacher, noisy_field):
-        return (f"its {measure} stayed noisy (interquartile range wider than {100 * NOISY_SPREAD:g}% of the median, "
-                f"after {MEASURE_PASSES} tries; {figures}), so no {measure} speed-up is claimed")
+        return (f"its {measure} speed-up stayed noisy (the interquartile range of its per-round ratios wider than "
+                f"{100 * NOISY_SPREAD:g}% of their median, after {MEASURE_PASSES} tries; {figures}), so no {measure} "
+                "speed-up is claimed")
     if getattr(student, clear_field) is False:
-        return f"its {measure} cannot be told from the teacher's ({figures}, overlapping interquartile ranges)"
-    return f"by {measure} it is {ratio:.2f}x as fast ({figures})"
+        return (f"its {measure} cannot be told from the teacher's ({figures}; the interquartile range of its "
+                "per-round ratios holds 1)")
+    return f"by {measure} it is {ratio:.2f}x as fast ({figures}, median of per-round ratios)"
 
 
 # ---------------------------------------------------------------- students for photos
@@ -303,23 +327,36 @@ def onnx_logits(session, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def onnx_parity(model: nn.Module, path: str | Path, images: torch.Tensor) -> float:
-    """Largest absolute difference between PyTorch (fp32, CPU) and onnxruntime logits on `images`."""
-    expected = _cpu_copy(model)(images.cpu().float().contiguous())
-    return float((onnx_logits(onnx_session(path), images) - expected).abs().max())
+def onnx_parity(model: nn.Module, path: str | Path, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
+    """PyTorch (fp32, CPU, as saved) against onnxruntime on every batch of `batches`: the images checked,
+    the largest absolute logit difference, and in how many images their predictions
+    (`utils.predicted_classes`) differ."""
+    plain, session = _cpu_copy(model), onnx_session(path)
+    images, difference, differing = 0, 0.0, 0
+    for batch in batches:
+        expected = plain(batch.cpu().float().contiguous())
+        exported = onnx_logits(session, batch)
+        images += len(batch)
+        difference = max(difference, float((exported - expected).abs().max()))
+        differing += int((utils.predicted_classes(exported) != utils.predicted_classes(expected)).sum())
+    return {"checked_images": images, "max_abs_diff": difference, "differing_predictions": differing}
 
 
 def export_checked(
-    model: nn.Module, path: Path, image_size: int, metadata: dict[str, Any], images: torch.Tensor,
+    model: nn.Module, path: Path, image_size: int, metadata: dict[str, Any], batches: Iterable[torch.Tensor],
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Write `path` (ONNX, with `metadata`) and check it against PyTorch on `images` (real, normalized).
+    """Write `path` (ONNX, with `metadata`) and check it against PyTorch on `batches` (real, normalized images
+    of `split`).
 
-    Returns the check: images used, the largest logit difference, the tolerance and whether it passed.
+    Returns the check: split and images used, the largest logit difference, the tolerance, the predictions
+    that differ, and whether it passed (within the tolerance and no prediction differing).
     """
     export_onnx(model, path, image_size, metadata)
-    difference = onnx_parity(model, path, images)
-    passed = difference <= ONNX_TOLERANCE
+    check = onnx_parity(model, path, batches)
+    passed = check["max_abs_diff"] <= ONNX_TOLERANCE and check["differing_predictions"] == 0
     if not passed:
         print(f"warning: {metadata.get('role', 'the model')}'s ONNX export differs from PyTorch by "
-              f"{difference:.2e} (> {ONNX_TOLERANCE:.0e})")
-    return {"checked_images": len(images), "max_abs_diff": difference, "tolerance": ONNX_TOLERANCE, "passed": passed}
+              f"{check['max_abs_diff']:.2e} (tolerance {ONNX_TOLERANCE:.0e}) and in "
+              f"{check['differing_predictions']} predictions")
+    return {"checked_split": split, **check, "tolerance": ONNX_TOLERANCE, "passed": passed}

@@ -34,10 +34,12 @@ def evaluate_model(
     class_names = context.data.class_names
     outputs = {split: tuple(tensor.cpu() for tensor in engine.predict(
                    model, context.eval_loaders[split], context.device, context.amp_dtype, f"{role} {split}"))
-               for split in records.SPLITS if not (split == "val" and fit.best_val_outputs is not None)}
+               for split in ("train", "val") if not (split == "val" and fit.best_val_outputs is not None)}
     if fit.best_val_outputs is not None:
         # The selected weights are the best epoch's: its validation pass already holds these outputs.
         outputs["val"] = fit.best_val_outputs
+    outputs["test"], autocast_test = test_outputs(model, context.eval_loaders["test"], context.device,
+                                                  context.amp_dtype, f"{role} test")
     outputs = {split: outputs[split] for split in records.SPLITS}
     results = {split: engine.metrics_from_logits(*outputs[split], class_names) for split in records.SPLITS}
     top_class, top_share = utils.most_predicted(outputs["test"][0], class_names)
@@ -47,6 +49,10 @@ def evaluate_model(
         test={key: results["test"][key] for key in records.TEST_KEYS}, test_top_class=top_class,
         test_top_class_share=top_share,
     )
+    if autocast_test is not None:
+        autocast_results = engine.metrics_from_logits(*autocast_test, class_names)
+        row.test_autocast = {"precision": compute.precision_name(context.amp_dtype),
+                             **{key: autocast_results[key] for key in records.TEST_KEYS}}
     pretrained = context.initial_weights(role)
     if pretrained is not None:
         row.pretrained = model_builder.pretrained_fit(model, pretrained)[1]
@@ -68,6 +74,21 @@ def evaluate_model(
                                         "splits": results})
     (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
     return row
+
+
+def test_outputs(
+    model: nn.Module, data_loader: engine.Batches, device: torch.device, amp_dtype: torch.dtype | None,
+    description: str,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """The test split's logits and labels (on the host) of the model as saved and deployed (fp32, as
+    prediction_for_one.py and the ONNX file run it), and, where the run trained under autocast
+    (`amp_dtype`), under that autocast too (None otherwise): reduced precision can flip a prediction."""
+    deployed = tuple(tensor.cpu() for tensor in engine.predict(model, data_loader, device, None, description))
+    if amp_dtype is None:
+        return deployed, None
+    autocast = tuple(tensor.cpu() for tensor in engine.predict(
+        model, data_loader, device, amp_dtype, f"{description} ({compute.precision_name(amp_dtype)})"))
+    return deployed, autocast
 
 
 def write_model_folder(
@@ -102,12 +123,12 @@ def write_model_folder(
 
 
 def export_model(context: model_run.Context, role: str, arch: str, model: nn.Module, folder: Path) -> dict[str, Any]:
-    """Write <model folder>/model.onnx and check it against PyTorch on real validation images."""
+    """Write <model folder>/model.onnx and check it against PyTorch (fp32, as saved) on the whole test split."""
     path = folder / "model.onnx"
     metadata = {"arch": arch, "class_names": context.data.class_names, "image_size": context.config.image_size,
                 "resize": context.config.resize, "mean": context.data.mean, "std": context.data.std, "role": role}
-    images = next(iter(context.eval_loaders["val"]))[0][:64]
-    check = deploy.export_checked(model, path, context.config.image_size, metadata, images)
+    batches = (images for images, *_ in context.eval_loaders["test"])
+    check = deploy.export_checked(model, path, context.config.image_size, metadata, batches)
     return {"onnx": str(path.relative_to(context.run_dir)), **check}
 
 

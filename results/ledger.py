@@ -14,14 +14,24 @@ from typing import Any
 import utils
 from config import settings
 from core import records
+from results import significance
 
 LEDGER_ROLES = (records.TEACHER, records.BASELINE, records.distilled_role("kd"))  # each has its own top-1 column
 LEDGER_COLUMNS = [
     "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
     "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
     "image_size", "seed", "seeds", *(f"{role}_top1" for role in LEDGER_ROLES), "distilled_top1", "kd_gain_top1",
-    "wall_seconds", "wall_seconds_last_sitting", "sweep",
+    "kd_gain_significant", "wall_seconds", "wall_seconds_last_sitting", "sweep",
 ]
+
+
+def _kd_gain(summary: records.RunSummary) -> dict[str, Any]:
+    """KD's gain over the baseline and its verdict: over several seeds the pooled ones (the mean gain, the
+    interval's verdict), as summary.json, the console and the report lead with them; else the one seed's."""
+    headline = significance.headline_gain(summary.models)
+    if not headline:
+        return {"kd_gain_top1": None, "kd_gain_significant": None}
+    return {"kd_gain_top1": round(headline["kd_gain_top1"], 6), "kd_gain_significant": headline["kd_gain_significant"]}
 
 
 def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Path) -> dict[str, Any]:
@@ -41,7 +51,7 @@ def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Pa
         "kd_methods": ",".join(settings.kd_methods(config)), "seeds": ",".join(map(str, settings.seeds(config))),
         **{f"{role}_top1": round(models[role].test["top1"], 6) if role in models else None for role in LEDGER_ROLES},
         "distilled_top1": " ".join(f"{records.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
-        "kd_gain_top1": None if summary.kd_gain_top1 is None else round(summary.kd_gain_top1, 6),
+        **_kd_gain(summary),
         "wall_seconds": summary.wall_seconds,  # every sitting of a resumed run
         "wall_seconds_last_sitting": (summary.wall_seconds if summary.wall_seconds_last_sitting is None
                                       else summary.wall_seconds_last_sitting),

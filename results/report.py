@@ -23,9 +23,13 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 def export_sentence(export: dict[str, Any]) -> str:
     """What an ONNX export wrote and how its check went, for the console and the report."""
     verdict = "passed" if export["passed"] else "FAILED"
+    # Exports of earlier versions were checked on validation images and compared logits only.
+    split = export.get("checked_split", "validation")
+    predictions = "" if "differing_predictions" not in export else (
+        f", and {export['differing_predictions']} of its predictions differ")
     return (f"exported {export['onnx']}: ONNX Runtime's logits differ from PyTorch's by at most "
-            f"{export['max_abs_diff']:.2g} on {export['checked_images']} validation images (tolerance "
-            f"{export['tolerance']:.0e}): {verdict}")
+            f"{export['max_abs_diff']:.2g} on {export['checked_images']} {split} images (tolerance "
+            f"{export['tolerance']:.0e}){predictions}: {verdict}")
 
 
 # ---------------------------------------------------------------- comparison tables
@@ -58,10 +62,15 @@ def comparison_table(summary: records.RunSummary) -> str:
         rows.append(cells)
     lines = [utils.text_table(header, rows, left=2).rstrip("\n")]
     distilled = [role for role in models if records.is_distilled(role)]
-    lines += [significance.gain_sentence(role, models[role], models[records.BASELINE], seeds) for role in distilled]
+    lines += [significance.gain_sentence(role, models[role], models[records.BASELINE], seeds,
+                                         significance.collapsed_seeds(models[role], models[records.BASELINE],
+                                                                      summary.dataset)) for role in distilled]
     if distilled:
         zero_spread = any(models[role].zero_spread for role in distilled)
         lines.append("significant: " + significance.rule(several, zero_spread))
+    note = precision_note(models)
+    if note:
+        lines.append(note)
     tested = {role: row for role, row in models.items() if row.test_top1_last_epoch is not None}
     if tested:
         lines.append("test top-1 of the last epoch / of the best epoch " + records.CHOSEN_ON_TEST + ": " + ", ".join(
@@ -73,6 +82,18 @@ def comparison_table(summary: records.RunSummary) -> str:
         lines.append("\nEvery seed (gain: over the baseline of the same seed; verdict: exact McNemar test of the "
                      "two):\n" + utils.text_table(SEED_COLUMNS, significance.seed_rows(summary), left=2).rstrip("\n"))
     return "\n".join(lines) + "\n"
+
+
+def precision_note(models: dict[str, records.ModelRow]) -> str | None:
+    """Where models were trained and first evaluated under autocast: that the test figures are those of the
+    saved fp32 weights, with each model's test top-1 under the autocast beside (None for fp32 runs)."""
+    under = {role: row.test_autocast for role, row in models.items() if row.test_autocast}
+    if not under:
+        return None
+    precision = next(iter(under.values()))["precision"]
+    return (f"Test figures: the saved fp32 weights, as prediction_for_one.py and the ONNX file run them; test top-1 "
+            f"under the run's {precision} autocast: " + ", ".join(
+                f"{role} {utils.format_metric(test['top1'])}" for role, test in under.items()))
 
 
 SEED_COLUMNS = ["model", "seed", "top1", "gain", "verdict"]
@@ -97,60 +118,75 @@ def deployment_table(summary: records.RunSummary) -> str:
         rows.append([role, f"{row.params:,}", f"{row.file_mb:.1f}", f"{row.flops_per_image / 1e9:.3g}",
                      f"{row.latency_ms:.2f}", interval(row.latency_ms_iqr, 2), cells["latency"],
                      f"{row.throughput_img_s:.1f}", interval(row.throughput_img_s_iqr, 1), cells["throughput"]])
-    notes = ["medians and interquartile ranges over interleaved rounds; speed-ups: the teacher's median batch-1 "
-             f"latency / the model's, and the model's median batch-{deploy.THROUGHPUT_BATCH} throughput / the "
-             "teacher's"]
+    notes = ["each model timed against the teacher in alternating rounds; speed-ups: the median over rounds of the "
+             f"teacher's batch-1 time / the model's (latency) and of batch-{deploy.THROUGHPUT_BATCH} (throughput)"]
     if "unclear" in marked:
-        notes.append("unclear: the model's and the teacher's interquartile ranges overlap, so this measurement cannot "
+        notes.append("unclear: the interquartile range of the per-round ratios holds 1, so this measurement cannot "
                      f"tell which is faster (median ratios: {', '.join(marked['unclear'])})")
-    if "noisy" in marked:
-        notes.append(f"noisy: a measurement's interquartile range stayed wider than {100 * deploy.NOISY_SPREAD:g}% of "
-                     f"its median in {deploy.MEASURE_PASSES} tries (a busy machine): no speed-up is claimed from it "
-                     f"(median ratios: {', '.join(marked['noisy'])})")
+    if teacher.speeds_apart:
+        notes.append(f"noisy: {teacher.speeds_apart}, so the machine's load changed while it measured: no speed-up "
+                     "of this table is claimed")
+    elif "noisy" in marked:
+        notes.append(f"noisy: the interquartile range of the per-round ratios stayed wider than "
+                     f"{100 * deploy.NOISY_SPREAD:g}% of their median in {deploy.MEASURE_PASSES} tries (a busy "
+                     f"machine): no speed-up is claimed from it (median ratios: {', '.join(marked['noisy'])})")
     return (f"Deployment on {summary.device} ({summary.precision}):\n" + utils.text_table(header, rows)
             + "".join(note + "\n" for note in notes))
 
 
 def reading_of_result(summary: records.RunSummary) -> list[str]:
-    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers.
-
-    A distilled student that has not learned the task (significance.failure) is said to be so, not praised."""
-    sentences = []
+    """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers:
+    the verdicts first, then a student costlier than its teacher, then what the student keeps (with chance where
+    it is near). A distilled student that has not learned the task (significance.failure) is said to be so."""
     models = summary.models
     teacher, baseline = models.get(records.TEACHER), models.get(records.BASELINE)
     distilled_roles = [role for role in models if records.is_distilled(role)]
     distilled = models[distilled_roles[0]] if distilled_roles else None
     student = distilled or baseline  # every student has the same architecture
-    failed = None if distilled is None else significance.failure(distilled, summary.dataset)
-    if teacher and distilled and failed:
-        method = records.method_of(distilled_roles[0])
-        sentences.append(f"The distilled student ({method}) {failed}: it has not learned "
-                         "to tell the classes apart, so its accuracy and its gain are no result (see the warnings).")
-    elif teacher and distilled:
-        kept = distilled.test["top1"] / teacher.test["top1"] if teacher.test["top1"] else None
-        sentences.append(
-            f"The distilled student keeps {utils.format_metric(kept)}% of the teacher's test top-1 "
-            f"({utils.format_metric(distilled.test['top1'])}% vs {utils.format_metric(teacher.test['top1'])}%) "
-            f"with {100 * distilled.params / teacher.params:.0f}% of its parameters.")
-        if distilled.test["top1"] > teacher.test["top1"]:
-            sentences.append("The student outscored its teacher on the test split: the teacher was not the "
-                             "stronger model here, so the soft targets carried little extra knowledge.")
-    if teacher and student and student.flops_per_image is not None and teacher.flops_per_image:
+    sentences = [] if not baseline else [
+        significance.gain_sentence(role, models[role], baseline, summary.seeds,
+                                   significance.collapsed_seeds(models[role], baseline, summary.dataset))
+        for role in distilled_roles]
+    kept = _kept_sentences(summary, teacher, distilled, distilled_roles)
+    if distilled and significance.failure(distilled, summary.dataset):
+        sentences = kept + sentences  # a verdict on a student that learned nothing is no result: that leads
+        kept = []
+    costlier = significance.costlier_sentence(student, teacher) if teacher and student else None
+    sentences += ([costlier] if costlier else []) + kept
+    if teacher and student and student.flops_per_image is not None and teacher.flops_per_image and not costlier:
         ratio = student.flops_per_image / teacher.flops_per_image
-        cost = (f"{ratio:.3g}x the teacher's FLOPs per image ({student.flops_per_image / 1e9:.3g} vs "
-                f"{teacher.flops_per_image / 1e9:.3g} GFLOPs)")
-        sentences.append(f"The student is not cheaper than its teacher: it needs {cost}." if ratio >= 1
-                         else f"The student needs {cost}.")
+        sentences.append(f"The student needs {ratio:.3g}x the teacher's FLOPs per image "
+                         f"({student.flops_per_image / 1e9:.3g} vs {teacher.flops_per_image / 1e9:.3g} GFLOPs).")
     clauses = [] if not (teacher and student) else [clause for kind in deploy.SPEED_KINDS
                                                     if (clause := deploy.speed_clause(student, teacher, kind))]
     if clauses:
         sentences.append(f"Measured on {summary.device} against the teacher, the student: {'; '.join(clauses)}.")
-    if baseline:
-        sentences += [significance.gain_sentence(role, models[role], baseline, summary.seeds)
-                      for role in distilled_roles]
     samples = summary.dataset.sizes.get("test")
     if baseline and distilled_roles and samples:
         sentences.append(f"One test image is {100 / samples:.2f} points here.")
+    return sentences
+
+
+def _kept_sentences(summary: records.RunSummary, teacher: records.ModelRow | None,
+                    distilled: records.ModelRow | None, roles: list[str]) -> list[str]:
+    """What the distilled student keeps of the teacher's top-1 (chance named where the student is near it), or
+    that it has not learned the task."""
+    if not (teacher and distilled):
+        return []
+    failed = significance.failure(distilled, summary.dataset)
+    if failed:
+        return [f"The distilled student ({records.method_of(roles[0])}) {failed}: it has not learned "
+                "to tell the classes apart, so its accuracy and its gain are no result (see the warnings)."]
+    chance, top1 = significance.chance_level(summary.dataset), distilled.test["top1"]
+    near = top1 < chance + significance.CHANCE_SHOWN_GAP * (1 - chance)
+    kept = top1 / teacher.test["top1"] if teacher.test["top1"] else None
+    sentences = [f"The distilled student keeps {utils.format_metric(kept)}% of the teacher's test top-1 "
+                 f"({utils.format_metric(top1)}% vs {utils.format_metric(teacher.test['top1'])}%"
+                 + (f", where always answering the most frequent class scores {utils.format_metric(chance)}%"
+                    if near else "") + f") with {100 * distilled.params / teacher.params:.0f}% of its parameters."]
+    if top1 > teacher.test["top1"]:
+        sentences.append("The student outscored its teacher on the test split: the teacher was not the "
+                         "stronger model here, so the soft targets carried little extra knowledge.")
     return sentences
 
 
@@ -179,19 +215,30 @@ def _model_cells(
         gain = f"{100 * (row.test['top1'] - baseline.test['top1']):+.2f}"
         if row.mcnemar_p is not None:
             gain += f", {significance.verdict(row.mcnemar_p)}"
+        if row.gain_top1_mean is not None:
+            gain = f"{pooled_gain(row)}; first seed {gain}"
 
     def median_iqr(median: float | None, iqr: list[float] | None, digits: int) -> str:
         if median is None:
             return "—"
         return f"{median:.{digits}f}" + ("" if iqr is None else " ({:.{d}f}–{:.{d}f})".format(*iqr, d=digits))
 
-    speedups = [{"n/a": "—", "unclear": "unclear (IQRs overlap)", "noisy": "noisy (no claim)"}.get(cell, cell)
+    speedups = [{"n/a": "—", "unclear": "unclear (ratios hold 1)", "noisy": "noisy (no claim)"}.get(cell, cell)
                 .replace("x", "×") for cell in (deploy.speedup_cell(row, kind, teacher) for kind in deploy.SPEED_KINDS)]
     flops = "—" if row.flops_per_image is None else f"{row.flops_per_image / 1e9:.3g}"
     return [role, row.arch, *(utils.format_metric(row.test.get(k)) for k in metrics),
             f"{row.params:,}", f"{row.size_mb:.1f}", flops, median_iqr(row.latency_ms, row.latency_ms_iqr, 2),
             speedups[0], median_iqr(row.throughput_img_s, row.throughput_img_s_iqr, 1), speedups[1], gain,
             str(row.best_epoch)]
+
+
+def pooled_gain(row: records.ModelRow) -> str:
+    """A distilled student's gain over seeds for the table of models: mean ± sample std, the 95% interval (none
+    where every seed gained the same) and the pooled verdict."""
+    interval = "" if row.gain_top1_ci95 is None else ", 95% interval [{:+.2f}, {:+.2f}]".format(
+        *(100 * bound for bound in row.gain_top1_ci95))
+    return (f"over {len(row.gain_top1_by_seed)} seeds {100 * row.gain_top1_mean:+.2f} ± {100 * row.gain_top1_std:.2f}"
+            f"{interval}: {significance.verdict(row.gain_top1_p, row.gain_significant)}")
 
 
 def _models_table(summary: records.RunSummary) -> tuple[list[str], list[list[str]]]:
@@ -219,10 +266,13 @@ def wall_time(summary: records.RunSummary) -> str:
 
 
 def _data_rows(summary: records.RunSummary) -> list[tuple[str, str]]:
-    """The report's table of the data: classes, split sizes, how validation and test were obtained, skipped files."""
+    """The report's table of the data: classes, split sizes with each class's count, how validation and test were
+    obtained, skipped files."""
     dataset, skipped = summary.dataset, summary.skipped_files
     rows = [(f"classes ({len(dataset.class_names)})", ", ".join(dataset.class_names))]
-    rows += [(f"{split} images", str(size)) for split, size in dataset.sizes.items()]
+    counts = dataset.carving.get("class_counts") or {}
+    rows += [(f"{split} images", str(size) + ("" if not counts.get(split) else " ({})".format(", ".join(
+        f"{name} {count}" for name, count in counts[split].items())))) for split, size in dataset.sizes.items()]
     rows.append(("validation", dataset.validation))
     carved = (("test", "test"), ("train_subset", "training subset"))
     rows += [(label, str(dataset.carving[key])) for key, label in carved if dataset.carving.get(key)]
@@ -299,11 +349,14 @@ def build_report(run_dir: str | Path) -> str:
     per_class_f1 = _per_class_f1(results, students, summary.dataset.class_names, run_dir)
     metric = significance.METRIC_NAMES.get(config.get("select_metric", "top1"), config.get("select_metric"))
     models_note = (f"Best epoch chosen on validation {metric} (--select-metric); test metrics of those weights. "
-                   f"Latency (batch 1) and throughput (batch {deploy.THROUGHPUT_BATCH}) measured with the other models "
-                   "in interleaved rounds; speed-ups: the teacher's median latency over the model's, and the model's "
-                   "median throughput over the teacher's, each 'unclear' where the two interquartile ranges overlap "
-                   f"and 'noisy' where a measurement's range stayed wider than {100 * deploy.NOISY_SPREAD:g}% of its "
-                   f"median. Gain verdict: {significance.rule(False)} (first seed).")
+                   f"Latency (batch 1) and throughput (batch {deploy.THROUGHPUT_BATCH}) measured against the teacher "
+                   "in alternating rounds; speed-ups: the median over rounds of the teacher's time over the model's, "
+                   "each 'unclear' where the interquartile range of the per-round ratios holds 1 and 'noisy' where it "
+                   f"stayed wider than {100 * deploy.NOISY_SPREAD:g}% of their median or identical architectures "
+                   f"measured apart. Gain verdict: {significance.rule(False)} (first seed).")
+    note = precision_note(summary.models)
+    if note:
+        models_note += f" {note}."
     columns, model_rows = _models_table(summary)
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined)

@@ -20,6 +20,7 @@ from core import records
 SIGNIFICANCE_LEVEL = 0.05  # a gain is "significant" when its test gives p below this
 CONFIDENCE = 1 - SIGNIFICANCE_LEVEL  # the interval of the per-seed gains excludes zero exactly when p < the level
 NEAR_CHANCE_GAP = 0.1  # "near chance": closing less than this share of the gap from chance to 100% top-1
+CHANCE_SHOWN_GAP = 0.5  # the headline names chance for a student closing less than this share of that gap
 MIN_VAL_IMAGES_PER_CLASS = 5  # fewer validation images in a class cannot select an epoch reliably
 MAX_POINTS_PER_VAL_IMAGE = 2.0  # one validation image moving top-1 by more points than this cannot select an epoch
 SAME_GAIN = 1e-9  # per-seed gains closer than this are the same (one test image is 1e-8 of top-1 even at 1e8 images)
@@ -41,7 +42,7 @@ METRIC_NAMES = {"top1": "top-1", "loss": "loss", "f1_macro": "macro F1"}  # the 
 
 def correct_flags(logits: torch.Tensor, labels: torch.Tensor) -> str:
     """Per-sample top-1 correctness in sample order, one character each ('1' right, '0' wrong): compact in JSON."""
-    return "".join("1" if right else "0" for right in (logits.argmax(dim=1) == labels).tolist())
+    return "".join("1" if right else "0" for right in (utils.predicted_classes(logits) == labels).tolist())
 
 
 def parse_correct_flags(flags: str) -> np.ndarray:
@@ -162,10 +163,39 @@ def rule(several_seeds: bool, zero_spread: bool = False) -> str:
     return GAIN_TESTS["mcnemar"]
 
 
-def gain_sentence(role: str, row: records.ModelRow, baseline: records.ModelRow, seeds: list[int]) -> str:
-    """One distilled student's gain over the baseline of its seed with its verdicts: the sentence
-    the console and the report both state."""
-    several = len(seeds) > 1
+def collapsed_seeds(row: records.ModelRow, baseline: records.ModelRow, dataset: records.DatasetRecord) -> list[str]:
+    """'seed 0's baseline' / 'seed 1's student' for each seed whose baseline or distilled student scored at or near
+    chance (`near_chance`) on the test split: a gain in such a seed is against (or of) a model that learned nothing."""
+    samples, chance = dataset.sizes.get("test"), chance_level(dataset)
+    if not samples:
+        return []
+    named = []
+    for seed, top1 in (baseline.test_top1_by_seed or {}).items():
+        for who, value in (("baseline", top1), ("student", (row.test_top1_by_seed or {}).get(seed))):
+            if value is not None and near_chance(value, samples, chance)[0]:
+                named.append(f"seed {seed}'s {who}")
+    return named
+
+
+def _pooled_clause(row: records.ModelRow, seeds: list[int]) -> str:
+    """The verdict over seeds: the t-interval of the per-seed gains, or each seed's McNemar test at zero spread."""
+    shown = ", ".join(map(str, seeds))
+    if row.zero_spread:
+        return (f"over seeds {shown}: every seed gained the same {100 * row.gain_top1_mean:+.2f} points, a spread of "
+                "zero that gives no interval: by the McNemar test of each seed it is "
+                f"{verdict(row.gain_top1_p, row.gain_significant)} (the largest p)")
+    low, high = row.gain_top1_ci95
+    return (f"over seeds {shown}: its gain is {100 * row.gain_top1_mean:+.2f} ± {100 * row.gain_top1_std:.2f} points, "
+            f"{100 * CONFIDENCE:g}% interval [{100 * low:+.2f}, {100 * high:+.2f}]: "
+            f"{verdict(row.gain_top1_p, row.gain_significant)}")
+
+
+def gain_sentence(role: str, row: records.ModelRow, baseline: records.ModelRow, seeds: list[int],
+                  collapsed: Sequence[str] = ()) -> str:
+    """One distilled student's gain over the baseline of its seed with its verdicts: the sentence the console and
+    the report both state. Over several seeds the pooled verdict leads and the first seed's follows, and the seeds
+    whose baseline or student `collapsed` (see `collapsed_seeds`) are named."""
+    several = len(seeds) > 1 and (row.zero_spread or row.gain_top1_ci95 is not None)
     gain = 100 * (row.test["top1"] - baseline.test["top1"])
     if gain > 0:
         change = f"added {gain:.2f} points of test top-1 over the baseline student"
@@ -173,20 +203,30 @@ def gain_sentence(role: str, row: records.ModelRow, baseline: records.ModelRow, 
         change = f"cost {-gain:.2f} points of test top-1 against the baseline student"
     else:
         change = "left test top-1 as the baseline student has it"
-    sentence = f"Distillation ({records.method_of(role)}) {change}" + (f" with seed {seeds[0]}" if several else "")
-    if row.mcnemar_p is not None:
-        sentence += f": {verdict(row.mcnemar_p)} by the exact McNemar test on the paired test predictions"
-    if several and row.zero_spread:
-        sentence += (f"; every one of seeds {', '.join(map(str, seeds))} gained the same "
-                     f"{100 * row.gain_top1_mean:+.2f} points, a spread of zero that gives no interval: by the McNemar "
-                     "test of each seed it is "
-                     f"{verdict(row.gain_top1_p, row.gain_significant)} (the largest p)")
-    elif several and row.gain_top1_ci95 is not None:
-        low, high = row.gain_top1_ci95
-        sentence += (f"; over seeds {', '.join(map(str, seeds))} its gain is {100 * row.gain_top1_mean:+.2f} ± "
-                     f"{100 * row.gain_top1_std:.2f} points, {100 * CONFIDENCE:g}% interval [{100 * low:+.2f}, "
-                     f"{100 * high:+.2f}]: {verdict(row.gain_top1_p, row.gain_significant)}")
+    first = f" by the exact McNemar test: {verdict(row.mcnemar_p)}" if row.mcnemar_p is not None else ""
+    if not several:
+        return f"Distillation ({records.method_of(role)}) {change}" + (
+            f": {verdict(row.mcnemar_p)} by the exact McNemar test on the paired test predictions"
+            if row.mcnemar_p is not None else "") + "."
+    sentence = f"Distillation ({records.method_of(role)}) {_pooled_clause(row, seeds)}; seed {seeds[0]} alone {change}"
+    sentence += first
+    if collapsed:
+        sentence += (f"; {', '.join(collapsed)} collapsed (at or near chance), so the gains of "
+                     "those seeds compare with a model that learned nothing")
     return sentence + "."
+
+
+def headline_gain(models: dict[str, records.ModelRow]) -> dict[str, Any]:
+    """summary.json's headline gain of plain KD over the baseline, pooled first: `kd_gain_top1` (over several
+    seeds the mean of the per-seed gains) and `kd_gain_significant` (the pooled verdict), then the spread and
+    interval of the gains and the per-seed gains. Empty without a plain KD student."""
+    kd, baseline = models.get(records.distilled_role("kd")), models.get(records.BASELINE)
+    if kd is None or baseline is None:
+        return {}
+    pooled = kd.gain_top1_mean is not None
+    return {"kd_gain_top1": kd.gain_top1_mean if pooled else kd.test["top1"] - baseline.test["top1"],
+            "kd_gain_significant": kd.gain_significant, "kd_gain_top1_std": kd.gain_top1_std,
+            "kd_gain_top1_ci95": kd.gain_top1_ci95, "kd_gain_top1_by_seed": kd.gain_top1_by_seed}
 
 
 def seed_verdict(gain: float, p: float) -> str:
@@ -365,10 +405,24 @@ def _loss_warnings(summary: records.RunSummary) -> list[str]:
     return [f"Distillation made the student significantly worse than the baseline of its seed: {', '.join(losses)}."]
 
 
+def costlier_sentence(student: records.ModelRow, teacher: records.ModelRow) -> str | None:
+    """The warning on a student that needs at least its teacher's FLOPs an image, with the measured ratio and
+    students that are really cheaper; None for a cheaper student (or FLOPs not counted)."""
+    if not student.flops_per_image or not teacher.flops_per_image or student.flops_per_image < teacher.flops_per_image:
+        return None
+    return (f"The student {student.arch} costs more than its teacher {teacher.arch}: "
+            f"{student.flops_per_image / teacher.flops_per_image:.2f}x its FLOPs an image "
+            f"({student.flops_per_image / 1e9:.3g} vs {teacher.flops_per_image / 1e9:.3g} GFLOPs), so distilling into "
+            "it saves nothing at inference; up to 64 px a small-image student of the KD literature such as resnet8x4 "
+            "or resnet20 is really cheaper, above it mobilenet_v3_small (--student-model; docs/models.md).")
+
+
 def _cost_warnings(summary: records.RunSummary) -> list[str]:
-    """A student costlier than torchvision's model of about its size at the run's image size."""
-    peer = summary.models[records.BASELINE].flops_peer
-    return [] if peer is None else [peer_sentence(peer)]
+    """A student costlier than its teacher, or than torchvision's model of about its size at the run's image size."""
+    baseline, teacher = summary.models[records.BASELINE], summary.models.get(records.TEACHER)
+    costlier = None if teacher is None else costlier_sentence(baseline, teacher)
+    peer = baseline.flops_peer
+    return [sentence for sentence in (costlier, None if peer is None else peer_sentence(peer)) if sentence]
 
 
 def peer_sentence(peer: dict[str, Any]) -> str:

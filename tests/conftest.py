@@ -494,3 +494,13 @@ def journal_study(path: Path, name: str) -> optuna.Study:
     """A study kept in a journal file, opened as a reader would."""
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def tied_logits(rows: int = 300, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16-rounded logits where every third row ties its two (or more) highest classes exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, classes, generator=generator).bfloat16().float()
+    top = logits.max(dim=1, keepdim=True).values
+    logits[::3] = torch.where(torch.rand(rows // 3, classes, generator=generator) < 0.4, top[::3], logits[::3])
+    return logits, torch.randint(classes, (rows,), generator=generator)
+

@@ -110,3 +110,14 @@ def test_the_references_files_are_read_whatever_their_key_prefix_or_layer_names(
     torch.save({"model_state_dict": {f"module.{name}": value for name, value in plain.items()}}, tmp_path / "r.pth")
     state_dict, extra = model_builder.read_state_dict(tmp_path / "r.pth")
     assert list(state_dict) == list(plain) and "model_state_dict" in extra
+
+
+@pytest.mark.parametrize(("name", "refused", "kept"), [("mobilenet_v3_small", [20, 32], [64]),
+                                                      ("efficientnet_b0", [32], [64]),
+                                                      ("vgg16_bn", [], [32]), ("resnet8x4", [], [20])])
+def test_a_size_that_leaves_a_1x1_last_feature_map_is_refused(name, refused, kept):
+    for size in refused:
+        with pytest.raises(ValueError, match=rf"shrinks {size}x{size} images to a 1x1 last feature map.*resnet8x4"):
+            model_builder.check_input_size(name, size)
+    for size in kept:
+        model_builder.check_input_size(name, size)

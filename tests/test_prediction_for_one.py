@@ -174,3 +174,19 @@ def test_prediction_fits_images_to_the_square_as_the_checkpoint_says(tmp_path):
     squashed, = prediction_for_one.predict_images(mean_colour, description, [str(tmp_path / "wide.png")], 3)
     assert cropped["top"][0] == {"class": "green", "probability": pytest.approx(1, abs=1e-3)}
     assert squashed["top"][0]["class"] == "green" and squashed["top"][0]["probability"] < 0.9
+
+
+def test_the_prediction_script_breaks_ties_as_the_reported_figures_do(small_model_files):
+    description, _, folder = small_model_files
+    usable = {key: description[key] for key in checkpoints.DESCRIPTION_KEYS}
+    names = [f"class {index}" for index in range(10)]
+    tied = lambda images: torch.zeros(len(images), 10)  # noqa: E731  (every class ties)
+    predicted = prediction_for_one.predict_images(tied, {**usable, "class_names": names},
+                                                  [str(folder / "image.png")], 3)
+    assert [entry["class"] for entry in predicted[0]["top"]] == names[:3]
+
+
+def test_a_prefix_of_a_prediction_flag_is_not_taken_for_it(capsys):
+    with pytest.raises(SystemExit):
+        prediction_for_one.command_line_parser().parse_args(["--model", "m.pth", "--top", "2", "image.png"])
+    assert "unrecognized arguments: --top" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tied_logits
 
 import utils
 
@@ -214,3 +214,43 @@ def test_remove_orphans_takes_only_what_atomic_writes_left(tmp_path):
         path.write_text("x")
     assert utils.remove_orphans(tmp_path) == [orphan]
     assert not orphan.exists() and all(path.exists() for path in kept)
+
+
+def test_one_prediction_rule_decides_top1_top3_and_the_per_class_scores_when_logits_tie():
+    logits, labels = tied_logits()
+    tied_rows = (logits == logits.max(dim=1, keepdim=True).values).sum(dim=1) > 1
+    assert tied_rows.sum() >= 50  # the ties are real
+    predicted = utils.predicted_classes(logits)
+    assert torch.equal(predicted, logits.argmax(dim=1))  # ties go to the lowest index
+    correct = int((predicted == labels).sum())
+    metrics = utils.classification_metrics(logits, labels, [str(c) for c in range(10)])
+    assert round(metrics["top1"] * len(labels)) == correct
+    counted = utils.metrics_from_counts(utils.metric_counts(logits, labels, 10).numpy(), [str(c) for c in range(10)])
+    assert round(counted["top1"] * len(labels)) == correct
+    assert torch.equal(utils.ranked_classes(logits, 3)[:, 0], predicted)
+    assert utils.ranked_classes(torch.zeros(2, 10), 3).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def _legend_beside_axes(figure) -> bool:
+    """Whether every axes' legend lies wholly right of its axes (so it covers no curve or bar)."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    return all(axis.get_legend().get_window_extent(renderer).x0 >= axis.get_window_extent(renderer).x1
+               for axis in figure.axes if axis.get_legend() is not None)
+
+
+def test_identical_curves_stay_visible_and_legends_cover_none():
+    history = [{"epoch": epoch, "train": {"top1": 0.5}, "val": {"top1": 0.6}} for epoch in (1, 2, 3)]
+    figure = utils.curves_figure({"student_baseline": history, "student_kd": history}, "top1", "top1")
+    first, second = (line for line in figure.axes[0].get_lines() if line.get_label().endswith("val top1"))
+    assert first.get_marker() != second.get_marker() and second.get_linewidth() < first.get_linewidth()
+    assert second.get_fillstyle() == "none" and second.get_markersize() < first.get_markersize()
+    assert _legend_beside_axes(figure)
+
+
+def test_the_per_class_f1_axis_starts_at_zero_beside_its_legend():
+    scores = {"student_baseline": {"a": {"f1": 0.91}, "b": {"f1": 0.93}},
+              "student_kd": {"a": {"f1": 0.95}, "b": {"f1": None}}}
+    figure = utils.per_class_f1_figure(scores, ["a", "b"])
+    assert figure.axes[0].get_ylim()[0] == 0
+    assert _legend_beside_axes(figure)

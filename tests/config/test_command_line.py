@@ -7,10 +7,11 @@ import argparse
 import json
 
 import pytest
-from conftest import settings_of
+from conftest import default_config, settings_of
 
 import experiment
 from config import command_line, settings
+from core import errors
 
 
 def test_a_flag_typo_names_the_closest_flag_in_one_line(capsys):
@@ -20,6 +21,19 @@ def test_a_flag_typo_names_the_closest_flag_in_one_line(capsys):
     assert stop.value.code == 2
     assert error == ("experiment.py: error: unknown flag --studnet-model (did you mean --student-model?) "
                      "(python experiment.py --help lists every flag)\n")
+
+
+
+def test_a_prefix_of_a_flag_is_not_taken_for_it(capsys):
+    with pytest.raises(SystemExit) as stop:
+        command_line.parse_command_line(["--student-epoch", "3"], experiment.default_config())
+    assert stop.value.code == 2
+    assert "unknown flag --student-epoch (did you mean --student-epochs?)" in capsys.readouterr().err
+
+
+def test_a_bad_item_of_kd_methods_is_named():
+    with pytest.raises(errors.SettingsError, match="--kd-methods: 'dkdd' is not a method"):
+        settings.kd_methods(default_config(kd_methods="kd,dkdd"))
 
 
 SETTINGS = {"teacher_epochs": 3, "student_lr": 1e-4, "decode_cache": False, "data_dir": None, "seeds": "0,1",

@@ -81,3 +81,9 @@ def test_every_password_like_key_is_hidden_however_it_is_spelled(url, shown):
 ])
 def test_a_storage_password_is_hidden(url, shown):
     assert settings.without_password(url) == shown
+
+
+def test_a_feature_method_that_cannot_pair_the_models_is_named():
+    config = default_config(kd_methods="kd,fitnet", teacher_model="mobilenet_v3_small", image_size=64)
+    with pytest.raises(SettingsError, match="^--kd-methods fitnet: No feature stages are known for MobileNetV3"):
+        settings.method_weights(config)

@@ -25,11 +25,11 @@ def test_onnx_export_parity_on_a_tiny_model(tmp_path):
     path = tmp_path / "tiny.onnx"
     deploy.export_onnx(model, path, 16, {"class_names": ["a", "b", "c"]})
     images = torch.randn(7, 3, 16, 16)  # another batch size than the export example: dynamic batch
-    assert deploy.onnx_parity(model, path, images) <= 1e-4
+    assert deploy.onnx_parity(model, path, [images])["max_abs_diff"] <= 1e-4
     assert deploy.onnx_metadata(deploy.onnx_session(path))["class_names"] == ["a", "b", "c"]
     with torch.no_grad():
         model.fc.bias += 1.0  # the check must notice a model that no longer matches its export
-    assert deploy.onnx_parity(model, path, images) > 0.5
+    assert deploy.onnx_parity(model, path, [images])["max_abs_diff"] > 0.5
 
 
 def test_run_exports_every_model_and_records_the_check(tiny_run):
@@ -38,7 +38,8 @@ def test_run_exports_every_model_and_records_the_check(tiny_run):
         export = summary[role]["export"]
         assert (tiny_run / export["onnx"]).is_file() and export["onnx"] == f"{role}/model.onnx"
         assert export["passed"] and export["max_abs_diff"] <= export["tolerance"] == 1e-4
-        assert export["checked_images"] > 0
+        assert export["checked_images"] == summary["dataset"]["sizes"]["test"] and export["checked_split"] == "test"
+        assert export["differing_predictions"] == 0
 
 
 def _run(args, env_extra=None):
@@ -90,7 +91,7 @@ def test_a_zoo_checkpoint_is_rebuilt_by_its_arch_and_exports_to_onnx(tmp_path):
     with torch.no_grad():
         assert torch.equal(rebuilt(images), model(images))
     deploy.export_onnx(model, tmp_path / "model.onnx", 32, {"class_names": ["a", "b", "c"]})
-    assert deploy.onnx_parity(model, tmp_path / "model.onnx", images) <= 1e-4
+    assert deploy.onnx_parity(model, tmp_path / "model.onnx", [images])["max_abs_diff"] <= 1e-4
 
 
 def test_a_student_costlier_than_torchvisions_model_of_its_size_is_named():
@@ -111,7 +112,7 @@ def test_a_student_costlier_than_torchvisions_model_of_its_size_is_named():
 
 def test_a_cpu_run_does_not_import_what_warns_of_a_missing_cuda_runtime():
     code = ("import sys, torch; from results import deploy; from torch import nn; "
-            "deploy.measure_speeds({'m': nn.Conv2d(3, 2, 3)}, 8, torch.device('cpu'), None, batch=2, rounds=1, "
+            "deploy.measure_speeds({'m': nn.Conv2d(3, 2, 3)}, 8, torch.device('cpu'), None, 'm', batch=2, rounds=1, "
             "min_run_time=0.001); print('torch.utils.cpp_extension' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr

@@ -154,7 +154,7 @@ def test_a_reused_teacher_names_its_settings_and_keeps_every_epoch(tiny_data, tm
     assert experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(first), *flags, "--export", "onnx"]) == 0
     out = capsys.readouterr().out
     assert "[teacher] exported teacher/model.onnx: ONNX Runtime's logits differ from PyTorch's by at most" in out
-    assert "validation images (tolerance 1e-04): passed" in out
+    assert "test images (tolerance 1e-04), and 0 of its predictions differ: passed" in out
     saved = checkpoints.load_checkpoint(first / "teacher" / checkpoints.BEST_MODEL)
     assert (saved["epoch"], len(saved["history"]), saved["head"]) == (1, 2, "compact")
     html = (first / "report.html").read_text(encoding="utf-8")

@@ -47,49 +47,71 @@ class Named(nn.Module):
         return self.conv(images)
 
 
-def test_a_wide_measurement_is_taken_again_and_marked_noisy_if_it_stays_so(monkeypatch):
-    calls: dict[tuple[str, int], int] = {}
-
+def fake_timer(seconds: dict[str, list[float]], calls: dict[tuple[str, int], int]):
+    """A stand-in for block_times (no real timing in tests): model NAME's k-th timing at batch 1 gives
+    seconds[NAME][k modulo its length], at any other batch seconds[NAME][0]; `calls` counts the timings."""
     def fake_block_times(run, min_run_time, min_blocks=2):
         key = (run.args[0].name, len(run.args[1]))
         calls[key] = calls.get(key, 0) + 1
-        passes_so_far = (calls[key] - 1) // 3  # three rounds a pass
-        if key == ("teacher", 1) or (key == ("student", 1) and passes_so_far == 0):
-            return [0.010, 0.020]  # busy: the interquartile range is half the median wide
-        return {"teacher": [0.020, 0.0201], "student": [0.005, 0.0051]}[key[0]]
+        times = seconds[key[0]]
+        return [times[(calls[key] - 1) % len(times)] if key[1] == 1 else times[0]] * 2
+    return fake_block_times
 
-    monkeypatch.setattr(deploy, "block_times", fake_block_times)
-    speeds = deploy.measure_speeds({"teacher": Named("teacher"), "student": Named("student")}, 8,
-                                   torch.device("cpu"), None, batch=4)
-    assert calls == {("teacher", 1): 9, ("teacher", 4): 3, ("student", 1): 6, ("student", 4): 3}
-    assert speeds["teacher"]["latency_noisy"] is True and speeds["student"]["latency_noisy"] is False
-    verdict = deploy.speedup(speeds["teacher"], speeds["student"])
-    assert verdict["speedup_clear"] is False, "no speed-up is claimed from a noisy measurement"
-    assert verdict["throughput_speedup_clear"] is True and verdict["throughput_speedup_over_teacher"] > 3.9
-    row, teacher = model_row(0.8, **speeds["student"], **verdict), model_row(0.9, **speeds["teacher"])
+
+def test_a_wide_speed_up_is_measured_again_and_marked_noisy_if_it_stays_so(monkeypatch):
+    calls: dict[tuple[str, int], int] = {}
+    # student: per-round ratios 4, 2, 1 in the first pass (wide), then 4, 4, 4; wobbly: 4, 2, 1 in every pass
+    seconds = {"teacher": [0.020], "student": [0.005, 0.010, 0.020, 0.005], "wobbly": [0.005, 0.010, 0.020]}
+    monkeypatch.setattr(deploy, "block_times", fake_timer(seconds, calls))
+    models = {name: Named(name) for name in seconds}
+    speeds = deploy.measure_speeds(models, 8, torch.device("cpu"), None, "teacher", batch=4)
+    assert calls[("student", 1)] == 6 and calls[("wobbly", 1)] == 9 and calls[("student", 4)] == 3
+    assert calls[("teacher", 1)] == 15, "the teacher is timed once beside every timing of another model"
+    assert speeds["student"]["speedup_over_teacher"] == 4.0 and speeds["student"]["speedup_clear"] is True
+    assert speeds["wobbly"]["latency_noisy"] is True and speeds["wobbly"]["speedup_clear"] is False
+    assert speeds["wobbly"]["throughput_speedup_over_teacher"] == 4.0 and not speeds["wobbly"]["throughput_noisy"]
+    teacher = model_row(0.9, **speeds["teacher"])
+    row = model_row(0.8, **speeds["wobbly"])
     assert deploy.speedup_cell(row, "latency", teacher) == "noisy"
-    assert deploy.speedup_cell(row, "throughput", teacher) == "3.97x"
+    assert deploy.speedup_cell(row, "throughput", teacher) == "4.00x"
 
 
-def speeds(latency: float, latency_iqr: list[float], throughput: float, throughput_iqr: list[float]) -> dict:
-    return {"latency_ms": latency, "latency_ms_iqr": latency_iqr, "throughput_img_s": throughput,
-            "throughput_img_s_iqr": throughput_iqr, "latency_noisy": False, "throughput_noisy": False}
+def test_identical_architectures_measured_apart_mark_the_whole_table_noisy(monkeypatch):
+    # a busy machine: two identical students, each tight in its own rounds, 4x and 2x against the teacher
+    seconds = {"teacher": [0.020], "student_baseline": [0.005], "student_kd": [0.010]}
+    monkeypatch.setattr(deploy, "block_times", fake_timer(seconds, {}))
+    models = {name: Named(name) for name in seconds}
+    speeds = deploy.measure_speeds(models, 8, torch.device("cpu"), None, "teacher", batch=4)
+    assert speeds["student_baseline"]["speedup_clear"] and speeds["student_baseline"]["speedup_over_teacher"] == 4
+    other_archs = {"teacher": "vgg16_bn", "student_baseline": "resnet8x4", "student_kd": "resnet20"}
+    assert deploy.mark_table_noisy(speeds, other_archs) == speeds, "different architectures may differ"
+    marked = deploy.mark_table_noisy(speeds, {**other_archs, "student_kd": "resnet8x4"})
+    assert marked["student_baseline"]["speeds_apart"] == ("student_baseline and student_kd (all resnet8x4) measured "
+                                                          "batch-1 latency speed-ups of 4.00x and 2.00x")
+    sizes = {"file_mb": 1.0, "flops_per_image": 10**9}
+    summary = run_summary({role: model_row(0.8, **speed, **sizes) for role, speed in marked.items()})
+    for role in ("student_baseline", "student_kd"):
+        for kind in deploy.SPEED_KINDS:
+            assert deploy.speedup_cell(summary.models[role], kind, summary.models["teacher"]) == "noisy"
+    table = report.deployment_table(summary)
+    rows, note = table.split("\nnoisy: ")
+    assert "4.00x" not in rows and note.endswith("no speed-up of this table is claimed\n")
+    sentence = next(s for s in report.reading_of_result(summary) if s.startswith("Measured"))
+    assert "no batch-1 latency speed-up is claimed" in sentence and "as fast" not in sentence
 
 
 def test_both_speed_ups_each_with_its_own_verdict_and_the_headline_names_them():
-    teacher = speeds(11.6, [11.0, 12.0], 59.5, [57.0, 62.0])
-    student = speeds(1.0, [0.95, 1.05], 77.7, [60.0, 80.0])  # 11.6x at batch 1, 1.3x in bulk
-    verdict = deploy.speedup(teacher, student)
-    assert verdict == {"speedup_over_teacher": 11.6, "speedup_clear": True,
-                       "throughput_speedup_over_teacher": 1.306, "throughput_speedup_clear": False}
     sizes = {"file_mb": 1.0, "flops_per_image": 10**9}
-    summary = run_summary({"teacher": model_row(0.9, **teacher, **sizes, speedup_over_teacher=1.0,
-                                                throughput_speedup_over_teacher=1.0),
-                           "student_baseline": model_row(0.8, **student, **sizes, **verdict)})
+    teacher = model_row(0.9, **speed_row(11.6, [11.0, 12.0]), **sizes, speedup_over_teacher=1.0,
+                        throughput_speedup_over_teacher=1.0)
+    student = model_row(0.8, **speed_row(1.0, [0.95, 1.05]), **sizes, speedup_over_teacher=11.6, speedup_clear=True,
+                        throughput_speedup_over_teacher=1.306, throughput_speedup_clear=False)
+    summary = run_summary({"teacher": teacher, "student_baseline": student})
     sentence = next(s for s in report.reading_of_result(summary) if s.startswith("Measured"))
     assert sentence == ("Measured on cpu against the teacher, the student: by batch-1 latency it is 11.60x as fast "
-                        "(1 against 11.6 ms); its batch-64 throughput cannot be told from the teacher's (77.7 against "
-                        "59.5 images/s, overlapping interquartile ranges).")
+                        "(1 against 11.6 ms, median of per-round ratios); its batch-64 throughput cannot be told from "
+                        "the teacher's (1000 against 86.2069 images/s; the interquartile range of its per-round "
+                        "ratios holds 1).")
     table = report.deployment_table(summary)
     assert "11.60x" in table and "student_baseline batch-64 throughput 1.31x" in table
 
@@ -110,26 +132,42 @@ class Logged(nn.Module):
         return self.conv(images)
 
 
-def test_speeds_are_measured_interleaved_with_median_and_iqr():
+def test_speeds_are_measured_against_the_teacher_in_alternating_rounds_with_median_and_iqr():
     log: list[str] = []
     models = {"teacher": Logged("teacher", log), "student": Logged("student", log)}
-    speeds = deploy.measure_speeds(models, 8, torch.device("cpu"), None, batch=4, rounds=3, min_run_time=0.001,
-                                   passes=1)
+    speeds = deploy.measure_speeds(models, 8, torch.device("cpu"), None, "teacher", batch=4, rounds=3,
+                                   min_run_time=0.001, passes=1)
     turns = [name for index, name in enumerate(log) if index == 0 or log[index - 1] != name]
-    assert turns == ["teacher", "student"] * 3  # three rounds, the models taking turns in each
+    assert turns == ["teacher", "student"] * 6  # three rounds, teacher then student at each batch size
     for speed in speeds.values():
         low, high = speed["latency_ms_iqr"]
         assert 0 < low <= speed["latency_ms"] <= high
         low, high = speed["throughput_img_s_iqr"]
         assert 0 < low <= speed["throughput_img_s"] <= high
+    low, high = speeds["student"]["speedup_over_teacher_iqr"]
+    assert 0 < low <= speeds["student"]["speedup_over_teacher"] <= high
 
 
-def test_speedup_is_clear_only_when_the_spreads_do_not_overlap():
-    teacher = speed_row(10.0, [9.0, 11.0])
-    assert deploy.speedup(teacher, speed_row(5.0, [4.5, 5.5])) == {
-        "speedup_over_teacher": 2.0, "speedup_clear": True,
-        "throughput_speedup_over_teacher": 2.0, "throughput_speedup_clear": True}
-    assert deploy.speedup(teacher, speed_row(20.0, [18.0, 22.0]))["speedup_clear"] is True  # clearly slower
-    overlapping = deploy.speedup(teacher, speed_row(10.5, [10.8, 12.0]))
-    assert overlapping == {"speedup_over_teacher": round(10 / 10.5, 3), "speedup_clear": False,
-                           "throughput_speedup_over_teacher": round(10 / 10.5, 3), "throughput_speedup_clear": False}
+def test_a_speed_up_is_clear_only_when_its_per_round_range_excludes_one():
+    assert deploy._ratio_fields("latency", [1.9, 2.0, 2.1]) == {
+        "speedup_over_teacher": 2.0, "speedup_over_teacher_iqr": [1.95, 2.05], "latency_noisy": False,
+        "speedup_clear": True}
+    assert deploy._ratio_fields("throughput", [0.5, 0.52, 0.55])["throughput_speedup_clear"] is True  # slower
+    assert deploy._ratio_fields("latency", [0.95, 1.0, 1.1])["speedup_clear"] is False
+
+
+def test_the_onnx_check_counts_images_over_batches_and_compares_predictions(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, 0.0, 100.0]))  # class 2 everywhere, far from any other
+    batches = [torch.randn(5, 3, 2, 2), torch.randn(2, 3, 2, 2)]
+    check = deploy.export_checked(model, tmp_path / "m.onnx", 2, {"role": "student_kd"}, batches)
+    assert check["checked_images"] == 7 and check["differing_predictions"] == 0 and check["passed"]
+    assert check["checked_split"] == "test"
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, 100.0, 0.0]))  # the model no longer predicts as its export does
+    parity = deploy.onnx_parity(model, tmp_path / "m.onnx", batches)
+    assert parity["differing_predictions"] == 7 and parity["checked_images"] == 7
+    assert "7 of its predictions differ" in report.export_sentence(
+        {"onnx": "m.onnx", **check, **parity, "passed": False})

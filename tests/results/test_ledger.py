@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
+
+from conftest import collapsed_run, default_config
 
 from results import ledger
 
@@ -44,3 +47,12 @@ def test_concurrent_ledger_appends_keep_whole_rows(tmp_path):
         rows = list(csv.DictReader(ledger_file))
     assert sorted(r["run_dir"] for r in rows) == sorted(f"run{i}" for i in range(40))
     assert path.read_text().count("finished_at") == 1  # one header
+
+
+def test_a_two_seed_run_is_recorded_with_its_pooled_gain_and_verdict():
+    summary, _ = collapsed_run(share=0.6, top1=0.80)
+    summary.seeds, summary.kd_gain_top1 = [0, 1], 0.1046  # the first seed's, against a collapsed baseline
+    kd = summary.models["student_kd"]
+    kd.gain_top1_mean, kd.gain_significant = 0.0473, False
+    row = ledger.ledger_row(default_config(seeds="0,1"), summary, Path("runs/two"))
+    assert row["kd_gain_top1"] == 0.0473 and row["kd_gain_significant"] is False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import collapsed_run, model_row, run_summary, speed_row
 
 import utils
-from results import report
+from core import records
+from results import report, significance
 
 
 def test_top_k_is_hidden_where_it_cannot_miss():
@@ -99,3 +101,52 @@ def test_tables_state_verdicts_and_unclear_speedups():
     assert line.split()[7] == "unclear"  # the batch-1 latency speed-up
     assert next(line for line in deployment.splitlines() if line.startswith("student_fitnet ")).split()[6] == "2.08x"
     assert "median ratios: student_fitnet seed_2 batch-1 latency 1.01x" in deployment
+
+
+def two_seed_collapsed_run():
+    """Ants and bees over seeds 0 and 1: seed 0's baseline collapsed, so its gain (+10.46) is against a broken
+    model; pooled over the two seeds the gain is within noise."""
+    summary, _ = collapsed_run(share=0.6, top1=0.80)
+    summary.seeds = [0, 1]
+    kd = summary.models["student_kd"]
+    kd.test_top1_by_seed, kd.mcnemar_p, kd.mcnemar_p_by_seed = {"0": 0.80, "1": 0.78}, 0.000402, {"0": 0.000402,
+                                                                                                   "1": 0.9}
+    kd.test_top1_mean, kd.test_top1_std = 0.79, 0.0141
+    kd.gain_top1_by_seed, kd.gain_top1_mean, kd.gain_top1_std = {"0": 0.1046, "1": -0.01}, 0.0473, 0.0817
+    kd.gain_top1_ci95, kd.gain_top1_p, kd.gain_significant, kd.gain_top1_test = [-0.687, 0.781], 0.618, False, "t"
+    summary.models["student_baseline"].test = {"top1": 0.6954}
+    return summary
+
+
+def test_the_models_table_leads_the_gain_with_its_mean_spread_interval_and_pooled_verdict():
+    summary = two_seed_collapsed_run()
+    columns, rows = report._models_table(summary)
+    gain = dict(zip(columns, rows[2], strict=True))["gain over baseline"]
+    assert gain == ("over 2 seeds +4.73 ± 8.17, 95% interval [-68.70, +78.10]: within noise (p = 0.618); "
+                    "first seed +10.46, significant (p = 0.000402)")
+    assert dict(zip(columns, rows[1], strict=True))["gain over baseline"] == "—"
+
+
+def test_summary_json_gives_the_pooled_gain_first_and_an_earlier_one_still_loads():
+    summary = two_seed_collapsed_run()
+    for field, value in significance.headline_gain(summary.models).items():
+        setattr(summary, field, value)
+    written = summary.to_dict()
+    run_fields = [key for key in written if key.startswith("kd_gain")]
+    assert run_fields[:2] == ["kd_gain_top1", "kd_gain_significant"]
+    assert written["kd_gain_top1"] == 0.0473 and written["kd_gain_significant"] is False
+    assert written["kd_gain_top1_by_seed"] == {"0": 0.1046, "1": -0.01}
+    assert written["kd_gain_top1_ci95"] == [-0.687, 0.781]
+    assert records.RunSummary.from_dict(written).kd_gain_top1_std == 0.0817
+    earlier = {key: value for key, value in written.items() if not key.startswith("kd_gain_")}
+    assert records.RunSummary.from_dict({**earlier, "kd_gain_top1": 0.1046}).kd_gain_significant is None
+    with pytest.raises(ValueError, match="kd_gain_top1_ci95 must be"):
+        records.RunSummary.from_dict({**written, "kd_gain_top1_ci95": [0.781, -0.687]})
+
+
+def test_the_data_table_gives_each_splits_count_per_class():
+    summary, _ = collapsed_run()
+    summary.dataset.carving = {"class_counts": {"train": {"ants": 100, "bees": 120}, "test": {"ants": 70, "bees": 83}}}
+    rows = dict(report._data_rows(summary))
+    assert rows["train images"] == "220 (ants 100, bees 120)" and rows["test images"] == "153 (ants 70, bees 83)"
+    assert rows["val images"] == "60"  # an earlier summary without the split's counts

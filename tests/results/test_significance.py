@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import collapsed_run, model_row, run_summary
+from conftest import collapsed_run, model_row, run_summary, tied_logits
 
+import utils
 from core import records
 from results import report, significance
 
@@ -61,7 +62,31 @@ def test_a_student_answering_one_class_is_warned_about_and_not_praised():
     summary.models["student_kd"].test_top_class_share = 0.6  # a working model that prefers one class
     summary.models["student_kd"].test["top1"] = 0.78
     assert significance.sanity_warnings(summary, histories) == []
-    assert report.reading_of_result(summary)[0].startswith("The distilled student keeps")
+    assert report.reading_of_result(summary)[1].startswith("The distilled student keeps")
+
+
+def test_the_headline_leads_with_the_verdict_and_names_chance_when_it_is_near():
+    summary, _ = collapsed_run(share=0.6, top1=0.6405)  # KD cost 15.95 points; chance 54.25%
+    summary.models["student_kd"].mcnemar_p = 0.023
+    reading = report.reading_of_result(summary)
+    assert reading[0].startswith("Distillation (kd) cost 15.95 points") and "significant (p = 0.023)" in reading[0]
+    assert "(64.05% vs 85.00%, where always answering the most frequent class scores 54.25%)" in reading[1]
+    summary.models["student_kd"].test["top1"] = 0.95  # far from chance: not named
+    assert "most frequent class" not in report.reading_of_result(summary)[1]
+
+
+def test_a_two_seed_verdict_leads_with_the_pooled_one_and_names_a_collapsed_baseline_seed():
+    summary, _ = collapsed_run(share=0.6, top1=0.80)
+    baseline, kd = summary.models["student_baseline"], summary.models["student_kd"]
+    summary.seeds = [0, 1]
+    baseline.test_top1_by_seed = {"0": 0.5425, "1": 0.80}  # seed 0's baseline answers one class
+    kd.test_top1_by_seed = {"0": 0.6471, "1": 0.79}
+    kd.mcnemar_p, kd.gain_top1_mean, kd.gain_top1_std = 0.0004, 0.0473, 0.081
+    kd.gain_top1_ci95, kd.gain_top1_p, kd.gain_significant = [-0.68, 0.77], 0.618, False
+    for sentence in (report.reading_of_result(summary)[0], report.comparison_table(summary)):
+        assert "Distillation (kd) over seeds 0, 1: its gain is +4.73" in sentence
+        assert sentence.index("within noise (p = 0.618)") < sentence.index("significant (p = 0.0004)")
+        assert "seed 0's baseline collapsed (at or near chance)" in sentence
 
 
 def test_every_student_of_every_seed_gets_the_chance_check():
@@ -323,3 +348,19 @@ def test_the_zero_spread_verdict_takes_the_largest_mcnemar_p():
     assert p[0] < significance.SIGNIFICANCE_LEVEL < p[1]
     assert stats["gain_top1_test"] == records.ZERO_SPREAD_TEST
     assert stats["gain_top1_p"] == p[1] and stats["gain_significant"] is False
+
+
+def test_the_verdicts_flags_count_what_the_tables_top1_counts_when_logits_tie():
+    logits, labels = tied_logits(seed=1)
+    flags = significance.parse_correct_flags(significance.correct_flags(logits, labels))
+    assert round(utils.topk_accuracy(logits, labels, 1) * len(labels)) == int(flags.sum())
+
+
+def test_a_student_costlier_than_its_teacher_is_warned_about_in_the_console_and_the_headline():
+    summary, histories = collapsed_run(share=0.6, top1=0.80)
+    summary.models["teacher"].flops_per_image = 0.626e9
+    for role in ("student_baseline", "student_kd"):
+        summary.models[role].flops_per_image = 1.11e9
+    warning = next(w for w in significance.sanity_warnings(summary, histories) if "costs more than its teacher" in w)
+    assert "1.77x its FLOPs an image (1.11 vs 0.626 GFLOPs)" in warning and "resnet8x4" in warning
+    assert warning in report.reading_of_result(summary)[:2]
