@@ -14,7 +14,7 @@ from conftest import settings_of
 import experiment
 import utils
 from config import settings
-from core import compute, records
+from core import records
 from results import ledger
 from training import checkpoints
 
@@ -62,8 +62,9 @@ def test_summary_fields(tiny_run):
         assert row["latency_ms_iqr"][0] <= row["latency_ms"] <= row["latency_ms_iqr"][1]
         assert row["throughput_img_s_iqr"][0] <= row["throughput_img_s"] <= row["throughput_img_s_iqr"][1]
         assert row["flops_per_image"] > 1e8  # VGG16 / ResNet18 at 32 px: hundreds of MFLOPs or more
-        assert row["speedup_over_teacher"] == pytest.approx(summary["teacher"]["latency_ms"] / row["latency_ms"],
-                                                             rel=1e-2)
+        if role != records.TEACHER:  # the median of per-round ratios to the teacher, inside their spread
+            low, high = row["speedup_over_teacher_iqr"]
+            assert 0 < low <= row["speedup_over_teacher"] <= high
     assert summary["teacher"]["speedup_over_teacher"] == 1.0
     assert isinstance(summary["student_kd"]["speedup_clear"], bool)
     assert 0 < summary["student_kd"]["mcnemar_p"] <= 1 and "mcnemar_p" not in summary["student_baseline"]
@@ -119,8 +120,8 @@ def test_best_checkpoint_reproduces_reported_test_metrics(tiny_run):
                                                                seed=config["seed"]))
     loader = data_setup.BatchLoader(splits.test, config["eval_batch_size"], checkpoint["mean"], checkpoint["std"],
                                     torch.device("cpu"))
-    amp = compute.resolve_amp_dtype(config["precision"], torch.device("cpu"))
-    metrics = engine.evaluate(model, loader, checkpoint["class_names"], torch.device("cpu"), amp)
+    # In fp32, as the saved model runs in prediction_for_one.py and ONNX: the reported test figures are those.
+    metrics = engine.evaluate(model, loader, checkpoint["class_names"], torch.device("cpu"), None)
     results = utils.read_json(tiny_run / "student_baseline" / "results.json")
     assert metrics["top1"] == results["splits"]["test"]["top1"]
     assert metrics["loss"] == pytest.approx(results["splits"]["test"]["loss"], rel=1e-6)
