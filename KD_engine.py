@@ -117,9 +117,8 @@ def library_setup(
 ) -> Setup:
     """A `Setup` for a method used outside a run (your own loop, a benchmark): temperature 4, alpha 0.5 and every
     registered method's own settings at their defaults, overridden by `settings` (dkd_beta=2.0, ...)."""
-    values = {"temperature": 4.0, "alpha": 0.5}
-    for method in base.REGISTRY.values():
-        values.update({name: setting.default for name, setting in method.settings.items()})
+    values = {"temperature": 4.0, "alpha": 0.5,
+              **{name: setting.default for name, setting in base.declared_settings().items()}}
     unknown = set(settings) - set(values)
     if unknown:
         raise ValueError(f"Unknown method settings: {', '.join(sorted(unknown))}.")

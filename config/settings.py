@@ -27,8 +27,7 @@ import model_builder
 from core import compute, schedules, secrets
 from core.errors import SettingsError
 from data import decoding
-from methods import feature_maps
-from methods.base import Setting
+from methods import base, feature_maps
 
 GROUPS = ("data", "models", "training", "distillation methods", "sweep", "speed", "output")
 
@@ -54,7 +53,7 @@ def flag(group: str, help: str, **details: Any) -> Any:
 
 @dataclass
 class RunSettings:
-    """The settings every run has; `Config` adds each distillation method's own (see `method_settings`)."""
+    """The settings every run has; `Config` adds each distillation method's own (`methods.base.declared_settings`)."""
 
     data_dir: str | None = flag("data", "folder holding train/ [val/] test/ class folders, or only class folders "
                                 "(test and validation are then carved)", unset="the bundled digits")
@@ -167,17 +166,7 @@ class RunSettings:
                          else METHOD_SETTINGS[name].default for name in FIELDS})
 
 
-def method_settings() -> dict[str, Setting]:
-    """Every registered method's own settings by field name (methods that share one declare the same object)."""
-    declared: dict[str, Setting] = {}
-    for name in KD_engine.method_names():
-        for field_name, setting in KD_engine.method_class(name).settings.items():
-            if declared.setdefault(field_name, setting) is not setting:
-                raise ValueError(f"Two methods declare different settings called '{field_name}'.")
-    return declared
-
-
-METHOD_SETTINGS = method_settings()
+METHOD_SETTINGS = base.declared_settings()
 Config = dataclasses.make_dataclass("Config", [
     (name, setting.type, flag("distillation methods", setting.help, unset=setting.unset))
     for name, setting in METHOD_SETTINGS.items()], bases=(RunSettings,))

@@ -160,6 +160,16 @@ def method_class(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
+def declared_settings() -> dict[str, Setting]:
+    """Every registered method's own settings by field name (methods that share one declare the same object)."""
+    declared: dict[str, Setting] = {}
+    for method in REGISTRY.values():
+        for name, setting in method.settings.items():
+            if declared.setdefault(name, setting) is not setting:
+                raise ValueError(f"Two methods declare different settings called '{name}'.")
+    return declared
+
+
 def warmup_steps(epochs: int, steps_per_epoch: int, warmup_epochs: int | None = None) -> int:
     """Optimizer steps of a linear warm-up: `warmup_epochs` epochs when given (0: none), else the DKD paper's
     share (WARMUP_SHARE) of all the run's steps, at least one."""
