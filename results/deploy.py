@@ -177,8 +177,8 @@ def measure_speeds(
             "latency_ms_iqr": [round(1000 * value, 3) for value in latency["iqr"]],
             "throughput_img_s": round(batch / throughput["median"], 1),
             "throughput_img_s_iqr": [round(batch / value, 1) for value in throughput["iqr"][::-1]],
-            **({"speedup_over_teacher": 1.0, "throughput_speedup_over_teacher": 1.0, "latency_noisy": False,
-                "throughput_noisy": False} if name == teacher else
+            **({field: value for (ratio_field, _, noisy_field), *_ in SPEED_KINDS.values()
+                for field, value in ((ratio_field, 1.0), (noisy_field, False))} if name == teacher else
                {**_ratio_fields("latency", ratios[name, 1]), **_ratio_fields("throughput", ratios[name, batch])}),
         }
     return speeds
@@ -203,8 +203,9 @@ def mark_table_noisy(speeds: dict[str, dict[str, Any]], archs: dict[str, str]) -
     apart = identical_apart(speeds, archs)
     if apart is None:
         return speeds
-    return {name: {**speed, "latency_noisy": True, "throughput_noisy": True, "speedup_clear": False,
-                   "throughput_speedup_clear": False, "speeds_apart": apart} for name, speed in speeds.items()}
+    noisy = {field: value for (_, clear_field, noisy_field), *_ in SPEED_KINDS.values()
+             for field, value in ((noisy_field, True), (clear_field, False))}
+    return {name: {**speed, **noisy, "speeds_apart": apart} for name, speed in speeds.items()}
 
 
 def measure_saved_models(
