@@ -248,7 +248,8 @@ def make_context(
 
 
 def announce(context: model_run.Context, dataset: records.DatasetRecord, world: int, resume: bool) -> None:
-    """Write config.json (a new run), say what the run is about to do, and list the skipped files."""
+    """Write config.json (a new run) or clear what an interrupted write left (a resumed one), say what the run is
+    about to do, and list the skipped files (rank 0 alone)."""
     if not compute.is_main_process():
         return
     config, data, run_dir = context.config, context.data, context.run_dir
