@@ -410,7 +410,8 @@ def costlier_sentence(student: records.ModelRow, teacher: records.ModelRow) -> s
     students that are really cheaper; None for a cheaper student (or FLOPs not counted)."""
     if not student.flops_per_image or not teacher.flops_per_image or student.flops_per_image < teacher.flops_per_image:
         return None
-    return (f"The student {student.arch} costs more than its teacher {teacher.arch}: "
+    costs = "as much as" if student.flops_per_image == teacher.flops_per_image else "more than"
+    return (f"The student {student.arch} costs {costs} its teacher {teacher.arch}: "
             f"{student.flops_per_image / teacher.flops_per_image:.2f}x its FLOPs an image "
             f"({student.flops_per_image / 1e9:.3g} vs {teacher.flops_per_image / 1e9:.3g} GFLOPs), so distilling into "
             "it saves nothing at inference; up to 64 px a small-image student of the KD literature such as resnet8x4 "

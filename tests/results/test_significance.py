@@ -364,3 +364,11 @@ def test_a_student_costlier_than_its_teacher_is_warned_about_in_the_console_and_
     warning = next(w for w in significance.sanity_warnings(summary, histories) if "costs more than its teacher" in w)
     assert "1.77x its FLOPs an image (1.11 vs 0.626 GFLOPs)" in warning and "resnet8x4" in warning
     assert warning in report.reading_of_result(summary)[:2]
+
+
+def test_a_student_as_costly_as_its_teacher_is_not_said_to_cost_more():
+    summary, histories = collapsed_run(share=0.6, top1=0.80)
+    for role in ("teacher", "student_baseline", "student_kd"):
+        summary.models[role].flops_per_image = 6.25e6
+    warning = next(w for w in significance.sanity_warnings(summary, histories) if "its teacher" in w)
+    assert "costs as much as its teacher" in warning and "1.00x its FLOPs" in warning
