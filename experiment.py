@@ -382,7 +382,7 @@ def summarize(
         device=str(context.device), precision=compute.precision_name(context.amp_dtype),
         wall_seconds=round(clock.total(), 2), wall_seconds_last_sitting=round(clock.last(), 2),
         sittings=clock.count(), finished_at=datetime.now().isoformat(timespec="seconds"),
-        **significance.headline_gain(models),
+        **significance.headline_gain(models, dataset),
     )
     named = {records.model_name(role, seed, seeds): (row, folder)
              for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}

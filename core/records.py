@@ -323,7 +323,7 @@ class ModelResults(Record):
 
 
 RUN_FIELDS = ("kd_gain_top1", "kd_gain_significant", "kd_gain_top1_std", "kd_gain_top1_ci95", "kd_gain_top1_by_seed",
-              "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
+              "kd_collapsed_seeds", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
               "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "sweep", "notes")
 
 
@@ -347,6 +347,7 @@ class RunSummary(Record):
     kd_gain_top1_std: float | None = None
     kd_gain_top1_ci95: list[float] | None = None
     kd_gain_top1_by_seed: dict[str, float] | None = None
+    kd_collapsed_seeds: list[str] | None = None  # "seed 3's baseline", ...: gains of those seeds are not results
     wall_seconds_last_sitting: float | None = None  # wall_seconds covers every sitting of a resumed run
     sittings: int | None = None
     sweep: SweepRecord | None = None  # a run made by --sweep

@@ -21,17 +21,18 @@ LEDGER_COLUMNS = [
     "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
     "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
     "image_size", "seed", "seeds", *(f"{role}_top1" for role in LEDGER_ROLES), "distilled_top1", "kd_gain_top1",
-    "kd_gain_significant", "wall_seconds", "wall_seconds_last_sitting", "sweep",
+    "kd_gain_significant", "kd_collapsed_seeds", "wall_seconds", "wall_seconds_last_sitting", "sweep",
 ]
 
 
 def _kd_gain(summary: records.RunSummary) -> dict[str, Any]:
     """KD's gain over the baseline and its verdict: over several seeds the pooled ones (the mean gain, the
     interval's verdict), as summary.json, the console and the report lead with them; else the one seed's."""
-    headline = significance.headline_gain(summary.models)
+    headline = significance.headline_gain(summary.models, summary.dataset)
     if not headline:
-        return {"kd_gain_top1": None, "kd_gain_significant": None}
-    return {"kd_gain_top1": round(headline["kd_gain_top1"], 6), "kd_gain_significant": headline["kd_gain_significant"]}
+        return {"kd_gain_top1": None, "kd_gain_significant": None, "kd_collapsed_seeds": None}
+    return {"kd_gain_top1": round(headline["kd_gain_top1"], 6), "kd_gain_significant": headline["kd_gain_significant"],
+            "kd_collapsed_seeds": "; ".join(headline["kd_collapsed_seeds"] or [])}
 
 
 def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Path) -> dict[str, Any]:

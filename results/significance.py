@@ -216,17 +216,19 @@ def gain_sentence(role: str, row: records.ModelRow, baseline: records.ModelRow, 
     return sentence + "."
 
 
-def headline_gain(models: dict[str, records.ModelRow]) -> dict[str, Any]:
+def headline_gain(models: dict[str, records.ModelRow], dataset: records.DatasetRecord) -> dict[str, Any]:
     """summary.json's headline gain of plain KD over the baseline, pooled first: `kd_gain_top1` (over several
     seeds the mean of the per-seed gains) and `kd_gain_significant` (the pooled verdict), then the spread and
-    interval of the gains and the per-seed gains. Empty without a plain KD student."""
+    interval of the gains, the per-seed gains and the seeds whose baseline or KD student collapsed
+    (`collapsed_seeds`; None when none did). Empty without a plain KD student."""
     kd, baseline = models.get(records.distilled_role("kd")), models.get(records.BASELINE)
     if kd is None or baseline is None:
         return {}
     pooled = kd.gain_top1_mean is not None
     return {"kd_gain_top1": kd.gain_top1_mean if pooled else kd.test["top1"] - baseline.test["top1"],
             "kd_gain_significant": kd.gain_significant, "kd_gain_top1_std": kd.gain_top1_std,
-            "kd_gain_top1_ci95": kd.gain_top1_ci95, "kd_gain_top1_by_seed": kd.gain_top1_by_seed}
+            "kd_gain_top1_ci95": kd.gain_top1_ci95, "kd_gain_top1_by_seed": kd.gain_top1_by_seed,
+            "kd_collapsed_seeds": collapsed_seeds(kd, baseline, dataset) or None}
 
 
 def seed_verdict(gain: float, p: float) -> str:

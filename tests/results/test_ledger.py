@@ -54,5 +54,8 @@ def test_a_two_seed_run_is_recorded_with_its_pooled_gain_and_verdict():
     summary.seeds, summary.kd_gain_top1 = [0, 1], 0.1046  # the first seed's, against a collapsed baseline
     kd = summary.models["student_kd"]
     kd.gain_top1_mean, kd.gain_significant = 0.0473, False
+    kd.test_top1_by_seed = {"0": 0.80, "1": 0.78}
+    summary.models["student_baseline"].test_top1_by_seed = {"0": 0.5425, "1": 0.8483}  # seed 0's at chance
     row = ledger.ledger_row(default_config(seeds="0,1"), summary, Path("runs/two"))
     assert row["kd_gain_top1"] == 0.0473 and row["kd_gain_significant"] is False
+    assert row["kd_collapsed_seeds"] == "seed 0's baseline"

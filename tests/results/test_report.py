@@ -114,7 +114,9 @@ def two_seed_collapsed_run():
     kd.test_top1_mean, kd.test_top1_std = 0.79, 0.0141
     kd.gain_top1_by_seed, kd.gain_top1_mean, kd.gain_top1_std = {"0": 0.1046, "1": -0.01}, 0.0473, 0.0817
     kd.gain_top1_ci95, kd.gain_top1_p, kd.gain_significant, kd.gain_top1_test = [-0.687, 0.781], 0.618, False, "t"
-    summary.models["student_baseline"].test = {"top1": 0.6954}
+    baseline = summary.models["student_baseline"]
+    baseline.test, baseline.test_top1_by_seed = {"top1": 0.6954}, {"0": 0.5425, "1": 0.8483}
+    baseline.test_top1_mean, baseline.test_top1_std = 0.6954, 0.2163
     return summary
 
 
@@ -129,7 +131,7 @@ def test_the_models_table_leads_the_gain_with_its_mean_spread_interval_and_poole
 
 def test_summary_json_gives_the_pooled_gain_first_and_an_earlier_one_still_loads():
     summary = two_seed_collapsed_run()
-    for field, value in significance.headline_gain(summary.models).items():
+    for field, value in significance.headline_gain(summary.models, summary.dataset).items():
         setattr(summary, field, value)
     written = summary.to_dict()
     run_fields = [key for key in written if key.startswith("kd_gain")]
@@ -137,6 +139,7 @@ def test_summary_json_gives_the_pooled_gain_first_and_an_earlier_one_still_loads
     assert written["kd_gain_top1"] == 0.0473 and written["kd_gain_significant"] is False
     assert written["kd_gain_top1_by_seed"] == {"0": 0.1046, "1": -0.01}
     assert written["kd_gain_top1_ci95"] == [-0.687, 0.781]
+    assert written["kd_collapsed_seeds"] == ["seed 0's baseline"]
     assert records.RunSummary.from_dict(written).kd_gain_top1_std == 0.0817
     earlier = {key: value for key, value in written.items() if not key.startswith("kd_gain_")}
     assert records.RunSummary.from_dict({**earlier, "kd_gain_top1": 0.1046}).kd_gain_significant is None
