@@ -177,11 +177,14 @@ def _kept_sentences(summary: records.RunSummary, teacher: records.ModelRow | Non
     if failed:
         return [f"The distilled student ({records.method_of(roles[0])}) {failed}: it has not learned "
                 "to tell the classes apart, so its accuracy and its gain are no result (see the warnings)."]
-    chance, top1 = significance.chance_level(summary.dataset), distilled.test["top1"]
+    pooled = distilled.test_top1_mean is not None and len(summary.seeds) > 1  # not the first seed's alone
+    chance = significance.chance_level(summary.dataset)
+    top1 = distilled.test_top1_mean if pooled else distilled.test["top1"]
     near = top1 < chance + significance.CHANCE_SHOWN_GAP * (1 - chance)
     kept = top1 / teacher.test["top1"] if teacher.test["top1"] else None
+    mean = f"its mean over seeds {', '.join(map(str, summary.seeds))} " if pooled else ""
     sentences = [f"The distilled student keeps {utils.format_metric(kept)}% of the teacher's test top-1 "
-                 f"({utils.format_metric(top1)}% vs {utils.format_metric(teacher.test['top1'])}%"
+                 f"({mean}{utils.format_metric(top1)}% vs {utils.format_metric(teacher.test['top1'])}%"
                  + (f", where always answering the most frequent class scores {utils.format_metric(chance)}%"
                     if near else "") + f") with {100 * distilled.params / teacher.params:.0f}% of its parameters."]
     if top1 > teacher.test["top1"]:

@@ -129,6 +129,12 @@ def test_the_models_table_leads_the_gain_with_its_mean_spread_interval_and_poole
     assert dict(zip(columns, rows[1], strict=True))["gain over baseline"] == "—"
 
 
+def test_what_the_student_keeps_over_seeds_is_its_mean_not_the_first_seeds():
+    summary = two_seed_collapsed_run()
+    kept = next(sentence for sentence in report.reading_of_result(summary) if "keeps" in sentence)
+    assert "(its mean over seeds 0, 1 79.00% vs 85.00%)" in kept and "92.94%" in kept
+
+
 def test_summary_json_gives_the_pooled_gain_first_and_an_earlier_one_still_loads():
     summary = two_seed_collapsed_run()
     for field, value in significance.headline_gain(summary.models, summary.dataset).items():
