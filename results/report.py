@@ -154,7 +154,7 @@ def comparison_rule(comparisons: records.Comparisons, seeds: list[int]) -> str:
                   if comparisons.correction == "none" else
                   f"p corrected by Holm's step-down over the family of {count} pairs")
     return (f"each pair: {test}; {correction} (--comparison-correction {comparisons.correction}); a pair differs "
-            f"where its corrected p < {comparisons.level:g}")
+            f"where its {corrected_p_column(comparisons)} < {comparisons.level:g}")
 
 
 def corrected_p_column(comparisons: records.Comparisons) -> str:
@@ -218,11 +218,11 @@ def head_to_head_sentence(comparisons: records.Comparisons) -> str:
     best, *others = comparisons.ranking
     tied = [records.method_of(student.role) for student in others if student.tied_with_best]
     behind = [records.method_of(student.role) for student in others if not student.tied_with_best]
-    correction = "after Holm's correction" if comparisons.correction == "holm" else "uncorrected"
+    test = "test corrected by Holm's step-down" if comparisons.correction == "holm" else "uncorrected test"
     sentence = (f"Head to head, {records.method_of(best.role)} has the best mean test top-1 "
                 f"({utils.format_metric(best.test_top1_mean)}%); ")
-    sentence += (f"no test {correction} separates it from {', '.join(tied)}" if tied
-                 else f"every other student is behind it by a test {correction}")
+    sentence += (f"no {test} separates it from {', '.join(tied)}" if tied
+                 else f"every other student is behind it by the {test}")
     if tied and behind:
         sentence += f"; {', '.join(behind)} {'is' if len(behind) == 1 else 'are'} behind it"
     return sentence + "."
