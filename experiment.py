@@ -437,13 +437,13 @@ def refresh_comparisons(run_dir: Path, correction: str | None) -> None:
     a run of fewer than two distilled students has none. ValueError naming a file that cannot serve."""
     data = report.read_run_file(run_dir / "summary.json")
     summary = records.RunSummary.from_dict(data, str(run_dir / "summary.json"))
+    students = [role for role in summary.models if role != records.TEACHER]
+    if not comparisons.several_distilled(students):
+        return
     saved = report.read_run_file(run_dir / "config.json").get("comparison_correction")
     if correction is None:  # a run made before the setting existed takes the default
         correction = saved if saved in records.COMPARISON_CORRECTIONS else default_config().comparison_correction
-    students = [role for role in summary.models if role != records.TEACHER]
     summary.comparisons = comparisons.compare_run(run_dir, students, summary.seeds, correction)
-    if summary.comparisons is None:
-        return
     utils.write_json(run_dir / "summary.json", {**data, "comparisons": summary.comparisons.to_dict()})
     print(report.head_to_head_text(summary, every_pair=False).lstrip("\n"), end="")
 

@@ -137,7 +137,6 @@ def deployment_table(summary: records.RunSummary) -> str:
 # ---------------------------------------------------------------- head to head (several distilled students)
 
 PAIR_TEST_WORDS = {"mcnemar": "McNemar", "t": "t-test", records.ZERO_SPREAD_TEST: "McNemar, every seed"}
-RANKING_COLUMNS = ["rank", "student", "test top-1 mean", "per seed", "against the best"]
 
 
 def _points(value: float) -> str:
@@ -162,28 +161,45 @@ def corrected_p_column(comparisons: records.Comparisons) -> str:
     return "Holm p" if comparisons.correction == "holm" else "uncorrected p"
 
 
+def _several_seeds(comparisons: records.Comparisons) -> bool:
+    return len(comparisons.ranking[0].test_top1_by_seed) > 1
+
+
 def pair_columns(comparisons: records.Comparisons) -> list[str]:
-    """The head-to-head pairs table's columns."""
-    return ["pair", "difference per seed", "mean", "95% interval", "test", "p", corrected_p_column(comparisons),
-            f"McNemar p per seed ({corrected_p_column(comparisons)})", "verdict"]
+    """The head-to-head pairs table's columns (with one seed: no per-seed columns, no interval)."""
+    corrected_p = corrected_p_column(comparisons)
+    if not _several_seeds(comparisons):
+        return ["pair", "difference", "test", "p", corrected_p, "verdict"]
+    return ["pair", "difference per seed", "mean", "95% interval", "test", "p", corrected_p,
+            f"McNemar p per seed ({corrected_p})", "verdict"]
 
 
 def pair_cells(pair: records.ComparedPair) -> list[str]:
-    """One pair's cells: differences in points (the first's test top-1 minus the second's), its tests' p raw and
-    corrected, and its verdict."""
+    """One pair's cells, as `pair_columns` names them: differences in points (the first's test top-1 minus the
+    second's), its tests' p raw and corrected, and its verdict."""
+    name, verdict = f"{records.method_of(pair.first)} - {records.method_of(pair.second)}", (
+        "differ" if pair.significant else "tied")
+    tests = [PAIR_TEST_WORDS[pair.test], f"{pair.p:.3g}", f"{pair.p_corrected:.3g}"]
+    if len(pair.difference_by_seed) == 1:
+        return [name, _points(pair.difference_mean), *tests, verdict]
     interval = "" if pair.difference_ci95 is None else "[{}, {}]".format(*map(_points, pair.difference_ci95))
     per_seed = ", ".join(f"{p:.2g} ({pair.mcnemar_p_corrected_by_seed[seed]:.2g})"
                          for seed, p in pair.mcnemar_p_by_seed.items())
-    return [f"{records.method_of(pair.first)} - {records.method_of(pair.second)}",
-            ", ".join(map(_points, pair.difference_by_seed.values())), _points(pair.difference_mean), interval,
-            PAIR_TEST_WORDS[pair.test], f"{pair.p:.3g}", f"{pair.p_corrected:.3g}", per_seed,
-            "differ" if pair.significant else "tied"]
+    return [name, ", ".join(map(_points, pair.difference_by_seed.values())), _points(pair.difference_mean),
+            interval, *tests, per_seed, verdict]
+
+
+def ranking_columns(comparisons: records.Comparisons) -> list[str]:
+    """The ranking table's columns (with one seed: no per-seed column)."""
+    if not _several_seeds(comparisons):
+        return ["rank", "student", "test top-1", "against the best"]
+    return ["rank", "student", "test top-1 mean", "per seed", "against the best"]
 
 
 def ranking_rows(comparisons: records.Comparisons) -> list[list[str]]:
-    """The ranking's rows: each student's mean and per-seed test top-1, and whether a corrected test separates it
+    """The ranking's rows: each student's mean (and per-seed) test top-1, and whether a corrected test separates it
     from the best (with that pair's corrected p)."""
-    best = comparisons.ranking[0].role
+    best, several = comparisons.ranking[0].role, _several_seeds(comparisons)
     against = {pair.second: pair for pair in comparisons.pairs if pair.first == best}
     rows = []
     for rank, student in enumerate(comparisons.ranking, start=1):
@@ -191,8 +207,9 @@ def ranking_rows(comparisons: records.Comparisons) -> list[list[str]]:
         verdict = "best" if pair is None else (
             f"{'tied' if student.tied_with_best else 'behind'} ({corrected_p_column(comparisons)} "
             f"{pair.p_corrected:.3g})")
+        per_seed = [", ".join(map(utils.format_metric, student.test_top1_by_seed.values()))] if several else []
         rows.append([str(rank), records.method_of(student.role), utils.format_metric(student.test_top1_mean),
-                     ", ".join(map(utils.format_metric, student.test_top1_by_seed.values())), verdict])
+                     *per_seed, verdict])
     return rows
 
 
@@ -235,7 +252,7 @@ def head_to_head_text(summary: records.RunSummary, every_pair: bool = True) -> s
     if comparisons is None:
         return ""
     lines = ["\n" + head_to_head_sentence(comparisons),
-             utils.text_table(RANKING_COLUMNS, ranking_rows(comparisons), left=2).rstrip("\n")]
+             utils.text_table(ranking_columns(comparisons), ranking_rows(comparisons), left=2).rstrip("\n")]
     shown = [pair for pair in comparisons.pairs if every_pair or pair.significant]
     if not shown:
         lines.append(f"No pair differs (smallest {corrected_p_column(comparisons)} "
@@ -496,7 +513,7 @@ def _head_to_head_view(summary: records.RunSummary) -> dict[str, Any] | None:
     if comparisons is None:
         return None
     return {"lead": head_to_head_sentence(comparisons), "rule": comparison_rule(comparisons, summary.seeds),
-            "ranking_columns": RANKING_COLUMNS, "ranking_rows": ranking_rows(comparisons),
+            "ranking_columns": ranking_columns(comparisons), "ranking_rows": ranking_rows(comparisons),
             "names": [records.method_of(student.role) for student in comparisons.ranking],
             "matrix": difference_matrix(comparisons), "pair_columns": pair_columns(comparisons),
             "pair_rows": [pair_cells(pair) for pair in comparisons.pairs]}

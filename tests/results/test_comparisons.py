@@ -187,10 +187,13 @@ def test_tables_give_holm_p_beside_raw_p_and_the_matrix_is_antisymmetric():
     result = comparisons.compare(_flags([0.3, 0.6, 0.62, 0.9], [0, 1, 2], 400, seed=2), [0, 1, 2])
     summary = _summary(result, [0, 1, 2])
     columns = report.pair_columns(result)
-    assert columns[5:7] == ["p", "Holm p"]
+    raw, holm = columns.index("p"), columns.index("Holm p")
+    assert holm == raw + 1 and "95% interval" in columns and "McNemar p per seed (Holm p)" in columns
     for pair, cells in zip(result.pairs, [report.pair_cells(pair) for pair in result.pairs], strict=True):
-        assert cells[5:7] == [f"{pair.p:.3g}", f"{pair.p_corrected:.3g}"]
+        assert len(cells) == len(columns)
+        assert [cells[raw], cells[holm]] == [f"{pair.p:.3g}", f"{pair.p_corrected:.3g}"]
         assert cells[-1] == ("differ" if pair.significant else "tied")
+    assert len(report.ranking_rows(result)[0]) == len(report.ranking_columns(result)) == 5
     matrix = report.difference_matrix(result)
     for row, column in itertools.permutations(range(4), 2):
         assert float(matrix[row][column][0]) == pytest.approx(-float(matrix[column][row][0]))
@@ -208,7 +211,10 @@ def test_tables_give_holm_p_beside_raw_p_and_the_matrix_is_antisymmetric():
 
 def test_uncorrected_tables_say_so():
     result = comparisons.compare(_flags([0.3, 0.6, 0.62, 0.9], [0], 100), [0], "none")
-    assert report.pair_columns(result)[6] == "uncorrected p"
+    columns = report.pair_columns(result)
+    assert columns == ["pair", "difference", "test", "p", "uncorrected p", "verdict"]
+    assert all(len(report.pair_cells(pair)) == len(columns) for pair in result.pairs)
+    assert len(report.ranking_rows(result)[0]) == len(report.ranking_columns(result)) == 4
     assert "not corrected for the family of 6 pairs" in report.comparison_rule(result, [0])
 
 
