@@ -27,7 +27,7 @@ import model_builder
 import utils
 from config import command_line, settings
 from core import compute, errors, records
-from results import deploy, evaluation, ledger, report, significance
+from results import comparisons, deploy, evaluation, ledger, report, significance
 from sweep import search
 from training import checkpoints, model_run
 
@@ -68,6 +68,7 @@ KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), f
 # Each method's own settings (--dkd-beta, --beta, ...) default to its reference's values, declared in its file in
 # methods/; a constant named after the flag (DKD_BETA = 6.0) here overrides that default.
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
+COMPARISON_CORRECTION = "holm"  # holm or none: how several distilled students' head-to-head p-values are corrected
 SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep/search.py)
 TRIALS = 20  # trials of a sweep, over all its workers
 STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/sweep.db
@@ -383,6 +384,7 @@ def summarize(
         wall_seconds=round(clock.total(), 2), wall_seconds_last_sitting=round(clock.last(), 2),
         sittings=clock.count(), finished_at=datetime.now().isoformat(timespec="seconds"),
         **significance.headline_gain(models, dataset),
+        comparisons=comparisons.head_to_head(correct, seeds, config.comparison_correction),
     )
     named = {records.model_name(role, seed, seeds): (row, folder)
              for seed in seeds for role, by_seed in students.items() for row, folder in [by_seed[seed]]}
@@ -400,7 +402,7 @@ def publish(context: model_run.Context, summary: records.RunSummary) -> None:
     table = report.comparison_table(summary) + "\n" + report.deployment_table(summary)
     context.clock.record()
     utils.write_json(run_dir / "summary.json", summary.to_dict())
-    utils.write_text(run_dir / "comparison.txt", table)
+    utils.write_text(run_dir / "comparison.txt", table + report.head_to_head_text(summary))
     utils.plot_comparison({role: row.test for role, row in summary.models.items()},
                           {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png",
                           len(summary.dataset.class_names))
@@ -408,22 +410,42 @@ def publish(context: model_run.Context, summary: records.RunSummary) -> None:
     ledger_path = run_dir.parent / "experiments.csv"
     ledger.append_ledger(ledger_path, ledger.ledger_row(context.config, summary, run_dir))
     warnings = "".join(f"warning: {warning}\n" for warning in summary.warnings)
-    print("\n" + table + warnings + f"Wall time {report.wall_time(summary)}. Results in {run_dir}, "
+    print("\n" + table + report.head_to_head_text(summary, every_pair=False) + warnings
+          + f"Wall time {report.wall_time(summary)}. Results in {run_dir}, "
           f"report {html}, ledger {ledger_path}")
 
 
 # ---------------------------------------------------------------- entry points
 
 
-def rebuild_report(run_dir: str) -> None:
-    """--report-only: write RUN/report.html again from the run's files, without training."""
+def rebuild_report(run_dir: str, correction: str | None = None) -> None:
+    """--report-only: compare the students head to head again from their results.json files (`correction`: the
+    --comparison-correction given, else the run's own), update summary.json's `comparisons`, and write
+    RUN/report.html again, without training."""
     if not (Path(run_dir) / "summary.json").is_file():
         raise errors.SettingsError(f"--report-only '{run_dir}' is not a finished run directory (no summary.json).")
     try:
+        refresh_comparisons(Path(run_dir), correction)
         path = report.write_report(run_dir)
     except ValueError as error:
         raise errors.SettingsError(f"--report-only '{run_dir}': {error}.") from None
     print(f"Report written: {path}")
+
+
+def refresh_comparisons(run_dir: Path, correction: str | None) -> None:
+    """Recompute summary.json's head-to-head `comparisons` from the students' results.json files and print them;
+    a run of fewer than two distilled students has none. ValueError naming a file that cannot serve."""
+    data = report.read_run_file(run_dir / "summary.json")
+    summary = records.RunSummary.from_dict(data, str(run_dir / "summary.json"))
+    students = [role for role in summary.models if role != records.TEACHER]
+    if not comparisons.several_distilled(students):
+        return
+    saved = report.read_run_file(run_dir / "config.json").get("comparison_correction")
+    if correction is None:  # a run made before the setting existed takes the default
+        correction = saved if saved in records.COMPARISON_CORRECTIONS else default_config().comparison_correction
+    summary.comparisons = comparisons.compare_run(run_dir, students, summary.seeds, correction)
+    utils.write_json(run_dir / "summary.json", {**data, "comparisons": summary.comparisons.to_dict()})
+    print(report.head_to_head_text(summary, every_pair=False).lstrip("\n"), end="")
 
 
 def layer_list(model: str, image_size: int) -> str:
@@ -442,7 +464,7 @@ def run_command(argv: list[str] | None) -> None:
     list_layers = args.pop("list_layers")
     args.pop("config")
     if report_only is not None:
-        rebuild_report(report_only)
+        rebuild_report(report_only, args["comparison_correction"] if "comparison_correction" in given else None)
     elif list_layers is not None:
         print(layer_list(list_layers, args["image_size"]), end="")
     elif resume is not None:

@@ -24,7 +24,7 @@ import data_setup
 import engine
 import KD_engine
 import model_builder
-from core import compute, schedules, secrets
+from core import compute, records, schedules, secrets
 from core.errors import SettingsError
 from data import decoding
 from methods import base, feature_maps
@@ -116,6 +116,11 @@ class RunSettings:
                            f"comma-separated, one student each: {', '.join(KD_engine.method_names())}")
     seeds: str | None = flag("distillation methods", "comma-separated seeds: every student is trained once per seed",
                              unset="--seed alone")
+    comparison_correction: str = flag(
+        "distillation methods", "with several distilled students every two students (the baseline too) are compared "
+        "head to head; holm: their p-values are corrected by Holm's step-down over the whole family of pairs before a "
+        "pair is said to differ; none: each pair's raw p (with many pairs some then differ by chance)",
+        choices=records.COMPARISON_CORRECTIONS)
     sweep: str | None = flag("sweep", "search settings of the distilled student with Optuna, on the validation split: "
                              "comma-separated name=low:high (uniform), name=low:high:log or name=a|b|c, e.g. "
                              "temperature=1:10:log,alpha=0.1:0.9 (also method=kd|dkd)", unset="one run, no search")

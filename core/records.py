@@ -28,6 +28,8 @@ TEST_KEYS = ("top1", "top3", "precision_macro", "recall_macro", "f1_macro", "auc
 CHOSEN_ON_TEST = "chosen on the test split, as the papers' tables report: optimistic"
 # gain_top1_test when every seed gained the same: the verdict is each seed's McNemar test, and there is no interval.
 ZERO_SPREAD_TEST = "mcnemar_every_seed"
+COMPARISON_CORRECTIONS = ("holm", "none")  # how the head-to-head comparisons correct their p for the family
+PAIR_TESTS = ("mcnemar", "t", ZERO_SPREAD_TEST)  # what decided a head-to-head pair (significance.GAIN_TESTS)
 
 
 def distilled_role(method: str) -> str:
@@ -322,9 +324,83 @@ class ModelResults(Record):
     splits: dict[str, SplitResults]
 
 
+@dataclass
+class ComparedPair(Record):
+    """Two students of a run compared head to head on the same test images: `first` is the one ranked higher,
+    every difference is its test top-1 minus `second`'s (fractions), per seed and over seeds."""
+
+    first: str
+    second: str
+    difference_by_seed: dict[str, float]
+    difference_mean: float
+    first_only_by_seed: dict[str, int]  # test images only `first` got right (McNemar's discordant images)
+    second_only_by_seed: dict[str, int]
+    mcnemar_p_by_seed: dict[str, float]
+    mcnemar_p_corrected_by_seed: dict[str, float]  # corrected over the family of pairs of that seed
+    test: str  # what decided `p`: mcnemar (one seed), t (several) or mcnemar_every_seed (differences all equal)
+    p: float  # the pair's raw p
+    p_corrected: float  # corrected over the family of pairs (Comparisons.correction)
+    significant: bool  # p_corrected below Comparisons.level
+    difference_std: float | None = None  # several seeds: the sample std and 95% Student-t interval of the
+    difference_ci95: list[float] | None = None  # per-seed differences (no interval at zero spread)
+
+    def check(self, where: str) -> None:
+        """A pair's test is one the tool makes; its p values are probabilities; an interval is [low, high]."""
+        if self.test not in PAIR_TESTS:
+            raise ValueError(f"{where}.test must be one of {', '.join(PAIR_TESTS)} (got {self.test!r:.60})")
+        for name, value in (("p", self.p), ("p_corrected", self.p_corrected)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{where}.{name} must be a probability (got {value!r})")
+        interval = self.difference_ci95
+        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
+            raise ValueError(f"{where}.difference_ci95 must be [low, high] (got {interval!r:.60})")
+
+
+@dataclass
+class RankedStudent(Record):
+    """One student in the head-to-head ranking: its mean test top-1 over seeds, and whether no corrected test
+    separates it from the best."""
+
+    role: str
+    test_top1_mean: float
+    test_top1_by_seed: dict[str, float]
+    tied_with_best: bool
+
+
+@dataclass
+class Comparisons(Record):
+    """summary.json's `comparisons`: every pair of students (the baseline and each distilled one) compared head to
+    head, the family's p corrected by `correction`, and the students ranked by mean test top-1."""
+
+    correction: str  # COMPARISON_CORRECTIONS
+    level: float  # a pair differs when its corrected p is below this
+    ranking: list[RankedStudent]  # best first
+    pairs: list[ComparedPair]  # every pair once, in ranking order
+
+    @property
+    def tied_with_best(self) -> list[str]:
+        """The roles no corrected test separates from the best (the best first)."""
+        return [student.role for student in self.ranking if student.tied_with_best]
+
+    def check(self, where: str) -> None:
+        """A known correction; a ranking ordered best first, the best tied with itself; one pair per two ranked
+        students, each naming two of them."""
+        if self.correction not in COMPARISON_CORRECTIONS:
+            raise ValueError(f"{where}.correction must be one of {', '.join(COMPARISON_CORRECTIONS)} "
+                             f"(got {self.correction!r:.60})")
+        means = [student.test_top1_mean for student in self.ranking]
+        if len(means) < 2 or means != sorted(means, reverse=True) or not self.ranking[0].tied_with_best:
+            raise ValueError(f"{where}.ranking must list at least two students, best first and tied with itself")
+        ranked = {student.role for student in self.ranking}
+        named = {frozenset((pair.first, pair.second)) for pair in self.pairs}
+        if len(named) != len(self.pairs) or len(self.pairs) != len(ranked) * (len(ranked) - 1) // 2 or any(
+                not pair <= ranked or len(pair) != 2 for pair in named):
+            raise ValueError(f"{where}.pairs must compare every two students of the ranking once")
+
+
 RUN_FIELDS = ("kd_gain_top1", "kd_gain_significant", "kd_gain_top1_std", "kd_gain_top1_ci95", "kd_gain_top1_by_seed",
               "kd_collapsed_seeds", "seeds", "skipped_files", "dataset", "device", "precision", "wall_seconds",
-              "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "sweep", "notes")
+              "wall_seconds_last_sitting", "sittings", "finished_at", "warnings", "comparisons", "sweep", "notes")
 
 
 @dataclass
@@ -350,6 +426,7 @@ class RunSummary(Record):
     kd_collapsed_seeds: list[str] | None = None  # "seed 3's baseline", ...: gains of those seeds are not results
     wall_seconds_last_sitting: float | None = None  # wall_seconds covers every sitting of a resumed run
     sittings: int | None = None
+    comparisons: Comparisons | None = None  # several distilled students: every pair head to head
     sweep: SweepRecord | None = None  # a run made by --sweep
     notes: dict[str, str] | None = None  # what a field of the models' rows means, where it needs saying
 

@@ -21,7 +21,8 @@ LEDGER_COLUMNS = [
     "finished_at", "run_dir", "dataset", "teacher_model", "student_model", "teacher_checkpoint", "teacher_epochs",
     "student_epochs", "optimizer", "teacher_lr", "student_lr", "kd_methods", "temperature", "alpha", "batch_size",
     "image_size", "seed", "seeds", *(f"{role}_top1" for role in LEDGER_ROLES), "distilled_top1", "kd_gain_top1",
-    "kd_gain_significant", "kd_collapsed_seeds", "wall_seconds", "wall_seconds_last_sitting", "sweep",
+    "kd_gain_significant", "kd_collapsed_seeds", "best_method", "tied_with_best", "wall_seconds",
+    "wall_seconds_last_sitting", "sweep",
 ]
 
 
@@ -33,6 +34,15 @@ def _kd_gain(summary: records.RunSummary) -> dict[str, Any]:
         return {"kd_gain_top1": None, "kd_gain_significant": None, "kd_collapsed_seeds": None}
     return {"kd_gain_top1": round(headline["kd_gain_top1"], 6), "kd_gain_significant": headline["kd_gain_significant"],
             "kd_collapsed_seeds": "; ".join(headline["kd_collapsed_seeds"] or [])}
+
+
+def _best_group(comparisons: records.Comparisons | None) -> dict[str, str]:
+    """The head-to-head ranking's best method and the methods tied with it (space-separated, the best first);
+    empty for a run without comparisons (fewer than two distilled students)."""
+    if comparisons is None:
+        return {"best_method": "", "tied_with_best": ""}
+    return {"best_method": records.method_of(comparisons.ranking[0].role),
+            "tied_with_best": " ".join(map(records.method_of, comparisons.tied_with_best))}
 
 
 def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Path) -> dict[str, Any]:
@@ -53,6 +63,7 @@ def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Pa
         **{f"{role}_top1": round(models[role].test["top1"], 6) if role in models else None for role in LEDGER_ROLES},
         "distilled_top1": " ".join(f"{records.method_of(role)}={models[role].test['top1']:.6f}" for role in distilled),
         **_kd_gain(summary),
+        **_best_group(summary.comparisons),
         "wall_seconds": summary.wall_seconds,  # every sitting of a resumed run
         "wall_seconds_last_sitting": (summary.wall_seconds if summary.wall_seconds_last_sitting is None
                                       else summary.wall_seconds_last_sitting),

@@ -134,6 +134,137 @@ def deployment_table(summary: records.RunSummary) -> str:
             + "".join(note + "\n" for note in notes))
 
 
+# ---------------------------------------------------------------- head to head (several distilled students)
+
+PAIR_TEST_WORDS = {"mcnemar": "McNemar", "t": "t-test", records.ZERO_SPREAD_TEST: "McNemar, every seed"}
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def comparison_rule(comparisons: records.Comparisons, seeds: list[int]) -> str:
+    """What decided each head-to-head pair and how the family was corrected, in words (the tables' note)."""
+    count = len(comparisons.pairs)
+    test = (f"the paired t-test of its differences over seeds {', '.join(map(str, seeds))} (where every seed "
+            "differed by the same, each seed's exact McNemar test: the largest p)" if len(seeds) > 1
+            else "the exact McNemar test of the two on the same test images")
+    correction = (f"p not corrected for the family of {count} pairs (some differ by chance)"
+                  if comparisons.correction == "none" else
+                  f"p corrected by Holm's step-down over the family of {count} pairs")
+    return (f"each pair: {test}; {correction} (--comparison-correction {comparisons.correction}); a pair differs "
+            f"where its {corrected_p_column(comparisons)} < {comparisons.level:g}")
+
+
+def corrected_p_column(comparisons: records.Comparisons) -> str:
+    """The name of the corrected p (its column's header): it names the correction."""
+    return "Holm p" if comparisons.correction == "holm" else "uncorrected p"
+
+
+def _several_seeds(comparisons: records.Comparisons) -> bool:
+    return len(comparisons.ranking[0].test_top1_by_seed) > 1
+
+
+def pair_columns(comparisons: records.Comparisons) -> list[str]:
+    """The head-to-head pairs table's columns (with one seed: no per-seed columns, no interval)."""
+    corrected_p = corrected_p_column(comparisons)
+    if not _several_seeds(comparisons):
+        return ["pair", "difference", "test", "p", corrected_p, "verdict"]
+    return ["pair", "difference per seed", "mean", "95% interval", "test", "p", corrected_p,
+            f"McNemar p per seed ({corrected_p})", "verdict"]
+
+
+def pair_cells(pair: records.ComparedPair) -> list[str]:
+    """One pair's cells, as `pair_columns` names them: differences in points (the first's test top-1 minus the
+    second's), its tests' p raw and corrected, and its verdict."""
+    name, verdict = f"{records.method_of(pair.first)} - {records.method_of(pair.second)}", (
+        "differ" if pair.significant else "tied")
+    tests = [PAIR_TEST_WORDS[pair.test], f"{pair.p:.3g}", f"{pair.p_corrected:.3g}"]
+    if len(pair.difference_by_seed) == 1:
+        return [name, _points(pair.difference_mean), *tests, verdict]
+    interval = "" if pair.difference_ci95 is None else "[{}, {}]".format(*map(_points, pair.difference_ci95))
+    per_seed = ", ".join(f"{p:.2g} ({pair.mcnemar_p_corrected_by_seed[seed]:.2g})"
+                         for seed, p in pair.mcnemar_p_by_seed.items())
+    return [name, ", ".join(map(_points, pair.difference_by_seed.values())), _points(pair.difference_mean),
+            interval, *tests, per_seed, verdict]
+
+
+def ranking_columns(comparisons: records.Comparisons) -> list[str]:
+    """The ranking table's columns (with one seed: no per-seed column)."""
+    if not _several_seeds(comparisons):
+        return ["rank", "student", "test top-1", "against the best"]
+    return ["rank", "student", "test top-1 mean", "per seed", "against the best"]
+
+
+def ranking_rows(comparisons: records.Comparisons) -> list[list[str]]:
+    """The ranking's rows: each student's mean (and per-seed) test top-1, and whether a corrected test separates it
+    from the best (with that pair's corrected p)."""
+    best, several = comparisons.ranking[0].role, _several_seeds(comparisons)
+    against = {pair.second: pair for pair in comparisons.pairs if pair.first == best}
+    rows = []
+    for rank, student in enumerate(comparisons.ranking, start=1):
+        pair = against.get(student.role)
+        verdict = "best" if pair is None else (
+            f"{'tied' if student.tied_with_best else 'behind'} ({corrected_p_column(comparisons)} "
+            f"{pair.p_corrected:.3g})")
+        per_seed = [", ".join(map(utils.format_metric, student.test_top1_by_seed.values()))] if several else []
+        rows.append([str(rank), records.method_of(student.role), utils.format_metric(student.test_top1_mean),
+                     *per_seed, verdict])
+    return rows
+
+
+def difference_matrix(comparisons: records.Comparisons) -> list[list[tuple[str, bool]]]:
+    """The mean differences of every two students in ranking order: cell (row, column) is the row's mean test
+    top-1 minus the column's, in points, with whether the pair differs; the diagonal is empty."""
+    pairs = {(pair.first, pair.second): pair for pair in comparisons.pairs}
+    roles = [student.role for student in comparisons.ranking]
+    matrix = []
+    for row in roles:
+        cells = []
+        for column in roles:
+            pair, sign = pairs.get((row, column)), 1
+            if pair is None and (column, row) in pairs:
+                pair, sign = pairs[(column, row)], -1
+            cells.append(("", False) if pair is None else (_points(sign * pair.difference_mean), pair.significant))
+        matrix.append(cells)
+    return matrix
+
+
+def head_to_head_sentence(comparisons: records.Comparisons) -> str:
+    """The ranking in one sentence: the best student, those tied with it, and those behind it."""
+    best, *others = comparisons.ranking
+    tied = [records.method_of(student.role) for student in others if student.tied_with_best]
+    behind = [records.method_of(student.role) for student in others if not student.tied_with_best]
+    test = "test corrected by Holm's step-down" if comparisons.correction == "holm" else "uncorrected test"
+    sentence = (f"Head to head, {records.method_of(best.role)} has the best mean test top-1 "
+                f"({utils.format_metric(best.test_top1_mean)}%); ")
+    sentence += (f"no {test} separates it from {', '.join(tied)}" if tied
+                 else f"every other student is behind it by the {test}")
+    if tied and behind:
+        sentence += f"; {', '.join(behind)} {'is' if len(behind) == 1 else 'are'} behind it"
+    return sentence + "."
+
+
+def head_to_head_text(summary: records.RunSummary, every_pair: bool = True) -> str:
+    """The head-to-head section of the console and comparison.txt: the ranking, then every pair (`every_pair`) or
+    only the pairs that differ; empty for a run without comparisons."""
+    comparisons = summary.comparisons
+    if comparisons is None:
+        return ""
+    lines = ["\n" + head_to_head_sentence(comparisons),
+             utils.text_table(ranking_columns(comparisons), ranking_rows(comparisons), left=2).rstrip("\n")]
+    shown = [pair for pair in comparisons.pairs if every_pair or pair.significant]
+    if not shown:
+        lines.append(f"No pair differs (smallest {corrected_p_column(comparisons)} "
+                     f"{min(pair.p_corrected for pair in comparisons.pairs):.3g}).")
+    else:
+        lines.append(("Every pair" if every_pair else "Pairs that differ") + " (differences: the first's test top-1 "
+                     "minus the second's, in points):")
+        lines.append(utils.text_table(pair_columns(comparisons), [pair_cells(pair) for pair in shown]).rstrip("\n"))
+    lines.append(f"head to head: {comparison_rule(comparisons, summary.seeds)}")
+    return "\n".join(lines) + "\n"
+
+
 def reading_of_result(summary: records.RunSummary) -> list[str]:
     """A few plain sentences on what distillation bought and what the student costs, from the summary's numbers:
     the verdicts first, then a student costlier than its teacher, then what the student keeps (with chance where
@@ -161,6 +292,8 @@ def reading_of_result(summary: records.RunSummary) -> list[str]:
                                                     if (clause := deploy.speed_clause(student, teacher, kind))]
     if clauses:
         sentences.append(f"Measured on {summary.device} against the teacher, the student: {'; '.join(clauses)}.")
+    if summary.comparisons is not None:
+        sentences.append(head_to_head_sentence(summary.comparisons))
     samples = summary.dataset.sizes.get("test")
     if baseline and distilled_roles and samples:
         sentences.append(f"One test image is {100 / samples:.2f} points here.")
@@ -370,9 +503,23 @@ def build_report(run_dir: str | Path) -> str:
         seed_columns=SEED_COLUMNS, seed_rows=significance.seed_rows(summary) if len(summary.seeds) > 1 else [],
         exports=_exports(summary), curves=curves, confusions=confusions, per_class_f1=per_class_f1,
         data_rows=_data_rows(summary), sweep=None if summary.sweep is None else _sweep_view(summary.sweep),
+        head_to_head=_head_to_head_view(summary),
         test_figure_rows=_test_figure_rows(summary), chosen_on_test=records.CHOSEN_ON_TEST,
         settings_rows=[(key, json.dumps(value)) for key, value in config.items() if key != "dataset"],
     )
+
+
+def _head_to_head_view(summary: records.RunSummary) -> dict[str, Any] | None:
+    """The report's Head to head section: the ranking, the matrix of mean differences (significant cells marked)
+    and every pair; None for a run without comparisons."""
+    comparisons = summary.comparisons
+    if comparisons is None:
+        return None
+    return {"lead": head_to_head_sentence(comparisons), "rule": comparison_rule(comparisons, summary.seeds),
+            "ranking_columns": ranking_columns(comparisons), "ranking_rows": ranking_rows(comparisons),
+            "names": [records.method_of(student.role) for student in comparisons.ranking],
+            "matrix": difference_matrix(comparisons), "pair_columns": pair_columns(comparisons),
+            "pair_rows": [pair_cells(pair) for pair in comparisons.pairs]}
 
 
 def _sweep_view(sweep: records.SweepRecord) -> dict[str, Any]:
