@@ -125,24 +125,46 @@ def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int) -> li
 
 
 def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: int) -> dict[str, str]:
-    """For each named layer whose output is the output of a ReLU module (the layer itself, or the last
-    ReLU to run inside it, as at the end of a ResNet block), the name of that ReLU: its input is the
-    layer's map before the activation (mdistiller's `preact_feats`). Found by one `dry_run`; a layer
-    whose output comes from anything else (an addition, a BN) is left out."""
+    """For each named layer, the ReLU module whose input is the layer's map before its activation (mdistiller's
+    `preact_feats`), found by one `dry_run`:
+
+    - the last ReLU to run inside the layer when its output is the layer's output (the layer itself, or the end
+      of a ResNet block);
+    - else, when the layer's output goes into a BN whose output goes into a ReLU, that ReLU: a pre-activation
+      network's next block or final BN (Wide ResNet: mdistiller's wrn.py takes `block2.layer[0].bn1` of block1's
+      output, dvlab ReviewKD's wide_resnet_cifar.py the same).
+
+    A layer with neither (its output comes from an addition and feeds a convolution) is left out."""
     layer_hooks = FeatureHooks(model, names)  # first: it names a missing layer
     modules = dict(compute.unwrap(model).named_modules())
-    inside = {name: [sub for sub, module in modules.items() if isinstance(module, nn.ReLU)
-                     and (sub == name or sub.startswith(name + "."))] for name in names}
-    relus = sorted({sub for subs in inside.values() for sub in subs})
-    relu_hooks = FeatureHooks(model, relus)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ReLU and BN modules: (input, output) of the dry run
+    handles = [module.register_forward_hook(_io_keeper(seen, name)) for name, module in modules.items()
+               if isinstance(module, (nn.ReLU, nn.modules.batchnorm._BatchNorm))]
     try:
         dry_run(model, image_size)
-        relu_outputs = dict(zip(relus, relu_hooks.take(), strict=True))
         layer_outputs = dict(zip(names, layer_hooks.take(), strict=True))
     finally:
-        relu_hooks.remove()
+        for handle in handles:
+            handle.remove()
         layer_hooks.remove()
-    return {name: sub for name, subs in inside.items() for sub in subs if relu_outputs[sub] is layer_outputs[name]}
+    relus = [name for name, module in modules.items() if isinstance(module, nn.ReLU) and name in seen]
+    found = {}
+    for name in names:
+        output = layer_outputs[name]
+        inside = [sub for sub in relus if (sub == name or sub.startswith(name + ".")) and seen[sub][1] is output]
+        normalized = [seen[bn][1] for bn in seen if bn not in relus and seen[bn][0] is output]
+        after = [sub for sub in relus if any(seen[sub][0] is bn_output for bn_output in normalized)]
+        if inside or after:
+            found[name] = (inside or after)[-1 if inside else 0]
+    return found
+
+
+def _io_keeper(seen: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str,
+               ) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+    """A forward hook keeping the module's (input, output) objects under `name` (compared by identity)."""
+    def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen[name] = (inputs[0], output)
+    return keep
 
 
 def parse_feature_layers(text: str) -> list[tuple[str, str]]:

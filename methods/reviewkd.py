@@ -4,10 +4,12 @@
 The student's stage maps and its pooled feature go, deepest first, through attention-based fusion (ABF) modules.
 Each reduces its map to a common width (1x1 conv + BN), fuses it with the deeper level's fused map (upsampled,
 weighed by a learned two-channel attention), and brings the result to the teacher's channels and size (3x3 conv +
-BN). The hierarchical context loss (HCL) compares each output with the teacher's map before its final ReLU
-(mdistiller's `preact_feats`): the MSE at full size and the MSEs of the maps average-pooled to 4x4, 2x2 and 1x1
-(sizes below the map's) with weights 1/2, 1/4, 1/8, divided by the weights' sum; summed over the levels. Weight 5
-beside CE 1 (mdistiller configs/cifar100/reviewkd.yaml), warmed up over 20 of 240 epochs per step.
+BN). The hierarchical context loss (HCL) compares each output with the teacher's map before its activation
+(mdistiller's `preact_feats`: a ResNet block's output before its last ReLU; a Wide ResNet block's output through
+the next block's BN, as mdistiller's models/cifar/wrn.py:141-147 and dvlab's wide_resnet_cifar.py:120-123): the
+MSE at full size and the MSEs of the maps average-pooled to 4x4, 2x2 and 1x1 (sizes below the map's) with weights
+1/2, 1/4, 1/8, divided by the weights' sum; summed over the levels. Weight 5 beside CE 1 (mdistiller
+configs/cifar100/reviewkd.yaml), warmed up over 20 of 240 epochs per step.
 """
 
 from __future__ import annotations
