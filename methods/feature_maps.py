@@ -29,7 +29,8 @@ from methods.kd import distillation_loss
 SETTINGS = {
     "beta": Setting(float | None, None, "fitnet/at/reviewkd: weight of the feature term, beside alpha*CE + "
                     "(1-alpha)*KD", unset="the reference's weight beside a CE weight of 1 (fitnet 100, at 1000, "
-                    "reviewkd 5: RepDistiller's scripts, mdistiller's CIFAR-100 configs) times --alpha",
+                    "reviewkd per pair, 5 for most: RepDistiller's scripts, mdistiller's CIFAR-100 configs, dvlab "
+                    "ReviewKD's reviewKD.sh) times --alpha",
                     check=lambda value: value >= 0, rule="must be >= 0"),
     "feature_layers": Setting(str | None, None, "fitnet/at/reviewkd: teacher_layer:student_layer pairs, "
                               "comma-separated, shallowest first (reviewkd: its last pair is the deepest level, e.g. "
@@ -216,7 +217,7 @@ class FeatureMethod(Method):
         teacher_maps = self.teacher_maps(teacher, setup, self.pairs)
         self.teacher_names = [name for name, _ in teacher_maps]
         self.teacher_layers = teacher_layers = dict(teacher_maps)
-        self.beta = self.term_weight(self.config.alpha, self.config.beta)
+        self.beta = self.term_weight(self.config.alpha, self.config.beta, setup.teacher_arch, setup.student_arch)
         self.warmup_steps = 0 if self.warmup_setting is None else warmup_steps(
             setup.epochs, setup.steps_per_epoch, getattr(self.config, self.warmup_setting))
         self.steps_per_epoch, self.step = setup.steps_per_epoch, 0
@@ -248,15 +249,20 @@ class FeatureMethod(Method):
         return [(before.get(layer, layer), layer in before) for layer in layers]
 
     @classmethod
-    def term_weight(cls, alpha: float, beta: float | None) -> float:
-        """The feature term's weight: `beta` when given, else the reference's weight times alpha."""
+    def reference_weight_for(cls, teacher_arch: str, student_arch: str) -> float:
+        """The reference's weight of the term beside a CE weight of 1 for a teacher / student pair (canonical
+        architecture names): `reference_weight`, unless the method's reference gives one per pair."""
+        return cls.reference_weight
+
+    @classmethod
+    def term_weight(cls, alpha: float, beta: float | None, teacher_arch: str = "", student_arch: str = "") -> float:
+        """The feature term's weight: `beta` when given, else the reference's weight for the pair times alpha."""
         if beta is not None:
             return beta
         if alpha == 0:
             raise ValueError(f"{cls.name} at alpha 0 needs an explicit --beta: its default weight keeps the "
-                             f"references' {cls.reference_weight:g} : 1 balance of feature and CE terms, which has "
-                             "no meaning without a CE term.")
-        return cls.reference_weight * alpha
+                             "references' balance of feature and CE terms, which has no meaning without a CE term.")
+        return cls.reference_weight_for(teacher_arch, student_arch) * alpha
 
     @classmethod
     def check(cls, config: Any) -> list[str]:

@@ -122,3 +122,20 @@ def test_reviewkd_step_trains_its_abfs_and_warms_up():
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert criterion(student, images, labels)["warmup"].item() == 1.0
     criterion.close()
+
+
+@pytest.mark.parametrize("pair, weight", [(("resnet56", "resnet20"), 0.6), (("resnet110", "resnet32"), 1.0),
+                                          (("resnet32x4", "shufflenetv2"), 8.0), (("resnet32x4", "resnet8x4"), 5.0),
+                                          (("wrn_40_2", "wrn_40_1"), 5.0), (("resnet56", "resnet8"), 5.0)])
+def test_reviewkd_weighs_each_pair_as_dvlabs_script(pair, weight):
+    assert reviewkd.ReviewKD.reference_weight_for(*pair) == weight
+    assert reviewkd.ReviewKD.term_weight(0.5, None, *pair) == 0.5 * weight
+    assert reviewkd.ReviewKD.term_weight(0.5, 2.0, *pair) == 2.0, "--beta overrides the pair's weight"
+
+
+def test_reviewkd_step_uses_the_pairs_weight():
+    teacher, student = model_builder.build_model("resnet56", 3, 8), model_builder.build_model("resnet20", 3, 8)
+    setup = method_setup("resnet56", "resnet20", image_size=8, alpha=1.0)
+    criterion = KD_engine.make_criterion("reviewkd", teacher, student, setup)
+    assert criterion.method.beta == 0.6 and criterion.method.weights() == {"feature_weights": {"reviewkd": 0.6}}
+    criterion.close()
