@@ -100,6 +100,9 @@ class DKD(Method):
     min_classes = 3
     few_classes = "with 2 classes there is one non-target class, so the non-target term NCKD is always zero"
     scale = 1.0  # the multiplier of dkd_alpha and dkd_beta (logit standardization's weight)
+    reference_scale = 1.0  # the reference's multiplier of its TCKD weight 1 and NCKD weight (dkd_ls: 9)
+    # mdistiller's cfg.DKD: CE 1, ALPHA 1, BETA 8 (per pair in its configs: `reference_weights_for`)
+    reference_weights = {"ce": 1.0, "tckd": 1.0, "nckd": DEFAULT_BETA}
 
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, setup: Setup) -> None:
         super().__init__(teacher, student, setup)
@@ -111,6 +114,12 @@ class DKD(Method):
         self.steps_per_epoch = setup.steps_per_epoch
         self.warmup_steps = warmup_steps(setup.epochs, setup.steps_per_epoch, config.dkd_warmup_epochs)
         self.step = 0
+
+    @classmethod
+    def reference_weights_for(cls, teacher_arch: str, student_arch: str) -> dict[str, float]:
+        """mdistiller's CE 1 and TCKD 1 with the pair's NCKD weight (`reference_beta`), both times `reference_scale`."""
+        return {"ce": 1.0, "tckd": cls.reference_scale, "nckd": cls.reference_scale * reference_beta(teacher_arch,
+                                                                                                     student_arch)}
 
     def term_temperature(self) -> float:
         """The temperature of the DKD terms."""

@@ -23,7 +23,7 @@ from torch import nn
 
 import model_builder
 from core import compute
-from methods.base import Method, Setting, Setup, TeacherOutputs, warmup_factor, warmup_steps
+from methods.base import REFERENCE_MIX, Method, Setting, Setup, TeacherOutputs, warmup_factor, warmup_steps
 from methods.kd import distillation_loss
 
 SETTINGS = {
@@ -217,7 +217,8 @@ class FeatureMethod(Method):
         teacher_maps = self.teacher_maps(teacher, setup, self.pairs)
         self.teacher_names = [name for name, _ in teacher_maps]
         self.teacher_layers = teacher_layers = dict(teacher_maps)
-        self.beta = self.term_weight(self.config.alpha, self.config.beta, setup.teacher_arch, setup.student_arch)
+        self.beta = (self.term_weight(self.config.alpha, self.config.beta, setup.teacher_arch, setup.student_arch)
+                     if self.loss_weights is None else self.loss_weights[self.part])
         self.warmup_steps = 0 if self.warmup_setting is None else warmup_steps(
             setup.epochs, setup.steps_per_epoch, getattr(self.config, self.warmup_setting))
         self.steps_per_epoch, self.step = setup.steps_per_epoch, 0
@@ -267,7 +268,7 @@ class FeatureMethod(Method):
     @classmethod
     def check(cls, config: Any) -> list[str]:
         problems = super().check(config)
-        if not problems:
+        if not problems and config.loss_weights != REFERENCE_MIX:
             try:
                 cls.term_weight(config.alpha, config.beta)
             except ValueError as error:

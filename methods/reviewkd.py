@@ -116,6 +116,7 @@ class ReviewKD(FeatureMethod):
         "int | None", None, "reviewkd: epochs of linear warm-up of the ReviewKD term, ramped per optimizer step",
         unset="mdistiller's 20 of 240 epochs, as a share of all steps", check=non_negative, rule="must be >= 0")}
     reference_weight = DEFAULT_WEIGHT
+    reference_weights = {"ce": 1.0, "kd": 0.0, "hcl": DEFAULT_WEIGHT}  # per pair: `reference_weights_for`
     part = "hcl"
     warmup_setting = "reviewkd_warmup_epochs"
     pre_activation = True
@@ -124,6 +125,11 @@ class ReviewKD(FeatureMethod):
     def reference_weight_for(cls, teacher_arch: str, student_arch: str) -> float:
         """dvlab's reviewKD.sh weight for the pair (REFERENCE_WEIGHTS), DEFAULT_WEIGHT for a pair it does not run."""
         return REFERENCE_WEIGHTS.get((teacher_arch, student_arch), DEFAULT_WEIGHT)
+
+    @classmethod
+    def reference_weights_for(cls, teacher_arch: str, student_arch: str) -> dict[str, float]:
+        """CE 1 and the pair's HCL weight (`reference_weight_for`), no KD term."""
+        return {**cls.reference_weights, "hcl": cls.reference_weight_for(teacher_arch, student_arch)}
 
     @classmethod
     def default_pairs(cls, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
