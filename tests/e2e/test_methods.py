@@ -1,6 +1,7 @@
 """Every method through the whole pipeline on tiny data: a folder for each method and seed, the summary's mean
 and spread over seeds, the literature's networks, and the newer methods (dist, dkd_ls, reviewkd), which train at
-the weights config.json records (each epoch's loss is its parts so weighted) and report their predictions' top-1, and each method at its reference's loss under --loss-weights reference."""
+the weights config.json records (each epoch's loss is its parts so weighted) and report their predictions' top-1,
+and each method at its reference's loss under --loss-weights reference."""
 
 from __future__ import annotations
 
