@@ -140,7 +140,7 @@ def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: in
     modules = dict(compute.unwrap(model).named_modules())
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ReLU and BN modules: (input, output) of the dry run
     handles = [module.register_forward_hook(_io_keeper(seen, name)) for name, module in modules.items()
-               if isinstance(module, (nn.ReLU, nn.modules.batchnorm._BatchNorm))]
+               if isinstance(module, (nn.ReLU, nn.BatchNorm2d, nn.SyncBatchNorm))]
     try:
         dry_run(model, image_size)
         layer_outputs = dict(zip(names, layer_hooks.take(), strict=True))
@@ -155,8 +155,10 @@ def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: in
         inside = [sub for sub in relus if (sub == name or sub.startswith(name + ".")) and seen[sub][1] is output]
         normalized = [seen[bn][1] for bn in seen if bn not in relus and seen[bn][0] is output]
         after = [sub for sub in relus if any(seen[sub][0] is bn_output for bn_output in normalized)]
-        if inside or after:
-            found[name] = (inside or after)[-1 if inside else 0]
+        if inside:
+            found[name] = inside[-1]
+        elif after:
+            found[name] = after[0]
     return found
 
 
