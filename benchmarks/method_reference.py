@@ -25,7 +25,8 @@ feature maps, through the ABFs, which start from the same weights) are compared 
   references' loss); the gradient from our ABFs and HCL on the features the transcription uses.
 - reviewkd_wrn: the same on wrn_40_2 -> wrn_40_1, the teacher's maps as mdistiller's models/cifar/wrn.py
   `preact_feats` takes them: each block's output through the next block's bn1, the last through the final bn1
-  (dvlab ReviewKD's wide_resnet_cifar.py the same); weight 5 (dvlab's CIFAR-100/script/reviewKD.sh).
+  (dvlab ReviewKD's wide_resnet_cifar.py the same); weight 5 (dvlab's CIFAR-100/script/reviewKD.sh); the
+  teacher's BNs given random statistics, as a trained teacher's (a fresh BN is nearly the identity).
 
 The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r>`, r being ours /
 reference for the term's value (target: within 1e-4 of 1, the gradients as close).
@@ -242,14 +243,23 @@ def logit_rows(args: argparse.Namespace) -> dict[str, tuple]:
 def review_comparison(
     args: argparse.Namespace, pair: tuple[str, str], stages: list[str],
     teacher_maps: Callable[[nn.Module], tuple[list[str], bool]],
-    preacts: Callable[[nn.Module, dict], list[torch.Tensor]],
+    preacts: Callable[[nn.Module, dict], list[torch.Tensor]], trained_statistics: bool = False,
 ) -> tuple:
     """ReviewKD on a pair at initialization: our criterion's value (at --alpha 1, the references' loss), the
     transcription's on the student's `stages` and pooled feature and the teacher's `preacts` (computed from the
     teacher's modules `teacher_maps` names: their inputs where its flag says so, else their outputs), and the
-    gradients' difference (our ABFs and HCL on the very features the transcription is given)."""
+    gradients' difference (our ABFs and HCL on the very features the transcription is given). With
+    `trained_statistics`, the teacher's BNs get random statistics and affine weights, as a trained teacher's (a
+    fresh BN is nearly the identity, which would hide whether a map is taken before or after it)."""
     torch.manual_seed(args.seed)
     teacher = model_builder.build_model(pair[0], args.classes, 32)
+    if trained_statistics:
+        with torch.no_grad():
+            for bn in (module for module in teacher.modules() if isinstance(module, nn.BatchNorm2d)):
+                bn.running_mean.normal_(0, 0.5)
+                bn.running_var.uniform_(0.25, 4)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.2)
     student = model_builder.build_model(pair[1], args.classes, 32).train()
     config = dataclasses.replace(experiment.default_config(), teacher_model=pair[0], student_model=pair[1], alpha=1.0)
     criterion = KD_engine.make_criterion("reviewkd", teacher, student, settings.method_setup(config))
@@ -288,14 +298,16 @@ def reviewkd_row(args: argparse.Namespace) -> tuple:
 
 def reviewkd_wrn_row(args: argparse.Namespace) -> tuple:
     """ReviewKD on wrn_40_2 -> wrn_40_1 (dvlab's reviewKD.sh: weight 5): each block's output through the next
-    block's first BN, the last through the final BN (mdistiller models/cifar/wrn.py `preact_feats`)."""
+    block's first BN, the last through the final BN (mdistiller models/cifar/wrn.py `preact_feats`), the
+    teacher's BNs with a trained teacher's kind of statistics."""
     stages = ["block1", "block2", "block3"]
 
     def preacts(teacher: nn.Module, outputs: dict) -> list[torch.Tensor]:
         bns = [teacher.block2[0].bn1, teacher.block3[0].bn1, teacher.bn1]
         return [bn(outputs[stage]) for bn, stage in zip(bns, stages, strict=True)]
 
-    return review_comparison(args, WRN_PAIR, stages, lambda teacher: (stages, False), preacts)
+    return review_comparison(args, WRN_PAIR, stages, lambda teacher: (stages, False), preacts,
+                             trained_statistics=True)
 
 
 def main() -> None:
