@@ -116,8 +116,8 @@ class RunSettings:
                              "distillation terms at their --*-weight settings (feature methods: + --beta * term); "
                              "reference: each method's loss at its reference's own weights per part and per "
                              "teacher/student pair (kd 0.1 CE + 0.9 KD, dist 1 CE + 2 DIST, fitnet 1 CE + 100 hint, "
-                             "...; docs/methods.md lists them), --alpha, --beta and the methods' weight settings "
-                             "then unused", choices=(base.ALPHA_MIX, base.REFERENCE_MIX))
+                             "...; docs/methods.md lists them), --alpha and the methods' weight settings then "
+                             "unused (--beta and --dkd-beta refused)", choices=(base.ALPHA_MIX, base.REFERENCE_MIX))
     kd_methods: str = flag("distillation methods",
                            f"comma-separated, one student each: {', '.join(KD_engine.method_names())}")
     seeds: str | None = flag("distillation methods", "comma-separated seeds: every student is trained once per seed",

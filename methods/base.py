@@ -202,6 +202,16 @@ def reference_total(weights: Mapping[str, float], parts: Mapping[str, torch.Tens
     return torch.stack(terms).sum()
 
 
+def unused_weight(config: Any, name: str) -> list[str]:
+    """The sentence refusing the weight setting `name` (one left unset by default) where the user gave it under
+    --loss-weights reference, which does not use it; none otherwise."""
+    if config.loss_weights != REFERENCE_MIX or getattr(config, name) is None:
+        return []
+    flag = f"--{name.replace('_', '-')}"
+    return [f"{flag} weighs a term of the alpha mix, but --loss-weights reference gives each method its reference's "
+            f"weights: leave out {flag}, or give --loss-weights alpha."]
+
+
 def method_class(name: str) -> type[Method]:
     """The registered method called `name`."""
     if name not in REGISTRY:

@@ -9,10 +9,22 @@ each T^2 * a batch-mean KL(teacher || student). The warm-up ramps linearly per o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, Setting, Setup, TeacherOutputs, non_negative, register, warmup_factor, warmup_steps
+from methods.base import (
+    Method,
+    Setting,
+    Setup,
+    TeacherOutputs,
+    non_negative,
+    register,
+    unused_weight,
+    warmup_factor,
+    warmup_steps,
+)
 
 DEFAULT_BETA = 8.0  # DKD's NCKD weight where mdistiller publishes none for the pair (its CFG.DKD.BETA)
 # mdistiller's configs/cifar100/dkd/<teacher>_<student>.yaml (DKD.BETA; the pairs of this project's zoo).
@@ -114,6 +126,10 @@ class DKD(Method):
         self.steps_per_epoch = setup.steps_per_epoch
         self.warmup_steps = warmup_steps(setup.epochs, setup.steps_per_epoch, config.dkd_warmup_epochs)
         self.step = 0
+
+    @classmethod
+    def check(cls, config: Any) -> list[str]:
+        return super().check(config) + unused_weight(config, "dkd_beta")
 
     @classmethod
     def reference_weights_for(cls, teacher_arch: str, student_arch: str) -> dict[str, float]:

@@ -23,7 +23,16 @@ from torch import nn
 
 import model_builder
 from core import compute
-from methods.base import REFERENCE_MIX, Method, Setting, Setup, TeacherOutputs, warmup_factor, warmup_steps
+from methods.base import (
+    REFERENCE_MIX,
+    Method,
+    Setting,
+    Setup,
+    TeacherOutputs,
+    unused_weight,
+    warmup_factor,
+    warmup_steps,
+)
 from methods.kd import distillation_loss
 
 SETTINGS = {
@@ -269,7 +278,7 @@ class FeatureMethod(Method):
 
     @classmethod
     def check(cls, config: Any) -> list[str]:
-        problems = super().check(config)
+        problems = super().check(config) + unused_weight(config, "beta")
         if not problems and config.loss_weights != REFERENCE_MIX:
             try:
                 cls.term_weight(config.alpha, config.beta)

@@ -117,3 +117,12 @@ def test_a_recipe_resolves_each_methods_reference_weights_for_its_pair():
         "at": {"ce": 1.0, "kd": 0.0, "at": 1000.0}}}
     alpha_mix = settings.method_weights(replace(config, loss_weights="alpha", kd_methods="dist"))
     assert alpha_mix == {"logit_weights": {"dist": {"dist": 2.0}}}
+
+
+@pytest.mark.parametrize(("changes", "flag"), [({"kd_methods": "fitnet", "beta": 50.0}, "--beta"),
+                                               ({"kd_methods": "dkd_ls", "dkd_beta": 2.0}, "--dkd-beta")])
+def test_a_weight_the_reference_loss_weights_would_not_use_is_refused(changes, flag):
+    config = replace(experiment.default_config(), loss_weights="reference", **changes)
+    with pytest.raises(SettingsError, match=f"{flag} weighs a term of the alpha mix, but --loss-weights reference"):
+        settings.validate(config)
+    settings.validate(replace(config, loss_weights="alpha"))
