@@ -100,7 +100,7 @@ class DistillationStep(engine.Criterion):
         self.method.begin_step(images.device)
         teacher = self.teacher_outputs(images, teacher_logits)
         student_logits = student(images)
-        outputs = {**self.method.loss(student_logits, teacher, labels), "logits": student_logits}
+        outputs = {**self.method.combined_loss(student_logits, teacher, labels), "logits": student_logits}
         self.method.end_step()
         return outputs
 
@@ -115,9 +115,10 @@ def library_setup(
     teacher_arch: str = "", student_arch: str = "", *, image_size: int = 32, epochs: int = 1, steps_per_epoch: int = 1,
     hard_loss: engine.HardLoss = F.cross_entropy, layer_pairs: list[tuple[str, str]] | None = None, **settings: Any,
 ) -> Setup:
-    """A `Setup` for a method used outside a run (your own loop, a benchmark): temperature 4, alpha 0.5 and every
-    registered method's own settings at their defaults, overridden by `settings` (dkd_beta=2.0, ...)."""
-    values = {"temperature": 4.0, "alpha": 0.5,
+    """A `Setup` for a method used outside a run (your own loop, a benchmark): temperature 4, alpha 0.5, the alpha
+    mix (loss_weights="reference": the method's reference's weights) and every registered method's own settings at
+    their defaults, overridden by `settings` (dkd_beta=2.0, ...)."""
+    values = {"temperature": 4.0, "alpha": 0.5, "loss_weights": base.ALPHA_MIX,
               **{name: setting.default for name, setting in base.declared_settings().items()}}
     unknown = set(settings) - set(values)
     if unknown:

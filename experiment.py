@@ -63,6 +63,7 @@ EVAL_BATCH_SIZE = 256  # images per evaluation forward pass (larger is faster; n
 IMAGE_SIZE = 32  # pixels; images are resized to IMAGE_SIZE x IMAGE_SIZE
 T = 4.0  # distillation temperature
 ALPHA = 0.5  # weight of the hard-label CE term; (1 - ALPHA) weighs the distillation term
+LOSS_WEIGHTS = "alpha"  # alpha: every method's loss mixed by ALPHA; reference: each method at its reference's weights
 KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), fitnet, dkd, at, dist, kd_ls, dkd_ls,
 # dist_ls, reviewkd (python experiment.py --help lists them all)
 # Each method's own settings (--dkd-beta, --beta, ...) default to its reference's values, declared in its file in

@@ -23,8 +23,12 @@ feature maps, through the ABFs, which start from the same weights) are compared 
   before the last ReLU of each stage (written out here from the last block's input) and its pooled
   feature. Our value comes from the whole criterion run on the two models (at --alpha 1, the
   references' loss); the gradient from our ABFs and HCL on the features the transcription uses.
+- reviewkd_wrn: the same on wrn_40_2 -> wrn_40_1, the teacher's maps as mdistiller's models/cifar/wrn.py
+  `preact_feats` takes them: each block's output through the next block's bn1, the last through the final bn1
+  (dvlab ReviewKD's wide_resnet_cifar.py the same); weight 5 (dvlab's CIFAR-100/script/reviewKD.sh); the
+  teacher's BNs given random statistics, as a trained teacher's (a fresh BN is nearly the identity).
 
-The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r>`, r being ours /
+The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r>`, r being ours /
 reference for the term's value (target: within 1e-4 of 1, the gradients as close).
 """
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,6 +55,7 @@ from methods import reviewkd  # noqa: E402
 
 TARGET = 1e-4
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"  # the references' CIFAR pair for ReviewKD and the LS DKD config
+WRN_PAIR = ("wrn_40_2", "wrn_40_1")  # ReviewKD with a pre-activation teacher (dvlab's reviewKD.sh, weight 5)
 
 # ---------------------------------------------------------------- the references, transcribed
 
@@ -234,17 +240,31 @@ def logit_rows(args: argparse.Namespace) -> dict[str, tuple]:
     return rows
 
 
-def reviewkd_row(args: argparse.Namespace) -> tuple:
-    """ReviewKD on the reference's pair at initialization: our criterion's value, the transcription's."""
+def review_comparison(
+    args: argparse.Namespace, pair: tuple[str, str], stages: list[str],
+    teacher_maps: Callable[[nn.Module], tuple[list[str], bool]],
+    preacts: Callable[[nn.Module, dict], list[torch.Tensor]], trained_statistics: bool = False,
+) -> tuple:
+    """ReviewKD on a pair at initialization: our criterion's value (at --alpha 1, the references' loss), the
+    transcription's on the student's `stages` and pooled feature and the teacher's `preacts` (computed from the
+    teacher's modules `teacher_maps` names: their inputs where its flag says so, else their outputs), and the
+    gradients' difference (our ABFs and HCL on the very features the transcription is given). With
+    `trained_statistics`, the teacher's BNs get random statistics and affine weights, as a trained teacher's (a
+    fresh BN is nearly the identity, which would hide whether a map is taken before or after it)."""
     torch.manual_seed(args.seed)
-    teacher = model_builder.build_model(TEACHER, args.classes, 32)
-    student = model_builder.build_model(STUDENT, args.classes, 32).train()
-    config = dataclasses.replace(experiment.default_config(), teacher_model=TEACHER, student_model=STUDENT, alpha=1.0)
+    teacher = model_builder.build_model(pair[0], args.classes, 32)
+    if trained_statistics:
+        with torch.no_grad():
+            for bn in (module for module in teacher.modules() if isinstance(module, nn.BatchNorm2d)):
+                bn.running_mean.normal_(0, 0.5)
+                bn.running_var.uniform_(0.25, 4)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.2)
+    student = model_builder.build_model(pair[1], args.classes, 32).train()
+    config = dataclasses.replace(experiment.default_config(), teacher_model=pair[0], student_model=pair[1], alpha=1.0)
     criterion = KD_engine.make_criterion("reviewkd", teacher, student, settings.method_setup(config))
-    stages = ["layer1", "layer2", "layer3"]
-    last_blocks = {stage: f"{stage}.{len(getattr(teacher, stage)) - 1}" for stage in stages}
     student_kept, student_handles = captured(student, [*stages, "avgpool"])
-    block_inputs, teacher_handles = captured(teacher, list(last_blocks.values()), inputs=True)
+    teacher_kept, teacher_handles = captured(teacher, *teacher_maps(teacher))
     pooled, pooled_handles = captured(teacher, ["avgpool"])
     images = torch.randn(args.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
     labels = torch.randint(0, args.classes, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
@@ -252,16 +272,42 @@ def reviewkd_row(args: argparse.Namespace) -> tuple:
     for handle in student_handles + teacher_handles + pooled_handles:
         handle.remove()
     with torch.no_grad():
-        teacher_feats = [ref_preact(getattr(teacher, stage)[-1], block_inputs[last_blocks[stage]]) for stage in stages]
-    teacher_feats.append(pooled["avgpool"].clone())
+        teacher_feats = [*preacts(teacher, teacher_kept), pooled["avgpool"].clone()]
     student_feats = [student_kept[name].detach().clone().requires_grad_() for name in [*stages, "avgpool"]]
     reference = ref_review_term(reference_abfs(criterion.trainable), student_feats, teacher_feats)
     ours_value = float(out["loss"].detach() - out["ce"].detach())  # alpha 1: CE + beta * HCL, beta = 5 x 1
-    # The gradient: our ABFs and HCL, on the very features the transcription is given.
     ours = criterion.method.beta * reviewkd.hcl_loss(criterion.trainable(student_feats), teacher_feats)
     gradient = compare(ours, reference, student_feats)[3]
     criterion.close()
     return ours_value, reference.item(), ours_value / reference.item(), gradient
+
+
+def reviewkd_row(args: argparse.Namespace) -> tuple:
+    """ReviewKD on the reference's pair: each ResNet stage's last block before its ReLU (`ref_preact`)."""
+    stages = ["layer1", "layer2", "layer3"]
+
+    def last_blocks(teacher: nn.Module) -> tuple[list[str], bool]:
+        return [f"{stage}.{len(getattr(teacher, stage)) - 1}" for stage in stages], True
+
+    def preacts(teacher: nn.Module, inputs: dict) -> list[torch.Tensor]:
+        return [ref_preact(getattr(teacher, stage)[-1], inputs[name])
+                for stage, name in zip(stages, last_blocks(teacher)[0], strict=True)]
+
+    return review_comparison(args, (TEACHER, STUDENT), stages, last_blocks, preacts)
+
+
+def reviewkd_wrn_row(args: argparse.Namespace) -> tuple:
+    """ReviewKD on wrn_40_2 -> wrn_40_1 (dvlab's reviewKD.sh: weight 5): each block's output through the next
+    block's first BN, the last through the final BN (mdistiller models/cifar/wrn.py `preact_feats`), the
+    teacher's BNs with a trained teacher's kind of statistics."""
+    stages = ["block1", "block2", "block3"]
+
+    def preacts(teacher: nn.Module, outputs: dict) -> list[torch.Tensor]:
+        bns = [teacher.block2[0].bn1, teacher.block3[0].bn1, teacher.bn1]
+        return [bn(outputs[stage]) for bn, stage in zip(bns, stages, strict=True)]
+
+    return review_comparison(args, WRN_PAIR, stages, lambda teacher: (stages, False), preacts,
+                             trained_statistics=True)
 
 
 def main() -> None:
@@ -272,20 +318,20 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100, help="classes (the references' CIFAR-100)")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
-    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args)}
+    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args), "reviewkd_wrn": reviewkd_wrn_row(args)}
     print(f"Batch {args.batch_size}, {args.classes} classes, seed {args.seed}, fp32 on the CPU. Each term beside a "
           f"CE weight of 1; ours at the project's defaults (ALPHA={experiment.ALPHA}).\n")
-    header = f"{'method':<10}{'ours':>14}{'reference':>14}{'ours / reference':>20}{'gradient rel. diff':>22}"
+    header = f"{'method':<14}{'ours':>14}{'reference':>14}{'ours / reference':>20}{'gradient rel. diff':>22}"
     print(header + "\n" + "-" * len(header))
     for method, (ours, reference, ratio, gradient) in rows.items():
-        print(f"{method:<10}{ours:>14.6f}{reference:>14.6f}{ratio:>20.7f}{gradient:>22.2e}")
+        print(f"{method:<14}{ours:>14.6f}{reference:>14.6f}{ratio:>20.7f}{gradient:>22.2e}")
     print()
     for method, (_, _, ratio, gradient) in rows.items():
         verdict = "within" if abs(ratio - 1) <= TARGET and gradient <= TARGET else "OUTSIDE"
         print(f"{method}: |ratio - 1| = {abs(ratio - 1):.1e}, gradient {gradient:.1e} ({verdict} the {TARGET:g} "
               "target)")
     print("REFERENCE " + " ".join(f"{method}={rows[method][2]:.6f}" for method in
-                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd")))
+                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "reviewkd_wrn")))
 
 
 if __name__ == "__main__":

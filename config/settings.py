@@ -112,6 +112,12 @@ class RunSettings:
     temperature: float = flag("training", "distillation temperature T of kd, dkd, dist and the feature methods' KD "
                               "term (4 in the references' CIFAR configs, DIST_KD's too)", constant="T")
     alpha: float = flag("training", "weight of the hard-label CE term (1 - alpha weighs the KD term)")
+    loss_weights: str = flag("distillation methods", "alpha: each method's loss is --alpha * CE + (1 - alpha) * its "
+                             "distillation terms at their --*-weight settings (feature methods: + --beta * term); "
+                             "reference: each method's loss at its reference's own weights per part and per "
+                             "teacher/student pair (kd 0.1 CE + 0.9 KD, dist 1 CE + 2 DIST, fitnet 1 CE + 100 hint, "
+                             "...; docs/methods.md lists them), --alpha and the methods' weight settings then "
+                             "unused (--beta and --dkd-beta refused)", choices=(base.ALPHA_MIX, base.REFERENCE_MIX))
     kd_methods: str = flag("distillation methods",
                            f"comma-separated, one student each: {', '.join(KD_engine.method_names())}")
     seeds: str | None = flag("distillation methods", "comma-separated seeds: every student is trained once per seed",
@@ -295,7 +301,7 @@ def method_weights(config: Config) -> dict[str, Any]:
             given_layers = " --feature-layers" if method_class.uses_features and config.feature_layers else ""
             raise SettingsError(f"--kd-methods {name}{given_layers}: {error}") from None
         method.close()
-        for key, value in method.weights().items():
+        for key, value in method.resolved_weights().items():
             weights[key] = {**weights[key], **value} if isinstance(value, dict) and key in weights else value
     return weights
 

@@ -41,6 +41,7 @@ class AT(FeatureMethod):
     parts = {"at": "attention transfer"}
     settings = SETTINGS
     reference_weight = 1000.0
+    reference_weights = {"ce": 1.0, "kd": 0.0, "at": 1000.0}  # RepDistiller -r 1 -a 0 -b 1000
     part = "at"
 
     def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],

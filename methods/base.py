@@ -10,14 +10,17 @@ A method is one class in one file of this package, registered with `@register`:
 - `trainable`: what it trains with the student (FitNets' regressors, ...), or None;
 - `loss(student_logits, teacher, labels)`: the loss and its parts, the hard-label CE term included;
 - `weights()`: the weights it resolved for this run (per teacher/student pair where its reference has them),
-  written to config.json.
+  written to config.json;
+- `reference_weights` (and `reference_weights_for(teacher_arch, student_arch)` where its reference weighs pairs
+  differently): its reference's loss as a weight per loss part ({"ce": 1.0, "dist": 2.0}), which
+  `--loss-weights reference` uses instead of the method's own alpha mix (`combined_loss`).
 
 The run builds one instance per student (`create`), given the teacher, the student and a `Setup`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +30,7 @@ from torch import nn
 from engine import HardLoss
 
 WARMUP_SHARE = 20 / 240  # DKD's CIFAR warm-up, 20 of 240 epochs (also mdistiller's ReviewKD's)
+ALPHA_MIX, REFERENCE_MIX = "alpha", "reference"  # --loss-weights: this tool's alpha mix, or each reference's weights
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class Method:
     min_classes: ClassVar[int] = 2
     few_classes: ClassVar[str] = ""  # why it needs `min_classes`, when more than 2: said where it refuses a run
     uses_features: ClassVar[bool] = False  # whether it needs teacher feature maps (then no cached teacher logits)
+    # Its reference's loss: a weight per loss part ("ce" and the parts `loss` reports), for --loss-weights reference.
+    reference_weights: ClassVar[dict[str, float]] = {}
 
     trainable: nn.Module | None = None
     # The teacher layers whose maps it needs, each with whether the layer's input (the map before it: a
@@ -98,14 +104,26 @@ class Method:
         self.setup = setup
         self.config = setup.config
         self.hard_loss = setup.hard_loss
+        # None: the method's own alpha mix (`loss`'s total); else the reference's weight per part (`combined_loss`)
+        self.loss_weights = (self.reference_weights_for(setup.teacher_arch, setup.student_arch)
+                             if self.config.loss_weights == REFERENCE_MIX else None)
+
+    @classmethod
+    def reference_weights_for(cls, teacher_arch: str, student_arch: str) -> dict[str, float]:
+        """The reference's weight per loss part for a teacher / student pair (canonical architecture names):
+        `reference_weights`, unless the method's reference weighs pairs differently."""
+        return dict(cls.reference_weights)
 
     @classmethod
     def check(cls, config: Any) -> list[str]:
         """Sentences naming what in `config` this method cannot work with (its settings' ranges, ...)."""
-        return [f"--{name.replace('_', '-')} {setting.rule} (got {getattr(config, name)})."
-                for name, setting in cls.settings.items()
-                if setting.check is not None and getattr(config, name) is not None
-                and not setting.check(getattr(config, name))]
+        problems = [f"--{name.replace('_', '-')} {setting.rule} (got {getattr(config, name)})."
+                    for name, setting in cls.settings.items()
+                    if setting.check is not None and getattr(config, name) is not None
+                    and not setting.check(getattr(config, name))]
+        if config.loss_weights == REFERENCE_MIX and not cls.reference_weights:
+            problems.append(f"--kd-methods {cls.name} declares no reference weights: use --loss-weights alpha.")
+        return problems
 
     @classmethod
     def check_classes(cls, num_classes: int) -> list[str]:
@@ -117,8 +135,16 @@ class Method:
                 f"{num_classes}: leave it out of --kd-methods."]
 
     def weights(self) -> dict[str, Any]:
-        """The weights this student's loss uses, as config.json's `resolved` records them (merged over methods)."""
+        """The weights of the method's own alpha mix, as config.json's `resolved` records them (merged over
+        methods)."""
         return {}
+
+    def resolved_weights(self) -> dict[str, Any]:
+        """The weights this student's loss uses: `weights()`, or under --loss-weights reference the reference's
+        weight per part."""
+        if self.loss_weights is None:
+            return self.weights()
+        return {"reference_weights": {self.name: dict(self.loss_weights)}}
 
     def set_epoch(self, epoch: int) -> None:
         """Told before each epoch (from 1): a method that warms up counts its steps from here."""
@@ -134,6 +160,15 @@ class Method:
              ) -> dict[str, torch.Tensor]:
         """{"loss": the total, "ce": the hard-label term, <its parts>}."""
         raise NotImplementedError
+
+    def combined_loss(self, student_logits: torch.Tensor, teacher: TeacherOutputs, labels: torch.Tensor,
+                      ) -> dict[str, torch.Tensor]:
+        """`loss`, its total the run's mix: the method's own (alpha), or under --loss-weights reference
+        `reference_total` of its parts."""
+        parts = self.loss(student_logits, teacher, labels)
+        if self.loss_weights is None:
+            return parts
+        return {**parts, "loss": reference_total(self.loss_weights, parts, self.parts)}
 
     def close(self) -> None:
         """Take off any hooks the method put on the student."""
@@ -151,6 +186,30 @@ def register(method: type[Method]) -> type[Method]:
     REGISTRY.clear()
     REGISTRY.update((known.name, known) for known in listed)
     return method
+
+
+def reference_total(weights: Mapping[str, float], parts: Mapping[str, torch.Tensor],
+                    own_parts: Collection[str]) -> torch.Tensor:
+    """sum(weight * part) over the weighed parts, each of the method's own parts (`own_parts`: not "ce", nor the KD
+    term a feature method adds) times the step's warm-up factor where the method reports one ("warmup"), as the
+    references warm up their distillation term alone."""
+    unknown = set(weights) - set(parts)
+    if unknown:
+        raise ValueError(f"Reference weights name parts the loss does not report: {', '.join(sorted(unknown))}.")
+    warmup = parts.get("warmup")
+    terms = [weight * parts[name] * (warmup if warmup is not None and name in own_parts else 1)
+             for name, weight in weights.items() if weight != 0]  # a 0-weighed part adds nothing, not even NaN
+    return torch.stack(terms).sum()
+
+
+def unused_weight(config: Any, name: str) -> list[str]:
+    """The sentence refusing the weight setting `name` (one left unset by default) where the user gave it under
+    --loss-weights reference, which does not use it; none otherwise."""
+    if config.loss_weights != REFERENCE_MIX or getattr(config, name) is None:
+        return []
+    flag = f"--{name.replace('_', '-')}"
+    return [f"{flag} weighs a term of the alpha mix, but --loss-weights reference gives each method its reference's "
+            f"weights: leave out {flag}, or give --loss-weights alpha."]
 
 
 def method_class(name: str) -> type[Method]:

@@ -56,6 +56,7 @@ class DIST(LogitTerm):
     few_classes = ("with 2 classes the per-image correlation of two probabilities that sum to 1 is only a sign "
                    "(+1 or -1), so the inter-class relation carries no more than the argmax")
     part = "dist"
+    reference_weights = {"ce": 1.0, "dist": 2.0}  # DIST_KD's CIFAR config: CE 1, DIST 2
 
     def term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return dist_loss(student_logits, teacher_logits, temperature)

@@ -16,6 +16,7 @@ class DISTLS(dist.DIST):
     citation = "Sun et al., CVPR 2024 (no published DIST setting)"
     settings = {**dist.SETTINGS, **kd_ls.SETTINGS}
     standardized = True
+    reference_weights = {"ce": 1.0, "dist": 9.0 * 2.0}  # no published setting: its DKD rule, 9 x DIST's 2, beside CE 1
 
     def term_weight(self) -> float:
         return self.config.ls_weight * self.config.dist_weight

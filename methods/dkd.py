@@ -9,10 +9,22 @@ each T^2 * a batch-mean KL(teacher || student). The warm-up ramps linearly per o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, Setting, Setup, TeacherOutputs, non_negative, register, warmup_factor, warmup_steps
+from methods.base import (
+    Method,
+    Setting,
+    Setup,
+    TeacherOutputs,
+    non_negative,
+    register,
+    unused_weight,
+    warmup_factor,
+    warmup_steps,
+)
 
 DEFAULT_BETA = 8.0  # DKD's NCKD weight where mdistiller publishes none for the pair (its CFG.DKD.BETA)
 # mdistiller's configs/cifar100/dkd/<teacher>_<student>.yaml (DKD.BETA; the pairs of this project's zoo).
@@ -100,6 +112,9 @@ class DKD(Method):
     min_classes = 3
     few_classes = "with 2 classes there is one non-target class, so the non-target term NCKD is always zero"
     scale = 1.0  # the multiplier of dkd_alpha and dkd_beta (logit standardization's weight)
+    reference_scale = 1.0  # the reference's multiplier of its TCKD weight 1 and NCKD weight (dkd_ls: 9)
+    # mdistiller's cfg.DKD: CE 1, ALPHA 1, BETA 8 (per pair in its configs: `reference_weights_for`)
+    reference_weights = {"ce": 1.0, "tckd": 1.0, "nckd": DEFAULT_BETA}
 
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, setup: Setup) -> None:
         super().__init__(teacher, student, setup)
@@ -111,6 +126,16 @@ class DKD(Method):
         self.steps_per_epoch = setup.steps_per_epoch
         self.warmup_steps = warmup_steps(setup.epochs, setup.steps_per_epoch, config.dkd_warmup_epochs)
         self.step = 0
+
+    @classmethod
+    def check(cls, config: Any) -> list[str]:
+        return super().check(config) + unused_weight(config, "dkd_beta")
+
+    @classmethod
+    def reference_weights_for(cls, teacher_arch: str, student_arch: str) -> dict[str, float]:
+        """mdistiller's CE 1 and TCKD 1 with the pair's NCKD weight (`reference_beta`), both times `reference_scale`."""
+        return {"ce": 1.0, "tckd": cls.reference_scale, "nckd": cls.reference_scale * reference_beta(teacher_arch,
+                                                                                                     student_arch)}
 
     def term_temperature(self) -> float:
         """The temperature of the DKD terms."""

@@ -17,6 +17,9 @@ class DKDLS(dkd.DKD):
     year = 2024
     citation = "Sun et al., CVPR 2024; logit-standardization-KD mdistiller/distillers/DKD.py"
     settings = {**dkd.SETTINGS, **kd_ls.SETTINGS}
+    # its README's DKD command: mdistiller's per-pair config with --kd-weight 9, multiplying DKD.ALPHA and DKD.BETA
+    reference_scale = 9.0
+    reference_weights = {"ce": 1.0, "tckd": 9.0, "nckd": 9.0 * dkd.DEFAULT_BETA}
 
     @property
     def scale(self) -> float:  # type: ignore[override]

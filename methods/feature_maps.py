@@ -23,13 +23,23 @@ from torch import nn
 
 import model_builder
 from core import compute
-from methods.base import Method, Setting, Setup, TeacherOutputs, warmup_factor, warmup_steps
+from methods.base import (
+    REFERENCE_MIX,
+    Method,
+    Setting,
+    Setup,
+    TeacherOutputs,
+    unused_weight,
+    warmup_factor,
+    warmup_steps,
+)
 from methods.kd import distillation_loss
 
 SETTINGS = {
     "beta": Setting(float | None, None, "fitnet/at/reviewkd: weight of the feature term, beside alpha*CE + "
                     "(1-alpha)*KD", unset="the reference's weight beside a CE weight of 1 (fitnet 100, at 1000, "
-                    "reviewkd 5: RepDistiller's scripts, mdistiller's CIFAR-100 configs) times --alpha",
+                    "reviewkd per pair, 5 for most: RepDistiller's scripts, mdistiller's CIFAR-100 configs, dvlab "
+                    "ReviewKD's reviewKD.sh) times --alpha",
                     check=lambda value: value >= 0, rule="must be >= 0"),
     "feature_layers": Setting(str | None, None, "fitnet/at/reviewkd: teacher_layer:student_layer pairs, "
                               "comma-separated, shallowest first (reviewkd: its last pair is the deepest level, e.g. "
@@ -125,24 +135,48 @@ def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int) -> li
 
 
 def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: int) -> dict[str, str]:
-    """For each named layer whose output is the output of a ReLU module (the layer itself, or the last
-    ReLU to run inside it, as at the end of a ResNet block), the name of that ReLU: its input is the
-    layer's map before the activation (mdistiller's `preact_feats`). Found by one `dry_run`; a layer
-    whose output comes from anything else (an addition, a BN) is left out."""
+    """For each named layer, the ReLU module whose input is the layer's map before its activation (mdistiller's
+    `preact_feats`), found by one `dry_run`:
+
+    - the last ReLU to run inside the layer when its output is the layer's output (the layer itself, or the end
+      of a ResNet block);
+    - else, when the layer's output goes into a BN whose output goes into a ReLU, that ReLU: a pre-activation
+      network's next block or final BN (Wide ResNet: mdistiller's wrn.py takes `block2.layer[0].bn1` of block1's
+      output, dvlab ReviewKD's wide_resnet_cifar.py the same).
+
+    A layer with neither (its output comes from an addition and feeds a convolution) is left out."""
     layer_hooks = FeatureHooks(model, names)  # first: it names a missing layer
     modules = dict(compute.unwrap(model).named_modules())
-    inside = {name: [sub for sub, module in modules.items() if isinstance(module, nn.ReLU)
-                     and (sub == name or sub.startswith(name + "."))] for name in names}
-    relus = sorted({sub for subs in inside.values() for sub in subs})
-    relu_hooks = FeatureHooks(model, relus)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ReLU and BN modules: (input, output) of the dry run
+    handles = [module.register_forward_hook(_io_keeper(seen, name)) for name, module in modules.items()
+               if isinstance(module, (nn.ReLU, nn.BatchNorm2d, nn.SyncBatchNorm))]
     try:
         dry_run(model, image_size)
-        relu_outputs = dict(zip(relus, relu_hooks.take(), strict=True))
         layer_outputs = dict(zip(names, layer_hooks.take(), strict=True))
     finally:
-        relu_hooks.remove()
+        for handle in handles:
+            handle.remove()
         layer_hooks.remove()
-    return {name: sub for name, subs in inside.items() for sub in subs if relu_outputs[sub] is layer_outputs[name]}
+    relus = [name for name, module in modules.items() if isinstance(module, nn.ReLU) and name in seen]
+    found = {}
+    for name in names:
+        output = layer_outputs[name]
+        inside = [sub for sub in relus if (sub == name or sub.startswith(name + ".")) and seen[sub][1] is output]
+        normalized = [seen[bn][1] for bn in seen if bn not in relus and seen[bn][0] is output]
+        after = [sub for sub in relus if any(seen[sub][0] is bn_output for bn_output in normalized)]
+        if inside:
+            found[name] = inside[-1]
+        elif after:
+            found[name] = after[0]
+    return found
+
+
+def _io_keeper(seen: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str,
+               ) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+    """A forward hook keeping the module's (input, output) objects under `name` (compared by identity)."""
+    def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen[name] = (inputs[0], output)
+    return keep
 
 
 def parse_feature_layers(text: str) -> list[tuple[str, str]]:
@@ -194,7 +228,8 @@ class FeatureMethod(Method):
         teacher_maps = self.teacher_maps(teacher, setup, self.pairs)
         self.teacher_names = [name for name, _ in teacher_maps]
         self.teacher_layers = teacher_layers = dict(teacher_maps)
-        self.beta = self.term_weight(self.config.alpha, self.config.beta)
+        self.beta = (self.term_weight(self.config.alpha, self.config.beta, setup.teacher_arch, setup.student_arch)
+                     if self.loss_weights is None else self.loss_weights[self.part])
         self.warmup_steps = 0 if self.warmup_setting is None else warmup_steps(
             setup.epochs, setup.steps_per_epoch, getattr(self.config, self.warmup_setting))
         self.steps_per_epoch, self.step = setup.steps_per_epoch, 0
@@ -226,20 +261,25 @@ class FeatureMethod(Method):
         return [(before.get(layer, layer), layer in before) for layer in layers]
 
     @classmethod
-    def term_weight(cls, alpha: float, beta: float | None) -> float:
-        """The feature term's weight: `beta` when given, else the reference's weight times alpha."""
+    def reference_weight_for(cls, teacher_arch: str, student_arch: str) -> float:
+        """The reference's weight of the term beside a CE weight of 1 for a teacher / student pair (canonical
+        architecture names): `reference_weight`, unless the method's reference gives one per pair."""
+        return cls.reference_weight
+
+    @classmethod
+    def term_weight(cls, alpha: float, beta: float | None, teacher_arch: str = "", student_arch: str = "") -> float:
+        """The feature term's weight: `beta` when given, else the reference's weight for the pair times alpha."""
         if beta is not None:
             return beta
         if alpha == 0:
             raise ValueError(f"{cls.name} at alpha 0 needs an explicit --beta: its default weight keeps the "
-                             f"references' {cls.reference_weight:g} : 1 balance of feature and CE terms, which has "
-                             "no meaning without a CE term.")
-        return cls.reference_weight * alpha
+                             "references' balance of feature and CE terms, which has no meaning without a CE term.")
+        return cls.reference_weight_for(teacher_arch, student_arch) * alpha
 
     @classmethod
     def check(cls, config: Any) -> list[str]:
-        problems = super().check(config)
-        if not problems:
+        problems = super().check(config) + unused_weight(config, "beta")
+        if not problems and config.loss_weights != REFERENCE_MIX:
             try:
                 cls.term_weight(config.alpha, config.beta)
             except ValueError as error:

@@ -73,6 +73,7 @@ class FitNet(FeatureMethod):
     parts = {"feature": "FitNets feature MSE"}
     settings = SETTINGS
     reference_weight = 100.0
+    reference_weights = {"ce": 1.0, "kd": 0.0, "feature": 100.0}  # RepDistiller -r 1 -a 0 -b 100
     part = "feature"
 
     @classmethod

@@ -48,6 +48,7 @@ class KD(Method):
     citation = "Hinton et al. 2015, arXiv:1503.02531"
     parts = {"kd": "KD (T²·KL)"}
     min_classes = 2
+    reference_weights = {"ce": 0.1, "kd": 0.9}  # RepDistiller scripts/run_cifar_distill.sh -r 0.1 -a 0.9
 
     def weights(self) -> dict:
         return {"logit_weights": {self.name: {"kd": 1.0}}}

@@ -74,6 +74,7 @@ class KDLS(LogitTerm):
     settings = SETTINGS
     part = "kd"
     standardized = True
+    reference_weights = {"ce": LS_KD_CE_WEIGHT, "kd": 9.0}  # its README's KD command: --kd-weight 9, CE weight 0.1
 
     def term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, temperature)

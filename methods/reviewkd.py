@@ -4,10 +4,14 @@
 The student's stage maps and its pooled feature go, deepest first, through attention-based fusion (ABF) modules.
 Each reduces its map to a common width (1x1 conv + BN), fuses it with the deeper level's fused map (upsampled,
 weighed by a learned two-channel attention), and brings the result to the teacher's channels and size (3x3 conv +
-BN). The hierarchical context loss (HCL) compares each output with the teacher's map before its final ReLU
-(mdistiller's `preact_feats`): the MSE at full size and the MSEs of the maps average-pooled to 4x4, 2x2 and 1x1
-(sizes below the map's) with weights 1/2, 1/4, 1/8, divided by the weights' sum; summed over the levels. Weight 5
-beside CE 1 (mdistiller configs/cifar100/reviewkd.yaml), warmed up over 20 of 240 epochs per step.
+BN). The hierarchical context loss (HCL) compares each output with the teacher's map before its activation
+(mdistiller's `preact_feats`: a ResNet block's output before its last ReLU; a Wide ResNet block's output through
+the next block's BN, as mdistiller's models/cifar/wrn.py:141-147 and dvlab's wide_resnet_cifar.py:120-123): the
+MSE at full size and the MSEs of the maps average-pooled to 4x4, 2x2 and 1x1 (sizes below the map's) with weights
+1/2, 1/4, 1/8, divided by the weights' sum; summed over the levels. Its weight beside CE 1 is the reference's for
+the teacher / student pair (dvlab ReviewKD's CIFAR-100/script/reviewKD.sh, `--kd-loss-weight`: 0.6 for resnet56 ->
+resnet20, 1 for resnet110 -> resnet32, 8 for resnet32x4 -> shufflenetv2, 5 for the others and mdistiller's
+configs/cifar100/reviewkd.yaml), warmed up over 20 of 240 epochs per step.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from methods.feature_maps import SETTINGS, FeatureMethod, stage_pairs
 
 ABF_MAX_WIDTH = 512  # mdistiller REVIEWKD.MAX_MID_CHANNEL: the ABFs' width is min(512, the pooled feature's)
 HCL_SIZES = (4, 2, 1)  # mdistiller's hcl_loss: the pooled sizes of the hierarchical context loss
+DEFAULT_WEIGHT = 5.0  # the weight of most pairs in dvlab's reviewKD.sh and of mdistiller's reviewkd.yaml
+# dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh (--kd-loss-weight; the pairs of this project's zoo) and
+# mdistiller configs/cifar100/reviewkd.yaml (REVIEWKD_WEIGHT 5.0 for resnet32x4 -> resnet8x4).
+REFERENCE_WEIGHTS = {
+    ("resnet56", "resnet20"): 0.6, ("resnet110", "resnet32"): 1.0, ("resnet32x4", "resnet8x4"): 5.0,
+    ("resnet32x4", "shufflenetv2"): 8.0, ("wrn_40_2", "wrn_16_2"): 5.0, ("wrn_40_2", "wrn_40_1"): 5.0,
+}
 
 
 class ABF(nn.Module):
@@ -104,10 +115,21 @@ class ReviewKD(FeatureMethod):
     settings = {**SETTINGS, "reviewkd_warmup_epochs": Setting(
         "int | None", None, "reviewkd: epochs of linear warm-up of the ReviewKD term, ramped per optimizer step",
         unset="mdistiller's 20 of 240 epochs, as a share of all steps", check=non_negative, rule="must be >= 0")}
-    reference_weight = 5.0
+    reference_weight = DEFAULT_WEIGHT
+    reference_weights = {"ce": 1.0, "kd": 0.0, "hcl": DEFAULT_WEIGHT}  # per pair: `reference_weights_for`
     part = "hcl"
     warmup_setting = "reviewkd_warmup_epochs"
     pre_activation = True
+
+    @classmethod
+    def reference_weight_for(cls, teacher_arch: str, student_arch: str) -> float:
+        """dvlab's reviewKD.sh weight for the pair (REFERENCE_WEIGHTS), DEFAULT_WEIGHT for a pair it does not run."""
+        return REFERENCE_WEIGHTS.get((teacher_arch, student_arch), DEFAULT_WEIGHT)
+
+    @classmethod
+    def reference_weights_for(cls, teacher_arch: str, student_arch: str) -> dict[str, float]:
+        """CE 1 and the pair's HCL weight (`reference_weight_for`), no KD term."""
+        return {**cls.reference_weights, "hcl": cls.reference_weight_for(teacher_arch, student_arch)}
 
     @classmethod
     def default_pairs(cls, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:

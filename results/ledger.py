@@ -14,6 +14,7 @@ from typing import Any
 import utils
 from config import settings
 from core import records
+from methods import base
 from results import significance
 
 LEDGER_ROLES = (records.TEACHER, records.BASELINE, records.distilled_role("kd"))  # each has its own top-1 column
@@ -55,6 +56,8 @@ def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Pa
         **{key: getattr(config, key) for key in ("teacher_model", "student_model", "student_epochs", "optimizer",
                                                   "student_lr", "temperature", "alpha", "batch_size", "image_size",
                                                   "seed")},
+        # Under --loss-weights reference no student's loss uses --alpha: each has its reference's weights.
+        **({"alpha": base.REFERENCE_MIX} if config.loss_weights == base.REFERENCE_MIX else {}),
         # A reused teacher was not trained in this run: its checkpoint stands where its training settings would.
         "teacher_checkpoint": config.teacher_checkpoint or "",
         "teacher_epochs": "" if config.teacher_checkpoint else config.teacher_epochs,

@@ -504,3 +504,16 @@ def tied_logits(rows: int = 300, classes: int = 10, seed: int = 0) -> tuple[torc
     logits[::3] = torch.where(torch.rand(rows // 3, classes, generator=generator) < 0.4, top[::3], logits[::3])
     return logits, torch.randint(classes, (rows,), generator=generator)
 
+
+class RoundedByBf16(torch.nn.Module):
+    """Two logits 1.0 and 1.001 times the image's first pixel: bf16 rounds the second weight to 1.0 (a tie, so
+    class 0), fp32 keeps it (class 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [1.001]]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(images[:, :1, 0, 0])

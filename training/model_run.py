@@ -7,6 +7,7 @@ What every model of a run shares (settings, data, device, output folder) travels
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 from dataclasses import dataclass, field
@@ -211,16 +212,19 @@ def student_criterion(
 
 
 def distillation_teacher(context: Context, teacher: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
-    """The teacher as distilled students use it (frozen, unwrapped, stored for autocast), and its logits
-    on the training split when --cache-teacher-logits asks for them (else None)."""
+    """The teacher as distilled students use it (frozen, unwrapped, under autocast a copy stored for it), and its
+    logits on the training split when --cache-teacher-logits asks for them (else None). `teacher` itself keeps its
+    fp32 weights: its figures are always its own, whatever copy serves distillation."""
     teacher_logits = None
     if context.config.cache_teacher_logits:
         # validate() made sure the training view is deterministic: one pass serves every epoch.
         teacher_logits, _ = engine.predict(teacher, context.eval_loaders["train"], context.device, context.amp_dtype,
                                            "teacher logits")
     # The teacher is frozen on every rank; without its DDP wrapper, its forward needs no other rank.
-    return compute.store_for_autocast(compute.unwrap(teacher, keep_compiled=True), context.amp_dtype), \
-        teacher_logits
+    served = compute.unwrap(teacher, keep_compiled=True)
+    if context.amp_dtype is not None:
+        served = copy.deepcopy(served)  # storing for autocast casts layers in place: never the reported teacher's
+    return compute.store_for_autocast(served, context.amp_dtype), teacher_logits
 
 
 EpochLog = Callable[[dict[str, Any]], None]  # sees every epoch's record (see engine.fit's on_epoch)

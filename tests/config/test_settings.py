@@ -87,3 +87,42 @@ def test_a_feature_method_that_cannot_pair_the_models_is_named():
     config = default_config(kd_methods="kd,fitnet", teacher_model="mobilenet_v3_small", image_size=64)
     with pytest.raises(SettingsError, match="^--kd-methods fitnet: No feature stages are known for MobileNetV3"):
         settings.method_weights(config)
+
+
+@pytest.mark.parametrize(("method", "part", "ce_weight", "term_weight"), [
+    ("kd", "kd", 0.1, 0.9), ("dist", "dist", 1.0, 2.0), ("kd_ls", "kd", 0.1, 9.0)])
+def test_a_recipe_gives_each_method_its_references_loss(method, part, ce_weight, term_weight):
+    import torch
+    from conftest import LABELS3, STUDENT3, TEACHER3
+
+    import KD_engine
+
+    values = command_line.config_file_settings(str(ROOT / "configs" / "resnet56_resnet20.yaml"))
+    config = replace(experiment.default_config(), **{**values, "kd_methods": method},
+                     teacher_weights="t.pth")
+    assert config.alpha == 0.1 and config.loss_weights == "reference"
+    criterion = KD_engine.make_criterion(method, torch.nn.Identity(), torch.nn.Identity(),
+                                         settings.method_setup(config))
+    out = criterion(torch.nn.Identity(), STUDENT3, LABELS3, TEACHER3)
+    assert out["loss"].item() == pytest.approx(ce_weight * out["ce"].item() + term_weight * out[part].item(), rel=1e-6)
+    assert settings.method_weights(config) == {"reference_weights": {method: {"ce": ce_weight, part: term_weight}}}
+
+
+def test_a_recipe_resolves_each_methods_reference_weights_for_its_pair():
+    values = command_line.config_file_settings(str(ROOT / "configs" / "resnet56_resnet20.yaml"))
+    config = replace(experiment.default_config(), **{**values, "kd_methods": "dkd,reviewkd,at"},
+                     teacher_weights="t.pth")
+    assert settings.method_weights(config) == {"reference_weights": {
+        "dkd": {"ce": 1.0, "tckd": 1.0, "nckd": 2.0}, "reviewkd": {"ce": 1.0, "kd": 0.0, "hcl": 0.6},
+        "at": {"ce": 1.0, "kd": 0.0, "at": 1000.0}}}
+    alpha_mix = settings.method_weights(replace(config, loss_weights="alpha", kd_methods="dist"))
+    assert alpha_mix == {"logit_weights": {"dist": {"dist": 2.0}}}
+
+
+@pytest.mark.parametrize(("changes", "flag"), [({"kd_methods": "fitnet", "beta": 50.0}, "--beta"),
+                                               ({"kd_methods": "dkd_ls", "dkd_beta": 2.0}, "--dkd-beta")])
+def test_a_weight_the_reference_loss_weights_would_not_use_is_refused(changes, flag):
+    config = replace(experiment.default_config(), loss_weights="reference", **changes)
+    with pytest.raises(SettingsError, match=f"{flag} weighs a term of the alpha mix, but --loss-weights reference"):
+        settings.validate(config)
+    settings.validate(replace(config, loss_weights="alpha"))

@@ -1,6 +1,7 @@
 """Every method through the whole pipeline on tiny data: a folder for each method and seed, the summary's mean
 and spread over seeds, the literature's networks, and the newer methods (dist, dkd_ls, reviewkd), which train at
-the weights config.json records (each epoch's loss is its parts so weighted) and report their predictions' top-1."""
+the weights config.json records (each epoch's loss is its parts so weighted) and report their predictions' top-1,
+and each method at its reference's loss under --loss-weights reference."""
 
 from __future__ import annotations
 
@@ -144,3 +145,19 @@ def test_new_methods_run_end_to_end(tiny_data, tmp_path):
         results = utils.read_json(run_dir / f"student_{method}" / "results.json")
         flags = results["test_correct"]
         assert summary[f"student_{method}"]["test"]["top1"] == pytest.approx(flags.count("1") / len(flags))
+
+
+def test_reference_loss_weights_train_each_method_at_its_references_loss(tiny_data, tmp_path):
+    run_dir = tmp_path / "reference"
+    flags = [*TINY_FLAGS, *SMALL_MODELS, "--teacher-epochs", "1", "--student-epochs", "1", "--alpha", "0.3",
+             "--loss-weights", "reference", "--kd-methods", "kd,dist,reviewkd", "--reviewkd-warmup-epochs", "0"]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *flags])
+    assert code == 0
+    weights = utils.read_json(run_dir / "config.json")["resolved"]["reference_weights"]
+    assert weights == {"kd": {"ce": 0.1, "kd": 0.9}, "dist": {"ce": 1.0, "dist": 2.0},
+                       "reviewkd": {"ce": 1.0, "kd": 0.0, "hcl": 5.0}}, "--alpha 0.3 is not used"
+    for method, by_part in weights.items():
+        parts = utils.read_json(run_dir / f"student_{method}" / "history.json")["epochs"][0]["train"]
+        mixed = sum(weight * parts[part] for part, weight in by_part.items())
+        assert parts["loss"] == pytest.approx(mixed, rel=1e-5), method

@@ -113,4 +113,8 @@ def test_pre_activation_layers_are_the_last_relus_inputs():
     assert feature_maps.pre_activation_layers(resnet, ["layer1", "layer2", "avgpool"], 16) == {
         "layer1": "layer1.1.relu", "layer2": "layer2.1.relu"}
     assert feature_maps.pre_activation_layers(vgg, ["features.2", "avgpool"], 32) == {"features.2": "features.2"}
-    assert feature_maps.pre_activation_layers(wrn, ["block1", "block2"], 32) == {}, "WRN's blocks end in an addition"
+    # WRN's blocks end in an addition: the next block's BN, then its ReLU (mdistiller wrn.py's preact_feats)
+    assert feature_maps.pre_activation_layers(wrn, ["block1", "block3", "avgpool"], 32) == {
+        "block1": "block2.0.relu1", "block3": "relu"}
+    mobilenet = model_builder.build_model("mobilenetv2", 3, 32)
+    assert feature_maps.pre_activation_layers(mobilenet, ["blocks.1"], 32) == {}, "a linear bottleneck feeds a conv"

@@ -79,6 +79,29 @@ def test_reviewkd_takes_the_teachers_maps_before_their_last_relu():
     criterion.close()
 
 
+def test_reviewkd_takes_a_wide_resnets_block_outputs_through_the_next_bn():
+    torch.manual_seed(3)
+    teacher, student = model_builder.build_model("wrn_40_2", 3, 8), model_builder.build_model("wrn_40_1", 3, 8)
+    for bn in (teacher.block2[0].bn1, teacher.block3[0].bn1, teacher.bn1):  # statistics that make BN no identity
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    criterion = KD_engine.make_criterion("reviewkd", teacher, student, method_setup("wrn_40_2", "wrn_40_1",
+                                                                                     image_size=8))
+    assert criterion.method.teacher_layers == {"block2.0.relu1": True, "block3.0.relu1": True, "relu": True,
+                                               "avgpool": False}
+    blocks = {}
+    for name in ("block1", "block2", "block3"):
+        getattr(teacher, name).register_forward_hook(lambda module, inputs, output, name=name: blocks.update(
+            {name: output.clone()}))
+    features = criterion.teacher_outputs(torch.randn(2, 3, 8, 8)).features
+    with torch.no_grad():  # mdistiller wrn.py: f1_pre = block2.layer[0].bn1(f1), ..., f3_pre = bn1(f3)
+        expected = [teacher.block2[0].bn1(blocks["block1"]), teacher.block3[0].bn1(blocks["block2"]),
+                    teacher.bn1(blocks["block3"])]
+    for name, preact in zip(("block2.0.relu1", "block3.0.relu1", "relu"), expected, strict=True):
+        assert torch.allclose(features[name], preact, atol=1e-6) and (features[name] < 0).any()
+    criterion.close()
+
+
 def test_reviewkd_step_trains_its_abfs_and_warms_up():
     torch.manual_seed(2)
     teacher, student = model_builder.build_model("resnet14", 3, 16), model_builder.build_model("resnet8", 3, 16)
@@ -98,4 +121,21 @@ def test_reviewkd_step_trains_its_abfs_and_warms_up():
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert criterion(student, images, labels)["warmup"].item() == 1.0
+    criterion.close()
+
+
+@pytest.mark.parametrize("pair, weight", [(("resnet56", "resnet20"), 0.6), (("resnet110", "resnet32"), 1.0),
+                                          (("resnet32x4", "shufflenetv2"), 8.0), (("resnet32x4", "resnet8x4"), 5.0),
+                                          (("wrn_40_2", "wrn_40_1"), 5.0), (("resnet56", "resnet8"), 5.0)])
+def test_reviewkd_weighs_each_pair_as_dvlabs_script(pair, weight):
+    assert reviewkd.ReviewKD.reference_weight_for(*pair) == weight
+    assert reviewkd.ReviewKD.term_weight(0.5, None, *pair) == 0.5 * weight
+    assert reviewkd.ReviewKD.term_weight(0.5, 2.0, *pair) == 2.0, "--beta overrides the pair's weight"
+
+
+def test_reviewkd_step_uses_the_pairs_weight():
+    teacher, student = model_builder.build_model("resnet56", 3, 8), model_builder.build_model("resnet20", 3, 8)
+    setup = method_setup("resnet56", "resnet20", image_size=8, alpha=1.0)
+    criterion = KD_engine.make_criterion("reviewkd", teacher, student, setup)
+    assert criterion.method.beta == 0.6 and criterion.method.weights() == {"feature_weights": {"reviewkd": 0.6}}
     criterion.close()

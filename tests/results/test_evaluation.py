@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import log_entry
+from conftest import RoundedByBf16, log_entry
 
 import utils
 from core import errors
@@ -31,20 +31,6 @@ def test_per_image_results_are_read_back_for_mcnemar(tmp_path):
     utils.write_json(tmp_path / report.RESULTS, {"model": "student_kd"})  # finished by an earlier version
     with pytest.raises(errors.SettingsError, match="delete it to train that model again"):
         evaluation.read_test_correct(tmp_path)
-
-
-class RoundedByBf16(torch.nn.Module):
-    """Two logits 1.0 and 1.001 times the image's first pixel: bf16 rounds the second weight to 1.0 (a tie, so
-    class 0), fp32 keeps it (class 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = torch.nn.Linear(1, 2, bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.tensor([[1.0], [1.001]]))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(images[:, :1, 0, 0])
 
 
 def test_the_reported_test_figures_are_the_saved_fp32_models_and_bf16_ones_are_kept_beside(capsys):

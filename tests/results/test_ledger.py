@@ -59,3 +59,10 @@ def test_a_two_seed_run_is_recorded_with_its_pooled_gain_and_verdict():
     row = ledger.ledger_row(default_config(seeds="0,1"), summary, Path("runs/two"))
     assert row["kd_gain_top1"] == 0.0473 and row["kd_gain_significant"] is False
     assert row["kd_collapsed_seeds"] == "seed 0's baseline"
+
+
+def test_a_run_at_its_references_loss_weights_says_so_where_alpha_stands():
+    summary, _ = collapsed_run(share=0.6, top1=0.80)
+    assert ledger.ledger_row(default_config(alpha=0.1), summary, Path("runs/a"))["alpha"] == 0.1
+    row = ledger.ledger_row(default_config(alpha=0.1, loss_weights="reference"), summary, Path("runs/r"))
+    assert row["alpha"] == "reference", "no student's loss used --alpha 0.1"

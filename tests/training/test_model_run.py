@@ -47,3 +47,22 @@ def test_a_resumed_training_continues_the_schedule(tiny_data, tmp_path, monkeypa
     resumed = train()
     assert uninterrupted == pytest.approx([0.025, 0.05, 0.005, 0.0005])
     assert resumed == uninterrupted
+
+
+def test_the_teacher_serving_distillation_under_autocast_is_a_copy_the_reported_teacher_keeps_fp32():
+    from types import SimpleNamespace
+
+    from conftest import RoundedByBf16
+
+    from results import evaluation
+
+    teacher, batches = RoundedByBf16(), [(torch.ones(4, 3, 2, 2), torch.ones(4, dtype=torch.long))]
+    context = SimpleNamespace(config=SimpleNamespace(cache_teacher_logits=False), amp_dtype=torch.bfloat16,
+                              device=torch.device("cpu"), eval_loaders={})
+    served, cached = model_run.distillation_teacher(context, teacher)
+    assert cached is None and served.head.weight.dtype == torch.bfloat16
+    assert teacher.head.weight.dtype == torch.float32 and teacher.head.weight[1, 0].item() == pytest.approx(1.001)
+    deployed, _ = evaluation.test_outputs(teacher, batches, torch.device("cpu"), torch.bfloat16, "teacher")
+    assert deployed[0].argmax(1).tolist() == [1, 1, 1, 1], "the teacher's own fp32 weights, not the bf16 copy's tie"
+    context.amp_dtype = None
+    assert model_run.distillation_teacher(context, teacher)[0] is teacher, "no copy where nothing is cast"
