@@ -51,6 +51,7 @@ the guide (docs/ in the repository; README.md lists the pages):
   docs/sweeps.md                  --sweep, and several workers on one study
   docs/reproducing-papers.md      the references' recipes and published numbers
   docs/output.md                  the run directory, report, warnings and ledger
+  docs/tracking.md                the ledger, TensorBoard and MLflow (--track mlflow, a server)
   docs/performance.md             what makes training fast, and measured speeds
   docs/scaling-out.md             torchrun on several GPUs or machines
   docs/deploying.md               size, speed, ONNX export, prediction_for_one.py

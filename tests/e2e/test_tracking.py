@@ -27,11 +27,20 @@ MODELS = ("teacher", "student_baseline", "student_kd")
 SERVER_START_SECONDS = 300  # `mlflow server` imports a web stack: slow to start on a loaded two-core machine
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_in_the_environment(monkeypatch):
+    """The runs follow $MLFLOW_TRACKING_URI, which mlflow.set_tracking_uri also sets: unset in every test."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def tracked_runs(uri: str, experiment_name: str) -> dict[str, Any]:
     """The experiment's MLflow runs by name, as mlflow.search_runs finds them."""
     mlflow.set_tracking_uri(uri)
-    return {run.info.run_name: run for run in mlflow.search_runs(experiment_names=[experiment_name],
-                                                                  output_format="list")}
+    try:
+        found = mlflow.search_runs(experiment_names=[experiment_name], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)  # and so $MLFLOW_TRACKING_URI, which a later run would follow
+    return {run.info.run_name: run for run in found}
 
 
 def history_of(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
