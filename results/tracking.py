@@ -32,7 +32,7 @@ from training import model_run
 
 STATE_FILE = "mlflow.json"  # RUN/mlflow.json: the store's URI (masked), the experiment and the parent run's id
 LOCAL_STORE = "mlflow.db"  # the default store, an SQLite file beside the runs (runs/mlflow.db)
-LOCAL_ARTIFACTS = "mlartifacts"  # the default store's artifacts, beside it
+LOCAL_ARTIFACTS = "mlartifacts"  # an SQLite store's artifacts, beside it
 MODEL_TAG = "kd.model"  # a child's model name ("student_kd", "trial 3"): how a sync finds it again
 MARKER = "val_loss"  # logged in every epoch's batch: the steps it has are the epochs the store holds
 # A store that does not answer must cost seconds, not MLflow's default of 7 retries with backoff (minutes).
@@ -172,7 +172,8 @@ class Tracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        local = self.uri.startswith("sqlite:///") and Path(self.uri.removeprefix("sqlite:///")).name == LOCAL_STORE
+        # An SQLite store keeps its artifacts beside it (MLflow's default would be ./mlruns, wherever the run starts).
+        local = self.uri.startswith("sqlite:///")
         location = (Path(self.uri.removeprefix("sqlite:///")).parent / LOCAL_ARTIFACTS).as_uri() if local else None
         return self.client.create_experiment(self.experiment, artifact_location=location)
 
