@@ -40,7 +40,9 @@ def tracked_runs(uri: str, experiment_name: str) -> dict[str, Any]:
         found = mlflow.search_runs(experiment_names=[experiment_name], output_format="list")
     finally:
         mlflow.set_tracking_uri(None)  # and so $MLFLOW_TRACKING_URI, which a later run would follow
-    return {run.info.run_name: run for run in found}
+    runs = {run.info.run_name: run for run in found}
+    assert len(runs) == len(found), sorted(run.info.run_name for run in found)  # no run was made twice
+    return runs
 
 
 def history_of(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
