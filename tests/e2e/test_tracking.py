@@ -64,7 +64,9 @@ def check_tracked_run(uri: str, experiment_name: str, run_dir: Path) -> dict[str
         assert history_of(client, parent.info.run_id, f"{name}/val_top1") == expected
         assert child.data.metrics["test_top1"] == utils.read_json(run_dir / name / "results.json")["test"]["top1"]
         artifacts = {info.path for info in client.list_artifacts(child.info.run_id, "model")}
-        assert artifacts == (set() if name == "teacher" else {"model/best_model.pth"})
+        files = set() if name == "teacher" else {f"model/{file}" for file in tracking.MODEL_ARTIFACTS
+                                                 if (run_dir / name / file).is_file()}
+        assert artifacts == files and (name == "teacher" or "model/best_model.pth" in artifacts)
         assert child.info.status == "FINISHED"
     assert {info.path for info in client.list_artifacts(parent.info.run_id)} >= {"config.json", "summary.json",
                                                                                  "report.html"}
@@ -75,7 +77,7 @@ def check_tracked_run(uri: str, experiment_name: str, run_dir: Path) -> dict[str
 def test_a_tracked_run_is_in_the_local_store_beside_the_runs(tiny_data, tmp_path):
     run_dir = tmp_path / "runs" / "local"
     assert experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), *ONE_EPOCH, *SMALL_MODELS,
-                            "--student-epochs", "2", "--track", "mlflow"]) == 0
+                            "--student-epochs", "2", "--export", "onnx", "--track", "mlflow"]) == 0
     uri = f"sqlite:///{tmp_path / 'runs' / tracking.LOCAL_STORE}"
     runs = check_tracked_run(uri, tiny_data.name, run_dir)  # the experiment is named after the data
     saved = utils.read_json(run_dir / "config.json")
@@ -88,6 +90,9 @@ def test_a_tracked_run_is_in_the_local_store_beside_the_runs(tiny_data, tmp_path
     assert runs["student_kd"].data.tags["verdict"].startswith(("significant", "within noise"))
     assert runs["local"].data.metrics["kd_gain_top1"] == summary["kd_gain_top1"]
     assert runs["local"].data.tags["methods"] == "kd"
+    child = runs["student_kd"].info.run_id
+    assert {info.path for info in mlflow.MlflowClient(uri).list_artifacts(child, "model")} == {
+        "model/best_model.pth", "model/model.onnx"}  # with --export onnx
 
 
 def test_resume_continues_the_same_mlflow_run_without_repeating_an_epoch(tiny_data, tmp_path):

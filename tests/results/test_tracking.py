@@ -81,3 +81,21 @@ def test_a_reopened_run_keeps_its_parent_and_sends_no_epoch_twice(tmp_path):
     client = mlflow.MlflowClient(uri)
     assert [metric.step for metric in client.get_metric_history(first.children["teacher"], "val_top1")] == [1, 2]
     assert client.get_run(first.parent).data.params == {"alpha": "0.5", "resolved.device": "cpu", "dataset.n": "3"}
+
+
+def test_track_sync_of_an_unfinished_run_is_one_sentence(tmp_path, capsys):
+    run_dir = run_folder(tmp_path)
+    code = experiment.main(["--track-sync", str(run_dir)])
+    assert_one_sentence_exit_2(code, capsys.readouterr().err, f"--track-sync '{run_dir}'", "no summary.json")
+
+
+def test_a_resumed_run_whose_uri_had_a_password_needs_it_from_the_environment(tmp_path, monkeypatch, capsys):
+    run_dir = run_folder(tmp_path)
+    saved = default_config(track="mlflow", tracking_uri=f"http://ann:{settings.HIDDEN}@127.0.0.1:9")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.start(run_dir, saved) is None
+    assert f"--track-sync {run_dir} --tracking-uri URL" in capsys.readouterr().out
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ann:hunter2@127.0.0.1:9")
+    tracker = tracking.start(run_dir, saved)
+    assert tracker.uri == "http://ann:hunter2@127.0.0.1:9" and tracker.failed  # nothing listens on port 9
