@@ -27,7 +27,7 @@ import model_builder
 import utils
 from config import command_line, settings
 from core import compute, errors, records
-from results import comparisons, deploy, evaluation, ledger, report, significance
+from results import comparisons, deploy, evaluation, ledger, report, significance, tracking
 from sweep import search
 from training import checkpoints, model_run
 
@@ -93,6 +93,9 @@ COMPILE = "auto"  # torch.compile each training step: on, off, or auto (long CUD
 EVAL_TEST_EVERY_EPOCH = False  # also record test top-1 after every epoch (papers' figures); selection stays on val
 TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
 EXPORT = "none"  # none, or onnx: write RUN/<model>/model.onnx, checked against PyTorch
+TRACK = "off"  # off, or mlflow: also log every run to MLflow (pip install -r requirements-dev.txt; docs/tracking.md)
+TRACKING_URI: str | None = None  # an MLflow server (http://host:5000); None: $MLFLOW_TRACKING_URI, else runs/mlflow.db
+EXPERIMENT_NAME: str | None = None  # the MLflow experiment; None: the data's name
 
 
 def default_config() -> settings.Config:
@@ -186,7 +189,7 @@ def prepare_run(
                            class_weights, start, resume)
     dataset = data_setup.describe(data, normalization, class_weights)
     announce(context, dataset, world, resume)
-    return context, dataset
+    return tracking.attach(context), dataset
 
 
 def checked_settings(
@@ -398,7 +401,8 @@ def summarize(
 
 
 def publish(context: model_run.Context, summary: records.RunSummary) -> None:
-    """Write summary.json, the comparison table and chart, the HTML report and the ledger row; print the tables."""
+    """Write summary.json, the comparison table and chart, the HTML report and the ledger row; send the run to
+    MLflow (--track mlflow); print the tables."""
     run_dir = context.run_dir
     table = report.comparison_table(summary) + "\n" + report.deployment_table(summary)
     context.clock.record()
@@ -410,6 +414,7 @@ def publish(context: model_run.Context, summary: records.RunSummary) -> None:
     html = report.write_report(run_dir)
     ledger_path = run_dir.parent / "experiments.csv"
     ledger.append_ledger(ledger_path, ledger.ledger_row(context.config, summary, run_dir))
+    tracking.finish(context)
     warnings = "".join(f"warning: {warning}\n" for warning in summary.warnings)
     print("\n" + table + report.head_to_head_text(summary, every_pair=False) + warnings
           + f"Wall time {report.wall_time(summary)}. Results in {run_dir}, "
@@ -458,14 +463,19 @@ def layer_list(model: str, image_size: int) -> str:
 
 
 def run_command(argv: list[str] | None) -> None:
-    """What the command line asks for: rebuild a report, list layers, resume a run or a sweep, or start one."""
+    """What the command line asks for: rebuild a report, send a run to MLflow, list layers, resume a run or a
+    sweep, or start one."""
     parser, args, given = command_line.parse_command_line(argv, default_config())
     report_only, resume = (None if path is None else os.path.expanduser(path)
                            for path in (args.pop("report_only"), args.pop("resume")))
-    list_layers = args.pop("list_layers")
+    list_layers, track_sync = args.pop("list_layers"), args.pop("track_sync")
     args.pop("config")
     if report_only is not None:
         rebuild_report(report_only, args["comparison_correction"] if "comparison_correction" in given else None)
+    elif track_sync is not None:
+        print(tracking.sync_finished_run(Path(os.path.expanduser(track_sync)),
+                                         *(args[key] if key in given else None
+                                           for key in ("tracking_uri", "experiment_name"))))
     elif list_layers is not None:
         print(layer_list(list_layers, args["image_size"]), end="")
     elif resume is not None:

@@ -51,6 +51,7 @@ the guide (docs/ in the repository; README.md lists the pages):
   docs/sweeps.md                  --sweep, and several workers on one study
   docs/reproducing-papers.md      the references' recipes and published numbers
   docs/output.md                  the run directory, report, warnings and ledger
+  docs/tracking.md                the ledger, TensorBoard and MLflow (--track mlflow, a server)
   docs/performance.md             what makes training fast, and measured speeds
   docs/scaling-out.md             torchrun on several GPUs or machines
   docs/deploying.md               size, speed, ONNX export, prediction_for_one.py
@@ -59,7 +60,7 @@ the guide (docs/ in the repository; README.md lists the pages):
 """
 # What leaving out an action flag means, as --help shows it (settings say so in their Flag).
 ACTIONS_UNSET = {"config": "the constants in experiment.py", "resume": "a new run", "report_only": "train",
-                 "list_layers": "train"}
+                 "list_layers": "train", "track_sync": "train"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -135,6 +136,9 @@ def command_line_parser(defaults: Config) -> argparse.ArgumentParser:
                         help="only rebuild RUN/report.html from a finished run's files, then stop")
     parser.add_argument("--resume", metavar="RUN", default=None,
                         help="continue the interrupted run in RUN with its saved settings")
+    parser.add_argument("--track-sync", metavar="RUN", default=None,
+                        help="only send the finished run in RUN to MLflow (--tracking-uri, else where it was tracked), "
+                             "adding what the store lacks, then stop")
     parser.add_argument("--list-layers", metavar="MODEL", default=None,
                         help="only print MODEL's layer names with their output shapes at --image-size, then stop")
     return parser

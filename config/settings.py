@@ -29,6 +29,7 @@ from core.errors import SettingsError
 from data import decoding
 from methods import base, feature_maps
 
+MLFLOW_INSTALL = "pip install -r requirements-dev.txt"  # what --track mlflow needs installed (MLflow is optional)
 GROUPS = ("data", "models", "training", "distillation methods", "sweep", "speed", "output")
 
 
@@ -168,6 +169,13 @@ class RunSettings:
     tensorboard: bool = flag("output", "write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")
     export: str = flag("output", "onnx: export every trained model to RUN/<model>/model.onnx (dynamic batch) and "
                        "check it", choices=("none", "onnx"))
+    track: str = flag("output", "mlflow: also log the run to MLflow, a child run per model (settings, every epoch, "
+                      f"test metrics, verdicts, best_model.pth); needs {MLFLOW_INSTALL}; see docs/tracking.md",
+                      choices=("off", "mlflow"))
+    tracking_uri: str | None = flag("output", "--track mlflow: the tracking server (http://host:5000) or store; "
+                                    "a password in it is never written", unset="$MLFLOW_TRACKING_URI, else "
+                                    "mlflow.db (SQLite) beside the run directory")
+    experiment_name: str | None = flag("output", "--track mlflow: the MLflow experiment", unset="the data's name")
 
     @classmethod
     def from_constants(cls, constants: Mapping[str, Any]) -> Config:
@@ -206,8 +214,9 @@ def nullable(name: str) -> bool:
 
 
 def saved_config(config: Config) -> dict[str, Any]:
-    """A Config as config.json and every checkpoint store it: a storage URL's password left out."""
-    return {**asdict(config), "study_storage": without_password(config.study_storage)}
+    """A Config as config.json and every checkpoint store it: a storage or tracking URL's password left out."""
+    return {**asdict(config), "study_storage": without_password(config.study_storage),
+            "tracking_uri": without_password(config.tracking_uri)}
 
 
 HIDDEN = secrets.HIDDEN
@@ -339,6 +348,8 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         (config.trials >= 1, f"--trials must be at least 1 (got {config.trials})."),
         (config.sweep is not None or (config.study_storage is None and config.study_name is None),
          "--study-storage and --study-name name a sweep's study: give --sweep too."),
+        (config.track == "mlflow" or (config.tracking_uri is None and config.experiment_name is None),
+         "--tracking-uri and --experiment-name say where --track mlflow logs: give --track mlflow too."),
         (config.sweep is None or not config.eval_test_every_epoch,
          "--eval-test-every-epoch cannot go with --sweep: a sweep's trials must not see the test split."),
         (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),
@@ -356,6 +367,11 @@ def _require_packages(config: Config) -> None:
             import onnxscript  # noqa: F401
         except ImportError:
             raise SettingsError("--export onnx needs: pip install onnx onnxscript onnxruntime") from None
+    if config.track == "mlflow":
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise SettingsError(f"--track mlflow needs MLflow, an optional package: {MLFLOW_INSTALL}") from None
     if config.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401

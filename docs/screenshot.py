@@ -1,8 +1,11 @@
-"""The README's picture: the top of a run's report.html, taken in headless Chromium.
+"""The guide's pictures: the top of a run's report.html, or a served page (the MLflow UI), in headless Chromium.
 
     python docs/screenshot.py RUN/report.html [--output docs/images/report_top.png] [--width 1200] [--height 900]
+    python docs/screenshot.py "http://127.0.0.1:5000/#/compare-runs?runs=[...]" --wait-ms 20000 \
+        --output docs/images/mlflow_compare.png     (the MLflow UI of docs/tracking.md, served by `mlflow ui`)
 
-Refresh it from a run of the README's first command (`python experiment.py`, the bundled digits). Chromium
+Refresh the report's from a run of the README's first command (`python experiment.py`, the bundled digits), the
+MLflow one from two real runs with --track mlflow compared in `mlflow ui` (docs/tracking.md). Chromium
 opens the self-contained report from disk (it fetches nothing) with a fresh profile, no sandbox (so it also
 runs as root in a container) and no background networking; the PNG is then reduced to 256 colours, which
 keeps it small enough for the repository, and written atomically.
@@ -40,12 +43,14 @@ def find_browser() -> str:
                             "apt-get install chromium")
 
 
-def capture(report: Path, width: int, height: int) -> Image.Image:
-    """The report's first `height` pixels at `width`, as Chromium renders them."""
+def capture(page: str, width: int, height: int, wait_ms: int = 0) -> Image.Image:
+    """The first `height` pixels at `width` of the page at URL `page`, as Chromium renders them once its scripts
+    have run for `wait_ms` of the browser's virtual time (a single-page app such as the MLflow UI needs it)."""
     with tempfile.TemporaryDirectory() as scratch:
         png = Path(scratch) / "shot.png"
         command = [find_browser(), *CHROMIUM_FLAGS, f"--user-data-dir={Path(scratch) / 'profile'}",
-                   f"--screenshot={png}", f"--window-size={width},{height}", report.resolve().as_uri()]
+                   f"--screenshot={png}", f"--window-size={width},{height}",
+                   *([f"--virtual-time-budget={wait_ms}"] if wait_ms else []), page]
         finished = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
         if not png.is_file():
             raise RuntimeError(f"Chromium wrote no screenshot (exit {finished.returncode}): "
@@ -64,17 +69,21 @@ def save_small(image: Image.Image, output: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Take the screenshot; exit 2 with one sentence when the report or a browser is missing."""
     parser = argparse.ArgumentParser(description="Screenshot the top of a run's report.html for the README.")
-    parser.add_argument("report", type=Path, help="a run's report.html")
+    parser.add_argument("report", help="a run's report.html, or a served page's http:// URL")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "images" / "report_top.png",
                         help="the PNG to write (default: %(default)s)")
     parser.add_argument("--width", type=int, default=1200, help="window width in pixels (default: %(default)s)")
     parser.add_argument("--height", type=int, default=900, help="window height in pixels (default: %(default)s)")
+    parser.add_argument("--wait-ms", type=int, default=0, help="let the page's scripts run this long before the "
+                        "picture (the MLflow UI: 20000; default: %(default)s)")
     args = parser.parse_args(argv)
-    if not args.report.is_file():
+    served = args.report.startswith(("http://", "https://"))
+    if not served and not Path(args.report).is_file():
         print(f"error: no report at '{args.report}': give a run's report.html.", file=sys.stderr)
         return 2
     try:
-        size = save_small(capture(args.report, args.width, args.height), args.output)
+        page = args.report if served else Path(args.report).resolve().as_uri()
+        size = save_small(capture(page, args.width, args.height, args.wait_ms), args.output)
     except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

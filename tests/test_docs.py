@@ -176,13 +176,13 @@ def stand_in_config(argv: list[str], folder: Path) -> list[str]:
 def check_experiment(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Parse argv as experiment.py does, then make every check a run makes before it reads data."""
     parser, args, given = command_line.parse_command_line(argv, experiment.default_config())
-    if args["report_only"] is not None or args["resume"] is not None:
+    if any(args[action] is not None for action in ("report_only", "resume", "track_sync")):
         return  # a finished or interrupted run's folder holds the settings: only the flags can be checked here
     list_layers = args.pop("list_layers")
     if list_layers is not None:
         experiment.layer_list(list_layers, args["image_size"])
         return
-    for action in ("config", "report_only", "resume"):
+    for action in ("config", "report_only", "resume", "track_sync"):
         args.pop(action)
     config = settings.Config(**args)
 

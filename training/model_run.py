@@ -44,6 +44,8 @@ class Context:
     clock: checkpoints.Sittings  # the run's wall time over its sittings, recorded after every epoch
     pretrained: dict[str, model_builder.Pretrained] = field(default_factory=dict)  # see read_initial_weights
     hard_loss: engine.HardLoss = F.cross_entropy  # every model's hard-label term
+    # A model's epoch callback by its name, beside the run's files (e.g. an experiment tracker); None: none.
+    epoch_observer: Callable[[str], EpochLog | None] = lambda name: None
 
     def train_loader(self, seed: int, teacher_logits: torch.Tensor | None = None) -> data_setup.BatchLoader:
         """A fresh training loader: the same seed gives every model the same batches; `teacher_logits`
@@ -368,7 +370,8 @@ def train_model(
         result = engine.fit(
             model, train_loader, context.eval_loaders["val"], step, optimizer, epochs,
             context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
-            hooks=engine.FitHooks(on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch, on_epoch),
+            hooks=engine.FitHooks(on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch,
+                                                 context.epoch_observer(role), on_epoch),
                                   on_epoch_end=save_epoch),
             selection=engine.Selection(context.config.select_metric, context.config.patience),
             resume=resume, weights=weights,
