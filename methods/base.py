@@ -9,6 +9,7 @@ A method is one class in one file of this package, registered with `@register`:
   methods); a method that needs none can use teacher logits cached per image;
 - `trainable`: what it trains with the student (FitNets' regressors, ...), or None;
 - `loss(student_logits, teacher, labels)`: the loss and its parts, the hard-label CE term included;
+- `needs_sample_indices`: whether it needs each training image's index in the split (`take_sample_indices`);
 - `weights()`: the weights it resolved for this run (per teacher/student pair where its reference has them),
   written to config.json.
 
@@ -51,7 +52,8 @@ class Setup:
 
     `config` is the run's settings (config.settings.Config: every flag by name); `teacher_arch` and
     `student_arch` are canonical architecture names (for per-pair reference weights); `steps_per_epoch`
-    and `epochs` size warm-ups; `image_size` sizes dry runs; `hard_loss` is the CE term every method uses.
+    and `epochs` size warm-ups; `image_size` sizes dry runs; `hard_loss` is the CE term every method uses;
+    `train_labels` are the training split's labels by sample index (None outside a run's training).
     """
 
     config: Any
@@ -62,6 +64,7 @@ class Setup:
     steps_per_epoch: int = 1
     hard_loss: HardLoss = nn.functional.cross_entropy
     layer_pairs: Sequence[tuple[str, str]] | None = None  # feature methods: checked (teacher, student) layer pairs
+    train_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,6 +88,8 @@ class Method:
     min_classes: ClassVar[int] = 2
     few_classes: ClassVar[str] = ""  # why it needs `min_classes`, when more than 2: said where it refuses a run
     uses_features: ClassVar[bool] = False  # whether it needs teacher feature maps (then no cached teacher logits)
+    needs_sample_indices: ClassVar[bool] = False  # whether each step must tell it its images' training-split indices
+    memory_per_image: ClassVar[int] = 0  # bytes it keeps per training image (CRD's memory bank): see image_budget_mb
 
     trainable: nn.Module | None = None
     # The teacher layers whose maps it needs, each with whether the layer's input (the map before it: a
@@ -129,6 +134,9 @@ class Method:
 
     def end_step(self) -> None:
         """Told after each step's loss."""
+
+    def take_sample_indices(self, indices: torch.Tensor) -> None:
+        """Told before each step's loss, where `needs_sample_indices`: its images' indices in the training split."""
 
     def loss(self, student_logits: torch.Tensor, teacher: TeacherOutputs, labels: torch.Tensor,
              ) -> dict[str, torch.Tensor]:
