@@ -144,3 +144,28 @@ def test_new_methods_run_end_to_end(tiny_data, tmp_path):
         results = utils.read_json(run_dir / f"student_{method}" / "results.json")
         flags = results["test_correct"]
         assert summary[f"student_{method}"]["test"]["top1"] == pytest.approx(flags.count("1") / len(flags))
+
+
+@pytest.mark.parametrize("data", ["digits", "image_folder"])
+def test_crd_trains_on_the_bundled_digits_and_an_image_folder(data, tiny_data, tmp_path, capsys):
+    """CRD's memory bank has a row per training image, whose indices come from the loader on either source;
+    each epoch's loss is its parts at the weights config.json records."""
+    run_dir = tmp_path / "run"
+    source = ["--max-per-class", "4", "--image-size", "16"] if data == "digits" else ["--data-dir", str(tiny_data)]
+    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "2", "--teacher-model", "resnet8",
+             "--student-model", "resnet8", "--kd-methods", "crd", "--val-fraction", "0.25"]
+    assert experiment.main(["--output-dir", str(run_dir), *flags, *source]) == 0
+    summary = utils.read_json(run_dir / "summary.json")
+    train_images = summary["dataset"]["sizes"]["train"]
+    classes = len(summary["dataset"]["class_names"])
+    out = capsys.readouterr().out
+    largest = summary["dataset"]["images_per_class"]["train"]["max"]
+    assert (f"[crd] memory bank of 2 x {train_images} x 128 float32 embeddings" in out
+            and f"{train_images - largest} negatives per image (the images outside the largest class" in out)
+    assert utils.read_json(run_dir / "config.json")["resolved"]["feature_weights"] == {"crd": 0.4}
+    epochs = utils.read_json(run_dir / "student_crd" / "history.json")["epochs"]
+    for epoch in epochs:
+        parts = epoch["train"]
+        assert parts["crd"] > 0 and parts["loss"] == pytest.approx(
+            0.5 * parts["ce"] + 0.5 * parts["kd"] + 0.4 * parts["crd"], rel=1e-5)
+    assert classes == (10 if data == "digits" else 3)
