@@ -192,7 +192,7 @@ def test_crd_resumed_after_sigkill_has_the_uninterrupted_history(tiny_data, tmp_
     """CRD's memory bank and its constants come back from the training state, and the resumed epoch draws the
     negatives the uninterrupted run drew: every epoch's train and validation figures are equal."""
     flags = [*RESUME_FLAGS, "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
-             "--kd-methods", "crd", "--image-size", "16"]
+             "--kd-methods", "crd", "--image-size", "16", "--crd-negatives", "5"]  # a draw from 18 other-class images
     complete = start_run(tiny_data, tmp_path / "complete", flags)
     assert complete.wait(timeout=300) == 0, complete.stdout.read()
     killed = start_run(tiny_data, tmp_path / "killed", flags)
