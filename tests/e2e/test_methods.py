@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
+from cifar_batches import write_cifar
 from conftest import SMALL_MODELS, TINY_FLAGS
 
 import experiment
@@ -146,12 +147,15 @@ def test_new_methods_run_end_to_end(tiny_data, tmp_path):
         assert summary[f"student_{method}"]["test"]["top1"] == pytest.approx(flags.count("1") / len(flags))
 
 
-@pytest.mark.parametrize("data", ["digits", "image_folder"])
-def test_crd_trains_on_the_bundled_digits_and_an_image_folder(data, tiny_data, tmp_path, capsys):
-    """CRD's memory bank has a row per training image, whose indices come from the loader on either source;
+@pytest.mark.parametrize("data", ["digits", "image_folder", "cifar_files"])
+def test_crd_trains_on_the_bundled_digits_an_image_folder_and_cifar_files(data, tiny_data, tmp_path, capsys):
+    """CRD's memory bank has a row per training image, whose indices come from the loader on every source;
     each epoch's loss is its parts at the weights config.json records."""
     run_dir = tmp_path / "run"
-    source = ["--max-per-class", "4", "--image-size", "16"] if data == "digits" else ["--data-dir", str(tiny_data)]
+    if data == "cifar_files":
+        write_cifar(tmp_path / "cifar", 100, ["a", "b", "c"], 8, 3)
+    source = {"digits": ["--max-per-class", "4", "--image-size", "16"], "image_folder": ["--data-dir", str(tiny_data)],
+              "cifar_files": ["--data-dir", str(tmp_path / "cifar"), "--image-size", "16"]}[data]
     flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "2", "--teacher-model", "resnet8",
              "--student-model", "resnet8", "--kd-methods", "crd", "--val-fraction", "0.25"]
     assert experiment.main(["--output-dir", str(run_dir), *flags, *source]) == 0
@@ -169,3 +173,4 @@ def test_crd_trains_on_the_bundled_digits_and_an_image_folder(data, tiny_data, t
         assert parts["crd"] > 0 and parts["loss"] == pytest.approx(
             0.5 * parts["ce"] + 0.5 * parts["kd"] + 0.4 * parts["crd"], rel=1e-5)
     assert classes == (10 if data == "digits" else 3)
+    assert summary["dataset"]["carving"]["layout"].startswith("torchvision's") == (data == "cifar_files")
