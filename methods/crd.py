@@ -172,7 +172,6 @@ class CRD(FeatureMethod):
     embeddings = True
     needs_sample_indices = True
     memory_per_image = BANK_BYTES_PER_IMAGE
-    few_classes = "its negatives are images of other classes"
 
     def __init__(self, teacher: nn.Module, student: nn.Module, setup: Setup) -> None:
         labels = setup.train_labels
