@@ -75,6 +75,7 @@ class DistillationStep(engine.Criterion):
         self.teacher = freeze(teacher)
         self.method = method
         self.trainable = method.trainable
+        self.needs_sample_indices = method.needs_sample_indices
         layers = method.teacher_layers
         self.teacher_hooks = (feature_maps.FeatureHooks(teacher, list(layers), {n for n, before in layers.items()
                                                                                 if before}) if layers else None)
@@ -94,11 +95,14 @@ class DistillationStep(engine.Criterion):
         return TeacherOutputs(logits, dict(zip(self.teacher_hooks.names, features, strict=True)))
 
     def __call__(
-        self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-        teacher_logits: torch.Tensor | None = None,
+        self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """`extra`: the cached teacher logits, if any, then the sample indices where the method needs them."""
         self.method.begin_step(images.device)
-        teacher = self.teacher_outputs(images, teacher_logits)
+        if self.needs_sample_indices:
+            *extra, indices = extra
+            self.method.take_sample_indices(indices)
+        teacher = self.teacher_outputs(images, *extra)
         student_logits = student(images)
         outputs = {**self.method.combined_loss(student_logits, teacher, labels), "logits": student_logits}
         self.method.end_step()
@@ -113,18 +117,21 @@ class DistillationStep(engine.Criterion):
 
 def library_setup(
     teacher_arch: str = "", student_arch: str = "", *, image_size: int = 32, epochs: int = 1, steps_per_epoch: int = 1,
-    hard_loss: engine.HardLoss = F.cross_entropy, layer_pairs: list[tuple[str, str]] | None = None, **settings: Any,
+    hard_loss: engine.HardLoss = F.cross_entropy, layer_pairs: list[tuple[str, str]] | None = None,
+    train_labels: torch.Tensor | None = None, **settings: Any,
 ) -> Setup:
     """A `Setup` for a method used outside a run (your own loop, a benchmark): temperature 4, alpha 0.5, the alpha
     mix (loss_weights="reference": the method's reference's weights) and every registered method's own settings at
-    their defaults, overridden by `settings` (dkd_beta=2.0, ...)."""
+    their defaults, overridden by `settings` (dkd_beta=2.0, ...); `train_labels` (by sample index) for a method
+    that keeps a memory of the training split (crd)."""
     values = {"temperature": 4.0, "alpha": 0.5, "loss_weights": base.ALPHA_MIX,
               **{name: setting.default for name, setting in base.declared_settings().items()}}
     unknown = set(settings) - set(values)
     if unknown:
         raise ValueError(f"Unknown method settings: {', '.join(sorted(unknown))}.")
     return Setup(SimpleNamespace(**{**values, **settings}), teacher_arch, student_arch, image_size=image_size,
-                 epochs=epochs, steps_per_epoch=steps_per_epoch, hard_loss=hard_loss, layer_pairs=layer_pairs)
+                 epochs=epochs, steps_per_epoch=steps_per_epoch, hard_loss=hard_loss, layer_pairs=layer_pairs,
+                 train_labels=train_labels)
 
 
 def make_criterion(name: str, teacher: nn.Module, student: nn.Module, setup: Setup) -> DistillationStep:

@@ -500,8 +500,9 @@ class BatchLoader:
     images as the split holds, with replacement, each with probability inversely proportional to its
     class's count (so every class is drawn equally often on average). Evaluation loaders are
     deterministic and unaugmented. When `teacher_logits` (one row per sample) is set, batches are
-    `(images, labels, teacher_logits)`. With `drop_last` (set it before iterating), a training
-    epoch leaves out its last batch when that one is smaller than the others (unless it is the only one).
+    `(images, labels, teacher_logits)`; with `sample_indices` set, batches end with their images' indices in the
+    split (CRD's memory bank needs them), drawn from no generator. With `drop_last` (set it before iterating), a
+    training epoch leaves out its last batch when that one is smaller than the others (unless it is the only one).
 
     With `shard=(rank, world)` (torchrun) a loader yields only its rank's part: for training,
     every `world`-th index of the shared permutation, padded so all ranks take the same number
@@ -533,6 +534,7 @@ class BatchLoader:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.labels = data.labels.to(self.device)
         self.teacher_logits: torch.Tensor | None = None
+        self.sample_indices = False
         self.drop_last = False
         self.sample_weights = None
         if balanced:
@@ -579,15 +581,17 @@ class BatchLoader:
         if self.augmentation is None:  # the rank's contiguous block of the split (see `_shard`), in order
             plan, labels, teacher = None, self.labels, self.teacher_logits
             bounds = self._bounds(first=self.rank * -(-len(self.data) // self.world))
+            samples = torch.arange(len(self.data), device=self.device)
         else:
             plan = epoch_plan.draw(self._shard(self._epoch_order()), self.augmentation.pad, self.augmentation.hflip,
                                    self.data.image_size, self.generator, self.device, self.labels, self.teacher_logits)
-            labels, teacher, bounds = plan.labels, plan.teacher_logits, self._bounds()
+            labels, teacher, bounds, samples = plan.labels, plan.teacher_logits, self._bounds(), plan.samples
         for (start, stop), images in zip(bounds, self.source.batches(bounds, plan), strict=True):
             if plan is not None and self.augmentation.trivialaugment:
                 images = trivial_augment(images, self.generator)
             batch = (self._normalize(images), labels[start:stop])
-            yield batch if teacher is None else (*batch, teacher[start:stop])
+            batch = batch if teacher is None else (*batch, teacher[start:stop])
+            yield (*batch, samples[start:stop]) if self.sample_indices else batch
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 pixels to normalized floats: (pixel - mean) / std (the subtraction in float32, as for

@@ -57,9 +57,12 @@ def hard_label_loss(
 class Criterion:
     """What the loop optimizes: `criterion(model, images, labels, *extra)` gives {"loss": ..., "logits": ...,
     <named loss parts>}. `trainable` is what the optimizer trains beside the model (a distillation method's
-    regressors, ...) or None; `set_epoch(epoch)` is called before each epoch (from 1); `close()` once training ends."""
+    regressors, ...) or None; with `needs_sample_indices` the training loader appends each batch's sample indices
+    to `extra` (CRD's memory bank); `set_epoch(epoch)` is called before each epoch (from 1); `close()` once
+    training ends."""
 
     trainable: nn.Module | None = None
+    needs_sample_indices: bool = False  # batches must end with their images' indices in the training split
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  *extra: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -231,7 +231,7 @@ def load_data(config: settings.Config, device: torch.device) -> data_setup.Datas
         data_dir=config.data_dir, train_dir=config.train_dir, val_dir=config.val_dir, test_dir=config.test_dir,
         image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed,
         test_fraction=config.test_fraction, max_per_class=config.max_per_class, resize=config.resize,
-        memory_budget_mb=config.memory_budget_mb, workers=config.workers,
+        memory_budget_mb=settings.image_budget_mb(config), workers=config.workers,
         cache_dir=data_setup.DEFAULT_CACHE_DIR if config.decode_cache else None, decode_device=device,
     ))
 

@@ -426,6 +426,16 @@ def pooled_feature(model: nn.Module) -> str:
                      "its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
 
 
+def classifier_layer(model: nn.Module) -> str:
+    """Name of the model's classifier: its last linear layer, whose input is the embedding the KD references call
+    feat[-1] (RepDistiller's pooled, flattened features). Raises ValueError for a model without a linear layer."""
+    linears = [name for name, module in compute.unwrap(model).named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(compute.unwrap(model)).__name__} has no linear classifier layer whose input could "
+                         "serve as its embedding.")
+    return linears[-1]
+
+
 def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, type, output shape for one image) of every named layer, in the order the layers first
     run in one forward pass (a layer run twice shows its last output). Run it on the meta device to

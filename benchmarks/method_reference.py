@@ -28,8 +28,11 @@ feature maps, through the ABFs, which start from the same weights) are compared 
   (dvlab ReviewKD's wide_resnet_cifar.py the same); weight 5 (dvlab's CIFAR-100/script/reviewKD.sh); the
   teacher's BNs given random statistics, as a trained teacher's (a fresh BN is nearly the identity).
 
-The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r>`, r being ours /
-reference for the term's value (target: within 1e-4 of 1, the gradients as close).
+- crd: RepDistiller crd/ (criterion.py, memory.py) at -a 0 -b 0.8, two steps through the memory bank: see
+  benchmarks/reference_crd.py (its gradient column also holds the banks' largest difference).
+
+The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r> crd=<r>`, r being
+ours / reference for the term's value (target: within 1e-4 of 1, the gradients as close).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
+from benchmarks import reference_crd  # noqa: E402
 from config import settings  # noqa: E402
 from methods import reviewkd  # noqa: E402
 
@@ -318,7 +322,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100, help="classes (the references' CIFAR-100)")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
-    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args), "reviewkd_wrn": reviewkd_wrn_row(args)}
+    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args), "reviewkd_wrn": reviewkd_wrn_row(args),
+            **reference_crd.rows(args)}
     print(f"Batch {args.batch_size}, {args.classes} classes, seed {args.seed}, fp32 on the CPU. Each term beside a "
           f"CE weight of 1; ours at the project's defaults (ALPHA={experiment.ALPHA}).\n")
     header = f"{'method':<14}{'ours':>14}{'reference':>14}{'ours / reference':>20}{'gradient rel. diff':>22}"
@@ -331,7 +336,7 @@ def main() -> None:
         print(f"{method}: |ratio - 1| = {abs(ratio - 1):.1e}, gradient {gradient:.1e} ({verdict} the {TARGET:g} "
               "target)")
     print("REFERENCE " + " ".join(f"{method}={rows[method][2]:.6f}" for method in
-                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "reviewkd_wrn")))
+                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "reviewkd_wrn", "crd")))
 
 
 if __name__ == "__main__":

@@ -284,14 +284,24 @@ def layer_pairs(config: Config) -> list[tuple[str, str]] | None:
 
 
 def method_setup(config: Config, steps_per_epoch: int = 1, hard_loss: engine.HardLoss = F.cross_entropy,
-                 ) -> KD_engine.Setup:
+                 train_labels: torch.Tensor | None = None) -> KD_engine.Setup:
     """What every distillation method of the run is told (see `methods.base.Setup`)."""
     try:
         archs = [model_builder.architecture_name(name) for name in (config.teacher_model, config.student_model)]
     except model_builder.UnknownModelError:
         archs = [config.teacher_model, config.student_model]  # validate() names the unknown model
     return KD_engine.Setup(config, *archs, image_size=config.image_size, epochs=config.student_epochs,
-                           steps_per_epoch=steps_per_epoch, hard_loss=hard_loss, layer_pairs=layer_pairs(config))
+                           steps_per_epoch=steps_per_epoch, hard_loss=hard_loss, layer_pairs=layer_pairs(config),
+                           train_labels=train_labels)
+
+
+def image_budget_mb(config: Config) -> float:
+    """The part of --memory-budget-mb left for decoded images once the chosen methods' memory per training image
+    (`Method.memory_per_image`: CRD's memory bank) is counted against it, for every image (an upper bound: only
+    training images have a bank row) and every method (as if their students trained at once)."""
+    kept = sum(KD_engine.method_class(name).memory_per_image for name in kd_methods(config))
+    pixels = 3 * config.image_size**2
+    return config.memory_budget_mb * pixels / (pixels + kept)
 
 
 def method_weights(config: Config) -> dict[str, Any]:

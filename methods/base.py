@@ -9,6 +9,7 @@ A method is one class in one file of this package, registered with `@register`:
   methods); a method that needs none can use teacher logits cached per image;
 - `trainable`: what it trains with the student (FitNets' regressors, ...), or None;
 - `loss(student_logits, teacher, labels)`: the loss and its parts, the hard-label CE term included;
+- `needs_sample_indices`: whether it needs each training image's index in the split (`take_sample_indices`);
 - `weights()`: the weights it resolved for this run (per teacher/student pair where its reference has them),
   written to config.json;
 - `reference_weights` (and `reference_weights_for(teacher_arch, student_arch)` where its reference weighs pairs
@@ -55,7 +56,8 @@ class Setup:
 
     `config` is the run's settings (config.settings.Config: every flag by name); `teacher_arch` and
     `student_arch` are canonical architecture names (for per-pair reference weights); `steps_per_epoch`
-    and `epochs` size warm-ups; `image_size` sizes dry runs; `hard_loss` is the CE term every method uses.
+    and `epochs` size warm-ups; `image_size` sizes dry runs; `hard_loss` is the CE term every method uses;
+    `train_labels` are the training split's labels by sample index (None outside a run's training).
     """
 
     config: Any
@@ -66,6 +68,7 @@ class Setup:
     steps_per_epoch: int = 1
     hard_loss: HardLoss = nn.functional.cross_entropy
     layer_pairs: Sequence[tuple[str, str]] | None = None  # feature methods: checked (teacher, student) layer pairs
+    train_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,6 +94,8 @@ class Method:
     uses_features: ClassVar[bool] = False  # whether it needs teacher feature maps (then no cached teacher logits)
     # Its reference's loss: a weight per loss part ("ce" and the parts `loss` reports), for --loss-weights reference.
     reference_weights: ClassVar[dict[str, float]] = {}
+    needs_sample_indices: ClassVar[bool] = False  # whether each step must tell it its images' training-split indices
+    memory_per_image: ClassVar[int] = 0  # bytes it keeps per training image (CRD's memory bank): see image_budget_mb
 
     trainable: nn.Module | None = None
     # The teacher layers whose maps it needs, each with whether the layer's input (the map before it: a
@@ -155,6 +160,9 @@ class Method:
 
     def end_step(self) -> None:
         """Told after each step's loss."""
+
+    def take_sample_indices(self, indices: torch.Tensor) -> None:
+        """Told before each step's loss, where `needs_sample_indices`: its images' indices in the training split."""
 
     def loss(self, student_logits: torch.Tensor, teacher: TeacherOutputs, labels: torch.Tensor,
              ) -> dict[str, torch.Tensor]:

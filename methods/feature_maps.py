@@ -123,14 +123,15 @@ def dry_run(model: nn.Module, image_size: int) -> None:
         plain(probe)
 
 
-def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int) -> list[torch.Size]:
-    """The shapes of the hooked layers' outputs, from a `dry_run`; each must be an (N, C, H, W) map."""
+def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int, dims: int = 4) -> list[torch.Size]:
+    """The shapes of the hooked layers' outputs, from a `dry_run`; each must be an (N, C, H, W) map, or with
+    `dims` 2 an (N, D) embedding."""
     dry_run(model, image_size)
     shapes = [feature.shape for feature in hooks.take()]
+    wanted = "(N, C, H, W) maps" if dims == 4 else "(N, D) embeddings"
     for name, shape in zip(hooks.names, shapes, strict=True):
-        if len(shape) != 4:
-            raise ValueError(f"Feature distillation needs (N, C, H, W) maps; layer '{name}' gives shape "
-                             f"{tuple(shape)}.")
+        if len(shape) != dims:
+            raise ValueError(f"Feature distillation needs {wanted}; layer '{name}' gives shape {tuple(shape)}.")
     return shapes
 
 
@@ -219,6 +220,8 @@ class FeatureMethod(Method):
     part: ClassVar[str]
     warmup_setting: ClassVar[str | None] = None
     pre_activation: ClassVar[bool] = False  # compare with the teacher's maps before their final ReLU
+    # Distill the (N, D) embeddings the pairs' layers take as input (their classifiers': RepDistiller's feat[-1]).
+    embeddings: ClassVar[bool] = False
 
     def __init__(self, teacher: nn.Module, student: nn.Module, setup: Setup) -> None:
         super().__init__(teacher, student, setup)
@@ -233,10 +236,12 @@ class FeatureMethod(Method):
         self.warmup_steps = 0 if self.warmup_setting is None else warmup_steps(
             setup.epochs, setup.steps_per_epoch, getattr(self.config, self.warmup_setting))
         self.steps_per_epoch, self.step = setup.steps_per_epoch, 0
-        self.student_hooks = FeatureHooks(student, [s for _, s in self.pairs])
+        student_layers = [s for _, s in self.pairs]
+        self.student_hooks = FeatureHooks(student, student_layers, student_layers if self.embeddings else ())
+        dims = 2 if self.embeddings else 4
         try:
-            shapes = list(zip(feature_shapes(student, self.student_hooks, setup.image_size),
-                              teacher_shapes(teacher, teacher_layers, setup.image_size), strict=True))
+            shapes = list(zip(feature_shapes(student, self.student_hooks, setup.image_size, dims),
+                              teacher_shapes(teacher, teacher_layers, setup.image_size, dims), strict=True))
             self.trainable = self.make_trainable(shapes)
         except ValueError:
             self.close()
@@ -254,9 +259,12 @@ class FeatureMethod(Method):
     def teacher_maps(
         cls, teacher: nn.Module, setup: Setup, pairs: Sequence[tuple[str, str]],
     ) -> list[tuple[str, bool]]:
-        """Per pair, the teacher layer hooked and whether its input is taken: with `pre_activation`, a layer whose
-        output comes from a ReLU is read as that ReLU's input (`pre_activation_layers`)."""
+        """Per pair, the teacher layer hooked and whether its input is taken: with `embeddings`, every layer's input;
+        with `pre_activation`, a layer whose output comes from a ReLU is read as that ReLU's input
+        (`pre_activation_layers`)."""
         layers = [t for t, _ in pairs]
+        if cls.embeddings:
+            return [(layer, True) for layer in layers]
         before = pre_activation_layers(teacher, layers, setup.image_size) if cls.pre_activation else {}
         return [(before.get(layer, layer), layer in before) for layer in layers]
 
@@ -318,11 +326,12 @@ class FeatureMethod(Method):
         self.student_hooks.remove()
 
 
-def teacher_shapes(teacher: nn.Module, names: dict[str, bool], image_size: int) -> list[torch.Size]:
-    """The shapes of the teacher's maps at `names` (each taken before the layer where its flag says so)."""
+def teacher_shapes(teacher: nn.Module, names: dict[str, bool], image_size: int, dims: int = 4) -> list[torch.Size]:
+    """The shapes of the teacher's maps at `names` (each taken before the layer where its flag says so; `dims` as
+    in `feature_shapes`)."""
     hooks = FeatureHooks(teacher, list(names), {name for name, before in names.items() if before})
     try:
-        return feature_shapes(teacher, hooks, image_size)
+        return feature_shapes(teacher, hooks, image_size, dims)
     finally:
         hooks.remove()
 

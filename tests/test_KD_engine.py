@@ -4,6 +4,8 @@ No step makes the host wait for the device."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,10 @@ def _profile(method: str) -> step_profile.StepCounter:
     if method == "plain":
         criterion = engine.SupervisedCriterion()
     else:
-        setup = KD_engine.library_setup(image_size=SIZE, steps_per_epoch=len(loader), dkd_warmup_epochs=2)
+        setup = KD_engine.library_setup(image_size=SIZE, steps_per_epoch=len(loader), dkd_warmup_epochs=2,
+                                        train_labels=loader.data.labels, crd_negatives=5)
         criterion = KD_engine.make_criterion(method, teacher, student, setup)
+        loader.sample_indices = criterion.needs_sample_indices  # crd's memory bank
     trainable = criterion.trainable  # FitNets' regressors
     parameters = list(student.parameters()) + ([] if trainable is None else list(trainable.parameters()))
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, fused=True)
@@ -74,7 +78,7 @@ def test_the_counter_sees_host_waits():
     assert set(counter.sync_names[("setup", step_profile.OTHER)]) == {"index", "_local_scalar_dense", "item", "to"}
 
 
-METHOD_NAMES = {"kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd"}
+METHOD_NAMES = {"kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "crd", "crd_kd"}
 
 
 class TinyNet(nn.Module):
@@ -135,9 +139,11 @@ def test_make_criterion_trains_the_real_small_models(method, real_models):
     student.train()
     student.zero_grad(set_to_none=True)
     setup = method_setup(*(model_builder.architecture_name(name) for name in ("VGG16", "ResNet18")), epochs=3,
-                         steps_per_epoch=2, temperature=4.0, alpha=0.5)
+                         steps_per_epoch=2, temperature=4.0, alpha=0.5, crd_negatives=4)
+    setup = dataclasses.replace(setup, train_labels=torch.arange(20) % 10)
     criterion = KD_engine.make_criterion(method, teacher, student, setup)
-    out = criterion(student, torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))
+    indices = (torch.tensor([11, 17]),) if criterion.needs_sample_indices else ()
+    out = criterion(student, torch.randn(2, 3, 32, 32), torch.tensor([1, 7]), *indices)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["logits"].shape == (2, 10)
     assert all(p.grad is not None for p in student.parameters())
@@ -145,18 +151,19 @@ def test_make_criterion_trains_the_real_small_models(method, real_models):
     expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"},
                 "dkd": {"ce", "tckd", "nckd", "warmup"}, "dist": {"ce", "dist"}, "kd_ls": {"ce", "kd"},
                 "dkd_ls": {"ce", "tckd", "nckd", "warmup"}, "dist_ls": {"ce", "dist"},
-                "reviewkd": {"ce", "kd", "hcl", "warmup"}}
+                "reviewkd": {"ce", "kd", "hcl", "warmup"}, "crd": {"ce", "kd", "crd"}, "crd_kd": {"ce", "kd", "crd"}}
     assert out.keys() == {"loss", "logits"} | expected[method]
     assert expected[method] - {"warmup"} <= KD_engine.loss_parts().keys(), "the loss plot labels every part"
-    assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd"))
+    assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd", "crd", "crd_kd"))
+    assert criterion.needs_sample_indices == (method in ("crd", "crd_kd"))
     counts_steps = type(criterion.method).set_epoch is not base.Method.set_epoch
-    assert counts_steps == (method in ("dkd", "dkd_ls", "fitnet", "at", "reviewkd"))
+    assert counts_steps == (method in ("dkd", "dkd_ls", "fitnet", "at", "reviewkd", "crd", "crd_kd"))
     criterion.close()
 
 
 def test_make_criterion_names_the_known_methods():
-    with pytest.raises(ValueError, match="Unknown distillation method 'crd'; known methods: ") as raised:
-        KD_engine.make_criterion("crd", nn.Linear(2, 2), nn.Linear(2, 2), method_setup())
+    with pytest.raises(ValueError, match="Unknown distillation method 'nonesuch'; known methods: ") as raised:
+        KD_engine.make_criterion("nonesuch", nn.Linear(2, 2), nn.Linear(2, 2), method_setup())
     assert set(str(raised.value).split(": ", 1)[1].rstrip(".").split(", ")) == METHOD_NAMES
 
 

@@ -176,6 +176,26 @@ def test_loader_carries_cached_teacher_logits_per_sample():
     assert seen != sorted(seen), "shuffled, so the pairing follows the shuffle"
 
 
+def test_sample_indices_name_each_batch_image_and_change_no_batch_nor_draw():
+    data = _tensors(labels=torch.arange(10))
+    make = lambda augmentation: data_setup.BatchLoader(  # noqa: E731
+        data, 4, [0.5] * 3, [0.25] * 3, torch.device("cpu"), augmentation, seed=1)
+    plain, indexed = make(data_setup.Augmentation(2, True)), make(data_setup.Augmentation(2, True))
+    indexed.sample_indices = True
+    indexed.teacher_logits = torch.arange(10.0)[:, None]
+    for _ in range(2):  # a second epoch: the indices drew nothing from the loader's generator
+        for (images, labels), (same_images, same_labels, logits, indices) in zip(plain, indexed, strict=True):
+            assert torch.equal(images, same_images) and torch.equal(labels, same_labels)
+            assert torch.equal(labels, indices) and torch.equal(logits[:, 0].long(), indices)
+    unaugmented = make(data_setup.Augmentation(0, False))
+    unaugmented.sample_indices = True
+    for images, _, indices in unaugmented:
+        assert torch.equal(images, unaugmented._normalize(data.images[indices]))
+    evaluation = make(None)
+    evaluation.sample_indices = True
+    assert torch.cat([indices for *_, indices in evaluation]).tolist() == list(range(10))
+
+
 def split_paths(splits: data_setup.DatasetSplits) -> dict[str, set[str]]:
     return {name: set(getattr(splits, name).paths) for name in ("train", "val", "test")}
 

@@ -121,3 +121,11 @@ def test_a_size_that_leaves_a_1x1_last_feature_map_is_refused(name, refused, kep
             model_builder.check_input_size(name, size)
     for size in kept:
         model_builder.check_input_size(name, size)
+
+
+@pytest.mark.parametrize("name, layer", [("resnet8", "fc"), ("vgg8", "classifier"), ("VGG16", "classifier.2"),
+                                         ("mobilenet_v3_small", "classifier.3")])
+def test_classifier_layer_is_the_last_linear_layer(name, layer):
+    assert model_builder.classifier_layer(model_builder.build_on_meta(name, 10, 32)) == layer
+    with pytest.raises(ValueError, match="no linear classifier"):
+        model_builder.classifier_layer(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)))

@@ -197,7 +197,7 @@ def distillation_criterion(
     context: Context, method: str, teacher: nn.Module, student: nn.Module, steps_per_epoch: int,
 ) -> engine.Criterion:
     """The distillation step of one method, from the run's settings."""
-    setup = settings.method_setup(context.config, steps_per_epoch, context.hard_loss)
+    setup = settings.method_setup(context.config, steps_per_epoch, context.hard_loss, context.data.train.labels)
     return KD_engine.make_criterion(method, teacher, student, setup)
 
 
@@ -347,6 +347,7 @@ def train_model(
     compiled = compute.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
+    train_loader.sample_indices = criterion.needs_sample_indices
     optimizer = make_optimizer(context.config, model, lr, criterion)
     config = context.config
     scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,

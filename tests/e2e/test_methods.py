@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
+from cifar_batches import write_cifar
 from conftest import SMALL_MODELS, TINY_FLAGS
 
 import experiment
@@ -161,3 +162,34 @@ def test_reference_loss_weights_train_each_method_at_its_references_loss(tiny_da
         parts = utils.read_json(run_dir / f"student_{method}" / "history.json")["epochs"][0]["train"]
         mixed = sum(weight * parts[part] for part, weight in by_part.items())
         assert parts["loss"] == pytest.approx(mixed, rel=1e-5), method
+
+
+
+
+@pytest.mark.parametrize("data", ["digits", "image_folder", "cifar_files"])
+def test_crd_trains_on_the_bundled_digits_an_image_folder_and_cifar_files(data, tiny_data, tmp_path, capsys):
+    """CRD's memory bank has a row per training image, whose indices come from the loader on every source;
+    each epoch's loss is its parts at the weights config.json records."""
+    run_dir = tmp_path / "run"
+    if data == "cifar_files":
+        write_cifar(tmp_path / "cifar", 100, ["a", "b", "c"], 8, 3)
+    source = {"digits": ["--max-per-class", "4", "--image-size", "16"], "image_folder": ["--data-dir", str(tiny_data)],
+              "cifar_files": ["--data-dir", str(tmp_path / "cifar"), "--image-size", "16"]}[data]
+    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "2", "--teacher-model", "resnet8",
+             "--student-model", "resnet8", "--kd-methods", "crd", "--val-fraction", "0.25"]
+    assert experiment.main(["--output-dir", str(run_dir), *flags, *source]) == 0
+    summary = utils.read_json(run_dir / "summary.json")
+    train_images = summary["dataset"]["sizes"]["train"]
+    classes = len(summary["dataset"]["class_names"])
+    out = capsys.readouterr().out
+    largest = summary["dataset"]["images_per_class"]["train"]["max"]
+    assert (f"[crd] memory bank of 2 x {train_images} x 128 float32 embeddings" in out
+            and f"{train_images - largest} negatives per image (the images outside the largest class" in out)
+    assert utils.read_json(run_dir / "config.json")["resolved"]["feature_weights"] == {"crd": 0.4}
+    epochs = utils.read_json(run_dir / "student_crd" / "history.json")["epochs"]
+    for epoch in epochs:
+        parts = epoch["train"]
+        assert parts["crd"] > 0 and parts["loss"] == pytest.approx(
+            0.5 * parts["ce"] + 0.5 * parts["kd"] + 0.4 * parts["crd"], rel=1e-5)
+    assert classes == (10 if data == "digits" else 3)
+    assert summary["dataset"]["carving"]["layout"].startswith("torchvision's") == (data == "cifar_files")

@@ -188,6 +188,28 @@ def test_warm_up_and_trainable_parts_continue_after_a_resume(method, tiny_data, 
     assert summary(run) == summary(tmp_path / "complete")
 
 
+def test_crd_resumed_after_sigkill_has_the_uninterrupted_history(tiny_data, tmp_path):
+    """CRD's memory bank and its constants come back from the training state, and the resumed epoch draws the
+    negatives the uninterrupted run drew: every epoch's train and validation figures are equal."""
+    flags = [*RESUME_FLAGS, "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
+             "--kd-methods", "crd", "--image-size", "16", "--crd-negatives", "5"]  # a draw from 18 other-class images
+    complete = start_run(tiny_data, tmp_path / "complete", flags)
+    assert complete.wait(timeout=300) == 0, complete.stdout.read()
+    killed = start_run(tiny_data, tmp_path / "killed", flags)
+    stop_at(killed, "[student_crd] epoch   2", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "killed"
+    state = checkpoints.load_checkpoint(run / "student_crd" / checkpoints.TRAIN_STATE)
+    assert 1 <= len(state["history"]) < 4 and state["criterion"]["memory.normalizers"].min() > 0
+    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[student_crd] resuming after epoch" in resumed.stdout
+    expected = utils.read_json(tmp_path / "complete" / "student_crd" / "history.json")["epochs"]
+    actual = utils.read_json(run / "student_crd" / "history.json")["epochs"]
+    assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
     process = start_run(tiny_data, tmp_path / "run")
     output = stop_at(process, "[teacher] epoch   1", signal.SIGINT)
