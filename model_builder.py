@@ -426,6 +426,19 @@ def pooled_feature(model: nn.Module) -> str:
                      "its layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
 
 
+def classifier_layer(model: nn.Module) -> str:
+    """Name of the model's classifier: the top-level layer holding its last linear layer ("fc" in the zoo's and
+    torchvision's ResNets, "classifier" in VGGs). Its input is the embedding (RepDistiller's feat[-1]), flattened
+    or (N, C, 1, 1). Raises ValueError for a model without a linear layer."""
+    plain = compute.unwrap(model)
+    holders = [name for name, child in plain.named_children()
+               if any(isinstance(module, nn.Linear) for module in child.modules())]
+    if not holders:
+        raise ValueError(f"{type(plain).__name__} has no linear classifier whose input is its embedding; name its "
+                         "layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
+    return holders[-1]
+
+
 def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, type, output shape for one image) of every named layer, in the order the layers first
     run in one forward pass (a layer run twice shows its last output). Run it on the meta device to
