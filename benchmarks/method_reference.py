@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
+from benchmarks import reference_relations  # noqa: E402
 from config import settings  # noqa: E402
 from methods import reviewkd  # noqa: E402
 
@@ -272,7 +273,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100, help="classes (the references' CIFAR-100)")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
-    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args)}
+    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args), **reference_relations.rows(args)}
     print(f"Batch {args.batch_size}, {args.classes} classes, seed {args.seed}, fp32 on the CPU. Each term beside a "
           f"CE weight of 1; ours at the project's defaults (ALPHA={experiment.ALPHA}).\n")
     header = f"{'method':<10}{'ours':>14}{'reference':>14}{'ours / reference':>20}{'gradient rel. diff':>22}"
@@ -285,7 +286,7 @@ def main() -> None:
         print(f"{method}: |ratio - 1| = {abs(ratio - 1):.1e}, gradient {gradient:.1e} ({verdict} the {TARGET:g} "
               "target)")
     print("REFERENCE " + " ".join(f"{method}={rows[method][2]:.6f}" for method in
-                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd")))
+                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", *reference_relations.METHODS)))
 
 
 if __name__ == "__main__":
