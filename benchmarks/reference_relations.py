@@ -37,7 +37,7 @@ import model_builder
 from config import settings
 
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"  # scripts/run_cifar_distill.sh's pair
-METHODS = ("sp", "rkd", "pkt", "nst")  # in the REFERENCE line's order
+METHODS = ("sp", "cc", "rkd", "pkt", "nst")  # in the REFERENCE line's order
 REFERENCE_WEIGHTS = {"sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0}  # its -b
 CC_FEAT_DIM = 128  # train_student.py --feat_dim
 VID_INIT_PRED_VAR, VID_EPS = 5.0, 1e-5  # VIDLoss defaults
@@ -179,10 +179,11 @@ def reference_modules(method: str, trainable: nn.Module | None) -> nn.ModuleList
     """The reference's trainable modules for cc (embed_s, embed_t) or vid (a VIDLoss per pair), holding the
     weights our method's `trainable` starts from; None for the other methods."""
     if method == "cc":
-        embeds = nn.ModuleList([RefLinearEmbed(trainable.student.in_features),
-                                RefLinearEmbed(trainable.teacher.in_features)])
-        embeds[0].linear.load_state_dict(trainable.student.state_dict())
-        embeds[1].linear.load_state_dict(trainable.teacher.state_dict())
+        connectors = trainable.pairs[0]
+        embeds = nn.ModuleList([RefLinearEmbed(connectors.student.in_features),
+                                RefLinearEmbed(connectors.teacher.in_features)])
+        embeds[0].linear.load_state_dict(connectors.student.state_dict())
+        embeds[1].linear.load_state_dict(connectors.teacher.state_dict())
         return embeds
     if method == "vid":
         losses = nn.ModuleList()

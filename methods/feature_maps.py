@@ -134,15 +134,16 @@ def embedding_layers(model: nn.Module, layers: Sequence[str]) -> set[str]:
     return set(layers) & {model_builder.classifier_layer(model)}
 
 
-def pair_sum_in_float32(pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def pair_sum_in_float32(pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | nn.ModuleList,
                         student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
                         ) -> torch.Tensor:
-    """`pair_loss(student, teacher)` summed over the layer pairs, on float32 copies with autocast switched off:
-    the relational losses' matrix products and differences of near-equal numbers are computed in float32, as the
-    references do, whatever the run's precision."""
+    """`pair_loss(student, teacher)` (or a module list's, one module per pair) summed over the layer pairs, on
+    float32 copies with autocast switched off: the relational losses' matrix products and differences of near-equal
+    numbers are computed in float32, as the references do, whatever the run's precision."""
+    losses = pair_loss if isinstance(pair_loss, nn.ModuleList) else [pair_loss] * len(student_features)
     with torch.autocast(student_features[0].device.type, enabled=False):
-        return torch.stack([pair_loss(student.float(), teacher.float())
-                            for student, teacher in zip(student_features, teacher_features, strict=True)]).sum()
+        return torch.stack([loss(student.float(), teacher.float()) for loss, student, teacher
+                            in zip(losses, student_features, teacher_features, strict=True)]).sum()
 
 
 def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: int) -> dict[str, str]:
