@@ -37,7 +37,7 @@ import model_builder
 from config import settings
 
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"  # scripts/run_cifar_distill.sh's pair
-METHODS = ("sp", "cc", "rkd", "pkt", "nst")  # in the REFERENCE line's order
+METHODS = ("sp", "cc", "vid", "rkd", "pkt", "nst")  # in the REFERENCE line's order
 REFERENCE_WEIGHTS = {"sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0}  # its -b
 CC_FEAT_DIM = 128  # train_student.py --feat_dim
 VID_INIT_PRED_VAR, VID_EPS = 5.0, 1e-5  # VIDLoss defaults
