@@ -24,7 +24,9 @@ feature maps, through the ABFs, which start from the same weights) are compared 
   feature. Our value comes from the whole criterion run on the two models (at --alpha 1, the
   references' loss); the gradient from our ABFs and HCL on the features the transcription uses.
 
-The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r>`, r being ours /
+- sp, cc, vid, rkd, pkt, nst: RepDistiller's distiller_zoo, transcribed in benchmarks/reference_relations.py.
+
+The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> sp=<r> ... nst=<r>`, r being ours /
 reference for the term's value (target: within 1e-4 of 1, the gradients as close).
 """
 
