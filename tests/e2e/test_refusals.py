@@ -41,8 +41,8 @@ pytestmark = pytest.mark.e2e
     (["--augment", "trivialaugment", "--crop-padding", "0", "--hflip", "off", "--cache-teacher-logits"],
      "--cache-teacher-logits needs a deterministic training view"),
     (["--kd-methods", "kd,bogus"],
-     "--kd-methods: 'bogus' is not a method; it must list distinct methods of fitnet, kd, at, reviewkd, dist, dkd, "
-     "dist_ls, dkd_ls, kd_ls"),
+     "--kd-methods: 'bogus' is not a method; it must list distinct methods of fitnet, kd, at, nst, pkt, cc, rkd, sp, "
+     "vid, reviewkd, dist, dkd, dist_ls, dkd_ls, kd_ls"),
     (["--kd-methods", "kd,kd"], "--kd-methods must list distinct methods"),
     (["--kd-methods", "kd,fitnet", "--alpha", "0"], "fitnet at alpha 0 needs an explicit --beta"),
     (["--kd-methods", "at", "--beta", "-0.1"], "--beta must be >= 0"),
