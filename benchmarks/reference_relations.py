@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +221,15 @@ def gradient_difference(ours: torch.Tensor, reference: torch.Tensor, wrt_ours: l
     g_reference = torch.autograd.grad(reference, wrt_reference, retain_graph=True, materialize_grads=True)
     difference = sum(float((a - b).pow(2).sum()) for a, b in zip(g_ours, g_reference, strict=True))
     return (difference / sum(float(b.pow(2).sum()) for b in g_reference)) ** 0.5
+
+
+def agreement(ours_loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor],
+              reference_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
+              teacher: torch.Tensor) -> tuple[float, float]:
+    """(ours / reference, `gradient_difference` with respect to `student`) of our loss of one layer pair and the
+    transcription's on the same tensors."""
+    ours, reference = ours_loss([student], [teacher]), reference_loss(student, teacher)
+    return float(ours.detach()) / float(reference.detach()), gradient_difference(ours, reference, [student], [student])
 
 
 def method_row(method: str, teacher: nn.Module, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
