@@ -22,8 +22,11 @@ CC_EMBEDDING_DIM = 128  # RepDistiller train_student.py --feat_dim
 
 def correlation_congruence(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The reference's loss on two (N, D) batches of connected embeddings: with delta = |student - teacher|, the mean
-    over i < N of delta_i . delta_i+1."""
+    over i < N of delta_i . delta_i+1; zero for a batch of one sample, which has no neighbour (the reference's mean
+    of nothing would be NaN)."""
     delta = (student - teacher).abs()
+    if len(delta) < 2:  # e.g. an epoch's last batch; kept in the graph, which DDP and compiled steps expect
+        return delta.sum() * 0.0
     return (delta[:-1] * delta[1:]).sum(dim=1).mean()
 
 

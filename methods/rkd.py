@@ -42,8 +42,11 @@ def angles(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def rkd_pair_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """25 * distance + 50 * angle loss (see the module's docstring) of two batches of embeddings."""
+    """25 * distance + 50 * angle loss (see the module's docstring) of two batches of embeddings; zero for a batch of
+    one sample, which has no relations (the reference's mean of no distances would be NaN)."""
     student, teacher = student.flatten(1), teacher.flatten(1)
+    if len(student) < 2:  # e.g. an epoch's last batch; kept in the graph, which DDP and compiled steps expect
+        return student.sum() * 0.0
     with torch.no_grad():
         teacher_distances, teacher_angles = normalized_distances(teacher), angles(teacher)
     distance = F.smooth_l1_loss(normalized_distances(student), teacher_distances)

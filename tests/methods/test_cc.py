@@ -48,3 +48,10 @@ def test_cc_trains_both_connectors_and_takes_the_classifiers_inputs():
     ours, _, ratio, gradient = reference_relations.pair_rows(("cc",), "resnet14", "resnet8", 16, 6, 5, 0)["cc"]
     assert ratio == pytest.approx(1.0, abs=1e-4) and gradient < 1e-4 and ours > 0
     assert cc.CC.reference_weight == 0.02 and cc.CC.reference_weights == {"ce": 1.0, "kd": 0.0, "cc": 0.02}
+
+
+def test_cc_of_a_single_sample_batch_is_zero_not_nan():
+    connectors = cc.CorrelationConnectors((1, 4), (1, 6))
+    loss = connectors(torch.randn(1, 4), torch.randn(1, 6))
+    loss.backward()
+    assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in connectors.parameters())

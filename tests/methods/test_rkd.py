@@ -37,3 +37,10 @@ def test_rkd_criterion_takes_the_classifiers_inputs_and_the_reference_weight():
     ours, _, ratio, gradient = reference_relations.pair_rows(("rkd",), "resnet14", "resnet8", 16, 6, 5, 0)["rkd"]
     assert ratio == pytest.approx(1.0, abs=1e-4) and gradient < 1e-4 and ours > 0
     assert rkd.RKD.reference_weight == 1.0 and rkd.RKD.reference_weights == {"ce": 1.0, "kd": 0.0, "rkd": 1.0}
+
+
+def test_rkd_of_a_single_sample_batch_is_zero_not_nan():
+    student = torch.randn(1, 4, requires_grad=True)
+    loss = rkd.rkd_loss([student], [torch.randn(1, 4)])
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(student.grad, torch.zeros(1, 4))
