@@ -191,6 +191,8 @@ def test_list_layers_prints_names_shapes_and_stages(capsys):
     assert experiment.main(["--list-layers", "resnet8x4", "--image-size", "64"]) == 0
     listed = capsys.readouterr().out
     assert "128 x 32 x 32  stage 2" in listed and "256 x 1 x 1  pooled feature" in listed
+    assert any(line.split()[:2] == ["fc", "Linear"] and line.endswith("classifier (its input: the embedding)")
+               for line in listed.splitlines())
 
 
 def test_list_layers_of_an_unknown_model_is_one_sentence(capsys):
