@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -427,13 +427,16 @@ def pooled_feature(model: nn.Module) -> str:
 
 
 def classifier_layer(model: nn.Module) -> str:
-    """Name of the model's classifier: its last linear layer, whose input is the embedding the KD references call
-    feat[-1] (RepDistiller's pooled, flattened features). Raises ValueError for a model without a linear layer."""
-    linears = [name for name, module in compute.unwrap(model).named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(compute.unwrap(model)).__name__} has no linear classifier layer whose input could "
-                         "serve as its embedding.")
-    return linears[-1]
+    """Name of the model's classifier: the top-level layer holding its last linear layer ("fc" in the zoo's and
+    torchvision's ResNets, "classifier" in VGGs). Its input is the embedding (RepDistiller's feat[-1]), flattened
+    or (N, C, 1, 1). Raises ValueError for a model without a linear layer."""
+    plain = compute.unwrap(model)
+    holders = [name for name, child in plain.named_children()
+               if any(isinstance(module, nn.Linear) for module in child.modules())]
+    if not holders:
+        raise ValueError(f"{type(plain).__name__} has no linear classifier whose input is its embedding; name its "
+                         "layers with --feature-layers (python experiment.py --list-layers MODEL lists them).")
+    return holders[-1]
 
 
 def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -462,7 +465,8 @@ def layer_shapes(model: nn.Module, image_size: int) -> list[tuple[str, str, tupl
 
 def layer_table(name: str, image_size: int, num_classes: int = 10) -> str:
     """Every layer of a model by name with its output shape at `image_size` pixels; the feature
-    stages (see `feature_stages`) are marked, numbered as in the references' feature lists."""
+    stages (see `feature_stages`) are marked, numbered as in the references' feature lists, and the pooled feature
+    and classifier (`classifier_layer`)."""
     check_input_size(name, image_size)
     model = build_on_meta(name, num_classes, image_size)
     with torch.device("meta"):
@@ -473,10 +477,12 @@ def layer_table(name: str, image_size: int, num_classes: int = 10) -> str:
         stages = {}
     if POOLED_FEATURE in dict(model.named_modules()):
         stages[POOLED_FEATURE] = "pooled feature"
+    with suppress(ValueError):  # a model without a linear classifier (SqueezeNet's is a convolution)
+        stages[classifier_layer(model)] = "classifier (its input: the embedding)"
     width = max(len(row[0]) for row in rows) + 2
     lines = [f"{architecture_name(name)} at {image_size}x{image_size} px ({num_classes} classes): layer, type, "
              "output shape (channels x height x width); 'stage k' marks the k-th feature stage, 'pooled feature' "
-             "ReviewKD's deepest level"]
+             "ReviewKD's deepest level, 'classifier' the layer whose input cc, rkd and pkt distill"]
     for layer, kind, shape in rows:
         stage = f"  {stages[layer]}" if layer in stages else ""
         lines.append(f"{layer:<{width}}{kind:<24}{' x '.join(map(str, shape))}{stage}")

@@ -30,9 +30,10 @@ feature maps, through the ABFs, which start from the same weights) are compared 
 
 - crd: RepDistiller crd/ (criterion.py, memory.py) at -a 0 -b 0.8, two steps through the memory bank: see
   benchmarks/reference_crd.py (its gradient column also holds the banks' largest difference).
+- sp, cc, vid, rkd, pkt, nst: RepDistiller's distiller_zoo, transcribed in benchmarks/reference_relations.py.
 
-The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r> crd=<r>`, r being
-ours / reference for the term's value (target: within 1e-4 of 1, the gradients as close).
+The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r> sp=<r> ... crd=<r>`,
+r being ours / reference for the term's value (target: within 1e-4 of 1, the gradients as close).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
-from benchmarks import reference_crd  # noqa: E402
+from benchmarks import reference_crd, reference_relations  # noqa: E402
 from config import settings  # noqa: E402
 from methods import reviewkd  # noqa: E402
 
@@ -323,7 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     rows = {**logit_rows(args), "reviewkd": reviewkd_row(args), "reviewkd_wrn": reviewkd_wrn_row(args),
-            **reference_crd.rows(args)}
+            **reference_relations.rows(args), **reference_crd.rows(args)}
     print(f"Batch {args.batch_size}, {args.classes} classes, seed {args.seed}, fp32 on the CPU. Each term beside a "
           f"CE weight of 1; ours at the project's defaults (ALPHA={experiment.ALPHA}).\n")
     header = f"{'method':<14}{'ours':>14}{'reference':>14}{'ours / reference':>20}{'gradient rel. diff':>22}"
@@ -336,7 +337,8 @@ def main() -> None:
         print(f"{method}: |ratio - 1| = {abs(ratio - 1):.1e}, gradient {gradient:.1e} ({verdict} the {TARGET:g} "
               "target)")
     print("REFERENCE " + " ".join(f"{method}={rows[method][2]:.6f}" for method in
-                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "reviewkd_wrn", "crd")))
+                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "reviewkd_wrn",
+                                   *reference_relations.METHODS, "crd")))
 
 
 if __name__ == "__main__":

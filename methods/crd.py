@@ -169,7 +169,7 @@ class CRD(FeatureMethod):
     reference_weight = 0.8
     reference_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "kd": 0.0, "crd": 0.8}
     part = "crd"
-    embeddings = True
+    embedding = True
     needs_sample_indices = True
     memory_per_image = BANK_BYTES_PER_IMAGE
 
@@ -202,8 +202,8 @@ class CRD(FeatureMethod):
     def make_trainable(self, shapes: Any) -> nn.Module:
         if len(shapes) != 1:
             raise ValueError(f"CRD distills one pair of embeddings, not {len(shapes)}.")
-        (student_shape, teacher_shape), = shapes
-        return ContrastiveHead(student_shape[-1], teacher_shape[-1], self.samples)
+        (student_shape, teacher_shape), = shapes  # an embedding may come as (N, C, 1, 1): its size is C
+        return ContrastiveHead(math.prod(student_shape[1:]), math.prod(teacher_shape[1:]), self.samples)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -219,7 +219,7 @@ class CRD(FeatureMethod):
             raise RuntimeError("CRD needs the training split's labels (Setup.train_labels) and each batch's sample "
                                "indices (take_sample_indices).")
         contrast = self.sampler.draw(self.indices)
-        return self._trainable(student_features[0], teacher_features[0], self.indices, contrast)
+        return self._trainable(student_features[0].flatten(1), teacher_features[0].flatten(1), self.indices, contrast)
 
 
 @register

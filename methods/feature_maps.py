@@ -36,12 +36,12 @@ from methods.base import (
 from methods.kd import distillation_loss
 
 SETTINGS = {
-    "beta": Setting(float | None, None, "fitnet/at/reviewkd: weight of the feature term, beside alpha*CE + "
-                    "(1-alpha)*KD", unset="the reference's weight beside a CE weight of 1 (fitnet 100, at 1000, "
-                    "reviewkd per pair, 5 for most: RepDistiller's scripts, mdistiller's CIFAR-100 configs, dvlab "
-                    "ReviewKD's reviewKD.sh) times --alpha",
+    "beta": Setting(float | None, None, "feature and relational methods (fitnet, at, reviewkd, sp, rkd, ...): "
+                    "weight of their term, beside alpha*CE + (1-alpha)*KD", unset="the reference's weight beside a "
+                    "CE weight of 1 (fitnet 100, at 1000, reviewkd 5, sp 3000, rkd 1, pkt 30000, nst 50, cc 0.02, "
+                    "vid 1: RepDistiller's scripts, mdistiller's CIFAR-100 configs) times --alpha",
                     check=lambda value: value >= 0, rule="must be >= 0"),
-    "feature_layers": Setting(str | None, None, "fitnet/at/reviewkd: teacher_layer:student_layer pairs, "
+    "feature_layers": Setting(str | None, None, "feature methods: teacher_layer:student_layer pairs, "
                               "comma-separated, shallowest first (reviewkd: its last pair is the deepest level, e.g. "
                               "avgpool:avgpool; see --list-layers)", unset="the references' pairs for the two models"),
 }
@@ -123,16 +123,36 @@ def dry_run(model: nn.Module, image_size: int) -> None:
         plain(probe)
 
 
-def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int, dims: int = 4) -> list[torch.Size]:
+def feature_shapes(model: nn.Module, hooks: FeatureHooks, image_size: int, embeddings: bool = False,
+                   ) -> list[torch.Size]:
     """The shapes of the hooked layers' outputs, from a `dry_run`; each must be an (N, C, H, W) map, or with
-    `dims` 2 an (N, D) embedding."""
+    `embeddings` also an (N, D) vector."""
     dry_run(model, image_size)
     shapes = [feature.shape for feature in hooks.take()]
-    wanted = "(N, C, H, W) maps" if dims == 4 else "(N, D) embeddings"
+    ranks = (2, 4) if embeddings else (4,)
     for name, shape in zip(hooks.names, shapes, strict=True):
-        if len(shape) != dims:
-            raise ValueError(f"Feature distillation needs {wanted}; layer '{name}' gives shape {tuple(shape)}.")
+        if len(shape) not in ranks:
+            wanted = "(N, C, H, W) maps or (N, D) embeddings" if embeddings else "(N, C, H, W) maps"
+            raise ValueError(f"This feature distillation needs {wanted}; layer '{name}' gives shape {tuple(shape)}.")
     return shapes
+
+
+def embedding_layers(model: nn.Module, layers: Sequence[str]) -> set[str]:
+    """Those of `layers` that are the model's classifier (`model_builder.classifier_layer`): an embedding method
+    takes their input, the embedding, rather than their output, the logits."""
+    return set(layers) & {model_builder.classifier_layer(model)}
+
+
+def pair_sum_in_float32(pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | nn.ModuleList,
+                        student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+                        ) -> torch.Tensor:
+    """`pair_loss(student, teacher)` (or a module list's, one module per pair) summed over the layer pairs, on
+    float32 copies with autocast switched off: the relational losses' matrix products and differences of near-equal
+    numbers are computed in float32, as the references do, whatever the run's precision."""
+    losses = pair_loss if isinstance(pair_loss, nn.ModuleList) else [pair_loss] * len(student_features)
+    with torch.autocast(student_features[0].device.type, enabled=False):
+        return torch.stack([loss(student.float(), teacher.float()) for loss, student, teacher
+                            in zip(losses, student_features, teacher_features, strict=True)]).sum()
 
 
 def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: int) -> dict[str, str]:
@@ -213,6 +233,7 @@ class FeatureMethod(Method):
     map is (N, C, H, W) and sizes `trainable` (`make_trainable`): None, or the method's trainable part on the
     student's device in float32 and channels_last, which the optimizer trains with the student. Under torchrun
     its gradients are averaged across ranks. `warmup_epochs` names the setting of a warm-up, if the method has one.
+    An `embedding` method also takes (N, D) vectors, and the input of a model's classifier (`embedding_layers`).
     """
 
     uses_features = True
@@ -220,8 +241,7 @@ class FeatureMethod(Method):
     part: ClassVar[str]
     warmup_setting: ClassVar[str | None] = None
     pre_activation: ClassVar[bool] = False  # compare with the teacher's maps before their final ReLU
-    # Distill the (N, D) embeddings the pairs' layers take as input (their classifiers': RepDistiller's feat[-1]).
-    embeddings: ClassVar[bool] = False
+    embedding: ClassVar[bool] = False  # distills embeddings: the classifiers' inputs, (N, D)
 
     def __init__(self, teacher: nn.Module, student: nn.Module, setup: Setup) -> None:
         super().__init__(teacher, student, setup)
@@ -237,11 +257,12 @@ class FeatureMethod(Method):
             setup.epochs, setup.steps_per_epoch, getattr(self.config, self.warmup_setting))
         self.steps_per_epoch, self.step = setup.steps_per_epoch, 0
         student_layers = [s for _, s in self.pairs]
-        self.student_hooks = FeatureHooks(student, student_layers, student_layers if self.embeddings else ())
-        dims = 2 if self.embeddings else 4
+        self.student_hooks = FeatureHooks(student, student_layers,
+                                          embedding_layers(student, student_layers) if self.embedding else ())
         try:
-            shapes = list(zip(feature_shapes(student, self.student_hooks, setup.image_size, dims),
-                              teacher_shapes(teacher, teacher_layers, setup.image_size, dims), strict=True))
+            shapes = list(zip(feature_shapes(student, self.student_hooks, setup.image_size, self.embedding),
+                              teacher_shapes(teacher, teacher_layers, setup.image_size, self.embedding),
+                              strict=True))
             self.trainable = self.make_trainable(shapes)
         except ValueError:
             self.close()
@@ -252,21 +273,25 @@ class FeatureMethod(Method):
 
     @classmethod
     def default_pairs(cls, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
-        """The (teacher layer, student layer) pairs the reference distills."""
+        """The (teacher layer, student layer) pairs the reference distills: the stage pairs, or for an `embedding`
+        method the two classifiers (whose inputs are the embeddings)."""
+        if cls.embedding:
+            return [(model_builder.classifier_layer(teacher), model_builder.classifier_layer(student))]
         return stage_pairs(teacher, student)
 
     @classmethod
     def teacher_maps(
         cls, teacher: nn.Module, setup: Setup, pairs: Sequence[tuple[str, str]],
     ) -> list[tuple[str, bool]]:
-        """Per pair, the teacher layer hooked and whether its input is taken: with `embeddings`, every layer's input;
-        with `pre_activation`, a layer whose output comes from a ReLU is read as that ReLU's input
-        (`pre_activation_layers`)."""
+        """Per pair, the teacher layer hooked and whether its input is taken: with `pre_activation`, a layer whose
+        output comes from a ReLU is read as that ReLU's input (`pre_activation_layers`); for an `embedding`
+        method, the classifier's input is taken."""
         layers = [t for t, _ in pairs]
         if cls.embeddings:
             return [(layer, True) for layer in layers]
         before = pre_activation_layers(teacher, layers, setup.image_size) if cls.pre_activation else {}
-        return [(before.get(layer, layer), layer in before) for layer in layers]
+        inputs = embedding_layers(teacher, layers) if cls.embedding else set()
+        return [(before.get(layer, layer), layer in before or layer in inputs) for layer in layers]
 
     @classmethod
     def reference_weight_for(cls, teacher_arch: str, student_arch: str) -> float:
@@ -326,12 +351,12 @@ class FeatureMethod(Method):
         self.student_hooks.remove()
 
 
-def teacher_shapes(teacher: nn.Module, names: dict[str, bool], image_size: int, dims: int = 4) -> list[torch.Size]:
-    """The shapes of the teacher's maps at `names` (each taken before the layer where its flag says so; `dims` as
-    in `feature_shapes`)."""
+def teacher_shapes(teacher: nn.Module, names: dict[str, bool], image_size: int, embeddings: bool = False,
+                   ) -> list[torch.Size]:
+    """The shapes of the teacher's maps at `names` (each taken before the layer where its flag says so)."""
     hooks = FeatureHooks(teacher, list(names), {name for name, before in names.items() if before})
     try:
-        return feature_shapes(teacher, hooks, image_size, dims)
+        return feature_shapes(teacher, hooks, image_size, embeddings)
     finally:
         hooks.remove()
 

@@ -78,7 +78,9 @@ def test_the_counter_sees_host_waits():
     assert set(counter.sync_names[("setup", step_profile.OTHER)]) == {"index", "_local_scalar_dense", "item", "to"}
 
 
-METHOD_NAMES = {"kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "crd", "crd_kd"}
+RELATIONAL = ("sp", "cc", "vid", "rkd", "pkt", "nst")  # feature methods without a warm-up
+METHOD_NAMES = {"kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "crd", "crd_kd",
+                *RELATIONAL}
 
 
 class TinyNet(nn.Module):
@@ -151,13 +153,14 @@ def test_make_criterion_trains_the_real_small_models(method, real_models):
     expected = {"kd": {"ce", "kd"}, "fitnet": {"ce", "kd", "feature"}, "at": {"ce", "kd", "at"},
                 "dkd": {"ce", "tckd", "nckd", "warmup"}, "dist": {"ce", "dist"}, "kd_ls": {"ce", "kd"},
                 "dkd_ls": {"ce", "tckd", "nckd", "warmup"}, "dist_ls": {"ce", "dist"},
-                "reviewkd": {"ce", "kd", "hcl", "warmup"}, "crd": {"ce", "kd", "crd"}, "crd_kd": {"ce", "kd", "crd"}}
+                "reviewkd": {"ce", "kd", "hcl", "warmup"}, "crd": {"ce", "kd", "crd"}, "crd_kd": {"ce", "kd", "crd"},
+                **{name: {"ce", "kd", name} for name in RELATIONAL}}
     assert out.keys() == {"loss", "logits"} | expected[method]
     assert expected[method] - {"warmup"} <= KD_engine.loss_parts().keys(), "the loss plot labels every part"
-    assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd", "crd", "crd_kd"))
+    assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd", "crd", "crd_kd", "cc", "vid"))
     assert criterion.needs_sample_indices == (method in ("crd", "crd_kd"))
     counts_steps = type(criterion.method).set_epoch is not base.Method.set_epoch
-    assert counts_steps == (method in ("dkd", "dkd_ls", "fitnet", "at", "reviewkd", "crd", "crd_kd"))
+    assert counts_steps == (method in ("dkd", "dkd_ls", "fitnet", "at", "reviewkd", "crd", "crd_kd", *RELATIONAL))
     criterion.close()
 
 

@@ -123,9 +123,20 @@ def test_a_size_that_leaves_a_1x1_last_feature_map_is_refused(name, refused, kep
         model_builder.check_input_size(name, size)
 
 
-@pytest.mark.parametrize("name, layer", [("resnet8", "fc"), ("vgg8", "classifier"), ("VGG16", "classifier.2"),
-                                         ("mobilenet_v3_small", "classifier.3")])
-def test_classifier_layer_is_the_last_linear_layer(name, layer):
-    assert model_builder.classifier_layer(model_builder.build_on_meta(name, 10, 32)) == layer
+@pytest.mark.parametrize(("name", "head", "classifier"), [
+    ("resnet8", "compact", "fc"), ("vgg8", "compact", "classifier"), ("ResNet18", "compact", "fc"),
+    ("VGG16", "compact", "classifier"), ("VGG16", "torchvision", "classifier")])
+def test_classifier_layer_is_the_one_whose_input_is_the_pooled_embedding(name, head, classifier):
+    model = model_builder.build_on_meta(name, 10, 32, head)
+    assert model_builder.classifier_layer(model) == classifier
+    kept = {}
+    model.get_submodule(classifier).register_forward_pre_hook(lambda module, inputs: kept.update(input=inputs[0]))
+    model.get_submodule("avgpool").register_forward_hook(lambda module, inputs, output: kept.update(pooled=output))
+    with torch.device("meta"):
+        model.eval()(torch.zeros(2, 3, 32, 32))
+    assert kept["input"].flatten(1).shape == kept["pooled"].flatten(1).shape
+
+
+def test_a_model_without_a_linear_layer_has_no_classifier_layer():
     with pytest.raises(ValueError, match="no linear classifier"):
-        model_builder.classifier_layer(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)))
+        model_builder.classifier_layer(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))

@@ -193,3 +193,21 @@ def test_crd_trains_on_the_bundled_digits_an_image_folder_and_cifar_files(data, 
             0.5 * parts["ce"] + 0.5 * parts["kd"] + 0.4 * parts["crd"], rel=1e-5)
     assert classes == (10 if data == "digits" else 3)
     assert summary["dataset"]["carving"]["layout"].startswith("torchvision's") == (data == "cifar_files")
+RELATIONAL_WEIGHTS = {"sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0}  # RepDistiller -b
+
+
+def test_relational_methods_train_end_to_end_at_the_references_weights(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = [*TINY_FLAGS, *SMALL_MODELS, "--teacher-epochs", "1", "--student-epochs", "1", "--image-size", "16",
+             "--kd-methods", ",".join(RELATIONAL_WEIGHTS)]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *flags])
+    assert code == 0
+    weights = {method: 0.5 * weight for method, weight in RELATIONAL_WEIGHTS.items()}  # beta = -b x alpha 0.5
+    assert utils.read_json(run_dir / "config.json")["resolved"]["feature_weights"] == pytest.approx(weights)
+    for method, weight in weights.items():
+        train = utils.read_json(run_dir / f"student_{method}" / "history.json")["epochs"][0]["train"]
+        assert train[method] > 0, method
+        expected = 0.5 * train["ce"] + 0.5 * train["kd"] + weight * train[method]
+        assert train["loss"] == pytest.approx(expected, rel=1e-5), method
+        assert (run_dir / f"student_{method}" / "best_model.pth").is_file()

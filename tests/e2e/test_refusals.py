@@ -41,8 +41,8 @@ pytestmark = pytest.mark.e2e
     (["--augment", "trivialaugment", "--crop-padding", "0", "--hflip", "off", "--cache-teacher-logits"],
      "--cache-teacher-logits needs a deterministic training view"),
     (["--kd-methods", "kd,bogus"],
-     "--kd-methods: 'bogus' is not a method; it must list distinct methods of fitnet, kd, at, reviewkd, dist, dkd, "
-     "dist_ls, dkd_ls, kd_ls"),
+     "--kd-methods: 'bogus' is not a method; it must list distinct methods of fitnet, kd, at, nst, pkt, cc, rkd, sp, "
+     "vid, reviewkd, dist, dkd, dist_ls, dkd_ls, kd_ls"),
     (["--kd-methods", "kd,kd"], "--kd-methods must list distinct methods"),
     (["--kd-methods", "kd,fitnet", "--alpha", "0"], "fitnet at alpha 0 needs an explicit --beta"),
     (["--kd-methods", "at", "--beta", "-0.1"], "--beta must be >= 0"),
@@ -191,6 +191,8 @@ def test_list_layers_prints_names_shapes_and_stages(capsys):
     assert experiment.main(["--list-layers", "resnet8x4", "--image-size", "64"]) == 0
     listed = capsys.readouterr().out
     assert "128 x 32 x 32  stage 2" in listed and "256 x 1 x 1  pooled feature" in listed
+    assert any(line.split()[:2] == ["fc", "Linear"] and line.endswith("classifier (its input: the embedding)")
+               for line in listed.splitlines())
 
 
 def test_list_layers_of_an_unknown_model_is_one_sentence(capsys):

@@ -12,7 +12,7 @@ from torch import nn
 import experiment
 import KD_engine
 import model_builder
-from methods import at, feature_maps, fitnet
+from methods import at, feature_maps, fitnet, nst, pkt, rkd, sp
 
 # ---------------------------------------------------------------- weights and the combined loss
 
@@ -118,3 +118,13 @@ def test_pre_activation_layers_are_the_last_relus_inputs():
         "block1": "block2.0.relu1", "block3": "relu"}
     mobilenet = model_builder.build_model("mobilenetv2", 3, 32)
     assert feature_maps.pre_activation_layers(mobilenet, ["blocks.1"], 32) == {}, "a linear bottleneck feeds a conv"
+
+
+def test_relational_losses_are_computed_in_float32_under_a_bf16_autocast():
+    generator = torch.Generator().manual_seed(7)
+    student, teacher = torch.randn(8, 6, 4, 4, generator=generator), torch.randn(8, 5, 4, 4, generator=generator)
+    for loss in (sp.sp_loss, rkd.rkd_loss, pkt.pkt_loss, nst.nst_loss):
+        exact = loss([student], [teacher])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matrix products would be off by ~1e-2
+            under = loss([student], [teacher])
+        assert under.dtype == torch.float32 and under.item() == pytest.approx(exact.item(), rel=1e-6), loss.__name__

@@ -88,8 +88,13 @@ def test_default_pairs_of_the_literature_pairs_exist_and_fit(teacher_name, stude
         teacher = model_builder.build_model(teacher_name, 100, 32)
         student = model_builder.build_model(student_name, 100, 32)
     fitnet, at = LITERATURE_PAIRS[teacher_name, student_name]
-    for method, expected in (("fitnet", fitnet), ("at", at), ("reviewkd", at + [("avgpool", "avgpool")])):
+    classifiers = [(model_builder.classifier_layer(teacher), model_builder.classifier_layer(student))]
+    # SP: each model's own last stage (RepDistiller's feat[-2]), even where the stage pairs stop earlier (VGG16).
+    last_stages = [(model_builder.feature_stages(teacher)[-1], model_builder.feature_stages(student)[-1])]
+    pairs = {"fitnet": fitnet, "at": at, "reviewkd": at + [("avgpool", "avgpool")], "sp": last_stages, "nst": at,
+             "vid": at, "cc": classifiers, "rkd": classifiers, "pkt": classifiers}
+    for method, expected in pairs.items():
         method_class = KD_engine.method_class(method)
-        assert method_class.default_pairs(teacher, student) == expected
+        assert method_class.default_pairs(teacher, student) == expected, method
         with torch.device("meta"):  # the method builds on these models (hooks, trainable part) without a complaint
             method_class(teacher, student, KD_engine.library_setup(teacher_name, student_name)).close()
