@@ -10,7 +10,9 @@ A method is one class in one file of this package, registered with `@register`:
 - `trainable`: what it trains with the student (FitNets' regressors, ...), or None;
 - `loss(student_logits, teacher, labels)`: the loss and its parts, the hard-label CE term included;
 - `weights()`: the weights it resolved for this run (per teacher/student pair where its reference has them),
-  written to config.json.
+  written to config.json;
+- `init_stage(teacher, student)`: what it trains before the student's epochs (an `InitStage`: AB's connectors,
+  FT's paraphraser, ...), or None; the training code runs it once per student and saves its result.
 
 The run builds one instance per student (`create`), given the teacher, the student and a `Setup`.
 """
@@ -72,6 +74,23 @@ class TeacherOutputs:
     features: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class InitStage:
+    """A method's initialization stage, trained before the student's epochs (RepDistiller's helper/pretrain.py).
+
+    `trains` holds the only parameters its optimizer sees (SGD at the run's momentum and weight decay, `lr` or the
+    run's learning rate, for `epochs` epochs over the training split); they are in train mode and the rest of the
+    student in eval mode meanwhile. `loss(images)` runs the frozen teacher (and the student, where the stage
+    needs it) on a batch and gives the stage's loss. `close()` takes off the hooks the stage put on the models.
+    """
+
+    trains: nn.Module
+    loss: Callable[[torch.Tensor], torch.Tensor]
+    epochs: int
+    lr: float | None = None
+    close: Callable[[], None] = lambda: None
+
+
 class Method:
     """Base of every distillation method (see the module's docstring). Subclasses set the class attributes and
     `loss`; feature methods also `teacher_layers` and `trainable`."""
@@ -119,6 +138,11 @@ class Method:
     def weights(self) -> dict[str, Any]:
         """The weights this student's loss uses, as config.json's `resolved` records them (merged over methods)."""
         return {}
+
+    def init_stage(self, teacher: nn.Module, student: nn.Module) -> InitStage | None:
+        """The stage this method trains before the student's epochs (the frozen `teacher`, the plain `student`),
+        or None: most methods have none."""
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         """Told before each epoch (from 1): a method that warms up counts its steps from here."""

@@ -26,7 +26,7 @@ import utils
 from config import settings
 from core import compute, host_weights, records, schedules
 from core.errors import SettingsError
-from training import checkpoints
+from training import checkpoints, init_stage
 
 
 @dataclass
@@ -281,7 +281,9 @@ def _restored(
     """An interrupted model's progress and best weights so far, put back in place from `state_path`
     (None when there is no such file: training starts afresh)."""
     if not state_path.is_file():
-        if state_path.parent.is_dir() and compute.is_main_process():  # it started before, and saved no epoch
+        started = state_path.parent.is_dir() and any(  # it started before (not just its init stage), saved no epoch
+            path.name != init_stage.INIT_STAGE for path in state_path.parent.iterdir())
+        if started and compute.is_main_process():
             print(f"[{role}] no epoch of it was saved before the interruption: training it from epoch 1")
         return None
     resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler, trainable,
@@ -341,6 +343,7 @@ def train_model(
     compiled = compute.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
+    init_stage.run(context, role, criterion, model, folder, seed, lr)  # trained once; a resumed run reads it back
     optimizer = make_optimizer(context.config, model, lr, criterion)
     config = context.config
     scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,

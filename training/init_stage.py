@@ -1,0 +1,91 @@
+"""A distillation method's initialization stage (`methods.base.InitStage`), trained before the student's epochs
+as RepDistiller's helper/pretrain.py `init` does: SGD over the stage's modules alone (at the run's momentum and
+weight decay, the stage's learning rate or the run's), the teacher frozen, the student in eval mode but for the
+layers the stage trains, one pass over the training split per epoch.
+
+Its result (the state of every module it trained, and each epoch's loss) goes to <model folder>/init_stage.pth,
+so that a resumed run puts it back instead of training the stage again; a stage interrupted before its end is
+trained again from its start.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import engine
+from core import compute
+from methods import base, feature_maps
+from training import checkpoints
+
+if TYPE_CHECKING:
+    from training.model_run import Context
+
+INIT_STAGE = "init_stage.pth"  # per model: the modules its method's initialization stage trained
+
+
+def run(context: Context, role: str, criterion: engine.Criterion, model: nn.Module, folder: Path, seed: int,
+            lr: float) -> None:
+    """Train the initialization stage of the criterion's method, if it has one, or put back the one a run that
+    was interrupted saved in `folder`."""
+    method = getattr(criterion, "method", None)
+    stage = None if method is None else method.init_stage(criterion.teacher, compute.unwrap(model))
+    if stage is None:
+        return
+    path = folder / INIT_STAGE
+    try:
+        if path.is_file():
+            saved = checkpoints.read_state(path)
+            stage.trains.load_state_dict(saved["trains"])
+            if compute.is_main_process():
+                print(f"[{role}] initialization stage of {stage.epochs} epochs restored from {path}")
+            return
+        config = context.config
+        losses = train_stage(stage, compute.unwrap(model), context.train_loader(seed), context.device,
+                             context.amp_dtype, stage.lr or lr, config.momentum, config.weight_decay, role)
+        if compute.is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
+            checkpoints.save_checkpoint(path, {"trains": stage.trains.state_dict(), "losses": losses})
+    finally:
+        stage.close()
+
+
+def train_stage(stage: base.InitStage, student: nn.Module, loader, device: torch.device,
+                amp_dtype: torch.dtype | None, lr: float, momentum: float, weight_decay: float,
+                role: str = "student") -> list[float]:
+    """Train `stage.trains` alone for `stage.epochs` epochs over `loader`'s batches; each epoch's loss per sample.
+    Under torchrun the stage's gradients are averaged over the ranks."""
+    optimizer = torch.optim.SGD(stage.trains.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    parameters = list(stage.trains.parameters())
+    world = compute.rank_and_world()[1]
+    losses = []
+    with feature_maps.eval_mode(student):
+        stage.trains.train()
+        for epoch in range(1, stage.epochs + 1):
+            total, samples = torch.zeros((), device=device), 0
+            for images, *_ in loader:
+                with compute.autocast(device, amp_dtype):
+                    loss = stage.loss(images)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:
+                    for parameter in parameters:
+                        if parameter.grad is not None:
+                            dist.all_reduce(parameter.grad)
+                            parameter.grad /= world
+                optimizer.step()
+                total += loss.detach() * images.shape[0]
+                samples += images.shape[0]
+            losses.append((total / max(samples, 1)).item())
+            if not math.isfinite(losses[-1]):
+                raise engine.NonFiniteLossError(0, f"the initialization stage's loss was {losses[-1]} in its epoch "
+                                                   f"{epoch}: try a smaller --lr or fewer --init-epochs")
+            if compute.is_main_process():
+                print(f"[{role}] initialization stage epoch {epoch}/{stage.epochs}: loss {losses[-1]:.4f}")
+    optimizer.zero_grad(set_to_none=True)
+    return losses
