@@ -3,10 +3,8 @@ what its initialization stage trains."""
 
 import pytest
 import torch
-from conftest import method_setup
+from conftest import tiny_distillation
 
-import KD_engine
-import model_builder
 from methods import ab, two_stage
 from training import init_stage
 
@@ -56,11 +54,7 @@ def test_connectors_are_identity_or_conv_and_bn_without_relu():
 
 @pytest.fixture
 def ab_pair():
-    torch.manual_seed(0)
-    teacher = KD_engine.freeze(model_builder.build_model("resnet8x4", 3, 16))
-    student = model_builder.build_model("resnet8", 3, 16)
-    criterion = KD_engine.make_criterion("ab", teacher, student,
-                                         method_setup("resnet8x4", "resnet8", image_size=16, init_epochs=2))
+    teacher, student, criterion = tiny_distillation("ab", "resnet8x4", "resnet8", init_epochs=2)
     yield teacher, student, criterion
     criterion.close()
 

@@ -4,7 +4,7 @@ initialization stage trains: the student's feature layers."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_setup
+from conftest import method_setup, tiny_distillation
 
 import KD_engine
 import model_builder
@@ -53,11 +53,7 @@ def test_fsp_refuses_models_whose_maps_have_unequal_channels():
 
 
 def test_the_init_stage_trains_the_students_feature_layers_only_on_the_stem_and_stage_maps():
-    torch.manual_seed(0)
-    teacher = KD_engine.freeze(model_builder.build_model("resnet14", 3, 16))
-    student = model_builder.build_model("resnet8", 3, 16)
-    criterion = KD_engine.make_criterion("fsp", teacher, student,
-                                         method_setup("resnet14", "resnet8", image_size=16, init_epochs=1))
+    teacher, student, criterion = tiny_distillation("fsp", "resnet14", "resnet8", init_epochs=1)
     method = criterion.method
     assert list(method.stage_student_layers) == ["relu", "layer1", "layer2", "layer3"], "RepDistiller's feat[:-1]"
     assert not any(method.stage_teacher_layers.values()), "after the ReLU"

@@ -4,11 +4,9 @@ Translator, and what its initialization stage trains: the paraphraser alone."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_setup
+from conftest import tiny_distillation
 from torch import nn
 
-import KD_engine
-import model_builder
 from methods import ft
 from training import init_stage
 
@@ -68,11 +66,7 @@ def test_paraphraser_and_translator_are_the_references():
 
 @pytest.fixture
 def ft_pair():
-    torch.manual_seed(0)
-    teacher = KD_engine.freeze(model_builder.build_model("resnet8x4", 3, 16))
-    student = model_builder.build_model("resnet8", 3, 16)
-    criterion = KD_engine.make_criterion("ft", teacher, student,
-                                         method_setup("resnet8x4", "resnet8", image_size=16, init_epochs=3, alpha=1.0))
+    teacher, student, criterion = tiny_distillation("ft", "resnet8x4", "resnet8", init_epochs=3, alpha=1.0)
     yield teacher, student, criterion
     criterion.close()
 
