@@ -24,8 +24,10 @@ feature maps, through the ABFs, which start from the same weights) are compared 
   feature. Our value comes from the whole criterion run on the two models (at --alpha 1, the
   references' loss); the gradient from our ABFs and HCL on the features the transcription uses.
 
-The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r>`, r being ours /
-reference for the term's value (target: within 1e-4 of 1, the gradients as close).
+- ab, ft (and ft_init, its paraphraser's stage), fsp: benchmarks/reference_connectors.py.
+
+The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> ab=<r> ft=<r> ft_init=<r>
+fsp=<r>`, r being ours / reference for the term's value (target: within 1e-4 of 1, the gradients as close).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import reference_connectors  # noqa: E402  (ab, ft, fsp: benchmarks/reference_connectors.py)
 
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
@@ -272,7 +276,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100, help="classes (the references' CIFAR-100)")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
-    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args)}
+    rows = {**logit_rows(args), "reviewkd": reviewkd_row(args), **reference_connectors.rows(args)}
     print(f"Batch {args.batch_size}, {args.classes} classes, seed {args.seed}, fp32 on the CPU. Each term beside a "
           f"CE weight of 1; ours at the project's defaults (ALPHA={experiment.ALPHA}).\n")
     header = f"{'method':<10}{'ours':>14}{'reference':>14}{'ours / reference':>20}{'gradient rel. diff':>22}"
@@ -284,8 +288,7 @@ def main() -> None:
         verdict = "within" if abs(ratio - 1) <= TARGET and gradient <= TARGET else "OUTSIDE"
         print(f"{method}: |ratio - 1| = {abs(ratio - 1):.1e}, gradient {gradient:.1e} ({verdict} the {TARGET:g} "
               "target)")
-    print("REFERENCE " + " ".join(f"{method}={rows[method][2]:.6f}" for method in
-                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd")))
+    print("REFERENCE " + " ".join(f"{method}={ratio:.6f}" for method, (_, _, ratio, _) in rows.items()))
 
 
 if __name__ == "__main__":
