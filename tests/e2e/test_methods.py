@@ -144,3 +144,26 @@ def test_new_methods_run_end_to_end(tiny_data, tmp_path):
         results = utils.read_json(run_dir / f"student_{method}" / "results.json")
         flags = results["test_correct"]
         assert summary[f"student_{method}"]["test"]["top1"] == pytest.approx(flags.count("1") / len(flags))
+
+
+def test_two_stage_methods_run_end_to_end_with_their_initialization_stage(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "1", "--teacher-model", "resnet14",
+             "--student-model", "resnet8", "--image-size", "16", "--kd-methods", "ab,ft,fsp", "--init-epochs", "1"]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *flags])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = utils.read_json(run_dir / "summary.json")
+    resolved = utils.read_json(run_dir / "config.json")["resolved"]
+    assert resolved["init_stages"] == {method: {"epochs": 1} for method in ("ab", "ft", "fsp")}
+    assert resolved["feature_weights"] == {"ft": 100.0}
+    for method in ("ab", "ft", "fsp"):
+        assert f"[student_{method}] initialization stage epoch 1/1" in printed
+        stage = checkpoints.load_checkpoint(run_dir / f"student_{method}" / "init_stage.pth")
+        assert len(stage["losses"]) == 1 and stage["trains"]
+        assert 0 <= summary[f"student_{method}"]["test"]["top1"] <= 1
+    ft = utils.read_json(run_dir / "student_ft" / "history.json")["epochs"][0]["train"]
+    assert ft["loss"] == pytest.approx(0.5 * ft["ce"] + 0.5 * ft["kd"] + 100.0 * ft["ft"], rel=1e-5)
+    ab = utils.read_json(run_dir / "student_ab" / "history.json")["epochs"][0]["train"]
+    assert set(ab) >= {"ce", "kd"} and "ab" not in ab
