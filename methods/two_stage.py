@@ -43,14 +43,16 @@ def feature_modules(student: nn.Module) -> nn.ModuleList:
 
 
 class LayerTaps:
-    """Hooks of one initialization stage on the teacher's and the student's layers (`layer_maps`' dicts)."""
+    """Hooks of one initialization stage on the teacher's layers and, where it reads the student's too, on the
+    student's (each a `layer_maps` dict)."""
 
     def __init__(self, teacher: nn.Module, teacher_layers: dict[str, bool], student: nn.Module | None = None,
                  student_layers: dict[str, bool] | None = None) -> None:
         self.teacher, self.student = teacher, student
         self.teacher_hooks = FeatureHooks(teacher, list(teacher_layers), before_names(teacher_layers))
-        self.student_hooks = None if student is None else FeatureHooks(student, list(student_layers or {}),
-                                                                      before_names(student_layers or {}))
+        self.student_hooks = None
+        if student is not None and student_layers is not None:
+            self.student_hooks = FeatureHooks(student, list(student_layers), before_names(student_layers))
 
     def teacher_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen teacher's maps on `images`, computed under inference mode and copied out of it."""

@@ -11,6 +11,7 @@ trained again from its start.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 import engine
-from core import compute
+from core import compute, errors
+from core.errors import SettingsError
 from methods import base, feature_maps
 from training import checkpoints
 
@@ -30,7 +32,7 @@ INIT_STAGE = "init_stage.pth"  # per model: the modules its method's initializat
 
 
 def run(context: Context, role: str, criterion: engine.Criterion, model: nn.Module, folder: Path, seed: int,
-            lr: float) -> None:
+        lr: float) -> None:
     """Train the initialization stage of the criterion's method, if it has one, or put back the one a run that
     was interrupted saved in `folder`."""
     method = getattr(criterion, "method", None)
@@ -40,8 +42,7 @@ def run(context: Context, role: str, criterion: engine.Criterion, model: nn.Modu
     path = folder / INIT_STAGE
     try:
         if path.is_file():
-            saved = checkpoints.read_state(path)
-            stage.trains.load_state_dict(saved["trains"])
+            restore(stage, path)
             if compute.is_main_process():
                 print(f"[{role}] initialization stage of {stage.epochs} epochs restored from {path}")
             return
@@ -55,7 +56,18 @@ def run(context: Context, role: str, criterion: engine.Criterion, model: nn.Modu
         stage.close()
 
 
-def train_stage(stage: base.InitStage, student: nn.Module, loader, device: torch.device,
+def restore(stage: base.InitStage, path: Path) -> None:
+    """Put the modules a stage trained back from its file (SettingsError when the file does not fit them)."""
+    saved = checkpoints.read_state(path)
+    try:
+        stage.trains.load_state_dict(saved["trains"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise SettingsError(f"'{path}' does not hold this model's initialization stage "
+                            f"({errors.one_line(error)}). Delete it to train the stage again.") from None
+
+
+def train_stage(stage: base.InitStage, student: nn.Module, loader: Iterable[tuple[torch.Tensor, ...]],
+                device: torch.device,
                 amp_dtype: torch.dtype | None, lr: float, momentum: float, weight_decay: float,
                 role: str = "student") -> list[float]:
     """Train `stage.trains` alone for `stage.epochs` epochs over `loader`'s batches; each epoch's loss per sample.

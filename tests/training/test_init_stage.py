@@ -13,6 +13,7 @@ import torch
 import experiment
 import KD_engine
 import model_builder
+from core.errors import SettingsError
 from training import checkpoints, init_stage, model_run
 
 
@@ -86,3 +87,11 @@ def test_a_lost_stage_file_means_the_stage_is_trained_again_to_the_same_result(a
     again = checkpoints.load_checkpoint(folder / init_stage.INIT_STAGE)
     assert saved["losses"] == again["losses"]
     assert all(torch.equal(saved["trains"][key], again["trains"][key]) for key in saved["trains"])
+
+
+def test_a_stage_file_that_does_not_fit_is_refused_in_one_sentence(ab_training):
+    train, folder = ab_training
+    folder.mkdir()
+    checkpoints.save_checkpoint(folder / init_stage.INIT_STAGE, {"trains": {"0.weight": torch.zeros(1)}})
+    with pytest.raises(SettingsError, match=r"does not hold this model's initialization stage .*Delete it"):
+        train()
