@@ -188,6 +188,27 @@ def test_warm_up_and_trainable_parts_continue_after_a_resume(method, tiny_data, 
     assert summary(run) == summary(tmp_path / "complete")
 
 
+def test_an_initialization_stage_is_not_trained_again_after_sigkill(tiny_data, tmp_path):
+    """FT's paraphraser, trained in its initialization stage and not by the optimizer, comes back from
+    init_stage.pth: the resumed run's every epoch equals the uninterrupted run's."""
+    flags = [*RESUME_FLAGS, "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
+             "--student-epochs", "3", "--batch-size", "9", "--kd-methods", "ft", "--init-epochs", "2"]
+    complete = start_run(tiny_data, tmp_path / "complete", flags)
+    assert complete.wait(timeout=300) == 0, complete.stdout.read()
+    killed = start_run(tiny_data, tmp_path / "killed", flags)
+    stop_at(killed, "[student_ft] epoch   2", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "killed"
+    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[student_ft] initialization stage of 2 epochs restored" in resumed.stdout
+    assert "[student_ft] initialization stage epoch" not in resumed.stdout
+    expected = utils.read_json(tmp_path / "complete" / "student_ft" / "history.json")["epochs"]
+    actual = utils.read_json(run / "student_ft" / "history.json")["epochs"]
+    assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
     process = start_run(tiny_data, tmp_path / "run")
     output = stop_at(process, "[teacher] epoch   1", signal.SIGINT)
