@@ -11,6 +11,7 @@ trained again from its start.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,36 +33,42 @@ INIT_STAGE = "init_stage.pth"  # per model: the modules its method's initializat
 
 
 def run(context: Context, role: str, criterion: engine.Criterion, model: nn.Module, folder: Path, seed: int,
-        lr: float) -> None:
+        lr: float) -> float:
     """Train the initialization stage of the criterion's method, if it has one, or put back the one a run that
-    was interrupted saved in `folder`."""
+    was interrupted saved in `folder`; the seconds the stage took to train (0 without one)."""
     method = getattr(criterion, "method", None)
     stage = None if method is None else method.init_stage(criterion.teacher, compute.unwrap(model))
     if stage is None:
-        return
+        return 0.0
     path = folder / INIT_STAGE
     try:
         if path.is_file():
-            restore(stage, path)
+            seconds = restore(stage, path)
             if compute.is_main_process():
                 print(f"[{role}] initialization stage of {stage.epochs} epochs restored from {path}")
-            return
+            return seconds
         config = context.config
+        start = time.perf_counter()
         losses = train_stage(stage, compute.unwrap(model), context.train_loader(seed), context.device,
                              context.amp_dtype, stage.lr or lr, config.momentum, config.weight_decay, role)
+        seconds = time.perf_counter() - start
         if compute.is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
-            checkpoints.save_checkpoint(path, {"trains": stage.trains.state_dict(), "losses": losses})
+            checkpoints.save_checkpoint(path, {"trains": stage.trains.state_dict(), "losses": losses,
+                                               "seconds": seconds})
+        return seconds
     finally:
         stage.close()
 
 
-def restore(stage: base.InitStage, path: Path) -> None:
-    """Put the modules a stage trained back from its file (SettingsError when the file does not fit them)."""
+def restore(stage: base.InitStage, path: Path) -> float:
+    """Put the modules a stage trained back from its file; the seconds it took (SettingsError when the file does
+    not fit them)."""
     saved = checkpoints.read_state(path)
     try:
         stage.trains.load_state_dict(saved["trains"])
-    except (KeyError, TypeError, RuntimeError) as error:
+        return float(saved["seconds"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise SettingsError(f"'{path}' does not hold this model's initialization stage "
                             f"({errors.one_line(error)}). Delete it to train the stage again.") from None
 

@@ -343,7 +343,7 @@ def train_model(
     compiled = compute.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
-    init_stage.run(context, role, criterion, model, folder, seed, lr)  # trained once; a resumed run reads it back
+    stage_seconds = init_stage.run(context, role, criterion, model, folder, seed, lr)  # a resumed run reads it back
     optimizer = make_optimizer(context.config, model, lr, criterion)
     config = context.config
     scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,
@@ -375,6 +375,7 @@ def train_model(
     finally:
         close_log()
         criterion.close()  # its hooks must not outlive training (export, reports)
+    result.train_seconds += stage_seconds  # a method's initialization stage is part of its training time
     if compute.is_main_process() and 0 < result.best_epoch < len(result.history):
         # Written at its epoch, best_model.pth holds the history up to it; a reused teacher shows every epoch.
         context.saver.save({folder / checkpoints.BEST_MODEL: best_checkpoint(checkpoints.model_weights(model), result)})

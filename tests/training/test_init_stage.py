@@ -28,6 +28,7 @@ def ab_training(tiny_data, tmp_path):
     torch.manual_seed(5)
     teacher = KD_engine.freeze(model_builder.build_model("resnet8x4", len(context.data.class_names), 16))
     folder = tmp_path / "student_ab"
+    fits = []
 
     def train() -> list[dict]:
         context.saver = checkpoints.BackgroundSaver()
@@ -35,13 +36,14 @@ def ab_training(tiny_data, tmp_path):
             _, fit = model_run.train_model(
                 context, "student_ab", "resnet8", 2, 0.05,
                 functools.partial(model_run.distillation_criterion, context, "ab", teacher), folder, seed=0)
+        fits.append(fit)
         return [(epoch["train"], epoch["val"]) for epoch in fit.history]
 
-    return train, folder
+    return train, folder, fits
 
 
 def test_the_stage_is_trained_once_and_a_resumed_training_reads_it_back(ab_training, monkeypatch):
-    train, folder = ab_training
+    train, folder, fits = ab_training
     trained = []
     real_train_stage = init_stage.train_stage
 
@@ -54,12 +56,14 @@ def test_the_stage_is_trained_once_and_a_resumed_training_reads_it_back(ab_train
     assert trained == [2]
     saved = checkpoints.load_checkpoint(folder / init_stage.INIT_STAGE)
     assert len(saved["losses"]) == 2 and any(key.startswith("1.") for key in saved["trains"]), "connectors kept"
+    assert fits[-1].train_seconds > saved["seconds"] > 0, "the stage counts in the model's training time"
 
     # Interrupted after the stage, before any epoch was saved: the stage comes back from its file.
     (folder / checkpoints.TRAIN_STATE).unlink()
     (folder / checkpoints.BEST_MODEL).unlink()
     assert train() == uninterrupted
     assert trained == [2], "the stage was not trained again"
+    assert fits[-1].train_seconds > saved["seconds"], "and its seconds still count"
 
     # Interrupted after epoch 1: the stage's file and the training state together give the same history.
     save = checkpoints.BackgroundSaver.save
@@ -78,7 +82,7 @@ def test_the_stage_is_trained_once_and_a_resumed_training_reads_it_back(ab_train
 
 
 def test_a_lost_stage_file_means_the_stage_is_trained_again_to_the_same_result(ab_training):
-    train, folder = ab_training
+    train, folder, _ = ab_training
     first = train()
     saved = checkpoints.load_checkpoint(folder / init_stage.INIT_STAGE)
     for name in (init_stage.INIT_STAGE, checkpoints.TRAIN_STATE, checkpoints.BEST_MODEL):
@@ -90,7 +94,7 @@ def test_a_lost_stage_file_means_the_stage_is_trained_again_to_the_same_result(a
 
 
 def test_a_stage_file_that_does_not_fit_is_refused_in_one_sentence(ab_training):
-    train, folder = ab_training
+    train, folder, _ = ab_training
     folder.mkdir()
     checkpoints.save_checkpoint(folder / init_stage.INIT_STAGE, {"trains": {"0.weight": torch.zeros(1)}})
     with pytest.raises(SettingsError, match=r"does not hold this model's initialization stage .*Delete it"):
