@@ -78,16 +78,16 @@ class TeacherOutputs:
 class InitStage:
     """A method's initialization stage, trained before the student's epochs (RepDistiller's helper/pretrain.py).
 
-    `trains` holds the only parameters its optimizer sees (SGD at the run's momentum and weight decay, `lr` or the
-    run's learning rate, for `epochs` epochs over the training split); they are in train mode and the rest of the
-    student in eval mode meanwhile. `loss(images)` runs the frozen teacher (and the student, where the stage
+    `trains` holds the only parameters its optimizer sees (the run's, at `lr_factor` times the run's learning rate,
+    for `epochs` epochs over the training split); they are in train mode and the rest of the student in eval mode
+    meanwhile. `loss(images)` runs the frozen teacher (and the student, where the stage
     needs it) on a batch and gives the stage's loss. `close()` takes off the hooks the stage put on the models.
     """
 
     trains: nn.Module
     loss: Callable[[torch.Tensor], torch.Tensor]
     epochs: int
-    lr: float | None = None
+    lr_factor: float = 1.0
     close: Callable[[], None] = lambda: None
 
 

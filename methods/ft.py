@@ -25,9 +25,9 @@ from methods.two_stage import INIT_EPOCHS, LayerTaps
 
 RATE = 0.5  # RepDistiller's k: the factor's channels are this share of the teacher map's
 SLOPE = 0.1  # the LeakyReLU's negative slope in RepDistiller's paraphraser and translator
-# RepDistiller's helper/pretrain.py trains the paraphraser at this learning rate for these students, and at the
-# run's learning rate for the others.
-PARAPHRASER_LR = 0.01
+# RepDistiller's helper/pretrain.py trains the paraphraser at 0.01 for these students, a fifth of their 0.05 (its
+# learning rate for every other stage and student), and at the run's learning rate for the others.
+PARAPHRASER_LR_FACTOR = 0.01 / 0.05
 PARAPHRASER_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                            "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
 
@@ -120,8 +120,8 @@ class FT(FeatureMethod):
             taps.close()
             paraphraser.eval()
 
-        lr = PARAPHRASER_LR if self.setup.student_arch in PARAPHRASER_LR_STUDENTS else None
-        return InitStage(paraphraser, loss, self.config.init_epochs, lr=lr, close=close)
+        factor = PARAPHRASER_LR_FACTOR if self.setup.student_arch in PARAPHRASER_LR_STUDENTS else 1.0
+        return InitStage(paraphraser, loss, self.config.init_epochs, lr_factor=factor, close=close)
 
     def weights(self) -> dict:
         return {**super().weights(), "init_stages": {self.name: {"epochs": self.config.init_epochs}}}

@@ -233,6 +233,11 @@ def tiny_distillation(name: str, teacher_arch: str, student_arch: str, **setting
     return teacher, student, KD_engine.make_criterion(name, teacher, student, setup)
 
 
+def sgd(stage, lr: float = 0.05) -> torch.optim.SGD:
+    """RepDistiller's optimizer (momentum 0.9, weight decay 5e-4) over an initialization stage's modules."""
+    return torch.optim.SGD(stage.trains.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
 def logit_method_outputs(name: str, **settings) -> dict[str, torch.Tensor]:
     """A logit method's step on STUDENT3 / TEACHER3 / LABELS3 (the teacher's logits given as cached), T 4 and
     alpha 0.5 unless `settings` say otherwise."""

@@ -1,7 +1,8 @@
 """A distillation method's initialization stage (`methods.base.InitStage`), trained before the student's epochs
-as RepDistiller's helper/pretrain.py `init` does: SGD over the stage's modules alone (at the run's momentum and
-weight decay, the stage's learning rate or the run's), the teacher frozen, the student in eval mode but for the
-layers the stage trains, one pass over the training split per epoch.
+as RepDistiller's helper/pretrain.py `init` does: the run's optimizer over the stage's modules alone (RepDistiller's
+is SGD at its run's learning rate, momentum and weight decay, as the recipes in configs/ are), without a schedule,
+the teacher frozen, the student in eval mode but for the layers the stage trains, one pass over the training split
+per epoch.
 
 Its result (the state of every module it trained, and each epoch's loss) goes to <model folder>/init_stage.pth,
 so that a resumed run puts it back instead of training the stage again; a stage interrupted before its end is
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,9 +34,10 @@ INIT_STAGE = "init_stage.pth"  # per model: the modules its method's initializat
 
 
 def run(context: Context, role: str, criterion: engine.Criterion, model: nn.Module, folder: Path, seed: int,
-        lr: float) -> float:
-    """Train the initialization stage of the criterion's method, if it has one, or put back the one a run that
-    was interrupted saved in `folder`; the seconds the stage took to train (0 without one)."""
+        optimizer_for: Callable[[list[nn.Parameter], float], torch.optim.Optimizer], lr: float) -> float:
+    """Train the initialization stage of the criterion's method, if it has one, by `optimizer_for(parameters,
+    learning rate)` at `lr` times the stage's `lr_factor`, or put back the one a run that was interrupted saved in
+    `folder`; the seconds the stage took to train (0 without one)."""
     method = getattr(criterion, "method", None)
     stage = None if method is None else method.init_stage(criterion.teacher, compute.unwrap(model))
     if stage is None:
@@ -47,10 +49,10 @@ def run(context: Context, role: str, criterion: engine.Criterion, model: nn.Modu
             if compute.is_main_process():
                 print(f"[{role}] initialization stage of {stage.epochs} epochs restored from {path}")
             return seconds
-        config = context.config
         start = time.perf_counter()
+        optimizer = optimizer_for(list(stage.trains.parameters()), lr * stage.lr_factor)
         losses = train_stage(stage, compute.unwrap(model), context.train_loader(seed), context.device,
-                             context.amp_dtype, stage.lr or lr, config.momentum, config.weight_decay, role)
+                             context.amp_dtype, optimizer, role)
         seconds = time.perf_counter() - start
         if compute.is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
@@ -74,12 +76,10 @@ def restore(stage: base.InitStage, path: Path) -> float:
 
 
 def train_stage(stage: base.InitStage, student: nn.Module, loader: Iterable[tuple[torch.Tensor, ...]],
-                device: torch.device,
-                amp_dtype: torch.dtype | None, lr: float, momentum: float, weight_decay: float,
+                device: torch.device, amp_dtype: torch.dtype | None, optimizer: torch.optim.Optimizer,
                 role: str = "student") -> list[float]:
-    """Train `stage.trains` alone for `stage.epochs` epochs over `loader`'s batches; each epoch's loss per sample.
-    Under torchrun the stage's gradients are averaged over the ranks."""
-    optimizer = torch.optim.SGD(stage.trains.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """Train `stage.trains` alone by `optimizer` (over its parameters) for `stage.epochs` epochs over `loader`'s
+    batches; each epoch's loss per sample. Under torchrun the stage's gradients are averaged over the ranks."""
     parameters = list(stage.trains.parameters())
     world = compute.rank_and_world()[1]
     losses = []

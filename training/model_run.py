@@ -175,6 +175,11 @@ def make_optimizer(
     parameters = list(model.parameters())
     if criterion.trainable is not None:
         parameters += list(criterion.trainable.parameters())
+    return optimizer_for(config, parameters, lr)
+
+
+def optimizer_for(config: settings.Config, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer (--optimizer at its momentum and weight decay) over `parameters`."""
     # One fused kernel per step rather than a chain of element-wise passes over every weight (about half
     # the optimizer's time on the CPU); offered on CPU and CUDA.
     fused = parameters[0].device.type in ("cpu", "cuda")
@@ -343,7 +348,8 @@ def train_model(
     compiled = compute.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
-    stage_seconds = init_stage.run(context, role, criterion, model, folder, seed, lr)  # a resumed run reads it back
+    stage_seconds = init_stage.run(context, role, criterion, model, folder, seed,  # a resumed run reads it back
+                                   functools.partial(optimizer_for, context.config), lr)
     optimizer = make_optimizer(context.config, model, lr, criterion)
     config = context.config
     scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,

@@ -3,7 +3,7 @@ what its initialization stage trains."""
 
 import pytest
 import torch
-from conftest import tiny_distillation
+from conftest import sgd, tiny_distillation
 
 from methods import ab, two_stage
 from training import init_stage
@@ -66,12 +66,12 @@ def test_the_init_stage_trains_the_connectors_and_the_students_feature_layers_on
     features = [p for name, p in student.named_parameters() if not name.startswith("fc.")]
     connectors = list(criterion.method.stage_modules.parameters())
     assert {id(p) for p in stage.trains.parameters()} == {id(p) for p in features + connectors} and connectors
-    assert stage.epochs == 2 and stage.lr is None
+    assert stage.epochs == 2 and stage.lr_factor == 1
     frozen = {**{"teacher." + k: v.clone() for k, v in teacher.state_dict().items()},
               **{"fc." + k: v.clone() for k, v in student.fc.state_dict().items()}}
     trained = [p.detach().clone() for p in features + connectors]
     batches = [(torch.randn(6, 3, 16, 16), torch.zeros(6, dtype=torch.long)) for _ in range(2)]
-    losses = init_stage.train_stage(stage, student, batches, torch.device("cpu"), None, 0.05, 0.9, 5e-4)
+    losses = init_stage.train_stage(stage, student, batches, torch.device("cpu"), None, sgd(stage))
     stage.close()
     assert len(losses) == 2 and losses[1] < losses[0]
     now = {**{"teacher." + k: v for k, v in teacher.state_dict().items()},

@@ -4,7 +4,7 @@ initialization stage trains: the student's feature layers."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_setup, tiny_distillation
+from conftest import method_setup, sgd, tiny_distillation
 
 import KD_engine
 import model_builder
@@ -59,7 +59,7 @@ def test_the_init_stage_trains_the_students_feature_layers_only_on_the_stem_and_
     assert not any(method.stage_teacher_layers.values()), "after the ReLU"
     stage = method.init_stage(teacher, student)
     features = [p for name, p in student.named_parameters() if not name.startswith("fc.")]
-    assert {id(p) for p in stage.trains.parameters()} == {id(p) for p in features} and stage.lr is None
+    assert {id(p) for p in stage.trains.parameters()} == {id(p) for p in features} and stage.lr_factor == 1
     images = torch.randn(4, 3, 16, 16)
 
     def maps(model):
@@ -76,7 +76,7 @@ def test_the_init_stage_trains_the_students_feature_layers_only_on_the_stem_and_
               **{"fc." + k: v.clone() for k, v in student.fc.state_dict().items()}}
     conv = student.conv1.weight.detach().clone()
     init_stage.train_stage(stage, student, [(images, torch.zeros(4, dtype=torch.long))], torch.device("cpu"), None,
-                           0.05, 0.9, 5e-4)
+                           sgd(stage))
     stage.close()
     now = {**{"t." + k: v for k, v in teacher.state_dict().items()},
            **{"fc." + k: v for k, v in student.fc.state_dict().items()}}

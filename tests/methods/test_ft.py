@@ -4,7 +4,7 @@ Translator, and what its initialization stage trains: the paraphraser alone."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_distillation
+from conftest import sgd, tiny_distillation
 from torch import nn
 
 from methods import ft
@@ -76,7 +76,7 @@ def test_the_init_stage_trains_the_paraphraser_alone_to_reconstruct_the_teachers
     method = criterion.method
     stage = method.init_stage(teacher, student)
     assert stage.trains is method.paraphraser and stage.epochs == 3
-    assert stage.lr == 0.01, "RepDistiller's paraphraser rate for its CIFAR ResNet students"
+    assert stage.lr_factor == pytest.approx(0.2), "RepDistiller's 0.01 of 0.05 for its CIFAR ResNet students"
     images = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         last = teacher.layer1(teacher.relu(teacher.bn1(teacher.conv1(images))))
@@ -88,7 +88,7 @@ def test_the_init_stage_trains_the_paraphraser_alone_to_reconstruct_the_teachers
                  **{"tr." + k: v.clone() for k, v in method.trainable.state_dict().items()}}
     paraphraser = [p.detach().clone() for p in method.paraphraser.parameters()]
     batches = [(torch.randn(6, 3, 16, 16), torch.zeros(6, dtype=torch.long)) for _ in range(2)]
-    init_stage.train_stage(stage, student, batches, torch.device("cpu"), None, stage.lr, 0.9, 5e-4)
+    init_stage.train_stage(stage, student, batches, torch.device("cpu"), None, sgd(stage, 0.01))
     stage.close()
     now = {**{"s." + k: v for k, v in student.state_dict().items()},
            **{"t." + k: v for k, v in teacher.state_dict().items()},

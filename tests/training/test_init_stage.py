@@ -21,7 +21,8 @@ from training import checkpoints, init_stage, model_run
 def ab_training(tiny_data, tmp_path):
     config = replace(experiment.default_config(), data_dir=str(tiny_data), val_fraction=0.25, batch_size=8,
                      image_size=16, precision="fp32", device="cpu", workers=0, student_epochs=2, init_epochs=2,
-                     teacher_model="resnet8x4", student_model="resnet8", kd_methods="ab")
+                     teacher_model="resnet8x4", student_model="resnet8", kd_methods="ab", optimizer="sgd",
+                     nesterov=False, momentum=0.9, weight_decay=5e-4)  # RepDistiller's, as configs/ set them
     device = torch.device("cpu")
     context = experiment.make_context(config, experiment.load_data(config, device), device, None, tmp_path, {}, None,
                                       time.perf_counter(), False)
@@ -49,6 +50,9 @@ def test_the_stage_is_trained_once_and_a_resumed_training_reads_it_back(ab_train
 
     def counted(*args, **kwargs):
         trained.append(args[0].epochs)
+        group = args[5].param_groups[0]  # the run's optimizer at its learning rate, without a schedule
+        assert isinstance(args[5], torch.optim.SGD) and group["lr"] == 0.05 and group["weight_decay"] == 5e-4
+        assert group["momentum"] == 0.9 and not group["nesterov"] and "initial_lr" not in group
         return real_train_stage(*args, **kwargs)
 
     monkeypatch.setattr(init_stage, "train_stage", counted)
