@@ -31,9 +31,11 @@ feature maps, through the ABFs, which start from the same weights) are compared 
 - crd: RepDistiller crd/ (criterion.py, memory.py) at -a 0 -b 0.8, two steps through the memory bank: see
   benchmarks/reference_crd.py (its gradient column also holds the banks' largest difference).
 - sp, cc, vid, rkd, pkt, nst: RepDistiller's distiller_zoo, transcribed in benchmarks/reference_relations.py.
+- ab, ft (and ft_init, its paraphraser's stage), fsp: benchmarks/reference_connectors.py.
 
-The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r> sp=<r> ... crd=<r>`,
-r being ours / reference for the term's value (target: within 1e-4 of 1, the gradients as close).
+The last line is `REFERENCE dist=<r> kd_ls=<r> dkd_ls=<r> dist_ls=<r> reviewkd=<r> reviewkd_wrn=<r> sp=<r> ... crd=<r>
+ab=<r> ft=<r> ft_init=<r> fsp=<r>`, r being ours / reference for the term's value (target: within 1e-4 of 1, the
+gradients as close).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import reference_connectors  # noqa: E402  (ab, ft, fsp: benchmarks/reference_connectors.py)
 
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
@@ -324,7 +328,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     rows = {**logit_rows(args), "reviewkd": reviewkd_row(args), "reviewkd_wrn": reviewkd_wrn_row(args),
-            **reference_relations.rows(args), **reference_crd.rows(args)}
+            **reference_relations.rows(args), **reference_crd.rows(args), **reference_connectors.rows(args)}
     print(f"Batch {args.batch_size}, {args.classes} classes, seed {args.seed}, fp32 on the CPU. Each term beside a "
           f"CE weight of 1; ours at the project's defaults (ALPHA={experiment.ALPHA}).\n")
     header = f"{'method':<14}{'ours':>14}{'reference':>14}{'ours / reference':>20}{'gradient rel. diff':>22}"
@@ -336,9 +340,7 @@ def main() -> None:
         verdict = "within" if abs(ratio - 1) <= TARGET and gradient <= TARGET else "OUTSIDE"
         print(f"{method}: |ratio - 1| = {abs(ratio - 1):.1e}, gradient {gradient:.1e} ({verdict} the {TARGET:g} "
               "target)")
-    print("REFERENCE " + " ".join(f"{method}={rows[method][2]:.6f}" for method in
-                                  ("dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "reviewkd_wrn",
-                                   *reference_relations.METHODS, "crd")))
+    print("REFERENCE " + " ".join(f"{method}={ratio:.6f}" for method, (_, _, ratio, _) in rows.items()))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ A method is one class in one file of this package, registered with `@register`:
 - `reference_weights` (and `reference_weights_for(teacher_arch, student_arch)` where its reference weighs pairs
   differently): its reference's loss as a weight per loss part ({"ce": 1.0, "dist": 2.0}), which
   `--loss-weights reference` uses instead of the method's own alpha mix (`combined_loss`).
+- `init_stage(teacher, student)`: what it trains before the student's epochs (an `InitStage`: AB's connectors,
+  FT's paraphraser, ...), or None; the training code runs it once per student and saves its result.
 
 The run builds one instance per student (`create`), given the teacher, the student and a `Setup`.
 """
@@ -77,6 +79,23 @@ class TeacherOutputs:
 
     logits: torch.Tensor
     features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class InitStage:
+    """A method's initialization stage, trained before the student's epochs (RepDistiller's helper/pretrain.py).
+
+    `trains` holds the only parameters its optimizer sees (the run's, at `lr_factor` times the run's learning rate,
+    for `epochs` epochs over the training split); they are in train mode and the rest of the student in eval mode
+    meanwhile. `loss(images)` runs the frozen teacher (and the student, where the stage
+    needs it) on a batch and gives the stage's loss. `close()` takes off the hooks the stage put on the models.
+    """
+
+    trains: nn.Module
+    loss: Callable[[torch.Tensor], torch.Tensor]
+    epochs: int
+    lr_factor: float = 1.0
+    close: Callable[[], None] = lambda: None
 
 
 class Method:
@@ -150,6 +169,10 @@ class Method:
         if self.loss_weights is None:
             return self.weights()
         return {"reference_weights": {self.name: dict(self.loss_weights)}}
+    def init_stage(self, teacher: nn.Module, student: nn.Module) -> InitStage | None:
+        """The stage this method trains before the student's epochs (the frozen `teacher`, the plain `student`),
+        or None: most methods have none."""
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         """Told before each epoch (from 1): a method that warms up counts its steps from here."""

@@ -6,7 +6,7 @@ FITNET.LOSS.FEAT_WEIGHT).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +43,12 @@ class HintRegressor(nn.Sequential):
 
 
 class HintRegressors(nn.Module):
-    """One `HintRegressor` per layer pair, from the pairs' (student shape, teacher shape)."""
+    """One `HintRegressor` (or what `make` builds) per layer pair, from the pairs' (student shape, teacher shape)."""
 
-    def __init__(self, shapes: Iterable[tuple[Sequence[int], Sequence[int]]]) -> None:
+    def __init__(self, shapes: Iterable[tuple[Sequence[int], Sequence[int]]],
+                 make: Callable[[Sequence[int], Sequence[int]], nn.Module] = HintRegressor) -> None:
         super().__init__()
-        self.regressors = nn.ModuleList(HintRegressor(student, teacher) for student, teacher in shapes)
+        self.regressors = nn.ModuleList(make(student, teacher) for student, teacher in shapes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [regressor(feature) for regressor, feature in zip(self.regressors, features, strict=True)]

@@ -220,6 +220,24 @@ def method_setup(teacher_arch: str = "vgg16_bn", student_arch: str = "resnet18",
                       steps_per_epoch=steps_per_epoch, layer_pairs=layer_pairs)
 
 
+def tiny_distillation(name: str, teacher_arch: str, student_arch: str, **settings):
+    """(frozen teacher, student, criterion of method `name`) for 3 classes at 16 px, seeded; settings as in
+    `method_setup`. The caller closes the criterion."""
+    import KD_engine
+    import model_builder
+
+    torch.manual_seed(0)
+    teacher = KD_engine.freeze(model_builder.build_model(teacher_arch, 3, 16))
+    student = model_builder.build_model(student_arch, 3, 16)
+    setup = method_setup(teacher_arch, student_arch, image_size=16, **settings)
+    return teacher, student, KD_engine.make_criterion(name, teacher, student, setup)
+
+
+def sgd(stage, lr: float = 0.05) -> torch.optim.SGD:
+    """RepDistiller's optimizer (momentum 0.9, weight decay 5e-4) over an initialization stage's modules."""
+    return torch.optim.SGD(stage.trains.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
 def logit_method_outputs(name: str, **settings) -> dict[str, torch.Tensor]:
     """A logit method's step on STUDENT3 / TEACHER3 / LABELS3 (the teacher's logits given as cached), T 4 and
     alpha 0.5 unless `settings` say otherwise."""

@@ -80,7 +80,7 @@ def test_the_counter_sees_host_waits():
 
 RELATIONAL = ("sp", "cc", "vid", "rkd", "pkt", "nst")  # feature methods without a warm-up
 METHOD_NAMES = {"kd", "fitnet", "dkd", "at", "dist", "kd_ls", "dkd_ls", "dist_ls", "reviewkd", "crd", "crd_kd",
-                *RELATIONAL}
+                "ab", "ft", "fsp", *RELATIONAL}
 
 
 class TinyNet(nn.Module):
@@ -135,7 +135,7 @@ def test_every_method_is_registered_by_name():
     assert all(KD_engine.method_class(name).name == name for name in METHOD_NAMES)
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_NAMES))
+@pytest.mark.parametrize("method", sorted(METHOD_NAMES - {"fsp"}))  # fsp: equal channels (tests/methods/test_fsp.py)
 def test_make_criterion_trains_the_real_small_models(method, real_models):
     teacher, student = real_models
     student.train()
@@ -154,13 +154,14 @@ def test_make_criterion_trains_the_real_small_models(method, real_models):
                 "dkd": {"ce", "tckd", "nckd", "warmup"}, "dist": {"ce", "dist"}, "kd_ls": {"ce", "kd"},
                 "dkd_ls": {"ce", "tckd", "nckd", "warmup"}, "dist_ls": {"ce", "dist"},
                 "reviewkd": {"ce", "kd", "hcl", "warmup"}, "crd": {"ce", "kd", "crd"}, "crd_kd": {"ce", "kd", "crd"},
-                **{name: {"ce", "kd", name} for name in RELATIONAL}}
+                "ab": {"ce", "kd"}, "ft": {"ce", "kd", "ft"}, **{name: {"ce", "kd", name} for name in RELATIONAL}}
     assert out.keys() == {"loss", "logits"} | expected[method]
     assert expected[method] - {"warmup"} <= KD_engine.loss_parts().keys(), "the loss plot labels every part"
-    assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd", "crd", "crd_kd", "cc", "vid"))
+    assert (criterion.trainable is not None) == (method in ("fitnet", "reviewkd", "crd", "crd_kd", "cc", "vid", "ft"))
     assert criterion.needs_sample_indices == (method in ("crd", "crd_kd"))
     counts_steps = type(criterion.method).set_epoch is not base.Method.set_epoch
-    assert counts_steps == (method in ("dkd", "dkd_ls", "fitnet", "at", "reviewkd", "crd", "crd_kd", *RELATIONAL))
+    assert counts_steps == (method in ("dkd", "dkd_ls", "fitnet", "at", "reviewkd", "crd", "crd_kd", "ft",
+                                       *RELATIONAL))
     criterion.close()
 
 

@@ -27,7 +27,7 @@ import utils
 from config import settings
 from core import compute, host_weights, records, schedules
 from core.errors import SettingsError
-from training import checkpoints
+from training import checkpoints, init_stage
 
 
 @dataclass
@@ -178,6 +178,11 @@ def make_optimizer(
     parameters = list(model.parameters())
     if criterion.trainable is not None:
         parameters += list(criterion.trainable.parameters())
+    return optimizer_for(config, parameters, lr)
+
+
+def optimizer_for(config: settings.Config, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer (--optimizer at its momentum and weight decay) over `parameters`."""
     # One fused kernel per step rather than a chain of element-wise passes over every weight (about half
     # the optimizer's time on the CPU); offered on CPU and CUDA.
     fused = parameters[0].device.type in ("cpu", "cuda")
@@ -287,7 +292,9 @@ def _restored(
     """An interrupted model's progress and best weights so far, put back in place from `state_path`
     (None when there is no such file: training starts afresh)."""
     if not state_path.is_file():
-        if state_path.parent.is_dir() and compute.is_main_process():  # it started before, and saved no epoch
+        started = state_path.parent.is_dir() and any(  # it started before (not just its init stage), saved no epoch
+            path.name != init_stage.INIT_STAGE for path in state_path.parent.iterdir())
+        if started and compute.is_main_process():
             print(f"[{role}] no epoch of it was saved before the interruption: training it from epoch 1")
         return None
     resume = checkpoints.restore_training(checkpoints.read_state(state_path), model, optimizer, scheduler, trainable,
@@ -348,6 +355,8 @@ def train_model(
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
     train_loader.sample_indices = criterion.needs_sample_indices
+    stage_seconds = init_stage.run(context, role, criterion, model, folder, seed,  # a resumed run reads it back
+                                   functools.partial(optimizer_for, context.config), lr)
     optimizer = make_optimizer(context.config, model, lr, criterion)
     config = context.config
     scheduler = schedules.make_scheduler(optimizer, lr, epochs, len(train_loader), config.lr_schedule,
@@ -380,6 +389,7 @@ def train_model(
     finally:
         close_log()
         criterion.close()  # its hooks must not outlive training (export, reports)
+    result.train_seconds += stage_seconds  # a method's initialization stage is part of its training time
     if compute.is_main_process() and 0 < result.best_epoch < len(result.history):
         # Written at its epoch, best_model.pth holds the history up to it; a reused teacher shows every epoch.
         context.saver.save({folder / checkpoints.BEST_MODEL: best_checkpoint(checkpoints.model_weights(model), result)})

@@ -164,8 +164,6 @@ def test_reference_loss_weights_train_each_method_at_its_references_loss(tiny_da
         assert parts["loss"] == pytest.approx(mixed, rel=1e-5), method
 
 
-
-
 @pytest.mark.parametrize("data", ["digits", "image_folder", "cifar_files"])
 def test_crd_trains_on_the_bundled_digits_an_image_folder_and_cifar_files(data, tiny_data, tmp_path, capsys):
     """CRD's memory bank has a row per training image, whose indices come from the loader on every source;
@@ -193,6 +191,8 @@ def test_crd_trains_on_the_bundled_digits_an_image_folder_and_cifar_files(data, 
             0.5 * parts["ce"] + 0.5 * parts["kd"] + 0.4 * parts["crd"], rel=1e-5)
     assert classes == (10 if data == "digits" else 3)
     assert summary["dataset"]["carving"]["layout"].startswith("torchvision's") == (data == "cifar_files")
+
+
 RELATIONAL_WEIGHTS = {"sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0}  # RepDistiller -b
 
 
@@ -211,3 +211,26 @@ def test_relational_methods_train_end_to_end_at_the_references_weights(tiny_data
         expected = 0.5 * train["ce"] + 0.5 * train["kd"] + weight * train[method]
         assert train["loss"] == pytest.approx(expected, rel=1e-5), method
         assert (run_dir / f"student_{method}" / "best_model.pth").is_file()
+
+
+def test_two_stage_methods_run_end_to_end_with_their_initialization_stage(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--teacher-epochs", "1", "--student-epochs", "1", "--teacher-model", "resnet14",
+             "--student-model", "resnet8", "--image-size", "16", "--kd-methods", "ab,ft,fsp", "--init-epochs", "1"]
+    code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), "--val-fraction", "0.25",
+                            *flags])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = utils.read_json(run_dir / "summary.json")
+    resolved = utils.read_json(run_dir / "config.json")["resolved"]
+    assert resolved["init_stages"] == {method: {"epochs": 1} for method in ("ab", "ft", "fsp")}
+    assert resolved["feature_weights"] == {"ft": 100.0}
+    for method in ("ab", "ft", "fsp"):
+        assert f"[student_{method}] initialization stage epoch 1/1" in printed
+        stage = checkpoints.load_checkpoint(run_dir / f"student_{method}" / "init_stage.pth")
+        assert len(stage["losses"]) == 1 and stage["trains"]
+        assert 0 <= summary[f"student_{method}"]["test"]["top1"] <= 1
+    ft = utils.read_json(run_dir / "student_ft" / "history.json")["epochs"][0]["train"]
+    assert ft["loss"] == pytest.approx(0.5 * ft["ce"] + 0.5 * ft["kd"] + 100.0 * ft["ft"], rel=1e-5)
+    ab = utils.read_json(run_dir / "student_ab" / "history.json")["epochs"][0]["train"]
+    assert set(ab) >= {"ce", "kd"} and "ab" not in ab

@@ -115,6 +115,25 @@ def stop_at(process: subprocess.Popen, prefix: str, sig: int) -> str:
     return "".join(seen)
 
 
+def complete_then_killed(tiny_data: Path, tmp_path: Path, flags: list[str], line: str) -> Path:
+    """Run `flags` to the end in tmp_path/complete, then again in tmp_path/killed, SIGKILLed as soon as it prints a
+    line starting with `line`; the killed run's folder."""
+    complete = start_run(tiny_data, tmp_path / "complete", flags)
+    assert complete.wait(timeout=300) == 0, complete.stdout.read()
+    killed = start_run(tiny_data, tmp_path / "killed", flags)
+    stop_at(killed, line, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    return tmp_path / "killed"
+
+
+def resume(run: Path) -> subprocess.CompletedProcess:
+    """`experiment.py --resume run`, which must succeed."""
+    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    return resumed
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     flags = [*RESUME_FLAGS, *SMALL_MODELS]
     complete = start_run(tiny_data, tmp_path / "complete", flags)
@@ -166,18 +185,11 @@ def test_warm_up_and_trainable_parts_continue_after_a_resume(method, tiny_data, 
     flags = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
              "--student-epochs", "6", "--batch-size", "9", "--kd-methods", method, f"--{method}-warmup-epochs", "5"]
     role = f"student_{method}"
-    complete = start_run(tiny_data, tmp_path / "complete", [*RESUME_FLAGS, *flags])
-    assert complete.wait(timeout=300) == 0, complete.stdout.read()
-    killed = start_run(tiny_data, tmp_path / "killed", [*RESUME_FLAGS, *flags])
-    stop_at(killed, f"[{role}] epoch   2", signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
-    run = tmp_path / "killed"
+    run = complete_then_killed(tiny_data, tmp_path, [*RESUME_FLAGS, *flags], f"[{role}] epoch   2")
     state = checkpoints.load_checkpoint(run / role / checkpoints.TRAIN_STATE)
     assert 1 <= len(state["history"]) < 6
     assert (state["criterion"] is not None) == (method == "reviewkd"), "the ABFs are in the training state"
-    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = resume(run)
     assert f"[{role}] resuming after epoch" in resumed.stdout
     expected = utils.read_json(tmp_path / "complete" / role / "history.json")["epochs"]
     actual = utils.read_json(run / role / "history.json")["epochs"]
@@ -207,6 +219,20 @@ def test_crd_resumed_after_sigkill_has_the_uninterrupted_history(tiny_data, tmp_
     assert "[student_crd] resuming after epoch" in resumed.stdout
     expected = utils.read_json(tmp_path / "complete" / "student_crd" / "history.json")["epochs"]
     actual = utils.read_json(run / "student_crd" / "history.json")["epochs"]
+    assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
+
+
+def test_an_initialization_stage_is_not_trained_again_after_sigkill(tiny_data, tmp_path):
+    """FT's paraphraser, trained in its initialization stage and not by the optimizer, comes back from
+    init_stage.pth: the resumed run's every epoch equals the uninterrupted run's."""
+    flags = [*RESUME_FLAGS, "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
+             "--student-epochs", "3", "--batch-size", "9", "--kd-methods", "ft", "--init-epochs", "2"]
+    run = complete_then_killed(tiny_data, tmp_path, flags, "[student_ft] epoch   2")
+    resumed = resume(run)
+    assert "[student_ft] initialization stage of 2 epochs restored" in resumed.stdout
+    assert "[student_ft] initialization stage epoch" not in resumed.stdout
+    expected = utils.read_json(tmp_path / "complete" / "student_ft" / "history.json")["epochs"]
+    actual = utils.read_json(run / "student_ft" / "history.json")["epochs"]
     assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
 
 
