@@ -287,8 +287,6 @@ class FeatureMethod(Method):
         output comes from a ReLU is read as that ReLU's input (`pre_activation_layers`); for an `embedding`
         method, the classifier's input is taken."""
         layers = [t for t, _ in pairs]
-        if cls.embeddings:
-            return [(layer, True) for layer in layers]
         before = pre_activation_layers(teacher, layers, setup.image_size) if cls.pre_activation else {}
         inputs = embedding_layers(teacher, layers) if cls.embedding else set()
         return [(before.get(layer, layer), layer in before or layer in inputs) for layer in layers]
