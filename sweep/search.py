@@ -175,8 +175,8 @@ def connect(url: str) -> optuna.storages.BaseStorage:
                                                   heartbeat_stale_trial_callback=retry_callback())
             return HeartbeatJournalStorage(url, retry_callback())
     except Exception as error:  # whatever the database or its driver raises: the user's storage to fix
-        hint = " (install the database's driver: pip install psycopg2-binary for PostgreSQL, pymysql for MySQL)" \
-            if isinstance(error, ImportError) else ""
+        hint = " (install the database's driver: pip install 'psycopg[binary]' for PostgreSQL, as requirements.txt " \
+            "does; pymysql for MySQL)" if isinstance(error, ImportError) else ""
         raise SettingsError(f"Cannot open the study storage {settings.without_password(url)}: "
                             f"{_scrubbed(errors.one_line(error, brief=True), url)}{hint}.") from None
 

@@ -58,3 +58,22 @@ def test_a_resume_needs_a_hidden_password_again():
     assert given.study_storage == f"postgresql://kd:{PASSWORD}@db/kd"
     with pytest.raises(SettingsError, match="only to give its sweep's storage again"):
         search.resumed_storage(saved, "postgresql://other:x@db/kd")
+
+
+def test_a_missing_driver_names_psycopg_3(monkeypatch):
+    """SQLAlchemy 2.1 reaches postgresql:// through psycopg 3: the hint must not send the user to psycopg2."""
+
+    def no_driver(given, **kwargs):
+        raise ModuleNotFoundError("No module named 'psycopg'")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", no_driver)
+    with pytest.raises(SettingsError) as refused:
+        search.connect(f"postgresql://kd:{PASSWORD}@db/kd")
+    assert "pip install 'psycopg[binary]'" in str(refused.value) and "psycopg2" not in str(refused.value)
+    assert PASSWORD not in str(refused.value)
+
+
+def test_the_postgresql_driver_is_installed():
+    from sqlalchemy.engine import make_url
+
+    make_url("postgresql://kd@db/kd").get_dialect().import_dbapi()  # ImportError without psycopg 3
