@@ -100,13 +100,16 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 class Record:
-    """A dataclass written as a JSON object: fields in order, optional ones (None) left out."""
+    """A dataclass written as a JSON object: fields in order, optional ones (None) left out but those named in
+    `kept_nulls` (keys a reader is told to expect, written as null)."""
+
+    kept_nulls: typing.ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if value is None and spec.default is None:
+            if value is None and spec.default is None and spec.name not in self.kept_nulls:
                 continue
             if isinstance(value, list):
                 value = [item.to_dict() if isinstance(item, Record) else item for item in value]
@@ -261,6 +264,8 @@ class DatasetRecord(Record):
 @dataclass
 class SweepTrial(Record):
     """One trial of a sweep: the settings it tried, how it ended, and its validation values."""
+
+    kept_nulls = ("value", "seconds", "retry_of", "note")  # every trial has these keys (docs/sweeps.md)
 
     number: int
     state: str  # Optuna's trial state in lower case: complete, pruned, fail, running or waiting

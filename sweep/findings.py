@@ -35,9 +35,8 @@ def params_text(params: dict[str, Any]) -> str:
 
 def trial_record(trial: FrozenTrial) -> records.SweepTrial:
     """One trial of the study as summary.json records it."""
+    # The time it trained, counted per epoch: a killed trial's wall time would count the time it lay dead.
     seconds = trial.user_attrs.get("seconds")
-    if seconds is None and trial.datetime_start is not None and trial.datetime_complete is not None:
-        seconds = round((trial.datetime_complete - trial.datetime_start).total_seconds(), 2)
     return records.SweepTrial(
         number=trial.number, state=trial.state.name.lower(), params=dict(trial.params),
         epochs=len(trial.intermediate_values), value=trial.value if trial.state == TrialState.COMPLETE else None,
@@ -56,6 +55,14 @@ def record(
         distributions={name: json.loads(distribution_to_json(dist)) for name, dist in space.items()},
         best_trial=best.number, best_params=dict(best.params), best_value=best.value,
         trials=[trial_record(trial) for trial in study.get_trials(deepcopy=False)])
+
+
+def ledger_text(sweep: records.SweepRecord) -> str:
+    """The ledger's sweep cell: 'temperature=1:10:log; 6 of 6 trials finished (1 failed, retried), best: trial 4'."""
+    counts = _states(sweep)
+    finished = counts.get("complete", 0) + counts.get("pruned", 0)
+    failed = f" ({counts['fail']} failed, retried)" if counts.get("fail") else ""
+    return f"{sweep.spec}; {finished} of {sweep.trials_requested} trials finished{failed}, best: trial {sweep.best_trial}"
 
 
 def _distributions(sweep: records.SweepRecord) -> dict[str, BaseDistribution]:

@@ -441,6 +441,8 @@ class Objective:
         @checkpoints.finish_before_interrupt  # a stop signal waits for the storage's write to finish
         def report(record: dict[str, Any]) -> None:
             trial.report(metric_value(record["val"], self.sweep.plan.metric), record["epoch"])
+            # The time trained so far (a retry starts from its parent's): what a killed trial is said to have taken.
+            trial.set_user_attr("seconds", round(trial.user_attrs.get("seconds", 0.0) + record["seconds"], 2))
             if record["epoch"] < epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
