@@ -62,7 +62,8 @@ def ledger_text(sweep: records.SweepRecord) -> str:
     counts = _states(sweep)
     finished = counts.get("complete", 0) + counts.get("pruned", 0)
     failed = f" ({counts['fail']} failed, retried)" if counts.get("fail") else ""
-    return f"{sweep.spec}; {finished} of {sweep.trials_requested} trials finished{failed}, best: trial {sweep.best_trial}"
+    return (f"{sweep.spec}; {finished} of {sweep.trials_requested} trials finished{failed}, "
+            f"best: trial {sweep.best_trial}")
 
 
 def _distributions(sweep: records.SweepRecord) -> dict[str, BaseDistribution]:
