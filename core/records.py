@@ -279,6 +279,17 @@ class SweepTrial(Record):
 
 
 @dataclass
+class TrialComparison(Record):
+    """A sweep's best trial against another complete trial, image by image on the validation split."""
+
+    trial: int
+    best_only: int  # validation images the best trial's student got right and this trial's wrong
+    other_only: int  # ... and the other way round
+    p: float  # McNemar's exact two-sided p
+    p_holm: float  # p corrected by Holm's step-down over every comparison with the best
+
+
+@dataclass
 class SweepRecord(Record):
     """A sweep's search: what was searched and how, the best trial, every trial."""
 
@@ -293,6 +304,10 @@ class SweepRecord(Record):
     best_params: dict[str, float | str]
     best_value: float
     trials: list[SweepTrial]
+    user_trial: int | None = None  # the complete trial that tried the user's own settings (enqueued first)
+    val_images: int | None = None  # the validation images the trials were compared on
+    comparisons: list[TrialComparison] = field(default_factory=list)  # the best against each other complete trial
+    tied_with_best: list[int] = field(default_factory=list)  # trials no corrected test separates from the best
 
 
 @dataclass

@@ -161,6 +161,8 @@ def reading_of_result(summary: records.RunSummary) -> list[str]:
                                                     if (clause := deploy.speed_clause(student, teacher, kind))]
     if clauses:
         sentences.append(f"Measured on {summary.device} against the teacher, the student: {'; '.join(clauses)}.")
+    if summary.sweep is not None:
+        sentences.append(findings.summary_sentence(summary.sweep))
     samples = summary.dataset.sizes.get("test")
     if baseline and distilled_roles and samples:
         sentences.append(f"One test image is {100 / samples:.2f} points here.")

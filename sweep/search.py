@@ -43,7 +43,7 @@ import utils
 from config import settings
 from core import errors, records, secrets
 from core.errors import SettingsError
-from sweep import findings, search_space
+from sweep import findings, noise, search_space
 from training import checkpoints, model_run
 
 TRIALS_DIR = "trials"  # RUN/trials/: each trial's student, the workers' locks, the study's run id
@@ -71,6 +71,8 @@ class Plan:
     storage: optuna.storages.BaseStorage | None  # a shared study's storage, opened; None: RUN/sweep.db
     storage_shown: str | None  # --study-storage without its password
     study_name: str | None  # None: the run directory's name
+    user_params: dict[str, Any]  # the user's own settings of the searched names, tried first
+    user_outside: list[str]  # those outside their ranges ('name=value'): then no trial tries them
 
 
 def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
@@ -96,7 +98,7 @@ def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
         storage = connect(config.study_storage)
     direction = "minimize" if config.select_metric == "loss" else "maximize"
     plan = Plan(config.sweep, space, config.trials, config.select_metric, direction, storage,
-                settings.without_password(config.study_storage), name)
+                settings.without_password(config.study_storage), name, *search_space.user_params(config, space))
     if storage is not None and name is not None:  # a study refused now leaves no run directory behind
         check_study_fits(study_attrs(storage, name), plan, Path(config.output_dir or ""), name)
     return config, plan
@@ -300,13 +302,15 @@ class SweepStudy:
             self.optuna = optuna.create_study(
                 storage=self.storage, study_name=self.name, direction=self.plan.direction, load_if_exists=True,
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
+        print(f"Sweep: {search_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
+              f"{self.plan.metric} ({self.plan.direction}); study '{self.name}' in {self.storage_shown}")
         with self.budget_lock():
             self._check()
             if self.plan.storage is None:
                 self._queue_again(self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if not self.optuna.get_trials(deepcopy=False):
+                self._enqueue_user_settings()
         self.optuna.sampler = self._sampler()
-        print(f"Sweep: {search_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
-              f"{self.plan.metric} ({self.plan.direction}); study '{self.name}' in {self.storage_shown}")
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -335,6 +339,17 @@ class SweepStudy:
             utils.write_text(id_file, run_id)
             self.optuna.set_user_attr("sweep", {"spec": self.plan.spec, "metric": self.plan.metric})
             self.optuna.set_user_attr("run_id", run_id)
+
+    def _enqueue_user_settings(self) -> None:
+        """A new study's first trial tries the user's own settings, so that the sweep answers whether the search
+        beat them (unless one lies outside its range)."""
+        shown = findings.params_text(self.plan.user_params)
+        if self.plan.user_outside:
+            print(f"[sweep] your settings ({shown}) are not tried: {', '.join(self.plan.user_outside)} lies outside "
+                  "the searched range, so no trial says whether the search beat them")
+            return
+        self.optuna.enqueue_trial(self.plan.user_params, user_attrs={noise.USER_ATTR: True})
+        print(f"[sweep] trial 0 tries your own settings ({shown}): the best trial is compared with it")
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         """TPE, drawing jointly (temperature and alpha interact), its first third of the trials (3 to 10) at random.
@@ -412,10 +427,10 @@ class Objective:
         role = records.distilled_role(settings.kd_methods(config)[0])
         criterion, cached = model_run.student_criterion(context, role, self.teacher, self.teacher_logits)
         try:
-            fit = model_run.train_model(
+            student, fit = model_run.train_model(
                 context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
                 config.student_epochs, config.student_lr, criterion, folder, config.seed, cached,
-                on_epoch=self._reporter(trial, config.student_epochs))[1]
+                on_epoch=self._reporter(trial, config.student_epochs))
         except KeyboardInterrupt:
             context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
             self.sweep.retry(self.sweep.optuna, self.sweep.frozen(trial))
@@ -432,6 +447,10 @@ class Objective:
         best = fit.history[fit.best_epoch - 1]["val"]
         trial.set_user_attr("val", {key: best[key] for key in engine.SELECT_METRICS})
         trial.set_user_attr("seconds", round(sum(epoch["seconds"] for epoch in fit.history), 2))
+        # A resumed trial whose best epoch came before the interruption has no outputs kept: predicted again.
+        outputs = fit.best_val_outputs or engine.predict(student, context.eval_loaders["val"], context.device,
+                                                         context.amp_dtype, f"trial {trial.number} val")
+        trial.set_user_attr(noise.CORRECT_ATTR, noise.correct_text(*outputs))
         return metric_value(best, self.sweep.plan.metric)
 
     def _reporter(self, trial: optuna.Trial, epochs: int) -> model_run.EpochLog:
@@ -494,8 +513,12 @@ class Outcome:
     def complete(self, summary: records.RunSummary, search: Search) -> None:
         """The summary of the best trial's run gains the sweep's record and its sanity warnings."""
         plan = self.sweep.plan
-        summary.sweep = findings.record(search.study, search.best, plan.space, plan.trials, plan.metric,
-                                        self.sweep.storage_shown, self.sweep.name, plan.spec)
+        summary.sweep = replace(
+            findings.record(search.study, search.best, plan.space, plan.trials, plan.metric, self.sweep.storage_shown,
+                            self.sweep.name, plan.spec),
+            **noise.comparisons(search.study.get_trials(deepcopy=False), search.best))
+        for line in findings.verdict(summary.sweep):
+            print(f"[sweep] {line}")
         summary.warnings += findings.sanity_warnings(summary.sweep)
 
 

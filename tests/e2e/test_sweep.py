@@ -157,6 +157,14 @@ def test_sweep_finishes_and_its_study_holds_the_trials(password_sweep):
     assert sorted(path.name for path in (run_dir / "trials").iterdir() if path.is_dir()) == ["0", "1"]
     assert "[sweep] trial 0 complete" in password_sweep["console"]
     assert "[sweep] trial 1 complete" in password_sweep["console"]
+    # The user's own settings (the defaults here) are the first trial, and the best is judged against them.
+    assert study.trials[0].params == {"temperature": 4.0, "alpha": 0.5} and record["user_trial"] == 0
+    assert "[sweep] trial 0 tries your own settings (temperature=4, alpha=0.5)" in password_sweep["console"]
+    other, = [number for number in (0, 1) if number != record["best_trial"]]
+    assert [item["trial"] for item in record["comparisons"]] == [other] and record["best_trial"] in record[
+        "tied_with_best"]
+    assert record["val_images"] == len(study.trials[0].user_attrs["val_correct"]) > 0
+    assert "[sweep] tied with the best" in password_sweep["console"]
     ledger = (run_dir.parent / "experiments.csv").read_text().splitlines()
     assert len(ledger) == 2 and "temperature=1:10:log" in ledger[1]
 
