@@ -70,6 +70,7 @@ KD_METHODS = "kd"  # comma-separated, one distilled student each: kd (Hinton), f
 SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher once); None: SEED only
 SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep/search.py)
 TRIALS = 20  # trials of a sweep, over all its workers
+PRUNE_AFTER: int | None = None  # epochs a sweep's trial trains before the pruner may stop it; None: half its epochs
 STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/sweep.db
 STUDY_NAME: str | None = None  # the study's name in STUDY_STORAGE; None: the run directory's name
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder

@@ -52,7 +52,6 @@ HEARTBEAT_SECONDS = 20  # a running trial's worker records that it is alive this
 GRACE_SECONDS = 120  # a running trial not heard from for this long is failed and queued again
 MAX_RETRIES = 3  # times one trial is queued again after its worker died or was stopped
 POLL_SECONDS = 5  # how often a worker with no trial left to start looks whether the others' have ended
-PRUNER_STARTUP_TRIALS = 5  # Optuna's default: the median of fewer finished trials means little
 HEARTBEAT_ATTR = "heartbeat:"  # + trial id: a journal trial's last heartbeat (a retry copies its parent's attrs)
 
 
@@ -280,8 +279,8 @@ class SweepStudy:
     shared one), its checks (this sweep's, kept with this run directory), the trials a killed worker left, queued
     again, and the file locks in RUN/trials/ through which the workers take turns."""
 
-    def __init__(self, run_dir: Path, plan: Plan, seed: int, student_epochs: int) -> None:
-        self.run_dir, self.plan, self.seed, self.student_epochs = run_dir, plan, seed, student_epochs
+    def __init__(self, run_dir: Path, plan: Plan, seed: int) -> None:
+        self.run_dir, self.plan, self.seed = run_dir, plan, seed
         self.folder = run_dir / TRIALS_DIR
         self.name = plan.study_name or run_dir.name
         self.retry = retry_callback()
@@ -296,12 +295,12 @@ class SweepStudy:
                 raise SettingsError(f"Another process is running the sweep in '{self.run_dir}'.")
             self.storage = connect(f"sqlite:///{(self.run_dir / SQLITE_FILE).resolve()}")
         self.storage_shown = self.plan.storage_shown or f"sqlite:///{self.run_dir / SQLITE_FILE}"
-        # Epochs are the pruner's steps: none is judged before the one after the first quarter, the one-cycle warm-up.
-        warmup = math.ceil(self.student_epochs / 4) + 1
+        # Epochs are the pruner's steps; a trial's own first judged epoch (--prune-after) is kept by Objective.
+        startup = settings.PRUNER_STARTUP_TRIALS
         with search_space.quiet_optuna():
             self.optuna = optuna.create_study(
                 storage=self.storage, study_name=self.name, direction=self.plan.direction, load_if_exists=True,
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_min_trials=startup))
         print(f"Sweep: {search_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
               f"{self.plan.metric} ({self.plan.direction}); study '{self.name}' in {self.storage_shown}")
         with self.budget_lock():
@@ -408,6 +407,12 @@ def trial_context(
     return replace(context, config=config, hard_loss=hard_loss, eval_loaders=loaders)
 
 
+def first_judged(config: settings.Config) -> int:
+    """The first epoch at which the pruner may stop a trial: --prune-after, by default half of its epochs (early
+    epochs' scores still jump by several points)."""
+    return config.prune_after if config.prune_after is not None else max(1, math.ceil(config.student_epochs / 2))
+
+
 class Objective:
     """One trial's work: a distilled student trained with the settings the trial draws, never seeing the test
     split, each epoch reported to the pruner; the trial's value is its best epoch's validation metric."""
@@ -430,7 +435,7 @@ class Objective:
             student, fit = model_run.train_model(
                 context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
                 config.student_epochs, config.student_lr, criterion, folder, config.seed, cached,
-                on_epoch=self._reporter(trial, config.student_epochs))
+                on_epoch=self._reporter(trial, config.student_epochs, first_judged(config)))
         except KeyboardInterrupt:
             context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
             self.sweep.retry(self.sweep.optuna, self.sweep.frozen(trial))
@@ -453,16 +458,16 @@ class Objective:
         trial.set_user_attr(noise.CORRECT_ATTR, noise.correct_text(*outputs))
         return metric_value(best, self.sweep.plan.metric)
 
-    def _reporter(self, trial: optuna.Trial, epochs: int) -> model_run.EpochLog:
-        """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned)
-        before its last epoch (stopping it then would save nothing)."""
+    def _reporter(self, trial: optuna.Trial, epochs: int, judged_from: int) -> model_run.EpochLog:
+        """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned) from
+        epoch `judged_from` on, before its last epoch (stopping it then would save nothing)."""
 
         @checkpoints.finish_before_interrupt  # a stop signal waits for the storage's write to finish
         def report(record: dict[str, Any]) -> None:
             trial.report(metric_value(record["val"], self.sweep.plan.metric), record["epoch"])
             # The time trained so far (a retry starts from its parent's): what a killed trial is said to have taken.
             trial.set_user_attr("seconds", round(trial.user_attrs.get("seconds", 0.0) + record["seconds"], 2))
-            if record["epoch"] < epochs and trial.should_prune():
+            if judged_from <= record["epoch"] < epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
         return report
@@ -528,7 +533,7 @@ class Worker:
 
     def __init__(self, context: model_run.Context, plan: Plan, dataset: records.DatasetRecord) -> None:
         self.context, self.dataset = context, dataset
-        self.study = SweepStudy(context.run_dir, plan, context.config.seed, context.config.student_epochs)
+        self.study = SweepStudy(context.run_dir, plan, context.config.seed)
         self.outcome = Outcome(self.study, context, dataset)
 
     def __enter__(self) -> Worker:

@@ -77,3 +77,30 @@ def test_the_postgresql_driver_is_installed():
     from sqlalchemy.engine import make_url
 
     make_url("postgresql://kd@db/kd").get_dialect().import_dbapi()  # ImportError without psycopg 3
+
+
+def test_the_pruner_judges_no_trial_before_its_first_judged_epoch():
+    """Early epochs' scores jump by points: a trial far below the median is kept until --prune-after."""
+    from types import SimpleNamespace
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=settings.PRUNER_STARTUP_TRIALS, n_min_trials=settings.PRUNER_STARTUP_TRIALS))
+    for _ in range(settings.PRUNER_STARTUP_TRIALS):
+        good = study.ask()
+        for epoch in range(1, 5):
+            good.report(0.9, epoch)
+        study.tell(good, 0.9)
+    owner = SimpleNamespace(sweep=SimpleNamespace(plan=SimpleNamespace(metric="top1")))
+    trial = study.ask()
+    report = search.Objective._reporter(owner, trial, 4, 3)
+    for epoch in (1, 2):
+        report({"epoch": epoch, "val": {"top1": 0.1}, "seconds": 1.0})
+    with pytest.raises(optuna.TrialPruned):
+        report({"epoch": 3, "val": {"top1": 0.1}, "seconds": 1.0})
+    assert trial.user_attrs["seconds"] == 3.0
+
+
+def test_by_default_half_of_a_trials_epochs_go_unjudged():
+    config = experiment.default_config()
+    assert search.first_judged(settings.Config(**{**vars(config), "student_epochs": 10})) == 5
+    assert search.first_judged(settings.Config(**{**vars(config), "student_epochs": 7, "prune_after": 2})) == 2
