@@ -133,10 +133,13 @@ def export_model(context: model_run.Context, role: str, arch: str, model: nn.Mod
 
 
 
-def finished_row(folder: Path, name: str) -> records.ModelRow | None:
+RESUMED_KEPT = "finished before the interruption"  # why finished_row keeps a model, by default
+
+
+def finished_row(folder: Path, name: str, kept: str = RESUMED_KEPT) -> records.ModelRow | None:
     """The summary row of a model an interrupted run already finished, or None: also when its results.json
     is empty or cannot be read (as a power cut while it was written can leave it), and that model is then
-    trained again (continuing from its training state, if one is left)."""
+    trained again (continuing from its training state, if one is left). `kept` says why a finished one is kept."""
     path = folder / report.RESULTS
     if not path.is_file():
         return None
@@ -150,7 +153,7 @@ def finished_row(folder: Path, name: str) -> records.ModelRow | None:
         return None
     if compute.is_main_process():
         (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
-        print(f"[{name}] finished before the interruption: kept as it was")
+        print(f"[{name}] {kept}: kept as it was")
     return row
 
 

@@ -17,7 +17,7 @@ from conftest import PASSWORD, ROOT, SECRET, SPEC, SWEEP_FLAGS, assert_one_sente
 import experiment
 import utils
 from core import secrets
-from sweep import search
+from sweep import search, study_storage
 from training import checkpoints, model_run
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 def shared_study(journal: Path, name: str, **attrs: Any) -> None:
     """A study named `name` in the journal file, with these user attributes (what a worker records)."""
-    storage = search.HeartbeatJournalStorage(str(journal), search.retry_callback())
+    storage = study_storage.HeartbeatJournalStorage(str(journal), study_storage.requeue_silent)
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
     for key, value in attrs.items():
         study.set_user_attr(key, value)
@@ -220,6 +220,9 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tiny_data, tmp_path
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sum("[teacher] epoch" in output for output in outputs) == 1, "the teacher is trained once"
     assert sum("Wall time" in output for output in outputs) == 1, "one worker writes the report"
+    # The second worker joins a run directory the first made: nothing was interrupted.
+    assert sum("Joining the sweep's run directory" in output for output in outputs) == 1
+    assert not any("Resuming the run" in output or "interruption" in output for output in outputs), outputs
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
@@ -254,7 +257,8 @@ def test_killed_and_stopped_trials_are_retried_and_the_study_finishes(tiny_data,
     monkeypatch.setattr(checkpoints.BackgroundSaver, "save", stop_after_second_epoch)
     assert experiment.main(["--resume", str(run_dir)]) == 128 + signal.SIGTERM
     resumed = capsys.readouterr()
-    assert "trial 1 was interrupted: queued again" in resumed.out
+    assert "[sweep] trial 1 failed (its worker was killed); queued again as trial 2" in resumed.out
+    assert "[sweep] trial 2 failed (its worker was stopped); queued again as trial 3" in resumed.out
     assert "[trial 2] resuming after epoch 1 of 2" in resumed.out
     assert "[trial 0]" not in resumed.out, "a finished trial is kept"
     assert f"--resume {run_dir}" in resumed.err
