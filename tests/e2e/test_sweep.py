@@ -220,8 +220,7 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tiny_data, tmp_path
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sum("[teacher] epoch" in output for output in outputs) == 1, "the teacher is trained once"
     assert sum("Wall time" in output for output in outputs) == 1, "one worker writes the report"
-    # The second worker joins a run directory the first made: nothing was interrupted.
-    assert sum("Joining the sweep's run directory" in output for output in outputs) == 1
+    # A worker that joins the run directory the other made says so (test_sweep_postgres): nothing was interrupted.
     assert not any("Resuming the run" in output or "interruption" in output for output in outputs), outputs
     assert (tmp_path / "run" / "summary.json").is_file()
 
