@@ -146,7 +146,7 @@ def run_sweep(
     config, plan = search.prepare(config)
     joining = not resume and search.joins_run(config, plan)  # another worker made the run directory
     context, dataset = prepare_run(config, teacher_checkpoint, start, resume or joining, joining)
-    kept = search.JOINED_KEPT if joining else evaluation.RESUMED_KEPT
+    kept = evaluation.RESUMED_KEPT if resume else search.JOINED_KEPT  # a new sitting finding a teacher: a worker's
     try:
         with context.saver, search.Worker(context, plan, dataset) as worker:
             teacher, teacher_row = worker.study.once("teacher", functools.partial(obtain_teacher, context,

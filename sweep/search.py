@@ -1,20 +1,21 @@
 """Hyper-parameter sweeps: which settings distil best, searched with Optuna on the validation split.
 
 A sweep trains the teacher once (or takes --teacher-checkpoint), then one distilled student per
-trial with the settings Optuna's sampler draws from the --sweep spec. A trial's objective is its
-best epoch's validation --select-metric; it reports every epoch's value, so that the median pruner
-stops hopeless trials early. A trial's context has no test loader: no trial can read the test split.
-experiment.py then tests the best trial's student once, against a baseline trained with the same
-settings and seed.
+trial: the user's own settings first, then those Optuna's sampler draws from the --sweep spec. A
+trial's objective is its best epoch's validation --select-metric; it reports every epoch's value, so
+that the median pruner stops hopeless trials (from --prune-after on), and keeps which validation
+images it got right, so that the best is compared with every other (sweep.noise). A trial's context
+has no test loader: no trial can read the test split. experiment.py then tests the best trial's
+student once, against a baseline trained with the same settings and seed.
 
 The trials are kept in an Optuna study: an SQLite file in the run directory (RUN/sweep.db) for one
 worker, or a shared storage (an RDB URL, or a journal file on a shared filesystem) that several
 workers join. The workers of a study share its run directory (on a filesystem all of them mount) and
 take turns through file locks in RUN/trials/: the first to lock the teacher trains it while the
 others wait; a trial is counted against the budget under a lock, so together they run exactly
---trials; one writes the report. A running trial's worker records a heartbeat; a trial not heard
-from for GRACE_SECONDS (its worker was killed) is marked failed and queued again, and the retry
-continues from the trial's last saved epoch.
+--trials; one writes the report. A trial whose worker's lock is free (the worker was killed) is
+marked failed and queued again at once; failing that (a lost machine), a trial whose heartbeat
+stopped is, after study_storage.GRACE_SECONDS. The retry continues from the trial's last saved epoch.
 """
 
 from __future__ import annotations

@@ -184,6 +184,8 @@ def test_the_report_has_a_sweep_section_rebuilt_from_the_summary(password_sweep)
     section = html[html.index("<h2>Sweep</h2>"):html.index("<h2>Learning curves</h2>")]
     assert section.count("<img") >= 2 and "data:image/png;base64," in section
     assert "optimization history" in section and "<td>complete</td>" in section
+    lead = html[html.index('<div class="lead">'):html.index("<h2>Models</h2>")]
+    assert "The distilled student&#39;s settings came from a sweep: temperature=" in lead
 
 
 def test_the_storage_password_reaches_no_written_file(password_sweep):
