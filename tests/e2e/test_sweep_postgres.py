@@ -131,3 +131,14 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(postgres_url, tiny_data,
     assert len(files) > 20
     for path in files:
         assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+def test_missing_server_binaries_fail_under_ci_and_skip_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the PostgreSQL test"):
+        server_binaries()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="no PostgreSQL server binaries .* install postgresql"):
+        server_binaries()
