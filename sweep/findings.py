@@ -211,7 +211,7 @@ def importance_plot(study: optuna.Study, target: str) -> Any:
 def curves_plot(study: optuna.Study, target: str) -> Any:
     """Each trial's validation score per epoch, each trial its own colour (Optuna's tab20 pairs near-identical
     ones): tab10's ten colours, then the same dashed, then dotted; the legend beside the plot."""
-    import matplotlib
+    import matplotlib.ticker
     from optuna.visualization import matplotlib as plots
 
     axes = plots.plot_intermediate_values(study)
@@ -220,6 +220,7 @@ def curves_plot(study: optuna.Study, target: str) -> Any:
         line.set_color(colours[index % len(colours)])
         line.set_linestyle(styles[index // len(colours) % len(styles)])
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel(target)
     if axes.get_lines():
         axes.legend(fontsize="small", **utils.LEGEND_OUTSIDE)
