@@ -72,6 +72,7 @@ SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher
 COMPARISON_CORRECTION = "holm"  # holm or none: how several distilled students' head-to-head p-values are corrected
 SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep/search.py)
 TRIALS = 20  # trials of a sweep, over all its workers
+PRUNE_AFTER: int | None = None  # epochs a sweep's trial trains before the pruner may stop it; None: half its epochs
 STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/sweep.db
 STUDY_NAME: str | None = None  # the study's name in STUDY_STORAGE; None: the run directory's name
 VAL_FRACTION = 0.1  # of train, carved (stratified) when there is no val/ folder
@@ -148,11 +149,13 @@ def run_sweep(
     start = time.perf_counter()
     config, teacher_checkpoint = checked_settings(config, given)
     config, plan = search.prepare(config)
-    context, dataset = prepare_run(config, teacher_checkpoint, start, resume or search.joins_run(config, plan))
+    joining = not resume and search.joins_run(config, plan)  # another worker made the run directory
+    context, dataset = prepare_run(config, teacher_checkpoint, start, resume or joining, joining)
+    kept = evaluation.RESUMED_KEPT if resume else search.JOINED_KEPT  # a new sitting finding a teacher: a worker's
     try:
         with context.saver, search.Worker(context, plan, dataset) as worker:
             teacher, teacher_row = worker.study.once("teacher", functools.partial(obtain_teacher, context,
-                                                                                   teacher_checkpoint))
+                                                                                   teacher_checkpoint, kept))
             best = worker.run_trials(teacher)
             with worker.study.exclusive("report"):
                 if worker.outcome.reported():
@@ -170,9 +173,11 @@ def run_sweep(
 
 def prepare_run(
     config: settings.Config, teacher_checkpoint: dict[str, Any] | None, start: float, resume: bool,
+    joining: bool = False,
 ) -> tuple[model_run.Context, records.DatasetRecord]:
     """Everything before the first model: initial weights, processes, data (checked), the run directory and
-    config.json (`start`: when this sitting began). Returns the run's context and its data's record."""
+    config.json (`start`: when this sitting began; `joining`: a sweep's worker joining the run directory another
+    made). Returns the run's context and its data's record."""
     pretrained = model_run.read_initial_weights(config)
     settings.check_output_dir(config, resume)
     device, amp_dtype, world = start_processes(config)
@@ -188,7 +193,7 @@ def prepare_run(
     context = make_context(config, data, device, amp_dtype, evaluation.make_run_dir(config.output_dir), pretrained,
                            class_weights, start, resume)
     dataset = data_setup.describe(data, normalization, class_weights)
-    announce(context, dataset, world, resume)
+    announce(context, dataset, world, resume, joining)
     return tracking.attach(context), dataset
 
 
@@ -252,14 +257,17 @@ def make_context(
                            engine.hard_label_loss(config.label_smoothing, class_weights, device))
 
 
-def announce(context: model_run.Context, dataset: records.DatasetRecord, world: int, resume: bool) -> None:
-    """Write config.json (a new run) or clear what an interrupted write left (a resumed one), say what the run is
-    about to do, and list the skipped files (rank 0 alone)."""
+def announce(
+    context: model_run.Context, dataset: records.DatasetRecord, world: int, resume: bool, joining: bool = False,
+) -> None:
+    """Write config.json (a new run) or clear what an interrupted write left (a resumed one; not when `joining`
+    a sweep's run directory, where the other workers' writes are under way), say what the run is about to do,
+    and list the skipped files (rank 0 alone)."""
     if not compute.is_main_process():
         return
     config, data, run_dir = context.config, context.data, context.run_dir
     precision = compute.precision_name(context.amp_dtype)
-    orphans = utils.remove_orphans(run_dir) if resume else []
+    orphans = utils.remove_orphans(run_dir) if resume and not joining else []
     if orphans:
         print(f"Removed {len(orphans)} unfinished temporary file{'s' if len(orphans) > 1 else ''} that the "
               f"interruption left ({', '.join(str(path.relative_to(run_dir)) for path in orphans[:3])}"
@@ -268,7 +276,8 @@ def announce(context: model_run.Context, dataset: records.DatasetRecord, world: 
         resolved = {"device": str(context.device), "precision": precision, "processes": world,
                     **settings.method_weights(config)}
         evaluation.write_run_config(run_dir, config, resolved, dataset)
-    print(f"{'Resuming the run in' if resume else 'Run directory:'} {run_dir}  |  device {context.device}, "
+    opening = "Joining the sweep's run directory" if joining else "Resuming the run in" if resume else "Run directory:"
+    print(f"{opening} {run_dir}  |  device {context.device}, "
           f"{precision}, {world} process{'es' if world > 1 else ''}  |  {len(data.class_names)} classes, "
           f"train/val/test = {len(data.train)}/{len(data.val)}/{len(data.test)} images")
     evaluation.write_skipped_files(run_dir, data.skipped_files)
@@ -278,12 +287,12 @@ def announce(context: model_run.Context, dataset: records.DatasetRecord, world: 
 
 
 def obtain_teacher(
-    context: model_run.Context, checkpoint: dict[str, Any] | None,
+    context: model_run.Context, checkpoint: dict[str, Any] | None, kept: str = evaluation.RESUMED_KEPT,
 ) -> tuple[nn.Module, records.ModelRow]:
     """The teacher (kept from an interrupted run, loaded from --teacher-checkpoint or --teacher-weights, or trained)
-    and its row."""
+    and its row (`kept`: why an existing one was kept, as evaluation.finished_row says it)."""
     config, folder = context.config, context.run_dir / records.TEACHER
-    row = evaluation.finished_row(folder, records.TEACHER)
+    row = evaluation.finished_row(folder, records.TEACHER, kept)
     if row is not None:
         path = folder / checkpoints.BEST_MODEL
         return model_run.load_model(context, checkpoints.read_state(path), path), row

@@ -45,6 +45,9 @@ class Flag:
     constant: str | None = None  # experiment.py's constant, when it is not the field's name in capitals
 
 
+PRUNER_STARTUP_TRIALS = 5  # a sweep's pruner judges no trial before this many have completed (Optuna's default)
+
+
 def flag(group: str, help: str, **details: Any) -> Any:
     """A Config field (no default of its own: experiment.py's constants are the defaults) with its flag."""
     return field(metadata={"flag": Flag(group, help, **details)})
@@ -132,6 +135,11 @@ class RunSettings:
                              "comma-separated name=low:high (uniform), name=low:high:log or name=a|b|c, e.g. "
                              "temperature=1:10:log,alpha=0.1:0.9 (also method=kd|dkd)", unset="one run, no search")
     trials: int = flag("sweep", "trials of the sweep, over all its workers together")
+    prune_after: int | None = flag("sweep", "the median pruner judges a trial only from this epoch on (and never at "
+                                   "its last), against the trials that reached that epoch, and only once "
+                                   f"{PRUNER_STARTUP_TRIALS} trials have completed and {PRUNER_STARTUP_TRIALS} have "
+                                   "reported that epoch: early epochs' scores still jump by several points; the "
+                                   "trial's epochs or more: no pruning", unset="half of the trial's epochs")
     study_storage: str | None = flag("sweep", "join a study shared by several workers: an RDB URL "
                                      "(postgresql://user:password@host/db) or an Optuna journal file's path on a "
                                      "shared filesystem; the password is never written anywhere",
@@ -356,6 +364,8 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         ((config.patience or 0) >= 0, f"--patience must be >= 0 (got {config.patience})."),
         (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {config.label_smoothing})."),
         (config.trials >= 1, f"--trials must be at least 1 (got {config.trials})."),
+        (config.prune_after is None or config.prune_after >= 1,
+         f"--prune-after must be at least 1 epoch (got {config.prune_after})."),
         (config.sweep is not None or (config.study_storage is None and config.study_name is None),
          "--study-storage and --study-name name a sweep's study: give --sweep too."),
         (config.track == "mlflow" or (config.tracking_uri is None and config.experiment_name is None),

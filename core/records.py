@@ -102,13 +102,16 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 class Record:
-    """A dataclass written as a JSON object: fields in order, optional ones (None) left out."""
+    """A dataclass written as a JSON object: fields in order, optional ones (None) left out but those named in
+    `kept_nulls` (keys a reader is told to expect, written as null)."""
+
+    kept_nulls: typing.ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if value is None and spec.default is None:
+            if value is None and spec.default is None and spec.name not in self.kept_nulls:
                 continue
             if isinstance(value, list):
                 value = [item.to_dict() if isinstance(item, Record) else item for item in value]
@@ -264,6 +267,8 @@ class DatasetRecord(Record):
 class SweepTrial(Record):
     """One trial of a sweep: the settings it tried, how it ended, and its validation values."""
 
+    kept_nulls = ("value", "seconds", "retry_of", "note")  # every trial has these keys (docs/sweeps.md)
+
     number: int
     state: str  # Optuna's trial state in lower case: complete, pruned, fail, running or waiting
     params: dict[str, float | str]
@@ -273,6 +278,17 @@ class SweepTrial(Record):
     seconds: float | None = None
     retry_of: int | None = None  # the trial it re-runs (whose worker died or was stopped)
     note: str | None = None  # why it stopped, when not by the pruner (e.g. the loss diverged)
+
+
+@dataclass
+class TrialComparison(Record):
+    """A sweep's best trial against another complete trial, image by image on the validation split."""
+
+    trial: int
+    best_only: int  # validation images the best trial's student got right and this trial's wrong
+    other_only: int  # ... and the other way round
+    p: float  # McNemar's exact two-sided p
+    p_holm: float  # p corrected by Holm's step-down over every comparison with the best
 
 
 @dataclass
@@ -290,6 +306,10 @@ class SweepRecord(Record):
     best_params: dict[str, float | str]
     best_value: float
     trials: list[SweepTrial]
+    user_trial: int | None = None  # the complete trial that tried the user's own settings (enqueued first)
+    val_images: int | None = None  # the validation images the trials were compared on
+    comparisons: list[TrialComparison] = field(default_factory=list)  # the best against each other complete trial
+    tied_with_best: list[int] = field(default_factory=list)  # trials no corrected test separates from the best
 
 
 @dataclass

@@ -16,29 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core import records
+from core import paired_tests, records
 from results import report, significance
 
 Flags = dict[str, dict[int, np.ndarray]]  # role -> seed -> which test images it classified correctly
 
 
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the order given.
-
-    The i-th smallest of m p-values is multiplied by m - i + 1 (i from 1), capped at 1, and made no smaller
-    than the adjusted value before it: a pair differs when its adjusted p is below the level, which keeps
-    the chance of calling any equal pair different below the level for the whole family.
-    """
-    count, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
-    for rank, index in enumerate(sorted(range(count), key=lambda at: p_values[at])):
-        running = max(running, min(1.0, (count - rank) * p_values[index]))
-        adjusted[index] = running
-    return adjusted
-
-
 def corrected(p_values: Sequence[float], correction: str) -> list[float]:
     """The family's p-values corrected by `correction` (records.COMPARISON_CORRECTIONS)."""
-    return holm(p_values) if correction == "holm" else [float(p) for p in p_values]
+    return paired_tests.holm(p_values) if correction == "holm" else [float(p) for p in p_values]
 
 
 def read_flags(run_dir: Path, roles: list[str], seeds: list[int]) -> Flags:
@@ -52,7 +38,7 @@ def read_flags(run_dir: Path, roles: list[str], seeds: list[int]) -> Flags:
             results = report.read_run_file(path)
             if not isinstance(results.get("test_correct"), str):
                 raise ValueError(f"'{path}' holds no per-image test results (test_correct)")
-            flags[role][seed] = significance.parse_correct_flags(results["test_correct"])
+            flags[role][seed] = paired_tests.parse_correct_flags(results["test_correct"])
     return flags
 
 

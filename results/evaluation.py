@@ -17,8 +17,8 @@ import KD_engine
 import model_builder
 import utils
 from config import settings
-from core import compute, errors, records
-from results import deploy, report, significance
+from core import compute, errors, paired_tests, records
+from results import deploy, report
 from training import checkpoints, model_run
 
 # ---------------------------------------------------------------- one model's folder
@@ -70,7 +70,7 @@ def evaluate_model(
     write_model_folder(context, role, arch, model, fit, folder, outputs, results)
     # Written last: its presence marks the model as finished for --resume.
     utils.write_json(folder / report.RESULTS, {"model": role, **row.to_dict(),
-                                        "test_correct": significance.correct_flags(*outputs["test"]),
+                                        "test_correct": paired_tests.correct_flags(*outputs["test"]),
                                         "splits": results})
     (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
     return row
@@ -133,10 +133,13 @@ def export_model(context: model_run.Context, role: str, arch: str, model: nn.Mod
 
 
 
-def finished_row(folder: Path, name: str) -> records.ModelRow | None:
+RESUMED_KEPT = "finished before the interruption"  # why finished_row keeps a model, by default
+
+
+def finished_row(folder: Path, name: str, kept: str = RESUMED_KEPT) -> records.ModelRow | None:
     """The summary row of a model an interrupted run already finished, or None: also when its results.json
     is empty or cannot be read (as a power cut while it was written can leave it), and that model is then
-    trained again (continuing from its training state, if one is left)."""
+    trained again (continuing from its training state, if one is left). `kept` says why a finished one is kept."""
     path = folder / report.RESULTS
     if not path.is_file():
         return None
@@ -150,7 +153,7 @@ def finished_row(folder: Path, name: str) -> records.ModelRow | None:
         return None
     if compute.is_main_process():
         (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
-        print(f"[{name}] finished before the interruption: kept as it was")
+        print(f"[{name}] {kept}: kept as it was")
     return row
 
 
@@ -161,7 +164,7 @@ def read_test_correct(folder: Path) -> np.ndarray:
     if "test_correct" not in results:
         raise errors.SettingsError(f"'{path}' was written by an earlier version without per-image test "
                                    "results; delete it to train that model again.")
-    return significance.parse_correct_flags(results["test_correct"])
+    return paired_tests.parse_correct_flags(results["test_correct"])
 
 
 # ---------------------------------------------------------------- the run directory

@@ -16,6 +16,7 @@ from config import settings
 from core import records
 from methods import base
 from results import significance
+from sweep import findings
 
 LEDGER_ROLES = (records.TEACHER, records.BASELINE, records.distilled_role("kd"))  # each has its own top-1 column
 LEDGER_COLUMNS = [
@@ -71,8 +72,7 @@ def ledger_row(config: settings.Config, summary: records.RunSummary, run_dir: Pa
         "wall_seconds_last_sitting": (summary.wall_seconds if summary.wall_seconds_last_sitting is None
                                       else summary.wall_seconds_last_sitting),
         # A sweep's row: the settings above are its best trial's.
-        "sweep": "" if summary.sweep is None else (f"{summary.sweep.spec}; {len(summary.sweep.trials)} trials, best "
-                                                   f"{summary.sweep.best_trial}"),
+        "sweep": "" if summary.sweep is None else findings.ledger_text(summary.sweep),
     }
 
 

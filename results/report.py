@@ -294,6 +294,8 @@ def reading_of_result(summary: records.RunSummary) -> list[str]:
         sentences.append(f"Measured on {summary.device} against the teacher, the student: {'; '.join(clauses)}.")
     if summary.comparisons is not None:
         sentences.append(head_to_head_sentence(summary.comparisons))
+    if summary.sweep is not None:
+        sentences.append(findings.summary_sentence(summary.sweep))
     samples = summary.dataset.sizes.get("test")
     if baseline and distilled_roles and samples:
         sentences.append(f"One test image is {100 / samples:.2f} points here.")

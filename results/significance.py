@@ -12,10 +12,9 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 import utils
-from core import records
+from core import paired_tests, records
 
 SIGNIFICANCE_LEVEL = 0.05  # a gain is "significant" when its test gives p below this
 CONFIDENCE = 1 - SIGNIFICANCE_LEVEL  # the interval of the per-seed gains excludes zero exactly when p < the level
@@ -40,16 +39,6 @@ METRIC_NAMES = {"top1": "top-1", "loss": "loss", "f1_macro": "macro F1"}  # the 
 # ---------------------------------------------------------------- paired tests
 
 
-def correct_flags(logits: torch.Tensor, labels: torch.Tensor) -> str:
-    """Per-sample top-1 correctness in sample order, one character each ('1' right, '0' wrong): compact in JSON."""
-    return "".join("1" if right else "0" for right in (utils.predicted_classes(logits) == labels).tolist())
-
-
-def parse_correct_flags(flags: str) -> np.ndarray:
-    """The boolean array of a `correct_flags` string."""
-    return np.frombuffer(flags.encode("ascii"), dtype=np.uint8) == ord("1")
-
-
 def mcnemar_exact(baseline_correct: np.ndarray, candidate_correct: np.ndarray) -> dict[str, Any]:
     """Exact McNemar test of two models' predictions on the same images.
 
@@ -58,16 +47,13 @@ def mcnemar_exact(baseline_correct: np.ndarray, candidate_correct: np.ndarray) -
     probability 1/2: the two-sided p is scipy's exact binomial test of `candidate_only` of
     their sum (1 when there is none).
     """
-    from scipy.stats import binomtest
-
     baseline_correct, candidate_correct = np.asarray(baseline_correct, bool), np.asarray(candidate_correct, bool)
     if baseline_correct.shape != candidate_correct.shape:
         raise ValueError(f"paired predictions differ in length ({len(baseline_correct)} vs {len(candidate_correct)})")
     baseline_only = int((baseline_correct & ~candidate_correct).sum())
     candidate_only = int((candidate_correct & ~baseline_correct).sum())
-    discordant = baseline_only + candidate_only
-    p = 1.0 if discordant == 0 else float(binomtest(candidate_only, discordant, 0.5).pvalue)
-    return {"p": p, "baseline_only": baseline_only, "candidate_only": candidate_only}
+    return {"p": paired_tests.mcnemar_p(baseline_only, candidate_only), "baseline_only": baseline_only,
+            "candidate_only": candidate_only}
 
 
 def paired_gain_interval(gains: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:

@@ -1,25 +1,25 @@
 """Hyper-parameter sweeps: which settings distil best, searched with Optuna on the validation split.
 
 A sweep trains the teacher once (or takes --teacher-checkpoint), then one distilled student per
-trial with the settings Optuna's sampler draws from the --sweep spec. A trial's objective is its
-best epoch's validation --select-metric; it reports every epoch's value, so that the median pruner
-stops hopeless trials early. A trial's context has no test loader: no trial can read the test split.
-experiment.py then tests the best trial's student once, against a baseline trained with the same
-settings and seed.
+trial: the user's own settings first, then those Optuna's sampler draws from the --sweep spec. A
+trial's objective is its best epoch's validation --select-metric; it reports every epoch's value, so
+that the median pruner stops hopeless trials (from --prune-after on), and keeps which validation
+images it got right, so that the best is compared with every other (sweep.noise). A trial's context
+has no test loader: no trial can read the test split. experiment.py then tests the best trial's
+student once, against a baseline trained with the same settings and seed.
 
 The trials are kept in an Optuna study: an SQLite file in the run directory (RUN/sweep.db) for one
 worker, or a shared storage (an RDB URL, or a journal file on a shared filesystem) that several
 workers join. The workers of a study share its run directory (on a filesystem all of them mount) and
 take turns through file locks in RUN/trials/: the first to lock the teacher trains it while the
 others wait; a trial is counted against the budget under a lock, so together they run exactly
---trials; one writes the report. A running trial's worker records a heartbeat; a trial not heard
-from for GRACE_SECONDS (its worker was killed) is marked failed and queued again, and the retry
-continues from the trial's last saved epoch.
+--trials; one writes the report. A trial whose worker's lock is free (the worker was killed) is
+marked failed and queued again at once; failing that (a lost machine), a trial whose heartbeat
+stopped is, after study_storage.GRACE_SECONDS. The retry continues from the trial's last saved epoch.
 """
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import re
@@ -33,7 +33,6 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.storages._heartbeat import BaseHeartbeat  # Optuna's heartbeat protocol (its journal storage has none)
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -41,19 +40,16 @@ import engine
 import model_builder
 import utils
 from config import settings
-from core import errors, records, secrets
+from core import errors, paired_tests, records
 from core.errors import SettingsError
-from sweep import findings, search_space
+from sweep import findings, noise, search_space, study_storage
 from training import checkpoints, model_run
 
 TRIALS_DIR = "trials"  # RUN/trials/: each trial's student, the workers' locks, the study's run id
 SQLITE_FILE = "sweep.db"  # the study of a sweep without --study-storage, in its run directory
-HEARTBEAT_SECONDS = 20  # a running trial's worker records that it is alive this often
-GRACE_SECONDS = 120  # a running trial not heard from for this long is failed and queued again
-MAX_RETRIES = 3  # times one trial is queued again after its worker died or was stopped
 POLL_SECONDS = 5  # how often a worker with no trial left to start looks whether the others' have ended
-PRUNER_STARTUP_TRIALS = 5  # Optuna's default: the median of fewer finished trials means little
-HEARTBEAT_ATTR = "heartbeat:"  # + trial id: a journal trial's last heartbeat (a retry copies its parent's attrs)
+WORKER_ATTR = "worker"  # a running trial's user attribute: its worker's id, whose RUN/trials/worker_<id>.lock it holds
+JOINED_KEPT = "trained by another worker of the sweep"  # why a joining worker keeps the teacher it finds
 
 
 # ---------------------------------------------------------------- the plan and the storage
@@ -71,6 +67,8 @@ class Plan:
     storage: optuna.storages.BaseStorage | None  # a shared study's storage, opened; None: RUN/sweep.db
     storage_shown: str | None  # --study-storage without its password
     study_name: str | None  # None: the run directory's name
+    user_params: dict[str, Any]  # the user's own settings of the searched names, tried first
+    user_outside: list[str]  # those outside their ranges ('name=value'): then no trial tries them
 
 
 def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
@@ -93,10 +91,10 @@ def prepare(config: settings.Config) -> tuple[settings.Config, Plan]:
         if name is None:
             raise SettingsError("--study-storage needs --study-name: the workers of a study find it by its name.")
         config = replace(config, output_dir=config.output_dir or str(Path("runs") / name))
-        storage = connect(config.study_storage)
+        storage = study_storage.connect(config.study_storage)
     direction = "minimize" if config.select_metric == "loss" else "maximize"
     plan = Plan(config.sweep, space, config.trials, config.select_metric, direction, storage,
-                settings.without_password(config.study_storage), name)
+                settings.without_password(config.study_storage), name, *search_space.user_params(config, space))
     if storage is not None and name is not None:  # a study refused now leaves no run directory behind
         check_study_fits(study_attrs(storage, name), plan, Path(config.output_dir or ""), name)
     return config, plan
@@ -121,64 +119,6 @@ def check_study_fits(attrs: dict[str, Any], plan: Plan, run_dir: Path, name: str
     if run_id is not None and (not id_file.is_file() or id_file.read_text() != run_id):
         raise SettingsError(f"Study '{name}' keeps its trials in another run directory: every worker of a study is "
                             "given the same --output-dir, on a filesystem all of them mount.")
-
-
-def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
-    """What queues a stopped trial again: the same settings, its reported epochs kept, at most MAX_RETRIES times."""
-    with search_space.quiet_optuna():
-        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
-
-
-class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
-    """Optuna's journal-file storage with the heartbeat Optuna gives its RDB storage only: while a trial runs,
-    its worker records the time in the trial's system attributes every HEARTBEAT_SECONDS, and a running trial
-    not heard from for GRACE_SECONDS is stale, so Optuna's fail_stale_trials fails it and the retry callback
-    queues it again. The times are the workers' clocks: keep the machines' clocks in step (NTP)."""
-
-    def __init__(self, path: str, stale_callback: Callable[[optuna.Study, FrozenTrial], None]) -> None:
-        super().__init__(optuna.storages.journal.JournalFileBackend(path))
-        self._stale_callback = stale_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, f"{HEARTBEAT_ATTR}{trial_id}", time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now, stale = time.time(), []
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            trial_id = self.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-            last = trial.system_attrs.get(f"{HEARTBEAT_ATTR}{trial_id}", trial.datetime_start.timestamp())
-            if now - last > GRACE_SECONDS:
-                stale.append(trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int:
-        return HEARTBEAT_SECONDS
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
-        return self._stale_callback
-
-
-def _scrubbed(text: str, url: str) -> str:
-    """An error message about `url` with every form of its password hidden."""
-    return re.sub(r"\s*\(Background on this error at: \S+\)", "", secrets.scrubbed(text, url))
-
-
-def connect(url: str) -> optuna.storages.BaseStorage:
-    """The Optuna storage at `url`, with heartbeats: an RDB URL (scheme://...), else a journal file's path.
-
-    SettingsError, with the password hidden, when it cannot be opened (no server, no driver, no folder).
-    """
-    try:
-        with search_space.quiet_optuna():
-            if "://" in url:
-                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                                                  heartbeat_stale_trial_callback=retry_callback())
-            return HeartbeatJournalStorage(url, retry_callback())
-    except Exception as error:  # whatever the database or its driver raises: the user's storage to fix
-        hint = " (install the database's driver: pip install psycopg2-binary for PostgreSQL, pymysql for MySQL)" \
-            if isinstance(error, ImportError) else ""
-        raise SettingsError(f"Cannot open the study storage {settings.without_password(url)}: "
-                            f"{_scrubbed(errors.one_line(error, brief=True), url)}{hint}.") from None
 
 
 def joins_run(config: settings.Config, plan: Plan) -> bool:
@@ -215,47 +155,6 @@ def resumed_storage(config: settings.Config, storage: str | None) -> settings.Co
 # ---------------------------------------------------------------- workers
 
 
-class FileLock:
-    """An exclusive lock on a file (fcntl.flock) that the processes sharing its filesystem take in turns; the
-    kernel releases it when its process ends, however it ends (a killed worker's lock is not left behind)."""
-
-    def __init__(self, path: Path, waiting: str | None = None) -> None:
-        self.path, self.waiting = path, waiting  # waiting: printed when another process holds it
-        self._handle = None
-
-    def acquire(self, block: bool = True) -> bool:
-        """Take the lock (waiting for it with `block`); whether it was taken."""
-        handle = open(self.path, "a")
-        try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not block:
-                    handle.close()
-                    return False
-                if self.waiting:
-                    print(self.waiting, flush=True)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-        except BaseException:  # Ctrl-C or SIGTERM while waiting
-            handle.close()
-            raise
-        self._handle = handle
-        return True
-
-    def release(self) -> None:
-        """Let the lock go (closing the file does); releasing twice is harmless."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def __enter__(self) -> FileLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.release()
-
-
 @dataclass
 class Search:
     """The sweep's outcome: its study, the best trial, where that trial's student was trained, and the run's
@@ -278,47 +177,55 @@ class SweepStudy:
     shared one), its checks (this sweep's, kept with this run directory), the trials a killed worker left, queued
     again, and the file locks in RUN/trials/ through which the workers take turns."""
 
-    def __init__(self, run_dir: Path, plan: Plan, seed: int, student_epochs: int) -> None:
-        self.run_dir, self.plan, self.seed, self.student_epochs = run_dir, plan, seed, student_epochs
+    def __init__(self, run_dir: Path, plan: Plan, seed: int) -> None:
+        self.run_dir, self.plan, self.seed = run_dir, plan, seed
         self.folder = run_dir / TRIALS_DIR
         self.name = plan.study_name or run_dir.name
-        self.retry = retry_callback()
         self.storage: optuna.storages.BaseStorage | None = plan.storage
-        self._alone = FileLock(self.folder / "sqlite.lock")
+        self._alone = study_storage.FileLock(self.folder / "sqlite.lock")
+        self.worker_id = uuid.uuid4().hex
+        self._worker = study_storage.FileLock(self._worker_lock_path(self.worker_id))  # held while this worker lives
+
+    def _worker_lock_path(self, worker_id: str) -> Path:
+        return self.folder / f"worker_{worker_id}.lock"
 
     def __enter__(self) -> SweepStudy:
         self.folder.mkdir(exist_ok=True)
+        self._worker.acquire()
         if self.storage is None:
             # RUN/sweep.db serves one worker (docs/sweeps.md): any trial it lists as running was left by a killed one.
             if not self._alone.acquire(block=False):
                 raise SettingsError(f"Another process is running the sweep in '{self.run_dir}'.")
-            self.storage = connect(f"sqlite:///{(self.run_dir / SQLITE_FILE).resolve()}")
+            self.storage = study_storage.connect(f"sqlite:///{(self.run_dir / SQLITE_FILE).resolve()}")
         self.storage_shown = self.plan.storage_shown or f"sqlite:///{self.run_dir / SQLITE_FILE}"
-        # Epochs are the pruner's steps: none is judged before the one after the first quarter, the one-cycle warm-up.
-        warmup = math.ceil(self.student_epochs / 4) + 1
+        # Epochs are the pruner's steps; a trial's own first judged epoch (--prune-after) is kept by Objective.
+        startup = settings.PRUNER_STARTUP_TRIALS
         with search_space.quiet_optuna():
             self.optuna = optuna.create_study(
                 storage=self.storage, study_name=self.name, direction=self.plan.direction, load_if_exists=True,
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
-        with self.budget_lock():
-            self._check()
-            if self.plan.storage is None:
-                self._queue_again(self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        self.optuna.sampler = self._sampler()
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_min_trials=startup))
         print(f"Sweep: {search_space.describe(self.plan.space)}; {self.plan.trials} trials judged by validation "
               f"{self.plan.metric} ({self.plan.direction}); study '{self.name}' in {self.storage_shown}")
+        with self.budget_lock():
+            self._check()
+            self.queue_dead_workers_trials()
+            if not self.optuna.get_trials(deepcopy=False):
+                self._enqueue_user_settings()
+        self.optuna.sampler = self._sampler()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._alone.release()
+        self._worker.release()
+        self._worker_lock_path(self.worker_id).unlink(missing_ok=True)
 
-    def budget_lock(self) -> FileLock:
+    def budget_lock(self) -> study_storage.FileLock:
         """RUN/trials/budget.lock, under which a trial is counted against --trials (held for moments: nothing said)."""
-        return FileLock(self.folder / "budget.lock")
+        return study_storage.FileLock(self.folder / "budget.lock")
 
-    def exclusive(self, name: str) -> FileLock:
+    def exclusive(self, name: str) -> study_storage.FileLock:
         """RUN/trials/<name>.lock, held by one worker of the sweep at a time."""
-        return FileLock(self.folder / f"{name}.lock", f"[sweep] waiting for another worker ({name})")
+        return study_storage.FileLock(self.folder / f"{name}.lock", f"[sweep] waiting for another worker ({name})")
 
     def once(self, name: str, step: Callable[[], Any]) -> Any:
         """`step()` done by one worker at a time: the first to lock `name` does the work, and the others, who
@@ -336,6 +243,17 @@ class SweepStudy:
             self.optuna.set_user_attr("sweep", {"spec": self.plan.spec, "metric": self.plan.metric})
             self.optuna.set_user_attr("run_id", run_id)
 
+    def _enqueue_user_settings(self) -> None:
+        """A new study's first trial tries the user's own settings, so that the sweep answers whether the search
+        beat them (unless one lies outside its range)."""
+        shown = findings.params_text(self.plan.user_params)
+        if self.plan.user_outside:
+            print(f"[sweep] your settings ({shown}) are not tried: {', '.join(self.plan.user_outside)} lies outside "
+                  "the searched range, so no trial says whether the search beat them")
+            return
+        self.optuna.enqueue_trial(self.plan.user_params, user_attrs={noise.USER_ATTR: True})
+        print(f"[sweep] trial 0 tries your own settings ({shown}): the best trial is compared with it")
+
     def _sampler(self) -> optuna.samplers.BaseSampler:
         """TPE, drawing jointly (temperature and alpha interact), its first third of the trials (3 to 10) at random.
 
@@ -349,14 +267,37 @@ class SweepStudy:
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, self.plan.trials // 3)),
                                               multivariate=True, constant_liar=True)
 
-    def _queue_again(self, trials: list[FrozenTrial]) -> None:
-        """Fail these running trials (their worker is gone) and queue each again, to go on from its last saved epoch."""
+    def claim(self, trial: optuna.Trial) -> None:
+        """Mark a trial this worker starts as its own (under the budget lock, before any other worker looks)."""
+        trial.set_user_attr(WORKER_ATTR, self.worker_id)
+
+    def _worker_gone(self, trial: FrozenTrial) -> bool:
+        """Whether a running trial's worker has ended: the kernel let its lock go (RUN/sweep.db: any running trial
+        is a dead worker's, the study being this worker's alone)."""
+        owner = trial.user_attrs.get(WORKER_ATTR)
+        if owner == self.worker_id:
+            return False
+        if self.plan.storage is None:
+            return True
+        if owner is None:  # a trial started by an older version: its heartbeat decides
+            return False
+        lock = study_storage.FileLock(self._worker_lock_path(owner))
+        if not lock.acquire(block=False):
+            return False
+        lock.release()
+        self._worker_lock_path(owner).unlink(missing_ok=True)
+        return True
+
+    def queue_dead_workers_trials(self) -> None:
+        """Fail, at once, the running trials whose worker was killed (no heartbeat grace to wait for: its lock is
+        free), and queue each again, to go on from its last saved epoch. Called under the budget lock."""
         study_id = self.storage.get_study_id_from_name(self.name)
-        for trial in trials:
+        for trial in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not self._worker_gone(trial):
+                continue
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                self.retry(self.optuna, trial)
-                print(f"[sweep] trial {trial.number} was interrupted: queued again")
+                study_storage.requeue(self.optuna, trial, "its worker was killed")
 
     def counts(self) -> tuple[int, int]:
         """The study's finished (complete or pruned) and running trials."""
@@ -393,6 +334,12 @@ def trial_context(
     return replace(context, config=config, hard_loss=hard_loss, eval_loaders=loaders)
 
 
+def first_judged(config: settings.Config) -> int:
+    """The first epoch at which the pruner may stop a trial: --prune-after, by default half of its epochs (early
+    epochs' scores still jump by several points)."""
+    return config.prune_after if config.prune_after is not None else max(1, math.ceil(config.student_epochs / 2))
+
+
 class Objective:
     """One trial's work: a distilled student trained with the settings the trial draws, never seeing the test
     split, each epoch reported to the pruner; the trial's value is its best epoch's validation metric."""
@@ -405,20 +352,21 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial, started: Callable[[], None]) -> float:
         """Train one distilled student with the trial's settings; its best epoch's validation metric."""
-        started()  # the trial is in the study: the other workers count it
+        self.sweep.claim(trial)
+        started()  # the trial is in the study, this worker's: the other workers count it
         config = search_space.trial_config(self.context.config, search_space.suggest(trial, self.sweep.plan.space))
         context = trial_context(self.context, self.dataset, config, test=False)
         folder = self.sweep.trial_folder(self.sweep.frozen(trial))
         role = records.distilled_role(settings.kd_methods(config)[0])
         criterion, cached = model_run.student_criterion(context, role, self.teacher, self.teacher_logits)
         try:
-            fit = model_run.train_model(
+            student, fit = model_run.train_model(
                 context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
                 config.student_epochs, config.student_lr, criterion, folder, config.seed, cached,
-                on_epoch=self._reporter(trial, config.student_epochs))[1]
+                on_epoch=self._reporter(trial, config.student_epochs, first_judged(config)))
         except KeyboardInterrupt:
             context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
-            self.sweep.retry(self.sweep.optuna, self.sweep.frozen(trial))
+            study_storage.requeue(self.sweep.optuna, self.sweep.frozen(trial), "its worker was stopped")
             raise
         except (optuna.TrialPruned, engine.NonFiniteLossError) as stop:
             context.saver.wait()
@@ -432,16 +380,22 @@ class Objective:
         best = fit.history[fit.best_epoch - 1]["val"]
         trial.set_user_attr("val", {key: best[key] for key in engine.SELECT_METRICS})
         trial.set_user_attr("seconds", round(sum(epoch["seconds"] for epoch in fit.history), 2))
+        # A resumed trial whose best epoch came before the interruption has no outputs kept: predicted again.
+        outputs = fit.best_val_outputs or engine.predict(student, context.eval_loaders["val"], context.device,
+                                                         context.amp_dtype, f"trial {trial.number} val")
+        trial.set_user_attr(noise.CORRECT_ATTR, paired_tests.correct_flags(*outputs))
         return metric_value(best, self.sweep.plan.metric)
 
-    def _reporter(self, trial: optuna.Trial, epochs: int) -> model_run.EpochLog:
-        """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned)
-        before its last epoch (stopping it then would save nothing)."""
+    def _reporter(self, trial: optuna.Trial, epochs: int, judged_from: int) -> model_run.EpochLog:
+        """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned) from
+        epoch `judged_from` on, before its last epoch (stopping it then would save nothing)."""
 
         @checkpoints.finish_before_interrupt  # a stop signal waits for the storage's write to finish
         def report(record: dict[str, Any]) -> None:
             trial.report(metric_value(record["val"], self.sweep.plan.metric), record["epoch"])
-            if record["epoch"] < epochs and trial.should_prune():
+            # The time trained so far (a retry starts from its parent's): what a killed trial is said to have taken.
+            trial.set_user_attr("seconds", round(trial.user_attrs.get("seconds", 0.0) + record["seconds"], 2))
+            if judged_from <= record["epoch"] < epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
         return report
@@ -492,8 +446,12 @@ class Outcome:
     def complete(self, summary: records.RunSummary, search: Search) -> None:
         """The summary of the best trial's run gains the sweep's record and its sanity warnings."""
         plan = self.sweep.plan
-        summary.sweep = findings.record(search.study, search.best, plan.space, plan.trials, plan.metric,
-                                        self.sweep.storage_shown, self.sweep.name, plan.spec)
+        summary.sweep = replace(
+            findings.record(search.study, search.best, plan.space, plan.trials, plan.metric, self.sweep.storage_shown,
+                            self.sweep.name, plan.spec),
+            **noise.comparisons(search.study.get_trials(deepcopy=False), search.best))
+        for line in findings.verdict(summary.sweep):
+            print(f"[sweep] {line}")
         summary.warnings += findings.sanity_warnings(summary.sweep)
 
 
@@ -503,7 +461,7 @@ class Worker:
 
     def __init__(self, context: model_run.Context, plan: Plan, dataset: records.DatasetRecord) -> None:
         self.context, self.dataset = context, dataset
-        self.study = SweepStudy(context.run_dir, plan, context.config.seed, context.config.student_epochs)
+        self.study = SweepStudy(context.run_dir, plan, context.config.seed)
         self.outcome = Outcome(self.study, context, dataset)
 
     def __enter__(self) -> Worker:
@@ -521,8 +479,9 @@ class Worker:
         while True:
             budget.acquire()
             try:
+                self.study.queue_dead_workers_trials()  # at once when their workers' locks say so
                 with search_space.quiet_optuna():
-                    optuna.storages.fail_stale_trials(self.study.optuna)  # killed workers' trials: queued again
+                    optuna.storages.fail_stale_trials(self.study.optuna)  # else after the heartbeat's grace
                 finished, running = self.study.counts()
                 if finished >= trials:
                     break

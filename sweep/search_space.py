@@ -137,6 +137,19 @@ def trial_config(config: settings.Config, params: dict[str, Any]) -> settings.Co
     return config if method is None else replace(config, kd_methods=method)
 
 
+def user_params(config: settings.Config, space: dict[str, BaseDistribution]) -> tuple[dict[str, Any], list[str]]:
+    """The user's own settings (flags, constants, file) as a trial's values, and those lying outside their
+    ranges as 'name=value' (then no trial can try them)."""
+    params = {name: settings.kd_methods(config)[0] if name == METHOD else getattr(config, name) for name in space}
+    outside = []
+    for name, dist in space.items():
+        value = params[name]
+        inside = value in dist.choices if isinstance(dist, CategoricalDistribution) else dist.low <= value <= dist.high
+        if not inside:
+            outside.append(f"{name}={value:g}" if isinstance(value, (int, float)) else f"{name}={value}")
+    return params, outside
+
+
 def check_ranges(config: settings.Config, space: dict[str, BaseDistribution]) -> None:
     """Every method, and both ends of every range (each choice), must make settings a run accepts."""
     methods = space[METHOD].choices if METHOD in space else settings.kd_methods(config)

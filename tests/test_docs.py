@@ -26,7 +26,7 @@ import experiment
 import model_builder
 import prediction_for_one
 from config import command_line, settings
-from sweep import search
+from sweep import search, study_storage
 from training import checkpoints
 
 
@@ -191,7 +191,7 @@ def check_experiment(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
                 "resize": config.resize, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
     monkeypatch.setattr(checkpoints, "read_teacher_checkpoint", teacher_description)
-    monkeypatch.setattr(search, "connect", lambda storage: None)
+    monkeypatch.setattr(study_storage, "connect", lambda storage: None)
     config, _ = experiment.checked_settings(config, given)
     if config.sweep is not None:
         search.prepare(config)

@@ -13,6 +13,7 @@ from conftest import SMALL_MODELS, TINY_FLAGS
 
 import experiment
 import utils
+from core import paired_tests
 from results import significance
 from training import checkpoints
 
@@ -68,7 +69,7 @@ def test_summary_reports_mean_and_std_over_seeds(methods_run):
         # McNemar per seed, from the per-image correctness each model's results.json keeps
         p_by_seed = {}
         for seed, suffix in (("3", ()), ("4", ("seed_4",))):
-            correct = [significance.parse_correct_flags(
+            correct = [paired_tests.parse_correct_flags(
                            utils.read_json(methods_run.joinpath(name, *suffix, "results.json"))["test_correct"])
                        for name in ("student_baseline", role)]
             assert len(correct[0]) == summary["dataset"]["sizes"]["test"]

@@ -17,7 +17,7 @@ from conftest import PASSWORD, ROOT, SECRET, SPEC, SWEEP_FLAGS, assert_one_sente
 import experiment
 import utils
 from core import secrets
-from sweep import search
+from sweep import search, study_storage
 from training import checkpoints, model_run
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 def shared_study(journal: Path, name: str, **attrs: Any) -> None:
     """A study named `name` in the journal file, with these user attributes (what a worker records)."""
-    storage = search.HeartbeatJournalStorage(str(journal), search.retry_callback())
+    storage = study_storage.HeartbeatJournalStorage(str(journal), study_storage.requeue_silent)
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
     for key, value in attrs.items():
         study.set_user_attr(key, value)
@@ -157,6 +157,14 @@ def test_sweep_finishes_and_its_study_holds_the_trials(password_sweep):
     assert sorted(path.name for path in (run_dir / "trials").iterdir() if path.is_dir()) == ["0", "1"]
     assert "[sweep] trial 0 complete" in password_sweep["console"]
     assert "[sweep] trial 1 complete" in password_sweep["console"]
+    # The user's own settings (the defaults here) are the first trial, and the best is judged against them.
+    assert study.trials[0].params == {"temperature": 4.0, "alpha": 0.5} and record["user_trial"] == 0
+    assert "[sweep] trial 0 tries your own settings (temperature=4, alpha=0.5)" in password_sweep["console"]
+    other, = [number for number in (0, 1) if number != record["best_trial"]]
+    assert [item["trial"] for item in record["comparisons"]] == [other] and record["best_trial"] in record[
+        "tied_with_best"]
+    assert record["val_images"] == len(study.trials[0].user_attrs["val_correct"]) > 0
+    assert "[sweep] tied with the best" in password_sweep["console"]
     ledger = (run_dir.parent / "experiments.csv").read_text().splitlines()
     assert len(ledger) == 2 and "temperature=1:10:log" in ledger[1]
 
@@ -176,6 +184,8 @@ def test_the_report_has_a_sweep_section_rebuilt_from_the_summary(password_sweep)
     section = html[html.index("<h2>Sweep</h2>"):html.index("<h2>Learning curves</h2>")]
     assert section.count("<img") >= 2 and "data:image/png;base64," in section
     assert "optimization history" in section and "<td>complete</td>" in section
+    lead = html[html.index('<div class="lead">'):html.index("<h2>Models</h2>")]
+    assert "The distilled student&#39;s settings came from a sweep: temperature=" in lead
 
 
 def test_the_storage_password_reaches_no_written_file(password_sweep):
@@ -212,6 +222,8 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tiny_data, tmp_path
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sum("[teacher] epoch" in output for output in outputs) == 1, "the teacher is trained once"
     assert sum("Wall time" in output for output in outputs) == 1, "one worker writes the report"
+    # A worker that joins the run directory the other made says so (test_sweep_postgres): nothing was interrupted.
+    assert not any("Resuming the run" in output or "interruption" in output for output in outputs), outputs
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
@@ -246,7 +258,8 @@ def test_killed_and_stopped_trials_are_retried_and_the_study_finishes(tiny_data,
     monkeypatch.setattr(checkpoints.BackgroundSaver, "save", stop_after_second_epoch)
     assert experiment.main(["--resume", str(run_dir)]) == 128 + signal.SIGTERM
     resumed = capsys.readouterr()
-    assert "trial 1 was interrupted: queued again" in resumed.out
+    assert "[sweep] trial 1 failed (its worker was killed); queued again as trial 2" in resumed.out
+    assert "[sweep] trial 2 failed (its worker was stopped); queued again as trial 3" in resumed.out
     assert "[trial 2] resuming after epoch 1 of 2" in resumed.out
     assert "[trial 0]" not in resumed.out, "a finished trial is kept"
     assert f"--resume {run_dir}" in resumed.err

@@ -7,11 +7,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from conftest import collapsed_run, model_row, run_summary, tied_logits
 
 import utils
-from core import records
+from core import paired_tests, records
 from results import report, significance
 
 # ---------------------------------------------------------------- 19.1: zero spread is no certainty
@@ -174,11 +173,7 @@ def test_mcnemar_exact_p_matches_hand_computation(baseline_only, candidate_only,
     assert (result["baseline_only"], result["candidate_only"]) == (baseline_only, candidate_only)
 
 
-def test_correct_flags_round_trip_and_mismatched_lengths():
-    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
-    flags = significance.correct_flags(logits, torch.tensor([0, 0, 0]))
-    assert flags == "101"
-    assert significance.parse_correct_flags(flags).tolist() == [True, False, True]
+def test_mcnemar_refuses_predictions_of_different_lengths():
     with pytest.raises(ValueError, match="differ in length"):
         significance.mcnemar_exact(np.ones(3, bool), np.ones(4, bool))
 
@@ -352,7 +347,7 @@ def test_the_zero_spread_verdict_takes_the_largest_mcnemar_p():
 
 def test_the_verdicts_flags_count_what_the_tables_top1_counts_when_logits_tie():
     logits, labels = tied_logits(seed=1)
-    flags = significance.parse_correct_flags(significance.correct_flags(logits, labels))
+    flags = paired_tests.parse_correct_flags(paired_tests.correct_flags(logits, labels))
     assert round(utils.topk_accuracy(logits, labels, 1) * len(labels)) == int(flags.sum())
 
 

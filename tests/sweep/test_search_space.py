@@ -36,3 +36,11 @@ def test_searchable_settings_come_from_the_config_types(monkeypatch):
     monkeypatch.setitem(settings.TYPES, "new_method_weight", float)
     assert "new_method_weight" in search_space.searchable_settings()
     assert search_space.parse_spec("new_method_weight=1:2")["new_method_weight"] == FloatDistribution(1.0, 2.0)
+
+
+def test_the_users_settings_are_a_trial_unless_outside_a_range():
+    space = search_space.parse_spec("temperature=1:10:log,alpha=0.1:0.9,method=kd|dkd")
+    config = experiment.default_config()
+    assert search_space.user_params(config, space) == ({"temperature": 4.0, "alpha": 0.5, "method": "kd"}, [])
+    hot = settings.Config(**{**vars(config), "temperature": 20.0, "kd_methods": "fitnet"})
+    assert search_space.user_params(hot, space)[1] == ["temperature=20", "method=fitnet"]
