@@ -8,29 +8,9 @@ from conftest import method_setup, sgd, tiny_distillation
 
 import KD_engine
 import model_builder
+from benchmarks import reference_connectors
 from methods import fsp
 from training import init_stage
-
-
-def reference_fsp(g_s, g_t):
-    """RepDistiller distiller_zoo/FSP.py FSP.forward, summed as helper/pretrain.py sums its list."""
-    def compute_fsp(g):
-        fsp_list = []
-        for i in range(len(g) - 1):
-            bot, top = g[i], g[i + 1]
-            b_H, t_H = bot.shape[2], top.shape[2]
-            if b_H > t_H:
-                bot = F.adaptive_avg_pool2d(bot, (t_H, t_H))
-            elif b_H < t_H:
-                top = F.adaptive_avg_pool2d(top, (b_H, b_H))
-            bot = bot.unsqueeze(1)
-            top = top.unsqueeze(2)
-            bot = bot.view(bot.shape[0], bot.shape[1], bot.shape[2], -1)
-            top = top.view(top.shape[0], top.shape[1], top.shape[2], -1)
-            fsp_list.append((bot * top).mean(-1))
-        return fsp_list
-
-    return sum((s - t).pow(2).mean() for s, t in zip(compute_fsp(g_s), compute_fsp(g_t), strict=True))
 
 
 def test_fsp_loss_and_gradient_equal_the_reference_transcription():
@@ -38,7 +18,7 @@ def test_fsp_loss_and_gradient_equal_the_reference_transcription():
     shapes = [(3, 4, 8, 8), (3, 6, 8, 8), (3, 5, 4, 4)]  # equal sizes, then a pooled bottom map
     student = [torch.randn(shape, generator=generator).requires_grad_() for shape in shapes]
     teacher = [torch.randn(shape, generator=generator) for shape in shapes]
-    ours, reference = fsp.fsp_loss(student, teacher), reference_fsp(student, teacher)
+    ours, reference = fsp.fsp_loss(student, teacher), reference_connectors.ref_fsp(student, teacher)
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
     for mine, theirs in zip(torch.autograd.grad(ours, student), torch.autograd.grad(reference, student), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
@@ -70,7 +50,7 @@ def test_the_init_stage_trains_the_students_feature_layers_only_on_the_stem_and_
 
     student.train()
     with torch.no_grad():
-        expected = reference_fsp(maps(student), maps(teacher))
+        expected = reference_connectors.ref_fsp(maps(student), maps(teacher))
     assert stage.loss(images).item() == pytest.approx(expected.item(), rel=1e-5)
     frozen = {**{"t." + k: v.clone() for k, v in teacher.state_dict().items()},
               **{"fc." + k: v.clone() for k, v in student.fc.state_dict().items()}}
