@@ -29,9 +29,9 @@ def without_times(history: list[dict]) -> list[dict]:
     return [{key: value for key, value in epoch.items() if key != "seconds"} for epoch in history]
 
 
-def assert_same_students(run: Path, reference: Path) -> None:
+def assert_same_students(run: Path, reference: Path, roles: tuple[str, ...] = STUDENTS) -> None:
     """Every student's history, test results and best weights are those of `reference`, bit for bit."""
-    for role in STUDENTS:
+    for role in roles:
         assert (without_times(utils.read_json(run / role / "history.json")["epochs"])
                 == without_times(utils.read_json(reference / role / "history.json")["epochs"])), role
         results, expected = (utils.read_json(folder / role / "results.json") for folder in (run, reference))
@@ -75,3 +75,12 @@ def test_a_pass_killed_between_two_students_saves_resumes_to_the_same_histories(
     assert resumed.returncode == 0, resumed.stderr
     assert "[student_baseline] resuming after epoch 1 of 2" in resumed.stdout
     assert_same_students(run, one_at_a_time)
+
+
+def test_students_with_dropout_keep_their_own_random_streams(one_at_a_time, tiny_data, tmp_path):
+    teacher = one_at_a_time / "teacher" / checkpoints.BEST_MODEL
+    flags = ["--data-dir", str(tiny_data), "--teacher-checkpoint", str(teacher), *LOCKSTEP_FLAGS,
+             "--student-model", "mobilenet_v3_small", "--kd-methods", "kd"]  # it drops out before its head
+    for mode in ("off", "on"):
+        assert experiment.main([*flags, "--output-dir", str(tmp_path / mode), "--lockstep", mode]) == 0
+    assert_same_students(tmp_path / "on", tmp_path / "off", ("student_baseline", "student_kd"))
