@@ -167,6 +167,8 @@ def train_pass(context: model_run.Context, arch: str, seed: int, students: list[
                                                   student.teacher_logits, compiled=False)
             if isinstance(training.criterion, KD_engine.DistillationStep):
                 training.criterion.shared_forward = shared
+            if members:  # one copy of the (padded) training images serves the pass, not one per student
+                training.train_loader.source = members[0].training.train_loader.source
             members.append(Member(student, training))  # its stream starts where training alone would start
         for member in members:
             _take_next_epoch(member)
