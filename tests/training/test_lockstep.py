@@ -1,5 +1,5 @@
 """Lockstep training's pieces: which students share a pass, how many fit the memory budget, the random streams.
-(One pass against one student at a time, and a killed pass resumed: tests/e2e/test_lockstep.py.)"""
+(One pass against one student at a time, and a killed pass resumed: tests/e2e/test_lockstep_runs.py.)"""
 
 from __future__ import annotations
 
