@@ -61,6 +61,23 @@ def teacher_forward(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits.clone()
 
 
+class SharedTeacherForward:
+    """The teacher's forward run once per batch for several distillation steps (lockstep training): the first step
+    to ask about a batch runs the teacher, and every step's hooks on it keep their maps from that one forward (the
+    union of the layers the methods hook); the others are handed the same logits."""
+
+    def __init__(self) -> None:
+        self._key: tuple[nn.Module, torch.Tensor] | None = None
+        self._logits: torch.Tensor | None = None
+
+    def logits(self, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on `images`, computed by the first caller of this batch (the batch is held, so no
+        later tensor can take its identity)."""
+        if self._key is None or self._key[0] is not teacher or self._key[1] is not images:
+            self._key, self._logits = (teacher, images), teacher_forward(teacher, images)
+        return self._logits
+
+
 class DistillationStep(engine.Criterion):
     """Engine criterion for one student distilled by one method from a frozen teacher.
 
@@ -77,6 +94,7 @@ class DistillationStep(engine.Criterion):
         self.trainable = method.trainable
         self.needs_sample_indices = method.needs_sample_indices
         layers = method.teacher_layers
+        self.shared_forward: SharedTeacherForward | None = None  # set by lockstep training
         self.teacher_hooks = (feature_maps.FeatureHooks(teacher, list(layers), {n for n, before in layers.items()
                                                                                 if before}) if layers else None)
 
@@ -88,7 +106,8 @@ class DistillationStep(engine.Criterion):
         (the loss keeps them for its backward pass, which an inference tensor cannot be)."""
         if cached_logits is not None and self.teacher_hooks is None:
             return TeacherOutputs(cached_logits)
-        logits = teacher_forward(self.teacher, images)
+        logits = teacher_forward(self.teacher, images) if self.shared_forward is None \
+            else self.shared_forward.logits(self.teacher, images)
         if self.teacher_hooks is None:
             return TeacherOutputs(logits)
         features = [feature.clone() for feature in self.teacher_hooks.take()]

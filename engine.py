@@ -87,10 +87,53 @@ class SupervisedCriterion(Criterion):
         return {"loss": loss, "logits": logits}
 
 
-def _progress(batches: Batches, description: str) -> Iterable:
+def progress(batches: Batches, description: str) -> Iterable:
     # disable=None hides the bar when output is not a terminal (logs, CI); only rank 0 shows one.
     return tqdm(batches, desc=description, leave=False, disable=None if compute.is_main_process() else True,
                 dynamic_ncols=True)
+
+
+class EpochSteps:
+    """One training epoch taken a step at a time (`step(images, labels, *extra)` per batch, then `metrics()`):
+    what `train_one_epoch` runs, and what lockstep training interleaves between several models on one stream."""
+
+    def __init__(
+        self, model: nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer, class_names: Sequence[str],
+        device: torch.device, steps: int, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        model.train()
+        self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
+        self.class_names, self.device, self.amp_dtype, self.steps = class_names, device, amp_dtype, steps
+        self.parts: list[str] = []
+        self.rows: torch.Tensor | None = None
+        self.one: torch.Tensor | None = None
+        self.all_logits: list[torch.Tensor] = []
+        self.all_labels: list[torch.Tensor] = []
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> None:
+        """One optimizer step on one batch; its loss parts, logits and labels are kept on the device."""
+        with compute.autocast(self.device, self.amp_dtype):
+            outputs = self.criterion(self.model, images, labels, *extra)
+        loss = outputs["loss"]
+        if self.rows is None:  # made once: the loss parts' names are known from the first step
+            self.parts = [name for name in outputs if name != "logits"]
+            self.rows = torch.empty((self.steps, len(self.parts)), device=loss.device)
+            self.one = torch.ones_like(loss)  # the loss's gradient with respect to itself, not made anew every step
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward(self.one)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        torch.stack([outputs[name].detach() for name in self.parts], out=self.rows[len(self.all_labels)])
+        self.all_logits.append(outputs["logits"].detach())
+        self.all_labels.append(labels)
+
+    def metrics(self) -> dict[str, Any]:
+        """The epoch's metrics (see `train_one_epoch`); NonFiniteLossError when a step's loss was not finite."""
+        batch_sizes = np.array([len(labels) for labels in self.all_labels])
+        return training_metrics(self.rows[: len(batch_sizes)], self.parts, batch_sizes,
+                                torch.cat(self.all_logits).float(), torch.cat(self.all_labels), self.class_names)
 
 
 def train_one_epoch(
@@ -120,29 +163,10 @@ def train_one_epoch(
     Returns:
         {"loss": ..., <other loss parts>, "samples": ..., "top1": ..., "top3": ..., "f1_macro": ..., ...}
     """
-    model.train()
-    parts: list[str] = []
-    rows = one = None
-    all_logits, all_labels = [], []
-    for step, (images, labels, *extra) in enumerate(_progress(data_loader, description)):
-        with compute.autocast(device, amp_dtype):
-            outputs = criterion(model, images, labels, *extra)
-        loss = outputs["loss"]
-        if rows is None:  # made once: the loss parts' names are known from the first step
-            parts = [name for name in outputs if name != "logits"]
-            rows = torch.empty((len(data_loader), len(parts)), device=loss.device)
-            one = torch.ones_like(loss)  # the loss's gradient with respect to itself, not made anew every step
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward(one)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        torch.stack([outputs[name].detach() for name in parts], out=rows[step])
-        all_logits.append(outputs["logits"].detach())
-        all_labels.append(labels)
-    batch_sizes = np.array([len(labels) for labels in all_labels])
-    return training_metrics(rows[: len(batch_sizes)], parts, batch_sizes, torch.cat(all_logits).float(),
-                            torch.cat(all_labels), class_names)
+    epoch = EpochSteps(model, criterion, optimizer, class_names, device, len(data_loader), scheduler, amp_dtype)
+    for batch in progress(data_loader, description):
+        epoch.step(*batch)
+    return epoch.metrics()
 
 
 def training_metrics(
@@ -179,7 +203,7 @@ def predict(
     # Not the DDP forward: shards may differ in length, and evaluation needs no gradient sync.
     module = compute.unwrap(model, keep_compiled=True).eval()
     all_logits, all_labels = [], []
-    for images, labels, *_ in _progress(data_loader, description):
+    for images, labels, *_ in progress(data_loader, description):
         with compute.autocast(device, amp_dtype):
             all_logits.append(module(images))
         all_labels.append(labels)
@@ -298,55 +322,92 @@ def fit(
     training stops once that many epochs in a row have not improved on the best, counted from the
     history, so a resumed run stops where an uninterrupted one would. A scheduler keeps its plan over `epochs`.
     """
-    hooks, selection = hooks or FitHooks(), selection or Selection()
-    result, best_state = resume if resume is not None else (FitResult(), None)
-    weights = weights if weights is not None else host_weights.WeightSnapshots()
-    if best_state is not None:
-        weights.best = best_state
-    best_val = result.history[result.best_epoch - 1]["val"] if result.best_epoch else None
-    start = time.perf_counter() - result.train_seconds
-    for epoch in range(len(result.history) + 1, epochs + 1):
-        if _patience_ran_out(result, selection, epochs, name, hooks.log):
-            break
-        record, val_logits, val_labels = _train_and_validate(
-            model, train_loader, val_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype, name,
-            epoch, epochs, result.best_epoch)
+    fitting = Fitting(model, val_loader, criterion, optimizer, epochs, class_names, device, scheduler, amp_dtype,
+                      name=name, hooks=hooks, selection=selection, resume=resume, weights=weights)
+    return train_epochs(fitting, train_loader)
+
+
+def train_epochs(fitting: Fitting, train_loader: Batches) -> FitResult:
+    """`fitting`'s epochs, one after another, on `train_loader` (what `fit` runs)."""
+    while (epoch := fitting.next_epoch()) is not None:
+        epoch_start = time.perf_counter()
+        steps = fitting.begin_epoch(epoch, len(train_loader))
+        for batch in progress(train_loader, f"{fitting.name} epoch {epoch}/{fitting.epochs}"):
+            steps.step(*batch)
+        fitting.end_epoch(steps, time.perf_counter() - epoch_start)
+    return fitting.finish()
+
+
+class Fitting:
+    """`fit`'s epoch loop as steps a driver calls: `next_epoch()` (None: done), `begin_epoch(epoch, steps)` (an
+    `EpochSteps` to feed the epoch's batches), `end_epoch(steps, seconds)` (validation, selection, hooks),
+    `finish()` (the best weights restored, the result). `fit` drives one model; lockstep training drives several
+    on one stream of batches. Arguments are `fit`'s."""
+
+    def __init__(
+        self, model: nn.Module, val_loader: Batches, criterion: Criterion, optimizer: torch.optim.Optimizer,
+        epochs: int, class_names: Sequence[str], device: torch.device,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, amp_dtype: torch.dtype | None = None, *,
+        name: str = "model", hooks: FitHooks | None = None, selection: Selection | None = None,
+        resume: tuple[FitResult, dict[str, torch.Tensor]] | None = None,
+        weights: host_weights.WeightSnapshots | None = None,
+    ) -> None:
+        self.model, self.val_loader, self.criterion, self.optimizer = model, val_loader, criterion, optimizer
+        self.epochs, self.class_names, self.device, self.scheduler = epochs, class_names, device, scheduler
+        self.amp_dtype, self.name = amp_dtype, name
+        self.hooks, self.selection = hooks or FitHooks(), selection or Selection()
+        self.result, best_state = resume if resume is not None else (FitResult(), None)
+        self.weights = weights if weights is not None else host_weights.WeightSnapshots()
+        if best_state is not None:
+            self.weights.best = best_state
+        self.best_val = self.result.history[self.result.best_epoch - 1]["val"] if self.result.best_epoch else None
+        self.lr = 0.0
+
+    def next_epoch(self) -> int | None:
+        """The epoch to train next (from 1), or None once the epochs or the patience have run out."""
+        epoch = len(self.result.history) + 1
+        if epoch > self.epochs or _patience_ran_out(self.result, self.selection, self.epochs, self.name,
+                                                    self.hooks.log):
+            return None
+        return epoch
+
+    def begin_epoch(self, epoch: int, steps: int) -> EpochSteps:
+        """Start epoch `epoch` of `steps` optimizer steps: the criterion is told, and the model set to train."""
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.criterion.set_epoch(epoch)
+        return EpochSteps(self.model, self.criterion, self.optimizer, self.class_names, self.device, steps,
+                          self.scheduler, self.amp_dtype)
+
+    def end_epoch(self, steps: EpochSteps, train_seconds: float) -> None:
+        """Close the epoch whose training took `train_seconds`: validate, select, tell the hooks, log its line."""
+        validation_start = time.perf_counter()
+        epoch, result, hooks = len(self.result.history) + 1, self.result, self.hooks
+        train_metrics = _epoch_metrics_or_stop(steps, self.name, epoch, result.best_epoch)
+        val_logits, val_labels = predict(self.model, self.val_loader, self.device, self.amp_dtype, f"{self.name} val")
+        seconds = train_seconds + time.perf_counter() - validation_start
+        record = {"epoch": epoch, "lr": self.lr, "train": train_metrics,
+                  "val": epoch_metrics(val_logits, val_labels, self.class_names), "seconds": seconds}
         result.history.append(record)
         hooks.on_epoch(record)
-        improved = is_better(record["val"], best_val, selection.metric)
+        improved = is_better(record["val"], self.best_val, self.selection.metric)
         if improved:
-            best_val, result.best_epoch = record["val"], epoch
+            self.best_val, result.best_epoch = record["val"], epoch
             result.best_val_outputs = (val_logits.cpu(), val_labels.cpu())
-            weights.take_best(model)
+            self.weights.take_best(self.model)
             hooks.on_best(epoch, result.history)
-        result.train_seconds = time.perf_counter() - start
+        result.train_seconds += seconds
         hooks.on_epoch_end(result)
         # Logged once on_epoch_end has handed the epoch to the checkpoint writer: unless the process is
         # killed outright, an epoch shown as done is on disk when the run ends, and a resume will not repeat it.
         if compute.is_main_process():
-            line = utils.history_table([record], len(class_names)).strip()
-            hooks.log(f"[{name}] {line}" + ("  *best" if improved else ""))
-    if weights.best is not None:
-        compute.unwrap(model).load_state_dict(weights.best)
-    return result
+            line = utils.history_table([record], len(self.class_names)).strip()
+            hooks.log(f"[{self.name}] {line}" + ("  *best" if improved else ""))
 
-
-def _train_and_validate(
-    model: nn.Module, train_loader: Batches, val_loader: Batches, criterion: Criterion,
-    optimizer: torch.optim.Optimizer, class_names: Sequence[str], device: torch.device,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None, amp_dtype: torch.dtype | None, name: str, epoch: int,
-    epochs: int, best_epoch: int,
-) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """One epoch trained, then validated: its history record, and the validation logits and labels."""
-    epoch_start = time.perf_counter()
-    lr = optimizer.param_groups[0]["lr"]
-    criterion.set_epoch(epoch)
-    train_metrics = _train_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler,
-                                 amp_dtype, name, epoch, epochs, best_epoch)
-    val_logits, val_labels = predict(model, val_loader, device, amp_dtype, f"{name} val")
-    record = {"epoch": epoch, "lr": lr, "train": train_metrics,
-              "val": epoch_metrics(val_logits, val_labels, class_names), "seconds": time.perf_counter() - epoch_start}
-    return record, val_logits, val_labels
+    def finish(self) -> FitResult:
+        """The result, with the best epoch's weights loaded back into the model."""
+        if self.weights.best is not None:
+            compute.unwrap(self.model).load_state_dict(self.weights.best)
+        return self.result
 
 
 def _patience_ran_out(
@@ -363,15 +424,11 @@ def _patience_ran_out(
     return True
 
 
-def _train_epoch(
-    model: nn.Module, train_loader: Batches, criterion: Criterion, optimizer: torch.optim.Optimizer,
-    class_names: Sequence[str], device: torch.device, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    amp_dtype: torch.dtype | None, name: str, epoch: int, epochs: int, best_epoch: int,
-) -> dict[str, Any]:
-    """`train_one_epoch`, with a non-finite loss told in one sentence: where, and which checkpoint is kept."""
+def _epoch_metrics_or_stop(steps: EpochSteps, name: str, epoch: int, best_epoch: int) -> dict[str, Any]:
+    """The epoch's training metrics, with a non-finite loss told in one sentence: where, and which checkpoint is
+    kept."""
     try:
-        return train_one_epoch(model, train_loader, criterion, optimizer, class_names, device, scheduler, amp_dtype,
-                               description=f"{name} epoch {epoch}/{epochs}")
+        return steps.metrics()
     except NonFiniteLossError as error:
         kept = (f"the last good checkpoint, epoch {best_epoch}, is kept" if best_epoch
                 else "no epoch had finished, so there is no checkpoint")

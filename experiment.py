@@ -29,7 +29,7 @@ from config import command_line, settings
 from core import compute, errors, records
 from results import comparisons, deploy, evaluation, ledger, report, significance, tracking
 from sweep import search
-from training import checkpoints, model_run
+from training import checkpoints, lockstep, model_run
 
 # ---------------------------------------------------------------- settings (edit, or pass flags)
 DATA_DIR: str | None = None  # a folder holding train/ [val/] test/; None: the bundled digits
@@ -91,6 +91,7 @@ WORKERS = min(4, os.cpu_count() or 1)  # decoding processes (first decode, and s
 DECODE_CACHE = True  # keep decoded images in a cache file so the next run skips decoding
 CACHE_TEACHER_LOGITS = False  # compute the teacher's logits once; needs a deterministic view
 COMPILE = "auto"  # torch.compile each training step: on, off, or auto (long CUDA runs; see compute.resolve_compile)
+LOCKSTEP = "auto"  # students of a seed trained in one pass, the teacher run once per batch: auto, on or off
 EVAL_TEST_EVERY_EPOCH = False  # also record test top-1 after every epoch (papers' figures); selection stays on val
 TENSORBOARD = False  # also write TensorBoard scalars under RUN/tensorboard/<model>
 EXPORT = "none"  # none, or onnx: write RUN/<model>/model.onnx, checked against PyTorch
@@ -329,7 +330,8 @@ Students = dict[str, dict[int, tuple[records.ModelRow, Path]]]  # role -> seed -
 
 
 def train_students(context: model_run.Context, teacher: nn.Module, kept: Students | None = None) -> Students:
-    """Every student of the run, per seed: trained and reported, kept from an interrupted run, or in `kept`."""
+    """Every student of the run, per seed: trained and reported (a seed's students in one pass, see
+    training/lockstep.py), kept from an interrupted run, or in `kept`."""
     config = context.config
     arch = model_builder.architecture_name(config.student_model)
     frozen_teacher, teacher_logits = model_run.distillation_teacher(context, teacher)
@@ -337,6 +339,7 @@ def train_students(context: model_run.Context, teacher: nn.Module, kept: Student
     students: Students = {role: dict((kept or {}).get(role, {}))
                           for role in records.student_roles(settings.kd_methods(config))}
     for seed in seeds:
+        pending, roles = [], {}
         for role in students:
             if seed in students[role]:
                 continue
@@ -345,10 +348,17 @@ def train_students(context: model_run.Context, teacher: nn.Module, kept: Student
             row = evaluation.finished_row(folder, name)
             if row is None:
                 criterion, cached = model_run.student_criterion(context, role, frozen_teacher, teacher_logits)
-                student, fit = model_run.train_model(context, name, arch, config.student_epochs, config.student_lr,
-                                                   criterion, folder, seed, cached)
-                row = evaluation.evaluate_model(context, name, arch, student, fit, folder)
-            students[role][seed] = (row, folder)
+                pending.append(lockstep.Student(name, folder, criterion, cached))
+                roles[name] = role
+            else:
+                students[role][seed] = (row, folder)
+
+        def report(student: lockstep.Student, model: nn.Module, fit: engine.FitResult, seed: int = seed,
+                   roles: dict[str, str] = roles) -> None:
+            row = evaluation.evaluate_model(context, student.name, arch, model, fit, student.folder)
+            students[roles[student.name]][seed] = (row, student.folder)
+
+        lockstep.train_students(context, arch, seed, pending, report)
     return students
 
 

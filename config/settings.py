@@ -172,6 +172,11 @@ class RunSettings:
     compile: str = flag("speed", "torch.compile each model's training step, the model with its loss (on CUDA with "
                         f"CUDA graphs; batches of one size: an epoch's smaller last batch is left out); auto: "
                         f"{compute.COMPILE_AUTO_RULE}; --compile alone: on", choices=("auto", "on", "off"), const="on")
+    lockstep: str = flag("speed", "train the students of a seed in one pass over the data: each batch drawn once, "
+                         "the teacher run once on it, then every student's own step (the same results as one at a "
+                         "time in fp32); auto: whenever a seed has two students or more and --compile is off for them; "
+                         "students' weights and optimizer states above --memory-budget-mb (CUDA: the free memory) "
+                         "split into several passes", choices=("auto", "on", "off"))
     eval_test_every_epoch: bool = flag("output", "also evaluate the test split after every epoch, for figures "
                                        "comparable with papers' tables (the best epoch is still chosen on validation)")
     tensorboard: bool = flag("output", "write TensorBoard curves under RUN/tensorboard (needs the tensorboard package)")

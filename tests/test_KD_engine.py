@@ -130,6 +130,30 @@ def test_cached_teacher_logits_give_the_same_loss_without_running_the_teacher():
         assert torch.equal(live[key], replayed[key])
 
 
+def test_a_shared_forward_runs_the_teacher_once_a_batch_for_every_step_and_gives_each_its_maps():
+    torch.manual_seed(0)
+    teacher, students = model_builder.build_model("resnet8", CLASSES, SIZE), []
+    setup = method_setup("resnet8", "resnet8", image_size=SIZE, temperature=4.0, alpha=0.5)
+    steps, alone = {}, {}
+    for method in ("fitnet", "at", "kd"):
+        students.append(model_builder.build_model("resnet8", CLASSES, SIZE).eval())
+        steps[method] = KD_engine.make_criterion(method, teacher, students[-1], setup)
+    images, labels = torch.randn(4, 3, SIZE, SIZE), torch.randint(0, CLASSES, (4,))
+    for (method, step), student in zip(steps.items(), students, strict=True):
+        alone[method] = step(student, images, labels)
+    shared, forwards = KD_engine.SharedTeacherForward(), []
+    teacher.register_forward_hook(lambda *_: forwards.append(1))
+    for (method, step), student in zip(steps.items(), students, strict=True):
+        step.shared_forward = shared
+        together = step(student, images, labels)
+        assert all(torch.equal(together[key], alone[method][key]) for key in alone[method]), method
+    assert len(forwards) == 1, "one teacher forward serves every step of the batch"
+    steps["kd"](students[2], images.clone(), labels)
+    assert len(forwards) == 2, "a new batch runs the teacher again"
+    for step in steps.values():
+        step.close()
+
+
 def test_every_method_is_registered_by_name():
     assert set(KD_engine.method_names()) == METHOD_NAMES
     assert all(KD_engine.method_class(name).name == name for name in METHOD_NAMES)

@@ -335,23 +335,50 @@ def _epoch_saver(
     return save_epoch
 
 
-def train_model(
+@dataclass
+class ModelTraining:
+    """One model's training, set up and ready to run (see `prepare_training`): its epochs are driven by
+    `engine.train_epochs` alone, or beside other models' by lockstep training; then `finish()`."""
+
+    context: Context
+    role: str
+    model: nn.Module
+    train_loader: data_setup.BatchLoader
+    criterion: engine.Criterion
+    fitting: engine.Fitting
+    folder: Path
+    best_checkpoint: Callable[[dict[str, torch.Tensor], engine.FitResult], dict[str, Any]]
+    close_log: Callable[[], None]
+    stage_seconds: float = 0.0  # a method's initialization stage, part of the model's training time
+
+    def close(self) -> None:
+        """Close its TensorBoard log and take its criterion's hooks off (they must not outlive training)."""
+        self.close_log()
+        self.criterion.close()
+
+    def finish(self) -> tuple[nn.Module, engine.FitResult]:
+        """The best weights back in the model, and best_model.pth given the whole history; the model and result."""
+        result = self.fitting.finish()
+        result.train_seconds += self.stage_seconds
+        if compute.is_main_process() and 0 < result.best_epoch < len(result.history):
+            # Written at its epoch, best_model.pth holds the history up to it; a reused teacher shows every epoch.
+            self.context.saver.save({self.folder / checkpoints.BEST_MODEL: self.best_checkpoint(
+                checkpoints.model_weights(self.model), result)})
+        return self.model, result
+
+
+def prepare_training(
     context: Context, role: str, arch: str, epochs: int, lr: float, make_criterion: Callable[[nn.Module, int],
     engine.Criterion], folder: Path, seed: int, teacher_logits: torch.Tensor | None = None,
-    on_epoch: EpochLog | None = None,
-) -> tuple[nn.Module, engine.FitResult]:
-    """Train one model with the run's schedule (`schedules`); the best-on-validation epoch is kept.
-
-    `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
-    `teacher_logits` (one row per training image) go to the criterion with each batch; `on_epoch(record)` sees
-    each validated epoch before its save (a sweep's pruner). With --compile (see `compute.resolve_compile`) the
-    training step is compiled and every batch has one size. After every epoch the whole training state goes to
-    <folder>/train_state.pth; when it exists (an interrupted run), training continues after its last epoch.
-    At the end best_model.pth gets the whole history (every epoch trained, not only those up to the best).
-    """
+    on_epoch: EpochLog | None = None, compiled: bool | None = None,
+) -> ModelTraining:
+    """One model set up for `train_model` (whose arguments these are): model, loader, criterion, optimizer,
+    schedule, restored progress and per-epoch saves. `compiled=False` keeps the step eager whatever --compile says
+    (lockstep training); None: as --compile decides."""
     model = new_model(context, arch, seed, context.initial_weights(role))
     train_loader = context.train_loader(seed, teacher_logits)
-    compiled = compute.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
+    if compiled is None:
+        compiled = compute.resolve_compile(context.config.compile, context.device, epochs * len(train_loader))
     train_loader.drop_last = compiled  # one batch size, so one compiled graph serves every step
     criterion = make_criterion(model, len(train_loader))
     train_loader.sample_indices = criterion.needs_sample_indices
@@ -376,21 +403,35 @@ def train_model(
                               weights, best_checkpoint, state_path)
     step = compute.CompiledStep(criterion, context.device) if compiled else criterion
     log_epoch, close_log = tensorboard_logger(context, folder)
+    fitting = engine.Fitting(
+        model, context.eval_loaders["val"], step, optimizer, epochs, context.data.class_names, context.device,
+        scheduler, context.amp_dtype, name=role,
+        hooks=engine.FitHooks(on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch,
+                                             context.epoch_observer(role), on_epoch),
+                              on_epoch_end=save_epoch),
+        selection=engine.Selection(config.select_metric, config.patience), resume=resume, weights=weights)
+    return ModelTraining(context, role, model, train_loader, criterion, fitting, folder, best_checkpoint, close_log,
+                         stage_seconds)
+
+
+def train_model(
+    context: Context, role: str, arch: str, epochs: int, lr: float, make_criterion: Callable[[nn.Module, int],
+    engine.Criterion], folder: Path, seed: int, teacher_logits: torch.Tensor | None = None,
+    on_epoch: EpochLog | None = None,
+) -> tuple[nn.Module, engine.FitResult]:
+    """Train one model with the run's schedule (`schedules`); the best-on-validation epoch is kept.
+
+    `make_criterion(model, steps_per_epoch)` gives the loss (feature methods hook into the model it is given).
+    `teacher_logits` (one row per training image) go to the criterion with each batch; `on_epoch(record)` sees
+    each validated epoch before its save (a sweep's pruner). With --compile (see `compute.resolve_compile`) the
+    training step is compiled and every batch has one size. After every epoch the whole training state goes to
+    <folder>/train_state.pth; when it exists (an interrupted run), training continues after its last epoch.
+    At the end best_model.pth gets the whole history (every epoch trained, not only those up to the best).
+    """
+    training = prepare_training(context, role, arch, epochs, lr, make_criterion, folder, seed, teacher_logits,
+                                on_epoch)
     try:
-        result = engine.fit(
-            model, train_loader, context.eval_loaders["val"], step, optimizer, epochs,
-            context.data.class_names, context.device, scheduler, context.amp_dtype, name=role,
-            hooks=engine.FitHooks(on_epoch=chain(epoch_test_recorder(context, model, role), log_epoch,
-                                                 context.epoch_observer(role), on_epoch),
-                                  on_epoch_end=save_epoch),
-            selection=engine.Selection(context.config.select_metric, context.config.patience),
-            resume=resume, weights=weights,
-        )
+        engine.train_epochs(training.fitting, training.train_loader)
     finally:
-        close_log()
-        criterion.close()  # its hooks must not outlive training (export, reports)
-    result.train_seconds += stage_seconds  # a method's initialization stage is part of its training time
-    if compute.is_main_process() and 0 < result.best_epoch < len(result.history):
-        # Written at its epoch, best_model.pth holds the history up to it; a reused teacher shows every epoch.
-        context.saver.save({folder / checkpoints.BEST_MODEL: best_checkpoint(checkpoints.model_weights(model), result)})
-    return model, result
+        training.close()
+    return training.finish()
