@@ -535,3 +535,9 @@ class RoundedByBf16(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(images[:, :1, 0, 0])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked `long` first, the rest in their order: xdist's workers then share the long ones from the
+    start instead of one of them taking a long test while the other has finished (longest first)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -32,6 +32,7 @@ def test_onnx_export_parity_on_a_tiny_model(tmp_path):
     assert deploy.onnx_parity(model, path, [images])["max_abs_diff"] > 0.5
 
 
+@pytest.mark.long
 def test_run_exports_every_model_and_records_the_check(tiny_run):
     summary = utils.read_json(tiny_run / "summary.json")
     for role in ("teacher", "student_baseline", "student_kd"):
@@ -47,6 +48,7 @@ def _run(args, env_extra=None):
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
+@pytest.mark.long
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """DDP on CPU (gloo): per-process batch 8 on 2 ranks against one process with batch 16.
 

@@ -60,6 +60,7 @@ def test_one_pass_equals_one_student_at_a_time(one_at_a_time, tiny_data, tmp_pat
     assert_same_students(run, one_at_a_time)
 
 
+@pytest.mark.long
 def test_a_pass_killed_between_two_students_saves_resumes_to_the_same_histories(one_at_a_time, tiny_data, tmp_path):
     run = tmp_path / "killed"
     teacher = one_at_a_time / "teacher" / checkpoints.BEST_MODEL

@@ -134,6 +134,7 @@ def resume(run: Path) -> subprocess.CompletedProcess:
     return resumed
 
 
+@pytest.mark.long
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     flags = [*RESUME_FLAGS, *SMALL_MODELS]
     complete = start_run(tiny_data, tmp_path / "complete", flags)
@@ -177,6 +178,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     assert not list(run.glob("*/" + checkpoints.TRAIN_STATE)), "finished models keep no training state"
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("method", ["dkd", "reviewkd"])
 def test_warm_up_and_trainable_parts_continue_after_a_resume(method, tiny_data, tmp_path):
     """DKD's and ReviewKD's ramps continue where they stopped, and ReviewKD's ABFs (trained with the student)
@@ -200,6 +202,7 @@ def test_warm_up_and_trainable_parts_continue_after_a_resume(method, tiny_data, 
     assert summary(run) == summary(tmp_path / "complete")
 
 
+@pytest.mark.long
 def test_crd_resumed_after_sigkill_has_the_uninterrupted_history(tiny_data, tmp_path):
     """CRD's memory bank and its constants come back from the training state, and the resumed epoch draws the
     negatives the uninterrupted run drew: every epoch's train and validation figures are equal."""
@@ -222,6 +225,7 @@ def test_crd_resumed_after_sigkill_has_the_uninterrupted_history(tiny_data, tmp_
     assert [(e["train"], e["val"]) for e in actual] == [(e["train"], e["val"]) for e in expected]
 
 
+@pytest.mark.long
 def test_an_initialization_stage_is_not_trained_again_after_sigkill(tiny_data, tmp_path):
     """FT's paraphraser, trained in its initialization stage and not by the optimizer, comes back from
     init_stage.pth: the resumed run's every epoch equals the uninterrupted run's."""

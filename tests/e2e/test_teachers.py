@@ -41,6 +41,7 @@ from training import checkpoints
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("offline")]
 
 
+@pytest.mark.long
 def test_reused_teacher_alpha_one_and_determinism(tiny_run, tiny_data, tmp_path):
     """A reused teacher is not retrained; alpha=1 makes the distilled student equal the baseline,
     and the same seed repeats the first run's baseline exactly."""
@@ -85,6 +86,7 @@ def test_a_teacher_checkpoint_that_does_not_fit_leaves_no_run_directory(tiny_run
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.long
 def test_a_teacher_checkpoint_alone_decides_architecture_size_and_normalization(tiny_run, tiny_data, tmp_path, capsys):
     # A ResNet18 checkpoint as teacher, without --teacher-model: the checkpoint says what it is.
     teacher = tiny_run / "student_baseline" / "best_model.pth"
@@ -212,6 +214,7 @@ def test_bad_weights_exit_2_with_one_sentence(flags, message, tiny_data, tmp_pat
     assert not run_dir.exists()
 
 
+@pytest.mark.long
 def test_a_run_from_a_settings_file_with_pretrained_weights_and_budgets(tiny_data, tmp_path, capsys, offline):
     """One tiny run: a YAML file (one flag overriding it), ImageNet-named teacher weights from the fabricated
     cache, student weights from a file, early stopping, selection by loss, label smoothing, class weights."""

@@ -179,6 +179,7 @@ def snapshot(uri: str, experiment_name: str) -> dict[str, Any]:
             for name, run in tracked_runs(uri, experiment_name).items()}
 
 
+@pytest.mark.long
 def test_a_server_down_mid_run_costs_one_warning_and_track_sync_sends_the_run_once(tiny_data, tmp_path):
     server, run_dir, go = Server(tmp_path / "server"), tmp_path / "runs" / "served", tmp_path / "go"
     try:
