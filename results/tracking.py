@@ -28,7 +28,7 @@ import utils
 from config import settings
 from core import compute, errors, records, secrets
 from results import significance
-from training import model_run
+from training import checkpoints, model_run
 
 STATE_FILE = "mlflow.json"  # RUN/mlflow.json: the store's URI (masked), the experiment and the parent run's id
 LOCAL_STORE = "mlflow.db"  # the default store, an SQLite file beside the runs (runs/mlflow.db)
@@ -127,7 +127,9 @@ class Tracker:
         if self.failed:
             return None
         try:
-            return action()
+            # Ctrl-C held back during the call: sqlite turns one that lands in a query into an error of its own,
+            # which would read as a failed store and lose the interrupt.
+            return checkpoints.finish_before_interrupt(action)()
         except Exception as error:  # noqa: BLE001 -- any failure of the store (HTTP, SQL, refusal) is the same to us
             self.failed = True
             shown = secrets.scrubbed(errors.one_line(error, limit=300), self.uri)

@@ -433,13 +433,14 @@ def handle_stop_signals() -> None:
         signal.signal(signal.SIGTERM, request_stop)
 
 
-def finish_before_interrupt(function: Callable[..., None]) -> Callable[..., None]:
-    """Run `function` with Ctrl-C and SIGTERM held back until it returns, so a save it makes is never
-    cut short; a signal that arrived meanwhile then stops the run. A signal inherited as ignored
-    (e.g. SIGINT in a background job of a non-interactive shell) stays ignored."""
+def finish_before_interrupt(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `function` with Ctrl-C and SIGTERM held back until it returns (its value), so a save it makes is never
+    cut short, nor a library call that would turn the interrupt into an error of its own (sqlite's "interrupted");
+    a signal that arrived meanwhile then stops the run. A signal inherited as ignored (e.g. SIGINT in a background
+    job of a non-interactive shell) stays ignored."""
 
     @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         if threading.current_thread() is not threading.main_thread():
             return function(*args, **kwargs)
         received: list[int] = []
@@ -448,11 +449,12 @@ def finish_before_interrupt(function: Callable[..., None]) -> Callable[..., None
         for signum in held:
             signal.signal(signum, lambda signum, frame: received.append(signum))
         try:
-            function(*args, **kwargs)
+            result = function(*args, **kwargs)
         finally:
             for signum, previous in held.items():
                 signal.signal(signum, previous)
         if received:
             raise STOP_SIGNALS[received[0]]
+        return result
 
     return wrapper

@@ -3,7 +3,10 @@ warning for a store that refuses, and a reopened run that keeps its parent and r
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 
 import pytest
 from conftest import assert_one_sentence_exit_2, default_config
@@ -66,6 +69,23 @@ def test_a_refusing_store_costs_one_warning_without_its_password(tmp_path, capsy
     out = capsys.readouterr().out
     assert out.count("warning: MLflow tracking") == 1 and f"--track-sync {run_dir}" in out
     assert "hunter2" not in out and not (run_dir / tracking.STATE_FILE).exists()
+
+
+def test_ctrl_c_during_a_store_call_stops_the_run_instead_of_reading_as_a_failed_store(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    tracker = tracking.Tracker(run_folder(tmp_path), f"sqlite:///{tmp_path / 'store.db'}", "interrupted")
+
+    def query_that_sqlite_interrupts() -> str:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the store works
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            raise RuntimeError("interrupted") from None  # what sqlite3 makes of it
+        return "answered"
+
+    with pytest.raises(KeyboardInterrupt):
+        tracker.attempt("logging", query_that_sqlite_interrupts)
+    assert not tracker.failed and "warning" not in capsys.readouterr().out
 
 
 def test_a_reopened_run_keeps_its_parent_and_sends_no_epoch_twice(tmp_path):
