@@ -102,7 +102,8 @@ def test_resume_continues_the_same_mlflow_run_without_repeating_an_epoch(tiny_da
     flags = [*ONE_EPOCH, *SMALL_MODELS, "--student-epochs", "6", "--track", "mlflow"]
     process = subprocess.Popen([sys.executable, "-u", "experiment.py", "--data-dir", str(tiny_data), "--output-dir",
                                 str(run_dir), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (the suite may run as a background job of a non-interactive shell, whose SIGINT a child inherits ignored)
     for line in process.stdout:
         if line.startswith("[student_baseline] epoch   2"):
             process.send_signal(signal.SIGINT)

@@ -83,8 +83,12 @@ def test_ctrl_c_during_a_store_call_stops_the_run_instead_of_reading_as_a_failed
             raise RuntimeError("interrupted") from None  # what sqlite3 makes of it
         return "answered"
 
-    with pytest.raises(KeyboardInterrupt):
-        tracker.attempt("logging", query_that_sqlite_interrupts)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an xdist worker may ignore it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tracker.attempt("logging", query_that_sqlite_interrupts)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not tracker.failed and "warning" not in capsys.readouterr().out
 
 
