@@ -37,6 +37,7 @@ import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
 from config import settings  # noqa: E402
+from methods import base  # noqa: E402
 
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"  # RepDistiller scripts/run_cifar_distill.sh's pair
 FT_WEIGHT = 200.0  # run_cifar_distill.sh: --distill factor -a 0 -b 200
@@ -182,13 +183,19 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, args.classes, (args.batch_size,), generator=generator))
 
 
+def init_stage_loss(method: base.Method, teacher: nn.Module, student: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Our `method`'s initialization-stage loss on `images`, its stage closed (hooks off) before the reference runs."""
+    stage = method.init_stage(teacher, student)
+    loss = stage.loss(images)
+    stage.close()
+    return loss
+
+
 def ab_row(args: argparse.Namespace) -> tuple:
     """AB's initialization-stage loss."""
     teacher, student, criterion = criterion_on_pair("ab", args)
     images, _ = batch(args)
-    stage = criterion.method.init_stage(teacher, student)
-    ours = stage.loss(images)
-    stage.close()
+    ours = init_stage_loss(criterion.method, teacher, student, images)
     with torch.no_grad():
         g_t = ref_features(teacher, images, preact=True)[1:]
     g_s = ref_features(student, images, preact=True)[1:]
@@ -216,9 +223,7 @@ def ft_rows(args: argparse.Namespace) -> dict[str, tuple]:
     copy_in_order(translator, method.trainable)
     reference = FT_WEIGHT * ref_factor_transfer(translator(f_s), paraphraser["encoder"](f_t))
     rows = {"ft": compare(ours, reference, features_of(student))}
-    stage = method.init_stage(teacher, student)
-    ours_init = stage.loss(images)
-    stage.close()
+    ours_init = init_stage_loss(method, teacher, student, images)
     reference_init = nn.MSELoss()(paraphraser["decoder"](paraphraser["encoder"](f_t)), f_t)
     rows["ft_init"] = compare(ours_init, reference_init, list(method.paraphraser.parameters()),
                               list(paraphraser.parameters()))
@@ -230,9 +235,7 @@ def fsp_row(args: argparse.Namespace) -> tuple:
     """FSP's initialization-stage loss."""
     teacher, student, criterion = criterion_on_pair("fsp", args)
     images, _ = batch(args)
-    stage = criterion.method.init_stage(teacher, student)
-    ours = stage.loss(images)
-    stage.close()
+    ours = init_stage_loss(criterion.method, teacher, student, images)
     with torch.no_grad():
         g_t = ref_features(teacher, images)
     reference = ref_fsp(ref_features(student, images), g_t)
