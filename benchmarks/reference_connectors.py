@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -191,19 +192,26 @@ def init_stage_loss(method: base.Method, teacher: nn.Module, student: nn.Module,
     return loss
 
 
-def ab_row(args: argparse.Namespace) -> tuple:
-    """AB's initialization-stage loss."""
-    teacher, student, criterion = criterion_on_pair("ab", args)
+def stage_row(method: str, args: argparse.Namespace,
+              reference_of: Callable[[nn.Module, nn.Module, torch.Tensor, base.Method], torch.Tensor]) -> tuple:
+    """`method`'s initialization-stage loss against `reference_of(teacher, student, images, our method)`, the
+    gradients with respect to the student's feature layers."""
+    teacher, student, criterion = criterion_on_pair(method, args)
     images, _ = batch(args)
     ours = init_stage_loss(criterion.method, teacher, student, images)
+    reference = reference_of(teacher, student, images, criterion.method)
+    criterion.close()
+    return compare(ours, reference, features_of(student))
+
+
+def ab_reference(teacher: nn.Module, student: nn.Module, images: torch.Tensor, method: base.Method) -> torch.Tensor:
+    """AB's initialization-stage loss, through reference connectors holding our connectors' weights."""
     with torch.no_grad():
         g_t = ref_features(teacher, images, preact=True)[1:]
     g_s = ref_features(student, images, preact=True)[1:]
     connector = ref_connector([f.shape for f in g_s], [f.shape for f in g_t])
-    copy_in_order(connector, criterion.method.stage_modules)
-    reference = ref_ab([module(f) for module, f in zip(connector, g_s, strict=True)], g_t)
-    criterion.close()
-    return compare(ours, reference, features_of(student))
+    copy_in_order(connector, method.stage_modules)
+    return ref_ab([module(f) for module, f in zip(connector, g_s, strict=True)], g_t)
 
 
 def ft_rows(args: argparse.Namespace) -> dict[str, tuple]:
@@ -231,22 +239,17 @@ def ft_rows(args: argparse.Namespace) -> dict[str, tuple]:
     return rows
 
 
-def fsp_row(args: argparse.Namespace) -> tuple:
-    """FSP's initialization-stage loss."""
-    teacher, student, criterion = criterion_on_pair("fsp", args)
-    images, _ = batch(args)
-    ours = init_stage_loss(criterion.method, teacher, student, images)
+def fsp_reference(teacher: nn.Module, student: nn.Module, images: torch.Tensor, method: base.Method) -> torch.Tensor:
+    """FSP's initialization-stage loss (`method`, ours, has no part in it)."""
     with torch.no_grad():
         g_t = ref_features(teacher, images)
-    reference = ref_fsp(ref_features(student, images), g_t)
-    criterion.close()
-    return compare(ours, reference, features_of(student))
+    return ref_fsp(ref_features(student, images), g_t)
 
 
 def rows(args: argparse.Namespace) -> dict[str, tuple]:
     """ab, ft, ft_init and fsp, each (ours, reference, ours / reference, gradient's relative difference)."""
     torch.set_grad_enabled(True)
-    return {"ab": ab_row(args), **ft_rows(args), "fsp": fsp_row(args)}
+    return {"ab": stage_row("ab", args, ab_reference), **ft_rows(args), "fsp": stage_row("fsp", args, fsp_reference)}
 
 
 def main() -> None:
