@@ -60,22 +60,25 @@ def ref_ab(g_s: list[torch.Tensor], g_t: list[torch.Tensor], margin: float = 1.0
     return sum(losses)
 
 
-def ref_conv_reg(s_shape: torch.Size, t_shape: torch.Size) -> nn.Module:
-    """ConvReg(use_relu=False): the convolution chosen by the heights, then BN."""
+def ref_conv_reg(s_shape: torch.Size, t_shape: torch.Size, use_relu: bool = True) -> nn.Module:
+    """ConvReg (also benchmarks/method_strength.py's FitNets regressor): the convolution chosen by the heights, then
+    BN, then a ReLU when `use_relu`."""
     s_C, s_H, s_W = s_shape[1:]
     t_C, t_H, t_W = t_shape[1:]
     if s_H == 2 * t_H:
         conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=2, padding=1)
     elif s_H * 2 == t_H:
         conv = nn.ConvTranspose2d(s_C, t_C, kernel_size=4, stride=2, padding=1)
-    else:
+    elif s_H >= t_H:
         conv = nn.Conv2d(s_C, t_C, kernel_size=(1 + s_H - t_H, 1 + s_W - t_W))
-    return nn.Sequential(conv, nn.BatchNorm2d(t_C))
+    else:
+        raise ValueError(f"the reference has no regressor for student {s_H} px, teacher {t_H} px")
+    return nn.Sequential(conv, nn.BatchNorm2d(t_C), *([nn.ReLU()] if use_relu else []))
 
 
 def ref_connector(s_shapes: list[torch.Size], t_shapes: list[torch.Size]) -> nn.ModuleList:
     """Connector: nothing where channels and height agree, else ConvReg without ReLU."""
-    return nn.ModuleList(nn.Sequential() if s[1] == t[1] and s[2] == t[2] else ref_conv_reg(s, t)
+    return nn.ModuleList(nn.Sequential() if s[1] == t[1] and s[2] == t[2] else ref_conv_reg(s, t, use_relu=False)
                          for s, t in zip(s_shapes, t_shapes, strict=True))
 
 
