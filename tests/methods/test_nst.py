@@ -3,16 +3,14 @@ benchmarks/reference_relations.py."""
 
 import pytest
 import torch
+from conftest import maps_of_every_size_order
 
 from benchmarks import reference_relations
 from methods import nst
 
 
 def test_nst_loss_and_gradient_equal_the_reference_formula_on_every_size_order():
-    generator = torch.Generator().manual_seed(3)
-    for student_size, teacher_size in ((4, 4), (8, 4), (2, 4)):
-        student = torch.randn(3, 5, student_size, student_size, generator=generator).requires_grad_()
-        teacher = torch.randn(3, 7, teacher_size, teacher_size, generator=generator)
+    for student, teacher in maps_of_every_size_order(torch.Generator().manual_seed(3)):
         ratio, gradient = reference_relations.agreement(nst.NST.pairs_loss, reference_relations.ref_nst, student,
                                                         teacher)
         assert ratio == pytest.approx(1.0, abs=1e-5) and gradient < 1e-5

@@ -4,6 +4,7 @@ benchmarks/reference_relations.py."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import maps_of_every_size_order
 
 import KD_engine
 import model_builder
@@ -13,9 +14,7 @@ from methods import feature_maps, vid
 
 def test_vid_loss_and_gradients_equal_the_reference_on_every_size_order():
     generator = torch.Generator().manual_seed(6)
-    for student_size, teacher_size in ((4, 4), (8, 4), (2, 4)):
-        student = torch.randn(3, 5, student_size, student_size, generator=generator).requires_grad_()
-        teacher = torch.randn(3, 7, teacher_size, teacher_size, generator=generator)
+    for student, teacher in maps_of_every_size_order(generator):
         regressors = feature_maps.PairLosses([vid.VariationalRegressor(5, 7)])
         with torch.no_grad():
             regressors.pairs[0].log_scale.add_(torch.randn(7, generator=generator))  # variances other than 5
