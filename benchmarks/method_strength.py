@@ -14,7 +14,8 @@ feature term / CE term:
   KD_engine, of the reference implementations' formulas and weights (RepDistiller's
   distiller_zoo/FitNet.py, AT.py, models/util.py ConvReg and run scripts; mdistiller's FitNet.py,
   AT.py and CIFAR-100 configs): CE weight 1; FitNets hint weight 100, MSE between a conv + BN + ReLU
-  regressor of the student's feature at hint_layer 2 and the teacher's; AT weight 1000, p = 2,
+  regressor (ConvReg, transcribed in reference_connectors.py) of the student's feature at hint_layer 2 and
+  the teacher's; AT weight 1000, p = 2,
   L2-normalized maps, squared differences averaged over samples and positions, summed over the
   stage outputs; ReviewKD weight 5 (mdistiller's configs/cifar100/reviewkd.yaml), its ABFs and HCL
   loss (transcribed in method_reference.py, the ABFs starting from our ABFs' weights) from the
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from method_reference import REVIEW_WEIGHT, ref_review_term, reference_abfs
+from reference_connectors import ref_conv_reg
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,27 +72,6 @@ REFERENCE_FEATURES = {
 # student's feats[1:], each with its pooled feature last.
 REVIEW_TEACHER = ["features.11", "features.21", "features.31", "features.41", "avgpool"]
 REVIEW_STUDENT = ["layer1", "layer2", "layer3", "layer4", "avgpool"]
-
-
-class ReferenceConvReg(nn.Module):
-    """RepDistiller's / mdistiller's ConvReg: conv chosen by the two heights, then BN and ReLU."""
-
-    def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
-        super().__init__()
-        _, s_c, s_h, s_w = student_shape
-        _, t_c, t_h, t_w = teacher_shape
-        if s_h == 2 * t_h:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif s_h * 2 == t_h:
-            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
-            raise ValueError(f"the reference has no regressor for student {s_h} px, teacher {t_h} px")
-        self.bn = nn.BatchNorm2d(t_c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
 
 
 def reference_attention(feature: torch.Tensor) -> torch.Tensor:
@@ -140,7 +121,7 @@ def reference_terms(teacher: nn.Module, student: nn.Module, images: torch.Tensor
     logits, feat_s = hooked_forward(student, REFERENCE_FEATURES[STUDENT] + REVIEW_STUDENT, images)
     (feat_t, review_t), (feat_s, review_s) = ((f[:5], f[5:]) for f in (feat_t, feat_s))
     torch.manual_seed(seed)
-    regressor = ReferenceConvReg(feat_s[REFERENCE_HINT_LAYER].shape, feat_t[REFERENCE_HINT_LAYER].shape)
+    regressor = ref_conv_reg(feat_s[REFERENCE_HINT_LAYER].shape, feat_t[REFERENCE_HINT_LAYER].shape)
     hint = F.mse_loss(regressor(feat_s[REFERENCE_HINT_LAYER]), feat_t[REFERENCE_HINT_LAYER])
     attention = sum(reference_at_pair(f_s, f_t) for f_s, f_t in zip(feat_s[1:], feat_t[1:], strict=False))
     ce = REFERENCE_CE_WEIGHT * F.cross_entropy(logits, labels)

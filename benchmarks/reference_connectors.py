@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ import experiment  # noqa: E402
 import KD_engine  # noqa: E402
 import model_builder  # noqa: E402
 from config import settings  # noqa: E402
+from methods import base  # noqa: E402
 
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"  # RepDistiller scripts/run_cifar_distill.sh's pair
 FT_WEIGHT = 200.0  # run_cifar_distill.sh: --distill factor -a 0 -b 200
@@ -58,22 +60,25 @@ def ref_ab(g_s: list[torch.Tensor], g_t: list[torch.Tensor], margin: float = 1.0
     return sum(losses)
 
 
-def ref_conv_reg(s_shape: torch.Size, t_shape: torch.Size) -> nn.Module:
-    """ConvReg(use_relu=False): the convolution chosen by the heights, then BN."""
+def ref_conv_reg(s_shape: torch.Size, t_shape: torch.Size, use_relu: bool = True) -> nn.Module:
+    """ConvReg (also benchmarks/method_strength.py's FitNets regressor): the convolution chosen by the heights, then
+    BN, then a ReLU when `use_relu`."""
     s_C, s_H, s_W = s_shape[1:]
     t_C, t_H, t_W = t_shape[1:]
     if s_H == 2 * t_H:
         conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=2, padding=1)
     elif s_H * 2 == t_H:
         conv = nn.ConvTranspose2d(s_C, t_C, kernel_size=4, stride=2, padding=1)
-    else:
+    elif s_H >= t_H:
         conv = nn.Conv2d(s_C, t_C, kernel_size=(1 + s_H - t_H, 1 + s_W - t_W))
-    return nn.Sequential(conv, nn.BatchNorm2d(t_C))
+    else:
+        raise ValueError(f"the reference has no regressor for student {s_H} px, teacher {t_H} px")
+    return nn.Sequential(conv, nn.BatchNorm2d(t_C), *([nn.ReLU()] if use_relu else []))
 
 
 def ref_connector(s_shapes: list[torch.Size], t_shapes: list[torch.Size]) -> nn.ModuleList:
     """Connector: nothing where channels and height agree, else ConvReg without ReLU."""
-    return nn.ModuleList(nn.Sequential() if s[1] == t[1] and s[2] == t[2] else ref_conv_reg(s, t)
+    return nn.ModuleList(nn.Sequential() if s[1] == t[1] and s[2] == t[2] else ref_conv_reg(s, t, use_relu=False)
                          for s, t in zip(s_shapes, t_shapes, strict=True))
 
 
@@ -182,21 +187,34 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, args.classes, (args.batch_size,), generator=generator))
 
 
-def ab_row(args: argparse.Namespace) -> tuple:
-    """AB's initialization-stage loss."""
-    teacher, student, criterion = criterion_on_pair("ab", args)
-    images, _ = batch(args)
-    stage = criterion.method.init_stage(teacher, student)
-    ours = stage.loss(images)
+def init_stage_loss(method: base.Method, teacher: nn.Module, student: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Our `method`'s initialization-stage loss on `images`, its stage closed (hooks off) before the reference runs."""
+    stage = method.init_stage(teacher, student)
+    loss = stage.loss(images)
     stage.close()
+    return loss
+
+
+def stage_row(method: str, args: argparse.Namespace,
+              reference_of: Callable[[nn.Module, nn.Module, torch.Tensor, base.Method], torch.Tensor]) -> tuple:
+    """`method`'s initialization-stage loss against `reference_of(teacher, student, images, our method)`, the
+    gradients with respect to the student's feature layers."""
+    teacher, student, criterion = criterion_on_pair(method, args)
+    images, _ = batch(args)
+    ours = init_stage_loss(criterion.method, teacher, student, images)
+    reference = reference_of(teacher, student, images, criterion.method)
+    criterion.close()
+    return compare(ours, reference, features_of(student))
+
+
+def ab_reference(teacher: nn.Module, student: nn.Module, images: torch.Tensor, method: base.Method) -> torch.Tensor:
+    """AB's initialization-stage loss, through reference connectors holding our connectors' weights."""
     with torch.no_grad():
         g_t = ref_features(teacher, images, preact=True)[1:]
     g_s = ref_features(student, images, preact=True)[1:]
     connector = ref_connector([f.shape for f in g_s], [f.shape for f in g_t])
-    copy_in_order(connector, criterion.method.stage_modules)
-    reference = ref_ab([module(f) for module, f in zip(connector, g_s, strict=True)], g_t)
-    criterion.close()
-    return compare(ours, reference, features_of(student))
+    copy_in_order(connector, method.stage_modules)
+    return ref_ab([module(f) for module, f in zip(connector, g_s, strict=True)], g_t)
 
 
 def ft_rows(args: argparse.Namespace) -> dict[str, tuple]:
@@ -216,9 +234,7 @@ def ft_rows(args: argparse.Namespace) -> dict[str, tuple]:
     copy_in_order(translator, method.trainable)
     reference = FT_WEIGHT * ref_factor_transfer(translator(f_s), paraphraser["encoder"](f_t))
     rows = {"ft": compare(ours, reference, features_of(student))}
-    stage = method.init_stage(teacher, student)
-    ours_init = stage.loss(images)
-    stage.close()
+    ours_init = init_stage_loss(method, teacher, student, images)
     reference_init = nn.MSELoss()(paraphraser["decoder"](paraphraser["encoder"](f_t)), f_t)
     rows["ft_init"] = compare(ours_init, reference_init, list(method.paraphraser.parameters()),
                               list(paraphraser.parameters()))
@@ -226,24 +242,17 @@ def ft_rows(args: argparse.Namespace) -> dict[str, tuple]:
     return rows
 
 
-def fsp_row(args: argparse.Namespace) -> tuple:
-    """FSP's initialization-stage loss."""
-    teacher, student, criterion = criterion_on_pair("fsp", args)
-    images, _ = batch(args)
-    stage = criterion.method.init_stage(teacher, student)
-    ours = stage.loss(images)
-    stage.close()
+def fsp_reference(teacher: nn.Module, student: nn.Module, images: torch.Tensor, method: base.Method) -> torch.Tensor:
+    """FSP's initialization-stage loss (`method`, ours, has no part in it)."""
     with torch.no_grad():
         g_t = ref_features(teacher, images)
-    reference = ref_fsp(ref_features(student, images), g_t)
-    criterion.close()
-    return compare(ours, reference, features_of(student))
+    return ref_fsp(ref_features(student, images), g_t)
 
 
 def rows(args: argparse.Namespace) -> dict[str, tuple]:
     """ab, ft, ft_init and fsp, each (ours, reference, ours / reference, gradient's relative difference)."""
     torch.set_grad_enabled(True)
-    return {"ab": ab_row(args), **ft_rows(args), "fsp": fsp_row(args)}
+    return {"ab": stage_row("ab", args, ab_reference), **ft_rows(args), "fsp": stage_row("fsp", args, fsp_reference)}
 
 
 def main() -> None:

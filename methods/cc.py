@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from methods.base import register
-from methods.feature_maps import SETTINGS, FeatureMethod, pair_sum_in_float32
+from methods.feature_maps import SETTINGS, PairLosses, PairSumMethod
 
 CC_EMBEDDING_DIM = 128  # RepDistiller train_student.py --feat_dim
 
@@ -43,16 +43,8 @@ class CorrelationConnectors(nn.Module):
         return correlation_congruence(self.student(student.flatten(1)), self.teacher(teacher.flatten(1)))
 
 
-class CCConnectors(nn.Module):
-    """`CorrelationConnectors` per layer pair (the reference has one), from the pairs' (student, teacher) shapes."""
-
-    def __init__(self, shapes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
-        super().__init__()
-        self.pairs = nn.ModuleList(CorrelationConnectors(student, teacher) for student, teacher in shapes)
-
-
 @register
-class CC(FeatureMethod):
+class CC(PairSumMethod):
     """Correlation congruence on the embeddings, through trained connectors."""
 
     name = "cc"
@@ -66,8 +58,5 @@ class CC(FeatureMethod):
     embedding = True
 
     def make_trainable(self, shapes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> nn.Module:
-        return CCConnectors(shapes)
-
-    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-                     ) -> torch.Tensor:
-        return pair_sum_in_float32(self._trainable.pairs, student_features, teacher_features)
+        """`CorrelationConnectors` per layer pair (the reference has one)."""
+        return PairLosses(CorrelationConnectors(student, teacher) for student, teacher in shapes)

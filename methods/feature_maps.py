@@ -1,5 +1,6 @@
 """Feature distillation's shared pieces: hooks on named layers, dry runs that size the hooked maps, the
-layer pairs, and `FeatureMethod`, the base of the methods that distill feature maps (fitnet, at, reviewkd).
+layer pairs, `FeatureMethod`, the base of the methods that distill feature maps (fitnet, at, reviewkd, ...), and
+`PairSumMethod`, that of those whose term is a loss per layer pair summed in float32 (sp, rkd, pkt, nst, cc, vid).
 
 A feature method's loss is its own term beside Hinton's KD mix:
 
@@ -12,7 +13,7 @@ feature : CE balance is the reference's at any alpha, and alpha = 1 gives exactl
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar
 
@@ -153,6 +154,19 @@ def pair_sum_in_float32(pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.
     with torch.autocast(student_features[0].device.type, enabled=False):
         return torch.stack([loss(student.float(), teacher.float()) for loss, student, teacher
                             in zip(losses, student_features, teacher_features, strict=True)]).sum()
+
+
+class PairLosses(nn.Module):
+    """A trained loss module per layer pair (`pairs`, in the pairs' order); called on the student's and the
+    teacher's features, their losses summed in float32 (`pair_sum_in_float32`)."""
+
+    def __init__(self, pairs: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.pairs = nn.ModuleList(pairs)
+
+    def forward(self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+                ) -> torch.Tensor:
+        return pair_sum_in_float32(self.pairs, student_features, teacher_features)
 
 
 def pre_activation_layers(model: nn.Module, names: Sequence[str], image_size: int) -> dict[str, str]:
@@ -347,6 +361,26 @@ class FeatureMethod(Method):
 
     def close(self) -> None:
         self.student_hooks.remove()
+
+
+class PairSumMethod(FeatureMethod):
+    """A feature method whose term is a loss per layer pair, summed over the pairs in float32 (the relational and
+    embedding methods: sp, rkd, pkt, nst, cc, vid): `pair_loss`, or for a method that trains its loss, its trainable
+    part, a `PairLosses` from `make_trainable` (called through its placed copy, which DDP wraps under torchrun)."""
+
+    pair_loss: ClassVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+    @classmethod
+    def pairs_loss(cls, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+                   ) -> torch.Tensor:
+        """`pair_loss` summed over the layer pairs, in float32."""
+        return pair_sum_in_float32(cls.pair_loss, student_features, teacher_features)
+
+    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
+                     ) -> torch.Tensor:
+        if self._trainable is not None:
+            return self._trainable(student_features, teacher_features)
+        return self.pairs_loss(student_features, teacher_features)
 
 
 def teacher_shapes(teacher: nn.Module, names: dict[str, bool], image_size: int, embeddings: bool = False,

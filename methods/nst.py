@@ -8,13 +8,11 @@ samples and channel pairs; summed over the pairs. Weight 50 beside CE 1 (RepDist
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from methods.base import register
-from methods.feature_maps import SETTINGS, FeatureMethod, match_spatial, pair_sum_in_float32
+from methods.feature_maps import SETTINGS, PairSumMethod, match_spatial
 
 
 def channel_directions(feature: torch.Tensor) -> torch.Tensor:
@@ -35,13 +33,8 @@ def nst_pair_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
             - 2 * mean_polynomial_kernel(student, teacher))
 
 
-def nst_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`nst_pair_loss` summed over the stage pairs, in float32."""
-    return pair_sum_in_float32(nst_pair_loss, student_features, teacher_features)
-
-
 @register
-class NST(FeatureMethod):
+class NST(PairSumMethod):
     """Neuron selectivity transfer over the stage pairs."""
 
     name = "nst"
@@ -52,7 +45,4 @@ class NST(FeatureMethod):
     reference_weight = 50.0
     reference_weights = {"ce": 1.0, "kd": 0.0, "nst": 50.0}
     part = "nst"
-
-    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-                     ) -> torch.Tensor:
-        return nst_loss(student_features, teacher_features)
+    pair_loss = staticmethod(nst_pair_loss)

@@ -8,12 +8,10 @@ divergence of the student's from the teacher's, a mean over all N x N entries (n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from methods.base import register
-from methods.feature_maps import SETTINGS, FeatureMethod, pair_sum_in_float32
+from methods.feature_maps import SETTINGS, PairSumMethod
 
 PKT_EPS = 1e-7  # RepDistiller's cosine_similarity_loss eps
 
@@ -32,13 +30,8 @@ def pkt_pair_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (p_teacher * torch.log((p_teacher + PKT_EPS) / (p_student + PKT_EPS))).mean()
 
 
-def pkt_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`pkt_pair_loss` summed over the pairs (the reference has one), in float32."""
-    return pair_sum_in_float32(pkt_pair_loss, student_features, teacher_features)
-
-
 @register
-class PKT(FeatureMethod):
+class PKT(PairSumMethod):
     """Probabilistic knowledge transfer on the embeddings."""
 
     name = "pkt"
@@ -49,8 +42,5 @@ class PKT(FeatureMethod):
     reference_weight = 30000.0
     reference_weights = {"ce": 1.0, "kd": 0.0, "pkt": 30000.0}
     part = "pkt"
+    pair_loss = staticmethod(pkt_pair_loss)
     embedding = True
-
-    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-                     ) -> torch.Tensor:
-        return pkt_loss(student_features, teacher_features)

@@ -13,13 +13,11 @@ The term is 25 * distance + 50 * angle, the teacher's side computed without grad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from methods.base import register
-from methods.feature_maps import SETTINGS, FeatureMethod, pair_sum_in_float32
+from methods.feature_maps import SETTINGS, PairSumMethod
 
 RKD_DISTANCE_WEIGHT, RKD_ANGLE_WEIGHT = 25.0, 50.0  # RepDistiller RKDLoss(w_d=25, w_a=50)
 RKD_MIN_SQUARED_DISTANCE = 1e-12  # RKDLoss.pdist's eps: keeps the root's gradient finite
@@ -53,13 +51,8 @@ def rkd_pair_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return RKD_DISTANCE_WEIGHT * distance + RKD_ANGLE_WEIGHT * F.smooth_l1_loss(angles(student), teacher_angles)
 
 
-def rkd_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`rkd_pair_loss` summed over the pairs (the reference has one), in float32."""
-    return pair_sum_in_float32(rkd_pair_loss, student_features, teacher_features)
-
-
 @register
-class RKD(FeatureMethod):
+class RKD(PairSumMethod):
     """Relational KD (distance and angle) on the embeddings."""
 
     name = "rkd"
@@ -70,8 +63,5 @@ class RKD(FeatureMethod):
     reference_weight = 1.0
     reference_weights = {"ce": 1.0, "kd": 0.0, "rkd": 1.0}
     part = "rkd"
+    pair_loss = staticmethod(rkd_pair_loss)
     embedding = True
-
-    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-                     ) -> torch.Tensor:
-        return rkd_loss(student_features, teacher_features)

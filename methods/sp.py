@@ -7,15 +7,13 @@ beside CE 1 (RepDistiller scripts/run_cifar_distill.sh).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import model_builder
 from methods.base import register
-from methods.feature_maps import SETTINGS, FeatureMethod, pair_sum_in_float32
+from methods.feature_maps import SETTINGS, PairSumMethod
 
 
 def similarity(features: torch.Tensor) -> torch.Tensor:
@@ -29,13 +27,8 @@ def sp_pair_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (similarity(teacher) - similarity(student)).pow(2).sum() / len(student) ** 2
 
 
-def sp_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`sp_pair_loss` summed over the layer pairs (the reference has one), in float32."""
-    return pair_sum_in_float32(sp_pair_loss, student_features, teacher_features)
-
-
 @register
-class SP(FeatureMethod):
+class SP(PairSumMethod):
     """Similarity-preserving KD on the last stage's output."""
 
     name = "sp"
@@ -46,12 +39,9 @@ class SP(FeatureMethod):
     reference_weight = 3000.0
     reference_weights = {"ce": 1.0, "kd": 0.0, "sp": 3000.0}
     part = "sp"
+    pair_loss = staticmethod(sp_pair_loss)
 
     @classmethod
     def default_pairs(cls, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
         """The last stages' outputs (RepDistiller's feat[-2])."""
         return [(model_builder.feature_stages(teacher)[-1], model_builder.feature_stages(student)[-1])]
-
-    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-                     ) -> torch.Tensor:
-        return sp_loss(student_features, teacher_features)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import register
-from methods.feature_maps import SETTINGS, FeatureMethod, match_spatial, pair_sum_in_float32
+from methods.feature_maps import SETTINGS, PairLosses, PairSumMethod, match_spatial
 
 VID_INITIAL_VARIANCE, VID_EPS = 5.0, 1e-5  # VIDLoss(init_pred_var=5.0, eps=1e-5)
 
@@ -44,16 +44,8 @@ class VariationalRegressor(nn.Module):
         return (0.5 * ((mean - teacher).pow(2) / variance + variance.log())).mean()
 
 
-class VIDRegressors(nn.Module):
-    """A `VariationalRegressor` per stage pair, from the pairs' (student shape, teacher shape)."""
-
-    def __init__(self, shapes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
-        super().__init__()
-        self.pairs = nn.ModuleList(VariationalRegressor(student[-3], teacher[-3]) for student, teacher in shapes)
-
-
 @register
-class VID(FeatureMethod):
+class VID(PairSumMethod):
     """Variational information distillation over the stage pairs, its regressors trained with the student."""
 
     name = "vid"
@@ -66,8 +58,5 @@ class VID(FeatureMethod):
     part = "vid"
 
     def make_trainable(self, shapes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> nn.Module:
-        return VIDRegressors(shapes)
-
-    def feature_loss(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-                     ) -> torch.Tensor:
-        return pair_sum_in_float32(self._trainable.pairs, student_features, teacher_features)
+        """A `VariationalRegressor` per stage pair, from its maps' channels."""
+        return PairLosses(VariationalRegressor(student[-3], teacher[-3]) for student, teacher in shapes)

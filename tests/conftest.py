@@ -16,6 +16,7 @@ import sys
 import tempfile
 import tokenize
 import urllib.error
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -256,6 +257,14 @@ def tiny_convnet(width: int, classes: int = 3) -> torch.nn.Sequential:
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
     )
+
+
+def maps_of_every_size_order(generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(student, teacher) batches of 3 maps, 5 and 7 channels, drawn from `generator` one pair at a time: the
+    student's as large as the teacher's, larger, then smaller (4 / 4, 8 / 4, 2 / 4 px); the student's requires grad."""
+    for student_size, teacher_size in ((4, 4), (8, 4), (2, 4)):
+        student = torch.randn(3, 5, student_size, student_size, generator=generator).requires_grad_()
+        yield student, torch.randn(3, 7, teacher_size, teacher_size, generator=generator)
 
 
 @pytest.fixture(scope="module")

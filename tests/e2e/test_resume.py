@@ -136,23 +136,14 @@ def resume(run: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.long
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
-    flags = [*RESUME_FLAGS, *SMALL_MODELS]
-    complete = start_run(tiny_data, tmp_path / "complete", flags)
-    assert complete.wait(timeout=300) == 0, complete.stdout.read()
-
-    killed = start_run(tiny_data, tmp_path / "killed", flags)
     # Epoch 2's line is printed before epoch 2 is saved: the kill lands mid-model, after epoch 1's state.
-    stop_at(killed, "[student_baseline] epoch   2", signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
-    run = tmp_path / "killed"
+    run = complete_then_killed(tiny_data, tmp_path, [*RESUME_FLAGS, *SMALL_MODELS], "[student_baseline] epoch   2")
     assert (run / "teacher" / "results.json").is_file()
     assert not (run / "student_baseline" / "results.json").is_file()
     saved_epochs = len(checkpoints.load_checkpoint(run / "student_baseline" / checkpoints.TRAIN_STATE)["history"])
     assert 1 <= saved_epochs < 4
 
-    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = resume(run)
     assert "[teacher] finished before the interruption" in resumed.stdout
     assert f"[student_baseline] resuming after epoch {saved_epochs} of 4" in resumed.stdout
     expected = utils.read_json(tmp_path / "complete" / "summary.json")
@@ -208,17 +199,10 @@ def test_crd_resumed_after_sigkill_has_the_uninterrupted_history(tiny_data, tmp_
     negatives the uninterrupted run drew: every epoch's train and validation figures are equal."""
     flags = [*RESUME_FLAGS, "--teacher-model", "resnet8", "--student-model", "resnet8", "--teacher-epochs", "1",
              "--kd-methods", "crd", "--image-size", "16", "--crd-negatives", "5"]  # a draw from 18 other-class images
-    complete = start_run(tiny_data, tmp_path / "complete", flags)
-    assert complete.wait(timeout=300) == 0, complete.stdout.read()
-    killed = start_run(tiny_data, tmp_path / "killed", flags)
-    stop_at(killed, "[student_crd] epoch   2", signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
-    run = tmp_path / "killed"
+    run = complete_then_killed(tiny_data, tmp_path, flags, "[student_crd] epoch   2")
     state = checkpoints.load_checkpoint(run / "student_crd" / checkpoints.TRAIN_STATE)
     assert 1 <= len(state["history"]) < 4 and state["criterion"]["memory.normalizers"].min() > 0
-    resumed = subprocess.run([sys.executable, "experiment.py", "--resume", str(run)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = resume(run)
     assert "[student_crd] resuming after epoch" in resumed.stdout
     expected = utils.read_json(tmp_path / "complete" / "student_crd" / "history.json")["epochs"]
     actual = utils.read_json(run / "student_crd" / "history.json")["epochs"]

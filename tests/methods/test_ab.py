@@ -1,25 +1,13 @@
-"""Activation boundaries (methods/ab.py) against a transcription of RepDistiller's ABLoss, its connectors, and
-what its initialization stage trains."""
+"""Activation boundaries (methods/ab.py) against RepDistiller's ABLoss, transcribed in
+benchmarks/reference_connectors.py, its connectors, and what its initialization stage trains."""
 
 import pytest
 import torch
 from conftest import sgd, tiny_distillation
 
+from benchmarks import reference_connectors
 from methods import ab, two_stage
 from training import init_stage
-
-
-def reference_ab(g_s, g_t, margin=1.0):
-    """RepDistiller distiller_zoo/AB.py ABLoss.forward, summed as helper/pretrain.py sums its list."""
-    feat_num, bsz = len(g_s), g_s[0].shape[0]
-    w = [2 ** (i - feat_num + 1) for i in range(feat_num)]
-    losses = []
-    for s, t in zip(g_s, g_t, strict=True):
-        loss = ((s + margin) ** 2 * ((s > -margin) & (t <= 0)).float()
-                + (s - margin) ** 2 * ((s <= margin) & (t > 0)).float())
-        losses.append(torch.abs(loss).sum())
-    losses = [wi * li for wi, li in zip(w, losses, strict=True)]
-    return sum(li / bsz / 1000 * 3 for li in losses)
 
 
 def test_ab_loss_and_gradient_equal_the_reference_transcription():
@@ -27,7 +15,7 @@ def test_ab_loss_and_gradient_equal_the_reference_transcription():
     shapes = [(4, 8, 8, 8), (4, 16, 4, 4), (4, 32, 2, 2)]
     student = [(2 * torch.randn(shape, generator=generator)).requires_grad_() for shape in shapes]
     teacher = [torch.randn(shape, generator=generator) for shape in shapes]
-    ours, reference = ab.ab_loss(student, teacher), reference_ab(student, teacher)
+    ours, reference = ab.ab_loss(student, teacher), reference_connectors.ref_ab(student, teacher)
     assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
     for mine, theirs in zip(torch.autograd.grad(ours, student), torch.autograd.grad(reference, student), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-9)

@@ -7,16 +7,16 @@ import torch
 import KD_engine
 import model_builder
 from benchmarks import reference_relations
-from methods import cc
+from methods import cc, feature_maps
 
 
 def test_cc_loss_and_gradients_equal_the_reference_formula_through_the_same_connectors():
     generator = torch.Generator().manual_seed(5)
     student = torch.randn(7, 16, generator=generator).requires_grad_()
     teacher = torch.randn(7, 24, 1, 1, generator=generator)  # a pooled map: flattened as LinearEmbed does
-    connectors = cc.CCConnectors([((7, 16), (7, 24, 1, 1))])
+    connectors = feature_maps.PairLosses([cc.CorrelationConnectors((7, 16), (7, 24, 1, 1))])
     embeds = reference_relations.reference_modules("cc", connectors)
-    ours = connectors.pairs[0](student, teacher)
+    ours = connectors([student], [teacher])
     reference = reference_relations.ref_cc(embeds[0](student), embeds[1](teacher))
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5) and ours.item() > 0
     ours_grads = torch.autograd.grad(ours, [student, *connectors.parameters()])

@@ -123,8 +123,8 @@ def test_pre_activation_layers_are_the_last_relus_inputs():
 def test_relational_losses_are_computed_in_float32_under_a_bf16_autocast():
     generator = torch.Generator().manual_seed(7)
     student, teacher = torch.randn(8, 6, 4, 4, generator=generator), torch.randn(8, 5, 4, 4, generator=generator)
-    for loss in (sp.sp_loss, rkd.rkd_loss, pkt.pkt_loss, nst.nst_loss):
-        exact = loss([student], [teacher])
+    for method in (sp.SP, rkd.RKD, pkt.PKT, nst.NST):
+        exact = method.pairs_loss([student], [teacher])
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matrix products would be off by ~1e-2
-            under = loss([student], [teacher])
-        assert under.dtype == torch.float32 and under.item() == pytest.approx(exact.item(), rel=1e-6), loss.__name__
+            under = method.pairs_loss([student], [teacher])
+        assert under.dtype == torch.float32 and under.item() == pytest.approx(exact.item(), rel=1e-6), method.name

@@ -3,27 +3,26 @@ benchmarks/reference_relations.py."""
 
 import pytest
 import torch
+from conftest import maps_of_every_size_order
 
 from benchmarks import reference_relations
 from methods import nst
 
 
 def test_nst_loss_and_gradient_equal_the_reference_formula_on_every_size_order():
-    generator = torch.Generator().manual_seed(3)
-    for student_size, teacher_size in ((4, 4), (8, 4), (2, 4)):
-        student = torch.randn(3, 5, student_size, student_size, generator=generator).requires_grad_()
-        teacher = torch.randn(3, 7, teacher_size, teacher_size, generator=generator)
-        ratio, gradient = reference_relations.agreement(nst.nst_loss, reference_relations.ref_nst, student, teacher)
+    for student, teacher in maps_of_every_size_order(torch.Generator().manual_seed(3)):
+        ratio, gradient = reference_relations.agreement(nst.NST.pairs_loss, reference_relations.ref_nst, student,
+                                                        teacher)
         assert ratio == pytest.approx(1.0, abs=1e-5) and gradient < 1e-5
 
 
 def test_nst_is_zero_for_the_same_channels_and_sums_the_pairs():
     torch.manual_seed(4)
     first, second = torch.randn(2, 3, 4, 4), torch.randn(2, 6, 2, 2)
-    assert nst.nst_loss([2 * first], [first]).item() == pytest.approx(0.0, abs=1e-6)
+    assert nst.NST.pairs_loss([2 * first], [first]).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.randn(2, 3, 2, 2)
-    both = nst.nst_loss([first, other], [first + 1, second])
-    each = nst.nst_loss([first], [first + 1]) + nst.nst_loss([other], [second])
+    both = nst.NST.pairs_loss([first, other], [first + 1, second])
+    each = nst.NST.pairs_loss([first], [first + 1]) + nst.NST.pairs_loss([other], [second])
     assert both.item() == pytest.approx(each.item(), rel=1e-6)
 
 

@@ -13,10 +13,11 @@ def test_sp_loss_and_gradient_equal_the_reference_formula():
     generator = torch.Generator().manual_seed(2)
     student = torch.randn(6, 4, 3, 3, generator=generator).requires_grad_()
     teacher = torch.randn(6, 8, 2, 2, generator=generator)  # other channels and sizes: only the N x N Grams meet
-    ratio, gradient = reference_relations.agreement(sp.sp_loss, reference_relations.ref_sp, student, teacher)
+    ratio, gradient = reference_relations.agreement(sp.SP.pairs_loss, reference_relations.ref_sp, student, teacher)
     assert ratio == pytest.approx(1.0, abs=1e-5) and gradient < 1e-5
     channels_last = student.detach().to(memory_format=torch.channels_last)  # how the run's maps are laid out
-    assert sp.sp_loss([channels_last], [teacher]).item() == pytest.approx(sp.sp_loss([student], [teacher]).item())
+    assert (sp.SP.pairs_loss([channels_last], [teacher]).item()
+            == pytest.approx(sp.SP.pairs_loss([student], [teacher]).item()))
 
 
 def test_sp_by_hand_rows_normalized_and_divided_by_n_squared():
@@ -24,7 +25,7 @@ def test_sp_by_hand_rows_normalized_and_divided_by_n_squared():
     teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # Gram all ones, rows normalized to 1/sqrt(2)
     half = 2**-0.5
     expected = 2 * ((1 - half) ** 2 + half**2) / 4
-    assert sp.sp_loss([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
+    assert sp.SP.pairs_loss([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sp_default_pair_is_the_last_stages_output():

@@ -4,23 +4,22 @@ benchmarks/reference_relations.py."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import maps_of_every_size_order
 
 import KD_engine
 import model_builder
 from benchmarks import reference_relations
-from methods import vid
+from methods import feature_maps, vid
 
 
 def test_vid_loss_and_gradients_equal_the_reference_on_every_size_order():
     generator = torch.Generator().manual_seed(6)
-    for student_size, teacher_size in ((4, 4), (8, 4), (2, 4)):
-        student = torch.randn(3, 5, student_size, student_size, generator=generator).requires_grad_()
-        teacher = torch.randn(3, 7, teacher_size, teacher_size, generator=generator)
-        regressors = vid.VIDRegressors([((3, 5, student_size, student_size), (3, 7, teacher_size, teacher_size))])
+    for student, teacher in maps_of_every_size_order(generator):
+        regressors = feature_maps.PairLosses([vid.VariationalRegressor(5, 7)])
         with torch.no_grad():
             regressors.pairs[0].log_scale.add_(torch.randn(7, generator=generator))  # variances other than 5
         (reference_loss,) = reference_relations.reference_modules("vid", regressors)
-        ours, reference = regressors.pairs[0](student, teacher), reference_loss(student, teacher)
+        ours, reference = regressors([student], [teacher]), reference_loss(student, teacher)
         assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
         ours_grads = torch.autograd.grad(ours, [student, *regressors.parameters()])
         reference_grads = torch.autograd.grad(reference, [student, *reference_loss.parameters()])
