@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from methods import kd
 from methods.base import (
     Method,
     Setting,
@@ -81,8 +81,8 @@ def dkd_terms(
         raise ValueError("Decoupled KD needs at least two classes.")
     student_binary, student_others = _target_split(student_logits.float() / temperature, labels)
     teacher_binary, teacher_others = _target_split(teacher_logits.float() / temperature, labels)
-    tckd = F.kl_div(student_binary, teacher_binary, log_target=True, reduction="batchmean")
-    nckd = F.kl_div(student_others, teacher_others, log_target=True, reduction="batchmean")
+    tckd = kd.batchmean_kl(student_binary, teacher_binary)
+    nckd = kd.batchmean_kl(student_others, teacher_others)
     return tckd * temperature**2, nckd * temperature**2
 
 
