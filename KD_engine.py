@@ -54,11 +54,11 @@ def freeze(teacher: nn.Module) -> nn.Module:
 
 
 def teacher_forward(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits, computed under inference mode and usable in the student's graph."""
-    with torch.inference_mode():
-        logits = teacher(images)
-    # kl_div's backward saves its target, which an inference tensor cannot be: copy it out.
-    return logits.clone()
+    """The teacher's logits, computed without a graph and usable in the student's graph."""
+    # Not inference mode: the losses' backward passes save the teacher's outputs, which an inference tensor cannot
+    # be, so each output would need a copy out of it (a kernel per step and per hooked map).
+    with torch.no_grad():
+        return teacher(images)
 
 
 class SharedTeacherForward:
@@ -102,16 +102,14 @@ class DistillationStep(engine.Criterion):
         self.method.set_epoch(epoch)
 
     def teacher_outputs(self, images: torch.Tensor, cached_logits: torch.Tensor | None = None) -> TeacherOutputs:
-        """The teacher's logits (`cached_logits` when given) and hooked maps on `images`, out of inference mode
-        (the loss keeps them for its backward pass, which an inference tensor cannot be)."""
+        """The teacher's logits (`cached_logits` when given) and hooked maps on `images` (see `teacher_forward`)."""
         if cached_logits is not None and self.teacher_hooks is None:
             return TeacherOutputs(cached_logits)
         logits = teacher_forward(self.teacher, images) if self.shared_forward is None \
             else self.shared_forward.logits(self.teacher, images)
         if self.teacher_hooks is None:
             return TeacherOutputs(logits)
-        features = [feature.clone() for feature in self.teacher_hooks.take()]
-        return TeacherOutputs(logits, dict(zip(self.teacher_hooks.names, features, strict=True)))
+        return TeacherOutputs(logits, dict(zip(self.teacher_hooks.names, self.teacher_hooks.take(), strict=True)))
 
     def __call__(
         self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from methods import kd
 from methods.base import (
     Method,
     Setting,
@@ -53,16 +53,22 @@ def reference_beta(teacher: str, student: str) -> float:
     return REFERENCE_BETAS.get((teacher, student), DEFAULT_BETA)
 
 
-def _target_split(scaled_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of (target, any non-target), and of each non-target class among them.
+def _non_target_columns(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Each row's column indices but its label's, in order: computed indices, as a boolean mask would make the host
+    wait for the device."""
+    columns = torch.arange(classes - 1, device=labels.device).expand(len(labels), classes - 1)
+    return columns + (columns >= labels[:, None])  # skip the target column
+
+
+def _target_split(scaled_logits: torch.Tensor, labels: torch.Tensor, non_target: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of (target, any non-target), and of each non-target class among them (`non_target`: the
+    columns `_non_target_columns` gives).
 
     Removing the target column is the exact form of the paper's "subtract 1000 from the target
     logit", which stops masking once logits/T exceed 1000; log-sum-exps keep every term finite.
-    Columns are gathered at computed indices: a boolean mask would make the host wait for the device.
     """
-    rows, classes = scaled_logits.shape
-    others_index = torch.arange(classes - 1, device=labels.device).expand(rows, classes - 1)
-    others = scaled_logits.gather(1, others_index + (others_index >= labels[:, None]))  # skip the target column
+    others = scaled_logits.gather(1, non_target)
     log_norm = scaled_logits.logsumexp(dim=1, keepdim=True)
     others_norm = others.logsumexp(dim=1, keepdim=True)
     binary = torch.cat([scaled_logits.gather(1, labels[:, None]), others_norm], dim=1) - log_norm
@@ -79,10 +85,11 @@ def dkd_terms(
     """
     if student_logits.shape[1] < 2:
         raise ValueError("Decoupled KD needs at least two classes.")
-    student_binary, student_others = _target_split(student_logits.float() / temperature, labels)
-    teacher_binary, teacher_others = _target_split(teacher_logits.float() / temperature, labels)
-    tckd = F.kl_div(student_binary, teacher_binary, log_target=True, reduction="batchmean")
-    nckd = F.kl_div(student_others, teacher_others, log_target=True, reduction="batchmean")
+    non_target = _non_target_columns(labels, student_logits.shape[1])  # the student's and the teacher's
+    student_binary, student_others = _target_split(student_logits.float() / temperature, labels, non_target)
+    teacher_binary, teacher_others = _target_split(teacher_logits.float() / temperature, labels, non_target)
+    tckd = kd.batchmean_kl(student_binary, teacher_binary)
+    nckd = kd.batchmean_kl(student_others, teacher_others)
     return tckd * temperature**2, nckd * temperature**2
 
 

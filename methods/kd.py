@@ -3,8 +3,8 @@
     loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
 
 ALPHA weighs the hard labels, as in the design this project follows. The KL term takes log-softmax inputs on
-both sides (no probability can underflow to log(0)) and `reduction="batchmean"` (a sum over classes, a mean over
-samples); T^2 keeps its gradients on the scale of the CE term.
+both sides (no probability can underflow to log(0)) and is a sum over classes and a mean over samples (kl_div's
+"batchmean"); T^2 keeps its gradients on the scale of the CE term.
 """
 
 from __future__ import annotations
@@ -15,12 +15,21 @@ import torch.nn.functional as F
 from methods.base import HardLoss, Method, TeacherOutputs, register
 
 
+def batchmean_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) from log-probabilities, summed over classes and averaged over samples:
+    `F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")` bit for bit, in its
+    gradient too."""
+    # kl_div sums p_t * (log p_t - log p_s) / N; here -p_t * (log p_s - log p_t), the sign in the divisor (negating is
+    # exact), so the student's gradient is not negated in a kernel of its own.
+    pointwise = teacher_log_probs.exp() * (student_log_probs - teacher_log_probs)
+    return pointwise.sum() / -len(student_log_probs)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch."""
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    return batchmean_kl(student_log_probs, teacher_log_probs) * temperature**2
 
 
 def distillation_loss(

@@ -55,11 +55,11 @@ class LayerTaps:
             self.student_hooks = FeatureHooks(student, list(student_layers), before_names(student_layers))
 
     def teacher_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen teacher's maps on `images`, computed under inference mode and copied out of it."""
-        with torch.inference_mode():
+        """The frozen teacher's maps on `images`, computed without a graph (not in inference mode: a loss's backward
+        saves them, which an inference tensor cannot be)."""
+        with torch.no_grad():
             self.teacher(images)
-            maps = self.teacher_hooks.take()
-        return [feature.clone() for feature in maps]
+        return self.teacher_hooks.take()
 
     def student_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The student's maps on `images`, in its graph."""

@@ -67,6 +67,16 @@ def test_no_step_makes_the_host_wait_and_the_epoch_is_read_once(method):
     assert counter.sync_names[("end", step_profile.OTHER)]["cpu"] == 1, "the epoch's results in one copy"
 
 
+@pytest.mark.parametrize("method", ["kd", "at"])
+def test_a_step_neither_copies_the_teachers_outputs_nor_negates_the_kl_gradient(method):
+    """The teacher runs under no_grad (an inference tensor would need a copy before a loss saves it), and the
+    batch-mean KL's sign sits in its divisor (kl_div's own backward negates the student's gradient in a kernel)."""
+    ops = _profile(method).names[(1, step_profile.OTHER)]
+    assert ops["clone"] == 0, f"{method}: the teacher's logits or maps were copied"
+    if method == "kd":
+        assert ops["neg"] == 0, "the KL's gradient was negated in a kernel of its own"
+
+
 def test_the_counter_sees_host_waits():
     """The test above can fail: a boolean mask, `.item()` and a copy to the host are each seen."""
     values = torch.arange(6.0, device=DEVICE)

@@ -231,6 +231,18 @@ def test_one_prediction_rule_decides_top1_top3_and_the_per_class_scores_when_log
     assert utils.ranked_classes(torch.zeros(2, 10), 3).tolist() == [[0, 1, 2], [0, 1, 2]]
 
 
+def test_label_ranks_place_each_label_where_the_stable_sort_does_with_ties_infinities_and_nan():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(-2, 3, (400, 6), generator=generator).float()  # many ties
+    kind = torch.rand(400, 6, generator=generator)
+    logits[kind < 0.1], logits[kind > 0.9], logits[(kind > 0.85) & (kind < 0.9)] = math.nan, math.inf, -math.inf
+    labels = torch.randint(0, 6, (400,), generator=generator)
+    ranks = utils.label_ranks(logits, labels)
+    for k in range(1, 7):
+        assert torch.equal(ranks < k, (utils.ranked_classes(logits, k) == labels[:, None]).any(dim=1)), k
+    assert utils.label_ranks(torch.tensor([[1.0, math.nan, 1.0, math.nan]]), torch.tensor([2])).tolist() == [3]
+
+
 def _legend_beside_axes(figure) -> bool:
     """Whether every axes' legend lies wholly right of its axes (so it covers no curve or bar)."""
     figure.canvas.draw()

@@ -48,3 +48,18 @@ def test_extreme_teacher_confidence_stays_finite():
 def test_kd_weights():
     method = kd.KD(nn.Identity(), nn.Identity(), method_setup())
     assert method.weights() == {"logit_weights": {"kd": {"kd": 1.0}}}
+
+
+@pytest.mark.parametrize("rows", [1, 12, 64])
+def test_batchmean_kl_is_kl_div_bit_for_bit_in_value_and_gradient(rows):
+    generator = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, 10, generator=generator) * 5
+    teacher = F.log_softmax(torch.randn(rows, 10, generator=generator) * 5, dim=1)
+    values, gradients = [], []
+    for kl in (kd.batchmean_kl, lambda s, t: F.kl_div(s, t, log_target=True, reduction="batchmean")):
+        student = logits.clone().requires_grad_()
+        value = kl(F.log_softmax(student / 3.0, dim=1), teacher) * 7.0
+        value.backward()
+        values.append(value)
+        gradients.append(student.grad)
+    assert torch.equal(values[0], values[1]) and torch.equal(gradients[0], gradients[1])
