@@ -8,6 +8,10 @@ images it got right, so that the best is compared with every other (sweep.noise)
 has no test loader: no trial can read the test split. experiment.py then tests the best trial's
 student once, against a baseline trained with the same settings and seed.
 
+A worker asks for --trials-per-pass trials at once and trains their students in one pass over the data
+(training.lockstep: each batch drawn once, the teacher run once on it); a trial the pruner stops leaves
+the pass, the others go on. Trials whose searched settings change the training batches train alone.
+
 The trials are kept in an Optuna study: an SQLite file in the run directory (RUN/sweep.db) for one
 worker, or a shared storage (an RDB URL, or a journal file on a shared filesystem) that several
 workers join. The workers of a study share its run directory (on a filesystem all of them mount) and
