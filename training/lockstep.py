@@ -11,6 +11,9 @@ Each student keeps its own stream of the global random generator (dropout, ...),
 validation and its save: in fp32 every student's history equals its history trained alone, bit for bit. After
 an interruption the students may stand at different epochs (a kill between two students' saves): each epoch's
 pass takes the students whose next epoch it is, so one behind catches up alone, then the others rejoin.
+
+A sweep's trials join a pass as students with settings of their own (`Student.context`); one that the pruner
+stops (one of its `Student.stops`) leaves the pass at once, and the others go on.
 """
 
 from __future__ import annotations
