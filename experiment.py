@@ -72,6 +72,7 @@ SEEDS: str | None = None  # e.g. "0,1,2": repeat every student per seed (teacher
 COMPARISON_CORRECTION = "holm"  # holm or none: how several distilled students' head-to-head p-values are corrected
 SWEEP: str | None = None  # e.g. "temperature=1:10:log,alpha=0.1:0.9": search them with Optuna (see sweep/search.py)
 TRIALS = 20  # trials of a sweep, over all its workers
+TRIALS_PER_PASS = 1  # trials a sweep's worker trains in one pass over the data (see docs/sweeps.md)
 PRUNE_AFTER: int | None = None  # epochs a sweep's trial trains before the pruner may stop it; None: half its epochs
 STUDY_STORAGE: str | None = None  # a sweep's shared study: RDB URL or journal file; None: RUN/sweep.db
 STUDY_NAME: str | None = None  # the study's name in STUDY_STORAGE; None: the run directory's name

@@ -135,6 +135,11 @@ class RunSettings:
                              "comma-separated name=low:high (uniform), name=low:high:log or name=a|b|c, e.g. "
                              "temperature=1:10:log,alpha=0.1:0.9 (also method=kd|dkd)", unset="one run, no search")
     trials: int = flag("sweep", "trials of the sweep, over all its workers together")
+    trials_per_pass: int = flag("sweep", "a worker asks Optuna for this many trials at once and trains their students "
+                                "in one pass over the data (as --lockstep trains a seed's students: each batch drawn "
+                                "once, the teacher run once on it); a pruned trial leaves the pass, the others go on; "
+                                "when a searched setting changes the training batches (batch_size), each trial trains "
+                                "alone")
     prune_after: int | None = flag("sweep", "the median pruner judges a trial only from this epoch on (and never at "
                                    "its last), against the trials that reached that epoch, and only once "
                                    f"{PRUNER_STARTUP_TRIALS} trials have completed and {PRUNER_STARTUP_TRIALS} have "
@@ -369,6 +374,7 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         ((config.patience or 0) >= 0, f"--patience must be >= 0 (got {config.patience})."),
         (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {config.label_smoothing})."),
         (config.trials >= 1, f"--trials must be at least 1 (got {config.trials})."),
+        (config.trials_per_pass >= 1, f"--trials-per-pass must be at least 1 (got {config.trials_per_pass})."),
         (config.prune_after is None or config.prune_after >= 1,
          f"--prune-after must be at least 1 epoch (got {config.prune_after})."),
         (config.sweep is not None or (config.study_storage is None and config.study_name is None),

@@ -8,6 +8,10 @@ images it got right, so that the best is compared with every other (sweep.noise)
 has no test loader: no trial can read the test split. experiment.py then tests the best trial's
 student once, against a baseline trained with the same settings and seed.
 
+A worker asks for --trials-per-pass trials at once and trains their students in one pass over the data
+(training.lockstep: each batch drawn once, the teacher run once on it); a trial the pruner stops leaves
+the pass, the others go on. Trials whose searched settings change the training batches train alone.
+
 The trials are kept in an Optuna study: an SQLite file in the run directory (RUN/sweep.db) for one
 worker, or a shared storage (an RDB URL, or a journal file on a shared filesystem) that several
 workers join. The workers of a study share its run directory (on a filesystem all of them mount) and
@@ -20,19 +24,22 @@ stopped is, after study_storage.GRACE_SECONDS. The retry continues from the tria
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs beside its trial
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -43,7 +50,7 @@ from config import settings
 from core import errors, paired_tests, records
 from core.errors import SettingsError
 from sweep import findings, noise, search_space, study_storage
-from training import checkpoints, model_run
+from training import checkpoints, lockstep, model_run
 
 TRIALS_DIR = "trials"  # RUN/trials/: each trial's student, the workers' locks, the study's run id
 SQLITE_FILE = "sweep.db"  # the study of a sweep without --study-storage, in its run directory
@@ -267,9 +274,25 @@ class SweepStudy:
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, self.plan.trials // 3)),
                                               multivariate=True, constant_liar=True)
 
-    def claim(self, trial: optuna.Trial) -> None:
-        """Mark a trial this worker starts as its own (under the budget lock, before any other worker looks)."""
+    def ask(self) -> optuna.Trial:
+        """A trial this worker starts (a queued one first), marked as its own: called under the budget lock, before
+        any other worker looks. Its heartbeat is kept by `heartbeats`, not by Study.optimize (hence no warning)."""
+        with search_space.quiet_optuna(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Heartbeat of storage")
+            trial = self.optuna.ask()
         trial.set_user_attr(WORKER_ATTR, self.worker_id)
+        return trial
+
+    @contextlib.contextmanager
+    def heartbeats(self, trials: list[optuna.Trial]) -> Iterator[None]:
+        """The trials' heartbeats recorded in the storage while they run (where it keeps them), as Study.optimize
+        does for its one trial: a trial not heard from is failed and retried by the other workers."""
+        study_id = self.storage.get_study_id_from_name(self.name)
+        with contextlib.ExitStack() as beating:
+            for trial in trials:
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                beating.enter_context(get_heartbeat_thread(trial_id, self.storage))
+            yield
 
     def _worker_gone(self, trial: FrozenTrial) -> bool:
         """Whether a running trial's worker has ended: the kernel let its lock go (RUN/sweep.db: any running trial
@@ -341,50 +364,86 @@ def first_judged(config: settings.Config) -> int:
 
 
 class Objective:
-    """One trial's work: a distilled student trained with the settings the trial draws, never seeing the test
-    split, each epoch reported to the pruner; the trial's value is its best epoch's validation metric."""
+    """A pass of trials' work: for each trial a distilled student trained with the settings it draws, never seeing
+    the test split, each epoch reported to the pruner; a trial's value is its best epoch's validation metric. The
+    students of a pass train together (`lockstep.train_students`); each trial is told to the study as it ends."""
 
     def __init__(
         self, sweep: SweepStudy, context: model_run.Context, dataset: records.DatasetRecord, teacher: nn.Module,
+        told: Callable[[optuna.Study, FrozenTrial], None],
     ) -> None:
-        self.sweep, self.context, self.dataset = sweep, context, dataset
+        self.sweep, self.context, self.dataset, self.told = sweep, context, dataset, told
         self.teacher, self.teacher_logits = model_run.distillation_teacher(context, teacher)
 
-    def __call__(self, trial: optuna.Trial, started: Callable[[], None]) -> float:
-        """Train one distilled student with the trial's settings; its best epoch's validation metric."""
-        self.sweep.claim(trial)
-        started()  # the trial is in the study, this worker's: the other workers count it
+    def ask(self, count: int) -> tuple[list[optuna.Trial], list[lockstep.Student]]:
+        """`count` trials to train in one pass, and their students, each trial's settings drawn before the next is
+        asked (the sampler's constant liar then keeps the next one away from them)."""
+        trials, students = [], []
+        for _ in range(count):
+            trials.append(self.sweep.ask())
+            students.append(self.student(trials[-1]))
+        return trials, students
+
+    def student(self, trial: optuna.Trial) -> lockstep.Student:
+        """The student a trial trains, with the settings it draws; a pruned or diverged trial stops alone."""
         config = search_space.trial_config(self.context.config, search_space.suggest(trial, self.sweep.plan.space))
         context = trial_context(self.context, self.dataset, config, test=False)
-        folder = self.sweep.trial_folder(self.sweep.frozen(trial))
         role = records.distilled_role(settings.kd_methods(config)[0])
         criterion, cached = model_run.student_criterion(context, role, self.teacher, self.teacher_logits)
+        return lockstep.Student(
+            f"trial {trial.number}", self.sweep.trial_folder(self.sweep.frozen(trial)), criterion, cached, context,
+            self._reporter(trial, config.student_epochs, first_judged(config)),
+            (optuna.TrialPruned, engine.NonFiniteLossError))
+
+    def __call__(self, trials: list[optuna.Trial], students: list[lockstep.Student]) -> None:
+        """Train the trials' students (`students`, in the trials' order); each trial is told as it ends. Stopped by
+        Ctrl-C or SIGTERM, the trials not yet told are queued again, to go on from their last saved epoch."""
+        by_name = dict(zip((student.name for student in students), trials, strict=True))
+        config = self.context.config
         try:
-            student, fit = model_run.train_model(
-                context, f"trial {trial.number}", model_builder.architecture_name(config.student_model),
-                config.student_epochs, config.student_lr, criterion, folder, config.seed, cached,
-                on_epoch=self._reporter(trial, config.student_epochs, first_judged(config)))
-        except KeyboardInterrupt:
-            context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
-            study_storage.requeue(self.sweep.optuna, self.sweep.frozen(trial), "its worker was stopped")
+            with self.sweep.heartbeats(trials):
+                lockstep.train_students(
+                    self.context, model_builder.architecture_name(config.student_model), config.seed, students,
+                    lambda student, model, fit: self._complete(by_name[student.name], student, model, fit),
+                    lambda student, stop: self._stopped(by_name[student.name], student, stop))
+        except BaseException as error:
+            self.context.saver.wait()  # the epoch saved last is on disk before another worker may continue from it
+            for trial in trials:
+                frozen = self.sweep.frozen(trial)
+                if frozen.state != TrialState.RUNNING:
+                    continue
+                if isinstance(error, KeyboardInterrupt):
+                    study_storage.requeue(self.sweep.optuna, frozen, "its worker was stopped")
+                self.sweep.optuna.tell(trial, state=TrialState.FAIL)
             raise
-        except (optuna.TrialPruned, engine.NonFiniteLossError) as stop:
-            context.saver.wait()
-            shutil.rmtree(folder, ignore_errors=True)  # a stopped trial's student is never used
-            if isinstance(stop, engine.NonFiniteLossError):
-                trial.set_user_attr("note", errors.one_line(stop))
-                raise optuna.TrialPruned(str(stop)) from None
-            raise
+
+    def _complete(self, trial: optuna.Trial, student: lockstep.Student, model: nn.Module,
+                  fit: engine.FitResult) -> None:
+        """A trained trial's value and what the sweep keeps of it (its validation metrics, time, right images)."""
+        context = student.context
         context.saver.wait()
-        (folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
+        (student.folder / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
         best = fit.history[fit.best_epoch - 1]["val"]
         trial.set_user_attr("val", {key: best[key] for key in engine.SELECT_METRICS})
         trial.set_user_attr("seconds", round(sum(epoch["seconds"] for epoch in fit.history), 2))
         # A resumed trial whose best epoch came before the interruption has no outputs kept: predicted again.
-        outputs = fit.best_val_outputs or engine.predict(student, context.eval_loaders["val"], context.device,
-                                                         context.amp_dtype, f"trial {trial.number} val")
+        outputs = fit.best_val_outputs or engine.predict(model, context.eval_loaders["val"], context.device,
+                                                         context.amp_dtype, f"{student.name} val")
         trial.set_user_attr(noise.CORRECT_ATTR, paired_tests.correct_flags(*outputs))
-        return metric_value(best, self.sweep.plan.metric)
+        self._tell(trial, metric_value(best, self.sweep.plan.metric))
+
+    def _stopped(self, trial: optuna.Trial, student: lockstep.Student, stop: Exception) -> None:
+        """A trial the pruner stopped, or whose loss diverged (a note says so): pruned, its student deleted."""
+        student.context.saver.wait()
+        shutil.rmtree(student.folder, ignore_errors=True)  # a stopped trial's student is never used
+        if isinstance(stop, engine.NonFiniteLossError):
+            trial.set_user_attr("note", errors.one_line(stop))
+        self._tell(trial, state=TrialState.PRUNED)
+
+    def _tell(self, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
+        """Tell the study how a trial ended, and the console."""
+        self.sweep.optuna.tell(trial, value, state)
+        self.told(self.sweep.optuna, self.sweep.frozen(trial))
 
     def _reporter(self, trial: optuna.Trial, epochs: int, judged_from: int) -> model_run.EpochLog:
         """Each epoch's validation value, reported to the pruner, which may stop the trial (optuna.TrialPruned) from
@@ -472,9 +531,10 @@ class Worker:
         self.study.__exit__(*exc_info)
 
     def run_trials(self, teacher: nn.Module) -> Search:
-        """Run trials until the study holds --trials finished ones (complete or pruned), with the other workers;
-        then wait for the others' last trials, and return the search's outcome."""
-        objective, trials = Objective(self.study, self.context, self.dataset, teacher), self.study.plan.trials
+        """Run trials, up to `trials_per_pass` at once, until the study holds --trials finished ones (complete or
+        pruned), with the other workers; then wait for the others' last trials, and return the search's outcome."""
+        objective = Objective(self.study, self.context, self.dataset, teacher, self.outcome.progress)
+        per_pass, trials = trials_per_pass(self.context.config, self.study.plan.space), self.study.plan.trials
         budget, waiting = self.study.budget_lock(), False
         while True:
             budget.acquire()
@@ -486,10 +546,10 @@ class Worker:
                 if finished >= trials:
                     break
                 if finished + running < trials:
-                    # The lock is released inside, once the trial exists: no two workers take the last place.
-                    with search_space.quiet_optuna():
-                        self.study.optuna.optimize(lambda trial: objective(trial, budget.release), n_trials=1,
-                                                   callbacks=[self.outcome.progress])
+                    # Each trial exists, this worker's, before the lock goes: no two workers take the last place.
+                    asked, students = objective.ask(min(per_pass, trials - finished - running))
+                    budget.release()
+                    objective(asked, students)
                     waiting = False
                     continue
             finally:
@@ -500,3 +560,15 @@ class Worker:
                 waiting = True
             time.sleep(POLL_SECONDS)
         return self.outcome.search()
+
+
+def trials_per_pass(config: settings.Config, space: dict[str, BaseDistribution]) -> int:
+    """The trials a pass trains: --trials-per-pass, or 1 (said so) when a searched setting changes the training
+    batches (`search_space.stream_changing`), since trials that draw different batches cannot share a pass."""
+    changing = search_space.stream_changing(config, space)
+    if config.trials_per_pass > 1 and changing:
+        print(f"[sweep] each trial trains alone: the searched {', '.join(changing)} change"
+              f"{'s' if len(changing) == 1 else ''} the training batches, which the trials of a pass share "
+              f"(--trials-per-pass {config.trials_per_pass} unused)")
+        return 1
+    return config.trials_per_pass

@@ -23,6 +23,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 import KD_engine
 from config import settings
 from core.errors import SettingsError
+from training import model_run
 
 METHOD = "method"  # the spec's name for the distillation method: one a trial, in place of --kd-methods
 SEARCHABLE_GROUPS = ("training", "distillation methods")  # Config groups of the student's training settings
@@ -150,6 +151,19 @@ def user_params(config: settings.Config, space: dict[str, BaseDistribution]) -> 
     return params, outside
 
 
+def ends(dist: BaseDistribution) -> tuple[Any, ...]:
+    """The values a range's checks try: both ends of a range, every choice of a list."""
+    return dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+
+
+def stream_changing(config: settings.Config, space: dict[str, BaseDistribution]) -> list[str]:
+    """The searched settings that change the training batches (`model_run.batch_stream`: batch size, image size,
+    augmentation): trials that differ in them draw different batches, so they cannot share a lockstep pass."""
+    stream = model_run.batch_stream(config)
+    return [name for name, dist in space.items()
+            if any(model_run.batch_stream(trial_config(config, {name: value})) != stream for value in ends(dist))]
+
+
 def check_ranges(config: settings.Config, space: dict[str, BaseDistribution]) -> None:
     """Every method, and both ends of every range (each choice), must make settings a run accepts."""
     methods = space[METHOD].choices if METHOD in space else settings.kd_methods(config)
@@ -159,9 +173,8 @@ def check_ranges(config: settings.Config, space: dict[str, BaseDistribution]) ->
     for method in methods:
         checks = [({METHOD: method}, f"{METHOD}={method}")]
         for name, dist in space.items():
-            ends = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
             checks += [({METHOD: method, name: end}, f"{name}={end:g} (with {METHOD} {method})")
-                       for end in ends if name != METHOD]
+                       for end in ends(dist) if name != METHOD]
         for params, where in checks:
             try:
                 settings.validate(trial_config(config, params))

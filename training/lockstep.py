@@ -11,6 +11,9 @@ Each student keeps its own stream of the global random generator (dropout, ...),
 validation and its save: in fp32 every student's history equals its history trained alone, bit for bit. After
 an interruption the students may stand at different epochs (a kill between two students' saves): each epoch's
 pass takes the students whose next epoch it is, so one behind catches up alone, then the others rejoin.
+
+A sweep's trials join a pass as students with settings of their own (`Student.context`); one that the pruner
+stops (one of its `Student.stops`) leaves the pass at once, and the others go on.
 """
 
 from __future__ import annotations
@@ -39,15 +42,27 @@ MIB = 2**20
 @dataclass
 class Student:
     """One student of a seed to train: its name in the run, its folder, how to make its criterion (see
-    `model_run.train_model`) and the cached teacher logits it uses, if any."""
+    `model_run.train_model`) and the cached teacher logits it uses, if any; its own context, whose settings give
+    its epochs and learning rate (a sweep's trial; None: the run's), what sees each of its epochs (a sweep's
+    pruner), and the exceptions that end it alone (raised by its epoch's end: it leaves the pass, the others go
+    on)."""
 
     name: str
     folder: Path
     make_criterion: Callable[[nn.Module, int], engine.Criterion]
     teacher_logits: torch.Tensor | None = None
+    context: model_run.Context | None = None
+    on_epoch: model_run.EpochLog | None = None
+    stops: tuple[type[Exception], ...] = ()
 
 
 Trained = Callable[[Student, nn.Module, engine.FitResult], None]  # told each student once it is trained
+Stopped = Callable[[Student, Exception], None]  # told a student that one of its `stops` ended, as it leaves
+
+
+def raise_stop(student: Student, stop: Exception) -> None:
+    """What a student's stop does unless the caller says otherwise: it ends the training of every student."""
+    raise stop
 
 
 class RandomStream:
@@ -75,7 +90,7 @@ class RandomStream:
 @dataclass
 class Member:
     """A student in a pass: its training, its random stream, the epoch it trains next (None: it left the pass),
-    the epoch in progress and the seconds it has spent in it."""
+    the epoch in progress and the seconds it has spent in it, and what stopped it, if anything did."""
 
     student: Student
     training: model_run.ModelTraining
@@ -84,6 +99,7 @@ class Member:
     steps: engine.EpochSteps | None = None
     seconds: float = 0.0
     closed: bool = False
+    stop: Exception | None = None  # one of its student's `stops`, raised by its last epoch's end
 
     def leave(self) -> None:
         """Leave the pass: its hooks come off the teacher and the student, its log closes."""
@@ -135,62 +151,84 @@ def passes(context: model_run.Context, arch: str, students: list[Student], seed:
     return groups
 
 
+def own_training(context: model_run.Context, student: Student) -> tuple[model_run.Context, int, float]:
+    """The context a student trains in (its own, else the run's), and its epochs and peak learning rate."""
+    own = student.context or context
+    return own, own.config.student_epochs, own.config.student_lr
+
+
 def train_students(
     context: model_run.Context, arch: str, seed: int, students: list[Student], trained: Trained,
+    stopped: Stopped = raise_stop,
 ) -> None:
     """Train the students of `seed`: in passes (see `uses_lockstep`, `passes`) or one at a time; `trained` is
-    told each one as it finishes (a pass's students when the pass ends)."""
-    config = context.config
+    told each one as it finishes (a pass's students when the pass ends), `stopped` each one a stop of its own
+    ended (at once: in a pass the others go on)."""
     if not uses_lockstep(context, students):
         for student in students:
-            trained(student, *model_run.train_model(
-                context, student.name, arch, config.student_epochs, config.student_lr, student.make_criterion,
-                student.folder, seed, student.teacher_logits))
+            own, epochs, lr = own_training(context, student)
+            try:
+                model, fit = model_run.train_model(own, student.name, arch, epochs, lr, student.make_criterion,
+                                                   student.folder, seed, student.teacher_logits, student.on_epoch)
+            except student.stops as stop:
+                stopped(student, stop)
+                continue
+            trained(student, model, fit)
         return
     for group in passes(context, arch, students, seed):
         if compute.is_main_process():
             print(f"[lockstep] seed {seed}: {', '.join(student.name for student in group)} share one pass over the "
                   f"data (each batch drawn once, the teacher run once on it)")
-        members = train_pass(context, arch, seed, group)
+        members = train_pass(context, arch, seed, group, stopped)
         for member in members:
-            trained(member.student, *member.training.finish())
+            if member.stop is None:
+                trained(member.student, *member.training.finish())
 
 
-def train_pass(context: model_run.Context, arch: str, seed: int, students: list[Student]) -> list[Member]:
+def train_pass(
+    context: model_run.Context, arch: str, seed: int, students: list[Student], stopped: Stopped = raise_stop,
+) -> list[Member]:
     """Set up every student of the pass (each its own random stream from its start), then train them epoch by
-    epoch: each epoch's pass takes the students whose next epoch it is; one whose epochs or patience end leaves."""
-    config, shared = context.config, KD_engine.SharedTeacherForward()
+    epoch: each epoch's pass takes the students whose next epoch it is; one whose epochs or patience end leaves,
+    and so does one a stop of its own ends (`stopped` is told at once)."""
+    shared = KD_engine.SharedTeacherForward()
     members: list[Member] = []
     try:
         for student in students:
-            training = model_run.prepare_training(context, student.name, arch, config.student_epochs,
-                                                  config.student_lr, student.make_criterion, student.folder, seed,
-                                                  student.teacher_logits, compiled=False)
+            own, epochs, lr = own_training(context, student)
+            training = model_run.prepare_training(own, student.name, arch, epochs, lr, student.make_criterion,
+                                                  student.folder, seed, student.teacher_logits, student.on_epoch,
+                                                  compiled=False)
             if isinstance(training.criterion, KD_engine.DistillationStep):
                 training.criterion.shared_forward = shared
             if members:  # one copy of the (padded) training images serves the pass, not one per student
                 training.train_loader.source = members[0].training.train_loader.source
             members.append(Member(student, training))  # its stream starts where training alone would start
         for member in members:
-            _take_next_epoch(member)
+            _take_next_epoch(member, stopped)
         while waiting := [member for member in members if member.next_epoch is not None]:
             epoch = min(member.next_epoch for member in waiting)
             group = [member for member in waiting if member.next_epoch == epoch]
             train_epoch(group, epoch)
             for member in group:
-                _take_next_epoch(member)
+                _take_next_epoch(member, stopped)
     finally:
         for member in members:
             member.leave()
     return members
 
 
-def _take_next_epoch(member: Member) -> None:
-    """Ask the member's loop for its next epoch; with none left it leaves the pass."""
-    with member.stream.active():
-        member.next_epoch = member.training.fitting.next_epoch()
+def _take_next_epoch(member: Member, stopped: Stopped) -> None:
+    """Ask the member's loop for its next epoch; with none left, or stopped, it leaves the pass (`stopped` told)."""
+    if member.stop is None:
+        with member.stream.active():
+            member.next_epoch = member.training.fitting.next_epoch()
+    else:
+        member.next_epoch = None
     if member.next_epoch is None:
         member.leave()
+    if member.stop is not None:
+        stopped(member.student, member.stop)
 
 
 def member_items(loader: data_setup.BatchLoader) -> tuple[int, bool]:
@@ -234,5 +272,8 @@ def train_epoch(group: list[Member], epoch: int) -> None:
     for member in group:
         member.training.train_loader.generator.set_state(state)
         with member.stream.active():
-            member.training.fitting.end_epoch(member.steps, member.seconds)
+            try:
+                member.training.fitting.end_epoch(member.steps, member.seconds)
+            except member.student.stops as stop:
+                member.stop = stop
         member.steps = None

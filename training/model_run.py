@@ -86,6 +86,12 @@ class Context:
         return self.pretrained.get("teacher" if role == records.TEACHER else "student")
 
 
+def batch_stream(config: settings.Config) -> tuple[Any, ...]:
+    """What a training loader's batches are made of besides the seed (see `Context.train_loader`): models whose
+    settings give the same one draw the same batches, so they can share a lockstep pass."""
+    return config.batch_size, config.image_size, config.balanced_sampler, settings.augmentation(config)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch so a run can be repeated exactly on the CPU."""
     random.seed(seed)

@@ -12,7 +12,10 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 from conftest import PASSWORD, ROOT, SECRET, SPEC, SWEEP_FLAGS, assert_one_sentence_exit_2, journal_study
+from e2e.test_lockstep_runs import without_times
+from optuna.trial import TrialState
 
 import experiment
 import utils
@@ -273,3 +276,98 @@ def test_killed_and_stopped_trials_are_retried_and_the_study_finishes(tiny_data,
         ("complete", None), ("fail", None), ("fail", 1), ("complete", 1)]
     assert trials[3]["params"] == trials[1]["params"] and trials[3]["epochs"] == 2
     assert not (run_dir / "trials" / "1" / "train_state.pth").exists()
+
+
+# ---------------------------------------------------------------- trials in one pass
+
+
+PASS_FLAGS = ["--student-epochs", "2", "--prune-after", "1", "--trials-per-pass", "3"]
+
+
+def run_sweep(tiny_data: Path, run_dir: Path, flags: list[str]) -> str:
+    """A finished sweep in `run_dir` (its study in RUN/sweep.db): its console."""
+    capture = run_dir.with_suffix(".txt")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(capture, "w") as out, pytest.MonkeyPatch.context() as streams:
+        streams.setattr(sys, "stdout", out)
+        code = experiment.main(["--data-dir", str(tiny_data), "--output-dir", str(run_dir), *SWEEP_FLAGS, *flags])
+    assert code == 0, capture.read_text()
+    return capture.read_text()
+
+
+def sqlite_study(run_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / search.SQLITE_FILE}")
+
+
+@pytest.fixture(scope="module")
+def pass_sweep(tiny_data, tmp_path_factory):
+    """6 trials of 2 epochs, 3 a pass, the pruner stopping trial 1 after its first epoch: the run directory and
+    its console."""
+    run_dir = tmp_path_factory.mktemp("passes") / "swept"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optuna.trial.Trial, "should_prune", lambda trial: trial.number == 1)
+        console = run_sweep(tiny_data, run_dir, ["--trials", "6", *PASS_FLAGS])
+    return run_dir, console
+
+
+def test_six_trials_three_a_pass_finish_and_a_pruned_trial_leaves_its_pass(pass_sweep):
+    run_dir, console = pass_sweep
+    assert "[lockstep] seed 0: trial 0, trial 1, trial 2 share one pass" in console
+    assert "[lockstep] seed 0: trial 3, trial 4, trial 5 share one pass" in console
+    trials = sqlite_study(run_dir).trials
+    assert [trial.state for trial in trials] == [TrialState.COMPLETE, TrialState.PRUNED] + [TrialState.COMPLETE] * 4
+    assert [sorted(trial.intermediate_values) for trial in trials] == [[1, 2], [1]] + [[1, 2]] * 4
+    # Told as it left, while its pass-mates went on to their second epoch.
+    assert console.index("[sweep] trial 1 pruned") < console.index("[trial 0] epoch   2")
+    assert not (run_dir / "trials" / "1").exists()
+    for number in (0, 2):
+        history = checkpoints.load_checkpoint(run_dir / "trials" / str(number) / checkpoints.BEST_MODEL)["history"]
+        assert len(history) == 2
+    assert len({tuple(sorted(trial.params.items())) for trial in trials}) == 6, "the trials of a pass differ"
+    assert utils.read_json(run_dir / "summary.json")["sweep"]["trials_requested"] == 6
+
+
+def test_a_trial_in_a_pass_equals_the_same_trial_alone(pass_sweep, tiny_data):
+    """fp32 on the CPU: trial 0 (your settings) trained beside two others is bit for bit trial 0 trained alone."""
+    run_dir, _ = pass_sweep
+    alone = run_dir.parent / "alone"
+    console = run_sweep(tiny_data, alone, ["--trials", "1", *PASS_FLAGS, "--trials-per-pass", "1"])
+    assert "[lockstep]" not in console
+    in_pass, by_itself = sqlite_study(run_dir).trials[0], sqlite_study(alone).trials[0]
+    assert in_pass.intermediate_values == by_itself.intermediate_values
+    for key in ("val", "val_correct"):
+        assert in_pass.user_attrs[key] == by_itself.user_attrs[key]
+    checkpoint, expected = (checkpoints.load_checkpoint(folder / "trials" / "0" / checkpoints.BEST_MODEL)
+                            for folder in (run_dir, alone))
+    assert without_times(checkpoint["history"]) == without_times(expected["history"])
+    assert all(torch.equal(checkpoint["state_dict"][name], tensor) for name, tensor in expected["state_dict"].items())
+
+
+def test_trials_searching_the_batch_size_train_alone(tiny_data, tmp_path):
+    console = run_sweep(tiny_data, tmp_path / "batches", ["--sweep", "alpha=0.1:0.9,batch_size=8|16", "--trials", "2",
+                                                          *PASS_FLAGS])
+    assert ("[sweep] each trial trains alone: the searched batch_size changes the training batches, which the "
+            "trials of a pass share (--trials-per-pass 3 unused)") in console
+    assert "[lockstep]" not in console
+    assert [trial.state for trial in sqlite_study(tmp_path / "batches").trials] == [TrialState.COMPLETE] * 2
+
+
+def test_a_pass_killed_mid_epoch_resumes_every_trial_from_its_last_saved_epoch(pass_sweep, tiny_data, tmp_path,
+                                                                              capsys):
+    """SIGKILL once trial 1 saved its first epoch (trial 0 had, trial 2 had not): each is queued again and goes on
+    from its own last epoch, in one pass again; trial 0's retry ends as trial 0 of an uninterrupted pass."""
+    run_dir = tmp_path / "run"
+    killed = worker(tiny_data, run_dir, ["--trials", "3", *PASS_FLAGS], SAVE_HOOK)
+    output = killed.communicate(timeout=300)[0]
+    assert killed.returncode == -signal.SIGKILL, output
+    assert experiment.main(["--resume", str(run_dir)]) == 0
+    resumed = capsys.readouterr().out
+    for number, retry in ((0, 3), (1, 4), (2, 5)):
+        assert f"[sweep] trial {number} failed (its worker was killed); queued again as trial {retry}" in resumed
+    assert "[trial 3] resuming after epoch 1 of 2" in resumed and "[trial 4] resuming after epoch 1 of 2" in resumed
+    assert "[lockstep] seed 0: trial 3, trial 4, trial 5 share one pass" in resumed
+    states = [trial.state for trial in sqlite_study(run_dir).trials]
+    assert states == [TrialState.FAIL] * 3 + [TrialState.COMPLETE] * 3
+    checkpoint, expected = (checkpoints.load_checkpoint(folder / "trials" / "0" / checkpoints.BEST_MODEL)
+                            for folder in (run_dir, pass_sweep[0]))
+    assert without_times(checkpoint["history"]) == without_times(expected["history"])

@@ -44,3 +44,15 @@ def test_the_users_settings_are_a_trial_unless_outside_a_range():
     assert search_space.user_params(config, space) == ({"temperature": 4.0, "alpha": 0.5, "method": "kd"}, [])
     hot = settings.Config(**{**vars(config), "temperature": 20.0, "kd_methods": "fitnet"})
     assert search_space.user_params(hot, space)[1] == ["temperature=20", "method=fitnet"]
+
+
+def test_only_settings_that_change_the_training_batches_keep_trials_apart():
+    """Trials that draw other batches cannot share a lockstep pass; the method, rates and epochs can differ."""
+    config = experiment.default_config()
+    shared = search_space.parse_spec("temperature=1:10:log,alpha=0.1:0.9,student_lr=0.001:0.1,student_epochs=1|2,"
+                                     "method=kd|fitnet")
+    assert search_space.stream_changing(config, shared) == []
+    apart = search_space.parse_spec("alpha=0.1:0.9,batch_size=16:64")
+    assert search_space.stream_changing(config, apart) == ["batch_size"]
+    assert search_space.stream_changing(config, search_space.parse_spec(f"batch_size={config.batch_size}|8")) == [
+        "batch_size"], "one choice equal to the user's batch size still leaves the other apart"
