@@ -26,7 +26,7 @@ import engine
 import model_builder
 import utils
 from config import command_line, settings
-from core import compute, errors, records
+from core import compute, errors, plots, records
 from results import comparisons, deploy, evaluation, ledger, report, significance, tracking
 from sweep import search
 from training import checkpoints, lockstep, model_run
@@ -428,7 +428,7 @@ def publish(context: model_run.Context, summary: records.RunSummary) -> None:
     context.clock.record()
     utils.write_json(run_dir / "summary.json", summary.to_dict())
     utils.write_text(run_dir / "comparison.txt", table + report.head_to_head_text(summary))
-    utils.plot_comparison({role: row.test for role, row in summary.models.items()},
+    plots.plot_comparison({role: row.test for role, row in summary.models.items()},
                           {role: row.params for role, row in summary.models.items()}, run_dir / "comparison.png",
                           len(summary.dataset.class_names))
     html = report.write_report(run_dir)

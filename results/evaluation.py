@@ -17,7 +17,7 @@ import KD_engine
 import model_builder
 import utils
 from config import settings
-from core import compute, errors, paired_tests, records
+from core import compute, errors, paired_tests, plots, records
 from results import deploy, report
 from training import checkpoints, model_run
 
@@ -103,7 +103,7 @@ def write_model_folder(
     for split, (logits, labels) in outputs.items():
         results[split]["per_class"] = utils.per_class_scores(logits, labels, class_names)
         utils.write_text(folder / f"classification_report_{split}.txt", utils.report_text(logits, labels, class_names))
-        utils.plot_confusion(utils.confusion(logits, labels, len(class_names)), class_names,
+        plots.plot_confusion(utils.confusion(logits, labels, len(class_names)), class_names,
                              f"{role}: {split} confusion matrix", folder / f"confusion_matrix_{split}.png")
     utils.write_json(folder / "history.json", {"best_epoch": fit.best_epoch, "epochs": fit.history})
     utils.write_text(folder / "training_metrics.txt", f"{role} ({arch}), best epoch {fit.best_epoch} by validation "
@@ -114,12 +114,12 @@ def write_model_folder(
                               device=context.device, mode="eval", verbose=0)
     utils.write_text(folder / "model_summary.txt", str(stats) + "\n")
     if fit.history:
-        utils.save_figure(utils.curves_figure({role: fit.history}, "loss", "loss", f"{role}: loss",
+        plots.save_figure(plots.curves_figure({role: fit.history}, "loss", "loss", f"{role}: loss",
                                               KD_engine.loss_parts()), folder / "loss_curve.png")
-        utils.save_figure(utils.curves_figure({role: fit.history}, "top1", "top1", f"{role}: top-1 accuracy"),
+        plots.save_figure(plots.curves_figure({role: fit.history}, "top1", "top1", f"{role}: top-1 accuracy"),
                           folder / "accuracy_curve.png")
     title = f"{role}: top-1 and top-3 accuracy" if utils.shows_top_k(len(class_names)) else f"{role}: top-1 accuracy"
-    utils.plot_topk(results, title, folder / "top1_top3_comparison.png", len(class_names))
+    plots.plot_topk(results, title, folder / "top1_top3_comparison.png", len(class_names))
 
 
 def export_model(context: model_run.Context, role: str, arch: str, model: nn.Module, folder: Path) -> dict[str, Any]:

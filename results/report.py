@@ -12,7 +12,7 @@ from typing import Any
 import jinja2
 
 import utils
-from core import errors, records
+from core import errors, plots, records
 from results import deploy, significance
 from sweep import findings
 
@@ -455,7 +455,7 @@ def _per_class_f1(results: dict[str, Any], students: list[str], class_names: lis
         unscored = [name for name in class_names if "f1" not in scores.get(name, {})]
         if unscored:
             raise ValueError(f"'{run_dir / role / RESULTS}' has no test F1 of class {unscored[0]!r}")
-    return _png_data_uri(utils.figure_png(utils.per_class_f1_figure(per_class, class_names), dpi=100))
+    return _png_data_uri(plots.figure_png(plots.per_class_f1_figure(per_class, class_names), dpi=100))
 
 
 def _test_figure_rows(summary: records.RunSummary) -> list[list[str]]:
@@ -479,7 +479,7 @@ def build_report(run_dir: str | Path) -> str:
     roles = list(summary.models)
     results = {role: read_run_file(run_dir / role / RESULTS, records.ModelResults) for role in roles}
     histories = {role: read_run_file(run_dir / role / "history.json", records.ModelHistory)["epochs"] for role in roles}
-    curves = [{"label": label, "src": _png_data_uri(utils.figure_png(utils.curves_figure(histories, key, key), 100))}
+    curves = [{"label": label, "src": _png_data_uri(plots.figure_png(plots.curves_figure(histories, key, key), 100))}
               for key, label in (("loss", "loss (train: training objective, val: CE)"), ("top1", "top-1 accuracy"))]
     confusions = [{"label": role, "src": _png_data_uri(_run_bytes(run_dir / role / "confusion_matrix_test.png"))}
                   for role in roles]

@@ -13,8 +13,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, distribution_to_json, json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
 
-import utils
-from core import records
+from core import plots, records
 from sweep import noise, search_space
 
 FEW_TRIALS = 10  # fewer finished trials than this make the contour and fANOVA's importances rough
@@ -182,7 +181,7 @@ def _study_of(sweep: records.SweepRecord) -> optuna.Study:
 def _figure_png(axes: Any) -> bytes:
     figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
     figure.set_size_inches(6.4, 4.4)
-    return utils.figure_png(figure, dpi=100)
+    return plots.figure_png(figure, dpi=100)
 
 
 def figures(sweep: records.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
@@ -199,9 +198,9 @@ def figures(sweep: records.SweepRecord) -> tuple[list[tuple[str, bytes]], list[s
 def importance_plot(study: optuna.Study, target: str) -> Any:
     """fANOVA's importances as bars, without Optuna's legend (one objective, named on the axis), which covered
     a bar."""
-    from optuna.visualization import matplotlib as plots
+    from optuna.visualization import matplotlib as optuna_plots
 
-    axes = plots.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+    axes = optuna_plots.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
                                         target_name=target)
     if axes.get_legend() is not None:
         axes.get_legend().remove()
@@ -212,9 +211,9 @@ def curves_plot(study: optuna.Study, target: str) -> Any:
     """Each trial's validation score per epoch, each trial its own colour (Optuna's tab20 pairs near-identical
     ones): tab10's ten colours, then the same dashed, then dotted; the legend beside the plot."""
     import matplotlib.ticker
-    from optuna.visualization import matplotlib as plots
+    from optuna.visualization import matplotlib as optuna_plots
 
-    axes = plots.plot_intermediate_values(study)
+    axes = optuna_plots.plot_intermediate_values(study)
     colours, styles = matplotlib.colormaps["tab10"].colors, ("-", "--", ":", "-.")
     for index, line in enumerate(axes.get_lines()):
         line.set_color(colours[index % len(colours)])
@@ -223,7 +222,7 @@ def curves_plot(study: optuna.Study, target: str) -> Any:
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel(target)
     if axes.get_lines():
-        axes.legend(fontsize="small", **utils.LEGEND_OUTSIDE)
+        axes.legend(fontsize="small", **plots.LEGEND_OUTSIDE)
     return axes
 
 
@@ -237,13 +236,13 @@ def _noise_note(sweep: records.SweepRecord) -> list[str]:
 
 
 def _figures(sweep: records.SweepRecord) -> tuple[list[tuple[str, bytes]], list[str]]:
-    from optuna.visualization import matplotlib as plots
+    from optuna.visualization import matplotlib as optuna_plots
 
     unit = " (%)" if _unit(sweep.metric) != 1 else ""
     study, target = _study_of(sweep), f"validation {sweep.metric}{unit}"
     names, values = list(sweep.distributions), {trial.value for trial in sweep.trials if trial.state == "complete"}
     pictures, notes = [(f"optimization history: each trial's {target}, and the best so far",
-                        _figure_png(plots.plot_optimization_history(study, target_name=target)))], []
+                        _figure_png(optuna_plots.plot_optimization_history(study, target_name=target)))], []
     if len(values) < 2:
         notes.append("No score map and no importances: they need finished trials with different scores.")
     else:
@@ -256,12 +255,12 @@ def _figures(sweep: records.SweepRecord) -> tuple[list[tuple[str, bytes]], list[
         if len(ranked) > 1:
             pictures.append((f"{target} over the two most important settings, {ranked[0]} and {ranked[1]} (contour "
                              "of the trials' scores; dots: trials)",
-                             _figure_png(plots.plot_contour(study, params=ranked[:2], target_name=target))))
+                             _figure_png(optuna_plots.plot_contour(study, params=ranked[:2], target_name=target))))
             pictures.append(("importance of each setting for the score (fANOVA: share of the score's variance it "
                              "explains)", _figure_png(importance_plot(study, target))))
         else:
             pictures.append((f"{target} against {ranked[0]}, the one setting searched",
-                             _figure_png(plots.plot_slice(study, params=ranked, target_name=target))))
+                             _figure_png(optuna_plots.plot_slice(study, params=ranked, target_name=target))))
     pictures.append((f"{target} after each epoch of every trial (a pruned trial's line stops early)",
                      _figure_png(curves_plot(study, target))))
     return pictures, notes

@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, tied_logits
 
 import utils
+from core import plots
 
 
 def test_the_classification_report_file_escapes_class_names():
@@ -253,7 +254,7 @@ def _legend_beside_axes(figure) -> bool:
 
 def test_identical_curves_stay_visible_and_legends_cover_none():
     history = [{"epoch": epoch, "train": {"top1": 0.5}, "val": {"top1": 0.6}} for epoch in (1, 2, 3)]
-    figure = utils.curves_figure({"student_baseline": history, "student_kd": history}, "top1", "top1")
+    figure = plots.curves_figure({"student_baseline": history, "student_kd": history}, "top1", "top1")
     first, second = (line for line in figure.axes[0].get_lines() if line.get_label().endswith("val top1"))
     assert first.get_marker() != second.get_marker() and second.get_linewidth() < first.get_linewidth()
     assert second.get_fillstyle() == "none" and second.get_markersize() < first.get_markersize()
@@ -263,6 +264,6 @@ def test_identical_curves_stay_visible_and_legends_cover_none():
 def test_the_per_class_f1_axis_starts_at_zero_beside_its_legend():
     scores = {"student_baseline": {"a": {"f1": 0.91}, "b": {"f1": 0.93}},
               "student_kd": {"a": {"f1": 0.95}, "b": {"f1": None}}}
-    figure = utils.per_class_f1_figure(scores, ["a", "b"])
+    figure = plots.per_class_f1_figure(scores, ["a", "b"])
     assert figure.axes[0].get_ylim()[0] == 0
     assert _legend_beside_axes(figure)
