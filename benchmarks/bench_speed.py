@@ -89,17 +89,12 @@ def training_flops_per_image(arch: str, classes: int, size: int) -> int:
     return counter.get_total_flops() // 2
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(run: Callable[[], None], device: torch.device) -> float:
     """Seconds of one call, after the device has finished."""
-    synchronize(device)
+    compute.synchronize(device)
     start = time.perf_counter()
     run()
-    synchronize(device)
+    compute.synchronize(device)
     return time.perf_counter() - start
 
 

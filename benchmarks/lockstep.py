@@ -11,6 +11,11 @@ machine's load drifts). Each sitting starts a fresh run directory (so nothing re
 training is timed (their per-epoch validation and checkpoints included, their final evaluation not).
 `identical` compares every student's history (wall times left out) and test logits between the two modes.
 
+Before the sittings it times the teacher's forward (T) and a baseline student's step (S) on one batch of the
+sittings' size and precision and prints the bound they set: with the students' steps alike, one pass takes at best
+(n S + T) / (n S + (n - 1) T) of the time one at a time takes (n students, n - 1 of them distilled); the data
+drawing a pass saves lowers the ratio below it, each distillation method's own loss work raises it.
+
 Last line:
     LOCKSTEP students=<n> sequential_s=<median> lockstep_s=<median> ratio=<lockstep/sequential> identical=yes|no
 """
@@ -24,7 +29,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
 import experiment  # noqa: E402
-from core import records  # noqa: E402
+import KD_engine  # noqa: E402
+from core import compute, records  # noqa: E402
 from training import lockstep, model_run  # noqa: E402
 
 METHODS = "kd,dkd,dist,fitnet,at"
@@ -78,6 +84,46 @@ def sitting(config: Any, mode: str, run_dir: Path) -> tuple[float, dict[str, Any
     return seconds, outcome
 
 
+def median_seconds(work: Callable[[], object], repeats: int = 15) -> float:
+    """The median seconds of `work` over `repeats` calls, after three to warm up."""
+    for _ in range(3):
+        work()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def step_bound(config: Any, run_dir: Path, students: int) -> float:
+    """Time the teacher's forward and a baseline student's step on one batch and print the ratio they bound."""
+    context, _ = experiment.prepare_run(replace(config, output_dir=str(run_dir)), None, time.perf_counter(),
+                                        resume=False)
+    teacher, _ = model_run.distillation_teacher(context, model_run.new_model(context, "resnet56", config.seed))
+    student = model_run.new_model(context, "resnet20", config.seed)
+    steps = engine.EpochSteps(student, engine.SupervisedCriterion(), torch.optim.SGD(student.parameters(), lr=0.01),
+                              context.data.class_names, context.device, 10**6, amp_dtype=context.amp_dtype)
+    images, labels = (tensor[:config.batch_size].to(context.device)
+                      for tensor in next(iter(context.eval_loaders["train"]))[:2])
+
+    def teacher_forward() -> None:
+        with compute.autocast(context.device, context.amp_dtype):
+            KD_engine.teacher_forward(teacher, images)
+        compute.synchronize(context.device)
+
+    def student_step() -> None:
+        steps.step(images, labels)
+        compute.synchronize(context.device)
+
+    teacher_s, student_s = median_seconds(teacher_forward), median_seconds(student_step)
+    bound = (students * student_s + teacher_s) / (students * (student_s + teacher_s) - teacher_s)
+    print(f"teacher forward T={teacher_s * 1000:.1f} ms, student step S={student_s * 1000:.1f} ms a batch of "
+          f"{len(images)} ({compute.precision_name(context.amp_dtype)}): T/S={teacher_s / student_s:.2f}, "
+          f"bound (n S + T) / (n S + (n - 1) T) = {bound:.3f}", flush=True)
+    return bound
+
+
 def same_outcomes(first: dict[str, Any], second: dict[str, Any]) -> bool:
     """Whether two sittings gave every student the same history and test logits, bit for bit."""
     return first.keys() == second.keys() and all(
@@ -98,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                          image_size=32, precision=args.precision, device=args.device, decode_cache=False,
                          hflip="on")
         config, _ = experiment.checked_settings(config, None)
+        step_bound(config, Path(scratch) / "bound", len(records.student_roles(METHODS.split(","))))
         times: dict[str, list[float]] = {"off": [], "on": []}
         outcomes: dict[str, dict[str, Any]] = {}
         for round_index in range(args.rounds):

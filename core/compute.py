@@ -190,6 +190,12 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
     return "bf16" if amp_dtype == torch.bfloat16 else "fp32"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU has nothing to wait for)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for reduced precision, or a no-op when `dtype` is None."""
     if dtype is None:

@@ -143,8 +143,7 @@ def measure_speeds(
     def forward(module: nn.Module, images: torch.Tensor) -> None:
         with torch.inference_mode(), compute.autocast(device, amp_dtype):
             module(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        compute.synchronize(device)
 
     calls = {}
     for name, model in models.items():
