@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 import experiment  # noqa: E402
 import KD_engine  # noqa: E402
+from benchmarks import step_overhead  # noqa: E402
 from core import compute, records  # noqa: E402
 from training import lockstep, model_run  # noqa: E402
 
@@ -84,18 +85,6 @@ def sitting(config: Any, mode: str, run_dir: Path) -> tuple[float, dict[str, Any
     return seconds, outcome
 
 
-def median_seconds(work: Callable[[], object], repeats: int = 15) -> float:
-    """The median seconds of `work` over `repeats` calls, after three to warm up."""
-    for _ in range(3):
-        work()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
 def step_bound(config: Any, run_dir: Path, students: int) -> float:
     """Time the teacher's forward and a baseline student's step on one batch and print the ratio they bound."""
     context, _ = experiment.prepare_run(replace(config, output_dir=str(run_dir)), None, time.perf_counter(),
@@ -116,7 +105,7 @@ def step_bound(config: Any, run_dir: Path, students: int) -> float:
         steps.step(images, labels)
         compute.synchronize(context.device)
 
-    teacher_s, student_s = median_seconds(teacher_forward), median_seconds(student_step)
+    teacher_s, student_s = (step_overhead.milliseconds(work, 15) / 1000 for work in (teacher_forward, student_step))
     bound = (students * student_s + teacher_s) / (students * (student_s + teacher_s) - teacher_s)
     print(f"teacher forward T={teacher_s * 1000:.1f} ms, student step S={student_s * 1000:.1f} ms a batch of "
           f"{len(images)} ({compute.precision_name(context.amp_dtype)}): T/S={teacher_s / student_s:.2f}, "
