@@ -435,6 +435,11 @@ def validate(config: Config) -> None:
     for name in kd_methods(config):
         for sentence in KD_engine.method_class(name).check(config):
             raise SettingsError(sentence)
+        twin = KD_engine.method_class(name).same_under_alpha
+        if config.loss_weights == base.ALPHA_MIX and twin in kd_methods(config):
+            raise SettingsError(f"--kd-methods lists {twin} and {name}, the same loss under --loss-weights alpha "
+                                f"(they differ only under the references' weights): list one of them, or give "
+                                f"--loss-weights reference.")
     _require_packages(config)
     for name in (config.teacher_model, config.student_model):
         try:

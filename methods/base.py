@@ -113,6 +113,7 @@ class Method:
     uses_features: ClassVar[bool] = False  # whether it needs teacher feature maps (then no cached teacher logits)
     # Its reference's loss: a weight per loss part ("ce" and the parts `loss` reports), for --loss-weights reference.
     reference_weights: ClassVar[dict[str, float]] = {}
+    same_under_alpha: ClassVar[str | None] = None  # a method whose loss this one's equals under --loss-weights alpha
     needs_sample_indices: ClassVar[bool] = False  # whether each step must tell it its images' training-split indices
     memory_per_image: ClassVar[int] = 0  # bytes it keeps per training image (CRD's memory bank): see image_budget_mb
 

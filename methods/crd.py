@@ -229,3 +229,4 @@ class CRDKD(CRD):
     name = "crd_kd"
     citation = "Tian, Krishnan & Isola, ICLR 2020 (CRD+KD); RepDistiller crd/, scripts/run_cifar_distill.sh -a 1"
     reference_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "kd": 1.0, "crd": 0.8}
+    same_under_alpha = "crd"

@@ -112,6 +112,13 @@ def test_crd_kd_is_the_papers_crd_plus_kd_under_reference_weights():
     assert KD_engine.method_class("crd_kd").reference_weights == {"ce": 1.0, "kd": 1.0, "crd": 0.8}
 
 
+def test_crd_beside_crd_kd_is_refused_where_their_losses_are_the_same():
+    with pytest.raises(settings.SettingsError, match="crd and crd_kd, the same loss under --loss-weights alpha"):
+        settings.validate(default_config(kd_methods="crd, CRD_KD"))
+    settings.validate(default_config(kd_methods="crd,crd_kd", loss_weights="reference"))
+    settings.validate(default_config(kd_methods="kd,crd_kd"))
+
+
 def test_the_memory_bank_is_counted_against_the_memory_budget():
     plain = default_config(kd_methods="kd", memory_budget_mb=100.0, image_size=32)
     assert settings.image_budget_mb(plain) == 100.0
