@@ -381,6 +381,9 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
          "--study-storage and --study-name name a sweep's study: give --sweep too."),
         (config.track == "mlflow" or (config.tracking_uri is None and config.experiment_name is None),
          "--tracking-uri and --experiment-name say where --track mlflow logs: give --track mlflow too."),
+        (config.lockstep != "on" or config.compile != "on",
+         "--lockstep on trains the students eagerly in one pass, where --compile on would compile each: give "
+         "--lockstep off to compile them, or leave --compile at auto."),
         (config.sweep is None or not config.eval_test_every_epoch,
          "--eval-test-every-epoch cannot go with --sweep: a sweep's trials must not see the test split."),
         (not config.cache_teacher_logits or augmentation(config) == data_setup.Augmentation(0, False),

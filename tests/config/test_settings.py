@@ -43,8 +43,9 @@ def test_the_test_split_with_a_sweep_is_refused():
     ({"warmup_epochs": 1}, "onecycle has its own warm-up"),
     ({"lr_schedule": "cosine", "warmup_epochs": 3}, "--warmup-epochs 3 does not fit the 3 epochs each student trains"),
     ({"teacher_epochs": 0}, "--teacher-epochs 0 uses the teacher as --teacher-weights gives it"),
+    ({"lockstep": "on", "compile": "on"}, "--lockstep on trains the students eagerly in one pass"),
 ])
-def test_schedule_and_teacher_settings_that_cannot_work_are_refused(changes, expected):
+def test_schedule_teacher_and_speed_settings_that_cannot_work_are_refused(changes, expected):
     config = replace(experiment.default_config(), **{"teacher_epochs": 6, "student_epochs": 3, **changes})
     with pytest.raises(SettingsError, match=expected):
         settings.validate(config)
