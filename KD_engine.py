@@ -10,6 +10,7 @@ docs/methods.md.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -69,12 +70,17 @@ class SharedTeacherForward:
     def __init__(self) -> None:
         self._key: tuple[nn.Module, torch.Tensor] | None = None
         self._logits: torch.Tensor | None = None
+        self.calls = 0  # of `logits`, and the seconds its forwards took: the pass shares them among the callers
+        self.seconds = 0.0
 
     def logits(self, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The teacher's logits on `images`, computed by the first caller of this batch (the batch is held, so no
         later tensor can take its identity)."""
+        self.calls += 1
         if self._key is None or self._key[0] is not teacher or self._key[1] is not images:
+            start = time.perf_counter()
             self._key, self._logits = (teacher, images), teacher_forward(teacher, images)
+            self.seconds += time.perf_counter() - start
         return self._logits
 
 

@@ -209,7 +209,7 @@ def train_pass(
         while waiting := [member for member in members if member.next_epoch is not None]:
             epoch = min(member.next_epoch for member in waiting)
             group = [member for member in waiting if member.next_epoch == epoch]
-            train_epoch(group, epoch)
+            train_epoch(group, epoch, shared)
             for member in group:
                 _take_next_epoch(member, stopped)
     finally:
@@ -237,12 +237,13 @@ def member_items(loader: data_setup.BatchLoader) -> tuple[int, bool]:
     return (2 if loader.teacher_logits is None else 3), loader.sample_indices
 
 
-def train_epoch(group: list[Member], epoch: int) -> None:
+def train_epoch(group: list[Member], epoch: int, shared: KD_engine.SharedTeacherForward) -> None:
     """One epoch of every member of `group` on one stream of batches, then each one's validation and save.
 
     The batches come from one member's loader (one carrying cached teacher logits, if any: the others take the
     images and labels); at the end every member's loader takes its generator's state, as if it had drawn them.
-    Each member is charged its own steps and an equal share of drawing the batches."""
+    Each member is charged its own steps, an equal share of drawing the batches, and an equal share of each
+    teacher forward (`shared`) among the members that asked for it (not all of it to the first one)."""
     leader = next((member for member in group if member.training.train_loader.teacher_logits is not None), group[0])
     loader = leader.training.train_loader
     state = loader.generator.get_state()
@@ -261,11 +262,16 @@ def train_epoch(group: list[Member], epoch: int) -> None:
             share = (time.perf_counter() - draw_start) / len(group)
             if batch is None:
                 break
+            asked, forward_seconds = [], shared.seconds
             for member, (width, indices) in zip(group, takes, strict=True):
-                step_start = time.perf_counter()
+                step_start, calls, teacher_seconds = time.perf_counter(), shared.calls, shared.seconds
                 with member.stream.active():
                     member.steps.step(*batch[:width], *batch[-1:] if indices else ())
-                member.seconds += time.perf_counter() - step_start + share
+                member.seconds += time.perf_counter() - step_start - (shared.seconds - teacher_seconds) + share
+                if shared.calls > calls:
+                    asked.append(member)
+            for member in asked:
+                member.seconds += (shared.seconds - forward_seconds) / len(asked)
     finally:
         loader.sample_indices = own_indices
     state = loader.generator.get_state()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import default_config
+from torch import nn
 
+import KD_engine
 import model_builder
 from training import lockstep
 
@@ -73,3 +76,48 @@ def test_each_random_stream_goes_on_where_it_stopped_as_if_alone():
         with second.active():
             torch.rand(3)
     assert torch.equal(torch.cat(drawn), alone)
+
+
+class Clock:
+    """A stand-in for time.perf_counter that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pass_charges_each_teacher_forward_in_equal_shares_to_the_students_that_asked_for_it(monkeypatch):
+    clock, shared = Clock(), KD_engine.SharedTeacherForward()
+    monkeypatch.setattr(time, "perf_counter", clock)
+
+    class Teacher(nn.Module):
+        def forward(self, images):
+            clock.now += 6.0
+            return images
+
+    teacher, charged = Teacher(), {}
+
+    def member(name: str, distilled: bool) -> lockstep.Member:
+        def step(images, labels):
+            if distilled:
+                shared.logits(teacher, images)
+            clock.now += 1.0
+
+        fitting = SimpleNamespace(epochs=1, begin_epoch=lambda epoch, steps: SimpleNamespace(step=step),
+                                  end_epoch=lambda steps, seconds: charged.__setitem__(name, seconds))
+        loader = Batches([(torch.zeros(2, 3), torch.zeros(2)) for _ in range(2)], torch.Generator())
+        return lockstep.Member(lockstep.Student(name, Path(name), lambda model, steps: None),
+                               SimpleNamespace(train_loader=loader, fitting=fitting))
+
+    lockstep.train_epoch([member("baseline", False), member("kd", True), member("at", True)], 1, shared)
+    assert charged == {"baseline": 2.0, "kd": 2.0 + 2 * 3.0, "at": 2.0 + 2 * 3.0}, "not all of it to the first"
+
+
+class Batches(list):
+    """A training loader as a pass reads it: batches, their generator, no cached logits or sample indices."""
+
+    def __init__(self, batches, generator) -> None:
+        super().__init__(batches)
+        self.generator, self.sample_indices, self.teacher_logits = generator, False, None
