@@ -85,7 +85,7 @@ def sitting(config: Any, mode: str, run_dir: Path) -> tuple[float, dict[str, Any
     return seconds, outcome
 
 
-def step_bound(config: Any, run_dir: Path, students: int) -> float:
+def step_bound(config: Any, run_dir: Path, students: int) -> None:
     """Time the teacher's forward and a baseline student's step on one batch and print the ratio they bound."""
     context, _ = experiment.prepare_run(replace(config, output_dir=str(run_dir)), None, time.perf_counter(),
                                         resume=False)
@@ -110,7 +110,6 @@ def step_bound(config: Any, run_dir: Path, students: int) -> float:
     print(f"teacher forward T={teacher_s * 1000:.1f} ms, student step S={student_s * 1000:.1f} ms a batch of "
           f"{len(images)} ({compute.precision_name(context.amp_dtype)}): T/S={teacher_s / student_s:.2f}, "
           f"bound (n S + T) / (n S + (n - 1) T) = {bound:.3f}", flush=True)
-    return bound
 
 
 def same_outcomes(first: dict[str, Any], second: dict[str, Any]) -> bool:

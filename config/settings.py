@@ -435,11 +435,12 @@ def validate(config: Config) -> None:
             raise SettingsError(sentence)
     milestones(config)
     seeds(config)
-    for name in kd_methods(config):
+    listed = kd_methods(config)
+    for name in listed:
         for sentence in KD_engine.method_class(name).check(config):
             raise SettingsError(sentence)
         twin = KD_engine.method_class(name).same_under_alpha
-        if config.loss_weights == base.ALPHA_MIX and twin in kd_methods(config):
+        if config.loss_weights == base.ALPHA_MIX and twin in listed:
             raise SettingsError(f"--kd-methods lists {twin} and {name}, the same loss under --loss-weights alpha "
                                 f"(they differ only under the references' weights): list one of them, or give "
                                 f"--loss-weights reference.")
