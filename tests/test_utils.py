@@ -15,6 +15,7 @@ from conftest import ROOT, tied_logits
 
 import utils
 from core import plots
+from results import significance
 
 
 def test_the_classification_report_file_escapes_class_names():
@@ -47,6 +48,22 @@ def test_topk_by_hand():
     # sample 1: label 1 is third-ranked (in top-3); sample 2: label 3 is last (not in top-3).
     assert utils.topk_accuracy(logits, labels, 3) == pytest.approx(2 / 3)
     assert utils.topk_accuracy(logits[:, :2], torch.tensor([0, 1, 1]), 3) == 1.0  # k clipped to 2 classes
+
+
+def test_equal_count_gains_are_the_same_gain_for_the_verdicts():
+    """Two seeds whose distilled student beats the baseline by 7 of 60 images each: the same gain, as the
+    zero-spread rule needs (in float32, 17/60 - 10/60 and 27/60 - 20/60 differ by 4e-8)."""
+    labels = torch.zeros(60, dtype=torch.long)
+
+    def top1(hits: int) -> float:
+        logits = torch.zeros(60, 2)
+        logits[hits:, 1] = 1.0  # the first `hits` samples predict class 0, their label
+        return utils.topk_accuracy(logits, labels, 1)
+
+    assert top1(17) == 17 / 60
+    assert abs((top1(17) - top1(10)) - (top1(27) - top1(20))) < significance.SAME_GAIN
+    counts = np.array([17.0, 43.0, 0.0, 0.0, 17.0, 60.0])  # metric_counts' layout for 2 classes: the epoch's path
+    assert utils.metrics_from_counts(counts, ["a", "b"])["top1"] == 17 / 60
 
 
 def test_precision_recall_f1_by_hand():
