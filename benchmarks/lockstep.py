@@ -73,19 +73,20 @@ def sitting(config: Any, mode: str, run_dir: Path) -> tuple[float, dict[str, Any
         make_criterion, cached = model_run.student_criterion(context, role, teacher, None)
         students.append(lockstep.Student(role, run_dir / role, make_criterion, cached))
     outcome: dict[str, Any] = {}
-    testing = [0.0]  # seconds of the final evaluations, which the sitting's time leaves out
+    testing_seconds = 0.0  # of the final evaluations, which the sitting's time leaves out
 
     def trained(student: lockstep.Student, model: nn.Module, fit: engine.FitResult) -> None:
+        nonlocal testing_seconds
         test_start = time.perf_counter()
         logits, _ = engine.predict(model, context.eval_loaders["test"], context.device, context.amp_dtype)
         history = [{key: value for key, value in epoch.items() if key != "seconds"} for epoch in fit.history]
         outcome[student.name] = (history, logits)
-        testing[0] += time.perf_counter() - test_start
+        testing_seconds += time.perf_counter() - test_start
 
     with context.saver:
         start = time.perf_counter()
         lockstep.train_students(context, "resnet20", config.seed, students, trained)
-        seconds = time.perf_counter() - start - testing[0]
+        seconds = time.perf_counter() - start - testing_seconds
     return seconds, outcome
 
 

@@ -437,13 +437,13 @@ def validate(config: Config) -> None:
     seeds(config)
     listed = kd_methods(config)
     for name in listed:
-        for sentence in KD_engine.method_class(name).check(config):
+        method = KD_engine.method_class(name)
+        for sentence in method.check(config):
             raise SettingsError(sentence)
-        twin = KD_engine.method_class(name).same_under_alpha
-        if config.loss_weights == base.ALPHA_MIX and twin in listed:
-            raise SettingsError(f"--kd-methods lists {twin} and {name}, the same loss under --loss-weights alpha "
-                                f"(they differ only under the references' weights): list one of them, or give "
-                                f"--loss-weights reference.")
+        if config.loss_weights == base.ALPHA_MIX and method.same_under_alpha in listed:
+            raise SettingsError(f"--kd-methods lists {method.same_under_alpha} and {name}, the same loss under "
+                                f"--loss-weights alpha (they differ only under the references' weights): list one "
+                                f"of them, or give --loss-weights reference.")
     _require_packages(config)
     for name in (config.teacher_model, config.student_model):
         try:
